@@ -1,0 +1,1 @@
+"""Exports of trained models as SavedModels for TF Serving (encoder, CTR model)."""

@@ -1,0 +1,250 @@
+"""Batched parsing of schema records into dense tensors, with checks that name the bad record.
+
+Every record travels with its name `<file>:<record index>`. `tf.io.parse_example` puts that name
+into its own errors (missing feature, wrong dtype, wrong length); the checks added here (value
+bounds, list lengths, image headers, catalog joins) fail with a `BAD_RECORD` assertion carrying the
+name, the feature and the reason. `validate.named_input_errors` turns both into `BadRecordError`.
+"""
+from __future__ import annotations
+
+import re
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from trainer.data import schema
+
+BAD_RECORD_TAG = "BAD_RECORD"
+# JPEG, PNG, GIF, BMP magic numbers: what tf.io.decode_image accepts.
+_IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM")
+_TF = {schema.INT64: tf.int64, schema.FLOAT: tf.float32, schema.BYTES: tf.string}
+
+
+def record_names(path: tf.Tensor, index: tf.Tensor) -> tf.Tensor:
+    """'<file>:<index>' names of records (index counts from 0 within the file)."""
+    return tf.strings.join([path, tf.strings.as_string(index)], separator=":")
+
+
+def split_record_name(name: str) -> tuple[str, int]:
+    path, _, index = name.rpartition(":")
+    return path, int(index)
+
+
+def _fail_if(bad: tf.Tensor, names: tf.Tensor, feature: str, reason: str,
+             values: Optional[tf.Tensor] = None) -> tf.Operation:
+    """Asserts that no row of `bad` [B] is set; the message names the first bad record."""
+    first = tf.argmax(tf.cast(bad, tf.int32))
+    data = [BAD_RECORD_TAG, names[first], f"feature '{feature}':", reason]
+    if values is not None:
+        data += ["got", values]
+    return tf.debugging.Assert(tf.logical_not(tf.reduce_any(bad)), data, summarize=6)
+
+
+def _first_bad_value(bad_values: tf.Tensor, values: tf.Tensor) -> tf.Tensor:
+    return tf.boolean_mask(values, bad_values)[:1]
+
+
+def bad_record_message(error_message: str) -> Optional[tuple[str, str, str]]:
+    """(record name, feature, reason) parsed from a BAD_RECORD assertion or a parse_example error
+    raised on named records; None if the message is neither."""
+    m = re.search(r"\[%s\] \[(.+?)\] \[feature \\?'(.+?)\\?':\] \[(.+?)\](?: \[got\] \[(.*?)\])?"
+                  % BAD_RECORD_TAG, error_message)
+    if m:
+        reason = m.group(3) + (f" (got {m.group(4)})" if m.group(4) else "")
+        return m.group(1), m.group(2), reason.replace("\\'", "'")
+    m = re.search(r"Name: ([^,]+:\d+), Feature: (\S+) \(data type: (\w+)\) is required", error_message)
+    if m:
+        return m.group(1), m.group(2), f"required feature is missing (expected {m.group(3)})"
+    m = re.search(r"Name: ([^,]+:\d+), Key: ([^,]+), Index: \d+\.\s+(.+?)(?: \[Op|\n|$)",
+                  error_message)
+    if m:
+        return m.group(1), m.group(2), m.group(3).strip()
+    return None
+
+
+class ImageStore:
+    """Encoded catalog images by item id: the join of the compact layout.
+
+    The production layout of paper 002 carries images inline in each record; the compact layout
+    (the synthetic world's default) carries item ids only and joins the images here. The store
+    keeps encoded bytes (a few KB per item) in a hash table, so it suits catalogs that fit in host
+    memory; larger catalogs should use the inline layout.
+    """
+
+    def __init__(self, item_ids: Sequence[int], images: Sequence[bytes]):
+        ids = np.asarray(item_ids, np.int64)
+        if len(np.unique(ids)) != len(ids):
+            dup = ids[np.flatnonzero(np.bincount(np.unique(ids, return_inverse=True)[1]) > 1)[0]]
+            raise ValueError(f"catalog has duplicate item_id {dup}")
+        self.size = len(ids)
+        self.table = tf.lookup.StaticHashTable(
+            tf.lookup.KeyValueTensorInitializer(tf.constant(ids), tf.constant(list(images),
+                                                                            tf.string)),
+            default_value=b"")
+
+    def lookup(self, item_ids: tf.Tensor) -> tf.Tensor:
+        """Encoded image of each id; b'' for an unknown id."""
+        return self.table.lookup(item_ids)
+
+
+def decode_images(encoded: tf.Tensor, image_size: int) -> tf.Tensor:
+    """[N] encoded JPEG/PNG/GIF/BMP -> [N, image_size, image_size, 3] float32 in [0, 1].
+
+    Images are resized (antialiased bilinear) when their size differs from `image_size`.
+    """
+    def one(b):
+        img = tf.io.decode_image(b, channels=3, expand_animations=False)
+        img = tf.image.convert_image_dtype(img, tf.float32)
+        same = tf.reduce_all(tf.equal(tf.shape(img)[:2], image_size))
+        img = tf.cond(same, lambda: img,
+                      lambda: tf.image.resize(img, [image_size, image_size], antialias=True))
+        return tf.ensure_shape(img, [image_size, image_size, 3])
+
+    return tf.map_fn(one, encoded, fn_output_signature=tf.TensorSpec(
+        [image_size, image_size, 3], tf.float32), parallel_iterations=16)
+
+
+class RecordParser:
+    """Parses a batch of serialized records of one kind into dense tensors.
+
+    Output, per feature of the schema:
+      scalar -> [B]; list -> [B, max_len] padded with `spec.pad`, plus `<name>_mask` [B, max_len];
+      image -> [B, S, S, 3] float32 in [0, 1]; image list -> [B, max_len, S, S, 3] (zeros where
+      masked by the mask of its id list). Joinable images absent from a record are looked up in
+      `image_store` by item id.
+    """
+
+    def __init__(self, kind: schema.RecordKind, image_size: int = 64,
+                 image_store: Optional[ImageStore] = None,
+                 features: Optional[Iterable[str]] = None, decode: bool = True):
+        self.kind = kind
+        self.image_size = image_size
+        self.image_store = image_store
+        self.decode = decode
+        names = list(features) if features is not None else kind.names
+        for n in names:
+            kind.feature(n)  # raises on an unknown name
+        self.specs = [kind.feature(n) for n in names]
+
+    def parse_spec(self) -> dict:
+        spec = {}
+        for f in self.specs:
+            if f.is_list:
+                spec[f.name] = tf.io.RaggedFeature(_TF[f.dtype])
+            elif f.required:
+                spec[f.name] = tf.io.FixedLenFeature([], _TF[f.dtype])
+            else:
+                spec[f.name] = tf.io.FixedLenFeature([], _TF[f.dtype], default_value=f.default)
+        return spec
+
+    def __call__(self, names: tf.Tensor, serialized: tf.Tensor) -> dict:
+        raw = tf.io.parse_example(serialized, self.parse_spec(), example_names=names)
+        checks = []
+        for f in self.specs:
+            checks += self._check_values(f, raw[f.name], names)
+        present = {f.name for f in self.specs}
+        for f in self.specs:
+            if f.same_length_as and f.same_length_as in present:
+                a, b = raw[f.name].row_lengths(), raw[f.same_length_as].row_lengths()
+                bad = tf.not_equal(a, b)
+                if not f.required:  # an absent optional list is not a mismatch
+                    bad &= a > 0
+                checks.append(_fail_if(bad, names, f.name,
+                                       f"length differs from '{f.same_length_as}'"))
+        with tf.control_dependencies(checks):
+            out = {}
+            for f in self.specs:
+                if f.is_list:
+                    value = raw[f.name]
+                    value = value[:, -f.max_len:] if f.keep == "tail" else value[:, :f.max_len]
+                    out[f.name] = value.to_tensor(f.pad, shape=[None, f.max_len])
+                    out[f.name + "_mask"] = tf.sequence_mask(value.row_lengths(), f.max_len)
+                else:
+                    out[f.name] = tf.identity(raw[f.name])
+        if self.decode:
+            for f in self.specs:
+                if f.image:
+                    out[f.name] = self._images(f, raw, out, names)
+        return out
+
+    def _check_values(self, f: schema.FeatureSpec, value, names) -> list:
+        checks = []
+        if f.is_list:
+            lengths = value.row_lengths()
+            if f.min_len:
+                bad = lengths < f.min_len
+                checks.append(_fail_if(bad, names, f.name, f"needs at least {f.min_len} values",
+                                       tf.boolean_mask(lengths, bad)[:1]))
+            if f.keep == "reject":
+                bad = lengths > f.max_len
+                checks.append(_fail_if(bad, names, f.name, f"holds more than {f.max_len} values",
+                                       tf.boolean_mask(lengths, bad)[:1]))
+            flat, rows = value.values, value.value_rowids()
+        else:
+            flat, rows = value, tf.range(tf.shape(value, out_type=tf.int64)[0])
+        batch = tf.shape(names, out_type=tf.int64)[0]
+
+        def per_row(bad_values):
+            return tf.math.unsorted_segment_max(tf.cast(bad_values, tf.int32), rows, batch) > 0
+
+        if f.dtype == schema.FLOAT:
+            bad = ~tf.math.is_finite(flat)
+            checks.append(_fail_if(per_row(bad), names, f.name, "is not finite",
+                                   _first_bad_value(bad, flat)))
+        if f.min_value is not None or f.max_value is not None:
+            lo = -np.inf if f.min_value is None else f.min_value
+            hi = np.inf if f.max_value is None else f.max_value
+            as_float = tf.cast(flat, tf.float64)
+            bad = (as_float < lo) | (as_float > hi)
+            span = (f"must be >= {f.min_value}" if f.max_value is None
+                    else f"must be in [{f.min_value}, {f.max_value}]")
+            checks.append(_fail_if(per_row(bad), names, f.name, span, _first_bad_value(bad, flat)))
+        if f.image:
+            head = tf.strings.substr(flat, 0, 4)
+            known = tf.zeros_like(flat, tf.bool)
+            for magic in _IMAGE_MAGIC:
+                known |= tf.strings.substr(head, 0, len(magic)) == magic
+            bad = ~known
+            if not f.required and not f.is_list:  # the default b'' means absent: joined later
+                bad &= flat != b""
+            checks.append(_fail_if(per_row(bad), names, f.name,
+                                   "is empty or not a JPEG/PNG/GIF/BMP image (first bytes shown)",
+                                   tf.strings.substr(tf.boolean_mask(flat, bad)[:1], 0, 8)))
+        return checks
+
+    def _images(self, f: schema.FeatureSpec, raw: dict, out: dict, names) -> tf.Tensor:
+        size = self.image_size
+        id_name = self.kind.joinable_images.get(f.name)
+        if not f.is_list:
+            encoded = out[f.name]
+            if id_name:
+                encoded = self._join(f, encoded == b"", out[id_name][:, None], encoded[:, None],
+                                     names)[:, 0]
+            return decode_images(encoded, size)
+        # A list of images: inline where the record has them, else joined by the id list.
+        inline_rows = raw[f.name].row_lengths() > 0
+        dense = out[f.name]
+        mask = out.pop(f.name + "_mask")  # an image list shares the mask of its id list
+        if id_name:
+            mask = out[id_name + "_mask"]
+            dense = self._join(f, ~inline_rows, out[id_name], dense, names)
+        where = tf.where(mask)
+        pixels = decode_images(tf.gather_nd(dense, where), size)
+        shape = tf.concat([tf.shape(mask, out_type=tf.int64), [size, size, 3]], 0)
+        return tf.scatter_nd(where, pixels, shape)
+
+    def _join(self, f, needs_join, ids, inline, names) -> tf.Tensor:
+        """Fills the rows that need a join with catalog images of `ids`; checks they exist."""
+        if self.image_store is None:
+            with tf.control_dependencies([_fail_if(
+                    needs_join, names, f.name,
+                    "is absent and no catalog was given to join images from")]):
+                return tf.identity(inline)
+        joined = self.image_store.lookup(ids)
+        missing = needs_join[:, None] & (ids != -1) & (joined == b"")
+        check = _fail_if(tf.reduce_any(missing, 1), names, f.name,
+                         "needs a catalog image of an item id the catalog lacks",
+                         tf.boolean_mask(ids, missing)[:1])
+        with tf.control_dependencies([check]):
+            return tf.where(needs_join[:, None], joined, inline)

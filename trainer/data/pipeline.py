@@ -1,0 +1,203 @@
+"""tf.data input pipelines over sharded TFRecord files.
+
+files -> (per-worker shard) -> shuffle files -> interleave readers -> shuffle records -> batch ->
+parse + check + decode (parallel) -> optional transform (e.g. S1 augmentation) -> prefetch.
+
+Files are sharded per input pipeline by `tf.distribute.InputContext` (file-level, as
+tf-models-official's readers do) and tf.data's auto-sharding is switched off, so every worker of a
+multi-worker job reads a disjoint set of files. `deterministic=True` fixes the element order and
+seeds every shuffle and transform for tests and reproducible runs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Callable, Optional, Sequence
+
+import tensorflow as tf
+
+from trainer.data import parse, schema, validate
+
+log = logging.getLogger(__name__)
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+@dataclasses.dataclass
+class InputConfig:
+    """How to read one record kind.
+
+    Attributes:
+      file_pattern: Glob of TFRecord files; several globs may be joined by commas. Files ending
+        in `.gz` are read as GZIP.
+      kind: Record kind, one of `schema.KINDS`.
+      global_batch_size: Batch size across all replicas; each replica's input pipeline produces
+        global_batch_size / num_replicas_in_sync.
+      image_size: Side length images are decoded (and if needed resized) to.
+      decode_images: Decode image features; False leaves the encoded bytes.
+      catalog_pattern: Catalog files to join images from when records carry only item ids (the
+        compact layout). None: records must carry their images inline.
+      shuffle: Shuffle files and records.
+      shuffle_buffer: Records in the shuffle buffer.
+      repeat: Repeat indefinitely (training); False gives one pass (evaluation).
+      drop_remainder: Drop a last partial batch (static batch shapes for training).
+      deterministic: Fixed element order and seeded randomness.
+      seed: Seed of shuffles and transforms.
+      cycle_length: Files read concurrently by the interleave.
+      skip_bad_records: Scan the files first and leave out bad records, logging each and their
+        count. By default the first bad record stops the job with an error that names it.
+    """
+
+    file_pattern: str
+    kind: str
+    global_batch_size: int = 256
+    image_size: int = 64
+    decode_images: bool = True
+    catalog_pattern: Optional[str] = None
+    shuffle: bool = True
+    shuffle_buffer: int = 4096
+    repeat: bool = True
+    drop_remainder: bool = True
+    deterministic: bool = False
+    seed: int = 0
+    cycle_length: int = 8
+    skip_bad_records: bool = False
+
+
+def list_files(pattern: str) -> list[str]:
+    """Sorted files matching a glob (or comma-separated globs); raises if none match."""
+    files = sorted({f for p in pattern.split(",") if p.strip()
+                    for f in tf.io.gfile.glob(p.strip())})
+    if not files:
+        raise FileNotFoundError(f"no files match '{pattern}'")
+    return files
+
+
+def shard_files(files: Sequence[str], input_context: Optional[tf.distribute.InputContext]) -> list:
+    """This input pipeline's share of the files (every num_input_pipelines-th file)."""
+    if input_context is None or input_context.num_input_pipelines == 1:
+        return list(files)
+    n, i = input_context.num_input_pipelines, input_context.input_pipeline_id
+    if len(files) < n:
+        raise ValueError(f"{len(files)} files cannot be sharded across {n} input pipelines: "
+                         f"write at least {n} shards")
+    return list(files[i::n])
+
+
+def load_image_store(catalog_pattern: str) -> parse.ImageStore:
+    """Reads every catalog record's item id and encoded image into an `ImageStore`."""
+    cfg = InputConfig(catalog_pattern, "catalog", global_batch_size=1024, decode_images=False,
+                      shuffle=False, repeat=False, drop_remainder=False, deterministic=True)
+    pipe = InputPipeline(cfg)
+    ids, images = [], []
+    with pipe.errors_named():
+        for batch in pipe.dataset():
+            ids.extend(batch["item_id"].numpy().tolist())
+            images.extend(batch["image"].numpy().tolist())
+    log.info("image store: %d catalog images from %d files", len(ids), len(pipe.files))
+    return parse.ImageStore(ids, images)
+
+
+class InputPipeline:
+    """Datasets of one record kind, and the error context that names bad records.
+
+    Usage:
+      pipe = InputPipeline(cfg)
+      dist = strategy.distribute_datasets_from_function(pipe.dataset)
+      with pipe.errors_named():
+          for batch in dist: ...
+    """
+
+    def __init__(self, cfg: InputConfig, image_store: Optional[parse.ImageStore] = None,
+                 transform: Optional[Callable[[tf.Tensor, dict], dict]] = None):
+        """`transform(seed, batch) -> batch` runs after parsing; `seed` is a stateless-RNG seed
+        [2] int64 unique to the batch (and to the input pipeline)."""
+        self.cfg = cfg
+        self.kind = schema.get(cfg.kind)
+        self.files = list_files(cfg.file_pattern)
+        if image_store is None and cfg.catalog_pattern and cfg.decode_images and any(
+                self.kind.feature(n).image for n in self.kind.joinable_images):
+            image_store = load_image_store(cfg.catalog_pattern)
+        self.image_store = image_store
+        self.parser = parse.RecordParser(self.kind, cfg.image_size, image_store,
+                                         decode=cfg.decode_images)
+        self.transform = transform
+        self.scan_reports: dict = {}
+
+    def errors_named(self):
+        """Context manager: input errors raised inside become `BadRecordError`s naming the record."""
+        return validate.named_input_errors(self.files, self.parser)
+
+    def bad_records(self, files: Sequence[str]) -> validate.ScanReport:
+        """Scan (once per file set) for skip_bad_records; logs every bad record and the count."""
+        key = tuple(files)
+        if key not in self.scan_reports:
+            report = validate.scan(files, self.parser)
+            for bad in report.bad:
+                log.warning("skipping bad record: %s", bad)
+            log.warning("skip_bad_records: %d bad records skipped of %d scanned in %d files",
+                        report.skipped, report.records, len(files))
+            self.scan_reports[key] = report
+        return self.scan_reports[key]
+
+    @property
+    def skipped(self) -> int:
+        """Bad records left out so far (skip_bad_records)."""
+        return sum(r.skipped for r in self.scan_reports.values())
+
+    def dataset(self, input_context: Optional[tf.distribute.InputContext] = None) -> tf.data.Dataset:
+        cfg = self.cfg
+        files = shard_files(self.files, input_context)
+        batch_size = (input_context.get_per_replica_batch_size(cfg.global_batch_size)
+                      if input_context else cfg.global_batch_size)
+        pipeline_id = input_context.input_pipeline_id if input_context else 0
+        seed = cfg.seed * 1009 + pipeline_id
+
+        exclude = readable = None
+        if cfg.skip_bad_records:
+            report = self.bad_records(files)
+            if report.bad:
+                exclude = _string_set([f"{b.path}:{b.index}" for b in report.bad])
+            if report.readable:
+                readable = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
+                    list(report.readable), list(report.readable.values()), tf.string, tf.int64),
+                    default_value=-1)
+
+        def read_file(path):
+            gz = tf.strings.regex_full_match(path, r".*\.gz")
+            ds = tf.data.TFRecordDataset(path, compression_type=tf.where(gz, "GZIP", ""),
+                                         buffer_size=1 << 20)
+            if readable is not None:  # stop before a corrupt frame
+                ds = ds.take(readable.lookup(path))
+            ds = ds.enumerate().map(lambda i, r: (parse.record_names(path, i), r))
+            if exclude is not None:
+                ds = ds.filter(lambda name, r: exclude.lookup(name) == 0)
+            return ds
+
+        ds = tf.data.Dataset.from_tensor_slices(files)
+        if cfg.shuffle:
+            ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+        if cfg.repeat:
+            ds = ds.repeat()
+        ds = ds.interleave(read_file, cycle_length=min(cfg.cycle_length, len(files)),
+                           block_length=1, num_parallel_calls=AUTOTUNE,
+                           deterministic=cfg.deterministic)
+        if cfg.shuffle:
+            ds = ds.shuffle(cfg.shuffle_buffer, seed=seed + 1, reshuffle_each_iteration=True)
+        ds = ds.batch(batch_size, drop_remainder=cfg.drop_remainder)
+        ds = ds.map(self.parser, num_parallel_calls=AUTOTUNE, deterministic=cfg.deterministic)
+        if self.transform is not None:
+            transform = self.transform
+            ds = ds.enumerate().map(
+                lambda i, b: transform(tf.stack([tf.constant(seed, tf.int64), i]), b),
+                num_parallel_calls=AUTOTUNE, deterministic=cfg.deterministic)
+        ds = ds.prefetch(AUTOTUNE)
+        options = tf.data.Options()
+        options.deterministic = cfg.deterministic
+        # Files are sharded above; tf.data's own auto-sharding would shard them again.
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+        return ds.with_options(options)
+
+
+def _string_set(keys: Sequence[str]) -> tf.lookup.StaticHashTable:
+    return tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
+        tf.constant(list(keys)), tf.ones([len(keys)], tf.int64)), default_value=0)

@@ -1,0 +1,144 @@
+"""Configuration of the synthetic marketplace and the named worlds (`tiny`, `small`, `medium`)."""
+from __future__ import annotations
+
+import dataclasses
+
+from trainer.data import schema
+
+
+@dataclasses.dataclass(frozen=True)
+class ClickModel:
+    """Logit of a click on a displayed item (see `marketplace.click_logits`).
+
+    Attributes:
+      base: Intercept; sets the overall click rate.
+      query_style: Weight of the item's style similarity to the query's style (visual search:
+        users click items that look like their photo).
+      user_style: Weight of the item's similarity to the user's own style interests.
+      visual_user_share: Share of users whose clicks are driven by style; the others weigh style
+        by `non_visual_factor` only.
+      non_visual_factor: Style weight multiplier of non-visual users.
+      quality: Weight of the item's latent quality (learnable through its item ID).
+      shop_quality: Weight of the shop's latent quality (learnable through its shop ID).
+      position_decay: Logit lost per display position (position bias).
+      price: Weight of the user's price sensitivity times the item's standardised log price.
+      device: Logit offset per device code.
+      noise: Std of a per-impression logit noise (unobservable taste, mood).
+    """
+
+    base: float = -3.4
+    query_style: float = 1.6
+    user_style: float = 1.2
+    visual_user_share: float = 0.7
+    non_visual_factor: float = 0.25
+    quality: float = 0.45
+    shop_quality: float = 0.25
+    position_decay: float = 0.1
+    price: float = 0.3
+    device: tuple = (0.0, 0.15, -0.2)
+    noise: float = 0.3
+
+
+@dataclasses.dataclass(frozen=True)
+class WorldConfig:
+    """Sizes and parameters of one synthetic world. Same config and seed give the same bytes.
+
+    Attributes:
+      name: World name.
+      num_categories: Categories; each has its own silhouette (at most 12).
+      num_patterns: Texture patterns (at most 8). A style is a (pattern, palette) pair.
+      num_palettes: Colour palettes (at most 8).
+      num_items: Catalog size.
+      num_shops, num_brands: Seller and brand counts (neither determines style).
+      num_users: Users.
+      num_queries: Pool of query photos (user photos of a category and style).
+      image_size: Side of the square rendered images, pixels.
+      history_days: Simulated warm-up days that build click histories and preferred categories
+        but are not emitted as samples.
+      train_days, test_days: Emitted days; the test day follows the train days.
+      sessions_per_day: Visual-search page views per day.
+      page_size: Items displayed per page view (CTR samples per page).
+      styles_per_user: (min, max) number of style interests of a user.
+      query_from_interest: Probability that a session's query style is one of the user's interests.
+      zipf_exponent: Popularity of the item at within-category rank r is r^-zipf_exponent.
+      quality_popularity_corr: Correlation of popularity rank with latent quality.
+      display_popularity_power: Display policy weight is popularity^power (rich get richer).
+      display_style_boost: Multiplier of the display weight of items matching the query style (the
+        incumbent ranking partially sees style).
+      exploration: Share of display slots filled uniformly within the category (cold start).
+      impressions_per_item_30d: Mean platform impressions per item over 30 days; the emitted logs
+        are a sample of that traffic. Sets the long-tail share below 5 impressions.
+      judgment_queries: Catalog items used as visual-search judgment queries.
+      shards: Files per record kind (more shards than workers lets every worker read).
+      click: Click model.
+    """
+
+    name: str
+    num_categories: int
+    num_patterns: int
+    num_palettes: int
+    num_items: int
+    num_shops: int
+    num_brands: int
+    num_users: int
+    num_queries: int
+    image_size: int
+    history_days: int
+    train_days: int
+    test_days: int
+    sessions_per_day: int
+    page_size: int = 10
+    styles_per_user: tuple = (2, 3)
+    query_from_interest: float = 0.7
+    zipf_exponent: float = 1.25
+    quality_popularity_corr: float = 0.3
+    display_popularity_power: float = 1.0
+    display_style_boost: float = 2.0
+    exploration: float = 0.05
+    impressions_per_item_30d: float = 28.0
+    judgment_queries: int = 400
+    shards: int = 4
+    click: ClickModel = ClickModel()
+
+    @property
+    def num_styles(self) -> int:
+        return self.num_patterns * self.num_palettes
+
+    def validate(self) -> None:
+        if not 1 <= self.num_categories <= 12:
+            raise ValueError(f"num_categories must be in [1, 12], got {self.num_categories}")
+        if not 1 <= self.num_patterns <= 8 or not 1 <= self.num_palettes <= 8:
+            raise ValueError("num_patterns and num_palettes must be in [1, 8]")
+        if self.page_size < schema.L_PV:
+            raise ValueError(f"page_size must be >= l_pv={schema.L_PV}")
+        if self.image_size < 16:
+            raise ValueError("image_size must be >= 16")
+
+
+WORLDS: dict[str, WorldConfig] = {
+    # Tests: seconds to generate, 32x32 images.
+    "tiny": WorldConfig(
+        name="tiny", num_categories=4, num_patterns=2, num_palettes=2, num_items=480,
+        num_shops=24, num_brands=16, num_users=240, num_queries=160, image_size=32,
+        history_days=4, train_days=3, test_days=1, sessions_per_day=400,
+        impressions_per_item_30d=20.0, judgment_queries=60, shards=2),
+    # `make demo`: under a minute to generate on 2 cores.
+    "small": WorldConfig(
+        name="small", num_categories=8, num_patterns=4, num_palettes=4, num_items=8000,
+        num_shops=200, num_brands=120, num_users=4000, num_queries=2400, image_size=64,
+        history_days=14, train_days=6, test_days=1, sessions_per_day=4000,
+        judgment_queries=400, shards=4),
+    # Reproductions.
+    "medium": WorldConfig(
+        name="medium", num_categories=12, num_patterns=6, num_palettes=6, num_items=48000,
+        num_shops=1000, num_brands=600, num_users=30000, num_queries=12000, image_size=64,
+        history_days=14, train_days=13, test_days=1, sessions_per_day=20000,
+        impressions_per_item_30d=36.0, judgment_queries=1000, shards=16),
+}
+
+
+def get_world(name: str) -> WorldConfig:
+    try:
+        return WORLDS[name]
+    except KeyError:
+        raise ValueError(f"unknown world '{name}'; known: {sorted(WORLDS)}") from None
