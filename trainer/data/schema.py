@@ -36,7 +36,9 @@ class FeatureSpec:
         `max_len` values after truncation (longer lists are truncated, see `keep`), padded to
         `max_len` in the batch with `pad` and accompanied by a boolean `<name>_mask`.
       min_len: Fewest values a list feature may hold (0: may be empty or absent).
-      keep: Which end of an over-long list to keep: `head` (first values) or `tail` (latest values).
+      keep: Which end of an over-long list to keep: `head` (first values) or `tail` (latest
+        values); `reject` makes an over-long list a bad record (where truncation would bias
+        results, e.g. relevance judgments).
       required: A missing required feature is a bad record; an optional one gets `default`.
       default: Value of an absent optional scalar.
       image: Encoded JPEG/PNG bytes, decoded by the pipeline.
@@ -200,7 +202,7 @@ JUDGMENTS = RecordKind(
     features=[
         _id("query_item_id", "The catalog item used as the query image."),
         _id("relevant_item_ids", "Catalog items judged relevant (same category, same style).",
-            max_len=4096, min_len=1),
+            max_len=4096, min_len=1, keep="reject"),
     ],
 )
 

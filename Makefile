@@ -1,0 +1,47 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DATA ?= data
+WORLD ?= small
+SEED ?= 0
+export TF_USE_LEGACY_KERAS := 1
+
+.PHONY: demo test bench-input validate docs lock clean
+
+$(VENV)/.installed: requirements.txt constraints.txt setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip==24.3.1
+	$(PY) -m pip install -q -r requirements.txt -c constraints.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+# The default synthetic world (regenerated only when missing).
+$(DATA)/$(WORLD)/manifest.json: | $(VENV)/.installed
+	$(PY) -m trainer.task --stage=synth --world=$(WORLD) --seed=$(SEED) --data_dir=$(DATA)/$(WORLD)
+
+demo: $(VENV)/.installed $(DATA)/$(WORLD)/manifest.json
+	$(PY) -m trainer.task --stage=inspect --data_dir=$(DATA)/$(WORLD)
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q tests
+
+bench-input: $(VENV)/.installed $(DATA)/$(WORLD)/manifest.json
+	$(PY) scripts/bench_input.py --data_dir=$(DATA)/$(WORLD)
+
+validate: $(VENV)/.installed $(DATA)/$(WORLD)/manifest.json
+	$(PY) -m trainer.task --stage=validate --data_dir=$(DATA)/$(WORLD)
+
+# Regenerates the schema tables in docs/data_format.md.
+docs: $(VENV)/.installed
+	$(PY) -m trainer.data.docs docs/data_format.md
+
+# Re-resolves the lock from requirements.txt (then verify with `make test`).
+lock:
+	rm -rf /tmp/lock-venv && $(PYTHON) -m venv /tmp/lock-venv
+	/tmp/lock-venv/bin/pip install -q -r requirements.txt
+	(echo "# Full verified lock (Python 3.11, CPU). Regenerate with 'make lock'."; \
+	 /tmp/lock-venv/bin/pip freeze) > constraints.txt
+
+clean:
+	rm -rf $(VENV) *.egg-info
