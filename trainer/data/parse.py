@@ -48,8 +48,8 @@ def _first_bad_value(bad_values: tf.Tensor, values: tf.Tensor) -> tf.Tensor:
 def bad_record_message(error_message: str) -> Optional[tuple[str, str, str]]:
     """(record name, feature, reason) parsed from a BAD_RECORD assertion or a parse_example error
     raised on named records; None if the message is neither."""
-    m = re.search(r"\[%s\] \[(.+?)\] \[feature \\?'(.+?)\\?':\] \[(.+?)\](?: \[got\] \[(.*?)\])?"
-                  % BAD_RECORD_TAG, error_message)
+    m = re.search(r"\[%s\] \[(.+?)\] \[feature \\?'(.+?)\\?':\] \[(.+?)\]"
+                  r"(?: \[got\] \[(.*?)\])?(?=\s*\n|\s*$)" % BAD_RECORD_TAG, error_message)
     if m:
         reason = m.group(3) + (f" (got {m.group(4)})" if m.group(4) else "")
         return m.group(1), m.group(2), reason.replace("\\'", "'")
@@ -198,7 +198,7 @@ class RecordParser:
             as_float = tf.cast(flat, tf.float64)
             bad = (as_float < lo) | (as_float > hi)
             span = (f"must be >= {f.min_value}" if f.max_value is None
-                    else f"must be in [{f.min_value}, {f.max_value}]")
+                    else f"must be between {f.min_value} and {f.max_value}")
             checks.append(_fail_if(per_row(bad), names, f.name, span, _first_bad_value(bad, flat)))
         if f.image:
             head = tf.strings.substr(flat, 0, 4)

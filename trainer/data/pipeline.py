@@ -1,7 +1,7 @@
 """tf.data input pipelines over sharded TFRecord files.
 
-files -> (per-worker shard) -> shuffle files -> interleave readers -> shuffle records -> batch ->
-parse + check + decode (parallel) -> optional transform (e.g. S1 augmentation) -> prefetch.
+files -> (per-worker shard) -> shuffle files -> interleave readers -> shuffle records -> repeat ->
+batch -> parse + check + decode (parallel) -> optional transform (e.g. S1 augmentation) -> prefetch.
 
 Files are sharded per input pipeline by `tf.distribute.InputContext` (file-level, as
 tf-models-official's readers do) and tf.data's auto-sharding is switched off, so every worker of a
@@ -176,13 +176,15 @@ class InputPipeline:
         ds = tf.data.Dataset.from_tensor_slices(files)
         if cfg.shuffle:
             ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
-        if cfg.repeat:
-            ds = ds.repeat()
         ds = ds.interleave(read_file, cycle_length=min(cfg.cycle_length, len(files)),
                            block_length=1, num_parallel_calls=AUTOTUNE,
                            deterministic=cfg.deterministic)
         if cfg.shuffle:
             ds = ds.shuffle(cfg.shuffle_buffer, seed=seed + 1, reshuffle_each_iteration=True)
+        if cfg.repeat:
+            # After the shuffle, so epochs do not blend: a record seen twice in one batch would be
+            # its own negative in a contrastive loss.
+            ds = ds.repeat()
         ds = ds.batch(batch_size, drop_remainder=cfg.drop_remainder)
         ds = ds.map(self.parser, num_parallel_calls=AUTOTUNE, deterministic=cfg.deterministic)
         if self.transform is not None:

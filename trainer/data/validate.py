@@ -9,8 +9,9 @@ feature:
   decode): the files are scanned to find the culprit;
 - a record that is not a `tf.train.Example` at all.
 
-The diagnosis of one record runs the same `RecordParser` on it, one feature at a time, so the
-pipeline and the diagnosis cannot disagree about what is bad.
+The diagnosis of one record runs the same `RecordParser` on it (and, for an image that does not
+decode, on each image feature alone), so the pipeline and the diagnosis cannot disagree about
+what is bad.
 """
 from __future__ import annotations
 
@@ -26,7 +27,13 @@ from tensorflow.core.example import example_pb2
 from trainer.data import parse
 
 log = logging.getLogger(__name__)
-_INPUT_ERRORS = (tf.errors.InvalidArgumentError, tf.errors.DataLossError)
+# TF raises UnicodeDecodeError instead of InvalidArgumentError when parse_example's message quotes
+# a record's non-UTF-8 bytes (a record that is not an Example).
+_INPUT_ERRORS = (tf.errors.InvalidArgumentError, tf.errors.DataLossError, UnicodeDecodeError)
+
+
+def _message(e: Exception) -> str:
+    return getattr(e, "message", None) or str(e)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,33 +80,32 @@ class Diagnoser:
         self.parser = parser
         self._fns: dict = {}
         kind = parser.kind
-        names = [f.name for f in parser.specs]
-        # One feature at a time (an image feature with the id list it is joined by), then all.
-        self.subsets = []
+        self.everything = tuple(f.name for f in parser.specs)
+        # Images, one at a time (with the id list a joined image needs): an image body that does
+        # not decode is the one error TensorFlow reports without the record's name.
+        self.image_subsets = []
         for f in parser.specs:
-            sub = [f.name]
-            id_name = kind.joinable_images.get(f.name)
-            if f.image and id_name:
-                sub = [id_name, f.name]
-            self.subsets.append(tuple(sub))
-        self.subsets.append(tuple(names))
+            if f.image:
+                id_name = kind.joinable_images.get(f.name)
+                self.image_subsets.append((id_name, f.name) if id_name else (f.name,))
 
-    def _fn(self, subset):
+    def _error(self, subset, names: Sequence[str], serialized: Sequence[bytes]) -> Optional[str]:
+        """The error message of parsing `serialized` with `subset` of the features, or None."""
         if subset not in self._fns:
             p = self.parser
             sub = parse.RecordParser(p.kind, p.image_size, p.image_store, subset, decode=p.decode)
             spec = tf.TensorSpec([None], tf.string)
             # Graph mode, as in the pipeline: assertion messages have the same form there.
             self._fns[subset] = tf.function(sub, input_signature=[spec, spec])
-        return self._fns[subset]
+        try:
+            self._fns[subset](tf.constant(list(names)), tf.constant(list(serialized)))
+            return None
+        except _INPUT_ERRORS as e:
+            return _message(e)
 
     def check_batch(self, names: Sequence[str], serialized: Sequence[bytes]) -> bool:
         """True if the whole batch parses cleanly (the fast path)."""
-        try:
-            self._fn(self.subsets[-1])(tf.constant(list(names)), tf.constant(list(serialized)))
-            return True
-        except _INPUT_ERRORS:
-            return False
+        return self._error(self.everything, names, serialized) is None
 
     def diagnose(self, name: str, serialized: bytes) -> Optional[BadRecord]:
         path, index = parse.split_record_name(name)
@@ -107,16 +113,17 @@ class Diagnoser:
             example_pb2.Example.FromString(serialized)
         except DecodeError as e:
             return BadRecord(path, index, "<record>", f"not a serialized tf.train.Example ({e})")
-        for subset in self.subsets:
-            try:
-                self._fn(subset)(tf.constant([name]), tf.constant([serialized]))
-            except _INPUT_ERRORS as e:
-                named = parse.bad_record_message(e.message)
-                if named:
-                    return BadRecord(path, index, named[1], named[2])
-                feature = subset[-1] if len(subset) <= 2 else "<record>"
-                return BadRecord(path, index, feature, _short(e.message))
-        return None
+        error = self._error(self.everything, [name], [serialized])
+        if error is None:
+            return None
+        named = parse.bad_record_message(error)
+        if named:
+            return BadRecord(path, index, named[1], named[2])
+        for subset in self.image_subsets:
+            image_error = self._error(subset, [name], [serialized])
+            if image_error:
+                return BadRecord(path, index, subset[-1], _short(image_error))
+        return BadRecord(path, index, "<record>", _short(error))
 
 
 def _read(path: str, start: int = 0, batch: int = 1) -> Iterator[tuple[int, list, Optional[str]]]:
@@ -206,12 +213,12 @@ def named_input_errors(files: Sequence[str], parser: parse.RecordParser, hint: s
     try:
         yield
     except _INPUT_ERRORS as e:
-        named = parse.bad_record_message(e.message)
+        named = parse.bad_record_message(_message(e))
         if named:
             path, index = parse.split_record_name(named[0])
             raise BadRecordError(BadRecord(path, index, named[1], named[2]), hint) from e
         log.warning("input error without a record name (%s); scanning %d files to find it",
-                    _short(e.message), len(files))
+                    _short(_message(e)), len(files))
         report = scan(files, parser, stop_at_first=True)
         if report.bad:
             raise BadRecordError(report.bad[0], hint) from e

@@ -186,8 +186,8 @@ def simulate(world: World, rng: np.random.Generator) -> None:
     history: list[list[int]] = [[] for _ in range(cfg.num_users)]
     warmup_cat_counts = np.zeros((cfg.num_users, cfg.num_categories), np.int64)
     sess_cols: dict[str, list] = {k: [] for k in
-                                  ("day", "user", "category", "query", "query_style", "device",
-                                   "history")}
+                                  ("day", "block", "user", "category", "query", "query_style",
+                                   "device", "history")}
     imp_cols: dict[str, list] = {k: [] for k in ("session", "item", "position", "label")}
     n_sessions_emitted = 0
     cat_sessions = np.zeros(cfg.num_categories, np.int64)
@@ -234,7 +234,7 @@ def simulate(world: World, rng: np.random.Generator) -> None:
                     h = history[user[i]]
                     sess_cols["history"].append(np.array(h[-schema.L_CTR_HISTORY:], np.int64))
                 for key, arr in (("day", np.full(len(sb), day - cfg.history_days)),
-                                 ("user", user[sb]), ("category", cat[sb]), ("query", query[sb]),
+                                 ("block", np.full(len(sb), b)), ("user", user[sb]), ("category", cat[sb]), ("query", query[sb]),
                                  ("query_style", q_style[sb]), ("device", device[sb])):
                     sess_cols[key].append(arr)
                 imp_cols["session"].append(n_sessions_emitted + np.repeat(
