@@ -188,3 +188,12 @@ def test_missing_catalog_for_compact_records(tiny_world):
     pipe = pipeline.InputPipeline(cfg)
     with pytest.raises(validate.BadRecordError, match="no catalog was given"):
         _count(pipe)
+
+
+def test_errors_not_from_the_input_pass_through_unscanned(tiny_world, monkeypatch):
+    import tensorflow as tf
+    pipe = _pipe(records.default_pattern(tiny_world, "catalog"), "catalog", tiny_world)
+    monkeypatch.setattr(validate, "scan", lambda *a, **k: pytest.fail("scanned the input"))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="model says no"):
+        with pipe.errors_named():
+            tf.debugging.Assert(False, ["model says no"])

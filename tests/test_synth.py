@@ -45,6 +45,16 @@ def test_refuses_to_overwrite_without_flag(tiny_world):
         marketplace.generate(config.get_world("tiny"), tiny_world, seed=0)
 
 
+def test_overwrite_leaves_no_stale_shards(tmp_path):
+    d = str(tmp_path / "w")
+    marketplace.generate(config.get_world("tiny"), d, seed=0)
+    stale = os.path.join(d, "catalog", "all-00007-of-00008.tfrecord")
+    open(stale, "wb").write(b"old world")
+    marketplace.generate(config.get_world("tiny"), d, seed=1, overwrite=True)
+    assert not os.path.exists(stale)
+    assert marketplace.load_manifest(d)["seed"] == 1
+
+
 def test_manifest_matches_files(tiny_world):
     m = marketplace.load_manifest(tiny_world)
     assert m["seed"] == 0 and m["world"]["name"] == "tiny"

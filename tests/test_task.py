@@ -25,6 +25,17 @@ def test_import_prints_no_traceback():
     assert "Traceback" not in r.stderr and "Error:" not in r.stderr, r.stderr
 
 
+def test_importing_the_package_leaves_devices_configurable():
+    # No TensorFlow op may run at import: users configure devices and strategies afterwards.
+    r = run("-c", "import trainer.task, trainer.data.pipeline, trainer.data.augment, "
+                  "trainer.data.validate, trainer.synth.marketplace; import tensorflow as tf; "
+                  "cpu = tf.config.list_physical_devices('CPU')[0]; "
+                  "tf.config.set_logical_device_configuration(cpu, "
+                  "[tf.config.LogicalDeviceConfiguration()] * 2); "
+                  "assert len(tf.config.list_logical_devices('CPU')) == 2")
+    assert r.returncode == 0, r.stderr
+
+
 def test_synth_twice_gives_identical_files(tmp_path):
     for name in ("a", "b"):
         r = run("-m", "trainer.task", "--stage=synth", "--world=tiny", "--seed=0",

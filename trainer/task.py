@@ -10,7 +10,6 @@ Only this module parses flags; the stages call library code with typed configs.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -38,9 +37,6 @@ flags.DEFINE_string("kind", None, "Record kind (validate): one of the schema's k
 flags.DEFINE_string("file_pattern", None, "Files to validate (with --kind).")
 flags.DEFINE_integer("batch_size", 64, "Batch size (inspect).")
 flags.mark_flag_as_required("stage")
-
-log = logging.getLogger("trainer.task")
-
 
 def _require(name: str) -> str:
     value = getattr(FLAGS, name)
@@ -158,17 +154,23 @@ def run_validate() -> None:
         data_dir = _require("data_dir")
         targets = _present_kinds(data_dir)
         size = _image_size(data_dir)
-    store = None
+    store, catalog_broken = None, False
     if data_dir and any(k == "catalog" for k, _ in targets):
         from trainer.data import records
         try:
             store = pipeline.load_image_store(records.default_pattern(data_dir, "catalog"))
         except validate.BadRecordError as e:
-            log.error("catalog cannot be loaded for joins: %s", e)
+            catalog_broken = True
+            print(f"catalog images cannot be joined ({e}); records that join them are checked "
+                  "without images")
     total_bad = 0
     for kind, pattern in targets:
         files = pipeline.list_files(pattern)
-        parser = parse.RecordParser(schema.get(kind), size, store)
+        record_kind = schema.get(kind)
+        # A broken catalog should not make every compact record look bad; no catalog at all
+        # does make them unreadable, which is reported.
+        decode = not (catalog_broken and record_kind.joinable_images)
+        parser = parse.RecordParser(record_kind, size, store, decode=decode)
         t0 = time.time()
         report = validate.scan(files, parser)
         for bad in report.bad:

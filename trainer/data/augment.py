@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
 import tensorflow as tf
 
 
@@ -45,13 +46,15 @@ class AugmentConfig:
     greyscale_prob: float = 0.2
 
 
+# NumPy constants: a TensorFlow op at import would initialise the runtime and freeze the device
+# configuration (logical devices, strategies) of whoever imports this module.
 # Luma weights of tf.image.rgb_to_grayscale.
-_LUMA = tf.constant([0.2989, 0.5870, 0.1140])
+_LUMA = np.array([0.2989, 0.5870, 0.1140], np.float32)
 # RGB -> YIQ; hue rotates the (I, Q) chroma plane about the luma axis.
-_RGB_TO_YIQ = tf.constant([[0.299, 0.587, 0.114],
-                           [0.596, -0.274, -0.322],
-                           [0.211, -0.523, 0.312]])
-_YIQ_TO_RGB = tf.linalg.inv(_RGB_TO_YIQ)
+_RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114],
+                        [0.596, -0.274, -0.322],
+                        [0.211, -0.523, 0.312]], np.float32)
+_YIQ_TO_RGB = np.linalg.inv(_RGB_TO_YIQ).astype(np.float32)
 
 
 def _colour_matrices(saturation: tf.Tensor, hue: tf.Tensor, grey: tf.Tensor) -> tf.Tensor:
@@ -60,7 +63,7 @@ def _colour_matrices(saturation: tf.Tensor, hue: tf.Tensor, grey: tf.Tensor) -> 
     saturation: [B] factor (1 = unchanged); hue: [B] shift in turns; grey: [B] bool.
     """
     eye = tf.eye(3)
-    luma_rows = tf.tile(_LUMA[None, :], [3, 1])  # every output channel = luma
+    luma_rows = tf.constant(np.tile(_LUMA[None, :], [3, 1]))  # every output channel = luma
     sat = saturation[:, None, None] * eye + (1.0 - saturation)[:, None, None] * luma_rows
     theta = 2.0 * math.pi * hue
     c, s = tf.cos(theta), tf.sin(theta)
@@ -68,7 +71,7 @@ def _colour_matrices(saturation: tf.Tensor, hue: tf.Tensor, grey: tf.Tensor) -> 
     rot = tf.stack([tf.stack([one, zero, zero], -1),
                     tf.stack([zero, c, -s], -1),
                     tf.stack([zero, s, c], -1)], -2)
-    hue_m = _YIQ_TO_RGB[None] @ rot @ _RGB_TO_YIQ[None]
+    hue_m = tf.constant(_YIQ_TO_RGB)[None] @ rot @ tf.constant(_RGB_TO_YIQ)[None]
     m = hue_m @ sat
     return tf.where(grey[:, None, None], luma_rows[None] @ m, m)
 
@@ -107,7 +110,7 @@ def augment(images: tf.Tensor, seed: tf.Tensor, cfg: AugmentConfig = AugmentConf
     grey = uniform(7, 0.0, 1.0) < cfg.greyscale_prob
 
     x = tf.clip_by_value(x * bright[:, None, None, None], 0.0, 1.0)
-    mean = tf.reduce_mean(tf.tensordot(x, _LUMA, 1), axis=[1, 2])[:, None, None, None]
+    mean = tf.reduce_mean(tf.tensordot(x, tf.constant(_LUMA), 1), axis=[1, 2])[:, None, None, None]
     x = tf.clip_by_value((x - mean) * contrast[:, None, None, None] + mean, 0.0, 1.0)
     m = _colour_matrices(saturation, hue, grey)
     return tf.clip_by_value(tf.einsum("bhwc,bdc->bhwd", x, m), 0.0, 1.0)

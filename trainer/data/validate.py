@@ -36,6 +36,12 @@ def _message(e: Exception) -> str:
     return getattr(e, "message", None) or str(e)
 
 
+def _from_input(e: Exception) -> bool:
+    """Whether an error came out of a dataset iterator (else it is the model's, not the data's)."""
+    return (isinstance(e, (tf.errors.DataLossError, UnicodeDecodeError))
+            or "IteratorGetNext" in _message(e))
+
+
 @dataclasses.dataclass(frozen=True)
 class BadRecord:
     """One bad record: where it is and what is wrong. `index` counts records from 0 in the file;
@@ -217,6 +223,8 @@ def named_input_errors(files: Sequence[str], parser: parse.RecordParser, hint: s
         if named:
             path, index = parse.split_record_name(named[0])
             raise BadRecordError(BadRecord(path, index, named[1], named[2]), hint) from e
+        if not _from_input(e):
+            raise
         log.warning("input error without a record name (%s); scanning %d files to find it",
                     _short(_message(e)), len(files))
         report = scan(files, parser, stop_at_first=True)

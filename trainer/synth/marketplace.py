@@ -26,6 +26,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import time
 from typing import Optional
 
@@ -43,13 +44,10 @@ log = logging.getLogger(__name__)
 
 def _unique_ids(rng: np.random.Generator, n: int, low: int, high: int) -> np.ndarray:
     """n distinct random int64 ids in [low, high): real ids are sparse, not 0..n-1."""
-    ids = rng.choice(high - low, size=n, replace=False) if high - low < 4 * n else None
-    if ids is None:
-        ids = np.unique(rng.integers(0, high - low, size=int(n * 1.1) + 16))
-        while len(ids) < n:
-            ids = np.unique(np.concatenate([ids, rng.integers(0, high - low, size=n)]))
-        ids = rng.permutation(ids)[:n]
-    return (ids + low).astype(np.int64)
+    ids = np.unique(rng.integers(low, high, size=2 * n + 16))
+    if len(ids) < n:
+        raise ValueError(f"id range [{low}, {high}) too small for {n} distinct ids")
+    return rng.permutation(ids)[:n].astype(np.int64)
 
 
 def _zipf_probs(n: int, a: float) -> np.ndarray:
@@ -470,9 +468,13 @@ def _write_truth(world: World, data_dir: str, shapes: np.ndarray) -> None:
 def generate(cfg: WorldConfig, data_dir: str, seed: int, workers: int = 1,
              inline_images: bool = False, overwrite: bool = False) -> dict:
     """Builds and writes a world into `data_dir` (which must be empty unless `overwrite`)."""
-    if os.path.exists(os.path.join(data_dir, "manifest.json")) and not overwrite:
-        raise FileExistsError(f"{data_dir} already holds a world (manifest.json); pass "
-                              "overwrite=True (--overwrite) to replace it")
+    ours = [os.path.join(data_dir, d) for d in (*schema.KINDS, "truth", "manifest.json")]
+    existing = [p for p in ours if os.path.exists(p)]
+    if existing and not overwrite:
+        raise FileExistsError(f"{data_dir} already holds data ({', '.join(map(os.path.basename, existing))}); "
+                              "pass overwrite=True (--overwrite) to replace it")
+    for p in existing:  # stale shards of an earlier world would match the readers' patterns
+        shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
     os.makedirs(data_dir, exist_ok=True)
     t0 = time.time()
     world = build(cfg, seed)
