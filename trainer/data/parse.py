@@ -175,18 +175,21 @@ class RecordParser:
             if f.min_len:
                 bad = lengths < f.min_len
                 checks.append(_fail_if(bad, names, f.name, f"needs at least {f.min_len} values",
-                                       tf.boolean_mask(lengths, bad)[:1]))
+                                       _first_bad_value(bad, lengths)))
             if f.keep == "reject":
                 bad = lengths > f.max_len
                 checks.append(_fail_if(bad, names, f.name, f"holds more than {f.max_len} values",
-                                       tf.boolean_mask(lengths, bad)[:1]))
+                                       _first_bad_value(bad, lengths)))
             flat, rows = value.values, value.value_rowids()
-        else:
-            flat, rows = value, tf.range(tf.shape(value, out_type=tf.int64)[0])
-        batch = tf.shape(names, out_type=tf.int64)[0]
+            batch = tf.shape(names, out_type=tf.int64)[0]
 
-        def per_row(bad_values):
-            return tf.math.unsorted_segment_max(tf.cast(bad_values, tf.int32), rows, batch) > 0
+            def per_row(bad_values):  # any bad value in the row
+                return tf.math.unsorted_segment_max(tf.cast(bad_values, tf.int32), rows, batch) > 0
+        else:
+            flat = value
+
+            def per_row(bad_values):
+                return bad_values
 
         if f.dtype == schema.FLOAT:
             bad = ~tf.math.is_finite(flat)
@@ -210,7 +213,7 @@ class RecordParser:
                 bad &= flat != b""
             checks.append(_fail_if(per_row(bad), names, f.name,
                                    "is empty or not a JPEG/PNG/GIF/BMP image (first bytes shown)",
-                                   tf.strings.substr(tf.boolean_mask(flat, bad)[:1], 0, 8)))
+                                   tf.strings.substr(_first_bad_value(bad, flat), 0, 8)))
         return checks
 
     def _images(self, f: schema.FeatureSpec, raw: dict, out: dict, names) -> tf.Tensor:
@@ -245,6 +248,6 @@ class RecordParser:
         missing = needs_join[:, None] & (ids != -1) & (joined == b"")
         check = _fail_if(tf.reduce_any(missing, 1), names, f.name,
                          "needs a catalog image of an item id the catalog lacks",
-                         tf.boolean_mask(ids, missing)[:1])
+                         _first_bad_value(missing, ids))
         with tf.control_dependencies([check]):
             return tf.where(needs_join[:, None], joined, inline)

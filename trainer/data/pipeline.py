@@ -162,10 +162,8 @@ class InputPipeline:
                     list(report.readable), list(report.readable.values()), tf.string, tf.int64),
                     default_value=-1)
 
-        def read_file(path):
-            gz = tf.strings.regex_full_match(path, r".*\.gz")
-            ds = tf.data.TFRecordDataset(path, compression_type=tf.where(gz, "GZIP", ""),
-                                         buffer_size=1 << 20)
+        def read_file(path, compression):
+            ds = tf.data.TFRecordDataset(path, compression_type=compression, buffer_size=1 << 20)
             if readable is not None:  # stop before a corrupt frame
                 ds = ds.take(readable.lookup(path))
             ds = ds.enumerate().map(lambda i, r: (parse.record_names(path, i), r))
@@ -173,7 +171,7 @@ class InputPipeline:
                 ds = ds.filter(lambda name, r: exclude.lookup(name) == 0)
             return ds
 
-        ds = tf.data.Dataset.from_tensor_slices(files)
+        ds = tf.data.Dataset.from_tensor_slices((files, [validate.compression_of(f) for f in files]))
         if cfg.shuffle:
             ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
         ds = ds.interleave(read_file, cycle_length=min(cfg.cycle_length, len(files)),

@@ -68,6 +68,7 @@ SKIP_HINT = " (pass --skip_bad_records to skip bad records, counted and logged)"
 
 
 def compression_of(path: str) -> str:
+    """TFRecord compression of a file: GZIP for `*.gz`, else none."""
     return "GZIP" if path.endswith(".gz") else ""
 
 
@@ -99,7 +100,8 @@ class Diagnoser:
         """The error message of parsing `serialized` with `subset` of the features, or None."""
         if subset not in self._fns:
             p = self.parser
-            sub = parse.RecordParser(p.kind, p.image_size, p.image_store, subset, decode=p.decode)
+            sub = p if subset == self.everything else parse.RecordParser(
+                p.kind, p.image_size, p.image_store, subset, decode=p.decode)
             spec = tf.TensorSpec([None], tf.string)
             # Graph mode, as in the pipeline: assertion messages have the same form there.
             self._fns[subset] = tf.function(sub, input_signature=[spec, spec])

@@ -184,8 +184,8 @@ def simulate(world: World, rng: np.random.Generator) -> None:
     history: list[list[int]] = [[] for _ in range(cfg.num_users)]
     warmup_cat_counts = np.zeros((cfg.num_users, cfg.num_categories), np.int64)
     sess_cols: dict[str, list] = {k: [] for k in
-                                  ("day", "block", "user", "category", "query", "query_style",
-                                   "device", "history")}
+                                  ("day", "block", "user", "query", "query_style", "device",
+                                   "history")}
     imp_cols: dict[str, list] = {k: [] for k in ("session", "item", "position", "label")}
     n_sessions_emitted = 0
     cat_sessions = np.zeros(cfg.num_categories, np.int64)
@@ -193,9 +193,7 @@ def simulate(world: World, rng: np.random.Generator) -> None:
     for day in range(n_days):
         emitted = day >= cfg.history_days
         n = cfg.sessions_per_day
-        user = rng.choice(cfg.num_users, size=n, p=act)
-        order = np.argsort(rng.random(n), kind="stable")  # arrival order within the day
-        user = user[order]
+        user = rng.choice(cfg.num_users, size=n, p=act)  # i.i.d. draws: already in random order
         cat = (cat_cdf[user] < rng.random(n)[:, None]).sum(1).clip(max=cfg.num_categories - 1)
         from_interest = rng.random(n) < cfg.query_from_interest
         pick = (rng.random(n) * us["num_interests"][user]).astype(int)
@@ -232,8 +230,9 @@ def simulate(world: World, rng: np.random.Generator) -> None:
                     h = history[user[i]]
                     sess_cols["history"].append(np.array(h[-schema.L_CTR_HISTORY:], np.int64))
                 for key, arr in (("day", np.full(len(sb), day - cfg.history_days)),
-                                 ("block", np.full(len(sb), b)), ("user", user[sb]), ("category", cat[sb]), ("query", query[sb]),
-                                 ("query_style", q_style[sb]), ("device", device[sb])):
+                                 ("block", np.full(len(sb), b)), ("user", user[sb]),
+                                 ("query", query[sb]), ("query_style", q_style[sb]),
+                                 ("device", device[sb])):
                     sess_cols[key].append(arr)
                 imp_cols["session"].append(n_sessions_emitted + np.repeat(
                     np.arange(len(sb)), cfg.page_size))
@@ -294,12 +293,11 @@ def _shape_of_category(cfg: WorldConfig, seed: int) -> np.ndarray:
 
 
 def _pattern_ids(cfg: WorldConfig, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Which of the renderer's patterns / palettes the world's style indices map to."""
+    """Which of the renderer's patterns and palettes the world's style indices map to: a random
+    subset of the patterns, and the first palettes (they come in near pairs, render.py)."""
     rng = np.random.default_rng([seed, 78])
     pats = np.sort(rng.permutation(render.NUM_PATTERNS)[:cfg.num_patterns])
-    # Palettes come in near pairs (see render._PALETTE_HUES): take whole pairs first.
-    pals = np.arange(cfg.num_palettes)
-    return pats, pals
+    return pats, np.arange(cfg.num_palettes)
 
 
 def write(world: World, data_dir: str, seed: int, workers: int = 1,
