@@ -18,6 +18,7 @@ import trainer  # noqa: F401
 import tensorflow as tf
 
 from trainer.data import augment, pipeline, records
+from trainer.synth import marketplace
 
 
 def images_per_second(ds: tf.data.Dataset, batch_size: int, seconds: float,
@@ -43,11 +44,7 @@ def main() -> None:
 
     pattern = records.default_pattern(args.data_dir, "catalog")
     files = pipeline.list_files(pattern)
-    size = args.image_size
-    if size is None:
-        from trainer.synth import marketplace
-        manifest = marketplace.load_manifest(args.data_dir)
-        size = manifest["world"]["image_size"] if manifest else 64
+    size = args.image_size or marketplace.image_size(args.data_dir)
 
     raw = (tf.data.Dataset.from_tensor_slices(files).repeat()
            .interleave(lambda f: tf.data.TFRecordDataset(f, buffer_size=1 << 20),

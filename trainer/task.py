@@ -38,6 +38,7 @@ flags.DEFINE_string("file_pattern", None, "Files to validate (with --kind).")
 flags.DEFINE_integer("batch_size", 64, "Batch size (inspect).")
 flags.mark_flag_as_required("stage")
 
+
 def _require(name: str) -> str:
     value = getattr(FLAGS, name)
     if not value:
@@ -75,10 +76,7 @@ def _stats_table(stats: dict) -> str:
 
 def _image_size(data_dir: str) -> int:
     from trainer.synth import marketplace
-    if FLAGS.image_size:
-        return FLAGS.image_size
-    manifest = marketplace.load_manifest(data_dir)
-    return manifest["world"]["image_size"] if manifest else 64
+    return FLAGS.image_size or marketplace.image_size(data_dir)
 
 
 def _present_kinds(data_dir: str) -> list[tuple[str, str]]:

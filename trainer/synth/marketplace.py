@@ -489,3 +489,9 @@ def load_manifest(data_dir: str) -> Optional[dict]:
         return None
     with open(path) as f:
         return json.load(f)
+
+
+def image_size(data_dir: str, default: int = 64) -> int:
+    """Image side of the world in `data_dir` (its manifest), else `default` for other data."""
+    manifest = load_manifest(data_dir)
+    return manifest["world"]["image_size"] if manifest else default
