@@ -20,6 +20,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="session")
+def mirrored() -> tf.distribute.MirroredStrategy:
+    """One MirroredStrategy over the 2 logical CPUs for the whole session: a second instance in
+    the same process reuses collective instance keys and trips over the first one's shapes."""
+    return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+
+
+@pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory) -> str:
     """The `tiny` world, seed 0, compact layout (images joined from the catalog)."""
     d = str(tmp_path_factory.mktemp("tiny"))

@@ -136,8 +136,8 @@ def test_one_pass_reads_every_record_once(tiny_world):
     assert len(set(zip(ctr["page_id"].tolist(), ctr["position"].tolist()))) == n
 
 
-def test_distributed_dataset_over_two_replicas(tiny_world):
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+def test_distributed_dataset_over_two_replicas(tiny_world, mirrored):
+    strategy = mirrored
     pipe = _pipe(tiny_world, "catalog", global_batch_size=16)
     dist = strategy.distribute_datasets_from_function(pipe.dataset)
     batch = next(iter(dist))

@@ -5,6 +5,13 @@ Stages:
   inspect   pipeline smoke run over every record kind in --data_dir; prints batch shapes, the
             world's statistics and throughput, and writes preview.png (catalog and S1 views)
   validate  scan the records of --data_dir (or --file_pattern of --kind) and report bad records
+  pretrain  S1: self-supervised contrastive pretraining of the encoder on catalog images (paper 000
+            Eq. 1) into --model_dir
+  finetune  S2: click-supervised contrastive fine-tuning with category negative pools (Eq. 2);
+            --init_checkpoint=S1_MODEL_DIR for S1+S2, none for S2 alone
+  classify  ResNet-C: the encoder trained as a category classifier (the Table 1 baseline)
+  eval_search  visual search with the encoder of --model_dir: HR, LR@K, CR@K (paper 000 §4.1) to
+            metrics.json, catalog embeddings, and a TensorBoard projector
 
 Only this module parses flags; the stages call library code with typed configs.
 """
@@ -19,7 +26,8 @@ import trainer  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-STAGES = ("synth", "inspect", "validate")
+STAGES = ("synth", "inspect", "validate", "pretrain", "finetune", "classify", "eval_search")
+TRAINING_STAGES = ("pretrain", "finetune", "classify")
 flags.DEFINE_enum("stage", None, STAGES, "What to run.")
 flags.DEFINE_string("data_dir", None, "Directory of the data set (the synthetic world or yours).")
 flags.DEFINE_string("model_dir", None, "Directory for outputs of a stage (default: data_dir).")
@@ -35,7 +43,28 @@ flags.DEFINE_bool("skip_bad_records", False,
 flags.DEFINE_integer("image_size", None, "Image side for decoding (default: the world's).")
 flags.DEFINE_string("kind", None, "Record kind (validate): one of the schema's kinds.")
 flags.DEFINE_string("file_pattern", None, "Files to validate (with --kind).")
-flags.DEFINE_integer("batch_size", 64, "Batch size (inspect).")
+flags.DEFINE_integer("batch_size", None, "Global batch size (default: the stage's; inspect 64).")
+# Training stages; unset flags keep the stage's defaults (STAGE_DEFAULTS).
+flags.DEFINE_enum("strategy", "one_device", ["one_device", "mirrored", "multi_worker_mirrored"],
+                  "Distribution strategy.")
+flags.DEFINE_integer("train_steps", None, "Optimizer steps.")
+flags.DEFINE_string("optimizer", None, "adam, adamw, sgd, lars or adagrad.")
+flags.DEFINE_float("learning_rate", None, "Peak learning rate (linear warmup, cosine decay).")
+flags.DEFINE_integer("warmup_steps", None, "Warmup steps.")
+flags.DEFINE_integer("checkpoint_interval", None, "Steps between checkpoints.")
+flags.DEFINE_integer("log_interval", None, "Steps between progress lines / TensorBoard scalars.")
+flags.DEFINE_bool("deterministic", False, "Deterministic input order and ops (slower).")
+flags.DEFINE_integer("depth", None, "ResNet depth (10, 18, 34, 50, ...).")
+flags.DEFINE_float("width_multiplier", None, "ResNet channel multiplier (0.5 for CPU demos).")
+flags.DEFINE_integer("feature_dim", None, "D, the visual feature size (paper: 512).")
+flags.DEFINE_enum("mixed_precision", "none", ["none", "float16", "bfloat16"],
+                  "Compute dtype of the backbone.")
+flags.DEFINE_string("init_checkpoint", None,
+                    "Backbone warm start: a model dir or checkpoint (e.g. S1's for S1+S2).")
+flags.DEFINE_float("temperature", None, "Contrastive temperature tau (pretrain, finetune).")
+flags.DEFINE_integer("pool_size", None, "Category negative pool per global batch (finetune).")
+flags.DEFINE_bool("random_init", False,
+                  "eval_search: evaluate an untrained encoder (architecture from the flags).")
 flags.mark_flag_as_required("stage")
 
 
@@ -107,12 +136,13 @@ def run_inspect() -> None:
     manifest = marketplace.load_manifest(data_dir)
     if manifest:
         print(_stats_table(manifest["stats"]))
-    print(f"\nInput pipeline smoke run over {data_dir} (batch {FLAGS.batch_size}, images "
+    batch_size = FLAGS.batch_size or 64
+    print(f"\nInput pipeline smoke run over {data_dir} (batch {batch_size}, images "
           f"{size}x{size}):")
     print("| record kind | files | batch tensors | batches/s |\n| --- | ---: | --- | ---: |")
     for kind, pattern in kinds:
         transform = augment.s1_views_transform() if kind == "catalog" else None
-        cfg = pipeline.InputConfig(pattern, kind, global_batch_size=FLAGS.batch_size,
+        cfg = pipeline.InputConfig(pattern, kind, global_batch_size=batch_size,
                                    image_size=size, skip_bad_records=FLAGS.skip_bad_records)
         pipe = pipeline.InputPipeline(cfg, image_store=image_store, transform=transform)
         with pipe.errors_named():
@@ -180,10 +210,118 @@ def run_validate() -> None:
         sys.exit(1)
 
 
+# Per-stage defaults: sized for the `small` world on a 2-core CPU (make repro-visual); the paper's
+# scale is --depth=50 --width_multiplier=1 --feature_dim=512 --image_size=224 on GPUs.
+STAGE_DEFAULTS = {
+    "pretrain": dict(steps=600, global_batch_size=128, optimizer="adam", learning_rate=2e-3,
+                     warmup_steps=50),
+    "finetune": dict(steps=400, global_batch_size=64, optimizer="adam", learning_rate=5e-4,
+                     warmup_steps=20),
+    "classify": dict(steps=300, global_batch_size=128, optimizer="adam", learning_rate=2e-3,
+                     warmup_steps=20),
+}
+ENCODER_DEFAULTS = dict(depth=10, width_multiplier=0.5, feature_dim=512)
+
+
+def _encoder_config(data_dir: str):
+    from trainer.models import encoder
+    given = {k: getattr(FLAGS, k) for k in ENCODER_DEFAULTS if getattr(FLAGS, k) is not None}
+    return encoder.EncoderConfig(**{**ENCODER_DEFAULTS, **given},
+                                 image_size=_image_size(data_dir),
+                                 mixed_precision=FLAGS.mixed_precision,
+                                 sync_batch_norm=FLAGS.strategy != "one_device",
+                                 init_checkpoint=FLAGS.init_checkpoint)
+
+
+def _train_config():
+    from trainer.train import loop
+    d = dict(STAGE_DEFAULTS[FLAGS.stage])
+    for flag, key in (("train_steps", "steps"), ("batch_size", "global_batch_size"),
+                      ("optimizer", "optimizer"), ("learning_rate", "learning_rate"),
+                      ("warmup_steps", "warmup_steps"),
+                      ("checkpoint_interval", "checkpoint_interval"),
+                      ("log_interval", "log_interval")):
+        if getattr(FLAGS, flag) is not None:
+            d[key] = getattr(FLAGS, flag)
+    return loop.TrainConfig(**d, strategy=FLAGS.strategy, seed=FLAGS.seed,
+                            deterministic=FLAGS.deterministic)
+
+
+def run_training() -> None:
+    """pretrain (S1), finetune (S2) or classify (ResNet-C) into --model_dir."""
+    import dataclasses
+    from trainer.data import records
+    from trainer.models import classify, encoder, finetune, pretrain
+    from trainer.train import loop
+    data_dir, model_dir = _require("data_dir"), _require("model_dir")
+    enc_cfg, train_cfg = _encoder_config(data_dir), _train_config()
+    encoder.set_precision_policy(enc_cfg.mixed_precision)
+    catalog = records.default_pattern(data_dir, "catalog")
+    overrides = {k: getattr(FLAGS, k) for k in ("temperature", "pool_size")
+                 if getattr(FLAGS, k) is not None}
+    if FLAGS.stage == "pretrain":
+        cfg = pretrain.PretrainConfig(catalog_pattern=catalog, **overrides)
+        task = pretrain.PretrainTask(cfg, enc_cfg, train_cfg, FLAGS.skip_bad_records)
+    elif FLAGS.stage == "finetune":
+        cfg = finetune.FinetuneConfig(
+            sessions_pattern=records.default_pattern(data_dir, "search_sessions", "train"),
+            catalog_pattern=catalog, **overrides)
+        task = finetune.FinetuneTask(cfg, enc_cfg, train_cfg, FLAGS.skip_bad_records)
+    else:
+        cfg = classify.ClassifyConfig(catalog_pattern=catalog)
+        task = classify.ClassifyTask(cfg, enc_cfg, train_cfg, FLAGS.skip_bad_records)
+    config = {"stage": FLAGS.stage, "data_dir": data_dir, "encoder": dataclasses.asdict(enc_cfg),
+              FLAGS.stage: dataclasses.asdict(cfg)}
+    if FLAGS.stage == "classify":
+        config["categories"] = task.categories.tolist()
+    t0 = time.time()
+    last = loop.run(task, train_cfg, model_dir, config)
+    print(f"{FLAGS.stage}: trained to step {train_cfg.steps} in {model_dir} "
+          f"({time.time() - t0:.0f}s); last: " + ", ".join(f"{k}={v:.4g}" for k, v in last.items()))
+
+
+def run_eval_search() -> None:
+    """Visual-search metrics of the encoder in --model_dir (or a random one, --random_init)."""
+    import json
+    import numpy as np
+    import tensorflow as tf
+    from trainer.data import pipeline, records
+    from trainer.eval import projector, visual_search
+    from trainer.models import encoder
+    data_dir, model_dir = _require("data_dir"), _require("model_dir")
+    if FLAGS.random_init:
+        tf.keras.utils.set_random_seed(FLAGS.seed)
+        enc = encoder.Encoder(_encoder_config(data_dir))
+    else:
+        enc = encoder.restore(model_dir)
+    catalog = records.default_pattern(data_dir, "catalog")
+    cfg = visual_search.SearchEvalConfig(
+        catalog_pattern=catalog, judgments_pattern=records.default_pattern(data_dir, "judgments"))
+    metrics, embedded = visual_search.evaluate(enc, cfg)
+    visual_search.write_outputs(model_dir, metrics, embedded)
+    with tf.summary.create_file_writer(os.path.join(model_dir, "eval")).as_default():
+        for k, v in metrics.items():
+            tf.summary.scalar(f"visual_search/{k}", v, step=0)
+    images = pipeline.read_columns(catalog, "catalog", ("item_id", "image"))
+    if not np.array_equal(images["item_id"], embedded["item_id"]):
+        raise RuntimeError("catalog order changed between two reads")
+    log_dir = projector.write(os.path.join(model_dir, "projector"), embedded, images["image"],
+                              projector.style_labels(data_dir, embedded["item_id"]),
+                              seed=FLAGS.seed)
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}))
+    print(f"wrote {os.path.join(model_dir, 'metrics.json')} and a projector in {log_dir} "
+          f"(tensorboard --logdir {log_dir})")
+
+
 def main(argv) -> None:
     del argv
-    logging.getLogger().setLevel(logging.INFO)
-    {"synth": run_synth, "inspect": run_inspect, "validate": run_validate}[FLAGS.stage]()
+    # Orbit prints its own progress lines; its INFO logs would repeat them.
+    logging.getLogger().setLevel(logging.WARNING if FLAGS.stage in TRAINING_STAGES
+                                 else logging.INFO)
+    runners = {"synth": run_synth, "inspect": run_inspect, "validate": run_validate,
+               "eval_search": run_eval_search}
+    runners.update({s: run_training for s in TRAINING_STAGES})
+    runners[FLAGS.stage]()
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import dataclasses
 import logging
 from typing import Callable, Optional, Sequence
 
+import numpy as np
 import tensorflow as tf
 
 from trainer.data import parse, schema, validate
@@ -45,6 +46,8 @@ class InputConfig:
       cycle_length: Files read concurrently by the interleave.
       skip_bad_records: Scan the files first and leave out bad records, logging each and their
         count. By default the first bad record stops the job with an error that names it.
+      group_by: An int64 scalar feature; when set, every batch holds records that share its value
+        (e.g. S2's single-category batches), formed from the shuffled stream.
     """
 
     file_pattern: str
@@ -61,6 +64,7 @@ class InputConfig:
     seed: int = 0
     cycle_length: int = 8
     skip_bad_records: bool = False
+    group_by: Optional[str] = None
 
 
 def list_files(pattern: str) -> list[str]:
@@ -83,18 +87,24 @@ def shard_files(files: Sequence[str], input_context: Optional[tf.distribute.Inpu
     return list(files[i::n])
 
 
-def load_image_store(catalog_pattern: str) -> parse.ImageStore:
-    """Reads every catalog record's item id and encoded image into an `ImageStore`."""
-    cfg = InputConfig(catalog_pattern, "catalog", global_batch_size=1024, decode_images=False,
+def read_columns(pattern: str, kind: str, columns: Sequence[str]) -> dict:
+    """One ordered pass over every record: {column: numpy array}, images left encoded."""
+    cfg = InputConfig(pattern, kind, global_batch_size=1024, decode_images=False,
                       shuffle=False, repeat=False, drop_remainder=False, deterministic=True)
     pipe = InputPipeline(cfg)
-    ids, images = [], []
+    parts: dict = {c: [] for c in columns}
     with pipe.errors_named():
         for batch in pipe.dataset():
-            ids.extend(batch["item_id"].numpy().tolist())
-            images.extend(batch["image"].numpy().tolist())
-    log.info("image store: %d catalog images from %d files", len(ids), len(pipe.files))
-    return parse.ImageStore(ids, images)
+            for c in columns:
+                parts[c].append(batch[c].numpy())
+    return {c: np.concatenate(v) if v else np.zeros([0]) for c, v in parts.items()}
+
+
+def load_image_store(catalog_pattern: str) -> parse.ImageStore:
+    """Reads every catalog record's item id and encoded image into an `ImageStore`."""
+    cols = read_columns(catalog_pattern, "catalog", ("item_id", "image"))
+    log.info("image store: %d catalog images", len(cols["item_id"]))
+    return parse.ImageStore(cols["item_id"], cols["image"].tolist())
 
 
 class InputPipeline:
@@ -183,7 +193,15 @@ class InputPipeline:
             # After the shuffle, so epochs do not blend: a record seen twice in one batch would be
             # its own negative in a contrastive loss.
             ds = ds.repeat()
-        ds = ds.batch(batch_size, drop_remainder=cfg.drop_remainder)
+        if cfg.group_by:
+            key = cfg.group_by
+            ds = ds.group_by_window(
+                key_func=lambda name, r: tf.io.parse_single_example(
+                    r, {key: tf.io.FixedLenFeature([], tf.int64)})[key],
+                reduce_func=lambda _, w: w.batch(batch_size, drop_remainder=cfg.drop_remainder),
+                window_size=batch_size)
+        else:
+            ds = ds.batch(batch_size, drop_remainder=cfg.drop_remainder)
         ds = ds.map(self.parser, num_parallel_calls=AUTOTUNE, deterministic=cfg.deterministic)
         if self.transform is not None:
             transform = self.transform

@@ -1,0 +1,138 @@
+"""Reproduces paper 000's Table 1 (visual search) on a synthetic world.
+
+For each seed: trains ResNet-C, S1, S2 and S1+S2 with `python -m trainer.task` (the same command
+lines a user runs), evaluates each with `--stage=eval_search` (plus an untrained encoder as a
+reference), and prints the table laid out like Table 1; the table is also written as Markdown.
+
+  python scripts/repro_visual.py --data_dir=data/small --out_dir=runs/visual --seeds=0,1
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+METHODS = ("ResNet-C", "S1", "S2", "S1+S2")
+COLUMNS = ("HR", "LR@10", "LR@100", "CR@10", "CR@100")
+PAPER = {  # paper 000, Table 1
+    "ResNet-C": (0.2626, 0.5126, 0.5123, 0.8132, 0.7791),
+    "S1": (0.8504, 0.5001, 0.5059, 0.6357, 0.5524),
+    "S2": (0.8510, 0.5184, 0.5174, 0.7178, 0.6318),
+    "S1+S2": (0.8825, 0.5259, 0.5207, 0.7540, 0.6850),
+}
+
+
+def _run(args: list, log_path: str) -> float:
+    t0 = time.time()
+    with open(log_path, "a") as log:
+        log.write(f"$ {' '.join(args)}\n")
+        log.flush()
+        proc = subprocess.run(args, stdout=log, stderr=subprocess.STDOUT)
+    if proc.returncode:
+        sys.exit(f"failed ({proc.returncode}): {' '.join(args)}; see {log_path}")
+    return time.time() - t0
+
+
+def run_seed(data_dir: str, out: str, seed: int, extra: list) -> dict:
+    """Trains and evaluates every method for one seed; returns {method: metrics}."""
+    os.makedirs(out, exist_ok=True)
+    log = os.path.join(out, "log.txt")
+    task = [sys.executable, "-m", "trainer.task", f"--data_dir={data_dir}", f"--seed={seed}"]
+    dirs = {"ResNet-C": "resnet_c", "S1": "s1", "S2": "s2", "S1+S2": "s1s2", "random": "random"}
+    d = {m: os.path.join(out, v) for m, v in dirs.items()}
+    stages = [
+        ("ResNet-C", ["--stage=classify"]),
+        ("S1", ["--stage=pretrain"]),
+        ("S2", ["--stage=finetune"]),
+        ("S1+S2", ["--stage=finetune", f"--init_checkpoint={d['S1']}"]),
+    ]
+    times = {}
+    for method, args in stages:
+        times[method] = _run(task + args + [f"--model_dir={d[method]}"] + extra, log)
+        print(f"  seed {seed}: trained {method} in {times[method]:.0f}s", flush=True)
+    results = {}
+    for method in METHODS + ("random",):
+        args = ["--stage=eval_search", f"--model_dir={d[method]}"]
+        if method == "random":
+            args.append("--random_init")
+        _run(task + args + extra, log)
+        with open(os.path.join(d[method], "metrics.json")) as f:
+            results[method] = json.load(f)
+        results[method]["train_seconds"] = times.get(method, 0.0)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    return results
+
+
+def table(per_seed: dict) -> str:
+    """Markdown laid out like Table 1: mean (and spread over seeds), the paper's figures beside."""
+    seeds = sorted(per_seed)
+    lines = [f"Visual search (paper 000 Table 1 layout), seeds {', '.join(map(str, seeds))}: "
+             "mean ± half-range over seeds; the paper's figures in brackets.", "",
+             "| Method | " + " | ".join(COLUMNS) + " |", "| --- |" + " ---: |" * len(COLUMNS)]
+    for method in METHODS + ("random",):
+        cells = []
+        for i, col in enumerate(COLUMNS):
+            vals = np.array([per_seed[s][method][col] for s in seeds])
+            spread = (vals.max() - vals.min()) / 2
+            cell = f"{vals.mean():.4f}" + (f" ± {spread:.4f}" if len(vals) > 1 else "")
+            if method in PAPER:
+                cell += f" [{PAPER[method][i]:.4f}]"
+            cells.append(cell)
+        name = "untrained encoder (reference)" if method == "random" else method
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "| seed | " + " | ".join(f"{m} HR" for m in METHODS) + " |",
+              "| ---: |" + " ---: |" * len(METHODS)]
+    for s in seeds:
+        lines.append(f"| {s} | " + " | ".join(f"{per_seed[s][m]['HR']:.4f}" for m in METHODS)
+                     + " |")
+    return "\n".join(lines)
+
+
+def checks(per_seed: dict) -> list[str]:
+    """The paper's orderings, each marked as holding or not (on the means)."""
+    mean = {m: {c: float(np.mean([per_seed[s][m][c] for s in per_seed])) for c in COLUMNS}
+            for m in METHODS}
+    hr = {m: mean[m]["HR"] for m in METHODS}
+    cr = {m: (mean[m]["CR@10"], mean[m]["CR@100"]) for m in METHODS}
+    out = [
+        ("S1+S2 has the highest HR", max(hr, key=hr.get) == "S1+S2"),
+        ("ResNet-C has the lowest HR", min(hr, key=hr.get) == "ResNet-C"),
+        ("ResNet-C has the highest CR@10 and CR@100",
+         all(cr["ResNet-C"][i] >= max(cr[m][i] for m in METHODS) for i in (0, 1))),
+        ("S1+S2's LR@10 and LR@100 are not below S1's",
+         mean["S1+S2"]["LR@10"] >= mean["S1"]["LR@10"]
+         and mean["S1+S2"]["LR@100"] >= mean["S1"]["LR@100"]),
+    ]
+    return [f"- [{'x' if ok else ' '}] {text}" for text, ok in out]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data_dir", required=True)
+    p.add_argument("--out_dir", default="runs/visual")
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--extra", default="", help="Flags passed to every stage, space separated.")
+    a = p.parse_args()
+    t0 = time.time()
+    per_seed = {}
+    for seed in [int(s) for s in a.seeds.split(",")]:
+        print(f"seed {seed}:", flush=True)
+        per_seed[seed] = run_seed(a.data_dir, os.path.join(a.out_dir, f"seed{seed}"), seed,
+                                  a.extra.split())
+    text = table(per_seed) + "\n\nThe paper's orderings:\n" + "\n".join(checks(per_seed))
+    text += f"\n\nTotal time: {(time.time() - t0) / 60:.1f} min."
+    print("\n" + text)
+    path = os.path.join(a.out_dir, "table1.md")
+    with open(path, "w") as f:
+        f.write(text + "\n")
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()

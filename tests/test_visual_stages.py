@@ -1,0 +1,131 @@
+"""The encoder stages end to end on the tiny world: S1, S2, S1+S2, ResNet-C, visual search; one
+step under MirroredStrategy equals one step on one device; the command line resumes."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import REPO
+from trainer.data import records
+from trainer.eval import visual_search
+from trainer.models import classify, encoder, finetune, pretrain
+from trainer.train import loop
+
+ENC = encoder.EncoderConfig(depth=10, width_multiplier=0.5, image_size=32, feature_dim=64,
+                            batch_norm_momentum=0.9)
+
+
+def _tasks(world: str, enc: encoder.EncoderConfig, train: loop.TrainConfig) -> dict:
+    catalog = records.default_pattern(world, "catalog")
+    sessions = records.default_pattern(world, "search_sessions", "train")
+    return {
+        "pretrain": lambda e=enc: pretrain.PretrainTask(
+            pretrain.PretrainConfig(catalog_pattern=catalog), e, train),
+        "finetune": lambda e=enc: finetune.FinetuneTask(
+            finetune.FinetuneConfig(sessions_pattern=sessions, catalog_pattern=catalog,
+                                    pool_size=32), e, train),
+        "classify": lambda e=enc: classify.ClassifyTask(
+            classify.ClassifyConfig(catalog_pattern=catalog), e, train),
+    }
+
+
+def _search(world: str) -> visual_search.SearchEvalConfig:
+    return visual_search.SearchEvalConfig(
+        catalog_pattern=records.default_pattern(world, "catalog"),
+        judgments_pattern=records.default_pattern(world, "judgments"), ks=(10, 100))
+
+
+def _train(task, train_cfg, model_dir, enc_cfg):
+    loop.run(task, train_cfg, model_dir, {"encoder": dataclasses.asdict(enc_cfg)})
+    return encoder.restore(model_dir)
+
+
+def test_s1_s2_beats_a_random_encoder_and_every_stage_runs(tiny_world, tmp_path):
+    train = loop.TrainConfig(steps=100, global_batch_size=32, learning_rate=3e-3, warmup_steps=5,
+                             checkpoint_interval=50, log_interval=50)
+    tasks = _tasks(tiny_world, ENC, train)
+    s1 = _train(tasks["pretrain"](), train, str(tmp_path / "s1"), ENC)
+    s1s2_cfg = dataclasses.replace(ENC, init_checkpoint=str(tmp_path / "s1"))
+    s1s2 = _train(_tasks(tiny_world, s1s2_cfg, train)["finetune"](), train,
+                  str(tmp_path / "s1s2"), s1s2_cfg)
+    short = dataclasses.replace(train, steps=10)
+    resnet_c = _train(_tasks(tiny_world, ENC, short)["classify"](), short, str(tmp_path / "c"),
+                      ENC)
+    tf.keras.utils.set_random_seed(0)
+    random = encoder.Encoder(ENC)
+    metrics = {name: visual_search.evaluate(enc, _search(tiny_world))[0]
+               for name, enc in [("random", random), ("s1", s1), ("s1s2", s1s2),
+                                 ("resnet_c", resnet_c)]}
+    print(json.dumps(metrics, indent=1))
+    assert metrics["s1s2"]["HR"] > metrics["random"]["HR"] + 0.03
+    for m in metrics.values():
+        assert 0 <= m["HR"] <= 1 and m["queries"] > 0
+    # S2 started from S1's backbone, not from scratch.
+    assert tf.train.latest_checkpoint(str(tmp_path / "s1s2" / "ckpt"))
+
+
+def test_init_checkpoint_must_match_the_backbone(tiny_world, tmp_path):
+    train = loop.TrainConfig(steps=1, global_batch_size=8, warmup_steps=0)
+    _train(_tasks(tiny_world, ENC, train)["pretrain"](), train, str(tmp_path / "s1"), ENC)
+    other = dataclasses.replace(ENC, depth=18, init_checkpoint=str(tmp_path / "s1"))
+    with pytest.raises(ValueError, match="depth"):
+        encoder.build(other)
+    # The same architecture loads, and its backbone equals the checkpoint's.
+    same = encoder.build(dataclasses.replace(ENC, init_checkpoint=str(tmp_path / "s1")))
+    saved = encoder.restore(str(tmp_path / "s1"))
+    for a, b in zip(same.backbone.weights, saved.backbone.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "finetune", "classify"])
+def test_one_step_same_on_two_replicas_as_on_one_device(stage, tiny_world, mirrored):
+    # SGD: Adam's first step divides by |g| and would amplify rounding in near-zero gradients.
+    train = loop.TrainConfig(steps=10, global_batch_size=8, optimizer="sgd", learning_rate=0.1,
+                             warmup_steps=0, deterministic=True)
+    enc = dataclasses.replace(ENC, sync_batch_norm=True)
+    make = _tasks(tiny_world, enc, train)[stage]
+    task = make()
+    batch = {k: v.numpy() for k, v in next(iter(task.build_inputs(None))).items()}
+    task.build_model()
+    start = [v.numpy() for v in loop.trainable_variables(task, task.encoder)
+             + task.encoder.non_trainable_variables]
+    loss_1, w_1 = loop.one_step(make(), train, tf.distribute.OneDeviceStrategy("/cpu:0"), batch,
+                                weights=start)
+    loss_2, w_2 = loop.one_step(make(), train, mirrored, batch, weights=start)
+    assert abs(loss_1 - loss_2) < 1e-5, (loss_1, loss_2)
+    for a, b in zip(w_1, w_2):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_command_line_trains_resumes_and_evaluates(tiny_world, tmp_path):
+    model_dir = str(tmp_path / "c")
+    base = [sys.executable, "-m", "trainer.task", f"--data_dir={tiny_world}",
+            f"--model_dir={model_dir}", "--depth=10", "--width_multiplier=0.5",
+            "--feature_dim=32", "--batch_size=16", "--log_interval=2", "--checkpoint_interval=2"]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+    def run(*args):
+        out = subprocess.run(base + list(args), cwd=REPO, env=env, capture_output=True,
+                             text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return out.stdout + out.stderr
+
+    run("--stage=classify", "--train_steps=2")
+    log = run("--stage=classify", "--train_steps=4")
+    assert "resumed from step 2" in log
+    config = json.load(open(os.path.join(model_dir, "config.json")))
+    assert config["train"]["steps"] == 4 and config["encoder"]["depth"] == 10
+    log = run("--stage=eval_search")
+    metrics = json.load(open(os.path.join(model_dir, "metrics.json")))
+    assert set(metrics) >= {"HR", "LR@10", "LR@100", "CR@10", "CR@100"}
+    assert os.path.exists(os.path.join(model_dir, "projector", "projector_config.pbtxt"))
+    meta = open(os.path.join(model_dir, "projector", "metadata.tsv")).readline().split()
+    assert meta == ["item_id", "category", "impressions_30d", "style"]
+    assert tf.io.gfile.glob(os.path.join(model_dir, "train", "events.out.tfevents.*"))

@@ -1,0 +1,152 @@
+"""Offline visual-search evaluation of an encoder (paper 000 §4.1, Table 1).
+
+Every catalog image is embedded; for each judged query item q (a catalog image) the catalog is
+ranked by cosine similarity to q (faiss inner product on L2-normalised vectors), q itself left out,
+giving M_q. With Q_q the n_q items judged relevant to q:
+
+    HR     = sum_q |Q_q n M_q^{n_q}| / sum_q n_q         (hits in the first n_q results)
+    LR@K   = sum_q |L n M_q^K| / sum_q |M_q^K|           (L: items with < 5 impressions in 30 days)
+    CR@K   = sum_q |C_q n M_q^K| / sum_q |M_q^K|         (C_q: items of q's category)
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import os
+import time
+from typing import Sequence
+
+import faiss
+import numpy as np
+import tensorflow as tf
+
+from trainer.data import pipeline
+from trainer.models import encoder as encoder_lib
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class SearchEvalConfig:
+    """Visual-search evaluation settings.
+
+    Attributes:
+      catalog_pattern: Catalog TFRecords: the searched images, their categories and impressions.
+      judgments_pattern: Judgments TFRecords: query items and their relevant items.
+      ks: The K of LR@K and CR@K.
+      low_impressions: Items with fewer 30-day impressions than this are low-impression items.
+      batch_size: Images per embedding batch.
+    """
+
+    catalog_pattern: str = ""
+    judgments_pattern: str = ""
+    ks: tuple = (10, 100)
+    low_impressions: int = 5
+    batch_size: int = 256
+
+
+def embed_catalog(encoder: encoder_lib.Encoder, catalog_pattern: str,
+                  batch_size: int = 256) -> dict:
+    """{'item_id', 'category_id', 'impressions_30d', 'embedding' [N, D]} over the catalog, in file
+    order."""
+    cfg = pipeline.InputConfig(catalog_pattern, "catalog", global_batch_size=batch_size,
+                               image_size=encoder.cfg.image_size, shuffle=False, repeat=False,
+                               drop_remainder=False, deterministic=True)
+    pipe = pipeline.InputPipeline(cfg)
+    meta: dict = {k: [] for k in ("item_id", "category_id", "impressions_30d")}
+
+    def images(ds):
+        for batch in ds:
+            for k in meta:
+                meta[k].append(batch[k].numpy())
+            yield batch["image"]
+
+    with pipe.errors_named():
+        emb = encoder_lib.embed(encoder, images(pipe.dataset()))
+    return {**{k: np.concatenate(v) for k, v in meta.items()}, "embedding": emb}
+
+
+def load_judgments(pattern: str) -> tuple[np.ndarray, list]:
+    """(query item ids [Q], relevant item ids per query)."""
+    cols = pipeline.read_columns(pattern, "judgments",
+                                 ("query_item_id", "relevant_item_ids", "relevant_item_ids_mask"))
+    relevant = [row[mask] for row, mask in zip(cols["relevant_item_ids"],
+                                                cols["relevant_item_ids_mask"].astype(bool))]
+    return cols["query_item_id"], relevant
+
+
+def nearest_neighbours(embeddings: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """[Q, k] catalog rows by descending cosine (faiss exact inner-product search), each query's
+    own row (queries[i] is a catalog row) left out."""
+    index = faiss.IndexFlatIP(embeddings.shape[1])
+    index.add(np.ascontiguousarray(embeddings, np.float32))
+    _, found = index.search(np.ascontiguousarray(embeddings[queries], np.float32), k + 1)
+    out = np.empty([len(queries), k], np.int64)
+    for i, (q, row) in enumerate(zip(queries, found)):
+        row = row[row != q]
+        out[i] = row[:k]
+    return out
+
+
+def search_metrics(neighbours: np.ndarray, queries: np.ndarray, relevant: Sequence[np.ndarray],
+                   low_impression: np.ndarray, category: np.ndarray,
+                   ks: Sequence[int] = (10, 100)) -> dict:
+    """HR, LR@K, CR@K of §4.1 from ranked results.
+
+    neighbours: [Q, >= max(ks, n_q)] catalog rows in rank order (query excluded); queries: [Q]
+    catalog rows of the query items; relevant: per query, catalog rows judged relevant;
+    low_impression: [N] bool; category: [N].
+    """
+    hits = total = 0
+    for row, rel in zip(neighbours, relevant):
+        n_q = len(rel)
+        if n_q > len(row):
+            raise ValueError(f"a query has {n_q} relevant items but only {len(row)} results")
+        hits += len(np.intersect1d(row[:n_q], rel))
+        total += n_q
+    out = {"HR": hits / max(total, 1)}
+    for k in ks:
+        top = neighbours[:, :k]
+        out[f"LR@{k}"] = float(low_impression[top].mean())
+        out[f"CR@{k}"] = float((category[top] == category[queries][:, None]).mean())
+    return out
+
+
+def evaluate(encoder: encoder_lib.Encoder, cfg: SearchEvalConfig) -> tuple[dict, dict]:
+    """(metrics, catalog embeddings) of `encoder` on the judged visual-search queries."""
+    t0 = time.time()
+    catalog = embed_catalog(encoder, cfg.catalog_pattern, cfg.batch_size)
+    t_embed = time.time() - t0
+    query_ids, relevant_ids = load_judgments(cfg.judgments_pattern)
+    row_of = {int(i): r for r, i in enumerate(catalog["item_id"])}
+
+    def rows(ids, what):
+        missing = [int(i) for i in ids if int(i) not in row_of]
+        if missing:
+            raise ValueError(f"{cfg.judgments_pattern}: {what} {missing[:5]} not in the catalog "
+                             f"{cfg.catalog_pattern}")
+        return np.array([row_of[int(i)] for i in ids], np.int64)
+
+    queries = rows(query_ids, "query_item_id")
+    relevant = [rows(r, "relevant_item_ids") for r in relevant_ids]
+    k = max(max(cfg.ks), max(len(r) for r in relevant))
+    neighbours = nearest_neighbours(catalog["embedding"], queries, k)
+    metrics = search_metrics(neighbours, queries, relevant,
+                             catalog["impressions_30d"] < cfg.low_impressions,
+                             catalog["category_id"], cfg.ks)
+    metrics.update(queries=int(len(queries)), catalog_items=int(len(row_of)),
+                   embed_images_per_s=float(len(row_of) / max(t_embed, 1e-9)))
+    return metrics, catalog
+
+
+def write_outputs(model_dir: str, metrics: dict, catalog: dict) -> None:
+    """metrics.json, and the catalog embeddings (catalog_embeddings.npz) for the CTR stages."""
+    tf.io.gfile.makedirs(model_dir)
+    with tf.io.gfile.GFile(os.path.join(model_dir, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+    buf = io.BytesIO()  # np.savez seeks, which remote file systems' writers cannot
+    np.savez(buf, item_id=catalog["item_id"], embedding=catalog["embedding"])
+    with tf.io.gfile.GFile(os.path.join(model_dir, "catalog_embeddings.npz"), "wb") as f:
+        f.write(buf.getvalue())

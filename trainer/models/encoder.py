@@ -1,0 +1,184 @@
+"""The visual encoder of paper 000 §3.1 (and the image tower of paper 002 §3.2).
+
+image [B, S, S, 3] in [0, 1] -> normalise -> ResNet backbone (tf-models-official) -> global average
+pool -> linear to D (paper: 512) -> L2 normalise -> v [B, D].
+
+S1, S2, ResNet-C and COURIER all train this one model, so an S1 checkpoint warm-starts S2 and a
+trained encoder exports as is. The final layer and the normalisation run in float32 under mixed
+precision, so embeddings are float32 whatever the compute dtype.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from typing import Optional
+
+import numpy as np
+import tensorflow as tf
+import tf_keras
+from official.vision.modeling.backbones import resnet
+
+log = logging.getLogger(__name__)
+
+# Per-channel statistics the inputs are standardised with (ImageNet's, as tf-models-official uses).
+_MEAN_RGB = np.array([0.485, 0.456, 0.406], np.float32)
+_STDDEV_RGB = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+@dataclasses.dataclass
+class EncoderConfig:
+    """Architecture of the encoder.
+
+    Attributes:
+      depth: ResNet depth (tf-models-official's `RESNET_SPECS`: 10, 18, 26, 34, 50, 101, ...). The
+        papers use 50; CPU demos use 10 or 18.
+      width_multiplier: Scales every layer's channels (tf-models-official's `depth_multiplier`);
+        0.5 quarters the FLOPs, for CPU runs.
+      image_size: Input side in pixels.
+      feature_dim: D, the size of the visual feature vector (paper 000 §4: 512).
+      mixed_precision: 'none', 'float16' or 'bfloat16' compute dtype for the backbone.
+      batch_norm_momentum: Momentum of the batch-norm moving statistics used at inference
+        (tf-models-official's default 0.99 needs a few hundred steps to settle).
+      sync_batch_norm: Batch statistics over the global batch under a distribution strategy (as
+        SimCLR does, so a contrastive loss cannot use per-replica statistics as a shortcut). Set
+        by the training loop from the strategy.
+      init_checkpoint: Checkpoint (file prefix or directory) whose backbone initialises this one:
+        a model dir of this project, or any `tf.train.Checkpoint` with a `backbone` (or
+        `model/backbone`) object of the same architecture. None: random initialisation.
+    """
+
+    depth: int = 18
+    width_multiplier: float = 1.0
+    image_size: int = 64
+    feature_dim: int = 512
+    mixed_precision: str = "none"
+    batch_norm_momentum: float = 0.99
+    sync_batch_norm: bool = False
+    init_checkpoint: Optional[str] = None
+
+
+def set_precision_policy(mixed_precision: str) -> None:
+    """Sets tf_keras' global dtype policy; call before building models."""
+    policies = {"none": "float32", "float16": "mixed_float16", "bfloat16": "mixed_bfloat16"}
+    if mixed_precision not in policies:
+        raise ValueError(f"mixed_precision must be one of {sorted(policies)}, got "
+                         f"'{mixed_precision}'")
+    tf_keras.mixed_precision.set_global_policy(policies[mixed_precision])
+
+
+class Encoder(tf_keras.Model):
+    """v = normalize(W pool(ResNet(x))). `call` gives v; `features` gives the pre-norm W pool(.)."""
+
+    def __init__(self, cfg: EncoderConfig, name: str = "encoder"):
+        super().__init__(name=name)
+        self.cfg = cfg
+        size = cfg.image_size
+        self.backbone = resnet.ResNet(
+            cfg.depth, input_specs=tf_keras.layers.InputSpec(shape=[None, size, size, 3]),
+            depth_multiplier=cfg.width_multiplier, use_sync_bn=cfg.sync_batch_norm,
+            norm_momentum=cfg.batch_norm_momentum)
+        self.pool = tf_keras.layers.GlobalAveragePooling2D()
+        self.projection = tf_keras.layers.Dense(cfg.feature_dim, dtype="float32",
+                                                name="projection")
+        self.build([None, size, size, 3])
+
+    def features(self, images: tf.Tensor, training: bool = False) -> tf.Tensor:
+        x = (tf.cast(images, tf.float32) - _MEAN_RGB) / _STDDEV_RGB
+        x = tf.cast(x, self.compute_dtype)
+        endpoints = self.backbone(x, training=training)
+        top = endpoints[max(endpoints, key=int)]
+        return self.projection(self.pool(top))
+
+    def call(self, images: tf.Tensor, training: bool = False) -> tf.Tensor:
+        return tf.math.l2_normalize(self.features(images, training=training), axis=-1)
+
+
+def build(cfg: EncoderConfig) -> Encoder:
+    """The encoder, warm-started from `cfg.init_checkpoint` if set."""
+    encoder = Encoder(cfg)
+    if cfg.init_checkpoint:
+        load_backbone(encoder, cfg.init_checkpoint)
+    return encoder
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A checkpoint file prefix from a prefix, a checkpoint directory or a model dir."""
+    for d in (path, os.path.join(path, "ckpt")):
+        if tf.io.gfile.isdir(d):
+            latest = tf.train.latest_checkpoint(d)
+            if latest:
+                return latest
+    if tf.io.gfile.exists(path + ".index"):
+        return path
+    raise FileNotFoundError(f"no checkpoint at '{path}' (expected a checkpoint prefix, or a "
+                            "directory containing one, e.g. a model dir's ckpt/)")
+
+
+def load_backbone(encoder: Encoder, path: str) -> str:
+    """Restores the backbone only (e.g. S1 -> S2) and checks that every backbone variable was
+    found in the checkpoint with its shape; returns the checkpoint read."""
+    prefix = resolve_checkpoint(path)
+    source_cfg = _saved_encoder_config(path)
+    if source_cfg is not None:
+        mine = {k: getattr(encoder.cfg, k) for k in ("depth", "width_multiplier")}
+        theirs = {k: source_cfg.get(k) for k in mine}
+        if mine != theirs:
+            raise ValueError(f"init checkpoint {prefix} is a backbone with {theirs}, this encoder "
+                             f"has {mine}")
+    keys = {name for name, _ in tf.train.list_variables(prefix)}
+    # This project's checkpoints hold the encoder as `model`; a bare backbone checkpoint is
+    # accepted too.
+    if any(k.startswith("model/backbone/") for k in keys):
+        ckpt = tf.train.Checkpoint(model=tf.train.Checkpoint(backbone=encoder.backbone))
+    elif any(k.startswith("backbone/") for k in keys):
+        ckpt = tf.train.Checkpoint(backbone=encoder.backbone)
+    else:
+        raise ValueError(f"checkpoint {prefix} has no 'backbone' or 'model/backbone' object")
+    status = ckpt.read(prefix)
+    try:
+        status.assert_existing_objects_matched()
+    except AssertionError as e:
+        raise ValueError(f"init checkpoint {prefix} does not match this backbone "
+                         f"(depth {encoder.cfg.depth}, width {encoder.cfg.width_multiplier}): "
+                         f"{str(e)[:500]}") from e
+    status.expect_partial()
+    log.info("backbone initialised from %s", prefix)
+    return prefix
+
+
+def _saved_encoder_config(path: str) -> Optional[dict]:
+    """The encoder config a model dir of this project recorded, if `path` is one."""
+    for d in (path, os.path.dirname(path), os.path.dirname(os.path.dirname(path))):
+        f = os.path.join(d, "config.json")
+        if d and tf.io.gfile.exists(f):
+            with tf.io.gfile.GFile(f) as fh:
+                return json.load(fh).get("encoder")
+    return None
+
+
+def restore(model_dir: str, cfg: Optional[EncoderConfig] = None) -> Encoder:
+    """The encoder of a trained model dir (architecture from its config.json), weights from its
+    latest checkpoint."""
+    if cfg is None:
+        saved = _saved_encoder_config(model_dir)
+        if saved is None:
+            raise FileNotFoundError(f"{model_dir} has no config.json with an encoder config")
+        cfg = EncoderConfig(**{**saved, "init_checkpoint": None, "sync_batch_norm": False})
+    encoder = Encoder(cfg)
+    prefix = resolve_checkpoint(model_dir)
+    status = tf.train.Checkpoint(model=encoder).read(prefix)
+    status.expect_partial()
+    status.assert_existing_objects_matched()
+    log.info("encoder restored from %s", prefix)
+    return encoder
+
+
+def embed(encoder: Encoder, images: tf.data.Dataset) -> np.ndarray:
+    """Embeddings of a dataset of image batches, in order: [N, D] float32."""
+    size = encoder.cfg.image_size
+    fn = tf.function(lambda x: encoder(x, training=False),
+                     input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])
+    out = [fn(batch).numpy() for batch in images]
+    return np.concatenate(out) if out else np.zeros([0, encoder.cfg.feature_dim], np.float32)

@@ -1,0 +1,158 @@
+"""S2: click-supervised contrastive fine-tuning with category negative pools (paper 000 §3.1, Eq. 2).
+
+For each query image q with a clicked item i of category c_i, and N_{c_i} a pool of catalog images
+of category c_i,
+
+    L_S2 = - sum_{q in Q} log  exp(g(v_q, v_i) / tau) / sum_{j in N_{c_i} u {i}} exp(g(v_q, v_j) / tau)
+
+Batches are drawn one category at a time (the input groups the shuffled click stream by the
+clicked item's category), and each batch brings `pool_size` catalog images of that category,
+sampled without replacement: N_{c_i} is that pool plus the other clicked images of the batch,
+which are of c_i too. Under a distribution strategy pools and clicks are gathered from every
+replica and each query keeps the candidates of its own category, so the loss over a global batch
+is the same however it is split. Candidates that are the query's clicked item itself, or another
+click on the same query, are not negatives (lack of a click is not irrelevance, but a click is
+relevance). Temperature: as S1 (`pretrain.py`), 0.1; Eq. 2 as printed has none.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import numpy as np
+import tensorflow as tf
+
+from trainer.data import parse, pipeline
+from trainer.models import contrastive, encoder as encoder_lib
+from trainer.train import loop
+
+
+@dataclasses.dataclass
+class FinetuneConfig:
+    """S2 settings.
+
+    Attributes:
+      sessions_pattern: search_sessions TFRecords (query image, clicked item).
+      catalog_pattern: Catalog TFRecords: the negative pools, and the clicked images when the
+        sessions carry only item ids.
+      pool_size: Catalog images of the batch's category drawn per global batch (each replica
+        draws its share) as negatives.
+      in_batch_negatives: The other clicked images of the batch's category are negatives too.
+      temperature: tau of Eq. 2.
+    """
+
+    sessions_pattern: str = ""
+    catalog_pattern: str = ""
+    pool_size: int = 128
+    in_batch_negatives: bool = True
+    temperature: float = 0.1
+
+
+class CategoryNegativePool:
+    """Samples catalog images of one category (N_{c_i} of Eq. 2) from the catalog's item ids
+    grouped by category; images come from the `ImageStore`."""
+
+    def __init__(self, item_ids: np.ndarray, category_ids: np.ndarray,
+                 image_store: parse.ImageStore, image_size: int):
+        order = np.argsort(category_ids, kind="stable")
+        cats, starts, counts = np.unique(category_ids[order], return_index=True,
+                                         return_counts=True)
+        self.categories = cats
+        self.item_ids = tf.constant(item_ids[order].astype(np.int64))
+        self.starts = tf.constant(starts.astype(np.int64))
+        self.counts = tf.constant(counts.astype(np.int64))
+        self.row = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
+            tf.constant(cats.astype(np.int64)), tf.range(len(cats), dtype=tf.int64)), -1)
+        self.store, self.image_size = image_store, image_size
+
+    def sample(self, category: tf.Tensor, size: int, seed: tf.Tensor) -> dict:
+        """`size` distinct items of `category` (all of them if it has fewer, then repeated):
+        {'pool_item_id' [size], 'pool_category_id' [size], 'pool_image' [size, S, S, 3]}."""
+        row = self.row.lookup(category)
+        tf.debugging.assert_non_negative(row, message="clicked category has no catalog items")
+        start, count = self.starts[row], self.counts[row]
+        scores = tf.random.stateless_uniform([count], seed)
+        take = tf.math.top_k(scores, tf.minimum(count, size)).indices
+        take = tf.tile(take, [size // tf.shape(take)[0] + 1])[:size]  # small categories repeat
+        ids = tf.gather(self.item_ids, start + tf.cast(take, tf.int64))
+        images = parse.decode_images(self.store.lookup(ids), self.image_size)
+        return {"pool_item_id": ids, "pool_category_id": tf.fill([size], category),
+                "pool_image": images}
+
+
+def s2_loss(query: tf.Tensor, clicked: tf.Tensor, pool: tf.Tensor, meta: dict,
+            temperature: float, in_batch_negatives: bool = True) -> tf.Tensor:
+    """This replica's share of the global mean of Eq. 2.
+
+    query, clicked: [b, D], pool: [p, D], L2-normalised. meta: int64 'query_id',
+    'clicked_item_id', 'clicked_category_id' [b] and 'pool_item_id', 'pool_category_id' [p].
+    """
+    b = tf.shape(query)[0]
+    keys = ("query_id", "clicked_item_id", "clicked_category_id", "pool_item_id",
+            "pool_category_id")
+    all_clicked, all_pool, m = contrastive.gather((clicked, pool, {k: meta[k] for k in keys}))
+    n_clicked = tf.shape(all_clicked)[0]
+    candidates = tf.concat([all_clicked, all_pool], axis=0)
+    cand_item = tf.concat([m["clicked_item_id"], m["pool_item_id"]], 0)
+    cand_cat = tf.concat([m["clicked_category_id"], m["pool_category_id"]], 0)
+    cand_query = tf.concat([m["query_id"], -tf.ones_like(m["pool_item_id"])], 0)
+    positive = contrastive.replica_offset(b) + tf.range(b)
+    same_category = meta["clicked_category_id"][:, None] == cand_cat[None, :]
+    not_positive_item = meta["clicked_item_id"][:, None] != cand_item[None, :]
+    other_query = meta["query_id"][:, None] != cand_query[None, :]
+    valid = same_category & not_positive_item & other_query
+    if not in_batch_negatives:
+        valid &= (tf.range(tf.shape(candidates)[0]) >= n_clicked)[None, :]
+    per_query = contrastive.info_nce(query, candidates, positive, valid, temperature)
+    negatives = tf.reduce_sum(tf.cast(valid, tf.float32), axis=1)
+    return contrastive.global_mean(per_query), contrastive.global_mean(negatives)
+
+
+class FinetuneTask(loop.Task):
+    """S2 as a training-loop task."""
+
+    name = "finetune"
+    metric_names = ("negatives_per_query",)
+
+    def __init__(self, cfg: FinetuneConfig, encoder_cfg: encoder_lib.EncoderConfig,
+                 train_cfg: loop.TrainConfig, skip_bad_records: bool = False):
+        self.cfg, self.encoder_cfg, self.train_cfg = cfg, encoder_cfg, train_cfg
+        size = encoder_cfg.image_size
+        catalog = pipeline.read_columns(cfg.catalog_pattern, "catalog",
+                                        ("item_id", "category_id", "image"))
+        self.store = parse.ImageStore(catalog["item_id"], catalog["image"].tolist())
+        self.pool = CategoryNegativePool(catalog["item_id"], catalog["category_id"], self.store,
+                                         size)
+        self.input_cfg = pipeline.InputConfig(
+            cfg.sessions_pattern, "search_sessions",
+            global_batch_size=train_cfg.global_batch_size, image_size=size,
+            deterministic=train_cfg.deterministic, skip_bad_records=skip_bad_records,
+            group_by="clicked_category_id")
+        self.pipe = pipeline.InputPipeline(self.input_cfg, image_store=self.store)
+        self.encoder: Optional[encoder_lib.Encoder] = None
+
+    def build_model(self):
+        self.encoder = encoder_lib.build(self.encoder_cfg)
+        return self.encoder
+
+    def build_inputs(self, input_context=None):
+        pool_size = (input_context.get_per_replica_batch_size(self.cfg.pool_size)
+                     if input_context else self.cfg.pool_size)
+
+        def add_pool(seed, batch):
+            return {**batch, **self.pool.sample(batch["clicked_category_id"][0], pool_size, seed)}
+
+        self.pipe.transform = add_pool
+        self.pipe.cfg = dataclasses.replace(self.input_cfg, seed=self.input_seed)
+        return self.pipe.dataset(input_context)
+
+    def errors_named(self):
+        return self.pipe.errors_named()
+
+    def compute_loss(self, batch, training=True):
+        b, p = tf.shape(batch["query_image"])[0], tf.shape(batch["pool_image"])[0]
+        images = tf.concat([batch["query_image"], batch["clicked_image"], batch["pool_image"]], 0)
+        v = self.encoder(images, training=training)
+        loss, negatives = s2_loss(v[:b], v[b:2 * b], v[2 * b:2 * b + p], batch,
+                                  self.cfg.temperature, self.cfg.in_batch_negatives)
+        return loss, {"negatives_per_query": negatives}

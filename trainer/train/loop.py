@@ -1,0 +1,281 @@
+"""The training loop every stage shares: a strategy, tf-models-official's optimizer factory, and an
+Orbit controller that restores the latest checkpoint, trains to `steps`, checkpoints, writes
+TensorBoard scalars and prints progress.
+
+A stage is a `Task` (in the manner of tf-models-official's tasks): it builds its model and its
+per-replica input, and computes its loss in replica context as its share of the global mean (see
+`trainer.models.contrastive`). The loop owns the rest.
+"""
+from __future__ import annotations
+
+import abc
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from typing import Optional
+
+import orbit
+import tensorflow as tf
+import tf_keras
+from official.modeling.optimization import optimizer_factory
+from official.modeling.optimization.configs import optimization_config
+
+log = logging.getLogger(__name__)
+STRATEGIES = ("one_device", "mirrored", "multi_worker_mirrored")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """How long and how a stage trains.
+
+    Attributes:
+      steps: Total optimizer steps (a resumed run trains up to this many).
+      global_batch_size: Examples per step over all replicas; each replica gets its share.
+      optimizer: A tf-models-official optimizer type: 'adam', 'adamw', 'sgd', 'lars', 'adagrad'.
+      learning_rate: Peak learning rate, reached after the warmup and cosine-decayed to 0.
+      warmup_steps: Linear warmup steps.
+      weight_decay: Decoupled weight decay (adamw, lars); 0 for none.
+      momentum: Momentum of sgd and lars.
+      checkpoint_interval: Steps between checkpoints.
+      log_interval: Steps between progress lines and TensorBoard scalars.
+      strategy: 'one_device', 'mirrored' or 'multi_worker_mirrored'.
+      seed: Seed of initialisation, input order and augmentation.
+      deterministic: Fixed input order and op determinism (reproducible runs; slower).
+    """
+
+    steps: int = 1000
+    global_batch_size: int = 128
+    optimizer: str = "adam"
+    learning_rate: float = 1e-3
+    warmup_steps: int = 50
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    checkpoint_interval: int = 200
+    log_interval: int = 50
+    strategy: str = "one_device"
+    seed: int = 0
+    deterministic: bool = False
+
+
+def make_strategy(name: str) -> tf.distribute.Strategy:
+    """A strategy by name. Without GPUs, `mirrored` mirrors over the logical CPU devices."""
+    if name == "one_device":
+        gpus = tf.config.list_logical_devices("GPU")
+        return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
+    if name == "mirrored":
+        if tf.config.list_logical_devices("GPU"):
+            return tf.distribute.MirroredStrategy()
+        return tf.distribute.MirroredStrategy([d.name for d in tf.config.list_logical_devices("CPU")])
+    if name == "multi_worker_mirrored":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    raise ValueError(f"strategy must be one of {STRATEGIES}, got '{name}'")
+
+
+def build_optimizer(cfg: TrainConfig) -> tf_keras.optimizers.Optimizer:
+    """tf-models-official optimizer with linear warmup and cosine decay to zero."""
+    opt_params = {"adam": {}, "adagrad": {}, "sgd": {"momentum": cfg.momentum},
+                  "adamw": {"weight_decay_rate": cfg.weight_decay},
+                  "lars": {"momentum": cfg.momentum, "weight_decay_rate": cfg.weight_decay}}
+    if cfg.optimizer not in opt_params:
+        raise ValueError(f"optimizer must be one of {sorted(opt_params)}, got '{cfg.optimizer}'")
+    params = {
+        "optimizer": {"type": cfg.optimizer, cfg.optimizer: opt_params[cfg.optimizer]},
+        "learning_rate": {"type": "cosine", "cosine": {
+            "initial_learning_rate": cfg.learning_rate, "decay_steps": max(cfg.steps, 1)}},
+    }
+    warmup = min(cfg.warmup_steps, cfg.steps // 5)  # a short run still gets its decay
+    if warmup:
+        params["warmup"] = {"type": "linear", "linear": {"warmup_steps": warmup}}
+    factory = optimizer_factory.OptimizerFactory(optimization_config.OptimizationConfig(params))
+    optimizer = factory.build_optimizer(factory.build_learning_rate())
+    if tf_keras.mixed_precision.global_policy().name == "mixed_float16":
+        optimizer = tf_keras.mixed_precision.LossScaleOptimizer(optimizer)
+    return optimizer
+
+
+class Task(abc.ABC):
+    """One stage's model, input and loss. Subclasses set `name` and `config` (a dict for
+    config.json) and implement the abstract methods; `build_model` runs in the strategy's scope."""
+
+    name: str = "task"
+    metric_names: tuple = ()  # metrics compute_loss returns besides the loss
+    input_seed: int = 0  # set by the loop: seed of input order and augmentation
+
+    @abc.abstractmethod
+    def build_model(self) -> tf_keras.Model:
+        """The model whose weights are trained; checkpointed as `model`."""
+
+    def extra_checkpoint_objects(self) -> dict:
+        """Other trackables to checkpoint (e.g. a classification head)."""
+        return {}
+
+    @abc.abstractmethod
+    def build_inputs(self, input_context: Optional[tf.distribute.InputContext] = None
+                     ) -> tf.data.Dataset:
+        """This replica's batches."""
+
+    @abc.abstractmethod
+    def compute_loss(self, batch: dict, training: bool = True) -> tuple[tf.Tensor, dict]:
+        """(this replica's share of the global loss, {metric name: this replica's share})."""
+
+    def errors_named(self):
+        """Context manager that names bad input records; none by default."""
+        import contextlib
+        return contextlib.nullcontext()
+
+
+def trainable_variables(task: Task, model: tf_keras.Model) -> list:
+    return model.trainable_variables + [
+        v for obj in task.extra_checkpoint_objects().values()
+        for v in getattr(obj, "trainable_variables", [])]
+
+
+def train_step(task: Task, model: tf_keras.Model, optimizer, batch: dict) -> tuple:
+    """One optimizer step in replica context: (this replica's loss share, metric shares)."""
+    variables = trainable_variables(task, model)
+    scaling = isinstance(optimizer, tf_keras.mixed_precision.LossScaleOptimizer)
+    with tf.GradientTape() as tape:
+        loss, metrics = task.compute_loss(batch, training=True)
+        scaled = optimizer.get_scaled_loss(loss) if scaling else loss
+    grads = tape.gradient(scaled, variables)
+    if scaling:
+        grads = optimizer.get_unscaled_gradients(grads)
+    optimizer.apply_gradients(zip(grads, variables))
+    return loss, metrics
+
+
+def one_step(task: Task, cfg: TrainConfig, strategy: tf.distribute.Strategy, batch: dict,
+             weights: Optional[list] = None) -> tuple[float, list]:
+    """Builds the task's model under `strategy` (optionally with `weights`), applies one step to
+    the global `batch` (split across replicas in order) and returns (global loss, new weights):
+    the check that a strategy computes the same step as one device."""
+    with strategy.scope():
+        model = task.build_model()
+        optimizer = build_optimizer(cfg)
+    if weights is not None:
+        for v, w in zip(trainable_variables(task, model) + model.non_trainable_variables,
+                        weights):
+            v.assign(w)
+    dist = strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors(batch))
+
+    @tf.function
+    def step(b):
+        loss, _ = strategy.run(lambda x: train_step(task, model, optimizer, x), args=(b,))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None)
+
+    loss = float(step(next(iter(dist))))
+    new = [v.numpy() for v in trainable_variables(task, model) + model.non_trainable_variables]
+    return loss, new
+
+
+class _Trainer(orbit.StandardTrainer):
+    def __init__(self, task: Task, strategy, model, optimizer, dataset, global_step):
+        self.task, self.strategy, self.model, self.optimizer = task, strategy, model, optimizer
+        self.global_step = global_step
+        with strategy.scope():
+            self.metrics = {n: tf_keras.metrics.Mean(n) for n in ("loss",) + task.metric_names}
+        super().__init__(dataset, options=orbit.StandardTrainerOptions(use_tf_function=True))
+
+    def train_loop_begin(self):
+        for m in self.metrics.values():
+            m.reset_state()
+
+    def train_step(self, iterator):
+        per_replica = self.strategy.run(self.replica_step, args=(next(iterator),))
+        del per_replica
+
+    def replica_step(self, batch):
+        loss, metrics = train_step(self.task, self.model, self.optimizer, batch)
+        self.global_step.assign_add(1)
+        # Metric means over replicas of R * share = the global value.
+        r = self.strategy.num_replicas_in_sync
+        for name, value in {"loss": loss, **metrics}.items():
+            self.metrics[name].update_state(value * r)
+        return loss
+
+    def train_loop_end(self):
+        out = {k: m.result() for k, m in self.metrics.items()}
+        lr = self.optimizer.learning_rate
+        out["learning_rate"] = lr(self.global_step) if callable(lr) else lr
+        return out
+
+
+def write_config(model_dir: str, config: dict) -> None:
+    tf.io.gfile.makedirs(model_dir)
+    with tf.io.gfile.GFile(os.path.join(model_dir, "config.json"), "w") as f:
+        json.dump(config, f, indent=2, default=str)
+
+
+def _restored_step(model_dir: str) -> int:
+    latest = tf.train.latest_checkpoint(os.path.join(model_dir, "ckpt"))
+    if not latest:
+        return 0
+    return int(tf.train.load_variable(latest, "global_step/.ATTRIBUTES/VARIABLE_VALUE"))
+
+
+def run(task: Task, cfg: TrainConfig, model_dir: str, config: dict,
+        strategy: Optional[tf.distribute.Strategy] = None) -> dict:
+    """Trains `task` to `cfg.steps` in `model_dir`, resuming from its latest checkpoint.
+
+    Writes config.json, ckpt/ (checkpoints), train/ (TensorBoard) and prints progress. Returns the
+    last logged metrics.
+    """
+    strategy = strategy or make_strategy(cfg.strategy)
+    tf_keras.utils.set_random_seed(cfg.seed)
+    if cfg.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    write_config(model_dir, {**config, "train": dataclasses.asdict(cfg),
+                             "replicas": strategy.num_replicas_in_sync})
+    start = _restored_step(model_dir)
+    if start >= cfg.steps:
+        print(f"{task.name}: {model_dir} is already trained to step {start} (steps={cfg.steps})")
+        return {}
+    # A resumed run reads on with fresh shuffles instead of replaying the first batches.
+    task.input_seed = cfg.seed + 7919 * start
+    with strategy.scope():
+        model = task.build_model()
+        optimizer = build_optimizer(cfg)
+        global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
+        # The optimizer steps with its own counter; the checkpoint's global_step drives orbit.
+        optimizer.iterations  # noqa: B018  (create before the checkpoint is built)
+    dataset = strategy.distribute_datasets_from_function(task.build_inputs)
+    trainer = _Trainer(task, strategy, model, optimizer, dataset, global_step)
+    ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, global_step=global_step,
+                               **task.extra_checkpoint_objects())
+    manager = tf.train.CheckpointManager(
+        ckpt, os.path.join(model_dir, "ckpt"), max_to_keep=3, step_counter=global_step,
+        checkpoint_interval=cfg.checkpoint_interval)
+    progress = _Progress(task.name, cfg, start, global_step)
+    controller = orbit.Controller(
+        strategy=strategy, trainer=trainer, global_step=global_step,
+        steps_per_loop=cfg.log_interval, checkpoint_manager=manager,
+        summary_dir=os.path.join(model_dir, "train"), summary_interval=cfg.log_interval,
+        train_actions=[progress])
+    if start:
+        print(f"{task.name}: resumed from step {start} ({manager.latest_checkpoint})")
+    with task.errors_named():
+        controller.train(steps=cfg.steps, checkpoint_at_completion=True)
+    return {k: float(v) for k, v in progress.last.items()}
+
+
+class _Progress:
+    """Prints step/total, the loss, examples/s and the time left after every loop."""
+
+    def __init__(self, name: str, cfg: TrainConfig, start: int, global_step: tf.Variable):
+        self.name, self.cfg, self.start, self.global_step = name, cfg, start, global_step
+        self.t0 = time.time()
+        self.last: dict = {}
+
+    def __call__(self, output: dict) -> None:
+        self.last = {k: float(v) for k, v in output.items()}
+        done = int(self.global_step.numpy())
+        elapsed = time.time() - self.t0
+        rate = max(done - self.start, 1) / max(elapsed, 1e-9)
+        left = (self.cfg.steps - done) / rate
+        metrics = " ".join(f"{k}={v:.4g}" for k, v in self.last.items())
+        print(f"{self.name}: step {done}/{self.cfg.steps} {metrics} "
+              f"{rate * self.cfg.global_batch_size:.0f} ex/s, {left / 60:.1f} min left",
+              file=sys.stderr, flush=True)
