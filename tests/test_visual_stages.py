@@ -48,14 +48,17 @@ def _train(task, train_cfg, model_dir, enc_cfg):
 
 
 def test_s1_s2_beats_a_random_encoder_and_every_stage_runs(tiny_world, tmp_path):
-    train = loop.TrainConfig(steps=100, global_batch_size=32, learning_rate=3e-3, warmup_steps=5,
-                             checkpoint_interval=50, log_interval=50)
-    tasks = _tasks(tiny_world, ENC, train)
-    s1 = _train(tasks["pretrain"](), train, str(tmp_path / "s1"), ENC)
+    # Deterministic: the tiny world's 60 judged queries make HR noisy between runs.
+    s1_train = loop.TrainConfig(steps=200, global_batch_size=64, learning_rate=2e-3,
+                                warmup_steps=5, checkpoint_interval=100, log_interval=100,
+                                deterministic=True)
+    s2_train = dataclasses.replace(s1_train, steps=100, global_batch_size=32, learning_rate=5e-4)
+    s1 = _train(_tasks(tiny_world, ENC, s1_train)["pretrain"](), s1_train, str(tmp_path / "s1"),
+                ENC)
     s1s2_cfg = dataclasses.replace(ENC, init_checkpoint=str(tmp_path / "s1"))
-    s1s2 = _train(_tasks(tiny_world, s1s2_cfg, train)["finetune"](), train,
+    s1s2 = _train(_tasks(tiny_world, s1s2_cfg, s2_train)["finetune"](), s2_train,
                   str(tmp_path / "s1s2"), s1s2_cfg)
-    short = dataclasses.replace(train, steps=10)
+    short = dataclasses.replace(s2_train, steps=10)
     resnet_c = _train(_tasks(tiny_world, ENC, short)["classify"](), short, str(tmp_path / "c"),
                       ENC)
     tf.keras.utils.set_random_seed(0)
@@ -64,11 +67,9 @@ def test_s1_s2_beats_a_random_encoder_and_every_stage_runs(tiny_world, tmp_path)
                for name, enc in [("random", random), ("s1", s1), ("s1s2", s1s2),
                                  ("resnet_c", resnet_c)]}
     print(json.dumps(metrics, indent=1))
-    assert metrics["s1s2"]["HR"] > metrics["random"]["HR"] + 0.03
+    assert metrics["s1s2"]["HR"] > metrics["random"]["HR"] + 0.05
     for m in metrics.values():
         assert 0 <= m["HR"] <= 1 and m["queries"] > 0
-    # S2 started from S1's backbone, not from scratch.
-    assert tf.train.latest_checkpoint(str(tmp_path / "s1s2" / "ckpt"))
 
 
 def test_init_checkpoint_must_match_the_backbone(tiny_world, tmp_path):
@@ -82,6 +83,25 @@ def test_init_checkpoint_must_match_the_backbone(tiny_world, tmp_path):
     saved = encoder.restore(str(tmp_path / "s1"))
     for a, b in zip(same.backbone.weights, saved.backbone.weights):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
+    # A user's own checkpoint holding just a `backbone` object warm-starts too.
+    prefix = tf.train.Checkpoint(backbone=saved.backbone).write(str(tmp_path / "user" / "bb"))
+    theirs = encoder.build(dataclasses.replace(ENC, init_checkpoint=prefix))
+    np.testing.assert_array_equal(theirs.backbone.weights[0].numpy(),
+                                  saved.backbone.weights[0].numpy())
+    with pytest.raises(FileNotFoundError):
+        encoder.build(dataclasses.replace(ENC, init_checkpoint=str(tmp_path / "nothing")))
+
+
+def test_mixed_precision_embeddings_are_float32_and_unit_norm():
+    encoder.set_precision_policy("bfloat16")
+    try:
+        enc = encoder.Encoder(ENC)
+        v = enc(tf.random.uniform([4, 32, 32, 3]))
+        assert enc.backbone.compute_dtype == "bfloat16"
+    finally:
+        encoder.set_precision_policy("none")
+    assert v.dtype == tf.float32
+    np.testing.assert_allclose(tf.norm(v, axis=1).numpy(), 1.0, rtol=1e-5)
 
 
 @pytest.mark.parametrize("stage", ["pretrain", "finetune", "classify"])
