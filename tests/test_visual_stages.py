@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import REPO
+from conftest import REPO, read_all
 from trainer.data import records
 from trainer.eval import visual_search
 from trainer.models import classify, encoder, finetune, pretrain
@@ -70,6 +70,23 @@ def test_s1_s2_beats_a_random_encoder_and_every_stage_runs(tiny_world, tmp_path)
     assert metrics["s1s2"]["HR"] > metrics["random"]["HR"] + 0.05
     for m in metrics.values():
         assert 0 <= m["HR"] <= 1 and m["queries"] > 0
+
+
+def test_s2_batches_hold_one_category_and_its_negative_pool(tiny_world):
+    train = loop.TrainConfig(global_batch_size=16, deterministic=True)
+    task = _tasks(tiny_world, ENC, train)["finetune"]()
+    catalog = read_all(tiny_world, "catalog")
+    category_of = dict(zip(catalog["item_id"].tolist(), catalog["category_id"].tolist()))
+    seen = set()
+    for batch in task.build_inputs(None).take(6):
+        cats = set(batch["clicked_category_id"].numpy().tolist())
+        assert len(cats) == 1
+        pool = batch["pool_item_id"].numpy().tolist()
+        assert len(pool) == 32 and len(set(pool)) == 32  # drawn without replacement
+        assert {category_of[i] for i in pool} == cats
+        assert batch["pool_image"].shape == (32, 32, 32, 3)
+        seen |= cats
+    assert len(seen) > 1
 
 
 def test_init_checkpoint_must_match_the_backbone(tiny_world, tmp_path):

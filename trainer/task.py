@@ -215,7 +215,7 @@ def run_validate() -> None:
 STAGE_DEFAULTS = {
     "pretrain": dict(steps=600, global_batch_size=128, optimizer="adam", learning_rate=2e-3,
                      warmup_steps=50),
-    "finetune": dict(steps=400, global_batch_size=64, optimizer="adam", learning_rate=5e-4,
+    "finetune": dict(steps=800, global_batch_size=64, optimizer="adam", learning_rate=5e-4,
                      warmup_steps=20),
     "classify": dict(steps=300, global_batch_size=128, optimizer="adam", learning_rate=2e-3,
                      warmup_steps=20),

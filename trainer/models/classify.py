@@ -48,11 +48,11 @@ class ClassifyTask(loop.Task):
         self.cfg, self.encoder_cfg, self.train_cfg = cfg, encoder_cfg, train_cfg
         cats = pipeline.read_columns(cfg.catalog_pattern, "catalog", ("category_id",))
         self.categories = np.unique(cats["category_id"]).astype(np.int64)
-        self.input_cfg = pipeline.InputConfig(
+        input_cfg = pipeline.InputConfig(
             cfg.catalog_pattern, "catalog", global_batch_size=train_cfg.global_batch_size,
             image_size=encoder_cfg.image_size, deterministic=train_cfg.deterministic,
             skip_bad_records=skip_bad_records)
-        self.pipe = pipeline.InputPipeline(self.input_cfg, transform=self._transform)
+        self.pipe = pipeline.InputPipeline(input_cfg, transform=self._transform)
         self.encoder: Optional[encoder_lib.Encoder] = None
         self.head: Optional[tf_keras.layers.Dense] = None
 
@@ -71,11 +71,7 @@ class ClassifyTask(loop.Task):
         return {"head": self.head}
 
     def build_inputs(self, input_context=None):
-        self.pipe.cfg = dataclasses.replace(self.input_cfg, seed=self.input_seed)
-        return self.pipe.dataset(input_context)
-
-    def errors_named(self):
-        return self.pipe.errors_named()
+        return self.seeded_dataset(input_context)
 
     def compute_loss(self, batch, training=True):
         logits = self.head(self.encoder.features(batch["image"], training=training))

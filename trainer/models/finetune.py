@@ -123,12 +123,12 @@ class FinetuneTask(loop.Task):
         self.store = parse.ImageStore(catalog["item_id"], catalog["image"].tolist())
         self.pool = CategoryNegativePool(catalog["item_id"], catalog["category_id"], self.store,
                                          size)
-        self.input_cfg = pipeline.InputConfig(
+        input_cfg = pipeline.InputConfig(
             cfg.sessions_pattern, "search_sessions",
             global_batch_size=train_cfg.global_batch_size, image_size=size,
             deterministic=train_cfg.deterministic, skip_bad_records=skip_bad_records,
             group_by="clicked_category_id")
-        self.pipe = pipeline.InputPipeline(self.input_cfg, image_store=self.store)
+        self.pipe = pipeline.InputPipeline(input_cfg, image_store=self.store)
         self.encoder: Optional[encoder_lib.Encoder] = None
 
     def build_model(self):
@@ -143,11 +143,7 @@ class FinetuneTask(loop.Task):
             return {**batch, **self.pool.sample(batch["clicked_category_id"][0], pool_size, seed)}
 
         self.pipe.transform = add_pool
-        self.pipe.cfg = dataclasses.replace(self.input_cfg, seed=self.input_seed)
-        return self.pipe.dataset(input_context)
-
-    def errors_named(self):
-        return self.pipe.errors_named()
+        return self.seeded_dataset(input_context)
 
     def compute_loss(self, batch, training=True):
         b, p = tf.shape(batch["query_image"])[0], tf.shape(batch["pool_image"])[0]

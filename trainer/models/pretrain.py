@@ -69,11 +69,11 @@ class PretrainTask(loop.Task):
     def __init__(self, cfg: PretrainConfig, encoder_cfg: encoder_lib.EncoderConfig,
                  train_cfg: loop.TrainConfig, skip_bad_records: bool = False):
         self.cfg, self.encoder_cfg, self.train_cfg = cfg, encoder_cfg, train_cfg
-        self.input_cfg = pipeline.InputConfig(
+        input_cfg = pipeline.InputConfig(
             cfg.catalog_pattern, "catalog", global_batch_size=train_cfg.global_batch_size,
             image_size=encoder_cfg.image_size, deterministic=train_cfg.deterministic,
             skip_bad_records=skip_bad_records)
-        self.pipe = pipeline.InputPipeline(self.input_cfg,
+        self.pipe = pipeline.InputPipeline(input_cfg,
                                            transform=augment.s1_views_transform(cfg.augment))
         self.encoder: Optional[encoder_lib.Encoder] = None
 
@@ -82,11 +82,7 @@ class PretrainTask(loop.Task):
         return self.encoder
 
     def build_inputs(self, input_context=None):
-        self.pipe.cfg = dataclasses.replace(self.input_cfg, seed=self.input_seed)
-        return self.pipe.dataset(input_context)
-
-    def errors_named(self):
-        return self.pipe.errors_named()
+        return self.seeded_dataset(input_context)
 
     def compute_loss(self, batch, training=True):
         b = tf.shape(batch["view_1"])[0]

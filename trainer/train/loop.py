@@ -9,6 +9,7 @@ per-replica input, and computes its loss in replica context as its share of the 
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 import json
 import logging
@@ -22,6 +23,8 @@ import tensorflow as tf
 import tf_keras
 from official.modeling.optimization import optimizer_factory
 from official.modeling.optimization.configs import optimization_config
+
+from trainer.data import pipeline
 
 log = logging.getLogger(__name__)
 STRATEGIES = ("one_device", "mirrored", "multi_worker_mirrored")
@@ -97,12 +100,13 @@ def build_optimizer(cfg: TrainConfig) -> tf_keras.optimizers.Optimizer:
 
 
 class Task(abc.ABC):
-    """One stage's model, input and loss. Subclasses set `name` and `config` (a dict for
-    config.json) and implement the abstract methods; `build_model` runs in the strategy's scope."""
+    """One stage's model, input and loss. Subclasses set `name`, usually `pipe`, and implement
+    the abstract methods; `build_model` runs in the strategy's scope."""
 
     name: str = "task"
     metric_names: tuple = ()  # metrics compute_loss returns besides the loss
     input_seed: int = 0  # set by the loop: seed of input order and augmentation
+    pipe: Optional[pipeline.InputPipeline] = None  # the training input
 
     @abc.abstractmethod
     def build_model(self) -> tf_keras.Model:
@@ -122,9 +126,14 @@ class Task(abc.ABC):
         """(this replica's share of the global loss, {metric name: this replica's share})."""
 
     def errors_named(self):
-        """Context manager that names bad input records; none by default."""
-        import contextlib
-        return contextlib.nullcontext()
+        """Context manager that names the input's bad records."""
+        return self.pipe.errors_named() if self.pipe else contextlib.nullcontext()
+
+    def seeded_dataset(self, input_context: Optional[tf.distribute.InputContext] = None
+                       ) -> tf.data.Dataset:
+        """`pipe`'s dataset with shuffles and augmentation seeded by `input_seed`."""
+        self.pipe.cfg = dataclasses.replace(self.pipe.cfg, seed=self.input_seed)
+        return self.pipe.dataset(input_context)
 
 
 def trainable_variables(task: Task, model: tf_keras.Model) -> list:
@@ -184,8 +193,7 @@ class _Trainer(orbit.StandardTrainer):
             m.reset_state()
 
     def train_step(self, iterator):
-        per_replica = self.strategy.run(self.replica_step, args=(next(iterator),))
-        del per_replica
+        self.strategy.run(self.replica_step, args=(next(iterator),))
 
     def replica_step(self, batch):
         loss, metrics = train_step(self.task, self.model, self.optimizer, batch)
@@ -239,8 +247,6 @@ def run(task: Task, cfg: TrainConfig, model_dir: str, config: dict,
         model = task.build_model()
         optimizer = build_optimizer(cfg)
         global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
-        # The optimizer steps with its own counter; the checkpoint's global_step drives orbit.
-        optimizer.iterations  # noqa: B018  (create before the checkpoint is built)
     dataset = strategy.distribute_datasets_from_function(task.build_inputs)
     trainer = _Trainer(task, strategy, model, optimizer, dataset, global_step)
     ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, global_step=global_step,
