@@ -130,7 +130,9 @@ def evaluate(encoder: encoder_lib.Encoder, cfg: SearchEvalConfig) -> tuple[dict,
         return np.array([row_of[int(i)] for i in ids], np.int64)
 
     queries = rows(query_ids, "query_item_id")
-    relevant = [rows(r, "relevant_item_ids") for r in relevant_ids]
+    # A query is never its own result, so it cannot count as its own relevant item.
+    relevant = [np.setdiff1d(rows(r, "relevant_item_ids"), [q])
+                for q, r in zip(queries, relevant_ids)]
     k = max(max(cfg.ks), max(len(r) for r in relevant))
     neighbours = nearest_neighbours(catalog["embedding"], queries, k)
     metrics = search_metrics(neighbours, queries, relevant,

@@ -9,8 +9,9 @@ Batches are drawn one category at a time (the input groups the shuffled click st
 clicked item's category), and each batch brings `pool_size` catalog images of that category,
 sampled without replacement: N_{c_i} is that pool plus the other clicked images of the batch,
 which are of c_i too. Under a distribution strategy pools and clicks are gathered from every
-replica and each query keeps the candidates of its own category, so the loss over a global batch
-is the same however it is split. Candidates that are the query's clicked item itself, or another
+replica and each query keeps the candidates of its own category, so the loss of a given global
+batch is the same however it is split; each replica's input draws its own category, so a query's
+negatives are those of its replica's batch and of any other replica that drew the same category. Candidates that are the query's clicked item itself, or another
 click on the same query, are not negatives (lack of a click is not irrelevance, but a click is
 relevance). Temperature: as S1 (`pretrain.py`), 0.1; Eq. 2 as printed has none.
 """
@@ -82,7 +83,7 @@ class CategoryNegativePool:
 
 def s2_loss(query: tf.Tensor, clicked: tf.Tensor, pool: tf.Tensor, meta: dict,
             temperature: float, in_batch_negatives: bool = True) -> tf.Tensor:
-    """This replica's share of the global mean of Eq. 2.
+    """This replica's shares of the global mean of Eq. 2 and of the negatives per query.
 
     query, clicked: [b, D], pool: [p, D], L2-normalised. meta: int64 'query_id',
     'clicked_item_id', 'clicked_category_id' [b] and 'pool_item_id', 'pool_category_id' [p].
