@@ -159,6 +159,9 @@ def test_command_line_trains_resumes_and_evaluates(tiny_world, tmp_path):
     assert "resumed from step 2" in log
     config = json.load(open(os.path.join(model_dir, "config.json")))
     assert config["train"]["steps"] == 4 and config["encoder"]["depth"] == 10
+    out = subprocess.run(base + ["--stage=classify", "--train_steps=6", "--depth=18"], cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "another encoder" in out.stderr
     log = run("--stage=eval_search")
     metrics = json.load(open(os.path.join(model_dir, "metrics.json")))
     assert set(metrics) >= {"HR", "LR@10", "LR@100", "CR@10", "CR@100"}

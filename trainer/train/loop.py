@@ -217,6 +217,20 @@ def write_config(model_dir: str, config: dict) -> None:
         json.dump(config, f, indent=2, default=str)
 
 
+def _check_same_encoder(model_dir: str, encoder: Optional[dict]) -> None:
+    """Refuses to resume (and overwrite config.json) with another encoder architecture."""
+    path = os.path.join(model_dir, "config.json")
+    if encoder is None or not tf.io.gfile.exists(path):
+        return
+    with tf.io.gfile.GFile(path) as f:
+        saved = json.load(f).get("encoder") or {}
+    keys = ("depth", "width_multiplier", "image_size", "feature_dim")
+    diff = {k: (saved.get(k), encoder.get(k)) for k in keys if saved.get(k) != encoder.get(k)}
+    if diff:
+        raise ValueError(f"{model_dir} holds a model trained with another encoder "
+                         f"(saved, requested): {diff}; use a new --model_dir")
+
+
 def _restored_step(model_dir: str) -> int:
     latest = tf.train.latest_checkpoint(os.path.join(model_dir, "ckpt"))
     if not latest:
@@ -235,9 +249,11 @@ def run(task: Task, cfg: TrainConfig, model_dir: str, config: dict,
     tf_keras.utils.set_random_seed(cfg.seed)
     if cfg.deterministic:
         tf.config.experimental.enable_op_determinism()
+    start = _restored_step(model_dir)
+    if start:
+        _check_same_encoder(model_dir, config.get("encoder"))
     write_config(model_dir, {**config, "train": dataclasses.asdict(cfg),
                              "replicas": strategy.num_replicas_in_sync})
-    start = _restored_step(model_dir)
     if start >= cfg.steps:
         print(f"{task.name}: {model_dir} is already trained to step {start} (steps={cfg.steps})")
         return {}
