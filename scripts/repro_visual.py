@@ -118,9 +118,9 @@ def diagnostics(data_dir: str, seed_dirs: dict) -> str:
     own task) with relevance = same category and planted style."""
     if not os.path.exists(os.path.join(data_dir, "truth", "truth.json")):
         return ""
-    import faiss
     import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
     from trainer.data import pipeline, records
+    from trainer.eval import visual_search
     from trainer.models import encoder
     from trainer.synth import truth
     t = truth.load(data_dir)
@@ -130,9 +130,7 @@ def diagnostics(data_dir: str, seed_dirs: dict) -> str:
     clicked = items["style"][truth.index_of(pairs["clicked_item_id"], items["item_id"])]
     asked = queries["style"][truth.index_of(pairs["query_id"], queries["query_id"])]
     sim = t["style_similarity"][clicked, asked]
-    photos = pipeline.read_columns(records.default_pattern(data_dir, "queries"), "queries",
-                                   ("query_id",))["query_id"]
-    qi = truth.index_of(photos, queries["query_id"])
+    queries_pattern = records.default_pattern(data_dir, "queries")
     lines = [f"S2 click pairs: {len(sim)}; the clicked item has the query's style in "
              f"{np.mean(sim == 1):.1%}, a shared pattern or palette in {np.mean(sim == 0.3):.1%}, "
              f"neither in {np.mean(sim == 0):.1%}.", "",
@@ -144,23 +142,17 @@ def diagnostics(data_dir: str, seed_dirs: dict) -> str:
         cells = []
         for out in seed_dirs.values():
             model_dir = os.path.join(out, sub)
-            enc = encoder.restore(model_dir)
             catalog = np.load(os.path.join(model_dir, "catalog_embeddings.npz"))
-            cfg = pipeline.InputConfig(records.default_pattern(data_dir, "queries"), "queries",
-                                       global_batch_size=256, image_size=enc.cfg.image_size,
-                                       shuffle=False, repeat=False, drop_remainder=False,
-                                       deterministic=True)
-            q_emb = encoder.embed(enc, (b["image"] for b in
-                                        pipeline.InputPipeline(cfg).dataset()))
+            photos = visual_search.embed_records(encoder.restore(model_dir), queries_pattern,
+                                                 "queries", ("query_id",))
+            qi = truth.index_of(photos["query_id"], queries["query_id"])
             ci = truth.index_of(catalog["item_id"], items["item_id"])
             key_items = items["category"][ci] * 1000 + items["style"][ci]
             key_q = queries["category"][qi] * 1000 + queries["style"][qi]
             relevant = [np.flatnonzero(key_items == k) for k in key_q]
-            index = faiss.IndexFlatIP(catalog["embedding"].shape[1])
-            index.add(catalog["embedding"].astype(np.float32))
-            _, found = index.search(q_emb, max(len(r) for r in relevant))
-            hits = sum(len(np.intersect1d(f[:len(r)], r)) for f, r in zip(found, relevant))
-            cells.append(f"{hits / sum(len(r) for r in relevant):.4f}")
+            found = visual_search.search(catalog["embedding"], photos["embedding"],
+                                         max(len(r) for r in relevant))
+            cells.append(f"{visual_search.hit_ratio(found, relevant):.4f}")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

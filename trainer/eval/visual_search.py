@@ -47,15 +47,15 @@ class SearchEvalConfig:
     batch_size: int = 256
 
 
-def embed_catalog(encoder: encoder_lib.Encoder, catalog_pattern: str,
+def embed_records(encoder: encoder_lib.Encoder, pattern: str, kind: str, columns: Sequence[str],
                   batch_size: int = 256) -> dict:
-    """{'item_id', 'category_id', 'impressions_30d', 'embedding' [N, D]} over the catalog, in file
-    order."""
-    cfg = pipeline.InputConfig(catalog_pattern, "catalog", global_batch_size=batch_size,
+    """One ordered pass over the records of `kind` (whose image feature is `image`): the given
+    columns and 'embedding' [N, D], in file order."""
+    cfg = pipeline.InputConfig(pattern, kind, global_batch_size=batch_size,
                                image_size=encoder.cfg.image_size, shuffle=False, repeat=False,
                                drop_remainder=False, deterministic=True)
     pipe = pipeline.InputPipeline(cfg)
-    meta: dict = {k: [] for k in ("item_id", "category_id", "impressions_30d")}
+    meta: dict = {k: [] for k in columns}
 
     def images(ds):
         for batch in ds:
@@ -68,6 +68,14 @@ def embed_catalog(encoder: encoder_lib.Encoder, catalog_pattern: str,
     return {**{k: np.concatenate(v) for k, v in meta.items()}, "embedding": emb}
 
 
+def embed_catalog(encoder: encoder_lib.Encoder, catalog_pattern: str,
+                  batch_size: int = 256) -> dict:
+    """{'item_id', 'category_id', 'impressions_30d', 'embedding' [N, D]} over the catalog, in file
+    order."""
+    return embed_records(encoder, catalog_pattern, "catalog",
+                         ("item_id", "category_id", "impressions_30d"), batch_size)
+
+
 def load_judgments(pattern: str) -> tuple[np.ndarray, list]:
     """(query item ids [Q], relevant item ids per query)."""
     cols = pipeline.read_columns(pattern, "judgments",
@@ -77,17 +85,35 @@ def load_judgments(pattern: str) -> tuple[np.ndarray, list]:
     return cols["query_item_id"], relevant
 
 
-def nearest_neighbours(embeddings: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
-    """[Q, k] catalog rows by descending cosine (faiss exact inner-product search), each query's
-    own row (queries[i] is a catalog row) left out."""
+def search(embeddings: np.ndarray, query_vectors: np.ndarray, k: int) -> np.ndarray:
+    """[Q, k] catalog rows by descending cosine: faiss exact inner-product search."""
     index = faiss.IndexFlatIP(embeddings.shape[1])
     index.add(np.ascontiguousarray(embeddings, np.float32))
-    _, found = index.search(np.ascontiguousarray(embeddings[queries], np.float32), k + 1)
+    _, found = index.search(np.ascontiguousarray(query_vectors, np.float32), k)
+    return found
+
+
+def nearest_neighbours(embeddings: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """[Q, k] catalog rows by descending cosine, each query's own row (queries[i] is a catalog
+    row) left out."""
+    found = search(embeddings, embeddings[queries], k + 1)
     out = np.empty([len(queries), k], np.int64)
     for i, (q, row) in enumerate(zip(queries, found)):
         row = row[row != q]
         out[i] = row[:k]
     return out
+
+
+def hit_ratio(neighbours: np.ndarray, relevant: Sequence[np.ndarray]) -> float:
+    """HR = sum_q |Q_q n M_q^{n_q}| / sum_q n_q, with neighbours [Q, >= n_q] in rank order."""
+    hits = total = 0
+    for row, rel in zip(neighbours, relevant):
+        n_q = len(rel)
+        if n_q > len(row):
+            raise ValueError(f"a query has {n_q} relevant items but only {len(row)} results")
+        hits += len(np.intersect1d(row[:n_q], rel))
+        total += n_q
+    return hits / max(total, 1)
 
 
 def search_metrics(neighbours: np.ndarray, queries: np.ndarray, relevant: Sequence[np.ndarray],
@@ -99,14 +125,7 @@ def search_metrics(neighbours: np.ndarray, queries: np.ndarray, relevant: Sequen
     catalog rows of the query items; relevant: per query, catalog rows judged relevant;
     low_impression: [N] bool; category: [N].
     """
-    hits = total = 0
-    for row, rel in zip(neighbours, relevant):
-        n_q = len(rel)
-        if n_q > len(row):
-            raise ValueError(f"a query has {n_q} relevant items but only {len(row)} results")
-        hits += len(np.intersect1d(row[:n_q], rel))
-        total += n_q
-    out = {"HR": hits / max(total, 1)}
+    out = {"HR": hit_ratio(neighbours, relevant)}
     for k in ks:
         top = neighbours[:, :k]
         out[f"LR@{k}"] = float(low_impression[top].mean())
