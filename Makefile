@@ -10,7 +10,7 @@ export TF_USE_LEGACY_KERAS := 1
 SEEDS ?= 0
 RUNS ?= runs
 
-.PHONY: demo test repro-visual bench-input validate docs lock clean
+.PHONY: demo test repro-visual repro-ctr bench-input validate docs lock clean
 
 $(VENV)/.installed: requirements.txt constraints.txt setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,12 +26,20 @@ $(DATA)/$(WORLD)/manifest.json: | $(VENV)/.installed
 demo: $(VENV)/.installed $(DATA)/$(WORLD)/manifest.json
 	$(PY) -m trainer.task --stage=inspect --data_dir=$(DATA)/$(WORLD)
 	$(PY) scripts/repro_visual.py --data_dir=$(DATA)/$(WORLD) --out_dir=$(RUNS)/visual --seeds=$(SEED)
+	$(PY) scripts/repro_ctr.py --data_dir=$(DATA)/$(WORLD) --visual_dir=$(RUNS)/visual \
+	  --out_dir=$(RUNS)/ctr --seeds=$(SEED)
 
 # Paper 000 Table 1: ResNet-C, S1, S2, S1+S2 and visual search; about 15 min per seed on 2 cores.
 # Trained stages are kept (a rerun only evaluates); SEEDS="0 1" runs two seeds.
 repro-visual: $(VENV)/.installed $(DATA)/$(WORLD)/manifest.json
 	$(PY) scripts/repro_visual.py --data_dir=$(DATA)/$(WORLD) --out_dir=$(RUNS)/visual \
 	  --seeds=$(shell echo $(SEEDS) | tr ' ' ',')
+
+# Paper 000 Table 2: the CTR predictor without image features, with ResNet-C, S1, S2, S1+S2
+# features and S1+S2+D; reuses the encoders of repro-visual (training them if missing).
+repro-ctr: $(VENV)/.installed $(DATA)/$(WORLD)/manifest.json
+	$(PY) scripts/repro_ctr.py --data_dir=$(DATA)/$(WORLD) --visual_dir=$(RUNS)/visual \
+	  --out_dir=$(RUNS)/ctr --seeds=$(shell echo $(SEEDS) | tr ' ' ',')
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests

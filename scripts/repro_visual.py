@@ -121,7 +121,7 @@ def diagnostics(data_dir: str, seed_dirs: dict) -> str:
     import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
     from trainer.data import pipeline, records
     from trainer.eval import visual_search
-    from trainer.models import encoder
+    from trainer.features import embeddings
     from trainer.synth import truth
     t = truth.load(data_dir)
     items, queries = t["items"], t["queries"]
@@ -131,6 +131,7 @@ def diagnostics(data_dir: str, seed_dirs: dict) -> str:
     asked = queries["style"][truth.index_of(pairs["query_id"], queries["query_id"])]
     sim = t["style_similarity"][clicked, asked]
     queries_pattern = records.default_pattern(data_dir, "queries")
+    catalog_pattern = records.default_pattern(data_dir, "catalog")
     lines = [f"S2 click pairs: {len(sim)}; the clicked item has the query's style in "
              f"{np.mean(sim == 1):.1%}, a shared pattern or palette in {np.mean(sim == 0.3):.1%}, "
              f"neither in {np.mean(sim == 0):.1%}.", "",
@@ -141,16 +142,14 @@ def diagnostics(data_dir: str, seed_dirs: dict) -> str:
     for method, sub in (("ResNet-C", "resnet_c"), ("S1", "s1"), ("S2", "s2"), ("S1+S2", "s1s2")):
         cells = []
         for out in seed_dirs.values():
-            model_dir = os.path.join(out, sub)
-            catalog = np.load(os.path.join(model_dir, "catalog_embeddings.npz"))
-            photos = visual_search.embed_records(encoder.restore(model_dir), queries_pattern,
-                                                 "queries", ("query_id",))
-            qi = truth.index_of(photos["query_id"], queries["query_id"])
-            ci = truth.index_of(catalog["item_id"], items["item_id"])
+            table = embeddings.for_encoder(os.path.join(out, sub), catalog_pattern,
+                                           queries_pattern)
+            qi = truth.index_of(table.query_id, queries["query_id"])
+            ci = truth.index_of(table.item_id, items["item_id"])
             key_items = items["category"][ci] * 1000 + items["style"][ci]
             key_q = queries["category"][qi] * 1000 + queries["style"][qi]
             relevant = [np.flatnonzero(key_items == k) for k in key_q]
-            found = visual_search.search(catalog["embedding"], photos["embedding"],
+            found = visual_search.search(table.item_vector, table.query_vector,
                                          max(len(r) for r in relevant))
             cells.append(f"{visual_search.hit_ratio(found, relevant):.4f}")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")

@@ -15,6 +15,7 @@ import tensorflow as tf
 from conftest import REPO, read_all
 from trainer.data import records
 from trainer.eval import visual_search
+from trainer.features import embeddings
 from trainer.models import classify, encoder, finetune, pretrain
 from trainer.train import loop
 
@@ -63,7 +64,9 @@ def test_s1_s2_beats_a_random_encoder_and_every_stage_runs(tiny_world, tmp_path)
                       ENC)
     tf.keras.utils.set_random_seed(0)
     random = encoder.Encoder(ENC)
-    metrics = {name: visual_search.evaluate(enc, _search(tiny_world))[0]
+    catalog = records.default_pattern(tiny_world, "catalog")
+    metrics = {name: visual_search.evaluate(embeddings.compute(enc, catalog, None).catalog(),
+                                            _search(tiny_world))
                for name, enc in [("random", random), ("s1", s1), ("s1s2", s1s2),
                                  ("resnet_c", resnet_c)]}
     print(json.dumps(metrics, indent=1))

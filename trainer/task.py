@@ -11,7 +11,11 @@ Stages:
             --init_checkpoint=S1_MODEL_DIR for S1+S2, none for S2 alone
   classify  ResNet-C: the encoder trained as a category classifier (the Table 1 baseline)
   eval_search  visual search with the encoder of --model_dir: HR, LR@K, CR@K (paper 000 §4.1) to
-            metrics.json, catalog embeddings, and a TensorBoard projector
+            metrics.json, the embedding table (embeddings.npz), and a TensorBoard projector
+  ctr       the CTR predictor (paper 000 §3.2, paper 002 App. A) with --image_features from an
+            encoder (none, resnet_c, s1, s2, s1s2), trained on the train days and evaluated on the
+            test day: AUC, GAUC, bottom/top-10% impression AUC to --model_dir/metrics.json
+  debias    the same with the debiasing network D and its gate (Eq. 3-4): S1+S2+D
 
 Only this module parses flags; the stages call library code with typed configs.
 """
@@ -21,13 +25,16 @@ import logging
 import os
 import sys
 import time
+from typing import Optional
 
 import trainer  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-STAGES = ("synth", "inspect", "validate", "pretrain", "finetune", "classify", "eval_search")
-TRAINING_STAGES = ("pretrain", "finetune", "classify")
+STAGES = ("synth", "inspect", "validate", "pretrain", "finetune", "classify", "eval_search",
+          "ctr", "debias")
+TRAINING_STAGES = ("pretrain", "finetune", "classify", "ctr", "debias")
+IMAGE_FEATURES = ("none", "resnet_c", "s1", "s2", "s1s2")
 flags.DEFINE_enum("stage", None, STAGES, "What to run.")
 flags.DEFINE_string("data_dir", None, "Directory of the data set (the synthetic world or yours).")
 flags.DEFINE_string("model_dir", None, "Directory for outputs of a stage (default: data_dir).")
@@ -61,8 +68,29 @@ flags.DEFINE_enum("mixed_precision", "none", ["none", "float16", "bfloat16"],
                   "Compute dtype of the backbone.")
 flags.DEFINE_string("init_checkpoint", None,
                     "Backbone warm start: a model dir or checkpoint (e.g. S1's for S1+S2).")
-flags.DEFINE_float("temperature", None, "Contrastive temperature tau (pretrain, finetune).")
+flags.DEFINE_float("temperature", None,
+                   "Contrastive temperature tau (pretrain, finetune, debias's L_D).")
 flags.DEFINE_integer("pool_size", None, "Category negative pool per global batch (finetune).")
+# CTR stages.
+flags.DEFINE_enum("image_features", "none", IMAGE_FEATURES,
+                  "ctr/debias: whose catalog embeddings are the image features: the encoder in "
+                  "--encoders_dir/<name> (or --image_model_dir); none for no image features.")
+flags.DEFINE_string("encoders_dir", None,
+                    "Directory holding the encoder model dirs resnet_c/, s1/, s2/, s1s2/ (as "
+                    "make repro-visual writes them).")
+flags.DEFINE_string("image_model_dir", None, "The encoder of the image features (overrides "
+                    "--encoders_dir/<image_features>).")
+flags.DEFINE_string("s1_model_dir", None, "debias: the S1 encoder that mines D's positives "
+                    "(default --encoders_dir/s1).")
+flags.DEFINE_integer("embedding_dim", None, "ctr/debias: id embedding size (default 16).")
+flags.DEFINE_enum("history_pooling", None, ["mean", "target"],
+                  "ctr/debias: pool the attended click history by its mean (paper 002 App. A) or "
+                  "by the displayed item's attention over it (DIN).")
+flags.DEFINE_integer("cross_layers", None, "ctr/debias: DCN cross layers before the tower.")
+flags.DEFINE_list("hash_bins", [], "ctr/debias: FEATURE:BINS pairs hashed instead of looked up "
+                  "in a vocabulary, e.g. user_id:1000000.")
+flags.DEFINE_integer("num_similar", None, "debias: K, similar low-impression items per anchor.")
+flags.DEFINE_float("debias_weight", None, "debias: weight of L_D in Eq. 4 (default 1).")
 flags.DEFINE_bool("random_init", False,
                   "eval_search: evaluate an untrained encoder (architecture from the flags).")
 flags.mark_flag_as_required("stage")
@@ -219,7 +247,12 @@ STAGE_DEFAULTS = {
                      warmup_steps=20),
     "classify": dict(steps=300, global_batch_size=128, optimizer="adam", learning_rate=2e-3,
                      warmup_steps=20),
+    # Two epochs of `small`. Paper 000 §4 uses Adagrad at 0.05 on a billion samples; at this
+    # scale that leaves the model far from converged (README, Table 2), so Adam is the default.
+    "ctr": dict(steps=940, global_batch_size=512, optimizer="adam", learning_rate=1e-3,
+                lr_schedule="constant", warmup_steps=0),
 }
+STAGE_DEFAULTS["debias"] = STAGE_DEFAULTS["ctr"]
 ENCODER_DEFAULTS = dict(depth=10, width_multiplier=0.5, feature_dim=512)
 
 
@@ -287,18 +320,22 @@ def run_eval_search() -> None:
     import tensorflow as tf
     from trainer.data import pipeline, records
     from trainer.eval import projector, visual_search
+    from trainer.features import embeddings
     from trainer.models import encoder
     data_dir, model_dir = _require("data_dir"), _require("model_dir")
+    catalog = records.default_pattern(data_dir, "catalog")
     if FLAGS.random_init:
         tf.keras.utils.set_random_seed(FLAGS.seed)
         enc = encoder.Encoder(_encoder_config(data_dir))
-    else:
-        enc = encoder.restore(model_dir)
-    catalog = records.default_pattern(data_dir, "catalog")
+        table = embeddings.compute(enc, catalog, None)
+    else:  # cached beside the checkpoint for the CTR stages
+        table = embeddings.for_encoder(model_dir, catalog,
+                                       records.default_pattern(data_dir, "queries"))
     cfg = visual_search.SearchEvalConfig(
         catalog_pattern=catalog, judgments_pattern=records.default_pattern(data_dir, "judgments"))
-    metrics, embedded = visual_search.evaluate(enc, cfg)
-    visual_search.write_outputs(model_dir, metrics, embedded)
+    embedded = table.catalog()
+    metrics = visual_search.evaluate(embedded, cfg)
+    visual_search.write_metrics(model_dir, metrics)
     with tf.summary.create_file_writer(os.path.join(model_dir, "eval")).as_default():
         for k, v in metrics.items():
             tf.summary.scalar(f"visual_search/{k}", v, step=0)
@@ -313,6 +350,91 @@ def run_eval_search() -> None:
           f"(tensorboard --logdir {log_dir})")
 
 
+def _encoder_dir(name: str, override: Optional[str]) -> str:
+    if override:
+        return override
+    if not FLAGS.encoders_dir:
+        raise app.UsageError(f"--stage={FLAGS.stage} needs the {name} encoder: pass "
+                             f"--encoders_dir (holding {name}/) or its model dir")
+    return os.path.join(FLAGS.encoders_dir, name)
+
+
+def run_ctr() -> None:
+    """ctr / debias: train the CTR predictor on the train days, evaluate on the test day."""
+    import dataclasses
+    import json
+    import numpy as np
+    from trainer.data import pipeline, records
+    from trainer.features import embeddings
+    from trainer.models import ctr, debias
+    from trainer.train import loop
+    data_dir, model_dir = _require("data_dir"), _require("model_dir")
+    train_cfg = _train_config()
+    catalog = records.default_pattern(data_dir, "catalog")
+    queries = records.default_pattern(data_dir, "queries")
+    debias_cfg = None
+    if FLAGS.stage == "debias":
+        if FLAGS.image_features == "none":
+            raise app.UsageError("--stage=debias needs --image_features (e.g. s1s2)")
+        overrides = {k: v for k, v in (("num_similar", FLAGS.num_similar),
+                                       ("loss_weight", FLAGS.debias_weight),
+                                       ("temperature", FLAGS.temperature)) if v is not None}
+        debias_cfg = debias.DebiasConfig(**overrides)
+    hash_bins = {}
+    for pair in FLAGS.hash_bins:
+        name, _, bins = pair.partition(":")
+        if name not in ctr.ID_FEATURES or not bins.isdigit():
+            raise app.UsageError(f"--hash_bins: '{pair}' is not FEATURE:BINS with FEATURE one of "
+                                 f"{ctr.ID_FEATURES}")
+        hash_bins[name] = int(bins)
+    cfg = ctr.CtrConfig(train_pattern=records.default_pattern(data_dir, "ctr", "train"),
+                        test_pattern=records.default_pattern(data_dir, "ctr", "test"),
+                        hash_bins=hash_bins, debias=debias_cfg,
+                        **{k: getattr(FLAGS, k) for k in ("embedding_dim", "history_pooling",
+                                                          "cross_layers")
+                           if getattr(FLAGS, k) is not None})
+    images = positives = None
+    encoder_dirs = {}
+    if FLAGS.image_features != "none":
+        encoder_dirs["image"] = _encoder_dir(FLAGS.image_features, FLAGS.image_model_dir)
+        images = embeddings.for_encoder(encoder_dirs["image"], catalog, queries)
+        item_id, impressions = images.item_id, images.impressions_30d
+    else:
+        cols = pipeline.read_columns(catalog, "catalog", ("item_id", "impressions_30d"))
+        item_id, impressions = cols["item_id"], cols["impressions_30d"]
+    if debias_cfg is not None:
+        encoder_dirs["s1"] = _encoder_dir("s1", FLAGS.s1_model_dir)
+        s1 = embeddings.for_encoder(encoder_dirs["s1"], catalog, None)
+        if not np.array_equal(s1.item_id, images.item_id):
+            raise RuntimeError("the S1 and image-feature tables list the catalog differently")
+        positives = debias.mine_positives(s1.item_vector, s1.category_id, s1.impressions_30d,
+                                          debias_cfg.num_similar, debias_cfg.low_impressions)
+        print(f"debias: {int((positives[1] > 0).any(axis=1).sum())} of {len(s1.item_id)} catalog "
+              f"items have positives (K={debias_cfg.num_similar} low-impression items of their "
+              "category by S1 cosine)")
+    vocabularies = ctr.vocabularies_for(model_dir, cfg)
+    task = ctr.CtrTask(cfg, vocabularies, train_cfg, images, positives, FLAGS.skip_bad_records)
+    config = {"stage": FLAGS.stage, "data_dir": data_dir, "image_features": FLAGS.image_features,
+              "encoder_dirs": encoder_dirs, "ctr": dataclasses.asdict(cfg)}
+    t0 = time.time()
+    last = loop.run(task, train_cfg, model_dir, config)
+    t_train = time.time() - t0
+    print(f"{FLAGS.stage}: trained to step {train_cfg.steps} in {model_dir} ({t_train:.0f}s); "
+          "last: " + ", ".join(f"{k}={v:.4g}" for k, v in last.items()))
+    model = ctr.restore(model_dir, cfg, vocabularies, images, positives)
+    metrics = ctr.evaluate(model, cfg, item_id, impressions, FLAGS.skip_bad_records)
+    metrics.update(image_features=FLAGS.image_features, debias=debias_cfg is not None,
+                   train_seconds=t_train)
+    with open(os.path.join(model_dir, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+    import tensorflow as tf
+    with tf.summary.create_file_writer(os.path.join(model_dir, "eval")).as_default():
+        for k, v in metrics.items():
+            if isinstance(v, float):
+                tf.summary.scalar(f"ctr/{k}", v, step=train_cfg.steps)
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}))
+
+
 def main(argv) -> None:
     del argv
     # Orbit prints its own progress lines; its INFO logs would repeat them.
@@ -320,7 +442,8 @@ def main(argv) -> None:
                                  else logging.INFO)
     runners = {"synth": run_synth, "inspect": run_inspect, "validate": run_validate,
                "eval_search": run_eval_search}
-    runners.update({s: run_training for s in TRAINING_STAGES})
+    runners.update({s: run_training for s in ("pretrain", "finetune", "classify")})
+    runners.update(ctr=run_ctr, debias=run_ctr)
     runners[FLAGS.stage]()
 
 

@@ -1,6 +1,6 @@
 """Offline visual-search evaluation of an encoder (paper 000 §4.1, Table 1).
 
-Every catalog image is embedded; for each judged query item q (a catalog image) the catalog is
+Every catalog image is embedded (`trainer.features.embeddings`); for each judged query item q (a catalog image) the catalog is
 ranked by cosine similarity to q (faiss inner product on L2-normalised vectors), q itself left out,
 giving M_q. With Q_q the n_q items judged relevant to q:
 
@@ -11,11 +11,9 @@ giving M_q. With Q_q the n_q items judged relevant to q:
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import logging
 import os
-import time
 from typing import Sequence
 
 import faiss
@@ -23,7 +21,6 @@ import numpy as np
 import tensorflow as tf
 
 from trainer.data import pipeline
-from trainer.models import encoder as encoder_lib
 
 log = logging.getLogger(__name__)
 
@@ -37,43 +34,12 @@ class SearchEvalConfig:
       judgments_pattern: Judgments TFRecords: query items and their relevant items.
       ks: The K of LR@K and CR@K.
       low_impressions: Items with fewer 30-day impressions than this are low-impression items.
-      batch_size: Images per embedding batch.
     """
 
     catalog_pattern: str = ""
     judgments_pattern: str = ""
     ks: tuple = (10, 100)
     low_impressions: int = 5
-    batch_size: int = 256
-
-
-def embed_records(encoder: encoder_lib.Encoder, pattern: str, kind: str, columns: Sequence[str],
-                  batch_size: int = 256) -> dict:
-    """One ordered pass over the records of `kind` (whose image feature is `image`): the given
-    columns and 'embedding' [N, D], in file order."""
-    cfg = pipeline.InputConfig(pattern, kind, global_batch_size=batch_size,
-                               image_size=encoder.cfg.image_size, shuffle=False, repeat=False,
-                               drop_remainder=False, deterministic=True)
-    pipe = pipeline.InputPipeline(cfg)
-    meta: dict = {k: [] for k in columns}
-
-    def images(ds):
-        for batch in ds:
-            for k in meta:
-                meta[k].append(batch[k].numpy())
-            yield batch["image"]
-
-    with pipe.errors_named():
-        emb = encoder_lib.embed(encoder, images(pipe.dataset()))
-    return {**{k: np.concatenate(v) for k, v in meta.items()}, "embedding": emb}
-
-
-def embed_catalog(encoder: encoder_lib.Encoder, catalog_pattern: str,
-                  batch_size: int = 256) -> dict:
-    """{'item_id', 'category_id', 'impressions_30d', 'embedding' [N, D]} over the catalog, in file
-    order."""
-    return embed_records(encoder, catalog_pattern, "catalog",
-                         ("item_id", "category_id", "impressions_30d"), batch_size)
 
 
 def load_judgments(pattern: str) -> tuple[np.ndarray, list]:
@@ -133,11 +99,9 @@ def search_metrics(neighbours: np.ndarray, queries: np.ndarray, relevant: Sequen
     return out
 
 
-def evaluate(encoder: encoder_lib.Encoder, cfg: SearchEvalConfig) -> tuple[dict, dict]:
-    """(metrics, catalog embeddings) of `encoder` on the judged visual-search queries."""
-    t0 = time.time()
-    catalog = embed_catalog(encoder, cfg.catalog_pattern, cfg.batch_size)
-    t_embed = time.time() - t0
+def evaluate(catalog: dict, cfg: SearchEvalConfig) -> dict:
+    """Metrics of an embedded catalog ({'item_id', 'category_id', 'impressions_30d',
+    'embedding' [N, D]}, e.g. `EmbeddingTable.catalog()`) on the judged visual-search queries."""
     query_ids, relevant_ids = load_judgments(cfg.judgments_pattern)
     row_of = {int(i): r for r, i in enumerate(catalog["item_id"])}
 
@@ -157,17 +121,11 @@ def evaluate(encoder: encoder_lib.Encoder, cfg: SearchEvalConfig) -> tuple[dict,
     metrics = search_metrics(neighbours, queries, relevant,
                              catalog["impressions_30d"] < cfg.low_impressions,
                              catalog["category_id"], cfg.ks)
-    metrics.update(queries=int(len(queries)), catalog_items=int(len(row_of)),
-                   embed_images_per_s=float(len(row_of) / max(t_embed, 1e-9)))
-    return metrics, catalog
+    metrics.update(queries=int(len(queries)), catalog_items=int(len(row_of)))
+    return metrics
 
 
-def write_outputs(model_dir: str, metrics: dict, catalog: dict) -> None:
-    """metrics.json, and the catalog embeddings (catalog_embeddings.npz) for the CTR stages."""
+def write_metrics(model_dir: str, metrics: dict) -> None:
     tf.io.gfile.makedirs(model_dir)
     with tf.io.gfile.GFile(os.path.join(model_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
-    buf = io.BytesIO()  # np.savez seeks, which remote file systems' writers cannot
-    np.savez(buf, item_id=catalog["item_id"], embedding=catalog["embedding"])
-    with tf.io.gfile.GFile(os.path.join(model_dir, "catalog_embeddings.npz"), "wb") as f:
-        f.write(buf.getvalue())

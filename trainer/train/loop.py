@@ -38,7 +38,8 @@ class TrainConfig:
       steps: Total optimizer steps (a resumed run trains up to this many).
       global_batch_size: Examples per step over all replicas; each replica gets its share.
       optimizer: A tf-models-official optimizer type: 'adam', 'adamw', 'sgd', 'lars', 'adagrad'.
-      learning_rate: Peak learning rate, reached after the warmup and cosine-decayed to 0.
+      learning_rate: Peak learning rate, reached after the warmup.
+      lr_schedule: 'cosine' (decayed to 0 at `steps`) or 'constant'.
       warmup_steps: Linear warmup steps.
       weight_decay: Decoupled weight decay (adamw, lars); 0 for none.
       momentum: Momentum of sgd and lars.
@@ -53,6 +54,7 @@ class TrainConfig:
     global_batch_size: int = 128
     optimizer: str = "adam"
     learning_rate: float = 1e-3
+    lr_schedule: str = "cosine"
     warmup_steps: int = 50
     weight_decay: float = 0.0
     momentum: float = 0.9
@@ -78,16 +80,20 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
 
 
 def build_optimizer(cfg: TrainConfig) -> tf_keras.optimizers.Optimizer:
-    """tf-models-official optimizer with linear warmup and cosine decay to zero."""
+    """tf-models-official optimizer with linear warmup, then cosine decay to zero or constant."""
     opt_params = {"adam": {}, "adagrad": {}, "sgd": {"momentum": cfg.momentum},
                   "adamw": {"weight_decay_rate": cfg.weight_decay},
                   "lars": {"momentum": cfg.momentum, "weight_decay_rate": cfg.weight_decay}}
     if cfg.optimizer not in opt_params:
         raise ValueError(f"optimizer must be one of {sorted(opt_params)}, got '{cfg.optimizer}'")
+    schedules = {"cosine": {"initial_learning_rate": cfg.learning_rate,
+                            "decay_steps": max(cfg.steps, 1)},
+                 "constant": {"learning_rate": cfg.learning_rate}}
+    if cfg.lr_schedule not in schedules:
+        raise ValueError(f"lr_schedule must be one of {sorted(schedules)}, got '{cfg.lr_schedule}'")
     params = {
         "optimizer": {"type": cfg.optimizer, cfg.optimizer: opt_params[cfg.optimizer]},
-        "learning_rate": {"type": "cosine", "cosine": {
-            "initial_learning_rate": cfg.learning_rate, "decay_steps": max(cfg.steps, 1)}},
+        "learning_rate": {"type": cfg.lr_schedule, cfg.lr_schedule: schedules[cfg.lr_schedule]},
     }
     warmup = min(cfg.warmup_steps, cfg.steps // 5)  # a short run still gets its decay
     if warmup:

@@ -1,0 +1,202 @@
+"""Reproduces paper 000's Table 2 (CTR prediction AUC) on a synthetic world.
+
+For each seed: takes the encoders of `repro_visual.py` from <visual_dir>/seed<N> (training any that
+are missing with that script), then trains and evaluates the CTR predictor with
+`python -m trainer.task --stage=ctr|debias` (the command lines a user runs) without image
+features, with ResNet-C, S1, S2 and S1+S2 features, and S1+S2 with D. Prints the table laid out
+like Table 2 (plus GAUC) and writes it as Markdown.
+
+  python scripts/repro_ctr.py --data_dir=data/small --visual_dir=runs/visual --out_dir=runs/ctr \
+      --seeds=0,1
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from repro_visual import _run
+
+# (method, stage, --image_features)
+METHODS = (("no image", "ctr", "none"), ("ResNet-C", "ctr", "resnet_c"), ("S1", "ctr", "s1"),
+           ("S2", "ctr", "s2"), ("S1+S2", "ctr", "s1s2"), ("S1+S2+D", "debias", "s1s2"))
+COLUMNS = (("Bottom10%", "AUC_bottom10"), ("Top10%", "AUC_top10"), ("Overall", "AUC"),
+           ("GAUC", "GAUC"))
+PAPER = {  # paper 000, Table 2: bottom 10%, top 10%, overall
+    "ResNet-C": (0.7061, 0.6959, 0.7042), "S1": (0.6874, 0.6942, 0.7034),
+    "S2": (0.7340, 0.7240, 0.7293), "S1+S2": (0.7673, 0.7494, 0.7515),
+    "S1+S2+D": (0.7681, 0.7495, 0.7518),
+}
+ENCODERS = ("resnet_c", "s1", "s2", "s1s2")
+
+
+def ensure_encoders(data_dir: str, visual_dir: str, seed: int) -> str:
+    """<visual_dir>/seed<N> with every encoder trained (repro_visual.py trains what is missing)."""
+    out = os.path.join(visual_dir, f"seed{seed}")
+    missing = [e for e in ENCODERS if not os.path.isdir(os.path.join(out, e, "ckpt"))]
+    if missing:
+        print(f"  seed {seed}: training encoders {missing} (scripts/repro_visual.py)", flush=True)
+        proc = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__),
+                                                            "repro_visual.py"),
+                               f"--data_dir={data_dir}", f"--out_dir={visual_dir}",
+                               f"--seeds={seed}"])
+        if proc.returncode:
+            sys.exit("training the encoders failed")
+    return out
+
+
+def run_seed(data_dir: str, encoders: str, out: str, seed: int, extra: list) -> dict:
+    os.makedirs(out, exist_ok=True)
+    log = os.path.join(out, "log.txt")
+    base = [sys.executable, "-m", "trainer.task", f"--data_dir={data_dir}", f"--seed={seed}",
+            f"--encoders_dir={encoders}"]
+    results = {}
+    for method, stage, features in METHODS:
+        model_dir = os.path.join(out, method.lower().replace("+", "").replace(" ", "_"))
+        seconds = _run(base + [f"--stage={stage}", f"--image_features={features}",
+                               f"--model_dir={model_dir}"] + extra, log)
+        with open(os.path.join(model_dir, "metrics.json")) as f:
+            results[method] = json.load(f)
+        m = results[method]
+        print(f"  seed {seed}: {method}: AUC {m['AUC']:.4f} bottom-10% {m['AUC_bottom10']:.4f} "
+              f"top-10% {m['AUC_top10']:.4f} ({seconds:.0f}s)", flush=True)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    return results
+
+
+def table(per_seed: dict) -> str:
+    seeds = sorted(per_seed)
+    lines = [f"CTR prediction AUC on the test day (paper 000 Table 2 layout, plus GAUC), seeds "
+             f"{', '.join(map(str, seeds))}: mean ± half-range over seeds; the paper's figures "
+             "in brackets.", "",
+             "| Method | " + " | ".join(c for c, _ in COLUMNS) + " |",
+             "| --- |" + " ---: |" * len(COLUMNS)]
+    for method, _, _ in METHODS:
+        cells = []
+        for i, (_, key) in enumerate(COLUMNS):
+            vals = np.array([per_seed[s][method][key] for s in seeds])
+            cell = f"{vals.mean():.4f}" + (f" ± {(vals.max() - vals.min()) / 2:.4f}"
+                                           if len(vals) > 1 else "")
+            if method in PAPER and i < 3:
+                cell += f" [{PAPER[method][i]:.4f}]"
+            cells.append(cell)
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines += ["", "| seed | " + " | ".join(f"{m} AUC" for m, _, _ in METHODS) + " |",
+              "| ---: |" + " ---: |" * len(METHODS)]
+    for s in seeds:
+        lines.append(f"| {s} | " + " | ".join(f"{per_seed[s][m]['AUC']:.4f}"
+                                              for m, _, _ in METHODS) + " |")
+    first = per_seed[seeds[0]]["S1+S2"]
+    lines += ["", f"Test day: {first['samples']} impressions, {first['clicks']} clicks; the "
+              f"bottom-10% slice holds {first['bottom10_samples']} impressions "
+              f"({first['bottom10_clicks']} clicks) of items with at most "
+              f"{first['bottom10_max_impressions']} impressions in 30 days, the top-10% slice "
+              f"items with at least {first['top10_min_impressions']}."]
+    return "\n".join(lines)
+
+
+def checks(per_seed: dict) -> list[str]:
+    """The paper's orderings on the means, each marked as holding or not; 'within noise' is
+    within the larger of the two methods' seed half-ranges plus 0.002."""
+    def stat(method, key):
+        vals = np.array([per_seed[s][method][key] for s in per_seed])
+        return vals.mean(), (vals.max() - vals.min()) / 2
+
+    auc = {m: stat(m, "AUC") for m, _, _ in METHODS}
+    bottom = {m: stat(m, "AUC_bottom10") for m, _, _ in METHODS}
+    noise = max(auc["S1+S2"][1], auc["S1+S2+D"][1]) + 0.002
+    out = [
+        ("S1+S2 > S2 > S1 (overall AUC)", auc["S1+S2"][0] > auc["S2"][0] > auc["S1"][0]),
+        ("S1+S2 has the highest overall AUC without D",
+         max((m for m, _, _ in METHODS[:5]), key=lambda m: auc[m][0]) == "S1+S2"),
+        (f"S1+S2+D keeps S1+S2's overall AUC (within {noise:.4f})",
+         abs(auc["S1+S2+D"][0] - auc["S1+S2"][0]) <= noise),
+        ("S1+S2+D raises the bottom-10% AUC over S1+S2", bottom["S1+S2+D"][0] > bottom["S1+S2"][0]),
+        ("image features help: S1+S2 > no image (overall AUC)",
+         auc["S1+S2"][0] > auc["no image"][0]),
+    ]
+    return [f"- [{'x' if ok else ' '}] {text}" for text, ok in out]
+
+
+def reference(data_dir: str) -> str:
+    """The AUC of the planted click logit's observable-in-principle parts on the test day
+    (evaluation only): how much there is to learn, and how much of it is visual."""
+    if not os.path.exists(os.path.join(data_dir, "truth", "truth.json")):
+        return ""
+    import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
+    from trainer.data import pipeline, records
+    from trainer.eval import ctr_metrics
+    from trainer.synth import marketplace, truth
+    t = truth.load(data_dir)
+    cm = marketplace.load_manifest(data_dir)["world"]["click"]  # the world's own parameters
+    test = pipeline.read_columns(records.default_pattern(data_dir, "ctr", "test"), "ctr",
+                                 ("label", "user_id", "item_id", "query_id", "position",
+                                  "page_id"))
+    cat = pipeline.read_columns(records.default_pattern(data_dir, "catalog"), "catalog",
+                                ("item_id", "impressions_30d"))
+    items, users, queries = t["items"], t["users"], t["queries"]
+    it = truth.index_of(test["item_id"], items["item_id"])
+    us = truth.index_of(test["user_id"], users["user_id"])
+    qs = truth.index_of(test["query_id"], queries["query_id"])
+    sim = t["style_similarity"]
+    style, interests = items["style"][it], users["interests"][us]
+    user_sim = np.where(interests >= 0, sim[style[:, None], np.maximum(interests, 0)], 0).max(1)
+    visual = np.where(users["visual"][us], 1.0, cm["non_visual_factor"])
+    style_part = visual * (cm["query_style"] * sim[style, queries["style"][qs]]
+                           + cm["user_style"] * user_sim)
+    rest = cm["quality"] * items["quality"][it] - cm["position_decay"] * test["position"]
+    imps = cat["impressions_30d"][truth.index_of(test["item_id"], cat["item_id"])]
+    lines = ["| planted score | Bottom10% | Top10% | Overall | GAUC |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    jitter = np.random.default_rng(0).random(len(it)) * 1e-9  # break exact ties at random
+    for name, score in (("style terms + item quality + position", style_part + rest),
+                        ("style terms only (what images can carry)", style_part),
+                        ("item quality + position only", rest)):
+        m = ctr_metrics.ctr_metrics(test["label"], score + jitter, test["page_id"],
+                                    test["item_id"], imps)
+        lines.append(f"| {name} | {m['AUC_bottom10']:.4f} | {m['AUC_top10']:.4f} | "
+                     f"{m['AUC']:.4f} | {m['GAUC']:.4f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data_dir", required=True)
+    p.add_argument("--visual_dir", default="runs/visual",
+                   help="Where repro_visual.py keeps (or will train) the encoders.")
+    p.add_argument("--out_dir", default="runs/ctr")
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--extra", default="", help="Flags passed to every CTR stage, space separated.")
+    a = p.parse_args()
+    t0 = time.time()
+    per_seed, t_ctr = {}, 0.0
+    for seed in [int(s) for s in a.seeds.split(",")]:
+        print(f"seed {seed}:", flush=True)
+        encoders = ensure_encoders(a.data_dir, a.visual_dir, seed)
+        t1 = time.time()
+        per_seed[seed] = run_seed(a.data_dir, encoders, os.path.join(a.out_dir, f"seed{seed}"),
+                                  seed, a.extra.split())
+        t_ctr += time.time() - t1
+    text = table(per_seed) + "\n\nThe paper's orderings:\n" + "\n".join(checks(per_seed))
+    ref = reference(a.data_dir)
+    if ref:
+        text += ("\n\nReference from the planted truth (evaluation only): the AUC of parts of the "
+                 "simulator's click logit (user price sensitivity, shop quality, device and the "
+                 f"logit noise left out):\n\n{ref}")
+    text += (f"\n\nTotal time: {(time.time() - t0) / 60:.1f} min ({t_ctr / 60:.1f} min of CTR "
+             "training and evaluation).")
+    print("\n" + text)
+    path = os.path.join(a.out_dir, "table2.md")
+    with open(path, "w") as f:
+        f.write(text + "\n")
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()

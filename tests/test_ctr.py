@@ -1,0 +1,182 @@
+"""The CTR stages on the tiny world: the model learns, the command line trains / resumes /
+evaluates with D and an encoder's embedding table, and one step under MirroredStrategy equals one
+step on one device."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import REPO, read_all
+from trainer.data import records
+from trainer.features import embeddings
+from trainer.models import ctr, debias, encoder, pretrain
+from trainer.train import loop
+
+ENC = encoder.EncoderConfig(depth=10, width_multiplier=0.5, image_size=32, feature_dim=32)
+
+
+@pytest.fixture(scope="module")
+def encoder_dir(tiny_world, tmp_path_factory) -> str:
+    """A (briefly) trained S1 encoder model dir, as the CTR stages take it."""
+    model_dir = str(tmp_path_factory.mktemp("enc"))
+    train = loop.TrainConfig(steps=3, global_batch_size=16, log_interval=3, warmup_steps=0)
+    task = pretrain.PretrainTask(
+        pretrain.PretrainConfig(catalog_pattern=records.default_pattern(tiny_world, "catalog")),
+        ENC, train)
+    loop.run(task, train, model_dir, {"encoder": dataclasses.asdict(ENC)})
+    return model_dir
+
+
+def _cfg(world: str, **kw) -> ctr.CtrConfig:
+    return ctr.CtrConfig(train_pattern=records.default_pattern(world, "ctr", "train"),
+                         test_pattern=records.default_pattern(world, "ctr", "test"),
+                         tower_units=(64, 32), **kw)
+
+
+def test_vocabularies_come_from_training_data_and_round_trip(tiny_world, tmp_path):
+    cfg = _cfg(tiny_world, hash_bins={"user_id": 97})
+    v = ctr.Vocabularies.from_training_data(cfg.train_pattern, cfg)
+    train = read_all(tiny_world, "ctr", "train")
+    assert "user_id" not in v.ids  # hashed
+    hist = train["click_history_item_ids"][train["click_history_item_ids_mask"]]
+    np.testing.assert_array_equal(v.ids["item_id"], np.union1d(train["item_id"], hist))
+    assert len(v.price_boundaries) <= cfg.price_buckets - 1
+    v.save(str(tmp_path / "v.npz"))
+    back = ctr.Vocabularies.load(str(tmp_path / "v.npz"))
+    assert back.ids.keys() == v.ids.keys()
+    for k in v.ids:
+        np.testing.assert_array_equal(back.ids[k], v.ids[k])
+    model = ctr.CtrModel(cfg, v)
+    assert model.lookups["user_id"].num_bins == 97
+    # An item never seen in training shares the out-of-vocabulary row.
+    assert int(model.lookups["item_id"](tf.constant([-5], tf.int64))[0]) == 0
+
+
+def test_ctr_learns_on_the_tiny_world(tiny_world, tmp_path):
+    cfg = _cfg(tiny_world)
+    train = loop.TrainConfig(steps=150, global_batch_size=128, optimizer="adam",
+                             learning_rate=2e-3, warmup_steps=0, log_interval=50,
+                             lr_schedule="constant")
+    vocab = ctr.vocabularies_for(str(tmp_path), cfg)
+    loop.run(ctr.CtrTask(cfg, vocab, train), train, str(tmp_path), {})
+    model = ctr.restore(str(tmp_path), cfg, vocab)
+    catalog = read_all(tiny_world, "catalog")
+    m = ctr.evaluate(model, cfg, catalog["item_id"], catalog["impressions_30d"])
+    print(m)
+    # Position and item quality alone are worth about 0.6 here; a constant predictor gets 0.5.
+    assert m["AUC"] > 0.56
+    assert m["samples"] == len(read_all(tiny_world, "ctr", "test")["label"])
+
+
+def test_evaluation_refuses_items_missing_from_the_catalog(tiny_world, tmp_path):
+    cfg = _cfg(tiny_world)
+    vocab = ctr.vocabularies_for(str(tmp_path), cfg)
+    model = ctr.CtrModel(cfg, vocab)
+    catalog = read_all(tiny_world, "catalog")
+    with pytest.raises(ValueError, match="not in the catalog"):
+        ctr.evaluate(model, cfg, catalog["item_id"][:10], catalog["impressions_30d"][:10])
+
+
+@pytest.mark.parametrize("with_d", [False, True])
+def test_one_step_same_on_two_replicas_as_on_one_device(with_d, tiny_world, encoder_dir,
+                                                        mirrored):
+    # K = 1: the positive draw is deterministic, so both runs see the same positives.
+    cfg = _cfg(tiny_world, debias=debias.DebiasConfig(num_similar=1) if with_d else None)
+    table = embeddings.for_encoder(encoder_dir, records.default_pattern(tiny_world, "catalog"),
+                                   records.default_pattern(tiny_world, "queries"))
+    positives = debias.mine_positives(table.item_vector, table.category_id,
+                                      table.impressions_30d, 1, 5)
+    train = loop.TrainConfig(steps=10, global_batch_size=16, optimizer="sgd", learning_rate=0.5,
+                             warmup_steps=0, deterministic=True)
+    vocab = ctr.Vocabularies.from_training_data(cfg.train_pattern, cfg)
+
+    def make():
+        return ctr.CtrTask(cfg, vocab, train, table, positives)
+
+    task = make()
+    batch = {k: v.numpy() for k, v in next(iter(task.build_inputs(None))).items()}
+    task.build_model()
+    start = [v.numpy() for v in loop.trainable_variables(task, task.model)
+             + task.model.non_trainable_variables]
+    loss_1, w_1 = loop.one_step(make(), train, tf.distribute.OneDeviceStrategy("/cpu:0"), batch,
+                                weights=start)
+    loss_2, w_2 = loop.one_step(make(), train, mirrored, batch, weights=start)
+    assert abs(loss_1 - loss_2) < 1e-5, (loss_1, loss_2)
+    changed = 0
+    for a, b, s in zip(w_1, w_2, start):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+        changed += int(not np.allclose(a, s))
+    assert changed > 10
+
+
+@pytest.mark.parametrize("variant", [dict(history_pooling="target"), dict(cross_layers=1)])
+def test_model_variants_train(variant, tiny_world, encoder_dir):
+    cfg = _cfg(tiny_world, **variant)
+    table = embeddings.for_encoder(encoder_dir, records.default_pattern(tiny_world, "catalog"),
+                                   records.default_pattern(tiny_world, "queries"))
+    train = loop.TrainConfig(steps=1, global_batch_size=32, optimizer="sgd", learning_rate=0.1,
+                             warmup_steps=0)
+    task = ctr.CtrTask(cfg, ctr.Vocabularies.from_training_data(cfg.train_pattern, cfg), train,
+                       table)
+    batch = {k: v.numpy() for k, v in next(iter(task.build_inputs(None))).items()}
+    loss, _ = loop.one_step(task, train, tf.distribute.OneDeviceStrategy("/cpu:0"), batch)
+    assert np.isfinite(loss)
+    names = " ".join(v.name for v in task.model.trainable_variables)
+    assert ("target_attention" in names) == (variant.get("history_pooling") == "target")
+    assert ("cross_0" in names) == bool(variant.get("cross_layers"))
+
+
+def test_command_line_debias_trains_resumes_and_evaluates(tiny_world, encoder_dir, tmp_path):
+    model_dir = str(tmp_path / "d")
+    base = [sys.executable, "-m", "trainer.task", "--stage=debias", f"--data_dir={tiny_world}",
+            f"--model_dir={model_dir}", "--image_features=s1s2",
+            f"--image_model_dir={encoder_dir}", f"--s1_model_dir={encoder_dir}",
+            "--batch_size=64", "--log_interval=5", "--checkpoint_interval=5"]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+    def run(*args):
+        out = subprocess.run(base + list(args), cwd=REPO, env=env, capture_output=True,
+                             text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return out.stdout + out.stderr
+
+    log = run("--train_steps=5")
+    assert "have positives" in log
+    log = run("--train_steps=10")
+    assert "resumed from step 5" in log
+    metrics = json.load(open(os.path.join(model_dir, "metrics.json")))
+    assert {"AUC", "GAUC", "AUC_bottom10", "AUC_top10"} <= set(metrics)
+    assert metrics["debias"] and metrics["image_features"] == "s1s2"
+    assert all(0 <= metrics[k] <= 1 for k in ("AUC", "GAUC", "AUC_bottom10", "AUC_top10"))
+    config = json.load(open(os.path.join(model_dir, "config.json")))
+    assert config["ctr"]["debias"]["num_similar"] == 15
+    assert config["train"]["optimizer"] == "adam" and config["train"]["global_batch_size"] == 64
+    assert os.path.exists(os.path.join(model_dir, "vocabularies.npz"))
+    assert os.path.exists(os.path.join(encoder_dir, embeddings.FILE))
+    out = subprocess.run(base[:4] + [f"--data_dir={tiny_world}", f"--model_dir={model_dir}x",
+                                     "--image_features=none"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "needs --image_features" in out.stderr
+
+
+def test_embedding_table_cache_follows_the_checkpoint(tiny_world, encoder_dir):
+    catalog = records.default_pattern(tiny_world, "catalog")
+    queries = records.default_pattern(tiny_world, "queries")
+    a = embeddings.for_encoder(encoder_dir, catalog, queries)
+    path = os.path.join(encoder_dir, embeddings.FILE)
+    stamp = os.path.getmtime(path)
+    b = embeddings.for_encoder(encoder_dir, catalog, queries)
+    assert os.path.getmtime(path) == stamp  # served from the cache
+    np.testing.assert_array_equal(a.item_vector, b.item_vector)
+    assert len(a.query_id) == len(read_all(tiny_world, "queries")["query_id"])
+    np.testing.assert_allclose(np.linalg.norm(a.item_vector, axis=1), 1.0, rtol=1e-5)
+    # Another data set (here: the catalog without its queries) is not served from the cache.
+    c = embeddings.for_encoder(encoder_dir, catalog, None)
+    assert len(c.query_id) == 0

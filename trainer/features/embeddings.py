@@ -1,0 +1,146 @@
+"""Image embedding tables: every catalog item's and query photo's vector from one encoder, the
+hand-off from an encoder stage to the CTR stages (data -> encoder -> embeddings -> features).
+
+A table is computed once per trained encoder and cached beside its checkpoint as
+`<encoder model_dir>/embeddings.npz`, stamped with the checkpoint and the input files so that a
+retrained encoder or other data is never served from a stale cache.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import os
+import time
+from typing import Optional, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from trainer.data import pipeline
+from trainer.models import encoder as encoder_lib
+
+log = logging.getLogger(__name__)
+FILE = "embeddings.npz"
+
+
+@dataclasses.dataclass
+class EmbeddingTable:
+    """L2-normalised encoder vectors of the catalog and of the query photos, in file order.
+
+    Attributes:
+      item_id, category_id, impressions_30d: [N] catalog columns.
+      item_vector: [N, D] float32.
+      query_id: [Q] query photo ids; query_vector: [Q, D] float32.
+      source: What the table was computed from (checkpoint and files), for cache checks.
+    """
+
+    item_id: np.ndarray
+    category_id: np.ndarray
+    impressions_30d: np.ndarray
+    item_vector: np.ndarray
+    query_id: np.ndarray
+    query_vector: np.ndarray
+    source: str = ""
+
+    @property
+    def dim(self) -> int:
+        return int(self.item_vector.shape[1])
+
+    def catalog(self) -> dict:
+        """The catalog part in the layout `visual_search` takes."""
+        return {"item_id": self.item_id, "category_id": self.category_id,
+                "impressions_30d": self.impressions_30d, "embedding": self.item_vector}
+
+
+def embed_records(encoder: encoder_lib.Encoder, pattern: str, kind: str, columns: Sequence[str],
+                  batch_size: int = 256) -> dict:
+    """One ordered pass over the records of `kind` (whose image feature is `image`): the given
+    columns and 'embedding' [N, D], in file order."""
+    cfg = pipeline.InputConfig(pattern, kind, global_batch_size=batch_size,
+                               image_size=encoder.cfg.image_size, shuffle=False, repeat=False,
+                               drop_remainder=False, deterministic=True)
+    pipe = pipeline.InputPipeline(cfg)
+    meta: dict = {k: [] for k in columns}
+
+    def images(ds):
+        for batch in ds:
+            for k in meta:
+                meta[k].append(batch[k].numpy())
+            yield batch["image"]
+
+    with pipe.errors_named():
+        emb = encoder_lib.embed(encoder, images(pipe.dataset()))
+    return {**{k: np.concatenate(v) for k, v in meta.items()}, "embedding": emb}
+
+
+def compute(encoder: encoder_lib.Encoder, catalog_pattern: str, queries_pattern: Optional[str],
+            batch_size: int = 256, source: str = "") -> EmbeddingTable:
+    """Embeds the catalog and (if given) the query photos."""
+    t0 = time.time()
+    cat = embed_records(encoder, catalog_pattern, "catalog",
+                        ("item_id", "category_id", "impressions_30d"), batch_size)
+    if queries_pattern:
+        q = embed_records(encoder, queries_pattern, "queries", ("query_id",), batch_size)
+    else:
+        q = {"query_id": np.zeros([0], np.int64),
+             "embedding": np.zeros([0, cat["embedding"].shape[1]], np.float32)}
+    _check_unique(cat["item_id"], catalog_pattern, "item_id")
+    _check_unique(q["query_id"], queries_pattern, "query_id")
+    log.info("embedded %d catalog images and %d queries in %.0fs", len(cat["item_id"]),
+             len(q["query_id"]), time.time() - t0)
+    return EmbeddingTable(cat["item_id"], cat["category_id"], cat["impressions_30d"],
+                          cat["embedding"], q["query_id"], q["embedding"], source)
+
+
+def _check_unique(ids: np.ndarray, pattern: Optional[str], name: str) -> None:
+    values, counts = np.unique(ids, return_counts=True)
+    if np.any(counts > 1):
+        raise ValueError(f"{pattern}: '{name}' {values[counts > 1][:5].tolist()} occurs in more "
+                         "than one record; ids must be unique")
+
+
+def save(table: EmbeddingTable, path: str) -> None:
+    buf = io.BytesIO()  # np.savez seeks, which remote file systems' writers cannot
+    np.savez(buf, **{f.name: (np.array(getattr(table, f.name)) if f.name != "source"
+                              else np.array(table.source)) for f in dataclasses.fields(table)})
+    tf.io.gfile.makedirs(os.path.dirname(path) or ".")
+    with tf.io.gfile.GFile(path + ".tmp", "wb") as f:
+        f.write(buf.getvalue())
+    tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
+
+
+def load(path: str) -> EmbeddingTable:
+    with tf.io.gfile.GFile(path, "rb") as f:
+        data = np.load(io.BytesIO(f.read()))
+        values = {k: data[k] for k in data.files}
+    values["source"] = str(values["source"])
+    return EmbeddingTable(**values)
+
+
+def _source(model_dir: str, catalog_pattern: str, queries_pattern: Optional[str]) -> str:
+    files = {p: pipeline.list_files(p) for p in (catalog_pattern, queries_pattern) if p}
+    prefix = encoder_lib.resolve_checkpoint(model_dir)
+    written = tf.io.gfile.stat(prefix + ".index").mtime_nsec  # a retrained encoder, same step
+    return json.dumps({"checkpoint": os.path.basename(prefix), "written": written,
+                       "files": files}, sort_keys=True)
+
+
+def for_encoder(model_dir: str, catalog_pattern: str, queries_pattern: Optional[str],
+                batch_size: int = 256) -> EmbeddingTable:
+    """The embedding table of the trained encoder in `model_dir`: from its cache when that was
+    computed from the same checkpoint and files, else computed (and cached)."""
+    path = os.path.join(model_dir, FILE)
+    source = _source(model_dir, catalog_pattern, queries_pattern)
+    if tf.io.gfile.exists(path):
+        table = load(path)
+        if table.source == source:
+            return table
+        log.info("%s is stale (other checkpoint or files); recomputing", path)
+    table = compute(encoder_lib.restore(model_dir), catalog_pattern, queries_pattern, batch_size,
+                    source)
+    save(table, path)
+    print(f"embedded {len(table.item_id)} catalog images and {len(table.query_id)} queries with "
+          f"the encoder of {model_dir} -> {path}")
+    return table

@@ -1,0 +1,395 @@
+"""The CTR predictor (paper 000 §3.2; the model of paper 002 Appendix A), built on TFRS.
+
+    ids       item, shop, brand, category, price bucket, user, age, gender, preferred categories,
+              device, position -> Keras lookup layers (vocabularies from the training data, or
+              hashing into a configured number of bins) -> embeddings
+    history   the user's latest clicks: [item-id embedding, image vector] per click -> dense ->
+              multi-head self-attention + residual + layer norm -> masked mean pool -> dense
+              (paper 002 App. A)
+    image     v_p, the displayed item's image vector (through D and its gate in S1+S2+D, as
+              paper 000 describes for the item p; the history's items keep their encoder
+              vectors), and v_q, the query photo's vector (paper 000: v_q = v^S2_q), from an
+              encoder's embedding table (`trainer.features.embeddings`); frozen here
+    tower     concatenation -> MLP 512-256-128 ReLU -> logit; p = sigmoid(logit)
+
+Loss: `tfrs.tasks.Ranking` with binary cross-entropy (L_pred of Eq. 4), plus L_D (Eq. 3,
+`trainer.models.debias`) when D is on: L_CTR = L_pred + L_D.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+from typing import Optional
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_recommenders as tfrs
+import tf_keras
+
+from trainer.data import pipeline
+from trainer.eval import ctr_metrics
+from trainer.features import embeddings as embeddings_lib
+from trainer.models import contrastive, debias as debias_lib
+from trainer.train import loop
+
+# Single-valued id features and the lookup table each uses.
+ID_FEATURES = ("item_id", "shop_id", "brand_id", "category_id", "user_id", "age_bucket", "gender",
+               "device", "position")
+# List features that share a single-valued feature's table.
+SHARED_TABLES = {"click_history_item_ids": "item_id", "preferred_category_ids": "category_id"}
+
+
+@dataclasses.dataclass
+class CtrConfig:
+    """CTR predictor settings.
+
+    Attributes:
+      train_pattern, test_pattern: `ctr` TFRecords of the train days and of the test day.
+      embedding_dim: Size of every id embedding unless overridden in `embedding_dims`.
+      embedding_dims: Per-feature embedding sizes, e.g. {"item_id": 32}.
+      hash_bins: Features hashed into this many bins instead of looked up in a vocabulary built
+        from the training data (for unbounded ids), e.g. {"user_id": 1_000_000}.
+      min_count: Ids seen fewer times in the training data share the out-of-vocabulary row.
+      price_buckets: Price quantile buckets (boundaries from the training data).
+      history_length: Latest clicks of the history used.
+      history_dim: Width of the history's attention layer and of its pooled output.
+      attention_heads: Heads of the history's self-attention.
+      history_pooling: 'mean' (paper 002 App. A: masked mean of the attended history) or
+        'target' (the displayed item attends over the history, as in DIN).
+      cross_layers: DCN-v2 cross layers (`tfrs.layers.dcn.Cross`) on the tower's input, so that
+        it can form products such as v_q x v_p; 0 for none (paper 000's plain tower).
+      cross_projection_dim: Rank of the cross layers' weight (low-rank DCN).
+      tower_units: The tower MLP's hidden layers (paper 000 §4: 512, 256, 128).
+      query_image: Feed v_q, the query photo's vector.
+      debias: D's settings; None trains without D.
+    """
+
+    train_pattern: str = ""
+    test_pattern: str = ""
+    embedding_dim: int = 16
+    embedding_dims: dict = dataclasses.field(default_factory=dict)
+    hash_bins: dict = dataclasses.field(default_factory=dict)
+    min_count: int = 1
+    price_buckets: int = 16
+    history_length: int = 20
+    history_dim: int = 64
+    attention_heads: int = 2
+    history_pooling: str = "mean"
+    cross_layers: int = 0
+    cross_projection_dim: int = 64
+    tower_units: tuple = (512, 256, 128)
+    query_image: bool = True
+    debias: Optional[debias_lib.DebiasConfig] = None
+
+
+@dataclasses.dataclass
+class Vocabularies:
+    """What the id lookups were built from: per id feature the vocabulary (sorted ids), and the
+    price bucket boundaries. Saved in the model dir so that a resumed or exported model looks ids
+    up exactly as it was trained."""
+
+    ids: dict
+    price_boundaries: np.ndarray
+
+    @classmethod
+    def from_training_data(cls, pattern: str, cfg: CtrConfig) -> "Vocabularies":
+        columns = list(ID_FEATURES) + ["price"] + [f for f in SHARED_TABLES] + [
+            f"{f}_mask" for f in SHARED_TABLES]
+        data = pipeline.read_columns(pattern, "ctr", columns)
+        ids = {}
+        for name in ID_FEATURES:
+            if name in cfg.hash_bins:
+                continue
+            values = [data[name]] + [data[f][data[f + "_mask"]] for f, t in SHARED_TABLES.items()
+                                     if t == name]
+            uniq, counts = np.unique(np.concatenate(values), return_counts=True)
+            ids[name] = uniq[counts >= cfg.min_count]
+        qs = np.linspace(0, 1, cfg.price_buckets + 1)[1:-1]
+        return cls(ids, np.unique(np.quantile(data["price"], qs)).astype(np.float32))
+
+    def save(self, path: str) -> None:
+        buf = io.BytesIO()
+        np.savez(buf, price_boundaries=self.price_boundaries,
+                 **{f"ids/{k}": v for k, v in self.ids.items()})
+        with tf.io.gfile.GFile(path, "wb") as f:
+            f.write(buf.getvalue())
+
+    @classmethod
+    def load(cls, path: str) -> "Vocabularies":
+        with tf.io.gfile.GFile(path, "rb") as f:
+            data = np.load(io.BytesIO(f.read()))
+            return cls({k[4:]: data[k] for k in data.files if k.startswith("ids/")},
+                       data["price_boundaries"])
+
+
+class ImageTable(tf_keras.layers.Layer):
+    """Frozen id -> image vector lookup: row 0 (ids missing from the table) is zeros."""
+
+    def __init__(self, ids: np.ndarray, vectors: np.ndarray, **kwargs):
+        super().__init__(**kwargs)
+        self.lookup = tf_keras.layers.IntegerLookup(vocabulary=np.asarray(ids, np.int64),
+                                                    num_oov_indices=1, mask_token=None)
+        table = np.concatenate([np.zeros([1, vectors.shape[1]], np.float32),
+                                np.asarray(vectors, np.float32)])
+        self.table = self.add_weight(
+            "vectors", shape=table.shape, trainable=False,
+            initializer=tf_keras.initializers.Constant(table))
+        self.dim = int(vectors.shape[1])
+
+    def rows(self, ids: tf.Tensor) -> tf.Tensor:
+        """Table rows of `ids` (0 for unknown ids)."""
+        return self.lookup(ids)
+
+    def call(self, ids: tf.Tensor) -> tf.Tensor:
+        return tf.gather(self.table, self.rows(ids))
+
+
+class CtrModel(tfrs.Model):
+    """The CTR predictor; `call` returns logits [B]."""
+
+    def __init__(self, cfg: CtrConfig, vocabularies: Vocabularies,
+                 images: Optional[embeddings_lib.EmbeddingTable] = None,
+                 positives: Optional[tuple[np.ndarray, np.ndarray]] = None):
+        """images: the encoder's table (None: no image features). positives: D's (neighbour rows,
+        weights) over `images.item_id` rows (`debias.mine_positives`), needed with cfg.debias."""
+        super().__init__()
+        self.cfg = cfg
+        if cfg.debias is not None and (images is None or positives is None):
+            raise ValueError("D needs image features and mined positives")
+        self.lookups, self.id_embeddings = {}, {}
+        for name in ID_FEATURES:
+            dim = cfg.embedding_dims.get(name, cfg.embedding_dim)
+            if name in cfg.hash_bins:
+                self.lookups[name] = tf_keras.layers.Hashing(cfg.hash_bins[name], name=f"{name}_hash")
+                size = cfg.hash_bins[name]
+            else:
+                vocab = vocabularies.ids[name]
+                self.lookups[name] = tf_keras.layers.IntegerLookup(
+                    vocabulary=vocab, num_oov_indices=1, mask_token=None, name=f"{name}_lookup")
+                size = len(vocab) + 1
+            self.id_embeddings[name] = tf_keras.layers.Embedding(size, dim, name=f"{name}_embedding")
+        self.price_bucket = tf_keras.layers.Discretization(
+            bin_boundaries=vocabularies.price_boundaries.tolist(), name="price_bucket")
+        self.price_embedding = tf_keras.layers.Embedding(
+            len(vocabularies.price_boundaries) + 1, cfg.embedding_dims.get("price", cfg.embedding_dim),
+            name="price_embedding")
+
+        self.images = self.queries = self.debias = None
+        if images is not None:
+            self.images = ImageTable(images.item_id, images.item_vector, name="item_images")
+            if cfg.query_image:
+                self.queries = ImageTable(images.query_id, images.query_vector, name="query_images")
+        if cfg.debias is not None:
+            self.debias = debias_lib.DebiasNetwork(cfg.debias, images.dim, name="debias")
+            rows, weights = positives
+            # In ImageTable row numbering: catalog row r is row r + 1, row 0 has no positives.
+            self.positive_rows = tf.constant(np.concatenate(
+                [np.zeros([1, rows.shape[1]], np.int64), np.where(rows >= 0, rows + 1, 0)]))
+            self.positive_weights = tf.constant(np.concatenate(
+                [np.zeros([1, rows.shape[1]], np.float32), weights]))
+
+        self.history_in = tf_keras.layers.Dense(cfg.history_dim, activation="relu",
+                                                name="history_in")
+        self.history_attention = tf_keras.layers.MultiHeadAttention(
+            cfg.attention_heads, cfg.history_dim // cfg.attention_heads, name="history_attention")
+        self.history_norm = tf_keras.layers.LayerNormalization(name="history_norm")
+        self.history_out = tf_keras.layers.Dense(cfg.history_dim, activation="relu",
+                                                 name="history_out")
+        if cfg.history_pooling not in ("mean", "target"):
+            raise ValueError(f"history_pooling must be 'mean' or 'target', got "
+                             f"'{cfg.history_pooling}'")
+        if cfg.history_pooling == "target":
+            self.target_query = tf_keras.layers.Dense(cfg.history_dim, name="target_query")
+            self.target_attention = tf_keras.layers.MultiHeadAttention(
+                cfg.attention_heads, cfg.history_dim // cfg.attention_heads,
+                name="target_attention")
+        self.cross = [tfrs.layers.dcn.Cross(projection_dim=cfg.cross_projection_dim,
+                                            name=f"cross_{i}") for i in range(cfg.cross_layers)]
+        self.tower = tfrs.layers.blocks.MLP(list(cfg.tower_units) + [1], final_activation=None,
+                                            name="tower")
+        self.task = tfrs.tasks.Ranking(
+            loss=tf_keras.losses.BinaryCrossentropy(
+                from_logits=True, reduction=tf_keras.losses.Reduction.NONE),
+            metrics=[tf_keras.metrics.AUC(from_logits=True, name="auc")])
+
+    def _embed(self, name: str, ids: tf.Tensor, table: Optional[str] = None) -> tf.Tensor:
+        table = table or name
+        return self.id_embeddings[table](self.lookups[table](ids))
+
+    def _item_images(self, ids: tf.Tensor) -> tuple[tf.Tensor, Optional[tf.Tensor]]:
+        """(v_p, v^D) of item ids [B]: through D and the gate when D is on."""
+        v = self.images(ids)
+        if self.debias is None:
+            return v, None
+        v_p, v_d, _ = self.debias(v)
+        return v_p, v_d
+
+    def features(self, batch: dict, training: bool = False) -> tuple[tf.Tensor, dict]:
+        """(the tower's input [B, F], {"v_d": v^D of the displayed items, if D is on})."""
+        L = self.cfg.history_length
+        parts = [self._embed(n, batch[n]) for n in ID_FEATURES]
+        parts.append(self.price_embedding(self.price_bucket(batch["price"])))
+        pref = self._embed("preferred_category_ids", batch["preferred_category_ids"], "category_id")
+        parts.append(_masked_mean(pref, batch["preferred_category_ids_mask"]))
+
+        hist_ids = batch["click_history_item_ids"][:, -L:]
+        hist_mask = batch["click_history_item_ids_mask"][:, -L:]
+        hist = [self._embed("click_history_item_ids", hist_ids, "item_id")]
+        aux = {}
+        if self.images is not None:
+            v_p, aux["v_d"] = self._item_images(batch["item_id"])
+            parts.append(v_p)
+            hist.append(self.images(hist_ids))
+            if self.queries is not None:
+                parts.append(self.queries(batch["query_id"]))
+        h = self.history_in(tf.concat(hist, axis=-1))
+        attention_mask = hist_mask[:, :, None] & hist_mask[:, None, :]
+        h = self.history_norm(h + self.history_attention(h, h, attention_mask=attention_mask,
+                                                         training=training))
+        if self.cfg.history_pooling == "mean":
+            pooled = _masked_mean(h, hist_mask)
+        else:
+            item = [parts[0]] + ([v_p] if self.images is not None else [])  # parts[0]: item id
+            target = self.target_query(tf.concat(item, axis=-1))
+            pooled = self.target_attention(target[:, None, :], h,
+                                           attention_mask=hist_mask[:, None, :],
+                                           training=training)[:, 0]
+            pooled *= tf.cast(tf.reduce_any(hist_mask, axis=1), pooled.dtype)[:, None]
+        parts.append(self.history_out(pooled))
+        x = tf.concat(parts, axis=-1)
+        x0 = x
+        for layer in self.cross:
+            x = layer(x0, x)
+        return x, aux
+
+    def call(self, batch: dict, training: bool = False) -> tf.Tensor:
+        x, _ = self.features(batch, training)
+        return tf.squeeze(self.tower(x, training=training), -1)
+
+    def losses_of(self, batch: dict, training: bool = False,
+                  compute_metrics: bool = False) -> dict:
+        """This replica's shares of the global-mean losses: {"loss", "pred_loss"[, "debias_loss"]}."""
+        x, aux = self.features(batch, training)
+        logits = tf.squeeze(self.tower(x, training=training), -1)
+        labels = tf.cast(batch["label"], tf.float32)
+        per_example = self.task(labels=labels[:, None], predictions=logits[:, None],
+                                training=training, compute_metrics=compute_metrics)
+        out = {"pred_loss": contrastive.global_mean(per_example)}
+        total = out["pred_loss"]
+        if self.debias is not None:
+            anchors = self.images.rows(batch["item_id"])
+            positives, has = debias_lib.sample_positives(
+                tf.gather(self.positive_rows, anchors), tf.gather(self.positive_weights, anchors))
+            _, v_d_pos, _ = self.debias(tf.gather(self.images.table, tf.maximum(positives, 0)))
+            out["debias_loss"] = debias_lib.debias_loss(
+                aux["v_d"], v_d_pos, anchors, positives, has, self.cfg.debias.temperature)
+            total = total + self.cfg.debias.loss_weight * out["debias_loss"]
+        out["loss"] = total
+        return out
+
+    def compute_loss(self, inputs: dict, training: bool = False) -> tf.Tensor:
+        return self.losses_of(inputs, training, compute_metrics=not training)["loss"]
+
+
+def _dummy_batch(spec: dict) -> dict:
+    """A batch of one all-zero (all-True mask) example of the element spec."""
+    return {k: tf.ones([1] + s.shape[1:].as_list(), s.dtype) if s.dtype == tf.bool
+            else tf.zeros([1] + s.shape[1:].as_list(), s.dtype) for k, s in spec.items()}
+
+
+def _masked_mean(x: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
+    """Mean over axis 1 of the rows where `mask` [B, L] is True; zeros for empty rows."""
+    m = tf.cast(mask, x.dtype)[..., None]
+    return tf.reduce_sum(x * m, axis=1) / tf.maximum(tf.reduce_sum(m, axis=1), 1.0)
+
+
+class CtrTask(loop.Task):
+    """CTR training (without or with D) as a training-loop task."""
+
+    def __init__(self, cfg: CtrConfig, vocabularies: Vocabularies,
+                 train_cfg: loop.TrainConfig,
+                 images: Optional[embeddings_lib.EmbeddingTable] = None,
+                 positives: Optional[tuple[np.ndarray, np.ndarray]] = None,
+                 skip_bad_records: bool = False):
+        self.cfg, self.vocabularies, self.images, self.positives = cfg, vocabularies, images, positives
+        self.name = "debias" if cfg.debias is not None else "ctr"
+        self.metric_names = ("pred_loss", "debias_loss") if cfg.debias is not None else ("pred_loss",)
+        self.pipe = pipeline.InputPipeline(pipeline.InputConfig(
+            cfg.train_pattern, "ctr", global_batch_size=train_cfg.global_batch_size,
+            decode_images=False, deterministic=train_cfg.deterministic,
+            skip_bad_records=skip_bad_records))
+        self.model: Optional[CtrModel] = None
+
+    def build_model(self) -> CtrModel:
+        self.model = CtrModel(self.cfg, self.vocabularies, self.images, self.positives)
+        # Variables now, outside the training function (lookups and lazily built layers).
+        self.model(_dummy_batch(self.pipe.dataset().element_spec), training=False)
+        return self.model
+
+    def build_inputs(self, input_context=None):
+        return self.seeded_dataset(input_context)
+
+    def compute_loss(self, batch, training=True):
+        out = self.model.losses_of(batch, training)
+        return out.pop("loss"), out
+
+
+def predict(model: CtrModel, pattern: str, batch_size: int = 2048,
+            skip_bad_records: bool = False) -> dict:
+    """One ordered pass over `ctr` records: {"score" (click probability), "label", "page_id",
+    "item_id"} as numpy arrays."""
+    cfg = pipeline.InputConfig(pattern, "ctr", global_batch_size=batch_size, decode_images=False,
+                               shuffle=False, repeat=False, drop_remainder=False,
+                               deterministic=True, skip_bad_records=skip_bad_records)
+    pipe = pipeline.InputPipeline(cfg)
+    fn = tf.function(lambda b: tf.sigmoid(model(b, training=False)))
+    out: dict = {k: [] for k in ("score", "label", "page_id", "item_id")}
+    with pipe.errors_named():
+        for batch in pipe.dataset():
+            out["score"].append(fn(batch).numpy())
+            for k in ("label", "page_id", "item_id"):
+                out[k].append(batch[k].numpy())
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def vocabularies_for(model_dir: str, cfg: CtrConfig) -> Vocabularies:
+    """The model dir's saved vocabularies (a resumed run keeps its lookups), else built from the
+    training data and saved."""
+    path = os.path.join(model_dir, "vocabularies.npz")
+    if tf.io.gfile.exists(path):
+        return Vocabularies.load(path)
+    vocabularies = Vocabularies.from_training_data(cfg.train_pattern, cfg)
+    tf.io.gfile.makedirs(model_dir)
+    vocabularies.save(path)
+    return vocabularies
+
+
+def restore(model_dir: str, cfg: CtrConfig, vocabularies: Vocabularies,
+            images: Optional[embeddings_lib.EmbeddingTable] = None,
+            positives: Optional[tuple[np.ndarray, np.ndarray]] = None) -> CtrModel:
+    """The trained model of `model_dir` (its latest checkpoint)."""
+    model = CtrModel(cfg, vocabularies, images, positives)
+    prefix = tf.train.latest_checkpoint(os.path.join(model_dir, "ckpt"))
+    if not prefix:
+        raise FileNotFoundError(f"no checkpoint in {model_dir}/ckpt")
+    status = tf.train.Checkpoint(model=model).read(prefix)
+    status.expect_partial()  # the optimizer's slots
+    status.assert_existing_objects_matched()
+    return model
+
+
+def evaluate(model: CtrModel, cfg: CtrConfig, catalog_item_id: np.ndarray,
+             catalog_impressions: np.ndarray, skip_bad_records: bool = False) -> dict:
+    """Table 2's metrics on the test day (`ctr_metrics.ctr_metrics`)."""
+    pred = predict(model, cfg.test_pattern, skip_bad_records=skip_bad_records)
+    order = np.argsort(catalog_item_id)
+    pos = np.clip(np.searchsorted(catalog_item_id[order], pred["item_id"]), 0, len(order) - 1)
+    known = catalog_item_id[order][pos] == pred["item_id"]
+    if not known.all():
+        missing = np.unique(pred["item_id"][~known])
+        raise ValueError(f"{cfg.test_pattern}: item_id {missing[:5].tolist()} ({len(missing)} "
+                         "items) not in the catalog, so their impressions are unknown")
+    impressions = catalog_impressions[order][pos]
+    return ctr_metrics.ctr_metrics(pred["label"], pred["score"], pred["page_id"],
+                                   pred["item_id"], impressions)

@@ -1,0 +1,139 @@
+"""D: the debiasing network inside the CTR predictor (paper 000 §3.2, Eq. 3, the gate, Eq. 4).
+
+Positives. For every catalog item p, P~_p is the K most similar items, by the cosine of their S1
+vectors (S1 saw no clicks, so it is not biased against long-tail items), among the low-impression
+items of p's category (p itself left out); the positive p' is drawn from P~_p with
+Pr(p') = sim(p, p') / sum_{P~_p} sim. `mine_positives` precomputes P~ with faiss, one exact
+inner-product index per category; `sample_positives` draws p' inside the training step.
+
+Loss (Eq. 3). With v^D = MLP(v^S2) and the CTR mini-batch N (gathered over replicas),
+
+    L_D = - sum_{p in N} log  exp(g(v^D_p, v^D_p')) / sum_{o in N u {p'}} exp(g(v^D_p, v^D_o))
+
+g is the cosine over a temperature (the paper leaves g open). The anchor itself, other samples of
+the same item, and samples of the positive's item are not in the denominator's N: a copy of the
+anchor or of its positive is no negative. As everywhere in this project the sum is taken as a
+global mean; L_CTR = L_pred + weight * L_D (Eq. 4).
+
+Gate. alpha = sigmoid(W^T [v^S2, v^D]) with one weight column per feature dimension (W a matrix),
+and v_p = alpha * v^S2 + (1 - alpha) * v^D: per dimension a convex combination.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import faiss
+import numpy as np
+import tensorflow as tf
+import tf_keras
+
+from trainer.models import contrastive
+
+
+@dataclasses.dataclass
+class DebiasConfig:
+    """D settings (paper 000 §4 defaults).
+
+    Attributes:
+      num_similar: K, the size of P~_p.
+      low_impressions: Candidates have fewer 30-day impressions than this (paper 000 §4.1: 5).
+      hidden_units: The MLP's hidden layers.
+      activations: Their activations.
+      temperature: tau of g = cosine / tau.
+      loss_weight: Weight of L_D in Eq. 4 (the paper adds it with weight 1).
+    """
+
+    num_similar: int = 15
+    low_impressions: int = 5
+    hidden_units: tuple = (128, 16, 128)
+    activations: tuple = ("relu", "tanh", "relu")
+    temperature: float = 0.1
+    loss_weight: float = 1.0
+
+
+def mine_positives(s1_vectors: np.ndarray, category_id: np.ndarray, impressions_30d: np.ndarray,
+                   num_similar: int = 15, low_impressions: int = 5
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """P~ of every catalog row: (neighbour rows [N, K] int64, -1 where there are fewer than K
+    candidates; weights [N, K] float32, the cosine clipped at a small positive floor, 0 where
+    there is no neighbour). Rows of `s1_vectors` must be L2-normalised."""
+    n = len(category_id)
+    rows = np.full([n, num_similar], -1, np.int64)
+    weights = np.zeros([n, num_similar], np.float32)
+    low = np.asarray(impressions_30d) < low_impressions
+    vectors = np.ascontiguousarray(s1_vectors, np.float32)
+    for cat in np.unique(category_id):
+        members = np.flatnonzero(category_id == cat)
+        candidates = members[low[members]]
+        if len(candidates) == 0:
+            continue
+        index = faiss.IndexFlatIP(vectors.shape[1])
+        index.add(vectors[candidates])
+        k = min(num_similar + 1, len(candidates))  # one more: the anchor may be a candidate
+        sims, found = index.search(vectors[members], k)
+        for anchor, s, f in zip(members, sims, found):
+            keep = (f >= 0) & (candidates[np.maximum(f, 0)] != anchor)
+            s, f = s[keep][:num_similar], candidates[f[keep]][:num_similar]
+            rows[anchor, :len(f)] = f
+            # Pr(p') is proportional to the cosine; one at or below 0 keeps a tiny weight.
+            weights[anchor, :len(f)] = np.maximum(s, 1e-6)
+    return rows, weights
+
+
+def sample_positives(neighbours: tf.Tensor, weights: tf.Tensor, seed=None
+                     ) -> tuple[tf.Tensor, tf.Tensor]:
+    """One draw per anchor: (neighbour [B] from `neighbours` [B, K] with probability proportional
+    to `weights` [B, K], has_positive [B] bool). Anchors without candidates get -1 and False."""
+    has = tf.reduce_any(weights > 0, axis=1)
+    logits = tf.where(weights > 0, tf.math.log(tf.maximum(weights, 1e-30)), -1e9)
+    if seed is None:
+        pick = tf.random.categorical(logits, 1, dtype=tf.int32)[:, 0]
+    else:
+        pick = tf.random.stateless_categorical(logits, 1, seed, dtype=tf.int32)[:, 0]
+    chosen = tf.gather(neighbours, pick, axis=1, batch_dims=1)
+    return tf.where(has, chosen, tf.cast(-1, chosen.dtype)), has
+
+
+def debias_loss(anchor_vectors: tf.Tensor, positive_vectors: tf.Tensor, anchor_items: tf.Tensor,
+                positive_items: tf.Tensor, has_positive: tf.Tensor,
+                temperature: float) -> tf.Tensor:
+    """This replica's share of L_D (Eq. 3) as a global mean over anchors with a positive.
+
+    anchor_vectors, positive_vectors: [B, D] v^D of the local anchors and of their positives;
+    anchor_items, positive_items: [B] their item ids (which copies to leave out); has_positive:
+    [B] bool.
+    """
+    a = tf.math.l2_normalize(anchor_vectors, axis=1)
+    p = tf.math.l2_normalize(positive_vectors, axis=1)
+    weight = tf.cast(has_positive, tf.float32)
+    all_a, all_items, all_weight = contrastive.gather((a, anchor_items, weight))
+    n, local = tf.shape(all_a)[0], tf.shape(a)[0]
+    # Candidates: every anchor of the global batch, then the local anchors' positives, of which
+    # each anchor sees only its own (Eq. 3's N u {p'}).
+    candidates = tf.concat([all_a, p], axis=0)
+    not_copy = ((anchor_items[:, None] != all_items[None, :])
+                & (positive_items[:, None] != all_items[None, :]))
+    valid = tf.concat([not_copy, tf.zeros([local, local], tf.bool)], axis=1)
+    per_anchor = contrastive.info_nce(a, candidates, n + tf.range(local), valid, temperature)
+    return tf.reduce_sum(per_anchor * weight) / tf.maximum(tf.reduce_sum(all_weight), 1.0)
+
+
+class DebiasNetwork(tf_keras.layers.Layer):
+    """v^D = MLP(v^S2) and the gate: call(v_s2) -> (v_p, v_d, alpha)."""
+
+    def __init__(self, cfg: DebiasConfig, output_dim: int, **kwargs):
+        super().__init__(**kwargs)
+        if len(cfg.hidden_units) != len(cfg.activations):
+            raise ValueError(f"hidden_units {cfg.hidden_units} and activations "
+                             f"{cfg.activations} differ in length")
+        self.cfg = cfg
+        self.mlp = tf_keras.Sequential(
+            [tf_keras.layers.Dense(u, activation=a) for u, a in
+             zip(cfg.hidden_units, cfg.activations)] + [tf_keras.layers.Dense(output_dim)],
+            name="mlp")
+        self.gate = tf_keras.layers.Dense(output_dim, activation="sigmoid", name="gate")
+
+    def call(self, v_s2: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        v_d = self.mlp(v_s2)
+        alpha = self.gate(tf.concat([v_s2, v_d], axis=-1))
+        return alpha * v_s2 + (1.0 - alpha) * v_d, v_d, alpha
