@@ -165,6 +165,42 @@ def reference(data_dir: str) -> str:
     return "\n".join(lines)
 
 
+def feature_diagnostics(data_dir: str, encoder_dirs: dict) -> str:
+    """What each encoder's vectors carry, measured without the CTR model (no planted truth): the
+    test-day AUC and GAUC of cos(v_q, v_p) alone (how well query-item similarity ranks clicks),
+    and the R^2 of a ridge probe of log(1 + 30-day impressions) from the item vector (popularity
+    baked into the features: S2's selection bias)."""
+    import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
+    from trainer.data import pipeline, records
+    from trainer.eval import ctr_metrics
+    from trainer.features import embeddings
+    test = pipeline.read_columns(records.default_pattern(data_dir, "ctr", "test"), "ctr",
+                                 ("label", "item_id", "query_id", "page_id"))
+    catalog = records.default_pattern(data_dir, "catalog")
+    queries = records.default_pattern(data_dir, "queries")
+    lines = ["| encoder | seed | cos(v_q, v_p) AUC | cos(v_q, v_p) GAUC | popularity probe R^2 |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    for name in ENCODERS:
+        for seed, root in encoder_dirs.items():
+            t = embeddings.for_encoder(os.path.join(root, name), catalog, queries)
+            item_row = {int(i): r for r, i in enumerate(t.item_id)}
+            query_row = {int(i): r for r, i in enumerate(t.query_id)}
+            vp = t.item_vector[[item_row[int(i)] for i in test["item_id"]]]
+            vq = t.query_vector[[query_row[int(i)] for i in test["query_id"]]]
+            cos = np.sum(vp * vq, axis=1)
+            g, _ = ctr_metrics.gauc(test["label"], cos, test["page_id"])
+            y = np.log1p(t.impressions_30d.astype(np.float64))
+            x = np.concatenate([t.item_vector, np.ones([len(y), 1])], axis=1)
+            half = len(y) // 2  # fit on one half of the catalog, score on the other
+            w = np.linalg.solve(x[:half].T @ x[:half] + 1e-2 * np.eye(x.shape[1]),
+                                x[:half].T @ y[:half])
+            resid = y[half:] - x[half:] @ w
+            r2 = 1 - resid.var() / y[half:].var()
+            lines.append(f"| {name} | {seed} | {ctr_metrics.auc(test['label'], cos):.4f} | "
+                         f"{g:.4f} | {r2:.3f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data_dir", required=True)
@@ -173,24 +209,34 @@ def main() -> None:
     p.add_argument("--out_dir", default="runs/ctr")
     p.add_argument("--seeds", default="0")
     p.add_argument("--extra", default="", help="Flags passed to every CTR stage, space separated.")
+    p.add_argument("--report_only", action="store_true",
+                   help="Only print the table from the seeds' results.json (no training).")
     a = p.parse_args()
     t0 = time.time()
     per_seed, t_ctr = {}, 0.0
-    for seed in [int(s) for s in a.seeds.split(",")]:
+    seeds = [int(s) for s in a.seeds.split(",")]
+    for seed in seeds:
+        out = os.path.join(a.out_dir, f"seed{seed}")
+        if a.report_only:
+            with open(os.path.join(out, "results.json")) as f:
+                per_seed[seed] = json.load(f)
+            continue
         print(f"seed {seed}:", flush=True)
         encoders = ensure_encoders(a.data_dir, a.visual_dir, seed)
         t1 = time.time()
-        per_seed[seed] = run_seed(a.data_dir, encoders, os.path.join(a.out_dir, f"seed{seed}"),
-                                  seed, a.extra.split())
+        per_seed[seed] = run_seed(a.data_dir, encoders, out, seed, a.extra.split())
         t_ctr += time.time() - t1
     text = table(per_seed) + "\n\nThe paper's orderings:\n" + "\n".join(checks(per_seed))
+    text += ("\n\nWhat the image features carry, without the CTR model:\n\n" + feature_diagnostics(
+        a.data_dir, {s: os.path.join(a.visual_dir, f"seed{s}") for s in seeds}))
     ref = reference(a.data_dir)
     if ref:
         text += ("\n\nReference from the planted truth (evaluation only): the AUC of parts of the "
                  "simulator's click logit (user price sensitivity, shop quality, device and the "
                  f"logit noise left out):\n\n{ref}")
-    text += (f"\n\nTotal time: {(time.time() - t0) / 60:.1f} min ({t_ctr / 60:.1f} min of CTR "
-             "training and evaluation).")
+    if not a.report_only:
+        text += (f"\n\nTotal time: {(time.time() - t0) / 60:.1f} min ({t_ctr / 60:.1f} min of "
+                 "CTR training and evaluation).")
     print("\n" + text)
     path = os.path.join(a.out_dir, "table2.md")
     with open(path, "w") as f:

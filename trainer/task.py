@@ -404,7 +404,7 @@ def run_ctr() -> None:
         item_id, impressions = cols["item_id"], cols["impressions_30d"]
     if debias_cfg is not None:
         encoder_dirs["s1"] = _encoder_dir("s1", FLAGS.s1_model_dir)
-        s1 = embeddings.for_encoder(encoder_dirs["s1"], catalog, None)
+        s1 = embeddings.for_encoder(encoder_dirs["s1"], catalog, queries)  # shares the cache
         if not np.array_equal(s1.item_id, images.item_id):
             raise RuntimeError("the S1 and image-feature tables list the catalog differently")
         positives = debias.mine_positives(s1.item_vector, s1.category_id, s1.impressions_30d,

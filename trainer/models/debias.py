@@ -16,7 +16,8 @@ anchor or of its positive is no negative. As everywhere in this project the sum 
 global mean; L_CTR = L_pred + weight * L_D (Eq. 4).
 
 Gate. alpha = sigmoid(W^T [v^S2, v^D]) with one weight column per feature dimension (W a matrix),
-and v_p = alpha * v^S2 + (1 - alpha) * v^D: per dimension a convex combination.
+and v_p = alpha * v^S2 + (1 - alpha) * v^D: per dimension a convex combination. v^D is taken
+L2-normalised, as v^S2 is (the paper leaves its scale open).
 """
 from __future__ import annotations
 
@@ -119,7 +120,7 @@ def debias_loss(anchor_vectors: tf.Tensor, positive_vectors: tf.Tensor, anchor_i
 
 
 class DebiasNetwork(tf_keras.layers.Layer):
-    """v^D = MLP(v^S2) and the gate: call(v_s2) -> (v_p, v_d, alpha)."""
+    """v^D = MLP(v^S2) (L2-normalised) and the gate: call(v_s2) -> (v_p, v_d, alpha)."""
 
     def __init__(self, cfg: DebiasConfig, output_dim: int, **kwargs):
         super().__init__(**kwargs)
@@ -134,6 +135,8 @@ class DebiasNetwork(tf_keras.layers.Layer):
         self.gate = tf_keras.layers.Dense(output_dim, activation="sigmoid", name="gate")
 
     def call(self, v_s2: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-        v_d = self.mlp(v_s2)
+        # L2-normalised like v^S2: L_D's cosine leaves the MLP's output scale free, and an
+        # arbitrary scale would make the gate mix vectors of unrelated sizes.
+        v_d = tf.math.l2_normalize(self.mlp(v_s2), axis=-1)
         alpha = self.gate(tf.concat([v_s2, v_d], axis=-1))
         return alpha * v_s2 + (1.0 - alpha) * v_d, v_d, alpha
