@@ -364,6 +364,7 @@ def run_ctr() -> None:
     import dataclasses
     import json
     import numpy as np
+    import tensorflow as tf
     from trainer.data import pipeline, records
     from trainer.features import embeddings
     from trainer.models import ctr, debias
@@ -427,7 +428,6 @@ def run_ctr() -> None:
                    train_seconds=t_train)
     with open(os.path.join(model_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
-    import tensorflow as tf
     with tf.summary.create_file_writer(os.path.join(model_dir, "eval")).as_default():
         for k, v in metrics.items():
             if isinstance(v, float):
