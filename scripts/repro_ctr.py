@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from repro_visual import _run
+from repro_visual import _run, write_report
 
 # (method, stage, --image_features)
 METHODS = (("no image", "ctr", "none"), ("ResNet-C", "ctr", "resnet_c"), ("S1", "ctr", "s1"),
@@ -237,11 +237,7 @@ def main() -> None:
     if not a.report_only:
         text += (f"\n\nTotal time: {(time.time() - t0) / 60:.1f} min ({t_ctr / 60:.1f} min of "
                  "CTR training and evaluation).")
-    print("\n" + text)
-    path = os.path.join(a.out_dir, "table2.md")
-    with open(path, "w") as f:
-        f.write(text + "\n")
-    print(f"\nwrote {path}")
+    write_report(text, os.path.join(a.out_dir, "table2.md"))
 
 
 if __name__ == "__main__":

@@ -174,8 +174,12 @@ def main() -> None:
     if diag:
         text += f"\n\nDiagnostics from the planted truth (evaluation only):\n\n{diag}"
     text += f"\n\nTotal time: {(time.time() - t0) / 60:.1f} min."
+    write_report(text, os.path.join(a.out_dir, "table1.md"))
+
+
+def write_report(text: str, path: str) -> None:
+    """Prints a reproduction's report and writes it as Markdown."""
     print("\n" + text)
-    path = os.path.join(a.out_dir, "table1.md")
     with open(path, "w") as f:
         f.write(text + "\n")
     print(f"\nwrote {path}")

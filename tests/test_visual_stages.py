@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import REPO, read_all
+from conftest import REPO, one_step_on_one_and_two_replicas, read_all
 from trainer.data import records
 from trainer.eval import visual_search
 from trainer.features import embeddings
@@ -130,18 +130,8 @@ def test_one_step_same_on_two_replicas_as_on_one_device(stage, tiny_world, mirro
     train = loop.TrainConfig(steps=10, global_batch_size=8, optimizer="sgd", learning_rate=0.1,
                              warmup_steps=0, deterministic=True)
     enc = dataclasses.replace(ENC, sync_batch_norm=True)
-    make = _tasks(tiny_world, enc, train)[stage]
-    task = make()
-    batch = {k: v.numpy() for k, v in next(iter(task.build_inputs(None))).items()}
-    task.build_model()
-    start = [v.numpy() for v in loop.trainable_variables(task, task.encoder)
-             + task.encoder.non_trainable_variables]
-    loss_1, w_1 = loop.one_step(make(), train, tf.distribute.OneDeviceStrategy("/cpu:0"), batch,
-                                weights=start)
-    loss_2, w_2 = loop.one_step(make(), train, mirrored, batch, weights=start)
-    assert abs(loss_1 - loss_2) < 1e-5, (loss_1, loss_2)
-    for a, b in zip(w_1, w_2):
-        np.testing.assert_allclose(a, b, atol=1e-5)
+    one_step_on_one_and_two_replicas(_tasks(tiny_world, enc, train)[stage], train, mirrored,
+                                     lambda task: task.encoder)
 
 
 def test_command_line_trains_resumes_and_evaluates(tiny_world, tmp_path):
