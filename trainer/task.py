@@ -16,6 +16,11 @@ Stages:
             encoder (none, resnet_c, s1, s2, s1s2), trained on the train days and evaluated on the
             test day: AUC, GAUC, bottom/top-10% impression AUC to --model_dir/metrics.json
   debias    the same with the debiasing network D and its gate (Eq. 3-4): S1+S2+D
+  courier   COURIER: contrastive user-intention reconstruction pretraining of the encoder on page
+            views and click histories (paper 002 Eq. 1-7; --courier_ablation for Table 6)
+  cluster   faiss k-means over an encoder's catalog embeddings: --model_dir/clusters.npz and each
+            item's cluster id (paper 002 App. B); ctr --image_feature_mode=cluster_id fits its own
+            unless its model dir already holds clusters.npz
 
 Only this module parses flags; the stages call library code with typed configs.
 """
@@ -32,9 +37,10 @@ from absl import app, flags
 
 FLAGS = flags.FLAGS
 STAGES = ("synth", "inspect", "validate", "pretrain", "finetune", "classify", "eval_search",
-          "ctr", "debias")
-TRAINING_STAGES = ("pretrain", "finetune", "classify", "ctr", "debias")
-IMAGE_FEATURES = ("none", "resnet_c", "s1", "s2", "s1s2")
+          "ctr", "debias", "courier", "cluster")
+TRAINING_STAGES = ("pretrain", "finetune", "classify", "ctr", "debias", "courier")
+IMAGE_FEATURES = ("none", "resnet_c", "s1", "s2", "s1s2", "courier")
+COURIER_ABLATIONS = ("no_ucs", "no_contrast", "self_attention", "no_neg_pv", "projection_head")
 flags.DEFINE_enum("stage", None, STAGES, "What to run.")
 flags.DEFINE_string("data_dir", None, "Directory of the data set (the synthetic world or yours).")
 flags.DEFINE_string("model_dir", None, "Directory for outputs of a stage (default: data_dir).")
@@ -69,7 +75,11 @@ flags.DEFINE_enum("mixed_precision", "none", ["none", "float16", "bfloat16"],
 flags.DEFINE_string("init_checkpoint", None,
                     "Backbone warm start: a model dir or checkpoint (e.g. S1's for S1+S2).")
 flags.DEFINE_float("temperature", None,
-                   "Contrastive temperature tau (pretrain, finetune, debias's L_D).")
+                   "Contrastive temperature tau (pretrain, finetune, courier, debias's L_D).")
+flags.DEFINE_list("courier_ablation", [], "courier: Table 6 / App. D variants, any of "
+                  f"{', '.join(COURIER_ABLATIONS)}.")
+flags.DEFINE_integer("courier_heads", None, "courier: attention heads of the reconstruction "
+                     "(paper: 1).")
 flags.DEFINE_integer("pool_size", None, "Category negative pool per global batch (finetune).")
 # CTR stages.
 flags.DEFINE_enum("image_features", "none", IMAGE_FEATURES,
@@ -77,7 +87,11 @@ flags.DEFINE_enum("image_features", "none", IMAGE_FEATURES,
                   "--encoders_dir/<name> (or --image_model_dir); none for no image features.")
 flags.DEFINE_string("encoders_dir", None,
                     "Directory holding the encoder model dirs resnet_c/, s1/, s2/, s1s2/ (as "
-                    "make repro-visual writes them).")
+                    "make repro-visual writes them), courier/.")
+flags.DEFINE_enum("image_feature_mode", "vector", ["vector", "simscore", "cluster_id"],
+                  "ctr: how image features enter the model (paper 002 App. B).")
+flags.DEFINE_integer("num_clusters", None, "cluster, ctr with cluster_id: k of k-means "
+                     "(default 256).")
 flags.DEFINE_string("image_model_dir", None, "The encoder of the image features (overrides "
                     "--encoders_dir/<image_features>).")
 flags.DEFINE_string("s1_model_dir", None, "debias: the S1 encoder that mines D's positives "
@@ -253,6 +267,11 @@ STAGE_DEFAULTS = {
                 lr_schedule="constant", warmup_steps=0),
 }
 STAGE_DEFAULTS["debias"] = STAGE_DEFAULTS["ctr"]
+# Pages of 5 PV + 5 click images: 64 pages are 640 images a step; 200 steps are an epoch of
+# `small` (12,360 pages). Paper 002 App. E: Adam at 1e-4 from ImageNet weights; here from S1
+# (--init_checkpoint), which plays ImageNet's part.
+STAGE_DEFAULTS["courier"] = dict(steps=200, global_batch_size=64, optimizer="adam",
+                                 learning_rate=5e-4, warmup_steps=20)
 ENCODER_DEFAULTS = dict(depth=10, width_multiplier=0.5, feature_dim=512)
 
 
@@ -281,20 +300,31 @@ def _train_config():
 
 
 def run_training() -> None:
-    """pretrain (S1), finetune (S2) or classify (ResNet-C) into --model_dir."""
+    """pretrain (S1), finetune (S2), classify (ResNet-C) or courier into --model_dir."""
     import dataclasses
     from trainer.data import records
-    from trainer.models import classify, encoder, finetune, pretrain
+    from trainer.models import classify, courier, encoder, finetune, pretrain
     from trainer.train import loop
     data_dir, model_dir = _require("data_dir"), _require("model_dir")
     enc_cfg, train_cfg = _encoder_config(data_dir), _train_config()
     encoder.set_precision_policy(enc_cfg.mixed_precision)
     catalog = records.default_pattern(data_dir, "catalog")
     overrides = {k: getattr(FLAGS, k) for k in ("temperature", "pool_size")
-                 if getattr(FLAGS, k) is not None}
+                 if getattr(FLAGS, k) is not None and FLAGS.stage != "courier"}
     if FLAGS.stage == "pretrain":
         cfg = pretrain.PretrainConfig(catalog_pattern=catalog, **overrides)
         task = pretrain.PretrainTask(cfg, enc_cfg, train_cfg, FLAGS.skip_bad_records)
+    elif FLAGS.stage == "courier":
+        unknown = set(FLAGS.courier_ablation) - set(COURIER_ABLATIONS)
+        if unknown:
+            raise app.UsageError(f"--courier_ablation: unknown {sorted(unknown)}; known: "
+                                 f"{COURIER_ABLATIONS}")
+        cfg = courier.CourierConfig(
+            pageviews_pattern=records.default_pattern(data_dir, "pageviews", "train"),
+            catalog_pattern=catalog, **{k: True for k in FLAGS.courier_ablation},
+            **{k: v for k, v in (("temperature", FLAGS.temperature),
+                                 ("heads", FLAGS.courier_heads)) if v is not None})
+        task = courier.CourierTask(cfg, enc_cfg, train_cfg, FLAGS.skip_bad_records)
     elif FLAGS.stage == "finetune":
         cfg = finetune.FinetuneConfig(
             sessions_pattern=records.default_pattern(data_dir, "search_sessions", "train"),
@@ -366,7 +396,7 @@ def run_ctr() -> None:
     import numpy as np
     import tensorflow as tf
     from trainer.data import pipeline, records
-    from trainer.features import embeddings
+    from trainer.features import clusters, embeddings
     from trainer.models import ctr, debias
     from trainer.train import loop
     data_dir, model_dir = _require("data_dir"), _require("model_dir")
@@ -391,6 +421,7 @@ def run_ctr() -> None:
     cfg = ctr.CtrConfig(train_pattern=records.default_pattern(data_dir, "ctr", "train"),
                         test_pattern=records.default_pattern(data_dir, "ctr", "test"),
                         hash_bins=hash_bins, debias=debias_cfg,
+                        image_feature_mode=FLAGS.image_feature_mode,
                         **{k: getattr(FLAGS, k) for k in ("embedding_dim", "history_pooling",
                                                           "cross_layers")
                            if getattr(FLAGS, k) is not None})
@@ -413,8 +444,13 @@ def run_ctr() -> None:
         print(f"debias: {int((positives[1] > 0).any(axis=1).sum())} of {len(s1.item_id)} catalog "
               f"items have positives (K={debias_cfg.num_similar} low-impression items of their "
               "category by S1 cosine)")
+    centroids = None
+    if images is not None and cfg.image_feature_mode == "cluster_id":
+        centroids = clusters.load_or_fit(os.path.join(model_dir, "clusters.npz"),
+                                         images.item_vector, _cluster_config())
     vocabularies = ctr.vocabularies_for(model_dir, cfg)
-    task = ctr.CtrTask(cfg, vocabularies, train_cfg, images, positives, FLAGS.skip_bad_records)
+    task = ctr.CtrTask(cfg, vocabularies, train_cfg, images, positives, FLAGS.skip_bad_records,
+                       centroids)
     config = {"stage": FLAGS.stage, "data_dir": data_dir, "image_features": FLAGS.image_features,
               "encoder_dirs": encoder_dirs, "ctr": dataclasses.asdict(cfg)}
     t0 = time.time()
@@ -422,10 +458,10 @@ def run_ctr() -> None:
     t_train = time.time() - t0
     print(f"{FLAGS.stage}: trained to step {train_cfg.steps} in {model_dir} ({t_train:.0f}s); "
           "last: " + ", ".join(f"{k}={v:.4g}" for k, v in last.items()))
-    model = ctr.restore(model_dir, cfg, vocabularies, images, positives)
+    model = ctr.restore(model_dir, cfg, vocabularies, images, positives, centroids)
     metrics = ctr.evaluate(model, cfg, item_id, impressions, FLAGS.skip_bad_records)
     metrics.update(image_features=FLAGS.image_features, debias=debias_cfg is not None,
-                   train_seconds=t_train)
+                   image_feature_mode=cfg.image_feature_mode, train_seconds=t_train)
     with open(os.path.join(model_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
     with tf.summary.create_file_writer(os.path.join(model_dir, "eval")).as_default():
@@ -433,6 +469,40 @@ def run_ctr() -> None:
             if isinstance(v, float):
                 tf.summary.scalar(f"ctr/{k}", v, step=train_cfg.steps)
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}))
+
+
+def _cluster_config():
+    from trainer.features import clusters
+    return clusters.ClusterConfig(seed=FLAGS.seed, **(
+        {"num_clusters": FLAGS.num_clusters} if FLAGS.num_clusters else {}))
+
+
+def run_cluster() -> None:
+    """k-means over an encoder's catalog embeddings into --model_dir/clusters.npz, with each
+    catalog item's cluster id (cluster_ids.npz)."""
+    import numpy as np
+    from trainer.data import records
+    from trainer.features import clusters, embeddings
+    data_dir = _require("data_dir")
+    encoder_dir = _encoder_dir(FLAGS.image_features, FLAGS.image_model_dir)
+    model_dir = FLAGS.model_dir or encoder_dir
+    table = embeddings.for_encoder(encoder_dir, records.default_pattern(data_dir, "catalog"),
+                                   records.default_pattern(data_dir, "queries"))
+    t0 = time.time()
+    path = os.path.join(model_dir, "clusters.npz")
+    if os.path.exists(path):
+        os.remove(path)  # this stage refits
+    centroids = clusters.load_or_fit(path, table.item_vector, _cluster_config())
+    ids = centroids.assign(table.item_vector)
+    np.savez(os.path.join(model_dir, "cluster_ids.npz"), item_id=table.item_id, cluster_id=ids)
+    sizes = np.bincount(ids, minlength=centroids.num_clusters)
+    # Category purity: share of items whose cluster's majority category is their own.
+    majority = {c: np.bincount(table.category_id[ids == c]).argmax() for c in np.unique(ids)}
+    purity = float(np.mean([majority[c] == k for c, k in zip(ids, table.category_id)]))
+    print(f"cluster: {centroids.num_clusters} clusters of {len(ids)} items from {encoder_dir} in "
+          f"{time.time() - t0:.1f}s; sizes min {sizes.min()} median {int(np.median(sizes))} max "
+          f"{sizes.max()}, {int((sizes == 0).sum())} empty; category purity {purity:.3f}")
+    print(f"wrote {path} and {os.path.join(model_dir, 'cluster_ids.npz')}")
 
 
 def main(argv) -> None:
@@ -443,7 +513,7 @@ def main(argv) -> None:
     runners = {"synth": run_synth, "inspect": run_inspect, "validate": run_validate,
                "eval_search": run_eval_search}
     runners.update({s: run_training for s in ("pretrain", "finetune", "classify")})
-    runners.update(ctr=run_ctr, debias=run_ctr)
+    runners.update(ctr=run_ctr, debias=run_ctr, courier=run_training, cluster=run_cluster)
     runners[FLAGS.stage]()
 
 

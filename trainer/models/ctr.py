@@ -6,10 +6,16 @@
     history   the user's latest clicks: [item-id embedding, image vector] per click -> dense ->
               multi-head self-attention + residual + layer norm -> masked mean pool -> dense
               (paper 002 App. A)
-    image     v_p, the displayed item's image vector (through D and its gate in S1+S2+D, as
-              paper 000 describes for the item p; the history's items keep their encoder
-              vectors), and v_q, the query photo's vector (paper 000: v_q = v^S2_q), from an
-              encoder's embedding table (`trainer.features.embeddings`); frozen here
+    image     from an encoder's embedding table (`trainer.features.embeddings`), frozen here, in
+              one of paper 002 Appendix B's three forms (`image_feature_mode`):
+              vector:     v_p, the displayed item's image vector (through D and its gate in
+                          S1+S2+D, as paper 000 describes for the item p), v_q, the query
+                          photo's vector (paper 000: v_q = v^S2_q), and each history item's
+                          vector beside its id embedding
+              simscore:   cos(v_p, v_click^k) for each of the l_click history items (Eq. B1; 0
+                          for padding) and cos(v_p, v_q)
+              cluster_id: the nearest k-means centroid's id (`trainer.features.clusters`) of the
+                          item, the query photo and each history item, embedded like an id
     tower     concatenation -> MLP 512-256-128 ReLU -> logit; p = sigmoid(logit)
 
 Loss: `tfrs.tasks.Ranking` with binary cross-entropy (L_pred of Eq. 4), plus L_D (Eq. 3,
@@ -29,6 +35,7 @@ import tf_keras
 
 from trainer.data import pipeline
 from trainer.eval import ctr_metrics
+from trainer.features import clusters as clusters_lib
 from trainer.features import embeddings as embeddings_lib
 from trainer.models import contrastive, debias as debias_lib
 from trainer.train import loop
@@ -61,8 +68,9 @@ class CtrConfig:
         it can form products such as v_q x v_p; 0 for none (paper 000's plain tower).
       cross_projection_dim: Rank of the cross layers' weight (low-rank DCN).
       tower_units: The tower MLP's hidden layers (paper 000 §4: 512, 256, 128).
-      query_image: Feed v_q, the query photo's vector.
-      debias: D's settings; None trains without D.
+      query_image: Feed the query photo's image feature.
+      image_feature_mode: 'vector', 'simscore' or 'cluster_id' (module docstring).
+      debias: D's settings; None trains without D (D needs the 'vector' mode).
     """
 
     train_pattern: str = ""
@@ -80,6 +88,7 @@ class CtrConfig:
     cross_projection_dim: int = 64
     tower_units: tuple = (512, 256, 128)
     query_image: bool = True
+    image_feature_mode: str = "vector"
     debias: Optional[debias_lib.DebiasConfig] = None
 
 
@@ -145,18 +154,50 @@ class ImageTable(tf_keras.layers.Layer):
         return tf.gather(self.table, self.rows(ids))
 
 
+class ClusterTable(tf_keras.layers.Layer):
+    """Frozen id -> cluster id + 1 lookup (0 for ids missing from the table), from the nearest
+    centroid of each id's vector; the centroids are kept as a weight, saved with the model."""
+
+    def __init__(self, ids: np.ndarray, vectors: np.ndarray, centroids: np.ndarray, **kwargs):
+        super().__init__(**kwargs)
+        self.lookup = tf_keras.layers.IntegerLookup(vocabulary=np.asarray(ids, np.int64),
+                                                    num_oov_indices=1, mask_token=None)
+        assigned = clusters_lib.Clusters(centroids).assign(vectors) + 1
+        self.table = self.add_weight(
+            "cluster_ids", shape=[len(ids) + 1], dtype=tf.int64, trainable=False,
+            initializer=tf_keras.initializers.Constant(np.concatenate([[0], assigned])))
+        self.centroids = self.add_weight(
+            "centroids", shape=centroids.shape, trainable=False,
+            initializer=tf_keras.initializers.Constant(centroids))
+
+    def call(self, ids: tf.Tensor) -> tf.Tensor:
+        return tf.gather(self.table, self.lookup(ids))
+
+
+IMAGE_FEATURE_MODES = ("vector", "simscore", "cluster_id")
+
+
 class CtrModel(tfrs.Model):
     """The CTR predictor; `call` returns logits [B]."""
 
     def __init__(self, cfg: CtrConfig, vocabularies: Vocabularies,
                  images: Optional[embeddings_lib.EmbeddingTable] = None,
-                 positives: Optional[tuple[np.ndarray, np.ndarray]] = None):
+                 positives: Optional[tuple[np.ndarray, np.ndarray]] = None,
+                 clusters: Optional[clusters_lib.Clusters] = None):
         """images: the encoder's table (None: no image features). positives: D's (neighbour rows,
-        weights) over `images.item_id` rows (`debias.mine_positives`), needed with cfg.debias."""
+        weights) over `images.item_id` rows (`debias.mine_positives`), needed with cfg.debias.
+        clusters: the k-means centroids, needed in the 'cluster_id' mode."""
         super().__init__()
         self.cfg = cfg
-        if cfg.debias is not None and (images is None or positives is None):
-            raise ValueError("D needs image features and mined positives")
+        mode = cfg.image_feature_mode
+        if mode not in IMAGE_FEATURE_MODES:
+            raise ValueError(f"image_feature_mode must be one of {IMAGE_FEATURE_MODES}, got "
+                             f"'{mode}'")
+        if cfg.debias is not None and (images is None or positives is None or mode != "vector"):
+            raise ValueError("D needs image vectors (image_feature_mode 'vector') and mined "
+                             "positives")
+        if images is not None and mode == "cluster_id" and clusters is None:
+            raise ValueError("image_feature_mode 'cluster_id' needs k-means centroids")
         self.lookups, self.id_embeddings = {}, {}
         for name in ID_FEATURES:
             dim = cfg.embedding_dims.get(name, cfg.embedding_dim)
@@ -176,7 +217,16 @@ class CtrModel(tfrs.Model):
             name="price_embedding")
 
         self.images = self.queries = self.debias = None
-        if images is not None:
+        if images is not None and mode == "cluster_id":
+            self.images = ClusterTable(images.item_id, images.item_vector, clusters.centroids,
+                                       name="item_clusters")
+            if cfg.query_image:
+                self.queries = ClusterTable(images.query_id, images.query_vector,
+                                            clusters.centroids, name="query_clusters")
+            self.cluster_embedding = tf_keras.layers.Embedding(
+                clusters.num_clusters + 1, cfg.embedding_dims.get("cluster_id", cfg.embedding_dim),
+                name="cluster_embedding")
+        elif images is not None:
             self.images = ImageTable(images.item_id, images.item_vector, name="item_images")
             if cfg.query_image:
                 self.queries = ImageTable(images.query_id, images.query_vector, name="query_images")
@@ -237,12 +287,28 @@ class CtrModel(tfrs.Model):
         hist_mask = batch["click_history_item_ids_mask"][:, -L:]
         hist = [self._embed("click_history_item_ids", hist_ids, "item_id")]
         aux = {}
-        if self.images is not None:
+        mode = self.cfg.image_feature_mode
+        v_p = None
+        if self.images is not None and mode == "vector":
             v_p, aux["v_d"] = self._item_images(batch["item_id"])
             parts.append(v_p)
             hist.append(self.images(hist_ids))
             if self.queries is not None:
                 parts.append(self.queries(batch["query_id"]))
+        elif self.images is not None and mode == "simscore":
+            v_p = self.images(batch["item_id"])
+            # Eq. B1 (table vectors are unit or zero, so the dot product is the cosine).
+            scores = tf.reduce_sum(v_p[:, None, :] * self.images(hist_ids), axis=-1)
+            parts.append(scores * tf.cast(hist_mask, scores.dtype))
+            if self.queries is not None:
+                parts.append(tf.reduce_sum(v_p * self.queries(batch["query_id"]), axis=-1,
+                                           keepdims=True))
+        elif self.images is not None:
+            v_p = self.cluster_embedding(self.images(batch["item_id"]))
+            parts.append(v_p)
+            hist.append(self.cluster_embedding(self.images(hist_ids)))
+            if self.queries is not None:
+                parts.append(self.cluster_embedding(self.queries(batch["query_id"])))
         h = self.history_in(tf.concat(hist, axis=-1))
         attention_mask = hist_mask[:, :, None] & hist_mask[:, None, :]
         h = self.history_norm(h + self.history_attention(h, h, attention_mask=attention_mask,
@@ -250,7 +316,7 @@ class CtrModel(tfrs.Model):
         if self.cfg.history_pooling == "mean":
             pooled = _masked_mean(h, hist_mask)
         else:
-            item = [parts[0]] + ([v_p] if self.images is not None else [])  # parts[0]: item id
+            item = [parts[0]] + ([v_p] if v_p is not None else [])  # parts[0]: item id
             target = self.target_query(tf.concat(item, axis=-1))
             pooled = self.target_attention(target[:, None, :], h,
                                            attention_mask=hist_mask[:, None, :],
@@ -311,8 +377,10 @@ class CtrTask(loop.Task):
                  train_cfg: loop.TrainConfig,
                  images: Optional[embeddings_lib.EmbeddingTable] = None,
                  positives: Optional[tuple[np.ndarray, np.ndarray]] = None,
-                 skip_bad_records: bool = False):
+                 skip_bad_records: bool = False,
+                 clusters: Optional[clusters_lib.Clusters] = None):
         self.cfg, self.vocabularies, self.images, self.positives = cfg, vocabularies, images, positives
+        self.clusters = clusters
         self.name = "debias" if cfg.debias is not None else "ctr"
         self.metric_names = ("pred_loss", "debias_loss") if cfg.debias is not None else ("pred_loss",)
         self.pipe = pipeline.InputPipeline(pipeline.InputConfig(
@@ -322,7 +390,8 @@ class CtrTask(loop.Task):
         self.model: Optional[CtrModel] = None
 
     def build_model(self) -> CtrModel:
-        self.model = CtrModel(self.cfg, self.vocabularies, self.images, self.positives)
+        self.model = CtrModel(self.cfg, self.vocabularies, self.images, self.positives,
+                              self.clusters)
         # Variables now, outside the training function (lookups and lazily built layers).
         self.model(_dummy_batch(self.pipe.dataset().element_spec), training=False)
         return self.model
@@ -367,9 +436,10 @@ def vocabularies_for(model_dir: str, cfg: CtrConfig) -> Vocabularies:
 
 def restore(model_dir: str, cfg: CtrConfig, vocabularies: Vocabularies,
             images: Optional[embeddings_lib.EmbeddingTable] = None,
-            positives: Optional[tuple[np.ndarray, np.ndarray]] = None) -> CtrModel:
+            positives: Optional[tuple[np.ndarray, np.ndarray]] = None,
+            clusters: Optional[clusters_lib.Clusters] = None) -> CtrModel:
     """The trained model of `model_dir` (its latest checkpoint)."""
-    model = CtrModel(cfg, vocabularies, images, positives)
+    model = CtrModel(cfg, vocabularies, images, positives, clusters)
     prefix = tf.train.latest_checkpoint(os.path.join(model_dir, "ckpt"))
     if not prefix:
         raise FileNotFoundError(f"no checkpoint in {model_dir}/ckpt")

@@ -1,0 +1,227 @@
+"""Reproduces paper 002's Tables 5, B1 and 6 (COURIER and the downstream image features) on a
+synthetic world.
+
+For each seed: takes the S1 encoder of `repro_visual.py` from <visual_dir>/seed<N>/s1 (training
+it if missing), trains COURIER from it and each Table 6 / Appendix D variant, then trains and
+evaluates the CTR predictor without image features (the baseline), with S1 (SimCLR-style) and
+COURIER features in the vector, simscore and cluster_id modes, and with each variant's features in
+one mode. Every step is a `python -m trainer.task` command line. Prints delta AUC and delta GAUC
+against the baseline (percentage points, raw values in parentheses) and writes table5.md.
+
+  python scripts/repro_courier.py --data_dir=data/small --visual_dir=runs/visual \
+      --out_dir=runs/courier --seeds=0,1
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+from repro_visual import _run, write_report
+
+MODES = ("vector", "simscore", "cluster_id")
+# (row, --courier_ablation), Table 6 and Appendix D.
+ABLATIONS = (("w/o UCS", "no_ucs"), ("w/o Contrast", "no_contrast"),
+             ("w/o Reconstruction", "self_attention"), ("w/o Neg PV", "no_neg_pv"),
+             ("w projection", "projection_head"))
+PAPER_B1 = "V1-V4: vector +0.06-0.09%, simscore +0.14-0.18%, cluster_id +0.22-0.28%"
+PAPER_6 = {"w/o UCS": (0.06, -0.13, 0.11), "w/o Contrast": (0.23, 0.03, -0.11),
+           "w/o Reconstruction": (0.25, 0.02, -0.11), "w/o Neg PV": (0.30, 0.07, -0.06),
+           "w projection": (0.29, 0.06, -0.04), "COURIER": (0.46, 0.16, 0.19)}
+
+
+def ensure_s1(data_dir: str, visual_dir: str, seed: int, log: str) -> str:
+    """<visual_dir>/seed<N>/s1, trained with the pretrain stage's defaults if missing."""
+    s1 = os.path.join(visual_dir, f"seed{seed}", "s1")
+    if not os.path.isdir(os.path.join(s1, "ckpt")):
+        print(f"  seed {seed}: training S1 into {s1}", flush=True)
+        _run([sys.executable, "-m", "trainer.task", "--stage=pretrain", f"--data_dir={data_dir}",
+              f"--seed={seed}", f"--model_dir={s1}"], log)
+    return s1
+
+
+def run_seed(data_dir: str, s1: str, out: str, seed: int, a) -> dict:
+    os.makedirs(out, exist_ok=True)
+    log = os.path.join(out, "log.txt")
+    base = [sys.executable, "-m", "trainer.task", f"--data_dir={data_dir}", f"--seed={seed}"]
+    encoders = {"S1": s1}
+    variants = [("COURIER", [])] + ([] if a.skip_ablations else
+                                    [(row, [f"--courier_ablation={flag}"]) for row, flag in ABLATIONS])
+    seconds = {}
+    for row, flags in variants:
+        model_dir = os.path.join(out, "courier" + (f"_{flags[0].split('=')[1]}" if flags else ""))
+        t = _run(base + ["--stage=courier", f"--model_dir={model_dir}", f"--init_checkpoint={s1}",
+                         f"--train_steps={a.courier_steps}"] + flags, log)
+        encoders[row], seconds[row] = model_dir, t
+        print(f"  seed {seed}: trained {row} ({t:.0f}s)", flush=True)
+    runs = [("baseline", None, "vector")]
+    runs += [(enc, enc, mode) for enc in ("S1", "COURIER") for mode in MODES]
+    runs += [(row, row, a.ablation_mode) for row, _ in ABLATIONS if row in encoders]
+    results = {}
+    for name, enc, mode in runs:
+        key = f"{name}/{mode}" if enc else name
+        model_dir = os.path.join(out, "ctr", key.lower().replace("/", "_").replace(" ", "_"))
+        features = (["--image_features=none"] if enc is None else
+                    ["--image_features=courier", f"--image_model_dir={encoders[enc]}",
+                     f"--image_feature_mode={mode}"])
+        t = _run(base + ["--stage=ctr", f"--model_dir={model_dir}",
+                         f"--train_steps={a.ctr_steps}"] + features + a.extra.split(), log)
+        with open(os.path.join(model_dir, "metrics.json")) as f:
+            results[key] = json.load(f)
+        m = results[key]
+        print(f"  seed {seed}: {key}: AUC {m['AUC']:.4f} GAUC {m['GAUC']:.4f} ({t:.0f}s)",
+              flush=True)
+    out_results = {"ctr": results, "courier_seconds": seconds}
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(out_results, f, indent=2)
+    return out_results
+
+
+def _delta(per_seed: dict, key: str, metric: str) -> str:
+    d = np.array([(r["ctr"][key][metric] - r["ctr"]["baseline"][metric]) * 100
+                  for r in per_seed.values()])
+    raw = np.mean([r["ctr"][key][metric] for r in per_seed.values()])
+    half = f" ± {(d.max() - d.min()) / 2:.2f}" if len(d) > 1 else ""
+    return f"{d.mean():+.2f}{half} ({raw:.4f})"
+
+
+def tables(per_seed: dict, ablation_mode: str) -> str:
+    seeds = sorted(per_seed)
+    base = {m: np.mean([r["ctr"]["baseline"][m] for r in per_seed.values()]) for m in ("AUC", "GAUC")}
+    lines = [f"Delta AUC and delta GAUC against the CTR model without image features "
+             f"(percentage points, mean ± half-range over seeds {', '.join(map(str, seeds))}; "
+             f"raw means in parentheses). Baseline AUC {base['AUC']:.4f}, GAUC "
+             f"{base['GAUC']:.4f}.", "",
+             "Table 5 / Table B1 layout:", "",
+             "| Features | " + " | ".join(f"{m} ΔAUC | {m} ΔGAUC" for m in MODES) + " |",
+             "| --- |" + " ---: |" * (2 * len(MODES))]
+    for enc, label in (("S1", "SimCLR-style S1"), ("COURIER", "COURIER")):
+        cells = [f"{_delta(per_seed, f'{enc}/{m}', 'AUC')} | {_delta(per_seed, f'{enc}/{m}', 'GAUC')}"
+                 for m in MODES]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", f"Paper (Table B1, COURIER versions {PAPER_B1}; Table 5 with cluster_id: "
+              "SimCLR +0.28% women's / +0.05% all AUC, COURIER +0.46% / +0.16%)."]
+    rows = [row for row, _ in ABLATIONS if f"{row}/{ablation_mode}" in per_seed[seeds[0]]["ctr"]]
+    if rows:
+        lines += ["", f"Table 6 layout ({ablation_mode} features); the paper's ΔAUC (women's "
+                  "clothing), ΔAUC, ΔGAUC in brackets:", "",
+                  "| Variant | ΔAUC | ΔGAUC | paper |", "| --- | ---: | ---: | --- |"]
+        for row in rows + ["COURIER"]:
+            key = f"{row}/{ablation_mode}"
+            paper = ", ".join(f"{v:+.2f}%" for v in PAPER_6[row])
+            lines.append(f"| {row} | {_delta(per_seed, key, 'AUC')} | "
+                         f"{_delta(per_seed, key, 'GAUC')} | [{paper}] |")
+    lines += ["", "| seed | " + " | ".join(k for k in per_seed[seeds[0]]["ctr"]) + " |",
+              "| ---: |" + " ---: |" * len(per_seed[seeds[0]]["ctr"])]
+    for s in seeds:
+        lines.append(f"| {s} AUC | " + " | ".join(f"{m['AUC']:.4f}" for m in
+                                                 per_seed[s]["ctr"].values()) + " |")
+    return "\n".join(lines)
+
+
+def checks(per_seed: dict, ablation_mode: str) -> list[str]:
+    def auc(key):
+        return np.mean([r["ctr"][key]["AUC"] for r in per_seed.values()])
+
+    out = [(f"COURIER beats S1 features ({m}, AUC)", auc(f"COURIER/{m}") > auc(f"S1/{m}"))
+           for m in MODES]
+    for enc in ("COURIER", "S1"):
+        out.append((f"{enc}: cluster_id >= simscore >= vector (AUC)",
+                    auc(f"{enc}/cluster_id") >= auc(f"{enc}/simscore") >= auc(f"{enc}/vector")))
+    keys = per_seed[next(iter(per_seed))]["ctr"]
+    rows = [row for row, _ in ABLATIONS if f"{row}/{ablation_mode}" in keys]
+    if rows:
+        out.append(("COURIER beats every Table 6 / App. D variant (AUC)",
+                    all(auc(f"COURIER/{ablation_mode}") > auc(f"{r}/{ablation_mode}")
+                        for r in rows)))
+    return [f"- [{'x' if ok else ' '}] {text}" for text, ok in out]
+
+
+def history_diagnostics(data_dir: str, encoders: dict) -> str:
+    """What each encoder's vectors carry about user intent, without the CTR model: the test-day
+    AUC and GAUC of the displayed item's largest cosine to the user's click history (the
+    strongest SimScore feature), and of its cosine to the query photo."""
+    import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
+    from trainer.data import pipeline, records
+    from trainer.eval import ctr_metrics
+    from trainer.features import embeddings
+    test = pipeline.read_columns(records.default_pattern(data_dir, "ctr", "test"), "ctr",
+                                 ("label", "item_id", "query_id", "page_id",
+                                  "click_history_item_ids", "click_history_item_ids_mask"))
+    catalog = records.default_pattern(data_dir, "catalog")
+    queries = records.default_pattern(data_dir, "queries")
+    lines = ["| encoder | max cos(item, history) AUC | GAUC | cos(item, query) AUC | GAUC |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    for name, model_dir in encoders.items():
+        t = embeddings.for_encoder(model_dir, catalog, queries)
+        row = {int(i): r for r, i in enumerate(t.item_id)}
+        qrow = {int(i): r for r, i in enumerate(t.query_id)}
+        vp = t.item_vector[[row[int(i)] for i in test["item_id"]]]
+        vq = t.query_vector[[qrow[int(i)] for i in test["query_id"]]]
+        hist = test["click_history_item_ids"]
+        mask = test["click_history_item_ids_mask"] & np.isin(hist, t.item_id)
+        vh = t.item_vector[np.vectorize(lambda i: row.get(int(i), 0))(hist)]
+        sim = np.where(mask, np.einsum("nd,nkd->nk", vp, vh), -2.0).max(axis=1)
+        sim = np.where(mask.any(axis=1), sim, 0.0)
+        cells = []
+        for score in (sim, np.sum(vp * vq, axis=1)):
+            g, _ = ctr_metrics.gauc(test["label"], score, test["page_id"])
+            cells += [f"{ctr_metrics.auc(test['label'], score):.4f}", f"{g:.4f}"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data_dir", required=True)
+    p.add_argument("--visual_dir", default="runs/visual",
+                   help="Where repro_visual.py keeps the S1 encoders (trained here if missing).")
+    p.add_argument("--out_dir", default="runs/courier")
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--courier_steps", type=int, default=200, help="COURIER steps (one epoch).")
+    p.add_argument("--ctr_steps", type=int, default=470,
+                   help="CTR steps (one epoch of `small` at batch 512).")
+    p.add_argument("--ablation_mode", default="cluster_id", choices=MODES,
+                   help="Image feature mode of the Table 6 rows.")
+    p.add_argument("--skip_ablations", action="store_true")
+    p.add_argument("--extra", default="", help="Flags passed to every CTR stage, space separated.")
+    p.add_argument("--report_only", action="store_true",
+                   help="Only print the tables from the seeds' results.json (no training).")
+    a = p.parse_args()
+    t0 = time.time()
+    per_seed, s1_dirs = {}, {}
+    for seed in [int(s) for s in a.seeds.split(",")]:
+        out = os.path.join(a.out_dir, f"seed{seed}")
+        s1_dirs[seed] = os.path.join(a.visual_dir, f"seed{seed}", "s1")
+        if a.report_only:
+            with open(os.path.join(out, "results.json")) as f:
+                per_seed[seed] = json.load(f)
+            continue
+        print(f"seed {seed}:", flush=True)
+        os.makedirs(out, exist_ok=True)
+        s1 = ensure_s1(a.data_dir, a.visual_dir, seed, os.path.join(out, "log.txt"))
+        per_seed[seed] = run_seed(a.data_dir, s1, out, seed, a)
+    text = tables(per_seed, a.ablation_mode)
+    text += "\n\nThe paper's orderings:\n" + "\n".join(checks(per_seed, a.ablation_mode))
+    first = min(per_seed)
+    encoders = {"S1": s1_dirs[first], "COURIER": os.path.join(a.out_dir, f"seed{first}", "courier")}
+    encoders.update({row: os.path.join(a.out_dir, f"seed{first}", f"courier_{flag}")
+                     for row, flag in ABLATIONS
+                     if os.path.isdir(os.path.join(a.out_dir, f"seed{first}", f"courier_{flag}"))})
+    text += (f"\n\nWhat the vectors carry about user intent, without the CTR model (seed {first}):"
+             f"\n\n{history_diagnostics(a.data_dir, encoders)}")
+    times = {k: np.mean([r["courier_seconds"].get(k, np.nan) for r in per_seed.values()])
+             for k in per_seed[first]["courier_seconds"]}
+    text += ("\n\nCOURIER training time per run (s): " +
+             ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
+    if not a.report_only:
+        text += f"\n\nTotal time: {(time.time() - t0) / 60:.1f} min."
+    write_report(text, os.path.join(a.out_dir, "table5.md"))
+
+
+if __name__ == "__main__":
+    main()
