@@ -10,7 +10,7 @@ export TF_USE_LEGACY_KERAS := 1
 SEEDS ?= 0
 RUNS ?= runs
 
-.PHONY: demo test repro-visual repro-ctr bench-input validate docs lock clean
+.PHONY: demo test repro-visual repro-ctr repro-courier sweep-tau bench-input validate docs lock clean
 
 $(VENV)/.installed: requirements.txt constraints.txt setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,8 @@ demo: $(VENV)/.installed $(DATA)/$(WORLD)/manifest.json
 	$(PY) scripts/repro_visual.py --data_dir=$(DATA)/$(WORLD) --out_dir=$(RUNS)/visual --seeds=$(SEED)
 	$(PY) scripts/repro_ctr.py --data_dir=$(DATA)/$(WORLD) --visual_dir=$(RUNS)/visual \
 	  --out_dir=$(RUNS)/ctr --seeds=$(SEED)
+	$(PY) scripts/repro_courier.py --data_dir=$(DATA)/$(WORLD) --visual_dir=$(RUNS)/visual \
+	  --out_dir=$(RUNS)/courier --seeds=$(SEED) --skip_ablations
 
 # Paper 000 Table 1: ResNet-C, S1, S2, S1+S2 and visual search; about 15 min per seed on 2 cores.
 # Trained stages are kept (a rerun only evaluates); SEEDS="0 1" runs two seeds.
@@ -40,6 +42,17 @@ repro-visual: $(VENV)/.installed $(DATA)/$(WORLD)/manifest.json
 repro-ctr: $(VENV)/.installed $(DATA)/$(WORLD)/manifest.json
 	$(PY) scripts/repro_ctr.py --data_dir=$(DATA)/$(WORLD) --visual_dir=$(RUNS)/visual \
 	  --out_dir=$(RUNS)/ctr --seeds=$(shell echo $(SEEDS) | tr ' ' ',')
+
+# Paper 002 Tables 5, B1 and 6: COURIER (from repro-visual's S1, trained if missing) and its
+# ablations, S1 and COURIER features as vector / simscore / cluster_id in the CTR model.
+repro-courier: $(VENV)/.installed $(DATA)/$(WORLD)/manifest.json
+	$(PY) scripts/repro_courier.py --data_dir=$(DATA)/$(WORLD) --visual_dir=$(RUNS)/visual \
+	  --out_dir=$(RUNS)/courier --seeds=$(shell echo $(SEEDS) | tr ' ' ',')
+
+# Paper 002 Fig. 3: downstream CTR gain against COURIER's temperature (reuses repro-courier's runs).
+sweep-tau: $(VENV)/.installed $(DATA)/$(WORLD)/manifest.json
+	$(PY) scripts/sweep_tau.py --data_dir=$(DATA)/$(WORLD) --visual_dir=$(RUNS)/visual \
+	  --out_dir=$(RUNS)/courier --seed=$(SEED)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests

@@ -15,7 +15,7 @@ import tensorflow as tf
 
 from conftest import REPO, one_step_on_one_and_two_replicas, read_all
 from trainer.data import records
-from trainer.features import embeddings
+from trainer.features import clusters, embeddings
 from trainer.models import ctr, debias, encoder, pretrain
 from trainer.train import loop
 
@@ -115,6 +115,44 @@ def test_target_attention_and_cross_layers_train(tiny_world, encoder_dir):
     assert np.isfinite(loss)
     names = " ".join(v.name for v in task.model.trainable_variables)
     assert "target_attention" in names and "cross_0" in names
+
+
+@pytest.mark.parametrize("mode", ["simscore", "cluster_id"])
+def test_image_feature_modes(mode, tiny_world, encoder_dir):
+    # Paper 002 App. B: SimScore feeds cos(item, history item) per history slot (Eq. B1);
+    # Cluster-ID feeds the nearest centroid's id, also for items added after k-means.
+    cfg = _cfg(tiny_world, image_feature_mode=mode)
+    table = embeddings.for_encoder(encoder_dir, records.default_pattern(tiny_world, "catalog"),
+                                   records.default_pattern(tiny_world, "queries"))
+    centroids = clusters.fit(table.item_vector, clusters.ClusterConfig(num_clusters=8))
+    train = loop.TrainConfig(steps=1, global_batch_size=32, optimizer="sgd", learning_rate=0.1,
+                             warmup_steps=0)
+    task = ctr.CtrTask(cfg, ctr.Vocabularies.from_training_data(cfg.train_pattern, cfg), train,
+                       table, clusters=centroids)
+    batch = {k: v.numpy() for k, v in next(iter(task.build_inputs(None))).items()}
+    loss, _ = loop.one_step(task, train, tf.distribute.OneDeviceStrategy("/cpu:0"), batch)
+    assert np.isfinite(loss)
+    model = task.model
+    ids, mask = batch["click_history_item_ids"][:, -20:], batch["click_history_item_ids_mask"][:, -20:]
+    parts, _, _, _ = model.image_features(batch, tf.constant(ids), tf.constant(mask))
+    row = {int(i): r for r, i in enumerate(table.item_id)}
+    vec = lambda i: table.item_vector[row[int(i)]] if int(i) in row else np.zeros(table.dim)  # noqa: E731
+    if mode == "simscore":
+        expected = np.array([[vec(h) @ vec(item) if m else 0.0 for h, m in zip(hs, ms)]
+                             for item, hs, ms in zip(batch["item_id"], ids, mask)])
+        np.testing.assert_allclose(parts[0].numpy(), expected, atol=1e-5)
+        assert parts[1].shape == (32, 1)  # cos(v_p, v_q)
+    else:
+        got = model.images(tf.constant(table.item_id)).numpy()
+        np.testing.assert_array_equal(got, centroids.assign(table.item_vector) + 1)
+        assert int(model.images(tf.constant([-7], tf.int64))[0]) == 0  # unknown item
+        # A new item is assigned to its nearest centroid when a model is built on a table
+        # that holds it, with the saved centroids.
+        new = dataclasses.replace(table, item_id=np.append(table.item_id, 10**12),
+                                  item_vector=np.concatenate(
+                                      [table.item_vector, centroids.centroids[3:4] + 1e-3]))
+        grown = ctr.ClusterTable(new.item_id, new.item_vector, centroids.centroids)
+        assert int(grown(tf.constant([10**12], tf.int64))[0]) == 4
 
 
 def test_command_line_debias_trains_resumes_and_evaluates(tiny_world, encoder_dir, tmp_path):

@@ -26,12 +26,16 @@ class ClusterConfig:
       iterations: Lloyd iterations.
       max_points_per_centroid: faiss trains on a random sample of at most this many points per
         centroid.
+      restarts: k-means runs, each from its own greedy k-means++ initialisation; the one with the
+        lowest objective is kept (faiss alone starts from random points, and then often merges
+        two clusters while splitting another).
       seed: Sampling and initialisation seed.
     """
 
     num_clusters: int = 256
     iterations: int = 25
     max_points_per_centroid: int = 256
+    restarts: int = 3
     seed: int = 0
 
 
@@ -77,10 +81,38 @@ def fit(vectors: np.ndarray, cfg: ClusterConfig) -> Clusters:
     x = _normalized(vectors)
     if len(x) < cfg.num_clusters:
         raise ValueError(f"{len(x)} vectors cannot make {cfg.num_clusters} clusters")
-    km = faiss.Kmeans(x.shape[1], cfg.num_clusters, niter=cfg.iterations, seed=cfg.seed,
-                      max_points_per_centroid=cfg.max_points_per_centroid, verbose=False)
-    km.train(x)
-    return Clusters(np.asarray(km.centroids, np.float32))
+    rng = np.random.default_rng(cfg.seed)
+    best, best_obj = None, np.inf
+    for r in range(max(cfg.restarts, 1)):
+        km = faiss.Kmeans(x.shape[1], cfg.num_clusters, niter=cfg.iterations, seed=cfg.seed + r,
+                          max_points_per_centroid=cfg.max_points_per_centroid, verbose=False)
+        km.train(x, init_centroids=_kmeans_plus_plus(x, cfg, rng))
+        if km.obj[-1] < best_obj:
+            best, best_obj = np.asarray(km.centroids, np.float32), km.obj[-1]
+    return Clusters(best)
+
+
+def _kmeans_plus_plus(x: np.ndarray, cfg: ClusterConfig, rng: np.random.Generator) -> np.ndarray:
+    """Greedy k-means++ seeding (Arthur & Vassilvitskii, 2007; greedy as scikit-learn's) on a
+    sample of the size faiss trains on: each next centre is the best, by the resulting sum of
+    squared distances, of 2 + log(k) draws with probability proportional to the squared distance
+    to the nearest centre so far."""
+    n = min(len(x), cfg.num_clusters * cfg.max_points_per_centroid)
+    sample = x[rng.choice(len(x), n, replace=False)] if n < len(x) else x
+    sq = (sample ** 2).sum(1)
+    trials = 2 + int(np.log(cfg.num_clusters))
+    centres = [sample[rng.integers(n)]]
+    d2 = np.maximum(sq - 2 * sample @ centres[0] + centres[0] @ centres[0], 0)
+    for _ in range(cfg.num_clusters - 1):
+        total = d2.sum()
+        picks = rng.choice(n, trials, p=d2 / total) if total > 0 else rng.integers(n, size=trials)
+        cand = sample[picks]
+        dc = np.maximum(sq[None] - 2 * cand @ sample.T + (cand ** 2).sum(1)[:, None], 0)
+        new = np.minimum(d2[None], dc)
+        best = int(new.sum(1).argmin())
+        centres.append(cand[best])
+        d2 = new[best]
+    return np.stack(centres).astype(np.float32)
 
 
 def load_or_fit(path: str, vectors: np.ndarray, cfg: ClusterConfig) -> Clusters:

@@ -275,6 +275,31 @@ class CtrModel(tfrs.Model):
         v_p, v_d, _ = self.debias(v)
         return v_p, v_d
 
+    def image_features(self, batch: dict, hist_ids: tf.Tensor, hist_mask: tf.Tensor
+                       ) -> tuple[list, list, Optional[tf.Tensor], dict]:
+        """(the tower's image inputs, the history items' image inputs, the displayed item's image
+        representation for target attention, {"v_d": v^D if D is on}) in the configured mode."""
+        mode = self.cfg.image_feature_mode
+        if self.images is None:
+            return [], [], None, {}
+        if mode == "vector":
+            v_p, v_d = self._item_images(batch["item_id"])
+            parts = [v_p] + ([self.queries(batch["query_id"])] if self.queries is not None else [])
+            return parts, [self.images(hist_ids)], v_p, {"v_d": v_d}
+        if mode == "simscore":
+            v_p = self.images(batch["item_id"])
+            # Eq. B1 (table vectors are unit or zero, so the dot product is the cosine).
+            scores = tf.reduce_sum(v_p[:, None, :] * self.images(hist_ids), axis=-1)
+            parts = [scores * tf.cast(hist_mask, scores.dtype)]
+            if self.queries is not None:
+                parts.append(tf.reduce_sum(v_p * self.queries(batch["query_id"]), axis=-1,
+                                           keepdims=True))
+            return parts, [], v_p, {}
+        v_p = self.cluster_embedding(self.images(batch["item_id"]))
+        parts = [v_p] + ([self.cluster_embedding(self.queries(batch["query_id"]))]
+                         if self.queries is not None else [])
+        return parts, [self.cluster_embedding(self.images(hist_ids))], v_p, {}
+
     def features(self, batch: dict, training: bool = False) -> tuple[tf.Tensor, dict]:
         """(the tower's input [B, F], {"v_d": v^D of the displayed items, if D is on})."""
         L = self.cfg.history_length
@@ -285,30 +310,9 @@ class CtrModel(tfrs.Model):
 
         hist_ids = batch["click_history_item_ids"][:, -L:]
         hist_mask = batch["click_history_item_ids_mask"][:, -L:]
-        hist = [self._embed("click_history_item_ids", hist_ids, "item_id")]
-        aux = {}
-        mode = self.cfg.image_feature_mode
-        v_p = None
-        if self.images is not None and mode == "vector":
-            v_p, aux["v_d"] = self._item_images(batch["item_id"])
-            parts.append(v_p)
-            hist.append(self.images(hist_ids))
-            if self.queries is not None:
-                parts.append(self.queries(batch["query_id"]))
-        elif self.images is not None and mode == "simscore":
-            v_p = self.images(batch["item_id"])
-            # Eq. B1 (table vectors are unit or zero, so the dot product is the cosine).
-            scores = tf.reduce_sum(v_p[:, None, :] * self.images(hist_ids), axis=-1)
-            parts.append(scores * tf.cast(hist_mask, scores.dtype))
-            if self.queries is not None:
-                parts.append(tf.reduce_sum(v_p * self.queries(batch["query_id"]), axis=-1,
-                                           keepdims=True))
-        elif self.images is not None:
-            v_p = self.cluster_embedding(self.images(batch["item_id"]))
-            parts.append(v_p)
-            hist.append(self.cluster_embedding(self.images(hist_ids)))
-            if self.queries is not None:
-                parts.append(self.cluster_embedding(self.queries(batch["query_id"])))
+        image_parts, image_hist, v_p, aux = self.image_features(batch, hist_ids, hist_mask)
+        parts += image_parts
+        hist = [self._embed("click_history_item_ids", hist_ids, "item_id")] + image_hist
         h = self.history_in(tf.concat(hist, axis=-1))
         attention_mask = hist_mask[:, :, None] & hist_mask[:, None, :]
         h = self.history_norm(h + self.history_attention(h, h, attention_mask=attention_mask,
