@@ -12,8 +12,9 @@
                           S1+S2+D, as paper 000 describes for the item p), v_q, the query
                           photo's vector (paper 000: v_q = v^S2_q), and each history item's
                           vector beside its id embedding
-              simscore:   cos(v_p, v_click^k) for each of the l_click history items (Eq. B1; 0
-                          for padding) and cos(v_p, v_q)
+              simscore:   cos(v_p, v_click^k) for each of the l_click history items (Eq. B1)
+                          and cos(v_p, v_q), standardised by the cosine's mean and spread
+                          over random catalog pairs (0 for padding)
               cluster_id: the nearest k-means centroid's id (`trainer.features.clusters`) of the
                           item, the query photo and each history item, embedded like an id
     tower     concatenation -> MLP 512-256-128 ReLU -> logit; p = sigmoid(logit)
@@ -230,6 +231,15 @@ class CtrModel(tfrs.Model):
             self.images = ImageTable(images.item_id, images.item_vector, name="item_images")
             if cfg.query_image:
                 self.queries = ImageTable(images.query_id, images.query_vector, name="query_images")
+            if mode == "simscore":
+                # Standardise the cosines by their spread over random catalog pairs (App. B:
+                # input normalisation matters): an encoder whose vectors fill a narrow cone
+                # gives cosines in a narrow band that the tower would otherwise barely see.
+                rng = np.random.default_rng(0)
+                v = images.item_vector
+                i, j = rng.integers(0, len(v), [2, 20000])
+                cos = np.sum(v[i] * v[j], axis=1)
+                self.score_shift, self.score_scale = float(cos.mean()), float(cos.std() + 1e-6)
         if cfg.debias is not None:
             self.debias = debias_lib.DebiasNetwork(cfg.debias, images.dim, name="debias")
             rows, weights = positives
@@ -289,11 +299,14 @@ class CtrModel(tfrs.Model):
         if mode == "simscore":
             v_p = self.images(batch["item_id"])
             # Eq. B1 (table vectors are unit or zero, so the dot product is the cosine).
-            scores = tf.reduce_sum(v_p[:, None, :] * self.images(hist_ids), axis=-1)
-            parts = [scores * tf.cast(hist_mask, scores.dtype)]
+            def standard(cos):
+                return (cos - self.score_shift) / self.score_scale
+
+            scores = standard(tf.reduce_sum(v_p[:, None, :] * self.images(hist_ids), axis=-1))
+            parts = [scores * tf.cast(hist_mask, scores.dtype)]  # padding: 0, the mean
             if self.queries is not None:
-                parts.append(tf.reduce_sum(v_p * self.queries(batch["query_id"]), axis=-1,
-                                           keepdims=True))
+                parts.append(standard(tf.reduce_sum(v_p * self.queries(batch["query_id"]),
+                                                    axis=-1, keepdims=True)))
             return parts, [], v_p, {}
         v_p = self.cluster_embedding(self.images(batch["item_id"]))
         parts = [v_p] + ([self.cluster_embedding(self.queries(batch["query_id"]))]
