@@ -175,6 +175,50 @@ def history_diagnostics(data_dir: str, encoders: dict) -> str:
     return "\n".join(lines)
 
 
+def perfect_encoder(data_dir: str, out: str, seed: int, ctr_steps: int) -> dict:
+    """The CTR model in each mode fed a perfect style encoder (evaluation only: reads the planted
+    truth): every item's and query photo's vector is the one-hot of its planted style, and the
+    Cluster-ID clusters are the styles. What each mode can make of this world's image signal.
+    Returns {mode: metrics}, cached in <out>/perfect_encoder.json."""
+    path = os.path.join(out, "perfect_encoder.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
+    from trainer.data import pipeline, records
+    from trainer.features import clusters, embeddings
+    from trainer.models import ctr
+    from trainer.synth import truth
+    from trainer.task import STAGE_DEFAULTS
+    from trainer.train import loop
+    t = truth.load(data_dir)
+    cat = pipeline.read_columns(records.default_pattern(data_dir, "catalog"), "catalog",
+                                ("item_id", "category_id", "impressions_30d"))
+    q = pipeline.read_columns(records.default_pattern(data_dir, "queries"), "queries",
+                              ("query_id",))
+    one_hot = np.eye(t["num_styles"], dtype=np.float32)
+    table = embeddings.EmbeddingTable(
+        cat["item_id"], cat["category_id"], cat["impressions_30d"],
+        one_hot[t["items"]["style"][truth.index_of(cat["item_id"], t["items"]["item_id"])]],
+        q["query_id"],
+        one_hot[t["queries"]["style"][truth.index_of(q["query_id"], t["queries"]["query_id"])]])
+    train_cfg = loop.TrainConfig(**{**STAGE_DEFAULTS["ctr"], "steps": ctr_steps}, seed=seed)
+    results = {}
+    for mode in MODES:
+        cfg = ctr.CtrConfig(train_pattern=records.default_pattern(data_dir, "ctr", "train"),
+                            test_pattern=records.default_pattern(data_dir, "ctr", "test"),
+                            image_feature_mode=mode)
+        results[mode] = ctr.train_and_evaluate(
+            cfg, train_cfg, os.path.join(out, "ctr", f"perfect_encoder_{mode}"), cat["item_id"],
+            cat["impressions_30d"], table,
+            clusters=clusters.Clusters(one_hot) if mode == "cluster_id" else None)
+        print(f"  seed {seed}: perfect style encoder/{mode}: AUC {results[mode]['AUC']:.4f}",
+              flush=True)
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2)
+    return results
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data_dir", required=True)
@@ -214,6 +258,17 @@ def main() -> None:
                      if os.path.isdir(os.path.join(a.out_dir, f"seed{first}", f"courier_{flag}"))})
     text += (f"\n\nWhat the vectors carry about user intent, without the CTR model (seed {first}):"
              f"\n\n{history_diagnostics(a.data_dir, encoders)}")
+    if os.path.exists(os.path.join(a.data_dir, "truth", "truth.json")):
+        out = os.path.join(a.out_dir, f"seed{first}")
+        perfect = perfect_encoder(a.data_dir, out, first, a.ctr_steps)
+        base = per_seed[first]["ctr"]["baseline"]
+        text += (f"\n\nThe same CTR model fed a perfect style encoder (evaluation only: each "
+                 f"vector is the one-hot of the planted style, the clusters are the styles; "
+                 f"seed {first}), against that seed's baseline:\n\n"
+                 "| mode | ΔAUC | ΔGAUC |\n| --- | ---: | ---: |\n" + "\n".join(
+                     f"| {m} | {(r['AUC'] - base['AUC']) * 100:+.2f} ({r['AUC']:.4f}) | "
+                     f"{(r['GAUC'] - base['GAUC']) * 100:+.2f} ({r['GAUC']:.4f}) |"
+                     for m, r in perfect.items()))
     times = {k: np.mean([r["courier_seconds"].get(k, np.nan) for r in per_seed.values()])
              for k in per_seed[first]["courier_seconds"]}
     text += ("\n\nCOURIER training time per run (s): " +

@@ -44,3 +44,9 @@ def test_new_items_go_to_the_nearest_centroid(tmp_path):
         clusters.load_or_fit(path, x, clusters.ClusterConfig(num_clusters=4))
     with pytest.raises(ValueError, match="cannot make"):
         clusters.fit(x[:5], clusters.ClusterConfig(num_clusters=8))
+
+
+def test_default_k_is_one_cluster_per_items_per_cluster():
+    x, _ = _blobs(np.random.default_rng(2))  # 1,600 vectors
+    assert clusters.fit(x, clusters.ClusterConfig(items_per_cluster=200)).num_clusters == 8
+    assert clusters.fit(x[:100], clusters.ClusterConfig()).num_clusters == 2  # at least 2

@@ -117,10 +117,11 @@ def test_target_attention_and_cross_layers_train(tiny_world, encoder_dir):
     assert "target_attention" in names and "cross_0" in names
 
 
-@pytest.mark.parametrize("mode", ["simscore", "cluster_id"])
+@pytest.mark.parametrize("mode", ["vector", "simscore", "cluster_id"])
 def test_image_feature_modes(mode, tiny_world, encoder_dir):
-    # Paper 002 App. B: SimScore feeds cos(item, history item) per history slot (Eq. B1);
-    # Cluster-ID feeds the nearest centroid's id, also for items added after k-means.
+    # Paper 002 App. B: Vector feeds the centred, re-normalised vectors; SimScore feeds
+    # cos(item, history item) per history slot (Eq. B1); Cluster-ID feeds the nearest centroid's
+    # id, also for items added after k-means.
     cfg = _cfg(tiny_world, image_feature_mode=mode)
     table = embeddings.for_encoder(encoder_dir, records.default_pattern(tiny_world, "catalog"),
                                    records.default_pattern(tiny_world, "queries"))
@@ -137,7 +138,15 @@ def test_image_feature_modes(mode, tiny_world, encoder_dir):
     parts, _, _, _ = model.image_features(batch, tf.constant(ids), tf.constant(mask))
     row = {int(i): r for r, i in enumerate(table.item_id)}
     vec = lambda i: table.item_vector[row[int(i)]] if int(i) in row else np.zeros(table.dim)  # noqa: E731
-    if mode == "simscore":
+    if mode == "vector":
+        mean = table.item_vector.mean(axis=0)
+        unit = lambda v: (v - mean) / np.linalg.norm(v - mean)  # noqa: E731
+        np.testing.assert_allclose(parts[0].numpy(), [unit(vec(i)) for i in batch["item_id"]],
+                                   atol=1e-5)
+        qrow = {int(q): r for r, q in enumerate(table.query_id)}
+        np.testing.assert_allclose(parts[1].numpy(), [unit(table.query_vector[qrow[int(q)]])
+                                                      for q in batch["query_id"]], atol=1e-5)
+    elif mode == "simscore":
         expected = np.array([[vec(h) @ vec(item) if m else 0.0 for h, m in zip(hs, ms)]
                              for item, hs, ms in zip(batch["item_id"], ids, mask)])
         expected = np.where(mask, (expected - model.score_shift) / model.score_scale, 0.0)
@@ -147,6 +156,9 @@ def test_image_feature_modes(mode, tiny_world, encoder_dir):
         got = model.images(tf.constant(table.item_id)).numpy()
         np.testing.assert_array_equal(got, centroids.assign(table.item_vector) + 1)
         assert int(model.images(tf.constant([-7], tf.int64))[0]) == 0  # unknown item
+        # The cluster embedding starts at the unit scale of the vectors it stands for.
+        rows = np.linalg.norm(model.cluster_embedding.embeddings.numpy(), axis=1)
+        assert 0.7 < rows.mean() < 1.3
         # A new item is assigned to its nearest centroid when a model is built on a table
         # that holds it, with the saved centroids.
         new = dataclasses.replace(table, item_id=np.append(table.item_id, 10**12),

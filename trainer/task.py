@@ -91,7 +91,7 @@ flags.DEFINE_string("encoders_dir", None,
 flags.DEFINE_enum("image_feature_mode", "vector", ["vector", "simscore", "cluster_id"],
                   "ctr: how image features enter the model (paper 002 App. B).")
 flags.DEFINE_integer("num_clusters", None, "cluster, ctr with cluster_id: k of k-means "
-                     "(default 256).")
+                     "(default: one cluster per 500 catalog items, as paper 002 §5's 600).")
 flags.DEFINE_string("image_model_dir", None, "The encoder of the image features (overrides "
                     "--encoders_dir/<image_features>).")
 flags.DEFINE_string("s1_model_dir", None, "debias: the S1 encoder that mines D's positives "
@@ -398,7 +398,6 @@ def run_ctr() -> None:
     from trainer.data import pipeline, records
     from trainer.features import clusters, embeddings
     from trainer.models import ctr, debias
-    from trainer.train import loop
     data_dir, model_dir = _require("data_dir"), _require("model_dir")
     train_cfg = _train_config()
     catalog = records.default_pattern(data_dir, "catalog")
@@ -448,20 +447,12 @@ def run_ctr() -> None:
     if images is not None and cfg.image_feature_mode == "cluster_id":
         centroids = clusters.load_or_fit(os.path.join(model_dir, "clusters.npz"),
                                          images.item_vector, _cluster_config())
-    vocabularies = ctr.vocabularies_for(model_dir, cfg)
-    task = ctr.CtrTask(cfg, vocabularies, train_cfg, images, positives, FLAGS.skip_bad_records,
-                       centroids)
     config = {"stage": FLAGS.stage, "data_dir": data_dir, "image_features": FLAGS.image_features,
               "encoder_dirs": encoder_dirs, "ctr": dataclasses.asdict(cfg)}
-    t0 = time.time()
-    last = loop.run(task, train_cfg, model_dir, config)
-    t_train = time.time() - t0
-    print(f"{FLAGS.stage}: trained to step {train_cfg.steps} in {model_dir} ({t_train:.0f}s); "
-          "last: " + ", ".join(f"{k}={v:.4g}" for k, v in last.items()))
-    model = ctr.restore(model_dir, cfg, vocabularies, images, positives, centroids)
-    metrics = ctr.evaluate(model, cfg, item_id, impressions, FLAGS.skip_bad_records)
+    metrics = ctr.train_and_evaluate(cfg, train_cfg, model_dir, item_id, impressions, images,
+                                     positives, centroids, FLAGS.skip_bad_records, config)
     metrics.update(image_features=FLAGS.image_features, debias=debias_cfg is not None,
-                   image_feature_mode=cfg.image_feature_mode, train_seconds=t_train)
+                   image_feature_mode=cfg.image_feature_mode)
     with open(os.path.join(model_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
     with tf.summary.create_file_writer(os.path.join(model_dir, "eval")).as_default():

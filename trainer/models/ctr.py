@@ -11,12 +11,17 @@
               vector:     v_p, the displayed item's image vector (through D and its gate in
                           S1+S2+D, as paper 000 describes for the item p), v_q, the query
                           photo's vector (paper 000: v_q = v^S2_q), and each history item's
-                          vector beside its id embedding
+                          vector beside its id embedding; all centred on the catalog's mean
+                          vector and re-normalised (input normalisation, App. B: COURIER's
+                          vectors fill a narrow cone, mean cosine 0.78, so uncentred the tower
+                          sees a large constant and small variations)
               simscore:   cos(v_p, v_click^k) for each of the l_click history items (Eq. B1)
                           and cos(v_p, v_q), standardised by the cosine's mean and spread
                           over random catalog pairs (0 for padding)
               cluster_id: the nearest k-means centroid's id (`trainer.features.clusters`) of the
-                          item, the query photo and each history item, embedded like an id
+                          item, the query photo and each history item, embedded like an id, from
+                          unit-norm initial embeddings (the scale of the image vector they stand
+                          for; at Keras' default +-0.05 they stayed where they started)
     tower     concatenation -> MLP 512-256-128 ReLU -> logit; p = sigmoid(logit)
 
 Loss: `tfrs.tasks.Ranking` with binary cross-entropy (L_pred of Eq. 4), plus L_D (Eq. 3,
@@ -27,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import time
 from typing import Optional
 
 import numpy as np
@@ -134,14 +140,19 @@ class Vocabularies:
 
 
 class ImageTable(tf_keras.layers.Layer):
-    """Frozen id -> image vector lookup: row 0 (ids missing from the table) is zeros."""
+    """Frozen id -> image vector lookup: row 0 (ids missing from the table) is zeros. With
+    `center`, the vectors are stored as unit(v - center)."""
 
-    def __init__(self, ids: np.ndarray, vectors: np.ndarray, **kwargs):
+    def __init__(self, ids: np.ndarray, vectors: np.ndarray, center: Optional[np.ndarray] = None,
+                 **kwargs):
         super().__init__(**kwargs)
         self.lookup = tf_keras.layers.IntegerLookup(vocabulary=np.asarray(ids, np.int64),
                                                     num_oov_indices=1, mask_token=None)
-        table = np.concatenate([np.zeros([1, vectors.shape[1]], np.float32),
-                                np.asarray(vectors, np.float32)])
+        vectors = np.asarray(vectors, np.float32)
+        if center is not None:
+            vectors = vectors - center
+            vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        table = np.concatenate([np.zeros([1, vectors.shape[1]], np.float32), vectors])
         self.table = self.add_weight(
             "vectors", shape=table.shape, trainable=False,
             initializer=tf_keras.initializers.Constant(table))
@@ -224,13 +235,20 @@ class CtrModel(tfrs.Model):
             if cfg.query_image:
                 self.queries = ClusterTable(images.query_id, images.query_vector,
                                             clusters.centroids, name="query_clusters")
+            dim = cfg.embedding_dims.get("cluster_id", cfg.embedding_dim)
+            # Unit expected norm, as the image vector a cluster id stands for: at Keras' default
+            # (+-0.05) the item-query and item-history matches were not learned in a run's epoch,
+            # even with the planted style as the cluster id (README, Table B1).
             self.cluster_embedding = tf_keras.layers.Embedding(
-                clusters.num_clusters + 1, cfg.embedding_dims.get("cluster_id", cfg.embedding_dim),
-                name="cluster_embedding")
+                clusters.num_clusters + 1, dim, name="cluster_embedding",
+                embeddings_initializer=tf_keras.initializers.RandomNormal(stddev=dim ** -0.5))
         elif images is not None:
-            self.images = ImageTable(images.item_id, images.item_vector, name="item_images")
+            center = images.item_vector.mean(axis=0) if mode == "vector" else None
+            self.images = ImageTable(images.item_id, images.item_vector, center,
+                                     name="item_images")
             if cfg.query_image:
-                self.queries = ImageTable(images.query_id, images.query_vector, name="query_images")
+                self.queries = ImageTable(images.query_id, images.query_vector, center,
+                                          name="query_images")
             if mode == "simscore":
                 # Standardise the cosines by their spread over random catalog pairs (App. B:
                 # input normalisation matters): an encoder whose vectors fill a narrow cone
@@ -480,3 +498,24 @@ def evaluate(model: CtrModel, cfg: CtrConfig, catalog_item_id: np.ndarray,
     impressions = catalog_impressions[order][pos]
     return ctr_metrics.ctr_metrics(pred["label"], pred["score"], pred["page_id"],
                                    pred["item_id"], impressions)
+
+
+def train_and_evaluate(cfg: CtrConfig, train_cfg: loop.TrainConfig, model_dir: str,
+                       catalog_item_id: np.ndarray, catalog_impressions: np.ndarray,
+                       images: Optional[embeddings_lib.EmbeddingTable] = None,
+                       positives: Optional[tuple[np.ndarray, np.ndarray]] = None,
+                       clusters: Optional[clusters_lib.Clusters] = None,
+                       skip_bad_records: bool = False, config: Optional[dict] = None) -> dict:
+    """Trains the CTR model into `model_dir` (resuming from its checkpoint) and evaluates its
+    latest checkpoint on the test day: `evaluate`'s metrics plus `train_seconds`. `config` is
+    written to the model dir's config.json."""
+    vocabularies = vocabularies_for(model_dir, cfg)
+    task = CtrTask(cfg, vocabularies, train_cfg, images, positives, skip_bad_records, clusters)
+    t0 = time.time()
+    last = loop.run(task, train_cfg, model_dir, config or {"ctr": dataclasses.asdict(cfg)})
+    seconds = time.time() - t0
+    print(f"{task.name}: trained to step {train_cfg.steps} in {model_dir} ({seconds:.0f}s); "
+          "last: " + ", ".join(f"{k}={v:.4g}" for k, v in last.items()))
+    model = restore(model_dir, cfg, vocabularies, images, positives, clusters)
+    metrics = evaluate(model, cfg, catalog_item_id, catalog_impressions, skip_bad_records)
+    return {**metrics, "train_seconds": seconds}
