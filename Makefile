@@ -52,7 +52,7 @@ repro-courier: $(VENV)/.installed $(DATA)/$(WORLD)/manifest.json
 # Paper 002 Fig. 3: downstream CTR gain against COURIER's temperature (reuses repro-courier's runs).
 sweep-tau: $(VENV)/.installed $(DATA)/$(WORLD)/manifest.json
 	$(PY) scripts/sweep_tau.py --data_dir=$(DATA)/$(WORLD) --visual_dir=$(RUNS)/visual \
-	  --out_dir=$(RUNS)/courier --seed=$(SEED)
+	  --out_dir=$(RUNS)/courier --seeds=$(shell echo $(SEEDS) | tr ' ' ',')
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests

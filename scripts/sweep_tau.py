@@ -4,10 +4,11 @@ For each tau: trains COURIER from the seed's S1 encoder with `--temperature=tau`
 model with its features in the simscore mode (as the paper does for this sweep: "much faster"
 than Cluster-ID), and reports delta AUC and delta GAUC against the CTR model without image
 features. Runs that `repro_courier.py` already made with the same settings (the baseline, and
-tau = 0.05) are reused. Prints the table, draws fig3.png and writes fig3.md.
+tau = 0.05) are reused. With several seeds, each point is the mean with the half-range as its
+error bar. Prints the table, draws fig3.png and writes fig3.md.
 
   python scripts/sweep_tau.py --data_dir=data/small --visual_dir=runs/visual \
-      --out_dir=runs/courier --taus=0.02,0.05,0.1,0.2,0.5
+      --out_dir=runs/courier --seeds=0,1 --taus=0.02,0.05,0.1,0.2,0.5
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import json
 import os
 import sys
 import time
+
+import numpy as np
 
 from repro_courier import ensure_s1
 from repro_visual import _run, write_report
@@ -31,27 +34,17 @@ def _ctr(base: list, model_dir: str, extra: list, log: str) -> dict:
         return json.load(f)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data_dir", required=True)
-    p.add_argument("--visual_dir", default="runs/visual")
-    p.add_argument("--out_dir", default="runs/courier",
-                   help="repro_courier.py's output: its baseline and tau=0.05 runs are reused.")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--taus", default="0.02,0.05,0.1,0.2,0.5")
-    p.add_argument("--courier_steps", type=int, default=200)
-    p.add_argument("--ctr_steps", type=int, default=470)
-    a = p.parse_args()
-    t0 = time.time()
-    out = os.path.join(a.out_dir, f"seed{a.seed}")
+def sweep_seed(a, seed: int) -> dict:
+    """{tau: (ΔAUC, ΔGAUC, AUC, GAUC)} of one seed, percentage points against its baseline."""
+    out = os.path.join(a.out_dir, f"seed{seed}")
     os.makedirs(out, exist_ok=True)
     log = os.path.join(out, "log.txt")
-    base = [sys.executable, "-m", "trainer.task", f"--data_dir={a.data_dir}", f"--seed={a.seed}"]
-    s1 = ensure_s1(a.data_dir, a.visual_dir, a.seed, log)
+    base = [sys.executable, "-m", "trainer.task", f"--data_dir={a.data_dir}", f"--seed={seed}"]
+    s1 = ensure_s1(a.data_dir, a.visual_dir, seed, log)
     steps = [f"--train_steps={a.ctr_steps}"]
     baseline = _ctr(base, os.path.join(out, "ctr", "baseline"), steps + ["--image_features=none"],
                     log)
-    rows = []
+    rows = {}
     for tau in [float(t) for t in a.taus.split(",")]:
         name = "courier" if tau == DEFAULT_TAU else f"courier_tau{tau:g}"
         model_dir = os.path.join(out, name)
@@ -61,31 +54,58 @@ def main() -> None:
         m = _ctr(base, os.path.join(out, "ctr", ctr_dir),
                  steps + ["--image_features=courier", f"--image_model_dir={model_dir}",
                           "--image_feature_mode=simscore"], log)
-        rows.append((tau, (m["AUC"] - baseline["AUC"]) * 100, (m["GAUC"] - baseline["GAUC"]) * 100,
-                     m["AUC"], m["GAUC"]))
-        print(f"tau {tau:g}: ΔAUC {rows[-1][1]:+.2f} ΔGAUC {rows[-1][2]:+.2f}", flush=True)
-    lines = [f"COURIER temperature sweep (paper 002 Fig. 3), seed {a.seed}, simscore features: "
-             f"change against the CTR model without image features (AUC {baseline['AUC']:.4f}, "
-             f"GAUC {baseline['GAUC']:.4f}), percentage points.", "",
-             "| tau | ΔAUC | ΔGAUC | AUC | GAUC |", "| ---: | ---: | ---: | ---: | ---: |"]
-    lines += [f"| {t:g} | {d:+.2f} | {g:+.2f} | {auc:.4f} | {gauc:.4f} |"
-              for t, d, g, auc, gauc in rows]
-    best = max(rows, key=lambda r: r[1])
-    lines += ["", f"Best tau by ΔAUC: {best[0]:g} (the paper's: 0.05).",
+        rows[tau] = ((m["AUC"] - baseline["AUC"]) * 100, (m["GAUC"] - baseline["GAUC"]) * 100,
+                     m["AUC"], m["GAUC"])
+        print(f"seed {seed}, tau {tau:g}: ΔAUC {rows[tau][0]:+.2f} ΔGAUC {rows[tau][1]:+.2f}",
+              flush=True)
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data_dir", required=True)
+    p.add_argument("--visual_dir", default="runs/visual")
+    p.add_argument("--out_dir", default="runs/courier",
+                   help="repro_courier.py's output: its baseline and tau=0.05 runs are reused.")
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--taus", default="0.02,0.05,0.1,0.2,0.5")
+    p.add_argument("--courier_steps", type=int, default=200)
+    p.add_argument("--ctr_steps", type=int, default=470)
+    a = p.parse_args()
+    t0 = time.time()
+    seeds = [int(s) for s in a.seeds.split(",")]
+    per_seed = {seed: sweep_seed(a, seed) for seed in seeds}
+    taus = list(per_seed[seeds[0]])
+    # [tau, seed, (ΔAUC, ΔGAUC, AUC, GAUC)]
+    v = np.array([[per_seed[s][t] for s in seeds] for t in taus])
+    mean, half = v.mean(axis=1), (v.max(axis=1) - v.min(axis=1)) / 2
+
+    def cell(i, j, raw):
+        spread = f" ± {half[i, j]:.2f}" if len(seeds) > 1 else ""
+        return f"{mean[i, j]:+.2f}{spread} ({mean[i, raw]:.4f})"
+
+    lines = [f"COURIER temperature sweep (paper 002 Fig. 3), simscore features, seeds "
+             f"{', '.join(map(str, seeds))}: change against the CTR model without image features "
+             "in percentage points (mean ± half-range over seeds; raw means in parentheses).", "",
+             "| tau | ΔAUC | ΔGAUC |", "| ---: | ---: | ---: |"]
+    lines += [f"| {t:g} | {cell(i, 0, 2)} | {cell(i, 1, 3)} |" for i, t in enumerate(taus)]
+    best = taus[int(mean[:, 0].argmax())]
+    lines += ["", f"Best tau by mean ΔAUC: {best:g} (the paper's: 0.05).",
               f"\nTotal time: {(time.time() - t0) / 60:.1f} min."]
-    _plot(rows, os.path.join(a.out_dir, "fig3.png"))
+    _plot(taus, mean, half, os.path.join(a.out_dir, "fig3.png"))
     write_report("\n".join(lines), os.path.join(a.out_dir, "fig3.md"))
 
 
-def _plot(rows: list, path: str) -> None:
+def _plot(taus: list, mean: np.ndarray, half: np.ndarray, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    taus = [r[0] for r in rows]
-    ax.plot(taus, [r[1] for r in rows], "o-", label="ΔAUC")
-    ax.plot(taus, [r[2] for r in rows], "s--", label="ΔGAUC")
+    for j, (label, fmt) in enumerate((("ΔAUC", "o-"), ("ΔGAUC", "s--"))):
+        ax.errorbar(taus, mean[:, j], yerr=half[:, j], fmt=fmt, capsize=3, label=label)
     ax.set_xscale("log")
+    ax.set_xticks(taus, [f"{t:g}" for t in taus])
+    ax.minorticks_off()
     ax.set_xlabel("tau")
     ax.set_ylabel("change (%)")
     ax.axhline(0, color="grey", lw=0.5)
