@@ -49,8 +49,9 @@ def _train(task, train_cfg, model_dir, enc_cfg):
 
 
 def test_s1_s2_beats_a_random_encoder_and_every_stage_runs(tiny_world, tmp_path):
-    # Deterministic: the tiny world's 60 judged queries make HR noisy between runs.
-    s1_train = loop.TrainConfig(steps=200, global_batch_size=64, learning_rate=2e-3,
+    # Deterministic: the tiny world's 60 judged queries make HR noisy between runs. S1 needs about
+    # 400 steps here: at 200 its HR was still that of a random encoder (0.27 vs 0.27; 0.40 at 400).
+    s1_train = loop.TrainConfig(steps=400, global_batch_size=64, learning_rate=2e-3,
                                 warmup_steps=5, checkpoint_interval=100, log_interval=100,
                                 deterministic=True)
     s2_train = dataclasses.replace(s1_train, steps=100, global_batch_size=32, learning_rate=5e-4)
@@ -70,7 +71,9 @@ def test_s1_s2_beats_a_random_encoder_and_every_stage_runs(tiny_world, tmp_path)
                for name, enc in [("random", random), ("s1", s1), ("s1s2", s1s2),
                                  ("resnet_c", resnet_c)]}
     print(json.dumps(metrics, indent=1))
-    assert metrics["s1s2"]["HR"] > metrics["random"]["HR"] + 0.05
+    # Measured: random 0.27, S1 0.40, S1+S2 0.58 (random seeds 1, 2 give 0.19, 0.21).
+    assert metrics["s1"]["HR"] > metrics["random"]["HR"] + 0.05
+    assert metrics["s1s2"]["HR"] > metrics["s1"]["HR"] + 0.05
     for m in metrics.values():
         assert 0 <= m["HR"] <= 1 and m["queries"] > 0
 
