@@ -21,11 +21,18 @@ Stages:
   cluster   faiss k-means over an encoder's catalog embeddings: --model_dir/clusters.npz and each
             item's cluster id (paper 002 App. B); ctr --image_feature_mode=cluster_id fits its own
             unless its model dir already holds clusters.npz
+  embed     catalog batch encoding with an exported encoder (--export_dir, from export.encoder):
+            embeddings, a faiss index and cluster ids against --centroids into --model_dir
+            (default DATA_DIR/catalog_embeddings); sharded by file across --num_workers processes
+            (or TF_CONFIG's workers), resumable by chunk
+
+Exports for TF Serving: python -m export.encoder / python -m export.ctr.
 
 Only this module parses flags; the stages call library code with typed configs.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -37,7 +44,7 @@ from absl import app, flags
 
 FLAGS = flags.FLAGS
 STAGES = ("synth", "inspect", "validate", "pretrain", "finetune", "classify", "eval_search",
-          "ctr", "debias", "courier", "cluster")
+          "ctr", "debias", "courier", "cluster", "embed")
 TRAINING_STAGES = ("pretrain", "finetune", "classify", "ctr", "debias", "courier")
 IMAGE_FEATURES = ("none", "resnet_c", "s1", "s2", "s1s2", "courier")
 COURIER_ABLATIONS = ("no_ucs", "no_contrast", "self_attention", "no_neg_pv", "projection_head")
@@ -107,6 +114,15 @@ flags.DEFINE_integer("num_similar", None, "debias: K, similar low-impression ite
 flags.DEFINE_float("debias_weight", None, "debias: weight of L_D in Eq. 4 (default 1).")
 flags.DEFINE_bool("random_init", False,
                   "eval_search: evaluate an untrained encoder (architecture from the flags).")
+flags.DEFINE_string("export_dir", None, "embed: the encoder export (base path: latest version; "
+                    "or a version dir) from python -m export.encoder.")
+flags.DEFINE_string("centroids", None, "embed: clusters.npz to assign cluster ids with (from "
+                    "--stage=cluster or a cluster_id CTR model dir).")
+flags.DEFINE_enum("index_type", "flat", ["flat", "ivf"], "embed: faiss index of the catalog.")
+flags.DEFINE_integer("num_workers", None, "embed: processes sharing the catalog (default: from "
+                     "TF_CONFIG, else 1).")
+flags.DEFINE_integer("worker_index", None, "embed: this process's index (default: from "
+                     "TF_CONFIG, else 0).")
 flags.mark_flag_as_required("stage")
 
 
@@ -496,6 +512,40 @@ def run_cluster() -> None:
     print(f"wrote {path} and {os.path.join(model_dir, 'cluster_ids.npz')}")
 
 
+def _worker() -> tuple[int, int]:
+    """(num_workers, worker_index) from the flags, else TF_CONFIG's worker list, else (1, 0)."""
+    num, index = FLAGS.num_workers, FLAGS.worker_index
+    tf_config = json.loads(os.environ.get("TF_CONFIG", "{}"))
+    if num is None:
+        cluster = tf_config.get("cluster", {})
+        num = len(cluster.get("chief", [])) + len(cluster.get("worker", [])) or 1
+    if index is None:
+        task = tf_config.get("task", {})
+        index = (task.get("index", 0) + (1 if task.get("type") == "worker" and
+                                         tf_config.get("cluster", {}).get("chief") else 0)
+                 if task else 0)
+    return num, index
+
+
+def run_embed() -> None:
+    """Catalog batch encoding with the exported encoder: embeddings, faiss index, cluster ids."""
+    from trainer.data import records
+    from trainer.features import catalog_embed
+    data_dir = _require("data_dir")
+    num_workers, worker_index = _worker()
+    cfg = catalog_embed.CatalogEmbedConfig(
+        catalog_pattern=records.default_pattern(data_dir, "catalog"),
+        encoder_export=_require("export_dir"),
+        out_dir=FLAGS.model_dir or os.path.join(data_dir, "catalog_embeddings"),
+        num_workers=num_workers, worker_index=worker_index, centroids=FLAGS.centroids,
+        index=FLAGS.index_type, **({"batch_size": FLAGS.batch_size} if FLAGS.batch_size else {}))
+    result = catalog_embed.run(cfg)
+    print(json.dumps(result, indent=1))
+    if worker_index == 0:
+        print(f"embed: {result['items']} catalog items -> {cfg.out_dir}/embeddings.npz, "
+              f"{cfg.out_dir}/catalog.faiss ({cfg.index})")
+
+
 def main(argv) -> None:
     del argv
     # Orbit prints its own progress lines; its INFO logs would repeat them.
@@ -504,7 +554,8 @@ def main(argv) -> None:
     runners = {"synth": run_synth, "inspect": run_inspect, "validate": run_validate,
                "eval_search": run_eval_search}
     runners.update({s: run_training for s in ("pretrain", "finetune", "classify")})
-    runners.update(ctr=run_ctr, debias=run_ctr, courier=run_training, cluster=run_cluster)
+    runners.update(ctr=run_ctr, debias=run_ctr, courier=run_training, cluster=run_cluster,
+                   embed=run_embed)
     runners[FLAGS.stage]()
 
 

@@ -139,7 +139,12 @@ class RecordParser:
         return spec
 
     def __call__(self, names: tf.Tensor, serialized: tf.Tensor) -> dict:
-        raw = tf.io.parse_example(serialized, self.parse_spec(), example_names=names)
+        return self.from_raw(names, tf.io.parse_example(serialized, self.parse_spec(),
+                                                        example_names=names))
+
+    def from_raw(self, names: tf.Tensor, raw: dict) -> dict:
+        """Checks and densifies parsed values: scalars [B], lists as `tf.RaggedTensor` [B, None]
+        (what `parse_example` gives; also how a serving signature passes raw request values)."""
         checks = []
         for f in self.specs:
             checks += self._check_values(f, raw[f.name], names)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import os
 import time
 from typing import Optional
@@ -40,7 +41,7 @@ import tensorflow as tf
 import tensorflow_recommenders as tfrs
 import tf_keras
 
-from trainer.data import pipeline
+from trainer.data import pipeline, schema
 from trainer.eval import ctr_metrics
 from trainer.features import clusters as clusters_lib
 from trainer.features import embeddings as embeddings_lib
@@ -197,17 +198,16 @@ class CtrModel(tfrs.Model):
                  positives: Optional[tuple[np.ndarray, np.ndarray]] = None,
                  clusters: Optional[clusters_lib.Clusters] = None):
         """images: the encoder's table (None: no image features). positives: D's (neighbour rows,
-        weights) over `images.item_id` rows (`debias.mine_positives`), needed with cfg.debias.
+        weights) over `images.item_id` rows (`debias.mine_positives`), needed to train with D.
         clusters: the k-means centroids, needed in the 'cluster_id' mode."""
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.vocabularies = cfg, vocabularies
         mode = cfg.image_feature_mode
         if mode not in IMAGE_FEATURE_MODES:
             raise ValueError(f"image_feature_mode must be one of {IMAGE_FEATURE_MODES}, got "
                              f"'{mode}'")
-        if cfg.debias is not None and (images is None or positives is None or mode != "vector"):
-            raise ValueError("D needs image vectors (image_feature_mode 'vector') and mined "
-                             "positives")
+        if cfg.debias is not None and (images is None or mode != "vector"):
+            raise ValueError("D needs image vectors (image_feature_mode 'vector')")
         if images is not None and mode == "cluster_id" and clusters is None:
             raise ValueError("image_feature_mode 'cluster_id' needs k-means centroids")
         self.lookups, self.id_embeddings = {}, {}
@@ -258,8 +258,10 @@ class CtrModel(tfrs.Model):
                 i, j = rng.integers(0, len(v), [2, 20000])
                 cos = np.sum(v[i] * v[j], axis=1)
                 self.score_shift, self.score_scale = float(cos.mean()), float(cos.std() + 1e-6)
+        self.positive_rows = None  # D's mined positives: training only (L_D), not inference
         if cfg.debias is not None:
             self.debias = debias_lib.DebiasNetwork(cfg.debias, images.dim, name="debias")
+        if cfg.debias is not None and positives is not None:
             rows, weights = positives
             # In ImageTable row numbering: catalog row r is row r + 1, row 0 has no positives.
             self.positive_rows = tf.constant(np.concatenate(
@@ -379,6 +381,8 @@ class CtrModel(tfrs.Model):
         out = {"pred_loss": contrastive.global_mean(per_example)}
         total = out["pred_loss"]
         if self.debias is not None:
+            if self.positive_rows is None:
+                raise ValueError("training with D needs its mined positives")
             anchors = self.images.rows(batch["item_id"])
             positives, has = debias_lib.sample_positives(
                 tf.gather(self.positive_rows, anchors), tf.gather(self.positive_weights, anchors))
@@ -397,6 +401,19 @@ def _dummy_batch(spec: dict) -> dict:
     """A batch of one all-zero (all-True mask) example of the element spec."""
     return {k: tf.ones([1] + s.shape[1:].as_list(), s.dtype) if s.dtype == tf.bool
             else tf.zeros([1] + s.shape[1:].as_list(), s.dtype) for k, s in spec.items()}
+
+
+def _schema_batch() -> dict:
+    """A batch of one all-zero `ctr` example as the pipeline gives it."""
+    out = {}
+    for f in schema.CTR.features:
+        dtype = tf.float32 if f.dtype == schema.FLOAT else tf.int64
+        if f.is_list:
+            out[f.name] = tf.zeros([1, f.max_len], dtype)
+            out[f.name + "_mask"] = tf.ones([1, f.max_len], tf.bool)
+        else:
+            out[f.name] = tf.zeros([1], dtype)
+    return out
 
 
 def _masked_mean(x: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
@@ -474,7 +491,11 @@ def restore(model_dir: str, cfg: CtrConfig, vocabularies: Vocabularies,
             positives: Optional[tuple[np.ndarray, np.ndarray]] = None,
             clusters: Optional[clusters_lib.Clusters] = None) -> CtrModel:
     """The trained model of `model_dir` (its latest checkpoint)."""
-    model = CtrModel(cfg, vocabularies, images, positives, clusters)
+    return restore_into(CtrModel(cfg, vocabularies, images, positives, clusters), model_dir)
+
+
+def restore_into(model: CtrModel, model_dir: str) -> CtrModel:
+    """`model` with the weights of `model_dir`'s latest checkpoint."""
     prefix = tf.train.latest_checkpoint(os.path.join(model_dir, "ckpt"))
     if not prefix:
         raise FileNotFoundError(f"no checkpoint in {model_dir}/ckpt")
@@ -519,3 +540,49 @@ def train_and_evaluate(cfg: CtrConfig, train_cfg: loop.TrainConfig, model_dir: s
     model = restore(model_dir, cfg, vocabularies, images, positives, clusters)
     metrics = evaluate(model, cfg, catalog_item_id, catalog_impressions, skip_bad_records)
     return {**metrics, "train_seconds": seconds}
+
+
+def config_from_dict(d: dict) -> CtrConfig:
+    """A `CtrConfig` from its `dataclasses.asdict` form (a model dir's config.json)."""
+    d = dict(d)
+    if d.get("debias") is not None:
+        d["debias"] = debias_lib.DebiasConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                                 for k, v in d["debias"].items()})
+    d["tower_units"] = tuple(d["tower_units"])
+    return CtrConfig(**d)
+
+
+def load_trained(model_dir: str) -> CtrModel:
+    """The trained CTR model of a `ctr`/`debias` stage's model dir, rebuilt from what the dir
+    records: config.json, vocabularies.npz, clusters.npz (cluster_id mode) and the image-feature
+    encoder's embedding table (`encoder_dirs` in config.json), then its latest checkpoint.
+
+    The checkpoint holds the image and cluster tables the model was trained with; they must equal
+    the ones rebuilt from the encoder's table, or that table has changed since (a retrained
+    encoder, other data) and the ids would map to other vectors: that raises.
+    """
+    with tf.io.gfile.GFile(os.path.join(model_dir, "config.json")) as f:
+        config = json.load(f)
+    if "ctr" not in config:
+        raise ValueError(f"{model_dir}/config.json is not a CTR model's (no 'ctr' section)")
+    cfg = config_from_dict(config["ctr"])
+    vocabularies = Vocabularies.load(os.path.join(model_dir, "vocabularies.npz"))
+    images = clusters = None
+    if config.get("image_features", "none") != "none":
+        encoder_dir = config.get("encoder_dirs", {}).get("image")
+        if not encoder_dir:
+            raise ValueError(f"{model_dir}/config.json names no image-feature encoder dir")
+        images = embeddings_lib.load(os.path.join(encoder_dir, embeddings_lib.FILE))
+        if cfg.image_feature_mode == "cluster_id":
+            clusters = clusters_lib.Clusters.load(os.path.join(model_dir, "clusters.npz"))
+    model = CtrModel(cfg, vocabularies, images, None, clusters)
+    model(_schema_batch(), training=False)  # variables before the restore
+    tables = [t for t in (model.images, model.queries) if t is not None]
+    built = [t.table.numpy() for t in tables]
+    restore_into(model, model_dir)
+    for t, before in zip(tables, built):
+        if not np.allclose(t.table.numpy(), before, atol=1e-5):
+            raise ValueError(f"{model_dir}: the '{t.name}' table in the checkpoint differs from "
+                             f"the one rebuilt from {encoder_dir}/{embeddings_lib.FILE}: that "
+                             "encoder's embeddings changed after this model was trained")
+    return model

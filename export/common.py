@@ -1,0 +1,107 @@
+"""What both exports share: numbered version directories written atomically, TF Serving warmup
+records, and the export's provenance.
+
+TF Serving watches a model's base path and loads the highest numeric subdirectory, so a version
+is written under a temporary name and renamed into place once complete: the server never sees a
+half-written model.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from typing import Iterable, Mapping, Optional
+
+import numpy as np
+import tensorflow as tf
+from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
+
+WARMUP_FILE = "tf_serving_warmup_requests"
+MAX_WARMUP_RECORDS = 1000  # TF Serving reads at most this many
+
+
+def versions(export_dir: str) -> list[int]:
+    """The numeric version subdirectories of `export_dir`, ascending."""
+    if not tf.io.gfile.isdir(export_dir):
+        return []
+    return sorted(int(d.rstrip("/")) for d in tf.io.gfile.listdir(export_dir)
+                  if re.fullmatch(r"\d+/?", d))
+
+
+def latest_version_dir(export_dir: str) -> str:
+    """The highest-numbered version of an export, as TF Serving would load it."""
+    found = versions(export_dir)
+    if not found:
+        raise FileNotFoundError(f"{export_dir} holds no numbered SavedModel version "
+                                "(export one with python -m export.encoder / export.ctr)")
+    return os.path.join(export_dir, str(found[-1]))
+
+
+def predict_request(model_name: str, signature: str,
+                    inputs: Mapping[str, np.ndarray]) -> predict_pb2.PredictRequest:
+    """A `PredictRequest` for one signature with numpy inputs."""
+    request = predict_pb2.PredictRequest(
+        model_spec=model_pb2.ModelSpec(name=model_name, signature_name=signature))
+    for name, value in inputs.items():
+        request.inputs[name].CopyFrom(tf.make_tensor_proto(value))
+    return request
+
+
+def warmup_logs(requests: Iterable[predict_pb2.PredictRequest]) -> list:
+    return [prediction_log_pb2.PredictionLog(
+        predict_log=prediction_log_pb2.PredictLog(request=r)) for r in requests]
+
+
+def save(module: tf.Module, signatures: dict, export_dir: str, warmup: list, info: dict,
+         version: Optional[int] = None) -> str:
+    """Saves `module` with `signatures` as version `version` (default: latest + 1) of
+    `export_dir`, with `assets.extra/tf_serving_warmup_requests` (the `PredictionLog`s of
+    `warmup`) and `assets.extra/export_info.json`. Returns the version directory."""
+    if len(warmup) > MAX_WARMUP_RECORDS:
+        raise ValueError(f"{len(warmup)} warmup records; TF Serving reads at most "
+                         f"{MAX_WARMUP_RECORDS}")
+    version = version if version is not None else (versions(export_dir) or [0])[-1] + 1
+    final = os.path.join(export_dir, str(version))
+    if tf.io.gfile.exists(final):
+        raise FileExistsError(f"{final} exists; versions are immutable (choose another "
+                              "--version or leave it unset for the next one)")
+    tmp = os.path.join(export_dir, f".tmp-{version}-{os.getpid()}")
+    if tf.io.gfile.exists(tmp):
+        tf.io.gfile.rmtree(tmp)
+    tf.saved_model.save(module, tmp, signatures=signatures)
+    extra = os.path.join(tmp, "assets.extra")
+    tf.io.gfile.makedirs(extra)
+    with tf.io.TFRecordWriter(os.path.join(extra, WARMUP_FILE)) as w:
+        for log in warmup:
+            w.write(log.SerializeToString())
+    with tf.io.gfile.GFile(os.path.join(extra, "export_info.json"), "w") as f:
+        json.dump({**info, "version": version, "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                   "tensorflow": tf.__version__}, f, indent=2)
+    tf.io.gfile.rename(tmp, final)
+    return final
+
+
+def read_warmup(version_dir: str) -> list:
+    """The `PredictionLog`s of an export's warmup file."""
+    path = os.path.join(version_dir, "assets.extra", WARMUP_FILE)
+    out = []
+    for i, record in enumerate(tf.data.TFRecordDataset(path).as_numpy_iterator()):
+        log = prediction_log_pb2.PredictionLog()
+        try:
+            log.ParseFromString(record)
+        except Exception as e:  # noqa: BLE001  (protobuf's DecodeError)
+            raise ValueError(f"{path}:{i}: not a PredictionLog: {e}") from e
+        out.append(log)
+    return out
+
+
+def run_request(loaded, request: predict_pb2.PredictRequest) -> dict:
+    """Runs a `PredictRequest` against a `tf.saved_model.load`ed model as TF Serving would:
+    {output name: numpy array}."""
+    name = request.model_spec.signature_name or "serving_default"
+    if name not in loaded.signatures:
+        raise KeyError(f"the model has no signature '{name}' (it has "
+                       f"{sorted(loaded.signatures)})")
+    inputs = {k: tf.constant(tf.make_ndarray(v)) for k, v in request.inputs.items()}
+    return {k: v.numpy() for k, v in loaded.signatures[name](**inputs).items()}

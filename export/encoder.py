@@ -1,0 +1,123 @@
+"""Encoder SavedModel for TF Serving: `python -m export.encoder --model_dir=M --export_dir=E`.
+
+Exports the encoder of a trained `pretrain`/`finetune`/`classify`/`courier` model dir (paper 000
+§3.1, paper 002 §3.2: the vector v that every image feature comes from) as version N+1 of E.
+
+Signatures (batch dimension None):
+  encode_images (= serving_default): images [None] string, encoded JPEG/PNG/GIF/BMP of any size
+      -> embedding [None, D] float32, L2-normalised. Decoding and resizing (antialiased bilinear,
+      as in training) run inside, on the CPU; a request that is not an image fails naming its
+      index ('request:<i>').
+  encode_pixels: pixels [None, S, S, 3] float32 in [0, 1] -> embedding [None, D].
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from export import common
+from trainer.data import parse, schema
+from trainer.models import encoder as encoder_lib
+
+SIGNATURES = ("encode_images", "encode_pixels")
+WARMUP_BATCH_SIZES = (1, 8, 32)
+
+
+def request_names(n: tf.Tensor) -> tf.Tensor:
+    """'request:<i>' names of a request's rows, for error messages."""
+    return parse.record_names(tf.constant("request"), tf.range(tf.cast(n, tf.int64)))
+
+
+class EncoderServing(tf.Module):
+    """The encoder behind the two serving signatures."""
+
+    def __init__(self, encoder: encoder_lib.Encoder):
+        super().__init__(name="encoder_serving")
+        self.encoder = encoder
+        size = encoder.cfg.image_size
+        # The catalog schema's image check (magic bytes), so bad bytes fail with the row named.
+        self._check = parse.RecordParser(schema.CATALOG, image_size=size, features=["image"],
+                                         decode=False)
+        self.encode_images = tf.function(self._encode_images, input_signature=[
+            tf.TensorSpec([None], tf.string, name="images")])
+        self.encode_pixels = tf.function(self._encode_pixels, input_signature=[
+            tf.TensorSpec([None, size, size, 3], tf.float32, name="pixels")])
+
+    def _encode_images(self, images):
+        names = request_names(tf.shape(images)[0])
+        checked = self._check.from_raw(names, {"image": images})["image"]
+        with tf.device("/cpu:0"):
+            pixels = parse.decode_images(checked, self.encoder.cfg.image_size)
+        return self._encode_pixels(pixels)
+
+    def _encode_pixels(self, pixels):
+        return {"embedding": self.encoder(pixels, training=False)}
+
+    def signatures(self) -> dict:
+        images = self.encode_images.get_concrete_function()
+        return {"serving_default": images, "encode_images": images,
+                "encode_pixels": self.encode_pixels.get_concrete_function()}
+
+
+def sample_images(n: int, size: int, seed: int = 0) -> list[bytes]:
+    """`n` PNG-encoded smooth random images of `size` x `size`: warmup and test requests that
+    need no data set."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        small = rng.uniform(0, 255, [4, 4, 3]).astype(np.float32)
+        img = tf.image.resize(small[None], [size, size])[0]
+        out.append(tf.io.encode_png(tf.cast(tf.clip_by_value(img, 0, 255), tf.uint8)).numpy())
+    return out
+
+
+def warmup_requests(image_size: int, model_name: str = "encoder") -> list:
+    """`PredictRequest`s over both signatures at the warmup batch sizes."""
+    requests = []
+    for b in WARMUP_BATCH_SIZES:
+        images = sample_images(b, image_size, seed=b)
+        requests.append(common.predict_request(model_name, "encode_images",
+                                               {"images": np.array(images, dtype=object)}))
+        pixels = tf.io.decode_png(images[0]).numpy().astype(np.float32) / 255.0
+        requests.append(common.predict_request(
+            model_name, "encode_pixels", {"pixels": np.repeat(pixels[None], b, axis=0)}))
+    return requests
+
+
+def export(model_dir: str, export_dir: str, version: int | None = None,
+           model_name: str = "encoder") -> str:
+    """Exports the trained encoder of `model_dir`; returns the version directory."""
+    encoder = encoder_lib.restore(model_dir)
+    module = EncoderServing(encoder)
+    info = {"model": "encoder", "model_dir": os.path.abspath(model_dir),
+            "checkpoint": encoder_lib.resolve_checkpoint(model_dir),
+            "image_size": encoder.cfg.image_size, "feature_dim": encoder.cfg.feature_dim,
+            "signatures": {"encode_images": "images [None] string -> embedding [None, D]",
+                           "encode_pixels": "pixels [None, S, S, 3] float32 in [0, 1] -> "
+                                            "embedding [None, D]"}}
+    return common.save(module, module.signatures(), export_dir,
+                       common.warmup_logs(warmup_requests(encoder.cfg.image_size, model_name)),
+                       info, version)
+
+
+def main(argv) -> None:
+    del argv
+    from absl import flags
+    f = flags.FLAGS
+    path = export(f.model_dir, f.export_dir, f.version, f.model_name)
+    print(f"exported the encoder of {f.model_dir} to {path} (signatures: serving_default = "
+          f"encode_images, encode_pixels)")
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    flags.DEFINE_string("model_dir", None, "Trained encoder model dir (pretrain, finetune, "
+                        "classify or courier).")
+    flags.DEFINE_string("export_dir", None, "Model base path; the export is its next version.")
+    flags.DEFINE_integer("version", None, "Version number (default: latest + 1).")
+    flags.DEFINE_string("model_name", "encoder", "Model name in the warmup requests (as in "
+                        "serving_config/models.config).")
+    flags.mark_flags_as_required(["model_dir", "export_dir"])
+    app.run(main)

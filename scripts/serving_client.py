@@ -1,0 +1,59 @@
+"""Client of the exported models on TF Serving (gRPC PredictionService or REST).
+
+    python scripts/serving_client.py --grpc=localhost:8500 encode a.jpg b.png
+    python scripts/serving_client.py --rest=http://localhost:8501 rank --request=request.json
+
+`encode` prints each image's embedding size, norm and first values; `rank` prints the candidates
+ordered by predicted click probability. The request format is in serving_config/README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import numpy as np
+
+import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
+from export import client as client_lib
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    where = ap.add_mutually_exclusive_group(required=True)
+    where.add_argument("--grpc", help="host:port of the gRPC API (TF Serving: 8500)")
+    where.add_argument("--rest", help="base URL of the REST API (TF Serving: http://host:8501)")
+    ap.add_argument("--encoder_model", default="encoder")
+    ap.add_argument("--ctr_model", default="ctr")
+    ap.add_argument("--timeout", type=float, default=10.0)
+    sub = ap.add_subparsers(dest="command", required=True)
+    enc = sub.add_parser("encode", help="embed image files with the encoder")
+    enc.add_argument("images", nargs="+")
+    rank = sub.add_parser("rank", help="score a user's candidate list with the CTR model")
+    rank.add_argument("--request", required=True, help='JSON {"user": {...}, "candidates": [...]}')
+    args = ap.parse_args()
+
+    client = (client_lib.GrpcClient(args.grpc, args.timeout) if args.grpc
+              else client_lib.RestClient(args.rest, args.timeout))
+    if args.command == "encode":
+        images = []
+        for path in args.images:
+            with open(path, "rb") as f:
+                images.append(f.read())
+        emb = client.encode(images, args.encoder_model)
+        for path, v in zip(args.images, emb):
+            print(f"{path}: D={len(v)} norm={np.linalg.norm(v):.4f} "
+                  f"[{', '.join(f'{x:.4f}' for x in v[:4])}, ...]")
+    else:
+        with open(args.request) as f:
+            request = json.load(f)
+        if "user" not in request or "candidates" not in request:
+            sys.exit(f"{args.request}: needs 'user' and 'candidates'")
+        scores = client.rank(request["user"], request["candidates"], args.ctr_model)
+        for i in np.argsort(-scores):
+            print(f"item {request['candidates'][i]['item_id']}: ctr {scores[i]:.4f}")
+
+
+if __name__ == "__main__":
+    main()

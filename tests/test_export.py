@@ -1,0 +1,317 @@
+"""Exports for TF Serving on the tiny world: signatures as documented (saved_model_cli), outputs
+equal to the in-process models, warmup records that run, serving configs that parse, the client
+against an in-process stand-in of the model server, and the catalog batch-encoding stage."""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import REPO, read_all
+from export import client as client_lib
+from export import common, ctr as export_ctr, encoder as export_encoder, serving_protos
+from export import stand_in_server
+from trainer.data import parse, records, schema, validate
+from trainer.features import catalog_embed, clusters, embeddings
+from trainer.models import ctr, debias, encoder, pretrain
+from trainer.train import loop
+
+ENC = encoder.EncoderConfig(depth=10, width_multiplier=0.5, image_size=32, feature_dim=32)
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+CLI = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
+
+
+def _run(args, **kw):
+    out = subprocess.run(args, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600,
+                         **kw)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_world, tmp_path_factory) -> dict:
+    """A briefly trained encoder and two CTR models on its features: vector + D, cluster_id."""
+    root = tmp_path_factory.mktemp("trained")
+    catalog = records.default_pattern(tiny_world, "catalog")
+    queries = records.default_pattern(tiny_world, "queries")
+    enc_dir = str(root / "s1")
+    train = loop.TrainConfig(steps=3, global_batch_size=16, log_interval=3, warmup_steps=0)
+    loop.run(pretrain.PretrainTask(pretrain.PretrainConfig(catalog_pattern=catalog), ENC, train),
+             train, enc_dir, {"encoder": dataclasses.asdict(ENC)})
+    table = embeddings.for_encoder(enc_dir, catalog, queries)
+    out = {"encoder": enc_dir, "table": table}
+    ctr_train = loop.TrainConfig(steps=20, global_batch_size=64, warmup_steps=0, log_interval=20,
+                                 optimizer="adam", learning_rate=1e-3)
+    for name, mode, d in (("debias", "vector", debias.DebiasConfig()),
+                          ("cluster", "cluster_id", None)):
+        cfg = ctr.CtrConfig(train_pattern=records.default_pattern(tiny_world, "ctr", "train"),
+                            test_pattern=records.default_pattern(tiny_world, "ctr", "test"),
+                            tower_units=(32, 16), image_feature_mode=mode, debias=d)
+        model_dir = str(root / name)
+        positives = cents = None
+        if d is not None:
+            positives = debias.mine_positives(table.item_vector, table.category_id,
+                                              table.impressions_30d, d.num_similar,
+                                              d.low_impressions)
+        if mode == "cluster_id":
+            cents = clusters.load_or_fit(os.path.join(model_dir, "clusters.npz"),
+                                         table.item_vector, clusters.ClusterConfig(num_clusters=4))
+        vocab = ctr.vocabularies_for(model_dir, cfg)
+        config = {"image_features": "s1", "encoder_dirs": {"image": enc_dir},
+                  "ctr": dataclasses.asdict(cfg)}
+        loop.run(ctr.CtrTask(cfg, vocab, ctr_train, table, positives, clusters=cents), ctr_train,
+                 model_dir, config)
+        out[name] = (model_dir, ctr.restore(model_dir, cfg, vocab, table, positives, cents))
+    return out
+
+
+@pytest.fixture(scope="module")
+def exports(trained, tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("models")
+    _run([sys.executable, "-m", "export.encoder", f"--model_dir={trained['encoder']}",
+          f"--export_dir={root / 'encoder'}"])
+    out = {"encoder": common.latest_version_dir(str(root / "encoder")), "root": str(root)}
+    for name in ("debias", "cluster"):
+        out[name] = export_ctr.export(trained[name][0], str(root / name))
+    return out
+
+
+def _show(path: str) -> str:
+    return _run([CLI, "show", "--dir", path, "--all"])
+
+
+def test_encoder_signatures_and_outputs_equal_the_keras_model(trained, exports, tiny_world,
+                                                              tmp_path):
+    path = exports["encoder"]
+    assert os.path.basename(path) == "1"
+    shown = _show(path)
+    for sig in ("serving_default", "encode_images", "encode_pixels"):
+        assert f"signature_def['{sig}']" in shown
+    assert "dtype: DT_STRING\n        shape: (-1)" in shown
+    assert "shape: (-1, 32, 32, 3)" in shown and "shape: (-1, 32)" in shown
+
+    cat = read_all(tiny_world, "catalog")
+    files = sorted(glob.glob(records.default_pattern(tiny_world, "catalog")))
+    raw = [r for r in tf.data.TFRecordDataset(files, validate.compression_of(files[0]))
+           .map(lambda s: tf.io.parse_single_example(
+            s, {"image": tf.io.FixedLenFeature([], tf.string)})["image"]).take(12)
+           .as_numpy_iterator()]
+    keras = encoder.restore(trained["encoder"])
+    loaded = tf.saved_model.load(path)
+    want = keras(parse.decode_images(tf.constant(raw), 32), training=False).numpy()
+    got = loaded.signatures["encode_images"](images=tf.constant(raw))["embedding"].numpy()
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    got = loaded.signatures["encode_pixels"](pixels=tf.constant(cat["image"][:12]))["embedding"]
+    np.testing.assert_allclose(got.numpy(), keras(cat["image"][:12], training=False).numpy(),
+                               atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(got.numpy(), axis=1), 1.0, atol=1e-5)
+
+    # saved_model_cli run on both signatures.
+    # (One image: a fixed-width bytes array would pad the shorter ones with NULs.)
+    np.save(tmp_path / "images.npy", np.array(raw[:1], dtype="S"))
+    np.save(tmp_path / "pixels.npy", cat["image"][:3])
+    for sig, arg, expected in (
+            ("encode_images", f"images={tmp_path / 'images.npy'}", want[:1]),
+            ("encode_pixels", f"pixels={tmp_path / 'pixels.npy'}",
+             keras(cat["image"][:3], training=False).numpy())):
+        outdir = tmp_path / sig
+        _run([CLI, "run", "--dir", path, "--tag_set", "serve", "--signature_def", sig,
+              "--inputs", arg, "--outdir", str(outdir)])
+        np.testing.assert_allclose(np.load(outdir / "embedding.npy"), expected, atol=1e-5)
+
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"request:1.*image.*not a JPEG"):
+        loaded.signatures["encode_images"](images=tf.constant([raw[0], b"not an image"]))
+
+
+def _examples(pattern: str, n: int) -> list[bytes]:
+    files = sorted(glob.glob(pattern))
+    return list(tf.data.TFRecordDataset(files, validate.compression_of(files[0])).take(n)
+                .as_numpy_iterator())
+
+
+@pytest.mark.parametrize("name", ["debias", "cluster"])
+def test_ctr_export_is_self_contained_and_equals_the_model(name, trained, exports, tiny_world,
+                                                           tmp_path):
+    path = exports[name]
+    shown = _show(path)
+    assert "signature_def['serving_default']" in shown
+    assert "signature_def['predict_examples']" in shown
+    assert "inputs['click_history_item_ids'] tensor_info:\n        dtype: DT_INT64\n" \
+           "        shape: (-1, -1)" in shown
+    assert "outputs['ctr'] tensor_info:\n        dtype: DT_FLOAT\n        shape: (-1)" in shown
+
+    model = trained[name][1]
+    test = records.default_pattern(tiny_world, "ctr", "test")
+    n = 300
+    examples = _examples(test, n)
+    parsed = parse.RecordParser(schema.CTR, decode=False)(
+        parse.record_names(tf.constant("x"), tf.range(n, dtype=tf.int64)), tf.constant(examples))
+    want = tf.sigmoid(model(parsed)).numpy()
+    # Nothing but the SavedModel.
+    loaded = tf.saved_model.load(path)
+    got = loaded.signatures["predict_examples"](examples=tf.constant(examples))["ctr"]
+    np.testing.assert_allclose(got.numpy(), want, atol=1e-5)
+
+    rows = {k: v[:n] for k, v in read_all(tiny_world, "ctr", "test").items()}
+    inputs = {k: tf.constant(np.where(rows[k + "_mask"], rows[k], -1) if k in
+                             export_ctr.LISTS else rows[k])
+              for k in export_ctr.REQUEST_FEATURES}
+    got = loaded.signatures["serving_default"](**inputs)["ctr"].numpy()
+    want = tf.sigmoid(model(rows)).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+    # Unknown ids share the out-of-vocabulary rows: two unseen item ids score alike.
+    a, b = dict(inputs), dict(inputs)
+    a["item_id"] = tf.fill([n], tf.constant(10 ** 12, tf.int64))
+    b["item_id"] = tf.fill([n], tf.constant(10 ** 12 + 7, tf.int64))
+    sa = loaded.signatures["serving_default"](**a)["ctr"].numpy()
+    np.testing.assert_allclose(sa, loaded.signatures["serving_default"](**b)["ctr"].numpy())
+    assert np.isfinite(sa).all()
+    # Malformed requests fail naming the row and the feature.
+    bad = dict(inputs)
+    bad["price"] = tf.constant(np.r_[rows["price"][:2], -1.0].astype(np.float32))
+    bad = {k: v[:3] for k, v in bad.items()}
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"request:2.*price.*>= 0"):
+        loaded.signatures["serving_default"](**bad)
+    example = tf.train.Example()
+    example.ParseFromString(_examples(test, 1)[0])
+    del example.features.feature["shop_id"]
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"request:0.*shop_id.*required"):
+        loaded.signatures["predict_examples"](examples=tf.constant([
+            example.SerializeToString()]))
+
+    # saved_model_cli run on both signatures (literal inputs, and Examples it builds).
+    one = {k: v.numpy()[:1].tolist() for k, v in inputs.items()}
+    exprs = ";".join(f"{k}={v}" for k, v in one.items())
+    out = _run([CLI, "run", "--dir", path, "--tag_set", "serve", "--signature_def",
+                "serving_default", "--input_exprs", exprs, "--outdir", str(tmp_path / "a")])
+    np.testing.assert_allclose(np.load(tmp_path / "a" / "ctr.npy"), want[:1], atol=1e-5)
+    feats = {k: (v[0] if isinstance(v[0], list) else v) for k, v in one.items()}
+    feats = {k: [x for x in v if x != -1] if k in export_ctr.LISTS else v
+             for k, v in feats.items()}
+    _run([CLI, "run", "--dir", path, "--tag_set", "serve", "--signature_def",
+          "predict_examples", "--input_examples", f"examples=[{json.dumps(feats)}]",
+          "--outdir", str(tmp_path / "b")])
+    np.testing.assert_allclose(np.load(tmp_path / "b" / "ctr.npy"), want[:1], atol=1e-5)
+    del out
+
+
+def test_warmup_records_parse_and_run(exports):
+    for name in ("encoder", "debias", "cluster"):
+        logs = common.read_warmup(exports[name])
+        assert 0 < len(logs) <= common.MAX_WARMUP_RECORDS
+        loaded = tf.saved_model.load(exports[name])
+        sigs = set()
+        for log in logs:
+            request = log.predict_log.request
+            sigs.add(request.model_spec.signature_name)
+            out = common.run_request(loaded, request)
+            first = next(iter(request.inputs.values()))
+            assert all(len(v) == first.tensor_shape.dim[0].size for v in out.values())
+        assert sigs == ({"encode_images", "encode_pixels"} if name == "encoder"
+                        else {"serving_default", "predict_examples"})
+
+
+def test_serving_config_parses_against_the_protos(tmp_path):
+    out = serving_protos.check_config_dir(os.path.join(REPO, "serving_config"))
+    models = {c.name: c for c in out["models"].model_config_list.config}
+    assert set(models) == {"encoder", "ctr"}
+    assert models["ctr"].version_labels["stable"] == 1
+    assert out["batching"].max_batch_size.value == out["batching"].allowed_batch_sizes[-1]
+    assert out["monitoring"].prometheus_config.enable
+    # Strict: a misspelled field is an error.
+    (tmp_path / "batching.config").write_text("max_batch_size { value: 8 }\nbatch_timeout_ms: 3\n")
+    with pytest.raises(ValueError, match="batch_timeout_ms"):
+        serving_protos.parse_batching_config(str(tmp_path / "batching.config"))
+
+
+def test_clients_against_a_stand_in_server(exports, trained):
+    import grpc
+    servables = stand_in_server.Servables({"encoder": os.path.dirname(exports["encoder"]),
+                                           "ctr": os.path.dirname(exports["debias"])})
+    server, port = stand_in_server.start_grpc(servables)
+    rest, rest_port = stand_in_server.start_rest(servables)
+    try:
+        images = export_encoder.sample_images(3, 32)
+        loaded_enc = servables.models["encoder"][1]
+        want = loaded_enc.signatures["encode_images"](images=tf.constant(images))["embedding"]
+        vocab = trained["debias"][1].vocabularies
+        inputs = export_ctr.sample_requests(vocab, 5, seed=1)
+        user = {k: (inputs[k][0].tolist()) for k in client_lib.USER_FEATURES}
+        user = {k: [x for x in v if x != -1] if isinstance(v, list) else v
+                for k, v in user.items()}
+        candidates = [{k: inputs[k][i].item() for k in export_ctr.REQUEST_FEATURES
+                       if k not in client_lib.USER_FEATURES} for i in range(5)]
+        ctr_want = servables.models["ctr"][1].signatures["serving_default"](
+            **{k: tf.constant(v) for k, v in inputs.items()})["ctr"].numpy()
+        for c in (client_lib.GrpcClient(f"127.0.0.1:{port}"),
+                  client_lib.RestClient(f"http://127.0.0.1:{rest_port}")):
+            np.testing.assert_allclose(c.encode(images), want.numpy(), atol=1e-6)
+            np.testing.assert_allclose(c.rank(user, candidates), ctr_want, atol=1e-6)
+        bad = [dict(candidates[0], price=-3.0)]
+        with pytest.raises(grpc.RpcError) as e:
+            client_lib.GrpcClient(f"127.0.0.1:{port}").rank(user, bad)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "price" in e.value.details()
+        with pytest.raises(RuntimeError, match=r"(?s)HTTP 400.*price"):
+            client_lib.RestClient(f"http://127.0.0.1:{rest_port}").rank(user, bad)
+        # The command-line client, over gRPC.
+        png = os.path.join(exports["root"], "a.png")
+        with open(png, "wb") as f:
+            f.write(images[0])
+        out = _run([sys.executable, "scripts/serving_client.py", f"--grpc=127.0.0.1:{port}",
+                    "encode", png])
+        assert "D=32 norm=1.0000" in out
+    finally:
+        server.stop(0)
+        rest.shutdown()
+
+
+def test_embed_stage_shards_resumes_and_matches_the_encoder(trained, exports, tiny_world,
+                                                            tmp_path):
+    out_dir = str(tmp_path / "catalog")
+    centroids = os.path.join(trained["cluster"][0], "clusters.npz")
+    base = [sys.executable, "-m", "trainer.task", "--stage=embed", f"--data_dir={tiny_world}",
+            f"--export_dir={os.path.dirname(exports['encoder'])}", f"--model_dir={out_dir}",
+            f"--centroids={centroids}", "--batch_size=64"]
+    # Two workers in parallel; worker 0 merges once worker 1's files are done.
+    procs = [subprocess.Popen(base + ["--num_workers=2", f"--worker_index={i}"], cwd=REPO,
+                              env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for i in (0, 1)]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), logs[0][-2000:] + logs[1][-2000:]
+    files = records.default_pattern(tiny_world, "catalog")
+    n_files = len(glob.glob(files))
+    assert n_files >= 2 and "worker 1/2" in logs[1]
+
+    got = dict(np.load(os.path.join(out_dir, "embeddings.npz")))
+    table = trained["table"]
+    order = np.argsort(got["item_id"])
+    np.testing.assert_array_equal(got["item_id"][order], np.sort(table.item_id))
+    want = table.item_vector[np.argsort(table.item_id)]
+    np.testing.assert_allclose(got["embedding"][order], want, atol=1e-5)
+    np.testing.assert_array_equal(got["cluster_id"],
+                                  clusters.Clusters.load(centroids).assign(got["embedding"]))
+    index = catalog_embed.load_index(os.path.join(out_dir, "catalog.faiss"))
+    assert index.ntotal == len(got["item_id"])
+    _, top = index.search(got["embedding"][:20], 1)
+    np.testing.assert_array_equal(top[:, 0], np.arange(20))
+    manifest = json.load(open(os.path.join(out_dir, "manifest.json")))
+    assert manifest["items"] == len(table.item_id) and manifest["clusters"] == 4
+
+    # Resume: one lost part is re-encoded, the rest skipped.
+    lost = sorted(glob.glob(os.path.join(out_dir, "parts", "*-chunk-*.npz")))[0]
+    os.remove(lost)
+    os.remove(os.path.join(out_dir, "parts", os.path.basename(lost).split("-chunk")[0] + ".done"))
+    log = _run(base)
+    stats = json.loads(log[log.index("{"):log.rindex("}") + 1])["worker_0"]
+    assert 0 < stats["encoded"] < len(table.item_id)
+    assert stats["skipped"] == len(table.item_id) - stats["encoded"]
+    again = dict(np.load(os.path.join(out_dir, "embeddings.npz")))
+    np.testing.assert_allclose(again["embedding"], got["embedding"], atol=1e-6)
