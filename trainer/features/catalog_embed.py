@@ -17,7 +17,6 @@ killed job resumes. Worker 0 waits for every file's parts, then merges and index
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import logging
 import os
@@ -28,7 +27,7 @@ import faiss
 import numpy as np
 import tensorflow as tf
 
-from trainer.data import parse, pipeline, schema, validate
+from trainer.data import npz, parse, pipeline, schema, validate
 from trainer.features import clusters as clusters_lib
 
 log = logging.getLogger(__name__)
@@ -81,20 +80,6 @@ def _done(out_dir: str, file_index: int) -> str:
     return os.path.join(out_dir, "parts", f"file-{file_index:05d}.done")
 
 
-def _write_npz(path: str, **arrays) -> None:
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    with tf.io.gfile.GFile(path + ".tmp", "wb") as f:
-        f.write(buf.getvalue())
-    tf.io.gfile.rename(path + ".tmp", path, overwrite=True)  # a part is whole or absent
-
-
-def _read_npz(path: str) -> dict:
-    with tf.io.gfile.GFile(path, "rb") as f:
-        data = np.load(io.BytesIO(f.read()))
-        return {k: data[k] for k in data.files}
-
-
 def encode_shard(cfg: CatalogEmbedConfig) -> dict:
     """Encodes this worker's catalog files into parts/; returns {'encoded', 'skipped',
     'seconds'} (records encoded now, records of chunks already done)."""
@@ -129,7 +114,7 @@ def encode_shard(cfg: CatalogEmbedConfig) -> dict:
                 raise ValueError(_bad_record(e.message, path)) from e
             emb = [encode(images=rows["image"][s:s + cfg.batch_size])["embedding"].numpy()
                    for s in range(0, int(index.shape[0]), cfg.batch_size)]
-            _write_npz(part, item_id=rows["item_id"].numpy(),
+            npz.write(part, item_id=rows["item_id"].numpy(),
                        category_id=rows["category_id"].numpy(), embedding=np.concatenate(emb))
             encoded += int(index.shape[0])
             rate = encoded / max(time.time() - t0, 1e-9)
@@ -167,7 +152,7 @@ def merge(cfg: CatalogEmbedConfig, shard_stats: Optional[dict] = None) -> dict:
     parts = []
     for i in range(len(files)):
         done = json.loads(tf.io.gfile.GFile(_done(cfg.out_dir, i)).read())
-        parts += [_read_npz(_part(cfg.out_dir, i, c)) for c in range(done["chunks"])]
+        parts += [npz.read(_part(cfg.out_dir, i, c)) for c in range(done["chunks"])]
     table = {k: np.concatenate([p[k] for p in parts]) for k in ("item_id", "category_id",
                                                                   "embedding")}
     ids, counts = np.unique(table["item_id"], return_counts=True)
@@ -180,7 +165,7 @@ def merge(cfg: CatalogEmbedConfig, shard_stats: Optional[dict] = None) -> dict:
     t0 = time.time()
     index = build_index(table["embedding"], cfg.index, cfg.nprobe)
     index_seconds = time.time() - t0
-    _write_npz(os.path.join(cfg.out_dir, "embeddings.npz"), **table)
+    npz.write(os.path.join(cfg.out_dir, "embeddings.npz"), **table)
     with tf.io.gfile.GFile(os.path.join(cfg.out_dir, "catalog.faiss"), "wb") as f:
         f.write(faiss.serialize_index(index).tobytes())
     manifest = {"items": int(len(ids)), "dim": int(table["embedding"].shape[1]),

@@ -15,12 +15,13 @@ gain, k = 16 did (README, Table B1).
 from __future__ import annotations
 
 import dataclasses
-import io
 import os
 
 import faiss
 import numpy as np
 import tensorflow as tf
+
+from trainer.data import npz
 
 
 @dataclasses.dataclass
@@ -69,15 +70,11 @@ class Clusters:
         return index.search(x, 1)[1][:, 0].astype(np.int64)
 
     def save(self, path: str) -> None:
-        buf = io.BytesIO()
-        np.savez(buf, centroids=self.centroids)
-        with tf.io.gfile.GFile(path, "wb") as f:
-            f.write(buf.getvalue())
+        npz.write(path, centroids=self.centroids)
 
     @classmethod
     def load(cls, path: str) -> "Clusters":
-        with tf.io.gfile.GFile(path, "rb") as f:
-            return cls(np.load(io.BytesIO(f.read()))["centroids"])
+        return cls(npz.read(path)["centroids"])
 
 
 def _normalized(vectors: np.ndarray) -> np.ndarray:

@@ -8,7 +8,6 @@ retrained encoder or other data is never served from a stale cache.
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import logging
 import os
@@ -18,7 +17,7 @@ from typing import Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
-from trainer.data import pipeline
+from trainer.data import npz, pipeline
 from trainer.models import encoder as encoder_lib
 
 log = logging.getLogger(__name__)
@@ -102,19 +101,12 @@ def _check_unique(ids: np.ndarray, pattern: Optional[str], name: str) -> None:
 
 
 def save(table: EmbeddingTable, path: str) -> None:
-    buf = io.BytesIO()  # np.savez seeks, which remote file systems' writers cannot
-    np.savez(buf, **{f.name: (np.array(getattr(table, f.name)) if f.name != "source"
-                              else np.array(table.source)) for f in dataclasses.fields(table)})
-    tf.io.gfile.makedirs(os.path.dirname(path) or ".")
-    with tf.io.gfile.GFile(path + ".tmp", "wb") as f:
-        f.write(buf.getvalue())
-    tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
+    npz.write(path, **{f.name: np.array(getattr(table, f.name))
+                       for f in dataclasses.fields(table)})
 
 
 def load(path: str) -> EmbeddingTable:
-    with tf.io.gfile.GFile(path, "rb") as f:
-        data = np.load(io.BytesIO(f.read()))
-        values = {k: data[k] for k in data.files}
+    values = npz.read(path)
     values["source"] = str(values["source"])
     return EmbeddingTable(**values)
 

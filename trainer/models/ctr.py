@@ -30,7 +30,6 @@ Loss: `tfrs.tasks.Ranking` with binary cross-entropy (L_pred of Eq. 4), plus L_D
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import os
 import time
@@ -41,7 +40,7 @@ import tensorflow as tf
 import tensorflow_recommenders as tfrs
 import tf_keras
 
-from trainer.data import pipeline, schema
+from trainer.data import npz, pipeline, schema
 from trainer.eval import ctr_metrics
 from trainer.features import clusters as clusters_lib
 from trainer.features import embeddings as embeddings_lib
@@ -126,18 +125,14 @@ class Vocabularies:
         return cls(ids, np.unique(np.quantile(data["price"], qs)).astype(np.float32))
 
     def save(self, path: str) -> None:
-        buf = io.BytesIO()
-        np.savez(buf, price_boundaries=self.price_boundaries,
-                 **{f"ids/{k}": v for k, v in self.ids.items()})
-        with tf.io.gfile.GFile(path, "wb") as f:
-            f.write(buf.getvalue())
+        npz.write(path, price_boundaries=self.price_boundaries,
+                  **{f"ids/{k}": v for k, v in self.ids.items()})
 
     @classmethod
     def load(cls, path: str) -> "Vocabularies":
-        with tf.io.gfile.GFile(path, "rb") as f:
-            data = np.load(io.BytesIO(f.read()))
-            return cls({k[4:]: data[k] for k in data.files if k.startswith("ids/")},
-                       data["price_boundaries"])
+        data = npz.read(path)
+        return cls({k[4:]: v for k, v in data.items() if k.startswith("ids/")},
+                   data["price_boundaries"])
 
 
 class ImageTable(tf_keras.layers.Layer):
