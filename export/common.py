@@ -11,7 +11,7 @@ import json
 import os
 import re
 import time
-from typing import Iterable, Mapping, Optional
+from typing import Callable, Iterable, Mapping, Optional
 
 import numpy as np
 import tensorflow as tf
@@ -105,3 +105,24 @@ def run_request(loaded, request: predict_pb2.PredictRequest) -> dict:
                        f"{sorted(loaded.signatures)})")
     inputs = {k: tf.constant(tf.make_ndarray(v)) for k, v in request.inputs.items()}
     return {k: v.numpy() for k, v in loaded.signatures[name](**inputs).items()}
+
+
+def main(export_fn: Callable[..., str], what: str, model_name: str, model_dir_help: str,
+         signatures: str) -> None:
+    """The command line of `python -m export.encoder` / `export.ctr`: `export_fn(model_dir,
+    export_dir, version, model_name)` from flags."""
+    from absl import app, flags
+    flags.DEFINE_string("model_dir", None, model_dir_help)
+    flags.DEFINE_string("export_dir", None, "Model base path; the export is its next version.")
+    flags.DEFINE_integer("version", None, "Version number (default: latest + 1).")
+    flags.DEFINE_string("model_name", model_name, "Model name in the warmup requests (as in "
+                        "serving_config/models.config).")
+    flags.mark_flags_as_required(["model_dir", "export_dir"])
+
+    def run(argv) -> None:
+        del argv
+        f = flags.FLAGS
+        path = export_fn(f.model_dir, f.export_dir, f.version, f.model_name)
+        print(f"exported {what} of {f.model_dir} to {path} (signatures: {signatures})")
+
+    app.run(run)

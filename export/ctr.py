@@ -148,21 +148,6 @@ def export(model_dir: str, export_dir: str, version: int | None = None,
                        info, version)
 
 
-def main(argv) -> None:
-    del argv
-    from absl import flags
-    f = flags.FLAGS
-    path = export(f.model_dir, f.export_dir, f.version, f.model_name)
-    print(f"exported the CTR model of {f.model_dir} to {path} (signatures: serving_default, "
-          "predict_examples)")
-
-
 if __name__ == "__main__":
-    from absl import app, flags
-    flags.DEFINE_string("model_dir", None, "Trained ctr or debias model dir.")
-    flags.DEFINE_string("export_dir", None, "Model base path; the export is its next version.")
-    flags.DEFINE_integer("version", None, "Version number (default: latest + 1).")
-    flags.DEFINE_string("model_name", "ctr", "Model name in the warmup requests (as in "
-                        "serving_config/models.config).")
-    flags.mark_flags_as_required(["model_dir", "export_dir"])
-    app.run(main)
+    common.main(export, "the CTR model", "ctr", "Trained ctr or debias model dir.",
+                "serving_default, predict_examples")

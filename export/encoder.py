@@ -102,22 +102,6 @@ def export(model_dir: str, export_dir: str, version: int | None = None,
                        info, version)
 
 
-def main(argv) -> None:
-    del argv
-    from absl import flags
-    f = flags.FLAGS
-    path = export(f.model_dir, f.export_dir, f.version, f.model_name)
-    print(f"exported the encoder of {f.model_dir} to {path} (signatures: serving_default = "
-          f"encode_images, encode_pixels)")
-
-
 if __name__ == "__main__":
-    from absl import app, flags
-    flags.DEFINE_string("model_dir", None, "Trained encoder model dir (pretrain, finetune, "
-                        "classify or courier).")
-    flags.DEFINE_string("export_dir", None, "Model base path; the export is its next version.")
-    flags.DEFINE_integer("version", None, "Version number (default: latest + 1).")
-    flags.DEFINE_string("model_name", "encoder", "Model name in the warmup requests (as in "
-                        "serving_config/models.config).")
-    flags.mark_flags_as_required(["model_dir", "export_dir"])
-    app.run(main)
+    common.main(export, "the encoder", "encoder", "Trained encoder model dir (pretrain, finetune, "
+                "classify or courier).", "serving_default = encode_images, encode_pixels")
