@@ -127,21 +127,18 @@ def _rest_handler(servables: Servables):
                 inputs = body["inputs"]
             elif "instances" in body:
                 rows = body["instances"]
-                inputs = {k: [r[k] for r in rows] for k in rows[0]} if rows and \
-                    isinstance(rows[0], dict) else {"inputs": rows}
+                inputs = ({k: [r[k] for r in rows] for k in rows[0]}
+                          if rows and isinstance(rows[0], dict) else rows)
             else:
                 return self._reply(400, {"error": "body needs 'inputs' or 'instances'"})
-            if not isinstance(inputs, dict):
-                loaded = servables.models.get(parts[0], (0, None))[1]
-                sig = loaded.signatures.get(signature) if loaded else None
-                names = list(sig.structured_input_signature[1]) if sig is not None else []
-                if len(names) != 1:
-                    return self._reply(400, {"error": "unnamed inputs need a one-input signature"})
-                inputs = {names[0]: inputs}
-            # JSON numbers carry no dtype: take the signature's, as the model server does.
             loaded = servables.models.get(parts[0], (0, None))[1]
             sig = loaded.signatures.get(signature) if loaded else None
             specs = sig.structured_input_signature[1] if sig is not None else {}
+            if not isinstance(inputs, dict):
+                if len(specs) != 1:
+                    return self._reply(400, {"error": "unnamed inputs need a one-input signature"})
+                inputs = {next(iter(specs)): inputs}
+            # JSON numbers carry no dtype: take the signature's, as the model server does.
             values = {}
             for k, v in inputs.items():
                 v = _from_json(v)
