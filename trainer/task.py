@@ -514,16 +514,14 @@ def run_cluster() -> None:
 
 def _worker() -> tuple[int, int]:
     """(num_workers, worker_index) from the flags, else TF_CONFIG's worker list, else (1, 0)."""
-    num, index = FLAGS.num_workers, FLAGS.worker_index
-    tf_config = json.loads(os.environ.get("TF_CONFIG", "{}"))
-    if num is None:
-        cluster = tf_config.get("cluster", {})
-        num = len(cluster.get("chief", [])) + len(cluster.get("worker", [])) or 1
-    if index is None:
-        task = tf_config.get("task", {})
-        index = (task.get("index", 0) + (1 if task.get("type") == "worker" and
-                                         tf_config.get("cluster", {}).get("chief") else 0)
-                 if task else 0)
+    import tensorflow as tf
+    resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
+    cluster = resolver.cluster_spec().as_dict()
+    chiefs = len(cluster.get("chief", []))
+    num = FLAGS.num_workers or (chiefs + len(cluster.get("worker", []))) or 1
+    index = FLAGS.worker_index
+    if index is None:  # the chief is worker 0, TF_CONFIG's workers follow it
+        index = (resolver.task_id or 0) + (chiefs if resolver.task_type == "worker" else 0)
     return num, index
 
 
