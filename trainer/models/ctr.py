@@ -392,14 +392,8 @@ class CtrModel(tfrs.Model):
         return self.losses_of(inputs, training, compute_metrics=not training)["loss"]
 
 
-def _dummy_batch(spec: dict) -> dict:
-    """A batch of one all-zero (all-True mask) example of the element spec."""
-    return {k: tf.ones([1] + s.shape[1:].as_list(), s.dtype) if s.dtype == tf.bool
-            else tf.zeros([1] + s.shape[1:].as_list(), s.dtype) for k, s in spec.items()}
-
-
 def _schema_batch() -> dict:
-    """A batch of one all-zero `ctr` example as the pipeline gives it."""
+    """A batch of one all-zero `ctr` example as the pipeline gives it (all-True masks)."""
     out = {}
     for f in schema.CTR.features:
         dtype = tf.float32 if f.dtype == schema.FLOAT else tf.int64
@@ -440,7 +434,7 @@ class CtrTask(loop.Task):
         self.model = CtrModel(self.cfg, self.vocabularies, self.images, self.positives,
                               self.clusters)
         # Variables now, outside the training function (lookups and lazily built layers).
-        self.model(_dummy_batch(self.pipe.dataset().element_spec), training=False)
+        self.model(_schema_batch(), training=False)
         return self.model
 
     def build_inputs(self, input_context=None):
