@@ -190,8 +190,8 @@ def test_ctr_export_is_self_contained_and_equals_the_model(name, trained, export
     # saved_model_cli run on both signatures (literal inputs, and Examples it builds).
     one = {k: v.numpy()[:1].tolist() for k, v in inputs.items()}
     exprs = ";".join(f"{k}={v}" for k, v in one.items())
-    out = _run([CLI, "run", "--dir", path, "--tag_set", "serve", "--signature_def",
-                "serving_default", "--input_exprs", exprs, "--outdir", str(tmp_path / "a")])
+    _run([CLI, "run", "--dir", path, "--tag_set", "serve", "--signature_def",
+          "serving_default", "--input_exprs", exprs, "--outdir", str(tmp_path / "a")])
     np.testing.assert_allclose(np.load(tmp_path / "a" / "ctr.npy"), want[:1], atol=1e-5)
     feats = {k: (v[0] if isinstance(v[0], list) else v) for k, v in one.items()}
     feats = {k: [x for x in v if x != -1] if k in export_ctr.LISTS else v
@@ -200,7 +200,6 @@ def test_ctr_export_is_self_contained_and_equals_the_model(name, trained, export
           "predict_examples", "--input_examples", f"examples=[{json.dumps(feats)}]",
           "--outdir", str(tmp_path / "b")])
     np.testing.assert_allclose(np.load(tmp_path / "b" / "ctr.npy"), want[:1], atol=1e-5)
-    del out
 
 
 def test_warmup_records_parse_and_run(exports):
