@@ -51,7 +51,7 @@ def read_all(data_dir: str, kind: str, split: str = "*", image_size: int = 32,
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
-def one_step_on_one_and_two_replicas(make, train, mirrored, model_of) -> tuple:
+def one_step_on_one_and_two_replicas(make, train, mirrored, model_of, seed: int = 0) -> tuple:
     """Builds `make()`'s model, then applies one step to the same first batch on one device and
     on `mirrored` from the same weights; asserts equal losses and weights and returns
     (start weights, weights after the step) for further checks."""
@@ -59,7 +59,7 @@ def one_step_on_one_and_two_replicas(make, train, mirrored, model_of) -> tuple:
     from trainer.train import loop
     # Seeded: some random initialisations amplify float rounding through synchronised batch norm
     # (1e-3 after one step), and the global generator's state depends on the tests run before.
-    tf_keras.utils.set_random_seed(0)
+    tf_keras.utils.set_random_seed(seed)
     task = make()
     batch = {k: v.numpy() for k, v in next(iter(task.build_inputs(None))).items()}
     task.build_model()
@@ -69,7 +69,8 @@ def one_step_on_one_and_two_replicas(make, train, mirrored, model_of) -> tuple:
     loss_1, w_1 = loop.one_step(make(), train, tf.distribute.OneDeviceStrategy("/cpu:0"), batch,
                                 weights=start)
     loss_2, w_2 = loop.one_step(make(), train, mirrored, batch, weights=start)
-    assert abs(loss_1 - loss_2) < 1e-5, (loss_1, loss_2)
+    # 1e-5 relative: float32 sums in another order (COURIER's loss is about 9).
+    assert abs(loss_1 - loss_2) < 1e-5 * max(1.0, abs(loss_1)), (loss_1, loss_2)
     for a, b in zip(w_1, w_2):
         np.testing.assert_allclose(a, b, atol=1e-5)
     return start, w_1

@@ -63,22 +63,34 @@ flags.DEFINE_bool("skip_bad_records", False,
 flags.DEFINE_integer("image_size", None, "Image side for decoding (default: the world's).")
 flags.DEFINE_string("kind", None, "Record kind (validate): one of the schema's kinds.")
 flags.DEFINE_string("file_pattern", None, "Files to validate (with --kind).")
-flags.DEFINE_integer("batch_size", None, "Global batch size (default: the stage's; inspect 64).")
+flags.DEFINE_integer("batch_size", None, "Global batch size over all replicas (default: the "
+                     "stage's; inspect 64).")
+flags.DEFINE_integer("per_replica_batch_size", None, "Batch size per replica (GPU); the global "
+                     "batch is this times the strategy's replicas. Exclusive with --batch_size.")
 # Training stages; unset flags keep the stage's defaults (STAGE_DEFAULTS).
 flags.DEFINE_enum("strategy", "one_device", ["one_device", "mirrored", "multi_worker_mirrored"],
                   "Distribution strategy.")
+flags.DEFINE_integer("logical_cpus", None, "Split the CPU into this many logical devices, so "
+                     "--strategy=mirrored runs that many replicas without GPUs (tests, trials).")
 flags.DEFINE_integer("train_steps", None, "Optimizer steps.")
 flags.DEFINE_string("optimizer", None, "adam, adamw, sgd, lars or adagrad.")
 flags.DEFINE_float("learning_rate", None, "Peak learning rate (linear warmup, cosine decay).")
 flags.DEFINE_integer("warmup_steps", None, "Warmup steps.")
 flags.DEFINE_integer("checkpoint_interval", None, "Steps between checkpoints.")
 flags.DEFINE_integer("log_interval", None, "Steps between progress lines / TensorBoard scalars.")
-flags.DEFINE_bool("deterministic", False, "Deterministic input order and ops (slower).")
+flags.DEFINE_bool("deterministic", False, "Deterministic input order and ops (slower): the same "
+                  "global batches on any number of workers; a resumed run ends as an "
+                  "uninterrupted one.")
+flags.DEFINE_list("profile_steps", None, "START,END: trace global steps START+1..END with the "
+                  "TensorBoard profiler into MODEL_DIR/train.")
 flags.DEFINE_integer("depth", None, "ResNet depth (10, 18, 34, 50, ...).")
 flags.DEFINE_float("width_multiplier", None, "ResNet channel multiplier (0.5 for CPU demos).")
 flags.DEFINE_integer("feature_dim", None, "D, the visual feature size (paper: 512).")
 flags.DEFINE_enum("mixed_precision", "none", ["none", "float16", "bfloat16"],
                   "Compute dtype of the backbone.")
+flags.DEFINE_bool("gradient_checkpointing", False, "Recompute the backbone's activations in the "
+                  "backward pass, block group by block group, instead of keeping them (paper "
+                  "002 App. E: memory for batch size).")
 flags.DEFINE_string("init_checkpoint", None,
                     "Backbone warm start: a model dir or checkpoint (e.g. S1's for S1+S2).")
 flags.DEFINE_float("temperature", None,
@@ -298,6 +310,7 @@ def _encoder_config(data_dir: str):
                                  image_size=_image_size(data_dir),
                                  mixed_precision=FLAGS.mixed_precision,
                                  sync_batch_norm=FLAGS.strategy != "one_device",
+                                 gradient_checkpointing=FLAGS.gradient_checkpointing,
                                  init_checkpoint=FLAGS.init_checkpoint)
 
 
@@ -311,8 +324,20 @@ def _train_config():
                       ("log_interval", "log_interval")):
         if getattr(FLAGS, flag) is not None:
             d[key] = getattr(FLAGS, flag)
+    strategy = loop.make_strategy(FLAGS.strategy)
+    if FLAGS.per_replica_batch_size:
+        if FLAGS.batch_size:
+            raise app.UsageError("pass --batch_size (global) or --per_replica_batch_size, not both")
+        d["global_batch_size"] = FLAGS.per_replica_batch_size * strategy.num_replicas_in_sync
+    profile = None
+    if FLAGS.profile_steps:
+        try:
+            profile = tuple(int(x) for x in FLAGS.profile_steps)
+            assert len(profile) == 2
+        except (ValueError, AssertionError):
+            raise app.UsageError(f"--profile_steps must be START,END, got {FLAGS.profile_steps}")
     return loop.TrainConfig(**d, strategy=FLAGS.strategy, seed=FLAGS.seed,
-                            deterministic=FLAGS.deterministic)
+                            deterministic=FLAGS.deterministic, profile_steps=profile), strategy
 
 
 def run_training() -> None:
@@ -322,7 +347,9 @@ def run_training() -> None:
     from trainer.models import classify, courier, encoder, finetune, pretrain
     from trainer.train import loop
     data_dir, model_dir = _require("data_dir"), _require("model_dir")
-    enc_cfg, train_cfg = _encoder_config(data_dir), _train_config()
+    # First: a multi-worker strategy must exist before other TensorFlow ops run.
+    train_cfg, strategy = _train_config()
+    enc_cfg = _encoder_config(data_dir)
     encoder.set_precision_policy(enc_cfg.mixed_precision)
     catalog = records.default_pattern(data_dir, "catalog")
     overrides = {k: getattr(FLAGS, k) for k in ("temperature", "pool_size")
@@ -354,7 +381,7 @@ def run_training() -> None:
     if FLAGS.stage == "classify":
         config["categories"] = task.categories.tolist()
     t0 = time.time()
-    last = loop.run(task, train_cfg, model_dir, config)
+    last = loop.run(task, train_cfg, model_dir, config, strategy)
     print(f"{FLAGS.stage}: trained to step {train_cfg.steps} in {model_dir} "
           f"({time.time() - t0:.0f}s); last: " + ", ".join(f"{k}={v:.4g}" for k, v in last.items()))
 
@@ -414,8 +441,9 @@ def run_ctr() -> None:
     from trainer.data import pipeline, records
     from trainer.features import clusters, embeddings
     from trainer.models import ctr, debias
+    from trainer.train import loop
     data_dir, model_dir = _require("data_dir"), _require("model_dir")
-    train_cfg = _train_config()
+    train_cfg, strategy = _train_config()  # first, as in run_training
     catalog = records.default_pattern(data_dir, "catalog")
     queries = records.default_pattern(data_dir, "queries")
     debias_cfg = None
@@ -466,7 +494,10 @@ def run_ctr() -> None:
     config = {"stage": FLAGS.stage, "data_dir": data_dir, "image_features": FLAGS.image_features,
               "encoder_dirs": encoder_dirs, "ctr": dataclasses.asdict(cfg)}
     metrics = ctr.train_and_evaluate(cfg, train_cfg, model_dir, item_id, impressions, images,
-                                     positives, centroids, FLAGS.skip_bad_records, config)
+                                     positives, centroids, FLAGS.skip_bad_records, config,
+                                     strategy)
+    if not loop.is_chief(strategy):
+        return
     metrics.update(image_features=FLAGS.image_features, debias=debias_cfg is not None,
                    image_feature_mode=cfg.image_feature_mode)
     with open(os.path.join(model_dir, "metrics.json"), "w") as f:
@@ -554,6 +585,11 @@ def main(argv) -> None:
     runners.update({s: run_training for s in ("pretrain", "finetune", "classify")})
     runners.update(ctr=run_ctr, debias=run_ctr, courier=run_training, cluster=run_cluster,
                    embed=run_embed)
+    if FLAGS.logical_cpus:
+        import tensorflow as tf
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * FLAGS.logical_cpus)
     runners[FLAGS.stage]()
 
 

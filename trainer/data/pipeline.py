@@ -6,7 +6,10 @@ batch -> parse + check + decode (parallel) -> optional transform (e.g. S1 augmen
 Files are sharded per input pipeline by `tf.distribute.InputContext` (file-level, as
 tf-models-official's readers do) and tf.data's auto-sharding is switched off, so every worker of a
 multi-worker job reads a disjoint set of files. `deterministic=True` fixes the element order and
-seeds every shuffle and transform for tests and reproducible runs.
+seeds every shuffle and transform for tests and reproducible runs; it also shards by batch instead
+(every pipeline reads the same seeded stream of raw records and keeps its replicas' batches, before
+parsing), so the global batch of a step is the same whatever the number of workers, and a resumed
+run (`start_step`) reads on exactly where the interrupted one stopped.
 """
 from __future__ import annotations
 
@@ -48,6 +51,9 @@ class InputConfig:
         count. By default the first bad record stops the job with an error that names it.
       group_by: An int64 scalar feature; when set, every batch holds records that share its value
         (e.g. S2's single-category batches), formed from the shuffled stream.
+      start_step: Global steps already taken; with `deterministic`, the pipeline skips their
+        batches (raw records only, before parsing) so a resumed run sees what an uninterrupted
+        one would.
     """
 
     file_pattern: str
@@ -65,6 +71,7 @@ class InputConfig:
     cycle_length: int = 8
     skip_bad_records: bool = False
     group_by: Optional[str] = None
+    start_step: int = 0
 
 
 def list_files(pattern: str) -> list[str]:
@@ -156,11 +163,15 @@ class InputPipeline:
 
     def dataset(self, input_context: Optional[tf.distribute.InputContext] = None) -> tf.data.Dataset:
         cfg = self.cfg
-        files = shard_files(self.files, input_context)
+        pipelines = input_context.num_input_pipelines if input_context else 1
+        pipeline_id = input_context.input_pipeline_id if input_context else 0
+        # Replicas this pipeline feeds; their per-replica batches are consecutive in its stream.
+        local = input_context.num_replicas_in_sync // pipelines if input_context else 1
+        by_batch = cfg.deterministic and pipelines > 1
+        files = self.files if by_batch else shard_files(self.files, input_context)
         batch_size = (input_context.get_per_replica_batch_size(cfg.global_batch_size)
                       if input_context else cfg.global_batch_size)
-        pipeline_id = input_context.input_pipeline_id if input_context else 0
-        seed = cfg.seed * 1009 + pipeline_id
+        seed = cfg.seed * 1009 + (0 if cfg.deterministic else pipeline_id)
 
         exclude = readable = None
         if cfg.skip_bad_records:
@@ -202,12 +213,21 @@ class InputPipeline:
                 window_size=batch_size)
         else:
             ds = ds.batch(batch_size, drop_remainder=cfg.drop_remainder)
-        ds = ds.map(self.parser, num_parallel_calls=AUTOTUNE, deterministic=cfg.deterministic)
-        if self.transform is not None:
-            transform = self.transform
-            ds = ds.enumerate().map(
-                lambda i, b: transform(tf.stack([tf.constant(seed, tf.int64), i]), b),
-                num_parallel_calls=AUTOTUNE, deterministic=cfg.deterministic)
+        # Index of the per-replica batch in the global stream: seeds its transform.
+        ds = ds.enumerate()
+        if by_batch:  # global batch t is batches t*R .. t*R+R-1, replica order = pipeline order
+            ds = ds.batch(local).shard(pipelines, pipeline_id).unbatch()
+        if cfg.start_step and cfg.deterministic:
+            ds = ds.skip(cfg.start_step * local)
+        parser, transform = self.parser, self.transform
+
+        def parse_batch(i, raw):
+            batch = parser(*raw)
+            if transform is None:
+                return batch
+            return transform(tf.stack([tf.constant(seed, tf.int64), i]), batch)
+
+        ds = ds.map(parse_batch, num_parallel_calls=AUTOTUNE, deterministic=cfg.deterministic)
         ds = ds.prefetch(AUTOTUNE)
         options = tf.data.Options()
         options.deterministic = cfg.deterministic

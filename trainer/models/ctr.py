@@ -515,17 +515,22 @@ def train_and_evaluate(cfg: CtrConfig, train_cfg: loop.TrainConfig, model_dir: s
                        images: Optional[embeddings_lib.EmbeddingTable] = None,
                        positives: Optional[tuple[np.ndarray, np.ndarray]] = None,
                        clusters: Optional[clusters_lib.Clusters] = None,
-                       skip_bad_records: bool = False, config: Optional[dict] = None) -> dict:
+                       skip_bad_records: bool = False, config: Optional[dict] = None,
+                       strategy: Optional[tf.distribute.Strategy] = None) -> dict:
     """Trains the CTR model into `model_dir` (resuming from its checkpoint) and evaluates its
     latest checkpoint on the test day: `evaluate`'s metrics plus `train_seconds`. `config` is
-    written to the model dir's config.json."""
+    written to the model dir's config.json; `strategy` defaults to `train_cfg.strategy`'s."""
+    strategy = strategy or loop.make_strategy(train_cfg.strategy)
     vocabularies = vocabularies_for(model_dir, cfg)
     task = CtrTask(cfg, vocabularies, train_cfg, images, positives, skip_bad_records, clusters)
     t0 = time.time()
-    last = loop.run(task, train_cfg, model_dir, config or {"ctr": dataclasses.asdict(cfg)})
+    last = loop.run(task, train_cfg, model_dir, config or {"ctr": dataclasses.asdict(cfg)},
+                    strategy)
     seconds = time.time() - t0
     print(f"{task.name}: trained to step {train_cfg.steps} in {model_dir} ({seconds:.0f}s); "
           "last: " + ", ".join(f"{k}={v:.4g}" for k, v in last.items()))
+    if not loop.is_chief(strategy):  # the chief evaluates
+        return {"train_seconds": seconds}
     model = restore(model_dir, cfg, vocabularies, images, positives, clusters)
     metrics = evaluate(model, cfg, catalog_item_id, catalog_impressions, skip_bad_records)
     return {**metrics, "train_seconds": seconds}

@@ -10,6 +10,7 @@ precision, so embeddings are float32 whatever the compute dtype.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -44,6 +45,10 @@ class EncoderConfig:
       sync_batch_norm: Batch statistics over the global batch under a distribution strategy (as
         SimCLR does, so a contrastive loss cannot use per-replica statistics as a shortcut). Set
         by the training loop from the strategy.
+      gradient_checkpointing: In training, keep only each block group's output and recompute the
+        group's activations in the backward pass (`tf.recompute_grad`): activation memory of one
+        group instead of the whole backbone, for paper-scale batches (paper 002 App. E), at
+        about a third more compute. The same loss and gradients.
       init_checkpoint: Checkpoint (file prefix or directory) whose backbone initialises this one:
         a model dir of this project, or any `tf.train.Checkpoint` with a `backbone` (or
         `model/backbone`) object of the same architecture. None: random initialisation.
@@ -56,6 +61,7 @@ class EncoderConfig:
     mixed_precision: str = "none"
     batch_norm_momentum: float = 0.99
     sync_batch_norm: bool = False
+    gradient_checkpointing: bool = False
     init_checkpoint: Optional[str] = None
 
 
@@ -82,17 +88,62 @@ class Encoder(tf_keras.Model):
         self.pool = tf_keras.layers.GlobalAveragePooling2D()
         self.projection = tf_keras.layers.Dense(cfg.feature_dim, dtype="float32",
                                                 name="projection")
+        self.segments = _block_groups(self.backbone) if cfg.gradient_checkpointing else None
         self.build([None, size, size, 3])
 
     def features(self, images: tf.Tensor, training: bool = False) -> tf.Tensor:
         x = (tf.cast(images, tf.float32) - _MEAN_RGB) / _STDDEV_RGB
         x = tf.cast(x, self.compute_dtype)
-        endpoints = self.backbone(x, training=training)
-        top = endpoints[max(endpoints, key=int)]
+        if self.segments and training:
+            for segment in self.segments:
+                x = tf.recompute_grad(functools.partial(_apply, segment, training=True))(x)
+            top = x
+        else:
+            endpoints = self.backbone(x, training=training)
+            top = endpoints[max(endpoints, key=int)]
         return self.projection(self.pool(top))
 
     def call(self, images: tf.Tensor, training: bool = False) -> tf.Tensor:
         return tf.math.l2_normalize(self.features(images, training=training), axis=-1)
+
+
+def _apply(layers: list, x: tf.Tensor, training: bool) -> tf.Tensor:
+    for layer in layers:
+        x = layer(x, training=training)
+    return x
+
+
+def _block_groups(backbone: tf_keras.Model) -> list[list]:
+    """The backbone's layers as consecutive segments, each ending at a block group's output (the
+    tf-models-official ResNet endpoints), so that recomputing a segment needs only its input.
+
+    Also makes each batch norm's moving-statistics update exact under recomputation: a
+    recomputed segment runs its updates a second time with the same batch statistics, so the
+    momentum m becomes sqrt(m) (two updates by sqrt(m) are one by m).
+    """
+    layers = [layer for layer in backbone.layers
+              if not isinstance(layer, tf_keras.layers.InputLayer)]
+    prev = backbone.layers[0]
+    for layer in layers:  # each layer must take exactly the previous one's output
+        inbound = [x for node in layer._inbound_nodes for x in tf.nest.flatten(node.inbound_layers)]
+        if inbound != [prev]:
+            raise ValueError(f"gradient_checkpointing needs a sequential backbone; layer "
+                             f"'{layer.name}' takes {[x.name for x in inbound]}")
+        prev = layer
+    ends = {t._keras_history.layer.name for t in backbone.outputs}
+    segments, current = [], []
+    for layer in layers:
+        current.append(layer)
+        if layer.name in ends:
+            segments.append(current)
+            current = []
+    if current:
+        raise ValueError(f"layers after the last endpoint: {[x.name for x in current]}")
+    for layer in layers:
+        for sub in layer._flatten_layers():
+            if isinstance(sub, tf_keras.layers.BatchNormalization):
+                sub.momentum = float(np.sqrt(sub.momentum))
+    return segments
 
 
 def build(cfg: EncoderConfig) -> Encoder:
@@ -165,7 +216,8 @@ def restore(model_dir: str, cfg: Optional[EncoderConfig] = None) -> Encoder:
         saved = _saved_encoder_config(model_dir)
         if saved is None:
             raise FileNotFoundError(f"{model_dir} has no config.json with an encoder config")
-        cfg = EncoderConfig(**{**saved, "init_checkpoint": None, "sync_batch_norm": False})
+        cfg = EncoderConfig(**{**saved, "init_checkpoint": None, "sync_batch_norm": False,
+                               "gradient_checkpointing": False})
     encoder = Encoder(cfg)
     prefix = resolve_checkpoint(model_dir)
     status = tf.train.Checkpoint(model=encoder).read(prefix)

@@ -47,7 +47,11 @@ class TrainConfig:
       log_interval: Steps between progress lines and TensorBoard scalars.
       strategy: 'one_device', 'mirrored' or 'multi_worker_mirrored'.
       seed: Seed of initialisation, input order and augmentation.
-      deterministic: Fixed input order and op determinism (reproducible runs; slower).
+      deterministic: Fixed input order and op determinism (reproducible runs; slower): the same
+        global batches for any number of workers, and a run killed and resumed ends with the
+        weights of an uninterrupted one.
+      profile_steps: (start, end) global steps to trace with the TensorBoard profiler into
+        `model_dir/train/plugins/profile`; None for no trace.
     """
 
     steps: int = 1000
@@ -63,6 +67,14 @@ class TrainConfig:
     strategy: str = "one_device"
     seed: int = 0
     deterministic: bool = False
+    profile_steps: Optional[tuple[int, int]] = None
+
+    def per_replica_batch_size(self, replicas: int) -> int:
+        """Each replica's share of the global batch; the global batch must split evenly."""
+        if self.global_batch_size % replicas:
+            raise ValueError(f"global_batch_size {self.global_batch_size} does not split over "
+                             f"{replicas} replicas; use a multiple of {replicas}")
+        return self.global_batch_size // replicas
 
 
 def make_strategy(name: str) -> tf.distribute.Strategy:
@@ -112,6 +124,7 @@ class Task(abc.ABC):
     name: str = "task"
     metric_names: tuple = ()  # metrics compute_loss returns besides the loss
     input_seed: int = 0  # set by the loop: seed of input order and augmentation
+    start_step: int = 0  # set by the loop: steps a deterministic resumed run skips
     pipe: Optional[pipeline.InputPipeline] = None  # the training input
 
     @abc.abstractmethod
@@ -137,8 +150,10 @@ class Task(abc.ABC):
 
     def seeded_dataset(self, input_context: Optional[tf.distribute.InputContext] = None
                        ) -> tf.data.Dataset:
-        """`pipe`'s dataset with shuffles and augmentation seeded by `input_seed`."""
-        self.pipe.cfg = dataclasses.replace(self.pipe.cfg, seed=self.input_seed)
+        """`pipe`'s dataset with shuffles and augmentation seeded by `input_seed`, past the
+        batches of `start_step` steps in deterministic mode."""
+        self.pipe.cfg = dataclasses.replace(self.pipe.cfg, seed=self.input_seed,
+                                            start_step=self.start_step)
         return self.pipe.dataset(input_context)
 
 
@@ -252,19 +267,33 @@ def run(task: Task, cfg: TrainConfig, model_dir: str, config: dict,
     last logged metrics.
     """
     strategy = strategy or make_strategy(cfg.strategy)
+    replicas = strategy.num_replicas_in_sync
+    per_replica = cfg.per_replica_batch_size(replicas)
     tf_keras.utils.set_random_seed(cfg.seed)
     if cfg.deterministic:
         tf.config.experimental.enable_op_determinism()
+    chief = is_chief(strategy)
+    # Every worker of a multi-worker job saves (saving is a collective); only the chief's files
+    # are kept, the others write to a scratch dir.
+    out_dir = model_dir if chief else os.path.join(
+        model_dir, "workers", f"{strategy.cluster_resolver.task_type}"
+        f"{strategy.cluster_resolver.task_id}")
     start = _restored_step(model_dir)
-    if start:
+    if start and chief:
         _check_same_encoder(model_dir, config.get("encoder"))
-    write_config(model_dir, {**config, "train": dataclasses.asdict(cfg),
-                             "replicas": strategy.num_replicas_in_sync})
+    if chief:
+        write_config(model_dir, {**config, "train": dataclasses.asdict(cfg), "replicas": replicas,
+                                 "per_replica_batch_size": per_replica,
+                                 "global_batch_size": cfg.global_batch_size})
     if start >= cfg.steps:
         print(f"{task.name}: {model_dir} is already trained to step {start} (steps={cfg.steps})")
         return {}
-    # A resumed run reads on with fresh shuffles instead of replaying the first batches.
-    task.input_seed = cfg.seed + 7919 * start
+    if cfg.deterministic:  # the same stream as an uninterrupted run, from where it stopped
+        task.input_seed, task.start_step = cfg.seed, start
+    else:  # read on with fresh shuffles instead of replaying the first batches
+        task.input_seed, task.start_step = cfg.seed + 7919 * start, 0
+    if not chief and tf.io.gfile.exists(out_dir):
+        tf.io.gfile.rmtree(out_dir)  # a stale scratch checkpoint must not shadow the chief's
     with strategy.scope():
         model = task.build_model()
         optimizer = build_optimizer(cfg)
@@ -273,29 +302,70 @@ def run(task: Task, cfg: TrainConfig, model_dir: str, config: dict,
     trainer = _Trainer(task, strategy, model, optimizer, dataset, global_step)
     ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, global_step=global_step,
                                **task.extra_checkpoint_objects())
+    # Non-chief workers restore from the chief's checkpoints (shared storage), save to scratch.
     manager = tf.train.CheckpointManager(
-        ckpt, os.path.join(model_dir, "ckpt"), max_to_keep=3, step_counter=global_step,
+        ckpt, os.path.join(out_dir, "ckpt"), max_to_keep=3, step_counter=global_step,
         checkpoint_interval=cfg.checkpoint_interval)
-    progress = _Progress(task.name, cfg, start, global_step)
+    if not chief:
+        latest = tf.train.latest_checkpoint(os.path.join(model_dir, "ckpt"))
+        if latest:
+            ckpt.restore(latest)
+    progress = _Progress(task.name, cfg, start, global_step, per_replica, replicas)
     controller = orbit.Controller(
         strategy=strategy, trainer=trainer, global_step=global_step,
         steps_per_loop=cfg.log_interval, checkpoint_manager=manager,
-        summary_dir=os.path.join(model_dir, "train"), summary_interval=cfg.log_interval,
+        summary_dir=os.path.join(out_dir, "train"), summary_interval=cfg.log_interval,
         train_actions=[progress])
     if start:
         print(f"{task.name}: resumed from step {start} ({manager.latest_checkpoint})")
     with task.errors_named():
-        controller.train(steps=cfg.steps, checkpoint_at_completion=True)
+        for stop, trace in _phases(cfg, start):
+            if trace:
+                tf.profiler.experimental.start(os.path.join(out_dir, "train"))
+            controller.train(steps=stop, checkpoint_at_completion=stop == cfg.steps)
+            if trace:
+                tf.profiler.experimental.stop()
+                print(f"{task.name}: profiler trace of steps {cfg.profile_steps[0] + 1}-{stop} "
+                      f"in {os.path.join(out_dir, 'train')} (tensorboard --logdir {out_dir}, "
+                      "Profile tab)", file=sys.stderr, flush=True)
     return {k: float(v) for k, v in progress.last.items()}
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """Whether this process keeps the job's files: the chief, else worker 0, else the only one."""
+    r = getattr(strategy, "cluster_resolver", None)
+    if r is None or r.task_type in (None, "chief"):
+        return True
+    return r.task_type == "worker" and r.task_id == 0 and "chief" not in r.cluster_spec().as_dict()
+
+
+def _phases(cfg: TrainConfig, start: int) -> list[tuple[int, bool]]:
+    """(train up to this step, traced) segments: the profiler traces steps START+1..END."""
+    if not cfg.profile_steps:
+        return [(cfg.steps, False)]
+    first, last = cfg.profile_steps
+    if not 0 <= first < last <= cfg.steps:
+        raise ValueError(f"profile_steps ({first}, {last}) must satisfy 0 <= START < END <= "
+                         f"steps ({cfg.steps})")
+    if start > first:
+        log.warning("profile_steps %s: the run resumes at step %d, after START; no trace",
+                    cfg.profile_steps, start)
+        return [(cfg.steps, False)]
+    out = [(first, False)] if first > start else []
+    out.append((last, True))
+    return out + ([(cfg.steps, False)] if last < cfg.steps else [])
 
 
 class _Progress:
     """Prints step/total, the loss, examples/s and the time left after every loop."""
 
-    def __init__(self, name: str, cfg: TrainConfig, start: int, global_step: tf.Variable):
+    def __init__(self, name: str, cfg: TrainConfig, start: int, global_step: tf.Variable,
+                 per_replica: int, replicas: int):
         self.name, self.cfg, self.start, self.global_step = name, cfg, start, global_step
         self.t0 = time.time()
         self.last: dict = {}
+        print(f"{name}: global batch {cfg.global_batch_size} = {replicas} replicas x "
+              f"{per_replica}", file=sys.stderr, flush=True)
 
     def __call__(self, output: dict) -> None:
         self.last = {k: float(v) for k, v in output.items()}
