@@ -10,7 +10,7 @@ export TF_USE_LEGACY_KERAS := 1
 SEEDS ?= 0
 RUNS ?= runs
 
-.PHONY: demo test repro-visual repro-ctr repro-courier sweep-tau bench-input bench-serving export validate docs lock clean
+.PHONY: demo test repro-visual repro-ctr repro-courier sweep-tau bench-input bench-serving bench-train export validate docs lock clean
 
 $(VENV)/.installed: requirements.txt constraints.txt setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,34 +23,36 @@ $(VENV)/.installed: requirements.txt constraints.txt setup.py
 $(DATA)/$(WORLD)/manifest.json: | $(VENV)/.installed
 	$(PY) -m trainer.task --stage=synth --world=$(WORLD) --seed=$(SEED) --data_dir=$(DATA)/$(WORLD)
 
+# The whole chain on the default world in under 20 minutes on 2 cores: encoders (ResNet-C, S1, S2,
+# S1+S2, COURIER), visual search, clustering, the CTR model with and without D and each image
+# feature, the TF Serving exports and the catalog embedding; then report/index.md with its plots.
+DEMO := $(RUNS)/demo
 demo: $(VENV)/.installed $(DATA)/$(WORLD)/manifest.json
-	$(PY) -m trainer.task --stage=inspect --data_dir=$(DATA)/$(WORLD)
-	$(PY) scripts/repro_visual.py --data_dir=$(DATA)/$(WORLD) --out_dir=$(RUNS)/visual --seeds=$(SEED)
-	$(PY) scripts/repro_ctr.py --data_dir=$(DATA)/$(WORLD) --visual_dir=$(RUNS)/visual \
-	  --out_dir=$(RUNS)/ctr --seeds=$(SEED)
-	$(PY) scripts/repro_courier.py --data_dir=$(DATA)/$(WORLD) --visual_dir=$(RUNS)/visual \
-	  --out_dir=$(RUNS)/courier --seeds=$(SEED) --skip_ablations
+	$(PY) -m trainer.task --stage=inspect --data_dir=$(DATA)/$(WORLD) --model_dir=$(DEMO)
+	$(PY) scripts/demo.py --data_dir=$(DATA)/$(WORLD) --out_dir=$(DEMO) --seed=$(SEED)
 	$(MAKE) --no-print-directory export
+	$(PY) scripts/report.py --data_dir=$(DATA)/$(WORLD) --demo_dir=$(DEMO) --out_dir=report
 
-# TF Serving exports of the demo's S1+S2 encoder and S1+S2 CTR model into $(RUNS)/models (version
+# TF Serving exports of the demo's S1+S2 encoder and S1+S2 CTR model into $(DEMO)/models (version
 # 1, replacing an earlier demo's), their signatures, and the catalog encoded with the exported
 # encoder (embeddings, faiss index, cluster ids).
-MODELS := $(RUNS)/models
+MODELS := $(DEMO)/models
 export: $(VENV)/.installed
-	rm -rf $(MODELS) $(RUNS)/catalog_embeddings
-	$(PY) -m export.encoder --model_dir=$(RUNS)/visual/seed$(SEED)/s1s2 \
-	  --export_dir=$(MODELS)/encoder --version=1
-	$(PY) -m export.ctr --model_dir=$(RUNS)/ctr/seed$(SEED)/s1s2 --export_dir=$(MODELS)/ctr \
-	  --version=1
+	rm -rf $(MODELS) $(DEMO)/catalog_embeddings
+	$(PY) -m export.encoder --model_dir=$(DEMO)/s1s2 --export_dir=$(MODELS)/encoder --version=1
+	$(PY) -m export.ctr --model_dir=$(DEMO)/ctr/s1s2 --export_dir=$(MODELS)/ctr --version=1
 	$(VENV)/bin/saved_model_cli show --dir $(MODELS)/encoder/1 --tag_set serve \
 	  --signature_def serving_default
 	$(PY) -m trainer.task --stage=embed --data_dir=$(DATA)/$(WORLD) --export_dir=$(MODELS)/encoder \
-	  --model_dir=$(RUNS)/catalog_embeddings
+	  --model_dir=$(DEMO)/catalog_embeddings
 
 # Encoder images/s through the SavedModel vs. Keras; CTR p50/p99 latency (needs make demo's runs).
 bench-serving: $(VENV)/.installed
-	$(PY) scripts/bench_serving.py --encoder_dir=$(RUNS)/visual/seed$(SEED)/s1s2 \
-	  --ctr_dir=$(RUNS)/ctr/seed$(SEED)/s1s2
+	$(PY) scripts/bench_serving.py --encoder_dir=$(DEMO)/s1s2 --ctr_dir=$(DEMO)/ctr/s1s2
+
+# Training-step images/s of S1 and COURIER, their share of a matmul peak, input keep-up.
+bench-train: $(VENV)/.installed $(DATA)/$(WORLD)/manifest.json
+	$(PY) scripts/bench_train.py --data_dir=$(DATA)/$(WORLD)
 
 # Paper 000 Table 1: ResNet-C, S1, S2, S1+S2 and visual search; about 15 min per seed on 2 cores.
 # Trained stages are kept (a rerun only evaluates); SEEDS="0 1" runs two seeds.

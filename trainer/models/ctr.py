@@ -495,8 +495,10 @@ def restore_into(model: CtrModel, model_dir: str) -> CtrModel:
 
 
 def evaluate(model: CtrModel, cfg: CtrConfig, catalog_item_id: np.ndarray,
-             catalog_impressions: np.ndarray, skip_bad_records: bool = False) -> dict:
-    """Table 2's metrics on the test day (`ctr_metrics.ctr_metrics`)."""
+             catalog_impressions: np.ndarray, skip_bad_records: bool = False,
+             predictions_path: Optional[str] = None) -> dict:
+    """Table 2's metrics on the test day (`ctr_metrics.ctr_metrics`); with `predictions_path`,
+    also writes each test sample's label, score, page_id, item_id and item impressions there."""
     pred = predict(model, cfg.test_pattern, skip_bad_records=skip_bad_records)
     order = np.argsort(catalog_item_id)
     pos = np.clip(np.searchsorted(catalog_item_id[order], pred["item_id"]), 0, len(order) - 1)
@@ -506,6 +508,9 @@ def evaluate(model: CtrModel, cfg: CtrConfig, catalog_item_id: np.ndarray,
         raise ValueError(f"{cfg.test_pattern}: item_id {missing[:5].tolist()} ({len(missing)} "
                          "items) not in the catalog, so their impressions are unknown")
     impressions = catalog_impressions[order][pos]
+    if predictions_path:
+        npz.write(predictions_path, label=pred["label"], score=pred["score"],
+                  page_id=pred["page_id"], item_id=pred["item_id"], impressions_30d=impressions)
     return ctr_metrics.ctr_metrics(pred["label"], pred["score"], pred["page_id"],
                                    pred["item_id"], impressions)
 
@@ -532,7 +537,8 @@ def train_and_evaluate(cfg: CtrConfig, train_cfg: loop.TrainConfig, model_dir: s
     if not loop.is_chief(strategy):  # the chief evaluates
         return {"train_seconds": seconds}
     model = restore(model_dir, cfg, vocabularies, images, positives, clusters)
-    metrics = evaluate(model, cfg, catalog_item_id, catalog_impressions, skip_bad_records)
+    metrics = evaluate(model, cfg, catalog_item_id, catalog_impressions, skip_bad_records,
+                       os.path.join(model_dir, "predictions.npz"))
     return {**metrics, "train_seconds": seconds}
 
 

@@ -1,0 +1,119 @@
+"""The whole chain of both papers on one world, sized to run in under 20 minutes on 2 CPU cores
+(`make demo`; then `make export` and `scripts/report.py`).
+
+  encoders: ResNet-C (classify), S1 (pretrain), S2 and S1+S2 (finetune), COURIER (from S1)
+  eval:     visual search of each encoder and of a random one (Table 1)
+  cluster:  faiss k-means over COURIER's catalog embeddings (Cluster-ID)
+  CTR:      no image features; each encoder's vectors without and with D (Table 2); S1 and
+            COURIER as SimScore and Cluster-ID (Tables 5 and B1)
+
+Every step is a `python -m trainer.task` command line; each writes its log to <out_dir>/logs/.
+Trained runs are kept (a rerun skips them), so an interrupted demo resumes. The step counts are
+the demo's, shorter than `make repro-*`'s; timings.json records what each step took.
+
+  python scripts/demo.py --data_dir=data/small --out_dir=runs/demo
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import subprocess
+import sys
+import time
+
+# Steps per stage on `small` (the repro scripts use 300 / 600 / 800 / 200 / 940).
+STEPS = {"classify": 150, "pretrain": 300, "finetune": 300, "courier": 100, "ctr": 470}
+# (Table name, model dir, stage, flags); {s1} is S1's model dir.
+ENCODERS = (("ResNet-C", "resnet_c", "classify", []),
+            ("S1", "s1", "pretrain", []),
+            ("S2", "s2", "finetune", []),
+            ("S1+S2", "s1s2", "finetune", ["--init_checkpoint={s1}"]),
+            ("COURIER", "courier", "courier", ["--init_checkpoint={s1}"]))
+MODES = ("vector", "simscore", "cluster_id")
+
+
+def ctr_runs() -> list[tuple[str, str, str, str]]:
+    """(run name, stage, encoder dir name or 'none', image feature mode) of every CTR run."""
+    runs = [("no_image", "ctr", "none", "vector")]
+    for _, name, _, _ in ENCODERS:
+        runs += [(name, "ctr", name, "vector"), (f"{name}_d", "debias", name, "vector")]
+    for name in ("s1", "courier"):
+        runs += [(f"{name}_{mode}", "ctr", name, mode) for mode in MODES[1:]]
+    return runs
+
+
+class Runner:
+    """Runs command lines, logging each to <out>/logs/<name>.txt and timing it."""
+
+    def __init__(self, out: str):
+        self.out, self.logs = out, os.path.join(out, "logs")
+        os.makedirs(self.logs, exist_ok=True)
+        self.seconds: dict = {}
+
+    def __call__(self, name: str, args: list) -> float:
+        t0 = time.time()
+        log = os.path.join(self.logs, f"{name}.txt")
+        with open(log, "a") as f:
+            f.write(f"$ {' '.join(args)}\n")
+            f.flush()
+            proc = subprocess.run(args, stdout=f, stderr=subprocess.STDOUT)
+        if proc.returncode:
+            raise RuntimeError(f"{name} failed ({proc.returncode}); see {log}")
+        self.seconds[name] = time.time() - t0
+        print(f"  {name}: {self.seconds[name]:.0f}s", flush=True)
+        return self.seconds[name]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data_dir", required=True)
+    p.add_argument("--out_dir", default="runs/demo")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--jobs", type=int, default=2,
+                   help="Evaluation and CTR runs in parallel (small ops leave cores idle).")
+    a = p.parse_args()
+    out = a.out_dir
+    run = Runner(out)
+    task = [sys.executable, "-m", "trainer.task", f"--data_dir={a.data_dir}", f"--seed={a.seed}"]
+    t0 = time.time()
+    print(f"demo: encoders into {out} (steps {STEPS})", flush=True)
+    dirs = {name: os.path.join(out, name) for _, name, _, _ in ENCODERS}
+    for _, name, stage, flags in ENCODERS:
+        steps = STEPS[stage]
+        run(name, task + [f"--stage={stage}", f"--model_dir={dirs[name]}",
+                          f"--train_steps={steps}", f"--log_interval={max(steps // 20, 1)}",
+                          f"--checkpoint_interval={max(steps // 4, 1)}"]
+            + [f.format(s1=dirs["s1"]) for f in flags])
+
+    jobs = [(f"eval_{name}", task + ["--stage=eval_search", f"--model_dir={d}"])
+            for name, d in dirs.items()]
+    jobs.append(("eval_random", task + ["--stage=eval_search", "--random_init",
+                                        f"--model_dir={os.path.join(out, 'random')}"]))
+    jobs.append(("cluster_courier", task + ["--stage=cluster", "--image_features=courier",
+                                            f"--image_model_dir={dirs['courier']}"]))
+    for name, stage, enc, mode in ctr_runs():
+        args = task + [f"--stage={stage}", f"--model_dir={os.path.join(out, 'ctr', name)}",
+                       f"--train_steps={STEPS['ctr']}", f"--encoders_dir={out}",
+                       f"--image_features={enc}",
+                       f"--image_feature_mode={mode}"]
+        jobs.append((f"ctr_{name}", args))
+    # The embedding caches first (one process per encoder), so parallel CTR runs only read them.
+    print(f"demo: {len(jobs)} evaluation, clustering and CTR runs, {a.jobs} at a time",
+          flush=True)
+    first = [j for j in jobs if j[0].startswith("eval_")]
+    rest = [j for j in jobs if not j[0].startswith("eval_")]
+    with concurrent.futures.ThreadPoolExecutor(a.jobs) as pool:
+        for batch in (first, rest):
+            for f in [pool.submit(run, *j) for j in batch]:
+                f.result()
+    total = time.time() - t0
+    with open(os.path.join(out, "timings.json"), "w") as f:
+        json.dump({"seconds": run.seconds, "total_seconds": total, "steps": STEPS}, f, indent=1)
+    print(f"demo: trained and evaluated in {total / 60:.1f} min; timings in "
+          f"{os.path.join(out, 'timings.json')}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
