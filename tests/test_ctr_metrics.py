@@ -63,3 +63,19 @@ def test_ctr_metrics_fields():
     assert m["AUC_top10"] == pytest.approx(roc_auc_score(y[top], s[top]))
     assert m["bottom10_samples"] >= 0.1 * n and m["top10_samples"] >= 0.1 * n
     assert m["bottom10_max_impressions"] <= m["top10_min_impressions"]
+
+
+def test_auc_by_impression_decile_splits_samples_by_their_items_popularity():
+    rng = np.random.default_rng(4)
+    items = rng.integers(0, 500, 6000)
+    impressions = items * 3  # popularity grows with the id here
+    y = rng.random(6000) < 0.1
+    # Scores informative only on the least displayed half.
+    s = rng.normal(size=6000) + y * (impressions < np.median(impressions)) * 2.0
+    bins = ctr_metrics.auc_by_impression_decile(y, s, items, impressions)
+    assert len(bins) == 10 and sum(b["samples"] for b in bins) == 6000
+    bounds = [b["max_impressions"] for b in bins]
+    assert bounds == sorted(bounds)
+    first = np.argsort(impressions, kind="stable")[:600]
+    assert bins[0]["AUC"] == pytest.approx(roc_auc_score(y[first], s[first]), abs=1e-12)
+    assert min(b["AUC"] for b in bins[:4]) > 0.75 and max(b["AUC"] for b in bins[6:]) < 0.65
