@@ -19,12 +19,13 @@ import argparse
 import concurrent.futures
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 
 # Steps per stage on `small` (the repro scripts use 300 / 600 / 800 / 200 / 940).
-STEPS = {"classify": 150, "pretrain": 300, "finetune": 200, "courier": 100, "ctr": 300}
+STEPS = {"classify": 150, "pretrain": 300, "finetune": 200, "courier": 100, "ctr": 250}
 # (Table name, model dir, stage, flags); {s1} is S1's model dir.
 ENCODERS = (("ResNet-C", "resnet_c", "classify", []),
             ("S1", "s1", "pretrain", []),
@@ -96,7 +97,8 @@ def main() -> None:
                                             f"--image_model_dir={dirs['courier']}"]))
     for name, stage, enc, mode in ctr_runs():
         args = task + [f"--stage={stage}", f"--model_dir={os.path.join(out, 'ctr', name)}",
-                       f"--train_steps={STEPS['ctr']}", f"--encoders_dir={out}",
+                       f"--train_steps={STEPS['ctr']}", "--log_interval=25",
+                       f"--encoders_dir={out}",
                        f"--image_features={enc}",
                        f"--image_feature_mode={mode}"]
         jobs.append((f"ctr_{name}", args))
@@ -108,6 +110,10 @@ def main() -> None:
         for f in [pool.submit(run, *j) for j in evals]:
             f.result()
     for job in jobs:
+        d = os.path.join(out, "ctr", "courier_cluster_id")
+        if job[0] == "ctr_courier_cluster_id" and not os.path.exists(os.path.join(d, "clusters.npz")):
+            os.makedirs(d, exist_ok=True)  # the cluster stage's centroids, not a refit
+            shutil.copy(os.path.join(dirs["courier"], "clusters.npz"), d)
         if job not in evals:
             run(*job)
     total = time.time() - t0
