@@ -244,7 +244,7 @@ def test_gradient_checkpointing_gives_the_same_step(tiny_world):
     loss, plain = _s1_step(tiny_world, ENC, batch, start)
     recomputed = dataclasses.replace(ENC, gradient_checkpointing=True)
     loss_gc, checkpointed = _s1_step(tiny_world, recomputed, batch, start)
-    assert abs(loss - loss_gc) < 1e-6
+    assert abs(loss - loss_gc) < 1e-6 and len(plain) == len(checkpointed)
     # Trainable weights after the step, and the batch norms' moving statistics.
     for a, b in zip(plain, checkpointed):
         np.testing.assert_allclose(a, b, atol=1e-6)

@@ -331,11 +331,9 @@ def _train_config():
         d["global_batch_size"] = FLAGS.per_replica_batch_size * strategy.num_replicas_in_sync
     profile = None
     if FLAGS.profile_steps:
-        try:
-            profile = tuple(int(x) for x in FLAGS.profile_steps)
-            assert len(profile) == 2
-        except (ValueError, AssertionError):
+        if len(FLAGS.profile_steps) != 2 or not all(x.isdigit() for x in FLAGS.profile_steps):
             raise app.UsageError(f"--profile_steps must be START,END, got {FLAGS.profile_steps}")
+        profile = tuple(int(x) for x in FLAGS.profile_steps)
     return loop.TrainConfig(**d, strategy=FLAGS.strategy, seed=FLAGS.seed,
                             deterministic=FLAGS.deterministic, profile_steps=profile), strategy
 

@@ -88,14 +88,17 @@ class Encoder(tf_keras.Model):
         self.pool = tf_keras.layers.GlobalAveragePooling2D()
         self.projection = tf_keras.layers.Dense(cfg.feature_dim, dtype="float32",
                                                 name="projection")
-        self.segments = _block_groups(self.backbone) if cfg.gradient_checkpointing else None
+        if cfg.gradient_checkpointing:
+            _block_groups(self.backbone)  # fails early on a backbone it cannot segment
+            _momentum_for_recompute(self.backbone)
         self.build([None, size, size, 3])
 
     def features(self, images: tf.Tensor, training: bool = False) -> tf.Tensor:
         x = (tf.cast(images, tf.float32) - _MEAN_RGB) / _STDDEV_RGB
         x = tf.cast(x, self.compute_dtype)
-        if self.segments and training:
-            for segment in self.segments:
+        if self.cfg.gradient_checkpointing and training:
+            # Segments are found at trace time, not kept: Keras would track them as layers.
+            for segment in _block_groups(self.backbone):
                 x = tf.recompute_grad(functools.partial(_apply, segment, training=True))(x)
             top = x
         else:
@@ -115,12 +118,7 @@ def _apply(layers: list, x: tf.Tensor, training: bool) -> tf.Tensor:
 
 def _block_groups(backbone: tf_keras.Model) -> list[list]:
     """The backbone's layers as consecutive segments, each ending at a block group's output (the
-    tf-models-official ResNet endpoints), so that recomputing a segment needs only its input.
-
-    Also makes each batch norm's moving-statistics update exact under recomputation: a
-    recomputed segment runs its updates a second time with the same batch statistics, so the
-    momentum m becomes sqrt(m) (two updates by sqrt(m) are one by m).
-    """
+    tf-models-official ResNet endpoints), so that recomputing a segment needs only its input."""
     layers = [layer for layer in backbone.layers
               if not isinstance(layer, tf_keras.layers.InputLayer)]
     prev = backbone.layers[0]
@@ -139,11 +137,16 @@ def _block_groups(backbone: tf_keras.Model) -> list[list]:
             current = []
     if current:
         raise ValueError(f"layers after the last endpoint: {[x.name for x in current]}")
-    for layer in layers:
-        for sub in layer._flatten_layers():
-            if isinstance(sub, tf_keras.layers.BatchNormalization):
-                sub.momentum = float(np.sqrt(sub.momentum))
     return segments
+
+
+def _momentum_for_recompute(backbone: tf_keras.Model) -> None:
+    """A recomputed segment runs its batch norms' moving-average updates a second time with the
+    same batch statistics; momentum sqrt(m) twice is one update by m, so the statistics stay
+    exact."""
+    for layer in backbone._flatten_layers():
+        if isinstance(layer, tf_keras.layers.BatchNormalization):
+            layer.momentum = float(np.sqrt(layer.momentum))
 
 
 def build(cfg: EncoderConfig) -> Encoder:
