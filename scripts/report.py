@@ -17,7 +17,6 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
 from demo import ENCODERS, STEPS  # noqa: E402
 from repro_ctr import PAPER as PAPER_T2  # noqa: E402
@@ -25,6 +24,7 @@ from repro_visual import PAPER as PAPER_T1  # noqa: E402
 from trainer.data import npz  # noqa: E402
 from trainer.eval import ctr_metrics, projector  # noqa: E402
 from trainer.synth import marketplace  # noqa: E402
+from trainer.train import loop  # noqa: E402
 
 SEARCH = ("HR", "LR@10", "LR@100", "CR@10", "CR@100")
 NAMES = {name: label for label, name, _, _ in ENCODERS}
@@ -204,30 +204,18 @@ def plot_projection(demo: str, data_dir: str, path: str) -> str:
     return ", ".join(NAMES[n] for n in encoders)
 
 
-def _scalars(event_dir: str, tag: str) -> tuple[list, list]:
-    steps, values = [], []
-    for f in sorted(tf.io.gfile.glob(os.path.join(event_dir, "events.out.tfevents.*"))):
-        for e in tf.compat.v1.train.summary_iterator(f):
-            for v in e.summary.value:
-                if v.tag == tag:
-                    steps.append(e.step)
-                    values.append(float(tf.make_ndarray(v.tensor)))
-    order = np.argsort(steps, kind="stable")
-    return list(np.array(steps)[order]), list(np.array(values)[order])
-
-
 def plot_losses(demo: str, path: str) -> None:
-    panels = [(NAMES[n], os.path.join(demo, n), ["loss"]) for n in NAMES]
+    panels = [(label, os.path.join(demo, n), ["loss", "pv_loss", "ucs_loss"] if n == "courier"
+               else ["loss"]) for n, label in NAMES.items()]
     panels += [("CTR (S1+S2 vectors)", os.path.join(demo, "ctr", "s1s2"), ["loss"]),
                ("CTR + D (S1+S2)", os.path.join(demo, "ctr", "s1s2_d"),
                 ["pred_loss", "debias_loss"])]
-    panels[4] = (panels[4][0], panels[4][1], ["loss", "pv_loss", "ucs_loss"])
     fig, axes = plt.subplots(2, 4, figsize=(14, 6))
     for ax, (title, d, tags) in zip(axes.flat, panels):
         for tag in tags:
-            steps, values = _scalars(os.path.join(d, "train"), tag)
-            if steps:
-                ax.plot(steps, values, label=tag)
+            logged = loop.logged_scalars(os.path.join(d, "train"), tag)
+            if logged:
+                ax.plot(list(logged), list(logged.values()), label=tag)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

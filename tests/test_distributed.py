@@ -93,17 +93,6 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
-def _scalars(event_dir: str, tag: str) -> dict:
-    """{step: value} of a TensorBoard scalar written by the training loop."""
-    out = {}
-    for path in tf.io.gfile.glob(os.path.join(event_dir, "events.out.tfevents.*")):
-        for event in tf.compat.v1.train.summary_iterator(path):
-            for v in event.summary.value:
-                if v.tag == tag:
-                    out[event.step] = float(tf.make_ndarray(v.tensor))
-    return out
-
-
 def _weights(model_dir: str) -> dict:
     prefix = tf.train.latest_checkpoint(os.path.join(model_dir, "ckpt"))
     return {name: tf.train.load_variable(prefix, name) for name, _ in tf.train.list_variables(prefix)
@@ -143,7 +132,7 @@ def test_multi_worker_courier_matches_one_process(tiny_world, tmp_path):
     assert config["replicas"] == 2 and config["per_replica_batch_size"] == 4
     assert not os.path.exists(os.path.join(multi, "workers", "worker1", "config.json"))
 
-    one, two, workers = (_scalars(os.path.join(d, "train"), "loss")
+    one, two, workers = (loop.logged_scalars(os.path.join(d, "train"), "loss")
                          for d in (one_device, mirrored, multi))
     assert sorted(one) == sorted(two) == sorted(workers) == [1, 2, 3]
     # The same global batch and loss as one device (later steps drift: this start amplifies

@@ -252,6 +252,18 @@ def _check_same_encoder(model_dir: str, encoder: Optional[dict]) -> None:
                          f"(saved, requested): {diff}; use a new --model_dir")
 
 
+def logged_scalars(log_dir: str, tag: str) -> dict[int, float]:
+    """{step: value} of a scalar the loop wrote to TensorBoard in `log_dir` (e.g. MODEL_DIR/train);
+    a step logged again by a resumed run keeps its latest value."""
+    out = {}
+    for path in sorted(tf.io.gfile.glob(os.path.join(log_dir, "events.out.tfevents.*"))):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for v in event.summary.value:
+                if v.tag == tag:
+                    out[event.step] = float(tf.make_ndarray(v.tensor))
+    return dict(sorted(out.items()))
+
+
 def _restored_step(model_dir: str) -> int:
     latest = tf.train.latest_checkpoint(os.path.join(model_dir, "ckpt"))
     if not latest:
