@@ -18,6 +18,7 @@ import time
 import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
 import tensorflow as tf
 
+from bench_input import images_per_second
 from trainer.data import records
 from trainer.models import courier, encoder, pretrain
 from trainer.synth import marketplace
@@ -56,8 +57,7 @@ def forward_flops(enc: encoder.Encoder, images: int) -> float:
 
 def bench(task: loop.Task, train: loop.TrainConfig, images_per_example: int, seconds: float,
           peak: float) -> dict:
-    it = iter(task.build_inputs(None))
-    batch = next(it)
+    batch = next(iter(task.build_inputs(None)))
     strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
     with strategy.scope():
         model = task.build_model()
@@ -65,13 +65,13 @@ def bench(task: loop.Task, train: loop.TrainConfig, images_per_example: int, sec
     step = tf.function(lambda b: loop.train_step(task, model, optimizer, b)[0])
     images = train.global_batch_size * images_per_example
     step_rate = _timed(lambda: step(batch).numpy(), seconds)
-    input_rate = _timed(lambda: next(it), seconds)
+    pipeline_images = images_per_second(task.build_inputs(None), images, seconds)
     flops = 3 * forward_flops(model, images)
     return {"train images/s": step_rate * images, "step GFLOP": flops / 1e9,
             "achieved GFLOP/s": flops * step_rate / 1e9,
             "of matmul peak": flops * step_rate / peak,
-            "pipeline images/s": input_rate * images,
-            "pipeline / train": input_rate / step_rate}
+            "pipeline images/s": pipeline_images,
+            "pipeline / train": pipeline_images / (step_rate * images)}
 
 
 def main() -> None:

@@ -20,9 +20,10 @@ import concurrent.futures
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
+
+from repro_visual import _run
 
 # Steps per stage on `small` (the repro scripts use 300 / 600 / 800 / 200 / 940).
 STEPS = {"classify": 150, "pretrain": 300, "finetune": 200, "courier": 100, "ctr": 250}
@@ -45,26 +46,18 @@ def ctr_runs() -> list[tuple[str, str, str, str]]:
     return runs
 
 
-class Runner:
-    """Runs command lines, logging each to <out>/logs/<name>.txt and timing it."""
+def runner(out: str):
+    """run(name, args): `repro_visual._run` logging to <out>/logs/<name>.txt; run.seconds holds
+    each step's time."""
+    logs = os.path.join(out, "logs")
+    os.makedirs(logs, exist_ok=True)
 
-    def __init__(self, out: str):
-        self.out, self.logs = out, os.path.join(out, "logs")
-        os.makedirs(self.logs, exist_ok=True)
-        self.seconds: dict = {}
+    def run(name: str, args: list) -> None:
+        run.seconds[name] = _run(args, os.path.join(logs, f"{name}.txt"))
+        print(f"  {name}: {run.seconds[name]:.0f}s", flush=True)
 
-    def __call__(self, name: str, args: list) -> float:
-        t0 = time.time()
-        log = os.path.join(self.logs, f"{name}.txt")
-        with open(log, "a") as f:
-            f.write(f"$ {' '.join(args)}\n")
-            f.flush()
-            proc = subprocess.run(args, stdout=f, stderr=subprocess.STDOUT)
-        if proc.returncode:
-            raise RuntimeError(f"{name} failed ({proc.returncode}); see {log}")
-        self.seconds[name] = time.time() - t0
-        print(f"  {name}: {self.seconds[name]:.0f}s", flush=True)
-        return self.seconds[name]
+    run.seconds = {}
+    return run
 
 
 def main() -> None:
@@ -77,7 +70,7 @@ def main() -> None:
                    "took 117 s a pair on 2 cores against 45 s each alone).")
     a = p.parse_args()
     out = a.out_dir
-    run = Runner(out)
+    run = runner(out)
     task = [sys.executable, "-m", "trainer.task", f"--data_dir={a.data_dir}", f"--seed={a.seed}"]
     t0 = time.time()
     print(f"demo: encoders into {out} (steps {STEPS})", flush=True)
