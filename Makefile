@@ -10,38 +10,50 @@ export TF_USE_LEGACY_KERAS := 1
 SEEDS ?= 0
 RUNS ?= runs
 
-.PHONY: demo test repro-visual repro-ctr repro-courier sweep-tau bench-input bench-serving bench-train export validate docs lock clean
+.PHONY: demo test lint repro-visual repro-ctr repro-courier sweep-tau bench-input bench-serving bench-train export validate docs lock clean
 
-$(VENV)/.installed: requirements.txt constraints.txt setup.py
+$(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip==24.3.1
 	$(PY) -m pip install -q -r requirements.txt -c constraints.txt
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
-# The default synthetic world (regenerated only when missing).
+# The default synthetic world (regenerated only when missing), and the same world written with the
+# feed spec's `ctr` columns (paper 002's setting: no query photo, demographics or preferences).
 $(DATA)/$(WORLD)/manifest.json: | $(VENV)/.installed
 	$(PY) -m trainer.task --stage=synth --world=$(WORLD) --seed=$(SEED) --data_dir=$(DATA)/$(WORLD)
 
-# The whole chain on the default world in under 20 minutes on 2 cores: encoders (ResNet-C, S1, S2,
+$(DATA)/$(WORLD)_feed/manifest.json: | $(VENV)/.installed
+	$(PY) -m trainer.task --stage=synth --world=$(WORLD) --seed=$(SEED) --ctr_spec=feed \
+	  --data_dir=$(DATA)/$(WORLD)_feed
+
+# The whole chain on the default world in about 20 minutes on 2 cores: encoders (ResNet-C, S1, S2,
 # S1+S2, COURIER), visual search, clustering, the CTR model with and without D and each image
-# feature, the TF Serving exports and the catalog embedding; then report/index.md with its plots.
+# feature, the feed spec's CTR model, the TF Serving exports and the catalog embedding; then
+# report/index.md with its plots.
 DEMO := $(RUNS)/demo
-demo: $(VENV)/.installed $(DATA)/$(WORLD)/manifest.json
+demo: $(VENV)/.installed $(DATA)/$(WORLD)/manifest.json $(DATA)/$(WORLD)_feed/manifest.json
 	$(PY) -m trainer.task --stage=inspect --data_dir=$(DATA)/$(WORLD) --model_dir=$(DEMO)
-	$(PY) scripts/demo.py --data_dir=$(DATA)/$(WORLD) --out_dir=$(DEMO) --seed=$(SEED)
+	$(PY) scripts/demo.py --data_dir=$(DATA)/$(WORLD) --feed_data_dir=$(DATA)/$(WORLD)_feed \
+	  --out_dir=$(DEMO) --seed=$(SEED)
 	$(MAKE) --no-print-directory export
 	$(PY) scripts/report.py --data_dir=$(DATA)/$(WORLD) --demo_dir=$(DEMO) --out_dir=report
 
-# TF Serving exports of the demo's S1+S2 encoder and S1+S2 CTR model into $(DEMO)/models (version
-# 1, replacing an earlier demo's), their signatures, and the catalog encoded with the exported
-# encoder (embeddings, faiss index, cluster ids).
+# TF Serving exports of the demo's S1+S2 encoder, its S1+S2 CTR model and the feed spec's COURIER
+# Cluster-ID CTR model into $(DEMO)/models (version 1, replacing an earlier demo's), their
+# signatures, and the catalog encoded with the exported encoder (embeddings, faiss index,
+# cluster ids).
 MODELS := $(DEMO)/models
 export: $(VENV)/.installed
 	rm -rf $(MODELS) $(DEMO)/catalog_embeddings
 	$(PY) -m export.encoder --model_dir=$(DEMO)/s1s2 --export_dir=$(MODELS)/encoder --version=1
 	$(PY) -m export.ctr --model_dir=$(DEMO)/ctr/s1s2 --export_dir=$(MODELS)/ctr --version=1
+	$(PY) -m export.ctr --model_dir=$(DEMO)/ctr_feed/courier_cluster_id \
+	  --export_dir=$(MODELS)/ctr_feed --version=1
 	$(VENV)/bin/saved_model_cli show --dir $(MODELS)/encoder/1 --tag_set serve \
+	  --signature_def serving_default
+	$(VENV)/bin/saved_model_cli show --dir $(MODELS)/ctr_feed/1 --tag_set serve \
 	  --signature_def serving_default
 	$(PY) -m trainer.task --stage=embed --data_dir=$(DATA)/$(WORLD) --export_dir=$(MODELS)/encoder \
 	  --model_dir=$(DEMO)/catalog_embeddings
@@ -79,6 +91,11 @@ sweep-tau: $(VENV)/.installed $(DATA)/$(WORLD)/manifest.json
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
+
+# ruff (E, F, I, B, UP; line length 100) over the code, mypy (check_untyped_defs) over trainer/.
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check trainer export scripts tests
+	$(VENV)/bin/mypy
 
 bench-input: $(VENV)/.installed $(DATA)/$(WORLD)/manifest.json
 	$(PY) scripts/bench_input.py --data_dir=$(DATA)/$(WORLD)

@@ -1,56 +1,64 @@
 """Clients of the two exported models on TF Serving: gRPC `PredictionService` (port 8500) and the
 REST API (port 8501), with the same calls:
 
-    encode(images)             encoded image bytes -> [N, D] embeddings (model 'encoder')
-    rank(user, candidates)     one user's features and a candidate list -> [N] click probabilities
-                               (model 'ctr'; the user's features are repeated on every row)
+    encode(images)                   encoded image bytes -> [N, D] embeddings (model 'encoder')
+    rank(user, candidates, spec)     one user's features and a candidate list -> [N] click
+                                     probabilities (model 'ctr'; the user's features are repeated
+                                     on every row)
 
-`user` holds the request-level features (user_id, age_bucket, gender, device, query_id,
-click_history_item_ids, preferred_category_ids) and each candidate the item-level ones
-(item_id, shop_id, brand_id, category_id, price, position), as in `export.ctr`'s signature.
+`user` holds the request-level features (those of the user and the page) and each candidate the
+item-level ones; together they are the input columns of the model's feature spec
+(`trainer.data.ctr_spec`), which the export carries (`spec_of_export`).
 """
 from __future__ import annotations
 
 import base64
 import json
+import os
 import urllib.error
 import urllib.request
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
-from export.ctr import LISTS, REQUEST_FEATURES
-from trainer.data.schema import CTR as schema
-
-USER_FEATURES = ("user_id", "age_bucket", "gender", "device", "query_id",
-                 "click_history_item_ids", "preferred_category_ids")
+from trainer.data import ctr_spec, schema
 
 
-def candidate_inputs(user: dict, candidates: Sequence[dict]) -> dict:
+def spec_of_export(path: str) -> ctr_spec.CtrSpec:
+    """The feature spec a CTR export was trained with: `path` is a version dir, a model base path
+    (its latest version), a spec file or a built-in spec's name."""
+    from trainer.features import versions
+    if os.path.isdir(path):
+        return ctr_spec.load(os.path.join(versions.version_dir(path), "assets.extra",
+                                          ctr_spec.FILE))
+    return ctr_spec.load(path)
+
+
+def candidate_inputs(spec: ctr_spec.CtrSpec, user: dict, candidates: Sequence[dict]) -> dict:
     """serving_default's inputs (numpy) for one user's candidate list."""
     n = len(candidates)
     if not n:
         raise ValueError("no candidates to rank")
-    missing = [k for k in REQUEST_FEATURES if k not in user and k not in candidates[0]]
+    columns = spec.record_kind(serving=True).features
+    missing = [f.name for f in columns if f.name not in user and f.name not in candidates[0]]
     if missing:
-        raise ValueError(f"request lacks features {missing}")
+        raise ValueError(f"request lacks features {missing} of the feature spec '{spec.name}'")
     out = {}
-    for name in REQUEST_FEATURES:
-        dtype = np.float32 if name == "price" else np.int64
-        if name in LISTS:
-            rows = [list(user[name]) if name in user else list(c.get(name, []))
+    for f in columns:
+        dtype = np.float32 if f.dtype == schema.FLOAT else np.int64
+        if f.is_list:
+            rows = [list(user[f.name]) if f.name in user else list(c.get(f.name, []))
                     for c in candidates]
-            # Full schema width at least: server-side batching cannot pad with -1.
-            full = schema.feature(name).max_len
-            width = max(full, max(len(r) for r in rows))
-            arr = np.full([n, width], -1, dtype)
+            # Full width at least: server-side batching cannot pad ids with -1.
+            width = max(f.max_len, max(len(r) for r in rows))
+            arr = np.full([n, width], f.pad, dtype)
             for i, r in enumerate(rows):
                 arr[i, :len(r)] = r
-            out[name] = arr
-        elif name in user:
-            out[name] = np.full([n], user[name], dtype)
+            out[f.name] = arr
+        elif f.name in user:
+            out[f.name] = np.full([n], user[f.name], dtype)
         else:
-            out[name] = np.array([c[name] for c in candidates], dtype)
+            out[f.name] = np.array([c[f.name] for c in candidates], dtype)
     return out
 
 
@@ -67,8 +75,9 @@ class GrpcClient:
         self.timeout = timeout
 
     def predict(self, model: str, signature: str, inputs: dict,
-                version: Optional[int] = None) -> dict:
+                version: int | None = None) -> dict:
         import tensorflow as tf
+
         from export import common
         request = common.predict_request(model, signature, inputs)
         if version is not None:
@@ -80,8 +89,10 @@ class GrpcClient:
         return self.predict(model, "encode_images",
                             {"images": np.array(list(images), dtype=object)})["embedding"]
 
-    def rank(self, user: dict, candidates: Sequence[dict], model: str = "ctr") -> np.ndarray:
-        return self.predict(model, "serving_default", candidate_inputs(user, candidates))["ctr"]
+    def rank(self, user: dict, candidates: Sequence[dict], spec: ctr_spec.CtrSpec,
+             model: str = "ctr") -> np.ndarray:
+        return self.predict(model, "serving_default",
+                            candidate_inputs(spec, user, candidates))["ctr"]
 
     def close(self) -> None:
         self.channel.close()
@@ -96,7 +107,7 @@ class RestClient:
         self.timeout = timeout
 
     def predict(self, model: str, signature: str, inputs: dict,
-                version: Optional[int] = None) -> dict:
+                version: int | None = None) -> dict:
         def jsonable(v):
             v = np.asarray(v)
             if v.dtype == object or v.dtype.kind == "S":
@@ -123,6 +134,7 @@ class RestClient:
         out = self.predict(model, "encode_images", {"images": np.array(list(images), dtype=object)})
         return np.asarray(next(iter(out.values())), np.float32)
 
-    def rank(self, user: dict, candidates: Sequence[dict], model: str = "ctr") -> np.ndarray:
-        out = self.predict(model, "serving_default", candidate_inputs(user, candidates))
+    def rank(self, user: dict, candidates: Sequence[dict], spec: ctr_spec.CtrSpec,
+             model: str = "ctr") -> np.ndarray:
+        out = self.predict(model, "serving_default", candidate_inputs(spec, user, candidates))
         return np.asarray(next(iter(out.values())), np.float32)

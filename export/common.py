@@ -9,33 +9,17 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
-from typing import Callable, Iterable, Mapping, Optional
+from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 import tensorflow as tf
 from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 
+from trainer.features import versions
+
 WARMUP_FILE = "tf_serving_warmup_requests"
 MAX_WARMUP_RECORDS = 1000  # TF Serving reads at most this many
-
-
-def versions(export_dir: str) -> list[int]:
-    """The numeric version subdirectories of `export_dir`, ascending."""
-    if not tf.io.gfile.isdir(export_dir):
-        return []
-    return sorted(int(d.rstrip("/")) for d in tf.io.gfile.listdir(export_dir)
-                  if re.fullmatch(r"\d+/?", d))
-
-
-def latest_version_dir(export_dir: str) -> str:
-    """The highest-numbered version of an export, as TF Serving would load it."""
-    found = versions(export_dir)
-    if not found:
-        raise FileNotFoundError(f"{export_dir} holds no numbered SavedModel version "
-                                "(export one with python -m export.encoder / export.ctr)")
-    return os.path.join(export_dir, str(found[-1]))
 
 
 def predict_request(model_name: str, signature: str,
@@ -54,14 +38,15 @@ def warmup_logs(requests: Iterable[predict_pb2.PredictRequest]) -> list:
 
 
 def save(module: tf.Module, signatures: dict, export_dir: str, warmup: list, info: dict,
-         version: Optional[int] = None) -> str:
+         version: int | None = None, extra_files: dict | None = None) -> str:
     """Saves `module` with `signatures` as version `version` (default: latest + 1) of
     `export_dir`, with `assets.extra/tf_serving_warmup_requests` (the `PredictionLog`s of
-    `warmup`) and `assets.extra/export_info.json`. Returns the version directory."""
+    `warmup`), `assets.extra/export_info.json` and `extra_files` ({name: text}) beside them.
+    Returns the version directory."""
     if len(warmup) > MAX_WARMUP_RECORDS:
         raise ValueError(f"{len(warmup)} warmup records; TF Serving reads at most "
                          f"{MAX_WARMUP_RECORDS}")
-    version = version if version is not None else (versions(export_dir) or [0])[-1] + 1
+    version = version if version is not None else (versions.versions(export_dir) or [0])[-1] + 1
     final = os.path.join(export_dir, str(version))
     if tf.io.gfile.exists(final):
         raise FileExistsError(f"{final} exists; versions are immutable (choose another "
@@ -78,6 +63,9 @@ def save(module: tf.Module, signatures: dict, export_dir: str, warmup: list, inf
     with tf.io.gfile.GFile(os.path.join(extra, "export_info.json"), "w") as f:
         json.dump({**info, "version": version, "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
                    "tensorflow": tf.__version__}, f, indent=2)
+    for name, text in (extra_files or {}).items():
+        with tf.io.gfile.GFile(os.path.join(extra, name), "w") as f:
+            f.write(text)
     tf.io.gfile.rename(tmp, final)
     return final
 

@@ -10,8 +10,13 @@ from __future__ import annotations
 
 import os
 
-from google.protobuf import descriptor_pb2, descriptor_pool, text_format, wrappers_pb2
-from google.protobuf import message_factory
+from google.protobuf import (
+    descriptor_pb2,
+    descriptor_pool,
+    message_factory,
+    text_format,
+    wrappers_pb2,
+)
 from tensorflow_serving.config import model_server_config_pb2
 
 _F = descriptor_pb2.FieldDescriptorProto
@@ -55,8 +60,9 @@ def _messages() -> dict:
             if type_name:
                 field.type_name = type_name
     pool.Add(f)
-    return {n: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"tensorflow.serving.{n}"))
-            for n in ("BatchingParameters", "MonitoringConfig")}
+    return {n: message_factory.GetMessageClass(
+        pool.FindMessageTypeByName(f"tensorflow.serving.{n}"))
+        for n in ("BatchingParameters", "MonitoringConfig")}
 
 
 def _parse(path: str, message):

@@ -20,15 +20,16 @@ import base64
 import json
 import os
 import threading
+from collections.abc import Mapping
 from concurrent import futures
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Mapping
 
 import numpy as np
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from export import common
+from trainer.features import versions
 
 
 class Servables:
@@ -37,7 +38,7 @@ class Servables:
     def __init__(self, base_paths: Mapping[str, str]):
         self.models = {}
         for name, base in base_paths.items():
-            path = common.latest_version_dir(base)
+            path = versions.latest_version_dir(base)
             self.models[name] = (int(os.path.basename(path)), tf.saved_model.load(path))
 
     def run(self, request: predict_pb2.PredictRequest) -> tuple[int, dict]:

@@ -18,13 +18,15 @@ import tempfile
 import time
 
 import numpy as np
-
-import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
 import tensorflow as tf
 
-from export import common, ctr as export_ctr, encoder as export_encoder
+import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
+from export import common
+from export import ctr as export_ctr
+from export import encoder as export_encoder
+from trainer.ctr import task as ctr_task
 from trainer.data import parse
-from trainer.models import ctr as ctr_lib, encoder as encoder_lib
+from trainer.models import encoder as encoder_lib
 
 
 def _rate(fn, n_items: int, seconds: float) -> float:
@@ -87,17 +89,17 @@ def main() -> None:
 
     ctr_loaded = tf.saved_model.load(ctr_path)
     serve = ctr_loaded.signatures["serving_default"]
-    model = ctr_lib.load_trained(args.ctr_dir)
+    model = ctr_task.load_trained(args.ctr_dir)
     print(f"\nCTR model ({ctr_path}; image features "
-          f"{model.cfg.image_feature_mode if model.images is not None else 'none'}, "
+          f"{model.cfg.image_feature_mode if model.image_tables else 'none'}, "
           f"D {'on' if model.cfg.debias else 'off'}), serving_default, {args.repeats} requests "
           "each:\n")
     print("| candidates per request | p50 ms | p99 ms | candidates/s at p50 |\n"
           "| ---: | ---: | ---: | ---: |")
     for n in (1, 100):
         inputs = {k: tf.constant(v) for k, v in
-                  export_ctr.sample_requests(model.vocabularies, n, seed=n).items()}
-        ms = _latencies(lambda: serve(**inputs)["ctr"].numpy(), args.repeats)
+                  export_ctr.sample_requests(model.spec, model.vocabularies, n, seed=n).items()}
+        ms = _latencies(lambda x=inputs: serve(**x)["ctr"].numpy(), args.repeats)
         p50, p99 = np.percentile(ms, [50, 99])
         print(f"| {n} | {p50:.2f} | {p99:.2f} | {n / p50 * 1e3:.0f} |")
     print(f"\nexports in {root}; warmup records: "

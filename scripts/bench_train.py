@@ -15,14 +15,14 @@ import argparse
 import dataclasses
 import time
 
-import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
 import tensorflow as tf
-
 from bench_input import images_per_second
+
+import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
+from trainer import configs
 from trainer.data import records
 from trainer.models import courier, encoder, pretrain
 from trainer.synth import marketplace
-from trainer.task import ENCODER_DEFAULTS
 from trainer.train import loop
 
 
@@ -55,7 +55,7 @@ def forward_flops(enc: encoder.Encoder, images: int) -> float:
     return float(tf.compat.v1.profiler.profile(graph, options=opts).total_float_ops)
 
 
-def bench(task: loop.Task, train: loop.TrainConfig, images_per_example: int, seconds: float,
+def bench(task: loop.Task, train: configs.TrainConfig, images_per_example: int, seconds: float,
           peak: float) -> dict:
     batch = next(iter(task.build_inputs(None)))
     strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
@@ -80,20 +80,19 @@ def main() -> None:
     p.add_argument("--batch_size", type=int, default=64,
                    help="S1 images (two views each) and COURIER pages per step.")
     p.add_argument("--seconds", type=float, default=10.0, help="Timing per measurement.")
-    p.add_argument("--depth", type=int, default=ENCODER_DEFAULTS["depth"])
+    p.add_argument("--depth", type=int, default=configs.EncoderConfig().depth)
     p.add_argument("--width_multiplier", type=float,
-                   default=ENCODER_DEFAULTS["width_multiplier"])
+                   default=configs.EncoderConfig().width_multiplier)
     a = p.parse_args()
-    enc = encoder.EncoderConfig(**{**ENCODER_DEFAULTS, "depth": a.depth,
-                                   "width_multiplier": a.width_multiplier},
+    enc = configs.EncoderConfig(depth=a.depth, width_multiplier=a.width_multiplier,
                                 image_size=marketplace.image_size(a.data_dir))
-    train = loop.TrainConfig(global_batch_size=a.batch_size, warmup_steps=0)
+    train = configs.TrainConfig(global_batch_size=a.batch_size, warmup_steps=0)
     catalog = records.default_pattern(a.data_dir, "catalog")
     peak = matmul_peak(a.seconds)
     print(f"matmul peak (2048^2 float32): {peak / 1e9:.1f} GFLOP/s; encoder ResNet-{a.depth} x"
           f"{a.width_multiplier}, {enc.image_size}px, D={enc.feature_dim}; batch {a.batch_size}")
-    s1 = pretrain.PretrainTask(pretrain.PretrainConfig(catalog_pattern=catalog), enc, train)
-    cour = courier.CourierTask(courier.CourierConfig(
+    s1 = pretrain.PretrainTask(configs.PretrainConfig(catalog_pattern=catalog), enc, train)
+    cour = courier.CourierTask(configs.CourierConfig(
         pageviews_pattern=records.default_pattern(a.data_dir, "pageviews", "train"),
         catalog_pattern=catalog), enc, train)
     sample = next(iter(cour.build_inputs(None)))

@@ -9,28 +9,27 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from typing import Optional
+
+import matplotlib
 
 import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
-import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from demo import ENCODERS, STEPS  # noqa: E402
-from repro_ctr import PAPER as PAPER_T2  # noqa: E402
-from repro_visual import PAPER as PAPER_T1  # noqa: E402
+from trainer import experiments  # noqa: E402
 from trainer.data import npz  # noqa: E402
 from trainer.eval import ctr_metrics, projector  # noqa: E402
 from trainer.synth import marketplace  # noqa: E402
 from trainer.train import loop  # noqa: E402
 
 SEARCH = ("HR", "LR@10", "LR@100", "CR@10", "CR@100")
-NAMES = {name: label for label, name, _, _ in ENCODERS}
+NAMES = {name: experiments.get(name).title for name in experiments.ENCODERS}
+PAPER_T1, PAPER_T2 = experiments.PAPER_TABLE_1, experiments.PAPER_TABLE_2
 
 
-def _json(path: str) -> Optional[dict]:
+def _json(path: str) -> dict | None:
     if not os.path.exists(path):
         return None
     with open(path) as f:
@@ -51,8 +50,24 @@ def table1(demo: str) -> str:
     return "\n".join(rows)
 
 
-def _ctr(demo: str, run: str) -> Optional[dict]:
-    return _json(os.path.join(demo, "ctr", run, "metrics.json"))
+def _ctr(demo: str, run: str, spec: str = "synthetic") -> dict | None:
+    prefix = "ctr" if spec == "synthetic" else f"ctr_{spec}"
+    return _json(os.path.join(demo, prefix, run, "metrics.json"))
+
+
+def table_feed(demo: str) -> str:
+    """The feed spec's runs beside the same methods on the synthetic spec."""
+    rows = ["| Features | spec | inputs | AUC | GAUC | Bottom10% |", "| --- | --- | ---: | ---: | "
+            "---: | ---: |"]
+    from trainer.data import ctr_spec
+    for run, label in (("no_image", "no image"), ("courier_cluster_id", "COURIER Cluster-ID")):
+        for spec in ("synthetic", "feed"):
+            m = _ctr(demo, run, spec)
+            if m:
+                n = len(ctr_spec.load(spec).inputs)
+                rows.append(f"| {label} | {spec} | {n} | {m['AUC']:.4f} | {m['GAUC']:.4f} | "
+                            f"{m['AUC_bottom10']:.4f} |")
+    return "\n".join(rows) if len(rows) > 2 else ""
 
 
 def table2(demo: str) -> str:
@@ -156,7 +171,7 @@ def plot_deciles(demo: str, path: str) -> list:
         if not os.path.exists(f):
             continue
         p = npz.read(f)
-        bins = ctr_metrics.auc_by_impression_decile(p["label"], p["score"], p["item_id"],
+        bins = ctr_metrics.auc_by_impression_decile(p["label"], p["score"], p["item"],
                                                     p["impressions_30d"])
         ax.plot(range(1, len(bins) + 1), [b["AUC"] for b in bins], marker="o", label=label,
                 linestyle="--" if label.endswith("+D") else "-")
@@ -179,7 +194,7 @@ def plot_projection(demo: str, data_dir: str, path: str) -> str:
                 if os.path.exists(os.path.join(demo, n, "embeddings.npz"))]
     fig, axes = plt.subplots(len(encoders), 2, figsize=(10, 4.6 * len(encoders)), squeeze=False)
     rng = np.random.default_rng(0)
-    for row, name in zip(axes, encoders):
+    for row, name in zip(axes, encoders, strict=True):
         t = npz.read(os.path.join(demo, name, "embeddings.npz"))
         idx = rng.choice(len(t["item_id"]), size=min(3000, len(t["item_id"])), replace=False)
         v = t["item_vector"][idx]
@@ -187,7 +202,7 @@ def plot_projection(demo: str, data_dir: str, path: str) -> str:
         xy = v @ np.linalg.svd(v, full_matrices=False)[2][:2].T
         styles = projector.style_labels(data_dir, t["item_id"][idx])
         for ax, (what, labels) in zip(row, (("category", t["category_id"][idx]),
-                                            ("style", styles))):
+                                            ("style", styles)), strict=True):
             if labels is None:
                 ax.set_axis_off()
                 continue
@@ -211,7 +226,7 @@ def plot_losses(demo: str, path: str) -> None:
                ("CTR + D (S1+S2)", os.path.join(demo, "ctr", "s1s2_d"),
                 ["pred_loss", "debias_loss"])]
     fig, axes = plt.subplots(2, 4, figsize=(14, 6))
-    for ax, (title, d, tags) in zip(axes.flat, panels):
+    for ax, (title, d, tags) in zip(axes.flat, panels, strict=False):
         for tag in tags:
             logged = loop.logged_scalars(os.path.join(d, "train"), tag)
             if logged:
@@ -260,6 +275,10 @@ def main() -> None:
     embedded = _json(os.path.join(demo, "catalog_embeddings", "manifest.json"))
     world = manifest.get("world", {})
     secs = timings.get("seconds", {})
+    steps = timings.get("steps", {})
+    encoder_rows = "\n".join(
+        f"| {exp.title} | {exp.doc} | {steps.get(exp.stage, '?')} | {secs.get(exp.name, 0):.0f} |"
+        for exp in map(experiments.get, experiments.ENCODERS))
     text = f"""# What the demo trained, and what it shows
 
 This report is written by `make demo` from the runs in `{demo}`. Every number below was measured
@@ -284,16 +303,13 @@ Every encoder is the same ResNet-10 (width ×0.5, D = 512) image tower, trained 
 
 | Encoder | How (paper) | Steps | Seconds |
 | --- | --- | ---: | ---: |
-| ResNet-C | category classifier (000, Table 1 baseline) | {STEPS['classify']} | {secs.get('resnet_c', 0):.0f} |
-| S1 | SimCLR-style contrastive pretraining on catalog images (000 Eq. 1) | {STEPS['pretrain']} | {secs.get('s1', 0):.0f} |
-| S2 | click-supervised contrastive fine-tuning with same-category negative pools (000 Eq. 2) | {STEPS['finetune']} | {secs.get('s2', 0):.0f} |
-| S1+S2 | S2 from S1's weights | {STEPS['finetune']} | {secs.get('s1s2', 0):.0f} |
-| COURIER | user-intention reconstruction from S1's weights (002 Eq. 1-7) | {STEPS['courier']} | {secs.get('courier', 0):.0f} |
+{encoder_rows}
 
-Then the CTR predictor (TFRS-style id embeddings, click-history attention, MLP tower; {STEPS['ctr']}
-steps of batch 512, one epoch) was trained without image features, with each encoder's catalog
-vectors, with each plus the debiasing network D (000 Eq. 3-4), and with S1 and COURIER features
-as SimScore and Cluster-ID (002 App. B). The demo's steps are short; `make repro-visual`,
+Then the CTR predictor (TFRS-style id embeddings, click-history attention, MLP tower;
+{steps.get('ctr', '?')} steps of batch 512) was trained without image features, with each
+encoder's catalog vectors, with S1+S2's and COURIER's plus the debiasing network D (000 Eq. 3-4),
+with S1 and COURIER features as SimScore and Cluster-ID (002 App. B), and from the `feed` feature
+spec (paper 002's setting). The demo's steps are short; `make repro-visual`,
 `make repro-ctr` and `make repro-courier` run the longer, multi-seed versions in the README.
 Total time of training and evaluation: {timings.get('total_seconds', 0) / 60:.1f} min.
 
@@ -326,6 +342,15 @@ impressions, and GAUC (per page view). "+ D" is the same features with the debia
 
 {table5(demo)}
 
+## Paper 002's feed setting, from a declared feature spec
+
+The same world written with the `feed` feature spec's `ctr` columns
+(`trainer/data/specs/feed.yaml`: no query photo, no demographics, no preferred categories; the
+columns are absent from the records), and the CTR model built, trained, evaluated and exported
+from that spec alone, beside the same methods on the synthetic spec:
+
+{table_feed(demo)}
+
 ## AUC by impression decile
 
 ![AUC by impression decile](auc_by_impression_decile.png)
@@ -352,9 +377,10 @@ Training losses from each run's TensorBoard logs (`tensorboard --logdir {demo}`)
 
 ## Serving
 
-`make export` wrote the S1+S2 encoder and the S1+S2 CTR model as TF Serving SavedModels to
-`{models}` (signatures `encode_images`, `encode_pixels`; `serving_default`, `predict_examples`),
-with warmup requests; `serving_config/` serves them.
+`make export` wrote the S1+S2 encoder, the S1+S2 CTR model and the feed spec's COURIER
+Cluster-ID CTR model as TF Serving SavedModels to `{models}` (signatures `encode_images`,
+`encode_pixels`; `serving_default`, `predict_examples`, whose inputs are each model's feature
+spec's columns), with warmup requests; `serving_config/` serves them.
 """
     text = text.replace("FINDINGS", findings(demo))
     if embedded:

@@ -14,62 +14,55 @@ against the baseline (percentage points, raw values in parentheses) and writes t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
-import sys
 import time
 
 import numpy as np
 
-from repro_visual import _run, write_report
+import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
+from trainer import experiments
 
-MODES = ("vector", "simscore", "cluster_id")
-# (row, --courier_ablation), Table 6 and Appendix D.
-ABLATIONS = (("w/o UCS", "no_ucs"), ("w/o Contrast", "no_contrast"),
-             ("w/o Reconstruction", "self_attention"), ("w/o Neg PV", "no_neg_pv"),
-             ("w projection", "projection_head"))
-PAPER_B1 = "V1-V4: vector +0.06-0.09%, simscore +0.14-0.18%, cluster_id +0.22-0.28%"
-PAPER_6 = {"w/o UCS": (0.06, -0.13, 0.11), "w/o Contrast": (0.23, 0.03, -0.11),
-           "w/o Reconstruction": (0.25, 0.02, -0.11), "w/o Neg PV": (0.30, 0.07, -0.06),
-           "w projection": (0.29, 0.06, -0.04), "COURIER": (0.46, 0.16, 0.19)}
+MODES = experiments.MODES
+ABLATIONS = experiments.COURIER_ABLATIONS  # (Table 6 row, config flag)
+PAPER_B1 = experiments.PAPER_TABLE_B1
+PAPER_6 = experiments.PAPER_TABLE_6
 
 
-def ensure_s1(data_dir: str, visual_dir: str, seed: int, log: str) -> str:
-    """<visual_dir>/seed<N>/s1, trained with the pretrain stage's defaults if missing."""
-    s1 = os.path.join(visual_dir, f"seed{seed}", "s1")
-    if not os.path.isdir(os.path.join(s1, "ckpt")):
-        print(f"  seed {seed}: training S1 into {s1}", flush=True)
-        _run([sys.executable, "-m", "trainer.task", "--stage=pretrain", f"--data_dir={data_dir}",
-              f"--seed={seed}", f"--model_dir={s1}"], log)
-    return s1
+def ctr_runs(ablations: list, ablation_mode: str) -> list:
+    """(result key, CTR experiment): the baseline, S1 and COURIER in every mode, and each trained
+    ablation in `ablation_mode`."""
+    runs = [("baseline", experiments.ctr_experiment(None))]
+    runs += [(f"{experiments.get(enc).title}/{mode}", experiments.ctr_experiment(enc, mode))
+             for enc in ("s1", "courier") for mode in MODES]
+    runs += [(f"{row}/{ablation_mode}", experiments.ctr_experiment(f"courier_{flag}",
+                                                                   ablation_mode))
+             for row, flag in ABLATIONS if f"courier_{flag}" in ablations]
+    return runs
 
 
 def run_seed(data_dir: str, s1: str, out: str, seed: int, a) -> dict:
     os.makedirs(out, exist_ok=True)
     log = os.path.join(out, "log.txt")
-    base = [sys.executable, "-m", "trainer.task", f"--data_dir={data_dir}", f"--seed={seed}"]
-    encoders = {"S1": s1}
-    variants = [("COURIER", [])] + ([] if a.skip_ablations else
-                                    [(row, [f"--courier_ablation={flag}"]) for row, flag in ABLATIONS])
+    dirs = {"s1": s1}
+    variants = ["courier"] + ([] if a.skip_ablations else
+                              [f"courier_{flag}" for _, flag in ABLATIONS])
     seconds = {}
-    for row, flags in variants:
-        model_dir = os.path.join(out, "courier" + (f"_{flags[0].split('=')[1]}" if flags else ""))
-        t = _run(base + ["--stage=courier", f"--model_dir={model_dir}", f"--init_checkpoint={s1}",
-                         f"--train_steps={a.courier_steps}"] + flags, log)
-        encoders[row], seconds[row] = model_dir, t
-        print(f"  seed {seed}: trained {row} ({t:.0f}s)", flush=True)
-    runs = [("baseline", None, "vector")]
-    runs += [(enc, enc, mode) for enc in ("S1", "COURIER") for mode in MODES]
-    runs += [(row, row, a.ablation_mode) for row, _ in ABLATIONS if row in encoders]
+    for name in variants:
+        exp = experiments.get(name)
+        dirs[name] = os.path.join(out, name)
+        t = experiments.run(experiments.command(
+            exp, data_dir, dirs[name], dirs, seed, flags=[f"--train_steps={a.courier_steps}"]),
+            log)
+        seconds[exp.title] = t
+        print(f"  seed {seed}: trained {exp.title} ({t:.0f}s)", flush=True)
     results = {}
-    for name, enc, mode in runs:
-        key = f"{name}/{mode}" if enc else name
-        model_dir = os.path.join(out, "ctr", key.lower().replace("/", "_").replace(" ", "_"))
-        features = (["--image_features=none"] if enc is None else
-                    ["--image_features=courier", f"--image_model_dir={encoders[enc]}",
-                     f"--image_feature_mode={mode}"])
-        t = _run(base + ["--stage=ctr", f"--model_dir={model_dir}",
-                         f"--train_steps={a.ctr_steps}"] + features + a.extra.split(), log)
+    for key, exp in ctr_runs(variants, a.ablation_mode):
+        model_dir = os.path.join(out, exp.name)
+        t = experiments.run(experiments.command(
+            exp, data_dir, model_dir, dirs, seed,
+            flags=[f"--train_steps={a.ctr_steps}"] + a.extra.split()), log)
         with open(os.path.join(model_dir, "metrics.json")) as f:
             results[key] = json.load(f)
         m = results[key]
@@ -91,7 +84,8 @@ def _delta(per_seed: dict, key: str, metric: str) -> str:
 
 def tables(per_seed: dict, ablation_mode: str) -> str:
     seeds = sorted(per_seed)
-    base = {m: np.mean([r["ctr"]["baseline"][m] for r in per_seed.values()]) for m in ("AUC", "GAUC")}
+    base = {m: np.mean([r["ctr"]["baseline"][m] for r in per_seed.values()])
+            for m in ("AUC", "GAUC")}
     lines = [f"Delta AUC and delta GAUC against the CTR model without image features "
              f"(percentage points, mean ± half-range over seeds {', '.join(map(str, seeds))}; "
              f"raw means in parentheses). Baseline AUC {base['AUC']:.4f}, GAUC "
@@ -100,8 +94,8 @@ def tables(per_seed: dict, ablation_mode: str) -> str:
              "| Features | " + " | ".join(f"{m} ΔAUC | {m} ΔGAUC" for m in MODES) + " |",
              "| --- |" + " ---: |" * (2 * len(MODES))]
     for enc, label in (("S1", "SimCLR-style S1"), ("COURIER", "COURIER")):
-        cells = [f"{_delta(per_seed, f'{enc}/{m}', 'AUC')} | {_delta(per_seed, f'{enc}/{m}', 'GAUC')}"
-                 for m in MODES]
+        cells = [f"{_delta(per_seed, f'{enc}/{m}', 'AUC')} | "
+                 f"{_delta(per_seed, f'{enc}/{m}', 'GAUC')}" for m in MODES]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", f"Paper (Table B1, COURIER versions {PAPER_B1}; Table 5 with cluster_id: "
               "SimCLR +0.28% women's / +0.05% all AUC, COURIER +0.46% / +0.16%)."]
@@ -145,7 +139,6 @@ def history_diagnostics(data_dir: str, encoders: dict) -> str:
     """What each encoder's vectors carry about user intent, without the CTR model: the test-day
     AUC and GAUC of the displayed item's largest cosine to the user's click history (the
     strongest SimScore feature), and of its cosine to the query photo."""
-    import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
     from trainer.data import pipeline, records
     from trainer.eval import ctr_metrics
     from trainer.features import embeddings
@@ -164,7 +157,7 @@ def history_diagnostics(data_dir: str, encoders: dict) -> str:
         vq = t.query_vector[[qrow[int(i)] for i in test["query_id"]]]
         hist = test["click_history_item_ids"]
         mask = test["click_history_item_ids_mask"] & np.isin(hist, t.item_id)
-        vh = t.item_vector[np.vectorize(lambda i: row.get(int(i), 0))(hist)]
+        vh = t.item_vector[np.vectorize(lambda i, rows=row: rows.get(int(i), 0))(hist)]
         sim = np.where(mask, np.einsum("nd,nkd->nk", vp, vh), -2.0).max(axis=1)
         sim = np.where(mask.any(axis=1), sim, 0.0)
         cells = []
@@ -184,13 +177,11 @@ def perfect_encoder(data_dir: str, out: str, seed: int, ctr_steps: int) -> dict:
     if os.path.exists(path):
         with open(path) as f:
             return json.load(f)
-    import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
-    from trainer.data import pipeline, records
+    from trainer import configs
+    from trainer.ctr import task as ctr_task
+    from trainer.data import ctr_spec, pipeline, records
     from trainer.features import clusters, embeddings
-    from trainer.models import ctr
     from trainer.synth import truth
-    from trainer.task import STAGE_DEFAULTS
-    from trainer.train import loop
     t = truth.load(data_dir)
     cat = pipeline.read_columns(records.default_pattern(data_dir, "catalog"), "catalog",
                                 ("item_id", "category_id", "impressions_30d"))
@@ -202,16 +193,18 @@ def perfect_encoder(data_dir: str, out: str, seed: int, ctr_steps: int) -> dict:
         one_hot[t["items"]["style"][truth.index_of(cat["item_id"], t["items"]["item_id"])]],
         q["query_id"],
         one_hot[t["queries"]["style"][truth.index_of(q["query_id"], t["queries"]["query_id"])]])
-    train_cfg = loop.TrainConfig(**{**STAGE_DEFAULTS["ctr"], "steps": ctr_steps}, seed=seed)
+    stage = configs.override(configs.for_stage("ctr"), "train.steps", ctr_steps)
     results = {}
     for mode in MODES:
-        cfg = ctr.CtrConfig(train_pattern=records.default_pattern(data_dir, "ctr", "train"),
-                            test_pattern=records.default_pattern(data_dir, "ctr", "test"),
-                            image_feature_mode=mode)
-        results[mode] = ctr.train_and_evaluate(
-            cfg, train_cfg, os.path.join(out, "ctr", f"perfect_encoder_{mode}"), cat["item_id"],
+        cfg = dataclasses.replace(
+            stage.ctr, train_pattern=records.default_pattern(data_dir, "ctr", "train"),
+            test_pattern=records.default_pattern(data_dir, "ctr", "test"),
+            image_feature_mode=mode)
+        results[mode] = ctr_task.train_and_evaluate(
+            cfg, ctr_spec.load(cfg.spec), stage.train,
+            os.path.join(out, "ctr", f"perfect_encoder_{mode}"), cat["item_id"],
             cat["impressions_30d"], table,
-            clusters=clusters.Clusters(one_hot) if mode == "cluster_id" else None)
+            clusters=clusters.Clusters(one_hot) if mode == "cluster_id" else None, seed=seed)
         print(f"  seed {seed}: perfect style encoder/{mode}: AUC {results[mode]['AUC']:.4f}",
               flush=True)
     with open(path, "w") as f:
@@ -247,7 +240,8 @@ def main() -> None:
             continue
         print(f"seed {seed}:", flush=True)
         os.makedirs(out, exist_ok=True)
-        s1 = ensure_s1(a.data_dir, a.visual_dir, seed, os.path.join(out, "log.txt"))
+        s1 = experiments.ensure(experiments.get("s1"), a.data_dir, s1_dirs[seed], {}, seed,
+                                os.path.join(out, "log.txt"))
         per_seed[seed] = run_seed(a.data_dir, s1, out, seed, a)
     text = tables(per_seed, a.ablation_mode)
     text += "\n\nThe paper's orderings:\n" + "\n".join(checks(per_seed, a.ablation_mode))
@@ -275,7 +269,7 @@ def main() -> None:
              ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
     if not a.report_only:
         text += f"\n\nTotal time: {(time.time() - t0) / 60:.1f} min."
-    write_report(text, os.path.join(a.out_dir, "table5.md"))
+    experiments.write_report(text, os.path.join(a.out_dir, "table5.md"))
 
 
 if __name__ == "__main__":

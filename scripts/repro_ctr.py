@@ -20,18 +20,17 @@ import time
 
 import numpy as np
 
-from repro_visual import _run, write_report
+import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
+from trainer import experiments
 
-# (method, stage, --image_features)
-METHODS = (("no image", "ctr", "none"), ("ResNet-C", "ctr", "resnet_c"), ("S1", "ctr", "s1"),
-           ("S2", "ctr", "s2"), ("S1+S2", "ctr", "s1s2"), ("S1+S2+D", "debias", "s1s2"))
+# Table 2's rows: the CTR model without image features, with each encoder's, and S1+S2 with D.
+RUNS = (experiments.ctr_experiment(None),
+        *(experiments.ctr_experiment(e) for e in ("resnet_c", "s1", "s2", "s1s2")),
+        experiments.ctr_experiment("s1s2", debias=True))
+METHODS = tuple(e.title for e in RUNS)  # no image, ResNet-C, S1, S2, S1+S2, S1+S2+D
 COLUMNS = (("Bottom10%", "AUC_bottom10"), ("Top10%", "AUC_top10"), ("Overall", "AUC"),
            ("GAUC", "GAUC"))
-PAPER = {  # paper 000, Table 2: bottom 10%, top 10%, overall
-    "ResNet-C": (0.7061, 0.6959, 0.7042), "S1": (0.6874, 0.6942, 0.7034),
-    "S2": (0.7340, 0.7240, 0.7293), "S1+S2": (0.7673, 0.7494, 0.7515),
-    "S1+S2+D": (0.7681, 0.7495, 0.7518),
-}
+PAPER = experiments.PAPER_TABLE_2
 ENCODERS = ("resnet_c", "s1", "s2", "s1s2")
 
 
@@ -53,17 +52,16 @@ def ensure_encoders(data_dir: str, visual_dir: str, seed: int) -> str:
 def run_seed(data_dir: str, encoders: str, out: str, seed: int, extra: list) -> dict:
     os.makedirs(out, exist_ok=True)
     log = os.path.join(out, "log.txt")
-    base = [sys.executable, "-m", "trainer.task", f"--data_dir={data_dir}", f"--seed={seed}",
-            f"--encoders_dir={encoders}"]
+    dirs = {e: os.path.join(encoders, e) for e in ENCODERS}
     results = {}
-    for method, stage, features in METHODS:
-        model_dir = os.path.join(out, method.lower().replace("+", "").replace(" ", "_"))
-        seconds = _run(base + [f"--stage={stage}", f"--image_features={features}",
-                               f"--model_dir={model_dir}"] + extra, log)
+    for exp in RUNS:
+        model_dir = os.path.join(out, exp.name)
+        seconds = experiments.run(experiments.command(exp, data_dir, model_dir, dirs, seed,
+                                                      flags=extra), log)
         with open(os.path.join(model_dir, "metrics.json")) as f:
-            results[method] = json.load(f)
-        m = results[method]
-        print(f"  seed {seed}: {method}: AUC {m['AUC']:.4f} bottom-10% {m['AUC_bottom10']:.4f} "
+            results[exp.title] = json.load(f)
+        m = results[exp.title]
+        print(f"  seed {seed}: {exp.title}: AUC {m['AUC']:.4f} bottom-10% {m['AUC_bottom10']:.4f} "
               f"top-10% {m['AUC_top10']:.4f} ({seconds:.0f}s)", flush=True)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
@@ -77,7 +75,7 @@ def table(per_seed: dict) -> str:
              "in brackets.", "",
              "| Method | " + " | ".join(c for c, _ in COLUMNS) + " |",
              "| --- |" + " ---: |" * len(COLUMNS)]
-    for method, _, _ in METHODS:
+    for method in METHODS:
         cells = []
         for i, (_, key) in enumerate(COLUMNS):
             vals = np.array([per_seed[s][method][key] for s in seeds])
@@ -87,11 +85,11 @@ def table(per_seed: dict) -> str:
                 cell += f" [{PAPER[method][i]:.4f}]"
             cells.append(cell)
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    lines += ["", "| seed | " + " | ".join(f"{m} AUC" for m, _, _ in METHODS) + " |",
+    lines += ["", "| seed | " + " | ".join(f"{m} AUC" for m in METHODS) + " |",
               "| ---: |" + " ---: |" * len(METHODS)]
     for s in seeds:
         lines.append(f"| {s} | " + " | ".join(f"{per_seed[s][m]['AUC']:.4f}"
-                                              for m, _, _ in METHODS) + " |")
+                                              for m in METHODS) + " |")
     first = per_seed[seeds[0]]["S1+S2"]
     lines += ["", f"Test day: {first['samples']} impressions, {first['clicks']} clicks; the "
               f"bottom-10% slice holds {first['bottom10_samples']} impressions "
@@ -108,13 +106,13 @@ def checks(per_seed: dict) -> list[str]:
         vals = np.array([per_seed[s][method][key] for s in per_seed])
         return vals.mean(), (vals.max() - vals.min()) / 2
 
-    auc = {m: stat(m, "AUC") for m, _, _ in METHODS}
-    bottom = {m: stat(m, "AUC_bottom10") for m, _, _ in METHODS}
+    auc = {m: stat(m, "AUC") for m in METHODS}
+    bottom = {m: stat(m, "AUC_bottom10") for m in METHODS}
     noise = max(auc["S1+S2"][1], auc["S1+S2+D"][1]) + 0.002
     out = [
         ("S1+S2 > S2 > S1 (overall AUC)", auc["S1+S2"][0] > auc["S2"][0] > auc["S1"][0]),
         ("S1+S2 has the highest overall AUC without D",
-         max((m for m, _, _ in METHODS[:5]), key=lambda m: auc[m][0]) == "S1+S2"),
+         max(METHODS[:5], key=lambda m: auc[m][0]) == "S1+S2"),
         (f"S1+S2+D keeps S1+S2's overall AUC (within {noise:.4f})",
          abs(auc["S1+S2+D"][0] - auc["S1+S2"][0]) <= noise),
         ("S1+S2+D raises the bottom-10% AUC over S1+S2", bottom["S1+S2+D"][0] > bottom["S1+S2"][0]),
@@ -129,7 +127,6 @@ def reference(data_dir: str) -> str:
     (evaluation only): how much there is to learn, and how much of it is visual."""
     if not os.path.exists(os.path.join(data_dir, "truth", "truth.json")):
         return ""
-    import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
     from trainer.data import pipeline, records
     from trainer.eval import ctr_metrics
     from trainer.synth import marketplace, truth
@@ -170,7 +167,6 @@ def feature_diagnostics(data_dir: str, encoder_dirs: dict) -> str:
     test-day AUC and GAUC of cos(v_q, v_p) alone (how well query-item similarity ranks clicks),
     and the R^2 of a ridge probe of log(1 + 30-day impressions) from the item vector (popularity
     baked into the features: S2's selection bias)."""
-    import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
     from trainer.data import pipeline, records
     from trainer.eval import ctr_metrics
     from trainer.features import embeddings
@@ -237,7 +233,7 @@ def main() -> None:
     if not a.report_only:
         text += (f"\n\nTotal time: {(time.time() - t0) / 60:.1f} min ({t_ctr / 60:.1f} min of "
                  "CTR training and evaluation).")
-    write_report(text, os.path.join(a.out_dir, "table2.md"))
+    experiments.write_report(text, os.path.join(a.out_dir, "table2.md"))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Reproduces paper 000's Table 1 (visual search) on a synthetic world.
 
-For each seed: trains ResNet-C, S1, S2 and S1+S2 with `python -m trainer.task` (the same command
-lines a user runs), evaluates each with `--stage=eval_search` (plus an untrained encoder as a
-reference), and prints the table laid out like Table 1; the table is also written as Markdown.
+For each seed: trains the experiments ResNet-C, S1, S2 and S1+S2 (`trainer.experiments`) with
+`python -m trainer.task` (the same command lines a user runs), evaluates each with
+`--stage=eval_search` (plus an untrained encoder as a reference), and prints the table laid out
+like Table 1; the table is also written as Markdown.
 
   python scripts/repro_visual.py --data_dir=data/small --out_dir=runs/visual --seeds=0,1
 """
@@ -11,57 +12,37 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import time
 
 import numpy as np
 
-METHODS = ("ResNet-C", "S1", "S2", "S1+S2")
+import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
+from trainer import experiments
+
+ENCODERS = ("resnet_c", "s1", "s2", "s1s2")
+METHODS = tuple(experiments.get(e).title for e in ENCODERS)  # ResNet-C, S1, S2, S1+S2
 COLUMNS = ("HR", "LR@10", "LR@100", "CR@10", "CR@100")
-PAPER = {  # paper 000, Table 1
-    "ResNet-C": (0.2626, 0.5126, 0.5123, 0.8132, 0.7791),
-    "S1": (0.8504, 0.5001, 0.5059, 0.6357, 0.5524),
-    "S2": (0.8510, 0.5184, 0.5174, 0.7178, 0.6318),
-    "S1+S2": (0.8825, 0.5259, 0.5207, 0.7540, 0.6850),
-}
-
-
-def _run(args: list, log_path: str) -> float:
-    t0 = time.time()
-    with open(log_path, "a") as log:
-        log.write(f"$ {' '.join(args)}\n")
-        log.flush()
-        proc = subprocess.run(args, stdout=log, stderr=subprocess.STDOUT)
-    if proc.returncode:
-        sys.exit(f"failed ({proc.returncode}): {' '.join(args)}; see {log_path}")
-    return time.time() - t0
+PAPER = experiments.PAPER_TABLE_1
 
 
 def run_seed(data_dir: str, out: str, seed: int, extra: list) -> dict:
     """Trains and evaluates every method for one seed; returns {method: metrics}."""
     os.makedirs(out, exist_ok=True)
     log = os.path.join(out, "log.txt")
-    task = [sys.executable, "-m", "trainer.task", f"--data_dir={data_dir}", f"--seed={seed}"]
-    dirs = {"ResNet-C": "resnet_c", "S1": "s1", "S2": "s2", "S1+S2": "s1s2", "random": "random"}
-    d = {m: os.path.join(out, v) for m, v in dirs.items()}
-    stages = [
-        ("ResNet-C", ["--stage=classify"]),
-        ("S1", ["--stage=pretrain"]),
-        ("S2", ["--stage=finetune"]),
-        ("S1+S2", ["--stage=finetune", f"--init_checkpoint={d['S1']}"]),
-    ]
+    dirs = {name: os.path.join(out, name) for name in (*ENCODERS, "random")}
     times = {}
-    for method, args in stages:
-        times[method] = _run(task + args + [f"--model_dir={d[method]}"] + extra, log)
-        print(f"  seed {seed}: trained {method} in {times[method]:.0f}s", flush=True)
+    for name in ENCODERS:
+        exp = experiments.get(name)
+        times[exp.title] = experiments.run(experiments.command(
+            exp, data_dir, dirs[name], dirs, seed, flags=extra), log)
+        print(f"  seed {seed}: trained {exp.title} in {times[exp.title]:.0f}s", flush=True)
     results = {}
-    for method in METHODS + ("random",):
-        args = ["--stage=eval_search", f"--model_dir={d[method]}"]
-        if method == "random":
-            args.append("--random_init")
-        _run(task + args + extra, log)
-        with open(os.path.join(d[method], "metrics.json")) as f:
+    for name in (*ENCODERS, "random"):
+        method = experiments.get(name).title if name != "random" else "random"
+        evaluation = experiments.get("random" if name == "random" else "eval")
+        experiments.run(experiments.command(evaluation, data_dir, dirs[name], dirs, seed,
+                                            flags=extra), log)
+        with open(os.path.join(dirs[name], "metrics.json")) as f:
             results[method] = json.load(f)
         results[method]["train_seconds"] = times.get(method, 0.0)
     with open(os.path.join(out, "results.json"), "w") as f:
@@ -118,7 +99,6 @@ def diagnostics(data_dir: str, seed_dirs: dict) -> str:
     own task) with relevance = same category and planted style."""
     if not os.path.exists(os.path.join(data_dir, "truth", "truth.json")):
         return ""
-    import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
     from trainer.data import pipeline, records
     from trainer.eval import visual_search
     from trainer.features import embeddings
@@ -174,15 +154,7 @@ def main() -> None:
     if diag:
         text += f"\n\nDiagnostics from the planted truth (evaluation only):\n\n{diag}"
     text += f"\n\nTotal time: {(time.time() - t0) / 60:.1f} min."
-    write_report(text, os.path.join(a.out_dir, "table1.md"))
-
-
-def write_report(text: str, path: str) -> None:
-    """Prints a reproduction's report and writes it as Markdown."""
-    print("\n" + text)
-    with open(path, "w") as f:
-        f.write(text + "\n")
-    print(f"\nwrote {path}")
+    experiments.write_report(text, os.path.join(a.out_dir, "table1.md"))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Client of the exported models on TF Serving (gRPC PredictionService or REST).
 
     python scripts/serving_client.py --grpc=localhost:8500 encode a.jpg b.png
-    python scripts/serving_client.py --rest=http://localhost:8501 rank --request=request.json
+    python scripts/serving_client.py --rest=http://localhost:8501 rank --request=request.json \
+        --feature_spec=runs/demo/models/ctr
 
 `encode` prints each image's embedding size, norm and first values; `rank` prints the candidates
 ordered by predicted click probability. The request format is in serving_config/README.md.
@@ -32,6 +33,9 @@ def main() -> None:
     enc.add_argument("images", nargs="+")
     rank = sub.add_parser("rank", help="score a user's candidate list with the CTR model")
     rank.add_argument("--request", required=True, help='JSON {"user": {...}, "candidates": [...]}')
+    rank.add_argument("--feature_spec", default="synthetic",
+                      help="The CTR model's feature spec: its export (base path or version), a "
+                           "spec file or a built-in name.")
     args = ap.parse_args()
 
     client = (client_lib.GrpcClient(args.grpc, args.timeout) if args.grpc
@@ -42,7 +46,7 @@ def main() -> None:
             with open(path, "rb") as f:
                 images.append(f.read())
         emb = client.encode(images, args.encoder_model)
-        for path, v in zip(args.images, emb):
+        for path, v in zip(args.images, emb, strict=True):
             print(f"{path}: D={len(v)} norm={np.linalg.norm(v):.4f} "
                   f"[{', '.join(f'{x:.4f}' for x in v[:4])}, ...]")
     else:
@@ -50,9 +54,10 @@ def main() -> None:
             request = json.load(f)
         if "user" not in request or "candidates" not in request:
             sys.exit(f"{args.request}: needs 'user' and 'candidates'")
-        scores = client.rank(request["user"], request["candidates"], args.ctr_model)
+        spec = client_lib.spec_of_export(args.feature_spec)
+        scores = client.rank(request["user"], request["candidates"], spec, args.ctr_model)
         for i in np.argsort(-scores):
-            print(f"item {request['candidates'][i]['item_id']}: ctr {scores[i]:.4f}")
+            print(f"item {request['candidates'][i].get(spec.item, i)}: ctr {scores[i]:.4f}")
 
 
 if __name__ == "__main__":

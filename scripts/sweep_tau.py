@@ -15,21 +15,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
 import numpy as np
 
-from repro_courier import ensure_s1
-from repro_visual import _run, write_report
+import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
+from trainer import experiments
 
 DEFAULT_TAU = 0.05
 
 
-def _ctr(base: list, model_dir: str, extra: list, log: str) -> dict:
+def _ctr(exp: experiments.Experiment, data_dir: str, model_dir: str, dirs: dict, seed: int,
+         flags: list, log: str) -> dict:
     path = os.path.join(model_dir, "metrics.json")
     if not os.path.exists(path):
-        _run(base + ["--stage=ctr", f"--model_dir={model_dir}"] + extra, log)
+        experiments.run(experiments.command(exp, data_dir, model_dir, dirs, seed, flags=flags),
+                        log)
     with open(path) as f:
         return json.load(f)
 
@@ -39,21 +40,24 @@ def sweep_seed(a, seed: int) -> dict:
     out = os.path.join(a.out_dir, f"seed{seed}")
     os.makedirs(out, exist_ok=True)
     log = os.path.join(out, "log.txt")
-    base = [sys.executable, "-m", "trainer.task", f"--data_dir={a.data_dir}", f"--seed={seed}"]
-    s1 = ensure_s1(a.data_dir, a.visual_dir, seed, log)
+    dirs = {"s1": experiments.ensure(experiments.get("s1"), a.data_dir,
+                                     os.path.join(a.visual_dir, f"seed{seed}", "s1"), {}, seed,
+                                     log)}
     steps = [f"--train_steps={a.ctr_steps}"]
-    baseline = _ctr(base, os.path.join(out, "ctr", "baseline"), steps + ["--image_features=none"],
-                    log)
+    base = experiments.ctr_experiment(None)
+    baseline = _ctr(base, a.data_dir, os.path.join(out, base.name), dirs, seed, steps, log)
+    courier, simscore = experiments.get("courier"), experiments.ctr_experiment("courier",
+                                                                                "simscore")
     rows = {}
     for tau in [float(t) for t in a.taus.split(",")]:
-        name = "courier" if tau == DEFAULT_TAU else f"courier_tau{tau:g}"
-        model_dir = os.path.join(out, name)
-        _run(base + ["--stage=courier", f"--model_dir={model_dir}", f"--init_checkpoint={s1}",
-                     f"--train_steps={a.courier_steps}", f"--temperature={tau}"], log)
-        ctr_dir = "courier_simscore" + ("" if tau == DEFAULT_TAU else f"_tau{tau:g}")
-        m = _ctr(base, os.path.join(out, "ctr", ctr_dir),
-                 steps + ["--image_features=courier", f"--image_model_dir={model_dir}",
-                          "--image_feature_mode=simscore"], log)
+        # The default tau's runs are repro_courier.py's own (reused).
+        suffix = "" if tau == DEFAULT_TAU else f"_tau{tau:g}"
+        dirs["courier"] = os.path.join(out, "courier" + suffix)
+        experiments.run(experiments.command(
+            courier, a.data_dir, dirs["courier"], dirs, seed,
+            sets=[("courier.temperature", tau)], flags=[f"--train_steps={a.courier_steps}"]), log)
+        m = _ctr(simscore, a.data_dir, os.path.join(out, simscore.name + suffix), dirs, seed,
+                 steps, log)
         rows[tau] = ((m["AUC"] - baseline["AUC"]) * 100, (m["GAUC"] - baseline["GAUC"]) * 100,
                      m["AUC"], m["GAUC"])
         print(f"seed {seed}, tau {tau:g}: ΔAUC {rows[tau][0]:+.2f} ΔGAUC {rows[tau][1]:+.2f}",
@@ -93,7 +97,7 @@ def main() -> None:
     lines += ["", f"Best tau by mean ΔAUC: {best:g} (the paper's: 0.05).",
               f"\nTotal time: {(time.time() - t0) / 60:.1f} min."]
     _plot(taus, mean, half, os.path.join(a.out_dir, "fig3.png"))
-    write_report("\n".join(lines), os.path.join(a.out_dir, "fig3.md"))
+    experiments.write_report("\n".join(lines), os.path.join(a.out_dir, "fig3.md"))
 
 
 def _plot(taus: list, mean: np.ndarray, half: np.ndarray, path: str) -> None:

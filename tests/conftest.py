@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import os
 
-import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
 import numpy as np
 import pytest
 import tensorflow as tf
+
+import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
 
 # Two logical CPU devices, so distribution tests can run MirroredStrategy on one machine. This must
 # happen before TensorFlow initialises its devices, i.e. at import of the test session.
@@ -34,10 +35,11 @@ def tiny_world(tmp_path_factory) -> str:
     return d
 
 
-def read_all(data_dir: str, kind: str, split: str = "*", image_size: int = 32,
-             **overrides) -> dict:
-    """Every record of one kind, in file order, as numpy arrays (one pass, no shuffling)."""
-    cfg = pipeline.InputConfig(records.default_pattern(data_dir, kind, split), kind,
+def read_all(data_dir: str, kind, split: str = "*", image_size: int = 32, **overrides) -> dict:
+    """Every record of one kind (a name, or a `RecordKind` such as a feature spec's `ctr`), in
+    file order, as numpy arrays (one pass, no shuffling)."""
+    name = kind if isinstance(kind, str) else kind.name
+    cfg = pipeline.InputConfig(records.default_pattern(data_dir, name, split), kind,
                                global_batch_size=256, image_size=image_size, shuffle=False,
                                repeat=False, drop_remainder=False, deterministic=True,
                                catalog_pattern=records.default_pattern(data_dir, "catalog"),
@@ -56,6 +58,7 @@ def one_step_on_one_and_two_replicas(make, train, mirrored, model_of, seed: int 
     on `mirrored` from the same weights; asserts equal losses and weights and returns
     (start weights, weights after the step) for further checks."""
     import tf_keras
+
     from trainer.train import loop
     # Seeded: some random initialisations amplify float rounding through synchronised batch norm
     # (1e-3 after one step), and the global generator's state depends on the tests run before.
@@ -71,7 +74,7 @@ def one_step_on_one_and_two_replicas(make, train, mirrored, model_of, seed: int 
     loss_2, w_2 = loop.one_step(make(), train, mirrored, batch, weights=start)
     # 1e-5 relative: float32 sums in another order (COURIER's loss is about 9).
     assert abs(loss_1 - loss_2) < 1e-5 * max(1.0, abs(loss_1)), (loss_1, loss_2)
-    for a, b in zip(w_1, w_2):
+    for a, b in zip(w_1, w_2, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5)
     return start, w_1
 

@@ -2,9 +2,10 @@
 import numpy as np
 import tensorflow as tf
 
+from trainer import configs
 from trainer.data import augment
 
-NONE = augment.AugmentConfig(crop_area=(1.0, 1.0), crop_aspect=(1.0, 1.0), flip_prob=0.0,
+NONE = configs.AugmentConfig(crop_area=(1.0, 1.0), crop_aspect=(1.0, 1.0), flip_prob=0.0,
                              jitter_prob=0.0, greyscale_prob=0.0)
 SEED = tf.constant([3, 4], tf.int64)
 
@@ -20,13 +21,13 @@ def test_identity_when_everything_is_off():
 
 def test_flip_mirrors_horizontally():
     x = images()
-    cfg = augment.AugmentConfig(**{**NONE.__dict__, "flip_prob": 1.0})
+    cfg = configs.AugmentConfig(**{**NONE.__dict__, "flip_prob": 1.0})
     np.testing.assert_allclose(augment.augment(x, SEED, cfg), x[:, :, ::-1], atol=1e-5)
 
 
 def test_greyscale_makes_channels_equal_luma():
     x = images()
-    cfg = augment.AugmentConfig(**{**NONE.__dict__, "greyscale_prob": 1.0})
+    cfg = configs.AugmentConfig(**{**NONE.__dict__, "greyscale_prob": 1.0})
     y = augment.augment(x, SEED, cfg).numpy()
     np.testing.assert_allclose(y[..., 0], y[..., 1], atol=1e-5)
     np.testing.assert_allclose(y[..., :1], tf.image.rgb_to_grayscale(x), atol=1e-5)
@@ -37,7 +38,7 @@ def test_crop_zooms_into_part_of_the_image():
     # changes the black share for most images.
     x = np.zeros((16, 32, 32, 3), np.float32)
     x[:, :, 16:] = 1.0
-    cfg = augment.AugmentConfig(**{**NONE.__dict__, "crop_area": (0.25, 0.25)})
+    cfg = configs.AugmentConfig(**{**NONE.__dict__, "crop_area": (0.25, 0.25)})
     y = augment.augment(tf.constant(x), SEED, cfg).numpy()
     share_white = y.mean(axis=(1, 2, 3))
     assert np.std(share_white) > 0.1  # different crops per image
@@ -46,18 +47,18 @@ def test_crop_zooms_into_part_of_the_image():
 
 def test_hue_jitter_changes_colour_but_not_luma_much():
     x = images(16)
-    cfg = augment.AugmentConfig(**{**NONE.__dict__, "jitter_prob": 1.0, "brightness": 0.0,
+    cfg = configs.AugmentConfig(**{**NONE.__dict__, "jitter_prob": 1.0, "brightness": 0.0,
                                    "contrast": 0.0, "saturation": 0.0, "hue": 0.5})
     y = augment.augment(x, SEED, cfg)
     assert float(tf.reduce_mean(tf.abs(y - x))) > 0.05
-    luma = lambda t: tf.image.rgb_to_grayscale(t)
+    luma = tf.image.rgb_to_grayscale
     # A rotation about the luma axis keeps luma, up to clipping into [0, 1].
     assert float(tf.reduce_mean(tf.abs(luma(y) - luma(x)))) < 0.05
 
 
 def test_brightness_scales_per_image():
     x = tf.fill([8, 4, 4, 3], 0.5)
-    cfg = augment.AugmentConfig(**{**NONE.__dict__, "jitter_prob": 1.0, "brightness": 0.5,
+    cfg = configs.AugmentConfig(**{**NONE.__dict__, "jitter_prob": 1.0, "brightness": 0.5,
                                    "contrast": 0.0, "saturation": 0.0, "hue": 0.0})
     y = augment.augment(x, SEED, cfg).numpy()
     per_image = y.reshape(8, -1)
@@ -79,7 +80,7 @@ def test_views_are_reproducible_and_differ_by_seed():
 
 
 def test_default_config_is_simclr():
-    cfg = augment.AugmentConfig()
+    cfg = configs.AugmentConfig()
     assert cfg.crop_area == (0.08, 1.0) and cfg.jitter_prob == 0.8
     assert (cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue) == (0.8, 0.8, 0.8, 0.2)
     assert cfg.greyscale_prob == 0.2 and cfg.flip_prob == 0.5

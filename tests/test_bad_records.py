@@ -3,14 +3,13 @@
 Every case writes 8 records where record 3 is bad (a corrupt frame also makes 4..7 unreadable).
 """
 import logging
-import os
 
 import numpy as np
 import pytest
 from tensorflow.core.example import example_pb2
 
 from conftest import raw_records, write_records
-from trainer.data import parse, pipeline, records, schema, validate
+from trainer.data import parse, pipeline, records, validate
 
 BAD = 3
 N = 8
@@ -61,7 +60,8 @@ CASES = [
     ("wrong_dtype", "catalog", _set_float("item_id", 1.5), "item_id", "types don't match"),
     ("two_values_for_a_scalar", "catalog", _set_int("category_id", [1, 2]), "category_id",
      "values size"),
-    ("label_out_of_range", "ctr", _set_int("label", [2]), "label", "must be between 0 and 1 (got 2)"),
+    ("label_out_of_range", "ctr", _set_int("label", [2]), "label",
+     "must be between 0 and 1 (got 2)"),
     ("negative_id", "catalog", _set_int("shop_id", [-5]), "shop_id", ">= 0"),
     ("nan_price", "catalog", _set_float("price", float("nan")), "price", "not finite"),
     ("garbage_image", "catalog", _set_bytes("image", [b"not an image at all"]), "image",

@@ -111,7 +111,7 @@ def test_s2_loss_same_on_one_and_two_replicas(mirrored):
     keys = sorted(meta)
 
     def fn(q_, c_, p_, *m):
-        return finetune.s2_loss(q_, c_, p_, dict(zip(keys, m)), 0.2)[0]
+        return finetune.s2_loss(q_, c_, p_, dict(zip(keys, m, strict=True)), 0.2)[0]
 
     one, two = (_on_strategy(s, fn, q, clicked, pool, *[meta[k] for k in keys])
                 for s in (tf.distribute.OneDeviceStrategy("/cpu:0"), mirrored))

@@ -1,4 +1,6 @@
-"""scripts/convert_parquet.py: Parquet (read through tensorflow-io) + images -> the same records."""
+"""scripts/convert_parquet.py: Parquet (read with pyarrow, batch by batch) + images -> the same
+records as the generator writes; list columns and space-separated strings give equal records."""
+import logging
 import os
 import sys
 
@@ -9,10 +11,12 @@ import pytest
 from tensorflow.core.example import example_pb2
 
 from conftest import REPO, raw_records
-from trainer.data import records
+from trainer.data import ctr_spec, records
 
 sys.path.insert(0, os.path.join(REPO, "scripts"))
 import convert_parquet  # noqa: E402
+
+LISTS = ("preferred_category_ids", "click_history_item_ids")
 
 
 def _values(rec: bytes) -> dict:
@@ -22,6 +26,19 @@ def _values(rec: bytes) -> dict:
         kind = f.WhichOneof("kind")
         out[k] = list(getattr(f, kind).value)
     return out
+
+
+def _ctr_table(rows: list, lists_as: str) -> pa.Table:
+    cols = {}
+    for k in rows[0]:
+        if k in LISTS and lists_as == "strings":
+            cols[k] = pa.array([" ".join(map(str, r[k])) for r in rows])
+        elif k in LISTS:
+            cols[k] = pa.array([r[k] for r in rows], pa.list_(pa.int64()))
+        else:
+            cols[k] = pa.array([r[k][0] for r in rows],
+                               pa.float32() if k == "price" else pa.int64())
+    return pa.table(cols)
 
 
 def test_catalog_round_trip(tiny_world, tmp_path):
@@ -42,48 +59,117 @@ def test_catalog_round_trip(tiny_world, tmp_path):
     converted = raw_records(records.default_pattern(str(out), "catalog", "all"))
     assert len(pq.read_table(str(tmp_path / "items.parquet"))) == len(converted)
     assert converted == originals  # byte for byte: same values, deterministic serialization
+    # Inline images: a binary column named after the feature gives the same records.
+    inline = table.append_column("image", pa.array([r["image"][0] for r in rows], pa.binary()))
+    pq.write_table(inline, str(tmp_path / "inline.parquet"))
+    paths = convert_parquet.convert("catalog", str(tmp_path / "inline.parquet"),
+                                    str(tmp_path / "inline"), "all", 2)
+    assert [r for p in paths for r in raw_records(p)] == originals
 
 
-def test_ctr_lists_as_space_separated_strings(tiny_world, tmp_path):
-    originals = raw_records(records.default_pattern(tiny_world, "ctr", "test"))[:300]
+def test_list_columns_equal_space_separated_strings(tiny_world, tmp_path):
+    originals = raw_records(records.default_pattern(tiny_world, "ctr", "test"))[:700]
     rows = [_values(r) for r in originals]
-    cols = {}
-    for k in rows[0]:
-        if k in ("preferred_category_ids", "click_history_item_ids"):
-            cols[k] = pa.array([" ".join(map(str, r[k])) for r in rows])
-        else:
-            cols[k] = pa.array([r[k][0] for r in rows],
-                               pa.float32() if k == "price" else pa.int64())
-    pq.write_table(pa.table(cols), str(tmp_path / "ctr.parquet"))
-    paths = convert_parquet.convert("ctr", str(tmp_path / "ctr.parquet"), str(tmp_path / "out"),
-                                    "test", 1)
-    assert raw_records(paths[0]) == originals
+    converted = {}
+    for lists_as in ("strings", "lists"):
+        # Several files, read in small batches: records cross batch and file boundaries.
+        folder = tmp_path / lists_as
+        folder.mkdir()
+        for i, part in enumerate((rows[:300], rows[300:])):
+            pq.write_table(_ctr_table(part, lists_as), str(folder / f"part-{i}.parquet"))
+        paths = convert_parquet.convert("ctr", str(folder), str(tmp_path / f"out_{lists_as}"),
+                                        "test", 3, batch_rows=64)
+        assert len(paths) == 3
+        converted[lists_as] = [r for p in paths for r in raw_records(p)]
+    assert converted["lists"] == converted["strings"] == originals
 
 
-def test_list_columns_are_refused(tmp_path):
-    t = pa.table({"user_id": pa.array([1, 2], pa.int64()),
-                  "click_history_item_ids": pa.array([[1, 2], [3]], pa.list_(pa.int64()))})
-    pq.write_table(t, str(tmp_path / "t.parquet"))
-    with pytest.raises(ValueError, match="click_history_item_ids.*space-separated"):
-        convert_parquet.convert("ctr", str(tmp_path / "t.parquet"), str(tmp_path / "o"), "x", 1)
+def test_float_and_image_path_lists(tmp_path):
+    # A spec with a numeric vector (list<double>) and page views with image paths
+    # (list<string>): each equals its space-separated form.
+    spec = ctr_spec.parse({"label": "label", "group": "page_id", "item": "item_id", "features": [
+        {"name": "item_id", "kind": "categorical"},
+        {"name": "user_stats", "kind": "numeric", "transform": "normalize", "length": 3}]}, "t")
+    png = b"\x89PNG fake image"
+    (tmp_path / "a.png").write_bytes(png)
+    (tmp_path / "b.png").write_bytes(png + b"b")
+    stats = [[0.5, 1.25, -2.0], [3.0, 0.0, 1e-3]]
+    base = {"label": pa.array([1, 0], pa.int64()), "page_id": pa.array([7, 8], pa.int64()),
+            "item_id": pa.array([3, 4], pa.int64())}
+    tables = {"lists": pa.table({**base, "user_stats": pa.array(stats, pa.list_(pa.float64()))}),
+              "strings": pa.table({**base, "user_stats": pa.array(
+                  [" ".join(map(repr, s)) for s in stats])})}
+    pvs = {"lists": pa.table({"user_id": pa.array([1], pa.int64()),
+                              "pv_item_ids": pa.array([[10, 11]], pa.list_(pa.int64())),
+                              "pv_labels": pa.array([[1, 0]], pa.list_(pa.int64())),
+                              "click_item_ids": pa.array([[9]], pa.list_(pa.int64())),
+                              "pv_images_path": pa.array([["a.png", "b.png"]],
+                                                         pa.list_(pa.string()))}),
+           "strings": pa.table({"user_id": pa.array([1], pa.int64()),
+                                "pv_item_ids": pa.array(["10 11"]),
+                                "pv_labels": pa.array(["1 0"]),
+                                "click_item_ids": pa.array(["9"]),
+                                "pv_images_path": pa.array(["a.png b.png"])})}
+    got = {}
+    for form in ("lists", "strings"):
+        pq.write_table(tables[form], str(tmp_path / f"ctr_{form}.parquet"))
+        pq.write_table(pvs[form], str(tmp_path / f"pv_{form}.parquet"))
+        ctr = convert_parquet.convert(spec.record_kind(), str(tmp_path / f"ctr_{form}.parquet"),
+                                      str(tmp_path / form), "train", 1)
+        pv = convert_parquet.convert("pageviews", str(tmp_path / f"pv_{form}.parquet"),
+                                     str(tmp_path / form), "train", 1, image_dir=str(tmp_path))
+        got[form] = (raw_records(ctr[0]), raw_records(pv[0]))
+    assert got["lists"] == got["strings"]
+    ctr_rows = [_values(r) for r in got["lists"][0]]
+    np.testing.assert_allclose(ctr_rows[1]["user_stats"], stats[1], rtol=1e-6)
+    assert _values(got["lists"][1][0])["pv_images"] == [png, png + b"b"]
 
 
-def test_missing_column_and_missing_image_are_named(tmp_path):
+def test_unknown_columns_are_left_out_with_a_warning(tmp_path, caplog):
+    t = pa.table({"query_item_id": pa.array([1], pa.int64()),
+                  "relevant_item_ids": pa.array([[4, 5]], pa.list_(pa.int64())),
+                  "annotator": pa.array(["x"]), "notes": pa.array(["y"])})
+    pq.write_table(t, str(tmp_path / "j.parquet"))
+    with caplog.at_level(logging.WARNING):
+        paths = convert_parquet.convert("judgments", str(tmp_path / "j.parquet"),
+                                        str(tmp_path / "o"), "all", 1)
+    assert "['annotator', 'notes']" in caplog.text and "judgments" in caplog.text
+    assert _values(raw_records(paths[0])[0]) == {"query_item_id": [1],
+                                                 "relevant_item_ids": [4, 5]}
+
+
+def test_missing_column_missing_image_and_bad_values_are_named(tmp_path):
     t = pa.table({"item_id": pa.array([5], pa.int64()), "category_id": pa.array([1], pa.int64())})
-    pq.write_table(t, str(tmp_path / "t.parquet"))
-    with pytest.raises(ValueError, match=r"row 0: no image file for id 5"):
-        convert_parquet.convert("catalog", str(tmp_path / "t.parquet"), str(tmp_path / "o"),
-                                "all", 1, image_dir=str(tmp_path))
+    path = str(tmp_path / "t.parquet")
+    pq.write_table(t, path)
     (tmp_path / "5.png").write_bytes(b"\x89PNG fake")
-    with pytest.raises(ValueError, match="required column 'shop_id'"):
-        convert_parquet.convert("catalog", str(tmp_path / "t.parquet"), str(tmp_path / "o"),
-                                "all", 1, image_dir=str(tmp_path))
-
-
-def test_unparseable_list_value_names_row_and_column(tmp_path):
+    with pytest.raises(ValueError, match=rf"{path}: column 'shop_id' \(a required feature of the "
+                                         r"record kind 'catalog'\) is missing"):
+        convert_parquet.convert("catalog", path, str(tmp_path / "o"), "all", 1,
+                                image_dir=str(tmp_path))
+    # A ctr column the feature spec requires, missing from a log: file, column and kind named.
+    feed_like = pa.table({"label": pa.array([1], pa.int64()), "page_id": pa.array([2], pa.int64()),
+                          "item_id": pa.array([3], pa.int64())})
+    pq.write_table(feed_like, str(tmp_path / "ctr.parquet"))
+    with pytest.raises(ValueError, match=r"ctr.parquet: column 'shop_id' \(a required feature of "
+                                         r"the record kind 'ctr'\)"):
+        convert_parquet.convert("ctr", str(tmp_path / "ctr.parquet"), str(tmp_path / "o"), "x", 1)
+    full = t.append_column("shop_id", pa.array([1], pa.int64())).append_column(
+        "brand_id", pa.array([1], pa.int64())).append_column(
+        "price", pa.array([2.5])).append_column("impressions_30d", pa.array([0], pa.int64()))
+    pq.write_table(full, path)
+    with pytest.raises(ValueError, match=r"row 0: no image file for id 5"):
+        convert_parquet.convert("catalog", path, str(tmp_path / "o"), "all", 1,
+                                image_dir=str(tmp_path / "elsewhere"))
     t = pa.table({"query_item_id": pa.array([1, 2], pa.int64()),
                   "relevant_item_ids": pa.array(["4 5", "6 x"])})
     pq.write_table(t, str(tmp_path / "j.parquet"))
     with pytest.raises(ValueError, match=r"row 1: column 'relevant_item_ids'.*'6 x'"):
         convert_parquet.convert("judgments", str(tmp_path / "j.parquet"), str(tmp_path / "o"),
+                                "all", 1)
+    t = pa.table({"query_item_id": pa.array([1.5], pa.float64()),
+                  "relevant_item_ids": pa.array(["4"])})
+    pq.write_table(t, str(tmp_path / "f.parquet"))
+    with pytest.raises(ValueError, match=r"column 'query_item_id' must hold integer values"):
+        convert_parquet.convert("judgments", str(tmp_path / "f.parquet"), str(tmp_path / "o"),
                                 "all", 1)

@@ -2,17 +2,16 @@
 training step of the stage on the tiny world."""
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from tests.test_contrastive_losses import _on_strategy
+from tests.test_visual_stages import ENC
+from trainer import configs
 from trainer.data import records
 from trainer.models import courier
 from trainer.train import loop
-from tests.test_contrastive_losses import _on_strategy
-from tests.test_visual_stages import ENC
 
 TAU = 0.1
 
@@ -87,7 +86,7 @@ def _losses(cfg, e_pv, e_click, ids, labels, pv_mask, clicks, click_mask):
 
 def test_pv_and_ucs_losses_match_numpy():
     ex = example(np.random.default_rng(0))
-    out = _losses(courier.CourierConfig(temperature=TAU), *map(tf.constant, ex))
+    out = _losses(configs.CourierConfig(temperature=TAU), *map(tf.constant, ex))
     pv, ucs = numpy_courier(*ex, TAU)
     np.testing.assert_allclose(float(out["pv_loss"]), pv, rtol=1e-5)
     np.testing.assert_allclose(float(out["ucs_loss"]), ucs, rtol=1e-5)
@@ -97,9 +96,9 @@ def test_pv_and_ucs_losses_match_numpy():
 @pytest.mark.parametrize("variant", [None, "no_contrast", "self_attention", "no_neg_pv"])
 def test_losses_same_on_one_and_two_replicas(variant, mirrored):
     ex = example(np.random.default_rng(1))
-    cfg = courier.CourierConfig(temperature=TAU, **({variant: True} if variant else {}))
+    cfg = configs.CourierConfig(temperature=TAU, **({variant: True} if variant else {}))
     for key in ("pv_loss", "ucs_loss"):
-        one, two = (_on_strategy(s, lambda *x: _losses(cfg, *x)[key], *ex)
+        one, two = (_on_strategy(s, lambda *x, k=key: _losses(cfg, *x)[k], *ex)
                     for s in (tf.distribute.OneDeviceStrategy("/cpu:0"), mirrored))
         assert np.isfinite(one) and abs(one - two) < 1e-5, (key, one, two)
 
@@ -107,12 +106,12 @@ def test_losses_same_on_one_and_two_replicas(variant, mirrored):
 def test_ablations_change_the_loss_as_described():
     ex = example(np.random.default_rng(2))
     t = list(map(tf.constant, ex))
-    full = _losses(courier.CourierConfig(temperature=TAU), *t)
+    full = _losses(configs.CourierConfig(temperature=TAU), *t)
     # Without negative PV items the denominator holds only clicked items: a smaller loss.
-    no_neg = _losses(courier.CourierConfig(temperature=TAU, no_neg_pv=True), *t)
+    no_neg = _losses(configs.CourierConfig(temperature=TAU, no_neg_pv=True), *t)
     assert float(no_neg["pv_loss"]) < float(full["pv_loss"])
     # Without contrast: 1 - cos(E_pv^j, R^j), in [0, 2].
-    dist = float(_losses(courier.CourierConfig(no_contrast=True), *t)["pv_loss"])
+    dist = float(_losses(configs.CourierConfig(no_contrast=True), *t)["pv_loss"])
     assert 0 <= dist <= 2
     # Multi-head reconstruction splits d into heads; one head is Eq. 2.
     r1 = courier.reconstruct(t[0], t[1], t[6], heads=1)
@@ -121,12 +120,12 @@ def test_ablations_change_the_loss_as_described():
 
 
 def test_courier_step_trains_the_encoder_on_the_tiny_world(tiny_world, tmp_path):
-    train = loop.TrainConfig(steps=2, global_batch_size=4, log_interval=1, warmup_steps=0)
-    cfg = courier.CourierConfig(
+    train = configs.TrainConfig(steps=2, global_batch_size=4, log_interval=1, warmup_steps=0)
+    cfg = configs.CourierConfig(
         pageviews_pattern=records.default_pattern(tiny_world, "pageviews", "train"),
         catalog_pattern=records.default_pattern(tiny_world, "catalog"), projection_head=True)
     task = courier.CourierTask(cfg, ENC, train)
-    last = loop.run(task, train, str(tmp_path / "c"), {"encoder": dataclasses.asdict(ENC)})
+    last = loop.run(task, train, str(tmp_path / "c"))
     assert np.isfinite(last["loss"]) and last["pv_anchors"] > 0
     # The projection head is trained beside the encoder but is not part of it.
     assert task.head is not None and not any("projection_head" in v.name

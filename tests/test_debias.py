@@ -6,8 +6,9 @@ import pytest
 import tensorflow as tf
 from scipy import stats
 
-from trainer.models import debias
 from tests.test_contrastive_losses import _on_strategy, _unit
+from trainer import configs
+from trainer.ctr import debias
 
 
 def numpy_debias(a, p, items, pos_items, has, tau):
@@ -109,7 +110,7 @@ def test_sampler_without_candidates():
 
 
 def test_gate_is_a_convex_combination():
-    net = debias.DebiasNetwork(debias.DebiasConfig(), output_dim=32)
+    net = debias.DebiasNetwork(configs.DebiasConfig(), output_dim=32)
     v_s2 = tf.constant(_unit(np.random.default_rng(4), 64, 32))
     v_p, v_d, alpha = net(v_s2)
     assert v_d.shape == (64, 32) and alpha.shape == (64, 32)
@@ -120,11 +121,11 @@ def test_gate_is_a_convex_combination():
     lo, hi = np.minimum(v_s2.numpy(), v_d.numpy()), np.maximum(v_s2.numpy(), v_d.numpy())
     assert np.all(v_p.numpy() >= lo - 1e-6) and np.all(v_p.numpy() <= hi + 1e-6)
     # Paper 000 §4 sizes: 128, 16, 128 hidden units (ReLU, tanh, ReLU), D outputs.
-    dense = [l for l in net.mlp.layers]
-    assert [l.units for l in dense] == [128, 16, 128, 32]
-    assert [l.activation.__name__ for l in dense] == ["relu", "tanh", "relu", "linear"]
+    dense = list(net.mlp.layers)
+    assert [layer.units for layer in dense] == [128, 16, 128, 32]
+    assert [layer.activation.__name__ for layer in dense] == ["relu", "tanh", "relu", "linear"]
 
 
 def test_mismatched_mlp_config_is_refused():
     with pytest.raises(ValueError, match="activations"):
-        debias.DebiasNetwork(debias.DebiasConfig(hidden_units=(8, 8), activations=("relu",)), 4)
+        debias.DebiasNetwork(configs.DebiasConfig(hidden_units=(8, 8), activations=("relu",)), 4)

@@ -20,19 +20,20 @@ import pytest
 import tensorflow as tf
 
 from conftest import REPO, one_step_on_one_and_two_replicas
+from trainer import configs
 from trainer.data import augment, pipeline, records
 from trainer.models import courier, encoder, pretrain
 from trainer.train import loop
 
-ENC = encoder.EncoderConfig(depth=10, width_multiplier=0.5, image_size=32, feature_dim=32,
+ENC = configs.EncoderConfig(depth=10, width_multiplier=0.5, image_size=32, feature_dim=32,
                             batch_norm_momentum=0.9)
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
 # The command-line flags of a small encoder on the tiny world.
 SMALL = ["--depth=10", "--width_multiplier=0.5", "--feature_dim=32", "--deterministic"]
 
 
-def _courier_task(world: str, train: loop.TrainConfig, enc=ENC) -> courier.CourierTask:
-    cfg = courier.CourierConfig(
+def _courier_task(world: str, train: configs.TrainConfig, enc=ENC) -> courier.CourierTask:
+    cfg = configs.CourierConfig(
         pageviews_pattern=records.default_pattern(world, "pageviews", "train"),
         catalog_pattern=records.default_pattern(world, "catalog"))
     return courier.CourierTask(cfg, enc, train)
@@ -60,11 +61,11 @@ def test_deterministic_input_is_the_same_global_stream_on_any_number_of_workers(
     # A run resumed at step 4 reads what an uninterrupted one reads from step 4 on.
     for w in range(2):
         resumed = _batches(pipe(start_step=4), 2, tf.distribute.InputContext(2, w, 2))
-        for a, b in zip(resumed, workers[w][4:]):
+        for a, b in zip(resumed, workers[w][4:], strict=False):
             np.testing.assert_array_equal(a["item_id"], b["item_id"])
             np.testing.assert_array_equal(a["view_1"], b["view_1"])
     resumed = _batches(pipe(start_step=2), 3)
-    for a, b in zip(resumed, one[2:5]):
+    for a, b in zip(resumed, one[2:5], strict=False):
         np.testing.assert_array_equal(a["view_2"], b["view_2"])
 
 
@@ -74,13 +75,13 @@ def test_courier_one_step_same_on_two_replicas_as_on_one_device(tiny_world, mirr
     # 6e-4 at learning rate 0.1 with init seed 0, and the two batch-norm formulas by 2e-3. At
     # 0.01 and init seed 1 rounding stays under 1e-5 while weights move by up to 0.38, so a
     # mis-scaled or missing replica's gradient would still show.
-    train = loop.TrainConfig(steps=10, global_batch_size=8, optimizer="sgd", learning_rate=0.01,
+    train = configs.TrainConfig(steps=10, global_batch_size=8, optimizer="sgd", learning_rate=0.01,
                              warmup_steps=0, deterministic=True)
     enc = dataclasses.replace(ENC, sync_batch_norm=True)
     start, after = one_step_on_one_and_two_replicas(
         lambda: _courier_task(tiny_world, train, enc), train, mirrored, lambda t: t.encoder,
         seed=1)
-    assert max(np.abs(a - s).max() for a, s in zip(after, start)) > 0.1
+    assert max(np.abs(a - s).max() for a, s in zip(after, start, strict=True)) > 0.1
 
 
 def _free_ports(n: int) -> list[int]:
@@ -95,8 +96,8 @@ def _free_ports(n: int) -> list[int]:
 
 def _weights(model_dir: str) -> dict:
     prefix = tf.train.latest_checkpoint(os.path.join(model_dir, "ckpt"))
-    return {name: tf.train.load_variable(prefix, name) for name, _ in tf.train.list_variables(prefix)
-            if name.startswith("model/")}
+    return {name: tf.train.load_variable(prefix, name)
+            for name, _ in tf.train.list_variables(prefix) if name.startswith("model/")}
 
 
 def test_multi_worker_courier_matches_one_process(tiny_world, tmp_path):
@@ -125,11 +126,11 @@ def test_multi_worker_courier_matches_one_process(tiny_world, tmp_path):
     finally:
         for p in procs:
             p.kill()
-    for p, (_, err) in zip(procs, logs):
+    for p, (_, err) in zip(procs, logs, strict=True):
         assert p.returncode == 0, err[-3000:]
     assert "global batch 8 = 2 replicas x 4" in logs[0][1]
-    config = json.load(open(os.path.join(multi, "config.json")))
-    assert config["replicas"] == 2 and config["per_replica_batch_size"] == 4
+    config = configs.load(multi)
+    assert config.run.replicas == 2 and config.run.per_replica_batch_size == 4
     assert not os.path.exists(os.path.join(multi, "workers", "worker1", "config.json"))
 
     one, two, workers = (loop.logged_scalars(os.path.join(d, "train"), "loss")
@@ -187,19 +188,19 @@ def test_killed_worker_resumes_to_the_weights_of_an_uninterrupted_run(tiny_world
 
 def _restored_step(model_dir: str) -> int:
     try:
-        return loop._restored_step(model_dir)
+        return loop.restored_step(model_dir)
     except (tf.errors.NotFoundError, ValueError):  # caught mid-write: not yet
         return 0
 
 
-def _s1_task(world: str, enc: encoder.EncoderConfig) -> pretrain.PretrainTask:
+def _s1_task(world: str, enc: configs.EncoderConfig) -> pretrain.PretrainTask:
     return pretrain.PretrainTask(
-        pretrain.PretrainConfig(catalog_pattern=records.default_pattern(world, "catalog")),
+        configs.PretrainConfig(catalog_pattern=records.default_pattern(world, "catalog")),
         enc, S1_TRAIN)
 
 
-S1_TRAIN = loop.TrainConfig(steps=10, global_batch_size=8, optimizer="sgd", learning_rate=0.1,
-                            warmup_steps=0, deterministic=True)
+S1_TRAIN = configs.TrainConfig(steps=10, global_batch_size=8, optimizer="sgd", learning_rate=0.1,
+                               warmup_steps=0, deterministic=True)
 
 
 def _s1_start(world: str) -> tuple[dict, list]:
@@ -227,7 +228,7 @@ def test_mixed_precision_gives_the_float32_loss(policy, tiny_world):
     finally:
         encoder.set_precision_policy("none")
     assert np.isfinite(loss_mp) and abs(loss_mp - loss32) < 0.02 * abs(loss32), (loss32, loss_mp)
-    assert sum(int(not np.allclose(a, b)) for a, b in zip(new, start)) > 10
+    assert sum(int(not np.allclose(a, b)) for a, b in zip(new, start, strict=True)) > 10
 
 
 def test_gradient_checkpointing_gives_the_same_step(tiny_world):
@@ -237,6 +238,6 @@ def test_gradient_checkpointing_gives_the_same_step(tiny_world):
     loss_gc, checkpointed = _s1_step(tiny_world, recomputed, batch, start)
     assert abs(loss - loss_gc) < 1e-6 and len(plain) == len(checkpointed)
     # Trainable weights after the step, and the batch norms' moving statistics.
-    for a, b in zip(plain, checkpointed):
+    for a, b in zip(plain, checkpointed, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6)
-    assert sum(int(not np.allclose(a, b)) for a, b in zip(plain, start)) > 10
+    assert sum(int(not np.allclose(a, b)) for a, b in zip(plain, start, strict=True)) > 10

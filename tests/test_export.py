@@ -3,7 +3,6 @@ equal to the in-process models, warmup records that run, serving configs that pa
 against an in-process stand-in of the model server, and the catalog batch-encoding stage."""
 from __future__ import annotations
 
-import dataclasses
 import glob
 import json
 import os
@@ -16,14 +15,18 @@ import tensorflow as tf
 
 from conftest import REPO, read_all
 from export import client as client_lib
-from export import common, ctr as export_ctr, encoder as export_encoder, serving_protos
-from export import stand_in_server
-from trainer.data import parse, records, schema, validate
-from trainer.features import catalog_embed, clusters, embeddings
-from trainer.models import ctr, debias, encoder, pretrain
-from trainer.train import loop
+from export import common, serving_protos, stand_in_server
+from export import ctr as export_ctr
+from export import encoder as export_encoder
+from trainer import configs
+from trainer.ctr import task as ctr_task
+from trainer.data import parse, records, validate
+from trainer.features import catalog_embed, clusters, embeddings, versions
+from trainer.models import encoder
+from trainer.stages import ctr as ctr_stage
+from trainer.stages import encoders as encoder_stages
 
-ENC = encoder.EncoderConfig(depth=10, width_multiplier=0.5, image_size=32, feature_dim=32)
+ENC = configs.EncoderConfig(depth=10, width_multiplier=0.5, image_size=32, feature_dim=32)
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
 CLI = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
 
@@ -35,40 +38,37 @@ def _run(args, **kw):
     return out.stdout
 
 
+def ctr_config(world: str, model_dir: str, stage: str = "ctr", **sets) -> configs.CtrStage:
+    """A brief CTR run's config; `sets` are config paths with '__' for '.'."""
+    cfg = configs.apply(configs.for_stage(stage), {
+        "data_dir": world, "model_dir": model_dir, "train": {
+            "steps": 20, "global_batch_size": 64, "warmup_steps": 0, "log_interval": 20},
+        "ctr": {"tower_units": [32, 16]}})
+    for path, value in sets.items():
+        cfg = configs.override(cfg, path.replace("__", "."), value)
+    return cfg  # type: ignore[return-value]
+
+
 @pytest.fixture(scope="module")
 def trained(tiny_world, tmp_path_factory) -> dict:
-    """A briefly trained encoder and two CTR models on its features: vector + D, cluster_id."""
+    """A briefly trained encoder and two CTR models on its features, through the stages' own
+    runners: vector + D, and cluster_id."""
     root = tmp_path_factory.mktemp("trained")
-    catalog = records.default_pattern(tiny_world, "catalog")
-    queries = records.default_pattern(tiny_world, "queries")
     enc_dir = str(root / "s1")
-    train = loop.TrainConfig(steps=3, global_batch_size=16, log_interval=3, warmup_steps=0)
-    loop.run(pretrain.PretrainTask(pretrain.PretrainConfig(catalog_pattern=catalog), ENC, train),
-             train, enc_dir, {"encoder": dataclasses.asdict(ENC)})
-    table = embeddings.for_encoder(enc_dir, catalog, queries)
+    encoder_stages.run_training(configs.PretrainStage(
+        data_dir=tiny_world, model_dir=enc_dir, encoder=ENC, train=configs.TrainConfig(
+            steps=3, global_batch_size=16, log_interval=3, warmup_steps=0)))
+    table = embeddings.for_encoder(enc_dir, records.default_pattern(tiny_world, "catalog"),
+                                   records.default_pattern(tiny_world, "queries"))
     out = {"encoder": enc_dir, "table": table}
-    ctr_train = loop.TrainConfig(steps=20, global_batch_size=64, warmup_steps=0, log_interval=20,
-                                 optimizer="adam", learning_rate=1e-3)
-    for name, mode, d in (("debias", "vector", debias.DebiasConfig()),
-                          ("cluster", "cluster_id", None)):
-        cfg = ctr.CtrConfig(train_pattern=records.default_pattern(tiny_world, "ctr", "train"),
-                            test_pattern=records.default_pattern(tiny_world, "ctr", "test"),
-                            tower_units=(32, 16), image_feature_mode=mode, debias=d)
-        model_dir = str(root / name)
-        positives = cents = None
-        if d is not None:
-            positives = debias.mine_positives(table.item_vector, table.category_id,
-                                              table.impressions_30d, d.num_similar,
-                                              d.low_impressions)
-        if mode == "cluster_id":
-            cents = clusters.load_or_fit(os.path.join(model_dir, "clusters.npz"),
-                                         table.item_vector, clusters.ClusterConfig(num_clusters=4))
-        vocab = ctr.vocabularies_for(model_dir, cfg)
-        config = {"image_features": "s1", "encoder_dirs": {"image": enc_dir},
-                  "ctr": dataclasses.asdict(cfg)}
-        loop.run(ctr.CtrTask(cfg, vocab, ctr_train, table, positives, clusters=cents), ctr_train,
-                 model_dir, config)
-        out[name] = (model_dir, ctr.restore(model_dir, cfg, vocab, table, positives, cents))
+    ctr_stage.run_ctr(ctr_config(tiny_world, str(root / "debias"), "debias",
+                                 images__encoder="s1", images__model_dir=enc_dir,
+                                 images__s1_model_dir=enc_dir))
+    ctr_stage.run_ctr(ctr_config(tiny_world, str(root / "cluster"), images__encoder="s1",
+                                 images__model_dir=enc_dir, ctr__image_feature_mode="cluster_id",
+                                 cluster__num_clusters=4))
+    for name in ("debias", "cluster"):
+        out[name] = (str(root / name), ctr_task.load_trained(str(root / name)))
     return out
 
 
@@ -77,7 +77,7 @@ def exports(trained, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("models")
     _run([sys.executable, "-m", "export.encoder", f"--model_dir={trained['encoder']}",
           f"--export_dir={root / 'encoder'}"])
-    out = {"encoder": common.latest_version_dir(str(root / "encoder")), "root": str(root)}
+    out = {"encoder": versions.latest_version_dir(str(root / "encoder")), "root": str(root)}
     for name in ("debias", "cluster"):
         out[name] = export_ctr.export(trained[name][0], str(root / name))
     return out
@@ -151,7 +151,8 @@ def test_ctr_export_is_self_contained_and_equals_the_model(name, trained, export
     test = records.default_pattern(tiny_world, "ctr", "test")
     n = 300
     examples = _examples(test, n)
-    parsed = parse.RecordParser(schema.CTR, decode=False)(
+    spec = model.spec
+    parsed = parse.RecordParser(spec.record_kind(), decode=False)(
         parse.record_names(tf.constant("x"), tf.range(n, dtype=tf.int64)), tf.constant(examples))
     want = tf.sigmoid(model(parsed)).numpy()
     # Nothing but the SavedModel.
@@ -160,9 +161,9 @@ def test_ctr_export_is_self_contained_and_equals_the_model(name, trained, export
     np.testing.assert_allclose(got.numpy(), want, atol=1e-5)
 
     rows = {k: v[:n] for k, v in read_all(tiny_world, "ctr", "test").items()}
-    inputs = {k: tf.constant(np.where(rows[k + "_mask"], rows[k], -1) if k in
-                             export_ctr.LISTS else rows[k])
-              for k in export_ctr.REQUEST_FEATURES}
+    inputs = {k: tf.constant(np.where(rows[k + "_mask"], rows[k], -1) if spec.is_sequence(k)
+                             else rows[k])
+              for k in spec.inputs}
     got = loaded.signatures["serving_default"](**inputs)["ctr"].numpy()
     want = tf.sigmoid(model(rows)).numpy()
     np.testing.assert_allclose(got, want, atol=1e-5)
@@ -194,7 +195,7 @@ def test_ctr_export_is_self_contained_and_equals_the_model(name, trained, export
           "serving_default", "--input_exprs", exprs, "--outdir", str(tmp_path / "a")])
     np.testing.assert_allclose(np.load(tmp_path / "a" / "ctr.npy"), want[:1], atol=1e-5)
     feats = {k: (v[0] if isinstance(v[0], list) else v) for k, v in one.items()}
-    feats = {k: [x for x in v if x != -1] if k in export_ctr.LISTS else v
+    feats = {k: [x for x in v if x != -1] if spec.is_sequence(k) else v
              for k, v in feats.items()}
     _run([CLI, "run", "--dir", path, "--tag_set", "serve", "--signature_def",
           "predict_examples", "--input_examples", f"examples=[{json.dumps(feats)}]",
@@ -241,25 +242,31 @@ def test_clients_against_a_stand_in_server(exports, trained):
         images = export_encoder.sample_images(3, 32)
         loaded_enc = servables.models["encoder"][1]
         want = loaded_enc.signatures["encode_images"](images=tf.constant(images))["embedding"]
-        vocab = trained["debias"][1].vocabularies
-        inputs = export_ctr.sample_requests(vocab, 5, seed=1)
-        user = {k: (inputs[k][0].tolist()) for k in client_lib.USER_FEATURES}
+        model = trained["debias"][1]
+        # The client reads the spec the export carries.
+        spec = client_lib.spec_of_export(os.path.dirname(exports["debias"]))
+        assert spec.to_dict() == model.spec.to_dict()
+        inputs = export_ctr.sample_requests(spec, model.vocabularies, 5, seed=1)
+        user_features = ("user_id", "age_bucket", "gender", "device", "query_id",
+                         "click_history_item_ids", "preferred_category_ids")
+        inputs.update({k: np.repeat(inputs[k][:1], 5, axis=0) for k in user_features})
+        user = {k: inputs[k][0].tolist() for k in user_features}
         user = {k: [x for x in v if x != -1] if isinstance(v, list) else v
                 for k, v in user.items()}
-        candidates = [{k: inputs[k][i].item() for k in export_ctr.REQUEST_FEATURES
-                       if k not in client_lib.USER_FEATURES} for i in range(5)]
+        candidates = [{k: inputs[k][i].item() for k in spec.inputs if k not in user_features}
+                      for i in range(5)]
         ctr_want = servables.models["ctr"][1].signatures["serving_default"](
             **{k: tf.constant(v) for k, v in inputs.items()})["ctr"].numpy()
         for c in (client_lib.GrpcClient(f"127.0.0.1:{port}"),
                   client_lib.RestClient(f"http://127.0.0.1:{rest_port}")):
             np.testing.assert_allclose(c.encode(images), want.numpy(), atol=1e-6)
-            np.testing.assert_allclose(c.rank(user, candidates), ctr_want, atol=1e-6)
+            np.testing.assert_allclose(c.rank(user, candidates, spec), ctr_want, atol=1e-6)
         bad = [dict(candidates[0], price=-3.0)]
         with pytest.raises(grpc.RpcError) as e:
-            client_lib.GrpcClient(f"127.0.0.1:{port}").rank(user, bad)
+            client_lib.GrpcClient(f"127.0.0.1:{port}").rank(user, bad, spec)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "price" in e.value.details()
         with pytest.raises(RuntimeError, match=r"(?s)HTTP 400.*price"):
-            client_lib.RestClient(f"http://127.0.0.1:{rest_port}").rank(user, bad)
+            client_lib.RestClient(f"http://127.0.0.1:{rest_port}").rank(user, bad, spec)
         # The command-line client, over gRPC.
         png = os.path.join(exports["root"], "a.png")
         with open(png, "wb") as f:

@@ -91,7 +91,7 @@ def test_deterministic_mode_repeats_exactly(tiny_world):
                                    seed=seed, shuffle_buffer=64)
         return pipeline.InputPipeline(cfg, transform=augment.s1_views_transform())
     a, b, c = _first_batches(make(0)), _first_batches(make(0)), _first_batches(make(1))
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         for k in x:
             np.testing.assert_array_equal(x[k].numpy(), y[k].numpy())
     assert not np.array_equal(a[0]["item_id"].numpy(), c[0]["item_id"].numpy())
@@ -121,7 +121,8 @@ def test_gzip_files_are_read(tiny_world, tmp_path):
     dst = tmp_path / "catalog"
     dst.mkdir()
     for f in src:
-        with open(f, "rb") as fin, gzip.open(str(dst / (os.path.basename(f) + ".gz")), "wb") as fout:
+        gz = str(dst / (os.path.basename(f) + ".gz"))
+        with open(f, "rb") as fin, gzip.open(gz, "wb") as fout:
             shutil.copyfileobj(fin, fout)
     a = read_all(tiny_world, "catalog")
     b = read_all(str(tmp_path), "catalog")
@@ -133,7 +134,7 @@ def test_one_pass_reads_every_record_once(tiny_world):
     n = len(raw_records(records.default_pattern(tiny_world, "ctr", "test")))
     ctr = read_all(tiny_world, "ctr", "test")
     assert len(ctr["label"]) == n
-    assert len(set(zip(ctr["page_id"].tolist(), ctr["position"].tolist()))) == n
+    assert len(set(zip(ctr["page_id"].tolist(), ctr["position"].tolist(), strict=True))) == n
 
 
 def test_distributed_dataset_over_two_replicas(tiny_world, mirrored):

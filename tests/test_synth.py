@@ -89,7 +89,7 @@ def test_impressions_are_skewed_with_a_long_tail(logs):
     assert 0.25 < (imp < 5).mean() < 0.7  # a realistic share of low-impression items
     # Logged clicks concentrate on head items (S2's positives under-represent the tail).
     ctr = logs["ctr"]
-    by_id = dict(zip(logs["cat"]["item_id"].tolist(), imp.tolist()))
+    by_id = dict(zip(logs["cat"]["item_id"].tolist(), imp.tolist(), strict=True))
     clicked_imp = np.array([by_id[i] for i in ctr["item_id"][ctr["label"] == 1]])
     assert (clicked_imp >= np.quantile(imp, 0.9)).mean() > 0.4
     assert (clicked_imp < 5).mean() < 0.1
@@ -138,8 +138,10 @@ def test_next_click_resembles_some_history_click(tiny_world, logs):
     click more often than unclicked ones do."""
     pv = read_all(tiny_world, "pageviews", decode_images=False)
     items = logs["t"]["items"]
-    style = lambda ids: np.where(ids >= 0, items["style"][truth.index_of(
-        np.where(ids >= 0, ids, items["item_id"][0]), items["item_id"])], -1)
+    def style(ids):
+        return np.where(ids >= 0, items["style"][truth.index_of(
+            np.where(ids >= 0, ids, items["item_id"][0]), items["item_id"])], -1)
+
     pv_style, hist_style = style(pv["pv_item_ids"]), style(pv["click_item_ids"])
     match = (pv_style[:, :, None] == hist_style[:, None, :]).any(-1) & pv["pv_item_ids_mask"]
     clicked = (pv["pv_labels"] == 1) & pv["pv_item_ids_mask"]
@@ -161,7 +163,7 @@ def test_histories_are_the_latest_earlier_clicks_in_time_order():
     L = marketplace.schema.L_CTR_HISTORY
     n_sessions = len(ss["day"])
     checked = 0
-    for key in sorted(set(zip(ss["day"].tolist(), ss["block"].tolist()))):
+    for key in sorted(set(zip(ss["day"].tolist(), ss["block"].tolist(), strict=True))):
         in_block = np.flatnonzero((ss["day"] == key[0]) & (ss["block"] == key[1]))
         for s_ in in_block:
             expected = clicks.get(ss["user"][s_], [])[-L:]
@@ -176,7 +178,8 @@ def test_histories_are_the_latest_earlier_clicks_in_time_order():
 
 def test_training_code_never_reads_the_planted_truth():
     # The projector labels embeddings by the planted style for people to look at; it never trains.
-    allowed = {"trainer/synth/marketplace.py", "trainer/synth/truth.py", "trainer/eval/projector.py"}
+    allowed = {"trainer/synth/marketplace.py", "trainer/synth/truth.py",
+               "trainer/eval/projector.py"}
     offenders = []
     for path in glob.glob(os.path.join(REPO, "trainer", "**", "*.py"), recursive=True):
         rel = os.path.relpath(path, REPO)

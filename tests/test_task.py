@@ -79,6 +79,6 @@ def test_bench_input_prints_the_three_rates_and_ratio(tiny_world):
     for label in ("1. raw record reading:", "2. read + parse + decode:",
                   "3. read + parse + decode + augment:", "ratio 3 / 1:"):
         assert label in lines
-    rates = [float(l.split(":")[1].split()[0]) for l in lines.splitlines()
-             if l[:2] in ("1.", "2.", "3.")]
+    rates = [float(line.split(":")[1].split()[0]) for line in lines.splitlines()
+             if line[:2] in ("1.", "2.", "3.")]
     assert len(rates) == 3 and all(r > 0 for r in rates)

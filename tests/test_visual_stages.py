@@ -13,45 +13,46 @@ import pytest
 import tensorflow as tf
 
 from conftest import REPO, one_step_on_one_and_two_replicas, read_all
+from trainer import configs
 from trainer.data import records
 from trainer.eval import visual_search
 from trainer.features import embeddings
 from trainer.models import classify, encoder, finetune, pretrain
 from trainer.train import loop
 
-ENC = encoder.EncoderConfig(depth=10, width_multiplier=0.5, image_size=32, feature_dim=64,
+ENC = configs.EncoderConfig(depth=10, width_multiplier=0.5, image_size=32, feature_dim=64,
                             batch_norm_momentum=0.9)
 
 
-def _tasks(world: str, enc: encoder.EncoderConfig, train: loop.TrainConfig) -> dict:
+def _tasks(world: str, enc: configs.EncoderConfig, train: configs.TrainConfig) -> dict:
     catalog = records.default_pattern(world, "catalog")
     sessions = records.default_pattern(world, "search_sessions", "train")
     return {
         "pretrain": lambda e=enc: pretrain.PretrainTask(
-            pretrain.PretrainConfig(catalog_pattern=catalog), e, train),
+            configs.PretrainConfig(catalog_pattern=catalog), e, train),
         "finetune": lambda e=enc: finetune.FinetuneTask(
-            finetune.FinetuneConfig(sessions_pattern=sessions, catalog_pattern=catalog,
-                                    pool_size=32), e, train),
+            configs.FinetuneConfig(sessions_pattern=sessions, catalog_pattern=catalog,
+                                   pool_size=32), e, train),
         "classify": lambda e=enc: classify.ClassifyTask(
-            classify.ClassifyConfig(catalog_pattern=catalog), e, train),
+            configs.ClassifyConfig(catalog_pattern=catalog), e, train),
     }
 
 
-def _search(world: str) -> visual_search.SearchEvalConfig:
-    return visual_search.SearchEvalConfig(
+def _search(world: str) -> configs.SearchEvalConfig:
+    return configs.SearchEvalConfig(
         catalog_pattern=records.default_pattern(world, "catalog"),
         judgments_pattern=records.default_pattern(world, "judgments"), ks=(10, 100))
 
 
 def _train(task, train_cfg, model_dir, enc_cfg):
-    loop.run(task, train_cfg, model_dir, {"encoder": dataclasses.asdict(enc_cfg)})
-    return encoder.restore(model_dir)
+    loop.run(task, train_cfg, model_dir)
+    return encoder.restore(model_dir, enc_cfg)
 
 
 def test_s1_s2_beats_a_random_encoder_and_every_stage_runs(tiny_world, tmp_path):
     # Deterministic: the tiny world's 60 judged queries make HR noisy between runs. S1 needs about
     # 400 steps here: at 200 its HR was still that of a random encoder (0.27 vs 0.27; 0.40 at 400).
-    s1_train = loop.TrainConfig(steps=400, global_batch_size=64, learning_rate=2e-3,
+    s1_train = configs.TrainConfig(steps=400, global_batch_size=64, learning_rate=2e-3,
                                 warmup_steps=5, checkpoint_interval=100, log_interval=100,
                                 deterministic=True)
     s2_train = dataclasses.replace(s1_train, steps=100, global_batch_size=32, learning_rate=5e-4)
@@ -79,10 +80,11 @@ def test_s1_s2_beats_a_random_encoder_and_every_stage_runs(tiny_world, tmp_path)
 
 
 def test_s2_batches_hold_one_category_and_its_negative_pool(tiny_world):
-    train = loop.TrainConfig(global_batch_size=16, deterministic=True)
+    train = configs.TrainConfig(global_batch_size=16, deterministic=True)
     task = _tasks(tiny_world, ENC, train)["finetune"]()
     catalog = read_all(tiny_world, "catalog")
-    category_of = dict(zip(catalog["item_id"].tolist(), catalog["category_id"].tolist()))
+    category_of = dict(zip(catalog["item_id"].tolist(), catalog["category_id"].tolist(),
+                           strict=True))
     seen = set()
     for batch in task.build_inputs(None).take(6):
         cats = set(batch["clicked_category_id"].numpy().tolist())
@@ -96,15 +98,15 @@ def test_s2_batches_hold_one_category_and_its_negative_pool(tiny_world):
 
 
 def test_init_checkpoint_must_match_the_backbone(tiny_world, tmp_path):
-    train = loop.TrainConfig(steps=1, global_batch_size=8, warmup_steps=0)
+    train = configs.TrainConfig(steps=1, global_batch_size=8, warmup_steps=0)
     _train(_tasks(tiny_world, ENC, train)["pretrain"](), train, str(tmp_path / "s1"), ENC)
     other = dataclasses.replace(ENC, depth=18, init_checkpoint=str(tmp_path / "s1"))
     with pytest.raises(ValueError, match="depth"):
         encoder.build(other)
     # The same architecture loads, and its backbone equals the checkpoint's.
     same = encoder.build(dataclasses.replace(ENC, init_checkpoint=str(tmp_path / "s1")))
-    saved = encoder.restore(str(tmp_path / "s1"))
-    for a, b in zip(same.backbone.weights, saved.backbone.weights):
+    saved = encoder.restore(str(tmp_path / "s1"), ENC)
+    for a, b in zip(same.backbone.weights, saved.backbone.weights, strict=True):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
     # A user's own checkpoint holding just a `backbone` object warm-starts too.
     prefix = tf.train.Checkpoint(backbone=saved.backbone).write(str(tmp_path / "user" / "bb"))
@@ -130,7 +132,7 @@ def test_mixed_precision_embeddings_are_float32_and_unit_norm():
 @pytest.mark.parametrize("stage", ["pretrain", "finetune", "classify"])
 def test_one_step_same_on_two_replicas_as_on_one_device(stage, tiny_world, mirrored):
     # SGD: Adam's first step divides by |g| and would amplify rounding in near-zero gradients.
-    train = loop.TrainConfig(steps=10, global_batch_size=8, optimizer="sgd", learning_rate=0.1,
+    train = configs.TrainConfig(steps=10, global_batch_size=8, optimizer="sgd", learning_rate=0.1,
                              warmup_steps=0, deterministic=True)
     enc = dataclasses.replace(ENC, sync_batch_norm=True)
     one_step_on_one_and_two_replicas(_tasks(tiny_world, enc, train)[stage], train, mirrored,
@@ -153,8 +155,12 @@ def test_command_line_trains_resumes_and_evaluates(tiny_world, tmp_path):
     run("--stage=classify", "--train_steps=2")
     log = run("--stage=classify", "--train_steps=4")
     assert "resumed from step 2" in log
-    config = json.load(open(os.path.join(model_dir, "config.json")))
-    assert config["train"]["steps"] == 4 and config["encoder"]["depth"] == 10
+    config = configs.load(model_dir)  # the one reader of config.json
+    assert isinstance(config, configs.ClassifyStage)
+    assert config.train.steps == 4 and config.encoder.depth == 10
+    assert config.encoder.image_size == 32  # the world's, filled in when the stage started
+    assert len(config.classify.categories) == len(np.unique(read_all(tiny_world, "catalog")[
+        "category_id"]))
     out = subprocess.run(base + ["--stage=classify", "--train_steps=6", "--depth=18"], cwd=REPO,
                          env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode != 0 and "another encoder" in out.stderr

@@ -14,36 +14,13 @@ and greyscale are composed into one colour matrix, clipped once.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
+from typing import Optional
 
 import numpy as np
 import tensorflow as tf
 
-
-@dataclasses.dataclass(frozen=True)
-class AugmentConfig:
-    """SimCLR's augmentation family with colour strength s (defaults: SimCLR, s = 1).
-
-    Attributes:
-      crop_area: Range of the crop's area as a fraction of the image.
-      crop_aspect: Range of the crop's width / height.
-      flip_prob: Probability of a horizontal flip.
-      jitter_prob: Probability that colour jitter is applied to an image.
-      brightness, contrast, saturation: Each factor is drawn from [1 - x, 1 + x].
-      hue: Hue shift drawn from [-hue, hue] turns.
-      greyscale_prob: Probability of converting an image to greyscale.
-    """
-
-    crop_area: tuple = (0.08, 1.0)
-    crop_aspect: tuple = (3 / 4, 4 / 3)
-    flip_prob: float = 0.5
-    jitter_prob: float = 0.8
-    brightness: float = 0.8
-    contrast: float = 0.8
-    saturation: float = 0.8
-    hue: float = 0.2
-    greyscale_prob: float = 0.2
+from trainer.configs import AugmentConfig
 
 
 # NumPy constants: a TensorFlow op at import would initialise the runtime and freeze the device
@@ -76,8 +53,10 @@ def _colour_matrices(saturation: tf.Tensor, hue: tf.Tensor, grey: tf.Tensor) -> 
     return tf.where(grey[:, None, None], luma_rows[None] @ m, m)
 
 
-def augment(images: tf.Tensor, seed: tf.Tensor, cfg: AugmentConfig = AugmentConfig()) -> tf.Tensor:
-    """One random view of each image. images: [B, H, W, 3] float in [0, 1]; seed: [2] int."""
+def augment(images: tf.Tensor, seed: tf.Tensor, cfg: Optional[AugmentConfig] = None) -> tf.Tensor:
+    """One random view of each image. images: [B, H, W, 3] float in [0, 1]; seed: [2] int;
+    `cfg` defaults to SimCLR's family."""
+    cfg = cfg or AugmentConfig()
     seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=8)
     # A static batch size (drop_remainder) keeps shapes known to grappler's cost model.
     b = images.shape[0] if images.shape[0] is not None else tf.shape(images)[0]
@@ -116,13 +95,13 @@ def augment(images: tf.Tensor, seed: tf.Tensor, cfg: AugmentConfig = AugmentConf
     return tf.clip_by_value(tf.einsum("bhwc,bdc->bhwd", x, m), 0.0, 1.0)
 
 
-def two_views(images: tf.Tensor, seed: tf.Tensor, cfg: AugmentConfig = AugmentConfig()):
+def two_views(images: tf.Tensor, seed: tf.Tensor, cfg: Optional[AugmentConfig] = None):
     """The anchor view t(i) and positive view t'(i) of Eq. 1 (paper 000), independently drawn."""
     s = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=2)
     return augment(images, s[0], cfg), augment(images, s[1], cfg)
 
 
-def s1_views_transform(cfg: AugmentConfig = AugmentConfig(), image_key: str = "image"):
+def s1_views_transform(cfg: Optional[AugmentConfig] = None, image_key: str = "image"):
     """A pipeline transform adding `view_1` and `view_2` (and dropping the unaugmented image)."""
     def transform(seed, batch):
         batch = dict(batch)

@@ -1,4 +1,5 @@
-"""Renders the schema tables of docs/data_format.md from `schema.py` (`make docs`).
+"""Renders the schema tables of docs/data_format.md from `schema.py` and, for `ctr`, the default
+feature spec (`trainer/data/specs/synthetic.yaml`) (`make docs`).
 
 Usage: python -m trainer.data.docs docs/data_format.md
 The text between the BEGIN/END markers is replaced; a test fails when it is out of date.
@@ -40,7 +41,7 @@ def _rules(f: schema.FeatureSpec) -> str:
 
 def render_tables() -> str:
     out = []
-    for kind in schema.KINDS.values():
+    for kind in map(schema.get, schema.KIND_NAMES):
         out.append(f"### `{kind.name}`\n\n{kind.doc}\n")
         out.append("| feature | type | values | rules | meaning |")
         out.append("| --- | --- | --- | --- | --- |")

@@ -160,7 +160,7 @@ class RecordParser:
         with tf.control_dependencies(checks):
             out = {}
             for f in self.specs:
-                if f.is_list:
+                if f.max_len is not None:  # a list
                     value = raw[f.name]
                     value = value[:, -f.max_len:] if f.keep == "tail" else value[:, :f.max_len]
                     out[f.name] = value.to_tensor(f.pad, shape=[None, f.max_len])

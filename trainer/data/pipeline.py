@@ -33,7 +33,8 @@ class InputConfig:
     Attributes:
       file_pattern: Glob of TFRecord files; several globs may be joined by commas. Files ending
         in `.gz` are read as GZIP.
-      kind: Record kind, one of `schema.KINDS`.
+      kind: Record kind: a name of `schema.KIND_NAMES` (`ctr`: the default feature spec's) or a
+        `schema.RecordKind` (e.g. another feature spec's `ctr` kind).
       global_batch_size: Batch size across all replicas; each replica's input pipeline produces
         global_batch_size / num_replicas_in_sync.
       image_size: Side length images are decoded (and if needed resized) to.
@@ -54,10 +55,11 @@ class InputConfig:
       start_step: Global steps already taken; with `deterministic`, the pipeline skips their
         batches (raw records only, before parsing) so a resumed run sees what an uninterrupted
         one would.
+      features: Parse (and check) only these features of the kind; None for all.
     """
 
     file_pattern: str
-    kind: str
+    kind: str | schema.RecordKind
     global_batch_size: int = 256
     image_size: int = 64
     decode_images: bool = True
@@ -72,6 +74,7 @@ class InputConfig:
     skip_bad_records: bool = False
     group_by: Optional[str] = None
     start_step: int = 0
+    features: Optional[tuple[str, ...]] = None
 
 
 def list_files(pattern: str) -> list[str]:
@@ -94,10 +97,14 @@ def shard_files(files: Sequence[str], input_context: Optional[tf.distribute.Inpu
     return list(files[i::n])
 
 
-def read_columns(pattern: str, kind: str, columns: Sequence[str]) -> dict:
-    """One ordered pass over every record: {column: numpy array}, images left encoded."""
+def read_columns(pattern: str, kind: str | schema.RecordKind, columns: Sequence[str]) -> dict:
+    """One ordered pass over every record: {column: numpy array}, images left encoded. Only the
+    columns asked for are parsed (a list's `<name>_mask` comes with it)."""
+    parsed = tuple(dict.fromkeys(c[:-len("_mask")] if c.endswith("_mask") else c
+                                 for c in columns))
     cfg = InputConfig(pattern, kind, global_batch_size=1024, decode_images=False,
-                      shuffle=False, repeat=False, drop_remainder=False, deterministic=True)
+                      shuffle=False, repeat=False, drop_remainder=False, deterministic=True,
+                      features=parsed)
     pipe = InputPipeline(cfg)
     parts: dict = {c: [] for c in columns}
     with pipe.errors_named():
@@ -136,7 +143,7 @@ class InputPipeline:
             image_store = load_image_store(cfg.catalog_pattern)
         self.image_store = image_store
         self.parser = parse.RecordParser(self.kind, cfg.image_size, image_store,
-                                         decode=cfg.decode_images)
+                                         features=cfg.features, decode=cfg.decode_images)
         self.transform = transform
         self.scan_reports: dict = {}
 

@@ -10,8 +10,8 @@ Record kinds and the papers' data they stand for:
 - `search_sessions`: (query image, clicked item) pairs for S2 (paper 000 Eq. 2).
 - `pageviews`: COURIER samples (paper 002 §3.1, §4.2.1): a page of `l_pv` items with click labels and
   the user's latest `l_click` clicks in click-time order (oldest first, latest last).
-- `ctr`: one displayed (user, item, query, context) impression with its click label (paper 000 §3.2,
-  paper 002 Appendix A).
+- `ctr`: one displayed item with its click label (paper 000 §3.2, paper 002 Appendix A); its
+  columns are declared by a CTR feature spec (`trainer.data.ctr_spec`).
 - `judgments`: visual-search relevance judgments (paper 000 §4.1).
 """
 from __future__ import annotations
@@ -94,9 +94,8 @@ class RecordKind:
 # Paper 002 §4.2.1: l_pv = l_click = 5 in all of its experiments.
 L_PV = 5
 L_CLICK = 5
-# Length of the CTR model's user click history (paper 002 Appendix A uses up to 1000; we keep 20).
+# Latest clicks the synthetic world keeps per user (a spec's click history may use up to these).
 L_CTR_HISTORY = 20
-MAX_PREFERRED_CATEGORIES = 3
 
 
 def _id(name: str, doc: str, **kw) -> FeatureSpec:
@@ -168,34 +167,6 @@ PAGEVIEWS = RecordKind(
     joinable_images={"pv_images": "pv_item_ids", "click_images": "click_item_ids"},
 )
 
-CTR = RecordKind(
-    name="ctr",
-    doc=("One displayed item with its click label (paper 000 §3.2; paper 002 Appendix A). Image "
-         "features are joined by `item_id`, `query_id` and the history item ids from the "
-         "embedding tables an encoder produces."),
-    features=[
-        FeatureSpec("label", INT64, "1 if the displayed item was clicked, else 0.",
-                    min_value=0, max_value=1),
-        _id("user_id", "User id."),
-        _id("age_bucket", "User age bucket (demographic)."),
-        _id("gender", "User gender code (0 unknown)."),
-        _id("preferred_category_ids", "User's preferred categories (from past behaviour).",
-            max_len=MAX_PREFERRED_CATEGORIES),
-        _id("click_history_item_ids", "User's latest clicked items before this page, oldest "
-            "first, latest last.", max_len=L_CTR_HISTORY, keep="tail"),
-        _id("item_id", "Displayed item."),
-        _id("shop_id", "Shop of the displayed item."),
-        _id("brand_id", "Brand of the displayed item."),
-        _id("category_id", "Category of the displayed item."),
-        FeatureSpec("price", FLOAT, "Price of the displayed item.", min_value=0.0),
-        _id("query_id", "Visual-search query of the page (image in the `queries` records)."),
-        _id("device", "Device code of the request."),
-        _id("position", "0-based display position on the page."),
-        _id("page_id", "Page view (session) id; GAUC groups by it."),
-        _id("day", "Day index; the last day is the test day."),
-    ],
-)
-
 JUDGMENTS = RecordKind(
     name="judgments",
     doc="Visual-search relevance judgments (paper 000 §4.1): relevant catalog items per query item.",
@@ -206,12 +177,21 @@ JUDGMENTS = RecordKind(
     ],
 )
 
-KINDS: dict[str, RecordKind] = {k.name: k for k in
-                                (CATALOG, QUERIES, SEARCH_SESSIONS, PAGEVIEWS, CTR, JUDGMENTS)}
+FIXED_KINDS: dict[str, RecordKind] = {k.name: k for k in
+                                      (CATALOG, QUERIES, SEARCH_SESSIONS, PAGEVIEWS, JUDGMENTS)}
+# Every record kind's name. `ctr` records are declared by a feature spec (`trainer.data.ctr_spec`):
+# which columns they hold is the data set's, not this module's.
+KIND_NAMES = ("catalog", "queries", "search_sessions", "pageviews", "ctr", "judgments")
 
 
-def get(kind: str) -> RecordKind:
-    try:
-        return KINDS[kind]
-    except KeyError:
-        raise ValueError(f"unknown record kind '{kind}'; known: {sorted(KINDS)}") from None
+def get(kind: str | RecordKind) -> RecordKind:
+    """A record kind by name (`ctr`: the default feature spec's, the synthetic world's), or the
+    given kind itself (e.g. another spec's `ctr` kind)."""
+    if isinstance(kind, RecordKind):
+        return kind
+    if kind in FIXED_KINDS:
+        return FIXED_KINDS[kind]
+    if kind == "ctr":
+        from trainer.data import ctr_spec  # it builds on this module's classes
+        return ctr_spec.load(ctr_spec.DEFAULT).record_kind()
+    raise ValueError(f"unknown record kind '{kind}'; known: {', '.join(KIND_NAMES)}")

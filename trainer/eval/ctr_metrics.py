@@ -10,8 +10,6 @@
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import numpy as np
 from scipy import stats
 
@@ -76,7 +74,7 @@ def auc_by_impression_decile(labels: np.ndarray, scores: np.ndarray, item_ids: n
 
 def ctr_metrics(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray,
                 item_ids: np.ndarray, impressions: np.ndarray,
-                fraction: float = 0.1, low_impressions: Optional[int] = 5) -> dict:
+                fraction: float = 0.1, low_impressions: int | None = 5) -> dict:
     """AUC, GAUC and the impression-slice AUCs of Table 2, plus slice sizes."""
     bottom, top = impression_slices(item_ids, impressions, fraction)
     g, used = gauc(labels, scores, groups)

@@ -9,7 +9,6 @@ The planted style is read here, for labelling only: this module evaluates and ne
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import numpy as np
 import tensorflow as tf
@@ -19,7 +18,7 @@ from tensorboard.plugins import projector
 from trainer.data import parse
 
 
-def style_labels(data_dir: Optional[str], item_ids: np.ndarray) -> Optional[np.ndarray]:
+def style_labels(data_dir: str | None, item_ids: np.ndarray) -> np.ndarray | None:
     """The planted style of each item in a synthetic world; None for other data."""
     if not data_dir or not os.path.exists(os.path.join(data_dir, "truth", "truth.json")):
         return None
@@ -28,8 +27,8 @@ def style_labels(data_dir: Optional[str], item_ids: np.ndarray) -> Optional[np.n
     return t["items"]["style"][truth.index_of(item_ids, t["items"]["item_id"])]
 
 
-def write(log_dir: str, catalog: dict, encoded_images: Optional[np.ndarray] = None,
-          style: Optional[np.ndarray] = None, sample: int = 1024, seed: int = 0,
+def write(log_dir: str, catalog: dict, encoded_images: np.ndarray | None = None,
+          style: np.ndarray | None = None, sample: int = 1024, seed: int = 0,
           thumb: int = 32) -> str:
     """Writes the projector files for `sample` random catalog items; returns log_dir.
 

@@ -1,8 +1,8 @@
 """Offline visual-search evaluation of an encoder (paper 000 §4.1, Table 1).
 
-Every catalog image is embedded (`trainer.features.embeddings`); for each judged query item q (a catalog image) the catalog is
-ranked by cosine similarity to q (faiss inner product on L2-normalised vectors), q itself left out,
-giving M_q. With Q_q the n_q items judged relevant to q:
+Every catalog image is embedded (`trainer.features.embeddings`); for each judged query item q (a
+catalog image) the catalog is ranked by cosine similarity to q (faiss inner product on
+L2-normalised vectors), q itself left out, giving M_q. With Q_q the n_q items judged relevant to q:
 
     HR     = sum_q |Q_q n M_q^{n_q}| / sum_q n_q         (hits in the first n_q results)
     LR@K   = sum_q |L n M_q^K| / sum_q |M_q^K|           (L: items with < 5 impressions in 30 days)
@@ -10,44 +10,27 @@ giving M_q. With Q_q the n_q items judged relevant to q:
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import faiss
 import numpy as np
 import tensorflow as tf
 
+from trainer.configs import SearchEvalConfig
 from trainer.data import pipeline
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class SearchEvalConfig:
-    """Visual-search evaluation settings.
-
-    Attributes:
-      catalog_pattern: Catalog TFRecords: the searched images, their categories and impressions.
-      judgments_pattern: Judgments TFRecords: query items and their relevant items.
-      ks: The K of LR@K and CR@K.
-      low_impressions: Items with fewer 30-day impressions than this are low-impression items.
-    """
-
-    catalog_pattern: str = ""
-    judgments_pattern: str = ""
-    ks: tuple = (10, 100)
-    low_impressions: int = 5
 
 
 def load_judgments(pattern: str) -> tuple[np.ndarray, list]:
     """(query item ids [Q], relevant item ids per query)."""
     cols = pipeline.read_columns(pattern, "judgments",
                                  ("query_item_id", "relevant_item_ids", "relevant_item_ids_mask"))
-    relevant = [row[mask] for row, mask in zip(cols["relevant_item_ids"],
-                                                cols["relevant_item_ids_mask"].astype(bool))]
+    relevant = [row[mask] for row, mask in zip(
+        cols["relevant_item_ids"], cols["relevant_item_ids_mask"].astype(bool), strict=True)]
     return cols["query_item_id"], relevant
 
 
@@ -64,7 +47,7 @@ def nearest_neighbours(embeddings: np.ndarray, queries: np.ndarray, k: int) -> n
     row) left out."""
     found = search(embeddings, embeddings[queries], k + 1)
     out = np.empty([len(queries), k], np.int64)
-    for i, (q, row) in enumerate(zip(queries, found)):
+    for i, (q, row) in enumerate(zip(queries, found, strict=True)):
         row = row[row != q]
         out[i] = row[:k]
     return out
@@ -73,7 +56,7 @@ def nearest_neighbours(embeddings: np.ndarray, queries: np.ndarray, k: int) -> n
 def hit_ratio(neighbours: np.ndarray, relevant: Sequence[np.ndarray]) -> float:
     """HR = sum_q |Q_q n M_q^{n_q}| / sum_q n_q, with neighbours [Q, >= n_q] in rank order."""
     hits = total = 0
-    for row, rel in zip(neighbours, relevant):
+    for row, rel in zip(neighbours, relevant, strict=True):
         n_q = len(rel)
         if n_q > len(row):
             raise ValueError(f"a query has {n_q} relevant items but only {len(row)} results")
@@ -115,7 +98,7 @@ def evaluate(catalog: dict, cfg: SearchEvalConfig) -> dict:
     queries = rows(query_ids, "query_item_id")
     # A query is never its own result, so it cannot count as its own relevant item.
     relevant = [np.setdiff1d(rows(r, "relevant_item_ids"), [q])
-                for q, r in zip(queries, relevant_ids)]
+                for q, r in zip(queries, relevant_ids, strict=True)]
     k = max(max(cfg.ks), max(len(r) for r in relevant))
     neighbours = nearest_neighbours(catalog["embedding"], queries, k)
     metrics = search_metrics(neighbours, queries, relevant,

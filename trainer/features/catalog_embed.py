@@ -16,60 +16,21 @@ killed job resumes. Worker 0 waits for every file's parts, then merges and index
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
 import time
-from typing import Optional
 
 import faiss
 import numpy as np
 import tensorflow as tf
 
+from trainer.configs import CatalogEmbedConfig
 from trainer.data import npz, parse, pipeline, schema, validate
 from trainer.features import clusters as clusters_lib
+from trainer.features import versions
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class CatalogEmbedConfig:
-    """Catalog batch encoding settings.
-
-    Attributes:
-      catalog_pattern: The catalog TFRecords (images inline, as the `catalog` schema has them).
-      encoder_export: An encoder export: its base path (the latest version is used) or a version
-        directory.
-      out_dir: Where embeddings, index, parts and manifest go.
-      batch_size: Images per call of the SavedModel.
-      chunk_records: Records per resumable part.
-      num_workers, worker_index: This process's share of the catalog files.
-      centroids: A `clusters.npz` (from `--stage=cluster` or a cluster_id CTR model dir) to assign
-        cluster ids with; None for none.
-      index: 'flat' (exact) or 'ivf' (IndexIVFFlat, nlist about 4 sqrt(N), nprobe `nprobe`).
-      nprobe: Inverted lists searched per query of an 'ivf' index.
-      merge_timeout_seconds: How long worker 0 waits for the other workers' parts.
-    """
-
-    catalog_pattern: str = ""
-    encoder_export: str = ""
-    out_dir: str = ""
-    batch_size: int = 256
-    chunk_records: int = 4096
-    num_workers: int = 1
-    worker_index: int = 0
-    centroids: Optional[str] = None
-    index: str = "flat"
-    nprobe: int = 16
-    merge_timeout_seconds: float = 3600.0
-
-
-def _version_dir(export: str) -> str:
-    from export import common  # the export package ships beside trainer (setup.py)
-    if tf.io.gfile.exists(os.path.join(export, "saved_model.pb")):
-        return export
-    return common.latest_version_dir(export)
 
 
 def _part(out_dir: str, file_index: int, chunk: int) -> str:
@@ -87,7 +48,7 @@ def encode_shard(cfg: CatalogEmbedConfig) -> dict:
     if not 0 <= cfg.worker_index < cfg.num_workers:
         raise ValueError(f"worker_index {cfg.worker_index} is not in [0, {cfg.num_workers})")
     mine = [(i, f) for i, f in enumerate(files) if i % cfg.num_workers == cfg.worker_index]
-    version_dir = _version_dir(cfg.encoder_export)
+    version_dir = versions.version_dir(cfg.encoder_export)
     encode = tf.saved_model.load(version_dir).signatures["encode_images"]
     parser = parse.RecordParser(schema.CATALOG, features=("item_id", "category_id", "image"),
                                 decode=False)
@@ -96,7 +57,8 @@ def encode_shard(cfg: CatalogEmbedConfig) -> dict:
     t0 = time.time()
     for n, (file_index, path) in enumerate(mine):
         if tf.io.gfile.exists(_done(cfg.out_dir, file_index)):
-            skipped += json.loads(tf.io.gfile.GFile(_done(cfg.out_dir, file_index)).read())["records"]
+            with tf.io.gfile.GFile(_done(cfg.out_dir, file_index)) as f:
+                skipped += json.loads(f.read())["records"]
             continue
         ds = tf.data.TFRecordDataset(path, validate.compression_of(path)).enumerate().batch(
             cfg.chunk_records)
@@ -135,7 +97,7 @@ def _bad_record(message: str, path: str) -> str:
     return f"{path}: {message.splitlines()[0]}"
 
 
-def merge(cfg: CatalogEmbedConfig, shard_stats: Optional[dict] = None) -> dict:
+def merge(cfg: CatalogEmbedConfig, shard_stats: dict | None = None) -> dict:
     """Worker 0: waits for every file's parts, then writes embeddings.npz, catalog.faiss and
     manifest.json; returns the manifest."""
     files = pipeline.list_files(cfg.catalog_pattern)
@@ -169,7 +131,7 @@ def merge(cfg: CatalogEmbedConfig, shard_stats: Optional[dict] = None) -> dict:
     with tf.io.gfile.GFile(os.path.join(cfg.out_dir, "catalog.faiss"), "wb") as f:
         f.write(faiss.serialize_index(index).tobytes())
     manifest = {"items": int(len(ids)), "dim": int(table["embedding"].shape[1]),
-                "export": _version_dir(cfg.encoder_export), "catalog": files,
+                "export": versions.version_dir(cfg.encoder_export), "catalog": files,
                 "index": cfg.index, "index_seconds": round(index_seconds, 2),
                 "centroids": cfg.centroids,
                 "clusters": int(table["cluster_id"].max() + 1) if cfg.centroids else None,
@@ -183,6 +145,7 @@ def build_index(embeddings: np.ndarray, kind: str = "flat", nprobe: int = 16) ->
     """An inner-product (cosine, on unit vectors) faiss index over `embeddings`."""
     x = np.ascontiguousarray(embeddings, np.float32)
     d = x.shape[1]
+    index: faiss.Index
     if kind == "flat":
         index = faiss.IndexFlatIP(d)
     elif kind == "ivf":

@@ -21,32 +21,8 @@ import faiss
 import numpy as np
 import tensorflow as tf
 
+from trainer.configs import ClusterConfig
 from trainer.data import npz
-
-
-@dataclasses.dataclass
-class ClusterConfig:
-    """k-means settings.
-
-    Attributes:
-      num_clusters: k; 0 for one cluster per `items_per_cluster` vectors (at least 2).
-      items_per_cluster: Average cluster size that sets k when `num_clusters` is 0 (paper 002 §5:
-        about 600).
-      iterations: Lloyd iterations.
-      max_points_per_centroid: faiss trains on a random sample of at most this many points per
-        centroid.
-      restarts: k-means runs, each from its own greedy k-means++ initialisation; the one with the
-        lowest objective is kept (faiss alone starts from random points, and then often merges
-        two clusters while splitting another).
-      seed: Sampling and initialisation seed.
-    """
-
-    num_clusters: int = 0
-    items_per_cluster: int = 500
-    iterations: int = 25
-    max_points_per_centroid: int = 256
-    restarts: int = 3
-    seed: int = 0
 
 
 @dataclasses.dataclass
@@ -73,7 +49,7 @@ class Clusters:
         npz.write(path, centroids=self.centroids)
 
     @classmethod
-    def load(cls, path: str) -> "Clusters":
+    def load(cls, path: str) -> Clusters:
         return cls(npz.read(path)["centroids"])
 
 
@@ -82,21 +58,23 @@ def _normalized(vectors: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def fit(vectors: np.ndarray, cfg: ClusterConfig) -> Clusters:
-    """k-means over the normalised `vectors` [N, D]."""
+def fit(vectors: np.ndarray, cfg: ClusterConfig, seed: int = 0) -> Clusters:
+    """k-means over the normalised `vectors` [N, D]; `seed` seeds sampling and initialisation."""
     x = _normalized(vectors)
     k = cfg.num_clusters or max(2, round(len(x) / cfg.items_per_cluster))
     if len(x) < k:
         raise ValueError(f"{len(x)} vectors cannot make {k} clusters")
     cfg = dataclasses.replace(cfg, num_clusters=k)
-    rng = np.random.default_rng(cfg.seed)
+    rng = np.random.default_rng(seed)
     best, best_obj = None, np.inf
     for r in range(max(cfg.restarts, 1)):
-        km = faiss.Kmeans(x.shape[1], cfg.num_clusters, niter=cfg.iterations, seed=cfg.seed + r,
+        km = faiss.Kmeans(x.shape[1], cfg.num_clusters, niter=cfg.iterations, seed=seed + r,
                           max_points_per_centroid=cfg.max_points_per_centroid, verbose=False)
         km.train(x, init_centroids=_kmeans_plus_plus(x, cfg, rng))
-        if km.obj[-1] < best_obj:
-            best, best_obj = np.asarray(km.centroids, np.float32), km.obj[-1]
+        objective = float(np.asarray(km.obj)[-1])
+        if objective < best_obj:
+            best, best_obj = np.asarray(km.centroids, np.float32), objective
+    assert best is not None
     return Clusters(best)
 
 
@@ -123,7 +101,7 @@ def _kmeans_plus_plus(x: np.ndarray, cfg: ClusterConfig, rng: np.random.Generato
     return np.stack(centres).astype(np.float32)
 
 
-def load_or_fit(path: str, vectors: np.ndarray, cfg: ClusterConfig) -> Clusters:
+def load_or_fit(path: str, vectors: np.ndarray, cfg: ClusterConfig, seed: int = 0) -> Clusters:
     """The centroids saved at `path` (a resumed or restored model keeps its clusters), else
     k-means over `vectors`, saved there."""
     if tf.io.gfile.exists(path):
@@ -132,7 +110,7 @@ def load_or_fit(path: str, vectors: np.ndarray, cfg: ClusterConfig) -> Clusters:
             raise ValueError(f"{path} holds {clusters.num_clusters} clusters, "
                              f"num_clusters is {cfg.num_clusters}")
         return clusters
-    clusters = fit(vectors, cfg)
+    clusters = fit(vectors, cfg, seed)
     tf.io.gfile.makedirs(os.path.dirname(path) or ".")
     clusters.save(path)
     return clusters

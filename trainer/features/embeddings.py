@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import time
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -74,7 +74,7 @@ def embed_records(encoder: encoder_lib.Encoder, pattern: str, kind: str, columns
     return {**{k: np.concatenate(v) for k, v in meta.items()}, "embedding": emb}
 
 
-def compute(encoder: encoder_lib.Encoder, catalog_pattern: str, queries_pattern: Optional[str],
+def compute(encoder: encoder_lib.Encoder, catalog_pattern: str, queries_pattern: str | None,
             batch_size: int = 256, source: str = "") -> EmbeddingTable:
     """Embeds the catalog and (if given) the query photos."""
     t0 = time.time()
@@ -93,7 +93,7 @@ def compute(encoder: encoder_lib.Encoder, catalog_pattern: str, queries_pattern:
                           cat["embedding"], q["query_id"], q["embedding"], source)
 
 
-def _check_unique(ids: np.ndarray, pattern: Optional[str], name: str) -> None:
+def _check_unique(ids: np.ndarray, pattern: str | None, name: str) -> None:
     values, counts = np.unique(ids, return_counts=True)
     if np.any(counts > 1):
         raise ValueError(f"{pattern}: '{name}' {values[counts > 1][:5].tolist()} occurs in more "
@@ -111,7 +111,7 @@ def load(path: str) -> EmbeddingTable:
     return EmbeddingTable(**values)
 
 
-def _source(model_dir: str, catalog_pattern: str, queries_pattern: Optional[str]) -> str:
+def _source(model_dir: str, catalog_pattern: str, queries_pattern: str | None) -> str:
     files = {p: pipeline.list_files(p) for p in (catalog_pattern, queries_pattern) if p}
     prefix = encoder_lib.resolve_checkpoint(model_dir)
     written = tf.io.gfile.stat(prefix + ".index").mtime_nsec  # a retrained encoder, same step
@@ -119,7 +119,7 @@ def _source(model_dir: str, catalog_pattern: str, queries_pattern: Optional[str]
                        "files": files}, sort_keys=True)
 
 
-def for_encoder(model_dir: str, catalog_pattern: str, queries_pattern: Optional[str],
+def for_encoder(model_dir: str, catalog_pattern: str, queries_pattern: str | None,
                 batch_size: int = 256) -> EmbeddingTable:
     """The embedding table of the trained encoder in `model_dir`: from its cache when that was
     computed from the same checkpoint and files, else computed (and cached)."""

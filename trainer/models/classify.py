@@ -8,32 +8,15 @@ not a category cue here, and a classifier usually trains without it).
 """
 from __future__ import annotations
 
-import dataclasses
-from typing import Optional
-
 import numpy as np
 import tensorflow as tf
 import tf_keras
 
+from trainer.configs import ClassifyConfig, EncoderConfig, TrainConfig
 from trainer.data import augment, pipeline
-from trainer.models import contrastive, encoder as encoder_lib
+from trainer.models import contrastive
+from trainer.models import encoder as encoder_lib
 from trainer.train import loop
-
-
-@dataclasses.dataclass
-class ClassifyConfig:
-    """ResNet-C settings.
-
-    Attributes:
-      catalog_pattern: Catalog TFRecords (images and category labels).
-      augment: Training augmentation.
-      label_smoothing: Cross-entropy label smoothing.
-    """
-
-    catalog_pattern: str = ""
-    augment: augment.AugmentConfig = dataclasses.field(default_factory=lambda: augment.AugmentConfig(
-        crop_area=(0.25, 1.0), jitter_prob=0.0, greyscale_prob=0.0))
-    label_smoothing: float = 0.0
 
 
 class ClassifyTask(loop.Task):
@@ -43,8 +26,8 @@ class ClassifyTask(loop.Task):
     name = "classify"
     metric_names = ("accuracy",)
 
-    def __init__(self, cfg: ClassifyConfig, encoder_cfg: encoder_lib.EncoderConfig,
-                 train_cfg: loop.TrainConfig, skip_bad_records: bool = False):
+    def __init__(self, cfg: ClassifyConfig, encoder_cfg: EncoderConfig, train_cfg: TrainConfig,
+                 skip_bad_records: bool = False):
         self.cfg, self.encoder_cfg, self.train_cfg = cfg, encoder_cfg, train_cfg
         cats = pipeline.read_columns(cfg.catalog_pattern, "catalog", ("category_id",))
         self.categories = np.unique(cats["category_id"]).astype(np.int64)
@@ -53,8 +36,8 @@ class ClassifyTask(loop.Task):
             image_size=encoder_cfg.image_size, deterministic=train_cfg.deterministic,
             skip_bad_records=skip_bad_records)
         self.pipe = pipeline.InputPipeline(input_cfg, transform=self._transform)
-        self.encoder: Optional[encoder_lib.Encoder] = None
-        self.head: Optional[tf_keras.layers.Dense] = None
+        self.encoder: encoder_lib.Encoder | None = None
+        self.head: tf_keras.layers.Dense | None = None
 
     def _transform(self, seed, batch):
         label = tf.searchsorted(tf.constant(self.categories), batch["category_id"])
@@ -74,6 +57,7 @@ class ClassifyTask(loop.Task):
         return self.seeded_dataset(input_context)
 
     def compute_loss(self, batch, training=True):
+        assert self.encoder is not None and self.head is not None
         logits = self.head(self.encoder.features(batch["image"], training=training))
         per_example = tf_keras.losses.categorical_crossentropy(
             tf.one_hot(batch["label"], len(self.categories)), logits, from_logits=True,

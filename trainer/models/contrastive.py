@@ -2,7 +2,10 @@
 Eq. 4-6), and the cross-replica gather that makes a global batch's negatives visible to every
 replica.
 
-Each loss computes, for its local anchors a, -log( exp(g(a, p_a)/tau) / sum_{c in C_a} exp(g(a, c)/tau) )
+Each loss computes, for its local anchors a,
+
+    -log( exp(g(a, p_a)/tau) / sum_{c in C_a} exp(g(a, c)/tau) )
+
 over candidates C_a gathered from all replicas, where g is cosine similarity (the inputs are
 L2-normalised) and C_a contains the positive p_a. Losses are summed over the local anchors and
 divided by the global number of anchors, so that summing gradients over replicas (what
@@ -31,7 +34,7 @@ def gather(x):
         return x
     flat = tf.nest.flatten(x)
     out = [None] * len(flat)
-    after = []
+    after: list = []
     for is_float in (True, False):
         idx = [i for i, t in enumerate(flat) if t.dtype.is_floating == is_float]
         if not idx:
@@ -43,7 +46,7 @@ def gather(x):
         after = [packed]
         rows = tf.reshape(packed, [ctx.num_replicas_in_sync, -1])
         sizes = [tf.size(p) for p in parts]
-        for i, piece in zip(idx, tf.split(rows, sizes, axis=1)):
+        for i, piece in zip(idx, tf.split(rows, sizes, axis=1), strict=True):
             shape = tf.concat([[-1], tf.shape(flat[i])[1:]], 0)
             out[i] = tf.cast(tf.reshape(piece, shape), flat[i].dtype)
     return tf.nest.pack_sequence_as(x, out)

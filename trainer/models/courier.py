@@ -32,43 +32,19 @@ for the loss, dropped afterwards).
 """
 from __future__ import annotations
 
-import dataclasses
 import math
-from typing import Optional
 
 import tensorflow as tf
 import tf_keras
 
+from trainer.configs import CourierConfig, EncoderConfig, TrainConfig
 from trainer.data import parse, pipeline
-from trainer.models import contrastive, encoder as encoder_lib
+from trainer.models import contrastive
+from trainer.models import encoder as encoder_lib
 from trainer.train import loop
 
 # Reconstruction logits of padded clicks: finite, so an all-padded history stays NaN-free.
 _MASKED = -1e9
-
-
-@dataclasses.dataclass
-class CourierConfig:
-    """COURIER settings.
-
-    Attributes:
-      pageviews_pattern: `pageviews` TFRecords (page items, click labels, click history).
-      catalog_pattern: Catalog TFRecords, for images joined by item id (compact layout).
-      temperature: tau of Eq. 6 (§4.3.1: 0.05).
-      heads: Attention heads of the reconstruction (the paper's is single-head).
-      no_ucs, no_contrast, self_attention, no_neg_pv, projection_head: Table 6 / Appendix D
-        ablations (module docstring).
-    """
-
-    pageviews_pattern: str = ""
-    catalog_pattern: str = ""
-    temperature: float = 0.05
-    heads: int = 1
-    no_ucs: bool = False
-    no_contrast: bool = False
-    self_attention: bool = False
-    no_neg_pv: bool = False
-    projection_head: bool = False
 
 
 def reconstruct(queries: tf.Tensor, keys: tf.Tensor, key_mask: tf.Tensor,
@@ -181,8 +157,8 @@ class CourierTask(loop.Task):
     name = "courier"
     metric_names = ("pv_loss", "ucs_loss", "pv_anchors")
 
-    def __init__(self, cfg: CourierConfig, encoder_cfg: encoder_lib.EncoderConfig,
-                 train_cfg: loop.TrainConfig, skip_bad_records: bool = False):
+    def __init__(self, cfg: CourierConfig, encoder_cfg: EncoderConfig, train_cfg: TrainConfig,
+                 skip_bad_records: bool = False):
         self.cfg, self.encoder_cfg, self.train_cfg = cfg, encoder_cfg, train_cfg
         store = None
         if cfg.catalog_pattern:
@@ -193,8 +169,8 @@ class CourierTask(loop.Task):
             cfg.pageviews_pattern, "pageviews", global_batch_size=train_cfg.global_batch_size,
             image_size=encoder_cfg.image_size, deterministic=train_cfg.deterministic,
             skip_bad_records=skip_bad_records), image_store=store)
-        self.encoder: Optional[encoder_lib.Encoder] = None
-        self.head: Optional[tf_keras.Sequential] = None
+        self.encoder: encoder_lib.Encoder | None = None
+        self.head: tf_keras.Sequential | None = None
 
     def build_model(self):
         self.encoder = encoder_lib.build(self.encoder_cfg)
@@ -218,6 +194,7 @@ class CourierTask(loop.Task):
         # One pass over both image sets: batch norm sees one set of statistics.
         images = tf.concat([tf.reshape(pv, tf.concat([[b * P], tf.shape(pv)[2:]], 0)),
                             tf.reshape(click, tf.concat([[b * K], tf.shape(click)[2:]], 0))], 0)
+        assert self.encoder is not None
         e = tf.cast(self.encoder.features(images, training=training), tf.float32)
         if self.head is not None:
             e = self.head(e, training=training)

@@ -11,58 +11,22 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import os
-from typing import Optional
 
 import numpy as np
 import tensorflow as tf
 import tf_keras
 from official.vision.modeling.backbones import resnet
 
+from trainer import configs
+from trainer.configs import EncoderConfig
+
 log = logging.getLogger(__name__)
 
 # Per-channel statistics the inputs are standardised with (ImageNet's, as tf-models-official uses).
 _MEAN_RGB = np.array([0.485, 0.456, 0.406], np.float32)
 _STDDEV_RGB = np.array([0.229, 0.224, 0.225], np.float32)
-
-
-@dataclasses.dataclass
-class EncoderConfig:
-    """Architecture of the encoder.
-
-    Attributes:
-      depth: ResNet depth (tf-models-official's `RESNET_SPECS`: 10, 18, 26, 34, 50, 101, ...). The
-        papers use 50; CPU demos use 10 or 18.
-      width_multiplier: Scales every layer's channels (tf-models-official's `depth_multiplier`);
-        0.5 quarters the FLOPs, for CPU runs.
-      image_size: Input side in pixels.
-      feature_dim: D, the size of the visual feature vector (paper 000 §4: 512).
-      mixed_precision: 'none', 'float16' or 'bfloat16' compute dtype for the backbone.
-      batch_norm_momentum: Momentum of the batch-norm moving statistics used at inference
-        (tf-models-official's default 0.99 needs a few hundred steps to settle).
-      sync_batch_norm: Batch statistics over the global batch under a distribution strategy (as
-        SimCLR does, so a contrastive loss cannot use per-replica statistics as a shortcut). Set
-        by the training loop from the strategy.
-      gradient_checkpointing: In training, keep only each block group's output and recompute the
-        group's activations in the backward pass (`tf.recompute_grad`): activation memory of one
-        group instead of the whole backbone, for paper-scale batches (paper 002 App. E), at
-        about a third more compute. The same loss and gradients.
-      init_checkpoint: Checkpoint (file prefix or directory) whose backbone initialises this one:
-        a model dir of this project, or any `tf.train.Checkpoint` with a `backbone` (or
-        `model/backbone`) object of the same architecture. None: random initialisation.
-    """
-
-    depth: int = 18
-    width_multiplier: float = 1.0
-    image_size: int = 64
-    feature_dim: int = 512
-    mixed_precision: str = "none"
-    batch_norm_momentum: float = 0.99
-    sync_batch_norm: bool = False
-    gradient_checkpointing: bool = False
-    init_checkpoint: Optional[str] = None
 
 
 def set_precision_policy(mixed_precision: str) -> None:
@@ -79,6 +43,9 @@ class Encoder(tf_keras.Model):
 
     def __init__(self, cfg: EncoderConfig, name: str = "encoder"):
         super().__init__(name=name)
+        if cfg.image_size < 1:
+            raise ValueError(f"the encoder's image_size is {cfg.image_size}: set it, or let a "
+                             "stage take it from the data")
         self.cfg = cfg
         size = cfg.image_size
         self.backbone = resnet.ResNet(
@@ -177,7 +144,7 @@ def load_backbone(encoder: Encoder, path: str) -> str:
     source_cfg = _saved_encoder_config(path)
     if source_cfg is not None:
         mine = {k: getattr(encoder.cfg, k) for k in ("depth", "width_multiplier")}
-        theirs = {k: source_cfg.get(k) for k in mine}
+        theirs = {k: getattr(source_cfg, k) for k in mine}
         if mine != theirs:
             raise ValueError(f"init checkpoint {prefix} is a backbone with {theirs}, this encoder "
                              f"has {mine}")
@@ -190,10 +157,10 @@ def load_backbone(encoder: Encoder, path: str) -> str:
         ckpt = tf.train.Checkpoint(backbone=encoder.backbone)
     else:
         raise ValueError(f"checkpoint {prefix} has no 'backbone' or 'model/backbone' object")
-    status = ckpt.read(prefix)
-    try:
+    try:  # a variable of another shape fails the read, a missing one the assertion
+        status = ckpt.read(prefix)
         status.assert_existing_objects_matched()
-    except AssertionError as e:
+    except (AssertionError, ValueError) as e:
         raise ValueError(f"init checkpoint {prefix} does not match this backbone "
                          f"(depth {encoder.cfg.depth}, width {encoder.cfg.width_multiplier}): "
                          f"{str(e)[:500]}") from e
@@ -202,25 +169,24 @@ def load_backbone(encoder: Encoder, path: str) -> str:
     return prefix
 
 
-def _saved_encoder_config(path: str) -> Optional[dict]:
-    """The encoder config a model dir of this project recorded, if `path` is one."""
+def _saved_encoder_config(path: str) -> EncoderConfig | None:
+    """The encoder config a model dir of this project recorded, if `path` (a model dir, its ckpt/
+    or a checkpoint prefix in it) is one."""
     for d in (path, os.path.dirname(path), os.path.dirname(os.path.dirname(path))):
-        f = os.path.join(d, "config.json")
-        if d and tf.io.gfile.exists(f):
-            with tf.io.gfile.GFile(f) as fh:
-                return json.load(fh).get("encoder")
+        if d and configs.exists(d):
+            return getattr(configs.load(d), "encoder", None)
     return None
 
 
-def restore(model_dir: str, cfg: Optional[EncoderConfig] = None) -> Encoder:
-    """The encoder of a trained model dir (architecture from its config.json), weights from its
-    latest checkpoint."""
+def restore(model_dir: str, cfg: EncoderConfig | None = None) -> Encoder:
+    """The encoder of a trained model dir (architecture from its config.json unless `cfg`),
+    weights from its latest checkpoint."""
     if cfg is None:
         saved = _saved_encoder_config(model_dir)
         if saved is None:
             raise FileNotFoundError(f"{model_dir} has no config.json with an encoder config")
-        cfg = EncoderConfig(**{**saved, "init_checkpoint": None, "sync_batch_norm": False,
-                               "gradient_checkpointing": False})
+        cfg = dataclasses.replace(saved, init_checkpoint="", sync_batch_norm=False,
+                                  gradient_checkpointing=False)
     encoder = Encoder(cfg)
     prefix = resolve_checkpoint(model_dir)
     status = tf.train.Checkpoint(model=encoder).read(prefix)

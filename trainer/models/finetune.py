@@ -1,9 +1,11 @@
-"""S2: click-supervised contrastive fine-tuning with category negative pools (paper 000 §3.1, Eq. 2).
+"""S2: click-supervised contrastive fine-tuning with category negative pools (paper 000 §3.1,
+Eq. 2).
 
 For each query image q with a clicked item i of category c_i, and N_{c_i} a pool of catalog images
 of category c_i,
 
-    L_S2 = - sum_{q in Q} log  exp(g(v_q, v_i) / tau) / sum_{j in N_{c_i} u {i}} exp(g(v_q, v_j) / tau)
+    L_S2 = - sum_{q in Q} log  exp(g(v_q, v_i) / tau)
+                               / sum_{j in N_{c_i} u {i}} exp(g(v_q, v_j) / tau)
 
 Batches are drawn one category at a time (the input groups the shuffled click stream by the
 clicked item's category), and each batch brings `pool_size` catalog images of that category,
@@ -11,42 +13,21 @@ sampled without replacement: N_{c_i} is that pool plus the other clicked images 
 which are of c_i too. Under a distribution strategy pools and clicks are gathered from every
 replica and each query keeps the candidates of its own category, so the loss of a given global
 batch is the same however it is split; each replica's input draws its own category, so a query's
-negatives are those of its replica's batch and of any other replica that drew the same category. Candidates that are the query's clicked item itself, or another
+negatives are those of its replica's batch and of any other replica that drew the same category.
+Candidates that are the query's clicked item itself, or another
 click on the same query, are not negatives (lack of a click is not irrelevance, but a click is
 relevance). Temperature: as S1 (`pretrain.py`), 0.1; Eq. 2 as printed has none.
 """
 from __future__ import annotations
 
-import dataclasses
-from typing import Optional
-
 import numpy as np
 import tensorflow as tf
 
+from trainer.configs import EncoderConfig, FinetuneConfig, TrainConfig
 from trainer.data import parse, pipeline
-from trainer.models import contrastive, encoder as encoder_lib
+from trainer.models import contrastive
+from trainer.models import encoder as encoder_lib
 from trainer.train import loop
-
-
-@dataclasses.dataclass
-class FinetuneConfig:
-    """S2 settings.
-
-    Attributes:
-      sessions_pattern: search_sessions TFRecords (query image, clicked item).
-      catalog_pattern: Catalog TFRecords: the negative pools, and the clicked images when the
-        sessions carry only item ids.
-      pool_size: Catalog images of the batch's category drawn per global batch (each replica
-        draws its share) as negatives.
-      in_batch_negatives: The other clicked images of the batch's category are negatives too.
-      temperature: tau of Eq. 2.
-    """
-
-    sessions_pattern: str = ""
-    catalog_pattern: str = ""
-    pool_size: int = 128
-    in_batch_negatives: bool = True
-    temperature: float = 0.1
 
 
 class CategoryNegativePool:
@@ -115,8 +96,8 @@ class FinetuneTask(loop.Task):
     name = "finetune"
     metric_names = ("negatives_per_query",)
 
-    def __init__(self, cfg: FinetuneConfig, encoder_cfg: encoder_lib.EncoderConfig,
-                 train_cfg: loop.TrainConfig, skip_bad_records: bool = False):
+    def __init__(self, cfg: FinetuneConfig, encoder_cfg: EncoderConfig, train_cfg: TrainConfig,
+                 skip_bad_records: bool = False):
         self.cfg, self.encoder_cfg, self.train_cfg = cfg, encoder_cfg, train_cfg
         size = encoder_cfg.image_size
         catalog = pipeline.read_columns(cfg.catalog_pattern, "catalog",
@@ -130,7 +111,7 @@ class FinetuneTask(loop.Task):
             deterministic=train_cfg.deterministic, skip_bad_records=skip_bad_records,
             group_by="clicked_category_id")
         self.pipe = pipeline.InputPipeline(input_cfg, image_store=self.store)
-        self.encoder: Optional[encoder_lib.Encoder] = None
+        self.encoder: encoder_lib.Encoder | None = None
 
     def build_model(self):
         self.encoder = encoder_lib.build(self.encoder_cfg)
@@ -143,10 +124,12 @@ class FinetuneTask(loop.Task):
         def add_pool(seed, batch):
             return {**batch, **self.pool.sample(batch["clicked_category_id"][0], pool_size, seed)}
 
+        assert self.pipe is not None
         self.pipe.transform = add_pool
         return self.seeded_dataset(input_context)
 
     def compute_loss(self, batch, training=True):
+        assert self.encoder is not None
         b, p = tf.shape(batch["query_image"])[0], tf.shape(batch["pool_image"])[0]
         images = tf.concat([batch["query_image"], batch["clicked_image"], batch["pool_image"]], 0)
         v = self.encoder(images, training=training)

@@ -4,7 +4,8 @@ Each catalog image i of the global batch N gets two augmented views (random crop
 greyscale, flip: `trainer.data.augment`). With v the L2-normalised encoder outputs and
 g = cosine similarity,
 
-    L_S1 = - sum_{i in N} log  exp(g(v_i, v_t(i)) / tau) / sum_{j in N u {t(i)}, j != i} exp(g(v_i, v_j) / tau)
+    L_S1 = - sum_{i in N} log  exp(g(v_i, v_t(i)) / tau)
+                               / sum_{j in N u {t(i)}, j != i} exp(g(v_i, v_j) / tau)
 
 Eq. 1 as printed takes one view as the anchor and "the rest of the images within the mini-batch"
 as negatives. We use both views as anchors and both views of every other image as negatives, i.e.
@@ -18,29 +19,13 @@ the default is SimCLR's 0.1.
 """
 from __future__ import annotations
 
-import dataclasses
-from typing import Optional
-
 import tensorflow as tf
 
+from trainer.configs import EncoderConfig, PretrainConfig, TrainConfig
 from trainer.data import augment, pipeline
-from trainer.models import contrastive, encoder as encoder_lib
+from trainer.models import contrastive
+from trainer.models import encoder as encoder_lib
 from trainer.train import loop
-
-
-@dataclasses.dataclass
-class PretrainConfig:
-    """S1 settings.
-
-    Attributes:
-      catalog_pattern: Catalog TFRecords whose images are the training set.
-      temperature: tau of Eq. 1 (see the module docstring for the default).
-      augment: The augmentation family that makes the two views.
-    """
-
-    catalog_pattern: str = ""
-    temperature: float = 0.1
-    augment: augment.AugmentConfig = dataclasses.field(default_factory=augment.AugmentConfig)
 
 
 def s1_loss(view_1: tf.Tensor, view_2: tf.Tensor, temperature: float) -> tf.Tensor:
@@ -66,8 +51,8 @@ class PretrainTask(loop.Task):
 
     name = "pretrain"
 
-    def __init__(self, cfg: PretrainConfig, encoder_cfg: encoder_lib.EncoderConfig,
-                 train_cfg: loop.TrainConfig, skip_bad_records: bool = False):
+    def __init__(self, cfg: PretrainConfig, encoder_cfg: EncoderConfig, train_cfg: TrainConfig,
+                 skip_bad_records: bool = False):
         self.cfg, self.encoder_cfg, self.train_cfg = cfg, encoder_cfg, train_cfg
         input_cfg = pipeline.InputConfig(
             cfg.catalog_pattern, "catalog", global_batch_size=train_cfg.global_batch_size,
@@ -75,7 +60,7 @@ class PretrainTask(loop.Task):
             skip_bad_records=skip_bad_records)
         self.pipe = pipeline.InputPipeline(input_cfg,
                                            transform=augment.s1_views_transform(cfg.augment))
-        self.encoder: Optional[encoder_lib.Encoder] = None
+        self.encoder: encoder_lib.Encoder | None = None
 
     def build_model(self):
         self.encoder = encoder_lib.build(self.encoder_cfg)
@@ -85,6 +70,7 @@ class PretrainTask(loop.Task):
         return self.seeded_dataset(input_context)
 
     def compute_loss(self, batch, training=True):
+        assert self.encoder is not None
         b = tf.shape(batch["view_1"])[0]
         # One pass over both views: batch norm sees the same statistics for both.
         v = self.encoder(tf.concat([batch["view_1"], batch["view_2"]], axis=0), training=training)

@@ -28,7 +28,6 @@ import logging
 import os
 import shutil
 import time
-from typing import Optional
 
 import numpy as np
 
@@ -39,6 +38,7 @@ from trainer.synth.config import WorldConfig
 FORMAT_VERSION = 1
 BLOCKS_PER_DAY = 8  # click histories are refreshed between blocks of a day's sessions
 LOW_IMPRESSIONS = 5  # paper 000 §4.1
+MAX_PREFERRED_CATEGORIES = 3  # a user's preferred categories (a demographic-style feature)
 log = logging.getLogger(__name__)
 
 
@@ -218,7 +218,8 @@ def simulate(world: World, rng: np.random.Generator) -> None:
                 w = w_display[cand][None, :] * np.where(
                     it["style"][cand][None, :] == q_style[sb[rows]][:, None],
                     cfg.display_style_boost, 1.0)
-                p = (1 - cfg.exploration) * w / w.sum(1, keepdims=True) + cfg.exploration / len(cand)
+                p = ((1 - cfg.exploration) * w / w.sum(1, keepdims=True)
+                     + cfg.exploration / len(cand))
                 shown[rows] = cand[_gumbel_top_k(np.log(p), cfg.page_size, rng)]
             s_rep = np.repeat(sb, cfg.page_size)
             pos = np.tile(np.arange(cfg.page_size), len(sb))
@@ -255,7 +256,7 @@ def simulate(world: World, rng: np.random.Generator) -> None:
     prefs = []
     for u in range(cfg.num_users):
         counts = warmup_cat_counts[u]
-        top = np.argsort(-counts, kind="stable")[:schema.MAX_PREFERRED_CATEGORIES]
+        top = np.argsort(-counts, kind="stable")[:MAX_PREFERRED_CATEGORIES]
         prefs.append(top[counts[top] > 0])
     us["preferred_categories"] = prefs
     us["category_traffic"] = cat_sessions / cat_sessions.sum()
@@ -301,8 +302,11 @@ def _pattern_ids(cfg: WorldConfig, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def write(world: World, data_dir: str, seed: int, workers: int = 1,
-          inline_images: bool = False) -> dict:
-    """Writes every record kind, the planted truth and `manifest.json`; returns the manifest."""
+          inline_images: bool = False, ctr_kind: schema.RecordKind | None = None) -> dict:
+    """Writes every record kind, the planted truth and `manifest.json`; returns the manifest.
+    `ctr` records hold the columns of `ctr_kind` (default: the synthetic feature spec's) of those
+    the world logs, so a spec without e.g. demographics gives records without them."""
+    ctr_kind = schema.get(ctr_kind or "ctr")
     cfg, it, us, qs = world.cfg, world.items, world.users, world.queries
     ss, im = world.sessions, world.impressions
     t0 = time.time()
@@ -344,7 +348,7 @@ def write(world: World, data_dir: str, seed: int, workers: int = 1,
     history_ids = [it["item_id"][h] for h in ss["history"]]
     for split, days in (("train", train_days), ("test", test_days)):
         rows = np.flatnonzero(np.isin(day, days))
-        emit(schema.CTR, split, dict(
+        emit(ctr_kind, split, dict(
             label=im["label"][rows], user_id=us["user_id"][s_user[rows]],
             age_bucket=us["age_bucket"][s_user[rows]], gender=us["gender"][s_user[rows]],
             preferred_category_ids=[prefs[u] for u in s_user[rows]],
@@ -358,7 +362,8 @@ def write(world: World, data_dir: str, seed: int, workers: int = 1,
             cfg.shards * (2 if split == "train" else 1))
 
     # COURIER page views (train days): clicked pages of users with a history; clicked items first.
-    pv = dict(user_id=[], pv_item_ids=[], pv_labels=[], click_item_ids=[], day=[])
+    pv: dict[str, list] = dict(user_id=[], pv_item_ids=[], pv_labels=[], click_item_ids=[],
+                               day=[])
     if inline_images:
         pv.update(pv_images=[], click_images=[])
     ps = cfg.page_size
@@ -404,7 +409,7 @@ def write(world: World, data_dir: str, seed: int, workers: int = 1,
     manifest = dict(
         format_version=FORMAT_VERSION, generator="trainer.synth.marketplace", seed=seed,
         world=dataclasses.asdict(cfg), layout="inline" if inline_images else "join",
-        days=dict(train=train_days, test=test_days), files=files,
+        days=dict(train=train_days, test=test_days), files=files, ctr_columns=ctr_kind.names,
         stats=observable_stats(world))
     with open(os.path.join(data_dir, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=1, sort_keys=True, default=_json_default)
@@ -464,12 +469,14 @@ def _write_truth(world: World, data_dir: str, shapes: np.ndarray) -> None:
 
 
 def generate(cfg: WorldConfig, data_dir: str, seed: int, workers: int = 1,
-             inline_images: bool = False, overwrite: bool = False) -> dict:
+             inline_images: bool = False, overwrite: bool = False,
+             ctr_kind: schema.RecordKind | None = None) -> dict:
     """Builds and writes a world into `data_dir` (which must be empty unless `overwrite`)."""
-    ours = [os.path.join(data_dir, d) for d in (*schema.KINDS, "truth", "manifest.json")]
+    ours = [os.path.join(data_dir, d) for d in (*schema.KIND_NAMES, "truth", "manifest.json")]
     existing = [p for p in ours if os.path.exists(p)]
     if existing and not overwrite:
-        raise FileExistsError(f"{data_dir} already holds data ({', '.join(map(os.path.basename, existing))}); "
+        names = ", ".join(map(os.path.basename, existing))
+        raise FileExistsError(f"{data_dir} already holds data ({names}); "
                               "pass overwrite=True (--overwrite) to replace it")
     for p in existing:  # stale shards of an earlier world would match the readers' patterns
         shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
@@ -478,12 +485,13 @@ def generate(cfg: WorldConfig, data_dir: str, seed: int, workers: int = 1,
     world = build(cfg, seed)
     log.info("simulated %d days in %.1fs", cfg.history_days + cfg.train_days + cfg.test_days,
              time.time() - t0)
-    manifest = write(world, data_dir, seed, workers=workers, inline_images=inline_images)
+    manifest = write(world, data_dir, seed, workers=workers, inline_images=inline_images,
+                     ctr_kind=ctr_kind)
     log.info("wrote world '%s' to %s in %.1fs", cfg.name, data_dir, time.time() - t0)
     return manifest
 
 
-def load_manifest(data_dir: str) -> Optional[dict]:
+def load_manifest(data_dir: str) -> dict | None:
     path = os.path.join(data_dir, "manifest.json")
     if not os.path.exists(path):
         return None

@@ -12,7 +12,7 @@ from __future__ import annotations
 import colorsys
 import io
 import multiprocessing
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
@@ -99,7 +99,11 @@ def _box_blur(img: np.ndarray) -> np.ndarray:
     """3x3 box blur of [N, H, W, C] (edge-padded)."""
     p = np.pad(img, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
     h, w = img.shape[1:3]
-    return sum(p[:, i:i + h, j:j + w] for i in range(3) for j in range(3)) / 9.0
+    total = np.zeros_like(img)
+    for i in range(3):
+        for j in range(3):
+            total = total + p[:, i:i + h, j:j + w]
+    return total / 9.0
 
 
 def render(shape: np.ndarray, pattern: np.ndarray, palette: np.ndarray, size: int,
@@ -115,9 +119,10 @@ def render(shape: np.ndarray, pattern: np.ndarray, palette: np.ndarray, size: in
     y, x = np.meshgrid(lin, lin, indexing="ij")
     x, y = x[None], y[None]
 
-    scale = rng.uniform(0.55, 0.8, n).astype(f32) if not photo else rng.uniform(0.45, 0.8, n).astype(f32)
-    angle = rng.uniform(-0.3, 0.3, n).astype(f32) if not photo else rng.uniform(-0.8, 0.8, n).astype(f32)
-    shift = rng.uniform(-0.12, 0.12, (n, 2)).astype(f32) if not photo else rng.uniform(-0.25, 0.25, (n, 2)).astype(f32)
+    scale = (rng.uniform(0.55, 0.8, n) if not photo else rng.uniform(0.45, 0.8, n)).astype(f32)
+    angle = (rng.uniform(-0.3, 0.3, n) if not photo else rng.uniform(-0.8, 0.8, n)).astype(f32)
+    shift = (rng.uniform(-0.12, 0.12, (n, 2)) if not photo
+             else rng.uniform(-0.25, 0.25, (n, 2))).astype(f32)
     c, s = np.cos(angle)[:, None, None], np.sin(angle)[:, None, None]
     xs, ys = x - shift[:, 0, None, None], y - shift[:, 1, None, None]
     sc = scale[:, None, None]
@@ -144,7 +149,8 @@ def render(shape: np.ndarray, pattern: np.ndarray, palette: np.ndarray, size: in
     grad = (np.cos(light_dir)[:, None, None] * u + np.sin(light_dir)[:, None, None] * v)[..., None]
     obj = obj * (1.0 - 0.08 * np.clip(grad, -1.5, 1.5))
 
-    bg_tint = rng.uniform(0.86, 0.97, (n, 1, 1, 1)).astype(f32) + rng.normal(0, 0.015, (n, 1, 1, 3)).astype(f32)
+    bg_tint = (rng.uniform(0.86, 0.97, (n, 1, 1, 1)).astype(f32)
+               + rng.normal(0, 0.015, (n, 1, 1, 3)).astype(f32))
     bg = np.broadcast_to(bg_tint, (n, size, size, 3)).copy()
     if photo:
         # Clutter: a few soft blobs of random colour behind the object.

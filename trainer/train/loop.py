@@ -11,12 +11,10 @@ from __future__ import annotations
 import abc
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import sys
 import time
-from typing import Optional
 
 import orbit
 import tensorflow as tf
@@ -24,57 +22,11 @@ import tf_keras
 from official.modeling.optimization import optimizer_factory
 from official.modeling.optimization.configs import optimization_config
 
+from trainer.configs import TrainConfig
 from trainer.data import pipeline
 
 log = logging.getLogger(__name__)
 STRATEGIES = ("one_device", "mirrored", "multi_worker_mirrored")
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    """How long and how a stage trains.
-
-    Attributes:
-      steps: Total optimizer steps (a resumed run trains up to this many).
-      global_batch_size: Examples per step over all replicas; each replica gets its share.
-      optimizer: A tf-models-official optimizer type: 'adam', 'adamw', 'sgd', 'lars', 'adagrad'.
-      learning_rate: Peak learning rate, reached after the warmup.
-      lr_schedule: 'cosine' (decayed to 0 at `steps`) or 'constant'.
-      warmup_steps: Linear warmup steps.
-      weight_decay: Decoupled weight decay (adamw, lars); 0 for none.
-      momentum: Momentum of sgd and lars.
-      checkpoint_interval: Steps between checkpoints.
-      log_interval: Steps between progress lines and TensorBoard scalars.
-      strategy: 'one_device', 'mirrored' or 'multi_worker_mirrored'.
-      seed: Seed of initialisation, input order and augmentation.
-      deterministic: Fixed input order and op determinism (reproducible runs; slower): the same
-        global batches for any number of workers, and a run killed and resumed ends with the
-        weights of an uninterrupted one.
-      profile_steps: (start, end) global steps to trace with the TensorBoard profiler into
-        `model_dir/train/plugins/profile`; None for no trace.
-    """
-
-    steps: int = 1000
-    global_batch_size: int = 128
-    optimizer: str = "adam"
-    learning_rate: float = 1e-3
-    lr_schedule: str = "cosine"
-    warmup_steps: int = 50
-    weight_decay: float = 0.0
-    momentum: float = 0.9
-    checkpoint_interval: int = 200
-    log_interval: int = 50
-    strategy: str = "one_device"
-    seed: int = 0
-    deterministic: bool = False
-    profile_steps: Optional[tuple[int, int]] = None
-
-    def per_replica_batch_size(self, replicas: int) -> int:
-        """Each replica's share of the global batch; the global batch must split evenly."""
-        if self.global_batch_size % replicas:
-            raise ValueError(f"global_batch_size {self.global_batch_size} does not split over "
-                             f"{replicas} replicas; use a multiple of {replicas}")
-        return self.global_batch_size // replicas
 
 
 def make_strategy(name: str) -> tf.distribute.Strategy:
@@ -85,7 +37,8 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
     if name == "mirrored":
         if tf.config.list_logical_devices("GPU"):
             return tf.distribute.MirroredStrategy()
-        return tf.distribute.MirroredStrategy([d.name for d in tf.config.list_logical_devices("CPU")])
+        cpus = tf.config.list_logical_devices("CPU")
+        return tf.distribute.MirroredStrategy([d.name for d in cpus])
     if name == "multi_worker_mirrored":
         return tf.distribute.MultiWorkerMirroredStrategy()
     raise ValueError(f"strategy must be one of {STRATEGIES}, got '{name}'")
@@ -125,7 +78,7 @@ class Task(abc.ABC):
     metric_names: tuple = ()  # metrics compute_loss returns besides the loss
     input_seed: int = 0  # set by the loop: seed of input order and augmentation
     start_step: int = 0  # set by the loop: steps a deterministic resumed run skips
-    pipe: Optional[pipeline.InputPipeline] = None  # the training input
+    pipe: pipeline.InputPipeline | None = None  # the training input
 
     @abc.abstractmethod
     def build_model(self) -> tf_keras.Model:
@@ -136,7 +89,7 @@ class Task(abc.ABC):
         return {}
 
     @abc.abstractmethod
-    def build_inputs(self, input_context: Optional[tf.distribute.InputContext] = None
+    def build_inputs(self, input_context: tf.distribute.InputContext | None = None
                      ) -> tf.data.Dataset:
         """This replica's batches."""
 
@@ -148,10 +101,11 @@ class Task(abc.ABC):
         """Context manager that names the input's bad records."""
         return self.pipe.errors_named() if self.pipe else contextlib.nullcontext()
 
-    def seeded_dataset(self, input_context: Optional[tf.distribute.InputContext] = None
+    def seeded_dataset(self, input_context: tf.distribute.InputContext | None = None
                        ) -> tf.data.Dataset:
         """`pipe`'s dataset with shuffles and augmentation seeded by `input_seed`, past the
         batches of `start_step` steps in deterministic mode."""
+        assert self.pipe is not None
         self.pipe.cfg = dataclasses.replace(self.pipe.cfg, seed=self.input_seed,
                                             start_step=self.start_step)
         return self.pipe.dataset(input_context)
@@ -173,12 +127,12 @@ def train_step(task: Task, model: tf_keras.Model, optimizer, batch: dict) -> tup
     grads = tape.gradient(scaled, variables)
     if scaling:
         grads = optimizer.get_unscaled_gradients(grads)
-    optimizer.apply_gradients(zip(grads, variables))
+    optimizer.apply_gradients(zip(grads, variables, strict=True))
     return loss, metrics
 
 
 def one_step(task: Task, cfg: TrainConfig, strategy: tf.distribute.Strategy, batch: dict,
-             weights: Optional[list] = None) -> tuple[float, list]:
+             weights: list | None = None) -> tuple[float, list]:
     """Builds the task's model under `strategy` (optionally with `weights`), applies one step to
     the global `batch` (split across replicas in order) and returns (global loss, new weights):
     the check that a strategy computes the same step as one device."""
@@ -187,7 +141,7 @@ def one_step(task: Task, cfg: TrainConfig, strategy: tf.distribute.Strategy, bat
         optimizer = build_optimizer(cfg)
     if weights is not None:
         for v, w in zip(trainable_variables(task, model) + model.non_trainable_variables,
-                        weights):
+                        weights, strict=True):
             v.assign(w)
     dist = strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors(batch))
 
@@ -232,26 +186,6 @@ class _Trainer(orbit.StandardTrainer):
         return out
 
 
-def write_config(model_dir: str, config: dict) -> None:
-    tf.io.gfile.makedirs(model_dir)
-    with tf.io.gfile.GFile(os.path.join(model_dir, "config.json"), "w") as f:
-        json.dump(config, f, indent=2, default=str)
-
-
-def _check_same_encoder(model_dir: str, encoder: Optional[dict]) -> None:
-    """Refuses to resume (and overwrite config.json) with another encoder architecture."""
-    path = os.path.join(model_dir, "config.json")
-    if encoder is None or not tf.io.gfile.exists(path):
-        return
-    with tf.io.gfile.GFile(path) as f:
-        saved = json.load(f).get("encoder") or {}
-    keys = ("depth", "width_multiplier", "image_size", "feature_dim")
-    diff = {k: (saved.get(k), encoder.get(k)) for k in keys if saved.get(k) != encoder.get(k)}
-    if diff:
-        raise ValueError(f"{model_dir} holds a model trained with another encoder "
-                         f"(saved, requested): {diff}; use a new --model_dir")
-
-
 def logged_scalars(log_dir: str, tag: str) -> dict[int, float]:
     """{step: value} of a scalar the loop wrote to TensorBoard in `log_dir` (e.g. MODEL_DIR/train);
     a step logged again by a resumed run keeps its latest value."""
@@ -264,24 +198,26 @@ def logged_scalars(log_dir: str, tag: str) -> dict[int, float]:
     return dict(sorted(out.items()))
 
 
-def _restored_step(model_dir: str) -> int:
+def restored_step(model_dir: str) -> int:
+    """The global step of `model_dir`'s latest checkpoint (0 without one)."""
     latest = tf.train.latest_checkpoint(os.path.join(model_dir, "ckpt"))
     if not latest:
         return 0
     return int(tf.train.load_variable(latest, "global_step/.ATTRIBUTES/VARIABLE_VALUE"))
 
 
-def run(task: Task, cfg: TrainConfig, model_dir: str, config: dict,
-        strategy: Optional[tf.distribute.Strategy] = None) -> dict:
-    """Trains `task` to `cfg.steps` in `model_dir`, resuming from its latest checkpoint.
+def run(task: Task, cfg: TrainConfig, model_dir: str,
+        strategy: tf.distribute.Strategy | None = None, seed: int = 0) -> dict:
+    """Trains `task` to `cfg.steps` in `model_dir`, resuming from its latest checkpoint; `seed`
+    seeds the initialisation, the input order and augmentation.
 
-    Writes config.json, ckpt/ (checkpoints), train/ (TensorBoard) and prints progress. Returns the
-    last logged metrics.
+    Writes ckpt/ (checkpoints) and train/ (TensorBoard) and prints progress (the stage writes
+    config.json). Returns the last logged metrics.
     """
     strategy = strategy or make_strategy(cfg.strategy)
     replicas = strategy.num_replicas_in_sync
-    per_replica = cfg.per_replica_batch_size(replicas)
-    tf_keras.utils.set_random_seed(cfg.seed)
+    per_replica = cfg.replica_batch_size(replicas)
+    tf_keras.utils.set_random_seed(seed)
     if cfg.deterministic:
         tf.config.experimental.enable_op_determinism()
     chief = is_chief(strategy)
@@ -290,20 +226,14 @@ def run(task: Task, cfg: TrainConfig, model_dir: str, config: dict,
     out_dir = model_dir if chief else os.path.join(
         model_dir, "workers", f"{strategy.cluster_resolver.task_type}"
         f"{strategy.cluster_resolver.task_id}")
-    start = _restored_step(model_dir)
-    if start and chief:
-        _check_same_encoder(model_dir, config.get("encoder"))
-    if chief:
-        write_config(model_dir, {**config, "train": dataclasses.asdict(cfg), "replicas": replicas,
-                                 "per_replica_batch_size": per_replica,
-                                 "global_batch_size": cfg.global_batch_size})
+    start = restored_step(model_dir)
     if start >= cfg.steps:
         print(f"{task.name}: {model_dir} is already trained to step {start} (steps={cfg.steps})")
         return {}
     if cfg.deterministic:  # the same stream as an uninterrupted run, from where it stopped
-        task.input_seed, task.start_step = cfg.seed, start
+        task.input_seed, task.start_step = seed, start
     else:  # read on with fresh shuffles instead of replaying the first batches
-        task.input_seed, task.start_step = cfg.seed + 7919 * start, 0
+        task.input_seed, task.start_step = seed + 7919 * start, 0
     if not chief and tf.io.gfile.exists(out_dir):
         tf.io.gfile.rmtree(out_dir)  # a stale scratch checkpoint must not shadow the chief's
     with strategy.scope():
@@ -337,7 +267,8 @@ def run(task: Task, cfg: TrainConfig, model_dir: str, config: dict,
             controller.train(steps=stop, checkpoint_at_completion=stop == cfg.steps)
             if trace:
                 tf.profiler.experimental.stop()
-                print(f"{task.name}: profiler trace of steps {cfg.profile_steps[0] + 1}-{stop} "
+                first = (cfg.profile_steps or (0,))[0]
+                print(f"{task.name}: profiler trace of steps {first + 1}-{stop} "
                       f"in {os.path.join(out_dir, 'train')} (tensorboard --logdir {out_dir}, "
                       "Profile tab)", file=sys.stderr, flush=True)
     return {k: float(v) for k, v in progress.last.items()}

@@ -21,35 +21,13 @@ L2-normalised, as v^S2 is (the paper leaves its scale open).
 """
 from __future__ import annotations
 
-import dataclasses
-
 import faiss
 import numpy as np
 import tensorflow as tf
 import tf_keras
 
+from trainer.configs import DebiasConfig
 from trainer.models import contrastive
-
-
-@dataclasses.dataclass
-class DebiasConfig:
-    """D settings (paper 000 §4 defaults).
-
-    Attributes:
-      num_similar: K, the size of P~_p.
-      low_impressions: Candidates have fewer 30-day impressions than this (paper 000 §4.1: 5).
-      hidden_units: The MLP's hidden layers.
-      activations: Their activations.
-      temperature: tau of g = cosine / tau.
-      loss_weight: Weight of L_D in Eq. 4 (the paper adds it with weight 1).
-    """
-
-    num_similar: int = 15
-    low_impressions: int = 5
-    hidden_units: tuple = (128, 16, 128)
-    activations: tuple = ("relu", "tanh", "relu")
-    temperature: float = 0.1
-    loss_weight: float = 1.0
 
 
 def mine_positives(s1_vectors: np.ndarray, category_id: np.ndarray, impressions_30d: np.ndarray,
@@ -72,7 +50,7 @@ def mine_positives(s1_vectors: np.ndarray, category_id: np.ndarray, impressions_
         index.add(vectors[candidates])
         k = min(num_similar + 1, len(candidates))  # one more: the anchor may be a candidate
         sims, found = index.search(vectors[members], k)
-        for anchor, s, f in zip(members, sims, found):
+        for anchor, s, f in zip(members, sims, found, strict=True):
             keep = (f >= 0) & (candidates[np.maximum(f, 0)] != anchor)
             s, f = s[keep][:num_similar], candidates[f[keep]][:num_similar]
             rows[anchor, :len(f)] = f
@@ -130,7 +108,8 @@ class DebiasNetwork(tf_keras.layers.Layer):
         self.cfg = cfg
         self.mlp = tf_keras.Sequential(
             [tf_keras.layers.Dense(u, activation=a) for u, a in
-             zip(cfg.hidden_units, cfg.activations)] + [tf_keras.layers.Dense(output_dim)],
+             zip(cfg.hidden_units, cfg.activations, strict=True)]
+            + [tf_keras.layers.Dense(output_dim)],
             name="mlp")
         self.gate = tf_keras.layers.Dense(output_dim, activation="sigmoid", name="gate")
 

@@ -1,0 +1,205 @@
+"""What the CTR model looks its inputs up in: vocabularies and statistics of the training data, and
+the frozen image-feature tables (paper 002 App. B: vectors for Vector and SimScore, nearest
+centroids for Cluster-ID).
+
+`Vocabularies.from_training_data` makes one streaming pass over the training records, reading only
+the columns the feature spec needs: memory holds the distinct ids seen (not the records), a
+bounded sample of each bucketized numeric feature for its quantiles, and running sums for
+normalised ones. They are saved in the model dir (`vocabularies.npz`), so a resumed or exported
+model looks ids up exactly as it was trained.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import tensorflow as tf
+import tf_keras
+
+from trainer.data import ctr_spec, npz, pipeline
+from trainer.features import clusters as clusters_lib
+
+log = logging.getLogger(__name__)
+QUANTILE_SAMPLE = 1_000_000  # values kept per bucketized feature for its quantiles
+
+
+class _Counter:
+    """Distinct int64 values with their counts, merged in amortised O(n log n)."""
+
+    def __init__(self) -> None:
+        self.values = np.zeros([0], np.int64)
+        self.counts = np.zeros([0], np.int64)
+        self._pending: list = []
+        self._pending_size = 0
+
+    def add(self, values: np.ndarray) -> None:
+        v, c = np.unique(values, return_counts=True)
+        self._pending.append((v, c))
+        self._pending_size += len(v)
+        if self._pending_size > max(len(self.values), 1 << 16):
+            self._merge()
+
+    def _merge(self) -> None:
+        if not self._pending:
+            return
+        v = np.concatenate([self.values] + [p[0] for p in self._pending])
+        c = np.concatenate([self.counts] + [p[1] for p in self._pending])
+        self.values, inverse = np.unique(v, return_inverse=True)
+        self.counts = np.bincount(inverse, weights=c).astype(np.int64)
+        self._pending, self._pending_size = [], 0
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        self._merge()
+        return self.values, self.counts
+
+
+class _Reservoir:
+    """A uniform sample of at most `size` values of a stream (all of them while they fit)."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seen = size, 0
+        self.values = np.zeros([0], np.float64)
+        self.rng = np.random.default_rng(seed)
+
+    def add(self, values: np.ndarray) -> None:
+        values = np.asarray(values, np.float64)
+        room = max(self.size - len(self.values), 0)
+        self.values = np.concatenate([self.values, values[:room]])
+        rest = values[room:]
+        if len(rest):  # Algorithm R: the i-th value replaces a random slot with p = size / i
+            slots = self.rng.integers(0, self.seen + room + np.arange(1, len(rest) + 1))
+            keep = slots < self.size
+            self.values[slots[keep]] = rest[keep]
+        self.seen += len(values)
+
+
+@dataclasses.dataclass
+class Vocabularies:
+    """Per lookup table (named after the id feature that owns it) the sorted vocabulary; per
+    bucketized numeric feature its bucket boundaries; per normalised one its [mean, std] over
+    each of its values ([2, length])."""
+
+    ids: dict
+    boundaries: dict
+    moments: dict
+
+    @classmethod
+    def from_training_data(cls, pattern: str, spec: ctr_spec.CtrSpec, min_count: int = 1,
+                           skip_bad_records: bool = False, seed: int = 0) -> Vocabularies:
+        tables = [t.name for t in spec.tables if not t.hash_bins]
+        numeric = spec.of_kind("numeric")
+        columns = tuple(dict.fromkeys([f.name for t in tables for f in spec.sharing(t)]
+                                      + [f.name for f in numeric]))
+        counters = {t: _Counter() for t in tables}
+        samples = {f.name: _Reservoir(QUANTILE_SAMPLE, seed) for f in numeric
+                   if f.transform == "bucketize"}
+        sums = {f.name: np.zeros([3, f.length]) for f in numeric if f.transform == "normalize"}
+        pipe = pipeline.InputPipeline(pipeline.InputConfig(
+            pattern, spec.record_kind(), global_batch_size=4096, decode_images=False,
+            shuffle=False, repeat=False, drop_remainder=False, deterministic=True,
+            skip_bad_records=skip_bad_records, features=columns))
+        records = 0
+        with pipe.errors_named():
+            for batch in pipe.dataset():
+                b = {k: v.numpy() for k, v in batch.items()}
+                records += len(next(iter(b.values()))) if b else 0
+                for t in tables:
+                    for f in spec.sharing(t):
+                        values = b[f.name]
+                        counters[t].add(values[b[f.name + "_mask"]] if f.kind == "sequence"
+                                        else values)
+                for f in numeric:
+                    x = b[f.name]
+                    if f.length > 1:
+                        x = x[b[f.name + "_mask"].all(axis=1)]  # rows that hold the vector
+                    x = np.log1p(np.maximum(x, 0)) if f.log else x
+                    if f.name in samples:
+                        samples[f.name].add(x.reshape(-1))
+                    else:
+                        x = x.reshape(len(x), f.length)
+                        sums[f.name] += [np.full(f.length, len(x)), x.sum(0), (x ** 2).sum(0)]
+        ids = {}
+        for t, counter in counters.items():
+            values, counts = counter.result()
+            ids[t] = values[counts >= min_count]
+            if not len(values):
+                raise ValueError(f"{pattern}: feature(s) {[f.name for f in spec.sharing(t)]} "
+                                 "hold no value in any training record")
+        boundaries = {}
+        for name, sample in samples.items():
+            f = spec.feature(name)
+            qs = np.linspace(0, 1, f.buckets + 1)[1:-1]
+            boundaries[name] = np.unique(np.quantile(sample.values, qs)).astype(np.float32)
+        moments = {}
+        for name, (n, s, ss) in sums.items():
+            mean = s / np.maximum(n, 1)
+            std = np.sqrt(np.maximum(ss / np.maximum(n, 1) - mean ** 2, 0.0))
+            moments[name] = np.stack([mean, np.maximum(std, 1e-6)]).astype(np.float32)
+        log.info("vocabularies from %d training records: %s", records,
+                 {t: len(v) for t, v in ids.items()})
+        return cls(ids, boundaries, moments)
+
+    def save(self, path: str) -> None:
+        npz.write(path, **{f"ids/{k}": v for k, v in self.ids.items()},
+                  **{f"boundaries/{k}": v for k, v in self.boundaries.items()},
+                  **{f"moments/{k}": v for k, v in self.moments.items()})
+
+    @classmethod
+    def load(cls, path: str) -> Vocabularies:
+        data = npz.read(path)
+        parts: dict = {"ids": {}, "boundaries": {}, "moments": {}}
+        for key, value in data.items():
+            group, _, name = key.partition("/")
+            parts[group][name] = value
+        return cls(**parts)
+
+
+class ImageTable(tf_keras.layers.Layer):
+    """Frozen id -> image vector lookup: row 0 (ids missing from the table) is zeros. With
+    `center`, the vectors are stored as unit(v - center)."""
+
+    def __init__(self, ids: np.ndarray, vectors: np.ndarray, center: np.ndarray | None = None,
+                 **kwargs):
+        super().__init__(**kwargs)
+        self.lookup = tf_keras.layers.IntegerLookup(vocabulary=np.asarray(ids, np.int64),
+                                                    num_oov_indices=1, mask_token=None)
+        vectors = np.asarray(vectors, np.float32)
+        if center is not None:
+            vectors = vectors - center
+            vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        table = np.concatenate([np.zeros([1, vectors.shape[1]], np.float32), vectors])
+        self.table = self.add_weight(
+            "vectors", shape=table.shape, trainable=False,
+            initializer=tf_keras.initializers.Constant(table))
+        self.dim = int(vectors.shape[1])
+
+    def rows(self, ids: tf.Tensor) -> tf.Tensor:
+        """Table rows of `ids` (0 for unknown ids)."""
+        return self.lookup(ids)
+
+    def call(self, ids: tf.Tensor) -> tf.Tensor:
+        return tf.gather(self.table, self.rows(ids))
+
+
+class ClusterTable(tf_keras.layers.Layer):
+    """Frozen id -> cluster id + 1 lookup (0 for ids missing from the table), from the nearest
+    centroid of each id's vector; the centroids are kept as a weight, saved with the model."""
+
+    def __init__(self, ids: np.ndarray, vectors: np.ndarray, centroids: np.ndarray, **kwargs):
+        super().__init__(**kwargs)
+        self.lookup = tf_keras.layers.IntegerLookup(vocabulary=np.asarray(ids, np.int64),
+                                                    num_oov_indices=1, mask_token=None)
+        assigned = clusters_lib.Clusters(centroids).assign(vectors) + 1
+        self.table = self.add_weight(
+            "cluster_ids", shape=[len(ids) + 1], dtype=tf.int64, trainable=False,
+            initializer=tf_keras.initializers.Constant(np.concatenate([[0], assigned])))
+        self.centroids = self.add_weight(
+            "centroids", shape=centroids.shape, trainable=False,
+            initializer=tf_keras.initializers.Constant(centroids))
+
+    def rows(self, ids: tf.Tensor) -> tf.Tensor:
+        return self.lookup(ids)
+
+    def call(self, ids: tf.Tensor) -> tf.Tensor:
+        return tf.gather(self.table, self.lookup(ids))

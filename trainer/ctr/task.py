@@ -1,0 +1,206 @@
+"""Training, evaluating and restoring the CTR model: the library side of the `ctr` and `debias`
+stages. A model dir holds what rebuilds the model: `config.json`, the feature spec
+(`feature_spec.yaml`), `vocabularies.npz`, `clusters.npz` (Cluster-ID) and the checkpoints; the
+image-feature encoder's embedding table stays beside that encoder (`config.json` names it).
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import tensorflow as tf
+
+from trainer import configs
+from trainer.configs import CtrConfig, TrainConfig
+from trainer.ctr.model import CtrModel
+from trainer.ctr.tables import Vocabularies
+from trainer.data import ctr_spec, npz, pipeline
+from trainer.eval import ctr_metrics
+from trainer.features import clusters as clusters_lib
+from trainer.features import embeddings as embeddings_lib
+from trainer.train import loop
+
+VOCABULARIES = "vocabularies.npz"
+CLUSTERS = "clusters.npz"
+
+
+class CtrTask(loop.Task):
+    """CTR training (without or with D) as a training-loop task."""
+
+    def __init__(self, cfg: CtrConfig, spec: ctr_spec.CtrSpec, vocabularies: Vocabularies,
+                 train_cfg: TrainConfig,
+                 images: embeddings_lib.EmbeddingTable | None = None,
+                 positives: tuple[np.ndarray, np.ndarray] | None = None,
+                 skip_bad_records: bool = False,
+                 clusters: clusters_lib.Clusters | None = None):
+        self.cfg, self.spec, self.vocabularies = cfg, spec, vocabularies
+        self.images, self.positives, self.clusters = images, positives, clusters
+        self.name = "debias" if cfg.debias is not None else "ctr"
+        self.metric_names = (("pred_loss", "debias_loss") if cfg.debias is not None
+                             else ("pred_loss",))
+        self.pipe = pipeline.InputPipeline(pipeline.InputConfig(
+            cfg.train_pattern, spec.record_kind(), global_batch_size=train_cfg.global_batch_size,
+            decode_images=False, deterministic=train_cfg.deterministic,
+            skip_bad_records=skip_bad_records))
+        self.model: CtrModel | None = None
+
+    def build_model(self) -> CtrModel:
+        self.model = CtrModel(self.cfg, self.spec, self.vocabularies, self.images,
+                              self.positives, self.clusters).build_variables()
+        return self.model
+
+    def build_inputs(self, input_context=None):
+        return self.seeded_dataset(input_context)
+
+    def compute_loss(self, batch, training=True):
+        assert self.model is not None
+        out = self.model.losses_of(batch, training)
+        return out.pop("loss"), out
+
+
+def predict(model: CtrModel, pattern: str, batch_size: int = 2048,
+            skip_bad_records: bool = False) -> dict:
+    """One ordered pass over `ctr` records: {"score" (click probability), "label", "group",
+    "item"} as numpy arrays (the spec's label, group and displayed-item columns)."""
+    spec = model.spec
+    cfg = pipeline.InputConfig(pattern, spec.record_kind(), global_batch_size=batch_size,
+                               decode_images=False, shuffle=False, repeat=False,
+                               drop_remainder=False, deterministic=True,
+                               skip_bad_records=skip_bad_records)
+    pipe = pipeline.InputPipeline(cfg)
+    fn = tf.function(lambda b: tf.sigmoid(model(b, training=False)))
+    columns = {"label": spec.label, "group": spec.group, "item": spec.item}
+    out: dict = {k: [] for k in ("score", *columns)}
+    with pipe.errors_named():
+        for batch in pipe.dataset():
+            out["score"].append(fn(batch).numpy())
+            for k, column in columns.items():
+                out[k].append(batch[column].numpy())
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def evaluate(model: CtrModel, pattern: str, catalog_item_id: np.ndarray,
+             catalog_impressions: np.ndarray, skip_bad_records: bool = False,
+             predictions_path: str | None = None) -> dict:
+    """Table 2's metrics on the records of `pattern` (`ctr_metrics.ctr_metrics`); with
+    `predictions_path`, also writes each sample's label, score, group, item and item
+    impressions there."""
+    pred = predict(model, pattern, skip_bad_records=skip_bad_records)
+    order = np.argsort(catalog_item_id)
+    pos = np.clip(np.searchsorted(catalog_item_id[order], pred["item"]), 0, len(order) - 1)
+    known = catalog_item_id[order][pos] == pred["item"]
+    if not known.all():
+        missing = np.unique(pred["item"][~known])
+        raise ValueError(f"{pattern}: {model.spec.item} {missing[:5].tolist()} "
+                         f"({len(missing)} items) not in the catalog, so their impressions are "
+                         "unknown")
+    impressions = catalog_impressions[order][pos]
+    if predictions_path:
+        npz.write(predictions_path, **pred, impressions_30d=impressions)
+    return ctr_metrics.ctr_metrics(pred["label"], pred["score"], pred["group"], pred["item"],
+                                   impressions)
+
+
+def spec_for(model_dir: str, spec: ctr_spec.CtrSpec) -> ctr_spec.CtrSpec:
+    """`spec`, written into the model dir; a model dir trained with another spec is refused."""
+    path = os.path.join(model_dir, ctr_spec.FILE)
+    if tf.io.gfile.exists(path):
+        saved = ctr_spec.load(path)
+        if saved.to_dict() != spec.to_dict():
+            raise ValueError(f"{model_dir} holds a model trained with another feature spec "
+                             f"({path}); use a new model dir")
+        return saved
+    spec.save(path)
+    return ctr_spec.load(path)
+
+
+def vocabularies_for(model_dir: str, cfg: CtrConfig, spec: ctr_spec.CtrSpec,
+                     skip_bad_records: bool = False) -> Vocabularies:
+    """The model dir's saved vocabularies (a resumed run keeps its lookups), else built from the
+    training data and saved."""
+    path = os.path.join(model_dir, VOCABULARIES)
+    if tf.io.gfile.exists(path):
+        return Vocabularies.load(path)
+    vocabularies = Vocabularies.from_training_data(cfg.train_pattern, spec, cfg.min_count,
+                                                   skip_bad_records)
+    vocabularies.save(path)
+    return vocabularies
+
+
+def restore(model_dir: str, model: CtrModel) -> CtrModel:
+    """`model` (built) with the weights of `model_dir`'s latest checkpoint."""
+    prefix = tf.train.latest_checkpoint(os.path.join(model_dir, "ckpt"))
+    if not prefix:
+        raise FileNotFoundError(f"no checkpoint in {model_dir}/ckpt")
+    status = tf.train.Checkpoint(model=model).read(prefix)
+    status.expect_partial()  # the optimizer's slots
+    status.assert_existing_objects_matched()
+    return model
+
+
+def train_and_evaluate(cfg: CtrConfig, spec: ctr_spec.CtrSpec, train_cfg: TrainConfig,
+                       model_dir: str, catalog_item_id: np.ndarray,
+                       catalog_impressions: np.ndarray,
+                       images: embeddings_lib.EmbeddingTable | None = None,
+                       positives: tuple[np.ndarray, np.ndarray] | None = None,
+                       clusters: clusters_lib.Clusters | None = None,
+                       skip_bad_records: bool = False,
+                       strategy: tf.distribute.Strategy | None = None,
+                       seed: int = 0) -> dict:
+    """Trains the CTR model into `model_dir` (resuming from its checkpoint; the spec and the
+    vocabularies are written there first) and evaluates its latest checkpoint on the test
+    records: `evaluate`'s metrics plus `train_seconds`."""
+    strategy = strategy or loop.make_strategy(train_cfg.strategy)
+    spec = spec_for(model_dir, spec)
+    vocabularies = vocabularies_for(model_dir, cfg, spec, skip_bad_records)
+    task = CtrTask(cfg, spec, vocabularies, train_cfg, images, positives, skip_bad_records,
+                   clusters)
+    t0 = time.time()
+    last = loop.run(task, train_cfg, model_dir, strategy, seed)
+    seconds = time.time() - t0
+    print(f"{task.name}: trained to step {train_cfg.steps} in {model_dir} ({seconds:.0f}s); "
+          "last: " + ", ".join(f"{k}={v:.4g}" for k, v in last.items()))
+    if not loop.is_chief(strategy):  # the chief evaluates
+        return {"train_seconds": seconds}
+    model = restore(model_dir, CtrModel(cfg, spec, vocabularies, images, positives,
+                                        clusters).build_variables())
+    metrics = evaluate(model, cfg.test_pattern, catalog_item_id, catalog_impressions,
+                       skip_bad_records, os.path.join(model_dir, "predictions.npz"))
+    return {**metrics, "train_seconds": seconds}
+
+
+def load_trained(model_dir: str) -> CtrModel:
+    """The trained CTR model of a `ctr`/`debias` stage's model dir, rebuilt from what the dir
+    records: config.json, the feature spec, vocabularies.npz, clusters.npz (Cluster-ID) and the
+    image-feature encoder's embedding table (`images.model_dir` in config.json), then its latest
+    checkpoint.
+
+    The checkpoint holds the image and cluster tables the model was trained with; they must equal
+    the ones rebuilt from the encoder's table, or that table has changed since (a retrained
+    encoder, other data) and the ids would map to other vectors: that raises.
+    """
+    config = configs.load(model_dir)
+    if not isinstance(config, configs.CtrStage):
+        raise ValueError(f"{model_dir} holds a '{config.stage}' stage's outputs, not a CTR "
+                         "model's")
+    spec = ctr_spec.load(os.path.join(model_dir, ctr_spec.FILE))
+    vocabularies = Vocabularies.load(os.path.join(model_dir, VOCABULARIES))
+    images = clusters = None
+    encoder_dir = config.images.model_dir
+    if config.images.encoder != "none":
+        if not encoder_dir:
+            raise ValueError(f"{model_dir}/config.json names no image-feature encoder dir")
+        images = embeddings_lib.load(os.path.join(encoder_dir, embeddings_lib.FILE))
+        if config.ctr.image_feature_mode == "cluster_id":
+            clusters = clusters_lib.Clusters.load(os.path.join(model_dir, CLUSTERS))
+    model = CtrModel(config.ctr, spec, vocabularies, images, None, clusters).build_variables()
+    tables = list(model.image_tables.values())
+    built = [t.table.numpy() for t in tables]
+    restore(model_dir, model)
+    for t, before in zip(tables, built, strict=True):
+        if not np.allclose(t.table.numpy(), before, atol=1e-5):
+            raise ValueError(f"{model_dir}: the '{t.name}' table in the checkpoint differs from "
+                             f"the one rebuilt from {encoder_dir}/{embeddings_lib.FILE}: that "
+                             "encoder's embeddings changed after this model was trained")
+    return model

@@ -1,0 +1,405 @@
+"""The declared CTR feature spec: which columns a `ctr` record holds and how the CTR model uses each.
+
+A spec is a YAML or JSON file. The CTR model (`trainer.ctr`), the checks applied to `ctr` records,
+the vocabularies, the exported serving signature and its warmup requests are all derived from it;
+no other code names a CTR feature. It is copied into every CTR model dir and export, so a model is
+served with the features it was trained with. Built-in specs (`trainer/data/specs/`):
+`synthetic` (the synthetic marketplace's visual-search setting, paper 000 §3.2) and `feed`
+(paper 002's feed: no query photo, no demographics, no preferred categories).
+
+    name: feed
+    label: label                  # the click label column: int64, 0 or 1
+    group: page_id                # the page-view column that GAUC groups by
+    item: item_id                 # the displayed item's id column (impression slices, D, SimScore)
+    features:
+      - {name: user_id, kind: categorical}
+      - {name: price, kind: numeric, transform: bucketize, buckets: 16}
+      - {name: click_history_item_ids, kind: sequence, max_length: 20, order: oldest_first,
+         pooling: attention, shared_table: item_id}
+      - {name: item_image, kind: image, ids: item_id, table: items}
+
+Kinds, and the keys each takes besides `name`, `kind`, `required` (default true) and `doc`:
+
+  categorical  an int64 id, looked up in a vocabulary built from the training data (ids seen
+               fewer than `min_count` times and unseen ids share an out-of-vocabulary row) or
+               hashed (`hash_bins`), then embedded: `embedding_dim` (default: the model's),
+               `hash_bins`, `shared_table` (use another id feature's lookup and embedding),
+               `default` (the id of an absent optional value; -1, unknown, if unset).
+  numeric      float32 values: `transform` bucketize (quantile boundaries of the training data,
+               `buckets` of them, then embedded) or normalize (standardised by the training
+               data's mean and spread; `log` takes log(1 + x) first), `length` (values per record,
+               default 1), `min_value`, `max_value`, `default`.
+  sequence     an int64 id list: `max_length`, `order` (oldest_first: the list is in time order and
+               its latest `max_length` values are kept; newest_first and ranked: the first are
+               kept), `pooling` (mean: the masked mean of its embeddings; attention: self-attention,
+               then the model's `history_pooling`, paper 002 App. A), `embedding_dim`,
+               `hash_bins`, `shared_table`.
+  image        which id maps to image vectors: `ids` (a categorical or sequence feature, or an
+               int64 id column that is no other feature: a key only, e.g. the query photo's id)
+               and `table` (items: the catalog's image vectors; queries: the query photos'). The
+               image of `item` is the displayed item's, v_p; how images enter the model is the
+               model's `image_feature_mode` (paper 002 App. B).
+
+A record's other columns are ignored. A required feature missing from a record is a bad record,
+named with its file, index and feature (`trainer.data.validate`); `check_files` says so before a
+job starts when the files lack it altogether.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Optional
+
+import numpy as np
+import tensorflow as tf
+import yaml
+from tensorflow.core.example import example_pb2
+
+from trainer.data import schema
+
+SPECS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "specs")
+DEFAULT = "synthetic"
+FILE = "feature_spec.yaml"  # its name in a model dir and in an export's assets.extra
+KINDS = ("categorical", "numeric", "sequence", "image")
+_COMMON = {"name", "kind", "required", "doc"}
+KEYS = {
+    "categorical": _COMMON | {"embedding_dim", "hash_bins", "shared_table", "default"},
+    "numeric": _COMMON | {"transform", "buckets", "log", "length", "min_value", "max_value",
+                          "default"},
+    "sequence": _COMMON | {"max_length", "order", "pooling", "embedding_dim", "hash_bins",
+                           "shared_table"},
+    "image": _COMMON | {"ids", "table"},
+}
+ORDERS = ("oldest_first", "newest_first", "ranked")
+POOLINGS = ("mean", "attention")
+TRANSFORMS = ("bucketize", "normalize")
+TABLES = ("items", "queries")
+
+
+class SpecError(ValueError):
+    """A spec that cannot be used; the message names the file and the feature or key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CtrFeature:
+    """One declared feature (the module docstring lists which keys each kind takes)."""
+
+    name: str
+    kind: str
+    required: bool = True
+    doc: str = ""
+    embedding_dim: int = 0
+    hash_bins: int = 0
+    shared_table: str = ""
+    default: Optional[float] = None
+    transform: str = "bucketize"
+    buckets: int = 16
+    log: bool = False
+    length: int = 1
+    min_value: Optional[float] = None
+    max_value: Optional[float] = None
+    max_length: int = 0
+    order: str = "oldest_first"
+    pooling: str = "mean"
+    ids: str = ""
+    table: str = "items"
+
+    @property
+    def is_id(self) -> bool:
+        """An embedded id (categorical or sequence)."""
+        return self.kind in ("categorical", "sequence")
+
+    @property
+    def table_name(self) -> str:
+        """The lookup and embedding table of an id feature: its own, or the shared one."""
+        return self.shared_table or self.name
+
+
+@dataclasses.dataclass(frozen=True)
+class CtrSpec:
+    """A parsed, checked spec. `source` is the file it came from (for error messages)."""
+
+    name: str
+    label: str
+    group: str
+    item: str
+    features: tuple[CtrFeature, ...]
+    doc: str = ""
+    source: str = ""
+
+    def feature(self, name: str) -> CtrFeature:
+        for f in self.features:
+            if f.name == name:
+                return f
+        raise KeyError(f"{self.source}: the spec has no feature '{name}'")
+
+    def of_kind(self, kind: str) -> list[CtrFeature]:
+        return [f for f in self.features if f.kind == kind]
+
+    @property
+    def inputs(self) -> list[str]:
+        """The input columns, in spec order: every non-image feature, and each image feature's
+        `ids` that is no other feature. The serving signature's inputs are exactly these."""
+        names = [f.name for f in self.features if f.kind != "image"]
+        for f in self.of_kind("image"):
+            if f.ids not in names:
+                names.append(f.ids)
+        return names
+
+    @property
+    def tables(self) -> list[CtrFeature]:
+        """The id features that own a lookup table (the others share one of these)."""
+        return [f for f in self.features if f.is_id and not f.shared_table]
+
+    def sharing(self, table: str) -> list[CtrFeature]:
+        """The id features looked up in `table` (its owner first)."""
+        return [f for f in self.features if f.is_id and f.table_name == table]
+
+    def image_of(self, column: str) -> Optional[CtrFeature]:
+        """The image feature keyed by `column`, if any."""
+        return next((f for f in self.of_kind("image") if f.ids == column), None)
+
+    @property
+    def target_image(self) -> Optional[CtrFeature]:
+        """The displayed item's image feature (v_p), if the spec has one."""
+        f = self.image_of(self.item)
+        return f if f is not None and f.table == "items" else None
+
+    def is_sequence(self, column: str) -> bool:
+        return any(f.name == column and f.kind == "sequence" for f in self.features)
+
+    def with_hash_bins(self, bins: dict) -> CtrSpec:
+        """The spec with these id features hashed into this many bins instead."""
+        for name in bins:
+            f = self.feature(name) if name in {x.name for x in self.features} else None
+            if f is None or not f.is_id or f.shared_table:
+                owners = [x.name for x in self.tables]
+                raise SpecError(f"{self.source}: hash_bins: '{name}' is not an id feature that "
+                                f"owns its table (those are: {', '.join(owners)})")
+        return dataclasses.replace(self, features=tuple(
+            dataclasses.replace(f, hash_bins=int(bins[f.name])) if f.name in bins else f
+            for f in self.features))
+
+    def record_kind(self, serving: bool = False) -> schema.RecordKind:
+        """The `ctr` record kind this spec reads: the label and group columns (training and
+        evaluation; not `serving`) and the input columns."""
+        specs = []
+        if not serving:
+            specs += [schema.FeatureSpec(self.label, schema.INT64, "1 if the displayed item was "
+                                         "clicked, else 0.", min_value=0, max_value=1),
+                      schema.FeatureSpec(self.group, schema.INT64, "Page view (request) id; "
+                                         "GAUC groups by it.", min_value=0)]
+        for name in self.inputs:
+            specs.append(self._column(name))
+        doc = (f"One displayed item with its click label (paper 000 §3.2; paper 002 App. A), as "
+               f"the feature spec '{self.name}' declares it"
+               + (f": {self.doc.strip().rstrip('.')}" if self.doc.strip() else ""))
+        return schema.RecordKind(name="ctr", doc=doc + ".", features=specs)
+
+    def _column(self, name: str) -> schema.FeatureSpec:
+        declared = {f.name: f for f in self.features if f.kind != "image"}
+        if name not in declared:  # an image feature's key column
+            image = self.image_of(name)
+            assert image is not None
+            return schema.FeatureSpec(name, schema.INT64, image.doc or f"Id of the {image.table} "
+                                      "image vector.", required=image.required, min_value=0)
+        f = declared[name]
+        if f.kind == "categorical":
+            default = None if f.required else int(-1 if f.default is None else f.default)
+            return schema.FeatureSpec(name, schema.INT64, f.doc or "Id.", required=f.required,
+                                      default=default,
+                                      min_value=-1 if default == -1 else 0)
+        if f.kind == "sequence":
+            return schema.FeatureSpec(name, schema.INT64, f.doc or "Id list.",
+                                      max_len=f.max_length,
+                                      keep="tail" if f.order == "oldest_first" else "head",
+                                      required=f.required, min_value=0)
+        # numeric
+        if f.length > 1:
+            return schema.FeatureSpec(name, schema.FLOAT, f.doc or "Values.", max_len=f.length,
+                                      min_len=f.length if f.required else 0, keep="reject",
+                                      required=f.required, min_value=f.min_value,
+                                      max_value=f.max_value)
+        value = None if f.required else float(0.0 if f.default is None else f.default)
+        return schema.FeatureSpec(name, schema.FLOAT, f.doc or "Value.", required=f.required,
+                                  default=value, min_value=f.min_value, max_value=f.max_value)
+
+    def to_dict(self) -> dict:
+        fields = {f.name: f for f in dataclasses.fields(CtrFeature)}
+        out: dict[str, Any] = {"name": self.name}
+        if self.doc:
+            out["doc"] = self.doc
+        out.update(label=self.label, group=self.group, item=self.item, features=[])
+        for feat in self.features:
+            d = {"name": feat.name, "kind": feat.kind}
+            for key in sorted(KEYS[feat.kind] - {"name", "kind"}):
+                value = getattr(feat, key)
+                if value != fields[key].default:
+                    d[key] = value
+            out["features"].append(d)
+        return out
+
+    def dump(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, width=100)
+
+    def save(self, path: str) -> None:
+        tf.io.gfile.makedirs(os.path.dirname(path) or ".")
+        with tf.io.gfile.GFile(path, "w") as f:
+            f.write(self.dump())
+
+    def check_files(self, files: list[str], records: int = 64) -> None:
+        """Raises `SpecError` naming the feature, the file and the record kind when a required
+        input column is absent from all of the first `records` records of a file: the files
+        were written for another spec."""
+        kind = self.record_kind()
+        for path in files[:1]:
+            seen: set = set()
+            compression = "GZIP" if path.endswith(".gz") else ""
+            for raw in tf.data.TFRecordDataset(path, compression).take(records):
+                example = example_pb2.Example()
+                try:
+                    example.ParseFromString(raw.numpy())
+                except Exception:  # noqa: BLE001  (protobuf's DecodeError) the pipeline names it
+                    return
+                seen |= set(example.features.feature)
+            if not seen:
+                return
+            missing = [f.name for f in kind.features if f.required and f.name not in seen]
+            if missing:
+                raise SpecError(
+                    f"{path}: the '{kind.name}' records lack the feature(s) {missing} that the "
+                    f"feature spec {self.source or self.name} requires (their columns: "
+                    f"{sorted(seen)}); use the spec the records were written for, or declare "
+                    "those features `required: false`")
+
+
+def load(name_or_path: str) -> CtrSpec:
+    """A built-in spec by name, or a spec file."""
+    path = name_or_path
+    if not os.path.splitext(path)[1] and not tf.io.gfile.exists(path):
+        path = os.path.join(SPECS_DIR, f"{name_or_path}.yaml")
+        if not os.path.exists(path):
+            known = sorted(os.path.splitext(f)[0] for f in os.listdir(SPECS_DIR))
+            raise SpecError(f"no feature spec '{name_or_path}': neither a file nor a built-in "
+                            f"spec ({', '.join(known)})")
+    if not tf.io.gfile.exists(path):
+        raise FileNotFoundError(f"feature spec file {path} does not exist")
+    with tf.io.gfile.GFile(path) as f:
+        try:
+            d = yaml.safe_load(f.read())
+        except yaml.YAMLError as e:
+            raise SpecError(f"{path}: not YAML or JSON: {e}") from None
+    return parse(d, path)
+
+
+def parse(d: Any, source: str = "<spec>") -> CtrSpec:
+    """Checks a spec given as a mapping; errors name `source` and the feature or key."""
+    if not isinstance(d, dict):
+        raise SpecError(f"{source}: a feature spec is a mapping with 'features'")
+    top = {"name", "doc", "label", "group", "item", "features"}
+    unknown = set(d) - top
+    if unknown:
+        raise SpecError(f"{source}: unknown key(s) {sorted(unknown)}; a spec has "
+                        f"{', '.join(sorted(top))}")
+    for key in ("label", "group", "item", "features"):
+        if key not in d:
+            raise SpecError(f"{source}: '{key}' is missing")
+    if not isinstance(d["features"], list) or not d["features"]:
+        raise SpecError(f"{source}: 'features' must be a non-empty list")
+    features = tuple(_feature(x, i, source) for i, x in enumerate(d["features"]))
+    spec = CtrSpec(name=str(d.get("name") or os.path.splitext(os.path.basename(source))[0]),
+                   label=_str(d["label"], "label", source), group=_str(d["group"], "group", source),
+                   item=_str(d["item"], "item", source), features=features,
+                   doc=str(d.get("doc", "")), source=source)
+    _check(spec)
+    return spec
+
+
+def _str(v: Any, key: str, source: str) -> str:
+    if not isinstance(v, str) or not v:
+        raise SpecError(f"{source}: '{key}' must be a column name, got {v!r}")
+    return v
+
+
+def _feature(x: Any, i: int, source: str) -> CtrFeature:
+    if not isinstance(x, dict) or "name" not in x:
+        raise SpecError(f"{source}: features[{i}] must be a mapping with a 'name'")
+    name = x["name"]
+    where = f"{source}: feature '{name}'"
+    kind = x.get("kind")
+    if kind not in KINDS:
+        raise SpecError(f"{where}: unknown kind {kind!r}; kinds are {', '.join(KINDS)}")
+    unknown = set(x) - KEYS[kind]
+    if unknown:
+        raise SpecError(f"{where} ({kind}): unknown key(s) {sorted(unknown)}; it takes "
+                        f"{', '.join(sorted(KEYS[kind]))}")
+    hints = {f.name: f.type for f in dataclasses.fields(CtrFeature)}
+    values = {}
+    for key, value in x.items():
+        want = hints[key]
+        ok = {"str": isinstance(value, str), "bool": isinstance(value, bool),
+              "int": isinstance(value, int) and not isinstance(value, bool),
+              "Optional[float]": value is None or (isinstance(value, (int, float))
+                                                   and not isinstance(value, bool))}[str(want)]
+        if not ok:
+            raise SpecError(f"{where}: '{key}' must be {want}, got {value!r}")
+        values[key] = value
+    return CtrFeature(**values)
+
+
+def _check(spec: CtrSpec) -> None:
+    src = spec.source
+    names = [f.name for f in spec.features]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise SpecError(f"{src}: feature(s) {dup} declared twice")
+    for col in (spec.label, spec.group):
+        if col in names:
+            raise SpecError(f"{src}: '{col}' is the label or group column, not a feature")
+    by_name = {f.name: f for f in spec.features}
+    for f in spec.features:
+        where = f"{src}: feature '{f.name}'"
+        if f.kind in ("categorical", "sequence"):
+            if f.embedding_dim < 0 or f.hash_bins < 0:
+                raise SpecError(f"{where}: embedding_dim and hash_bins must be >= 0")
+            if f.shared_table:
+                owner = by_name.get(f.shared_table)
+                if owner is None or not owner.is_id or owner.shared_table:
+                    raise SpecError(f"{where}: shared_table '{f.shared_table}' is not an id "
+                                    "feature with a table of its own")
+                if f.hash_bins or f.embedding_dim:
+                    raise SpecError(f"{where}: a feature with a shared_table takes its "
+                                    "hashing and embedding size from the table's owner")
+        if f.kind == "sequence":
+            if f.max_length < 1:
+                raise SpecError(f"{where}: max_length must be at least 1")
+            if f.order not in ORDERS:
+                raise SpecError(f"{where}: order must be one of {', '.join(ORDERS)}")
+            if f.pooling not in POOLINGS:
+                raise SpecError(f"{where}: pooling must be one of {', '.join(POOLINGS)}")
+        if f.kind == "numeric":
+            if f.transform not in TRANSFORMS:
+                raise SpecError(f"{where}: transform must be one of {', '.join(TRANSFORMS)}")
+            if f.transform == "bucketize" and (f.buckets < 2 or f.length != 1):
+                raise SpecError(f"{where}: bucketize needs buckets >= 2 and length 1")
+            if f.length < 1:
+                raise SpecError(f"{where}: length must be at least 1")
+        if f.kind == "image":
+            if f.table not in TABLES:
+                raise SpecError(f"{where}: table must be one of {', '.join(TABLES)}")
+            if not f.ids:
+                raise SpecError(f"{where}: 'ids' names the id column its vectors are looked up by")
+            source = by_name.get(f.ids)
+            if source is not None and not source.is_id:
+                raise SpecError(f"{where}: ids '{f.ids}' is a {source.kind} feature, not an id")
+            if f.ids in (spec.label, spec.group):
+                raise SpecError(f"{where}: ids '{f.ids}' is the label or group column")
+    images = [f.ids for f in spec.of_kind("image")]
+    dup = sorted({n for n in images if images.count(n) > 1})
+    if dup:
+        raise SpecError(f"{src}: more than one image feature keyed by {dup}")
+    if spec.item not in spec.inputs:
+        raise SpecError(f"{src}: item '{spec.item}' is not an input column of the spec")
+    item = by_name.get(spec.item)
+    if item is not None and item.kind != "categorical" and item.kind != "image":
+        raise SpecError(f"{src}: item '{spec.item}' must be a categorical id, not {item.kind}")

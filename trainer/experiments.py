@@ -1,0 +1,213 @@
+"""Named experiments: every run that `make demo` and the reproductions (`make repro-*`) make,
+defined once, as a stage and the config overrides that make the method what it is, e.g.
+"S1+S2 = finetune initialised from S1". Budgets (steps), seeds and paths are the caller's.
+
+`command` turns an experiment into the `python -m trainer.task` command line a user would type
+(so every logged run can be rerun by hand); `run` runs one with its output in a log. A value
+"{name}" in an experiment's overrides is the model dir of the experiment `name` of the same
+run set, e.g. S1+S2's `encoder.init_checkpoint` is "{s1}".
+
+The papers' published figures that the reproductions print beside theirs are here too.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    """A named run.
+
+    Attributes:
+      name: Its key, and its model dir's path under a run set's root (e.g. 's1s2', 'ctr/s1s2').
+      title: As the papers' tables name the method (e.g. 'S1+S2').
+      stage: The `trainer.task` stage it runs.
+      doc: What it is, in a line.
+      sets: (config path, value) overrides; '{other}' values are other experiments' model dirs.
+    """
+
+    name: str
+    title: str
+    stage: str
+    doc: str
+    sets: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def needs(self) -> list[str]:
+        """The experiments whose model dirs it uses."""
+        return [v[1:-1] for _, v in self.sets if isinstance(v, str) and v.startswith("{")
+                and v.endswith("}")]
+
+    def derive(self, name: str, title: str, doc: str,
+               sets: Sequence[tuple[str, Any]]) -> Experiment:
+        """A variant: this experiment with more overrides."""
+        return Experiment(name, title, self.stage, doc, self.sets + tuple(sets))
+
+
+_ENCODERS = (
+    Experiment("resnet_c", "ResNet-C", "classify",
+               "the encoder trained as a category classifier (paper 000 Table 1 baseline)"),
+    Experiment("s1", "S1", "pretrain",
+               "self-supervised contrastive pretraining on catalog images (paper 000 Eq. 1)"),
+    Experiment("s2", "S2", "finetune",
+               "click-supervised contrastive fine-tuning with category negative pools, from a "
+               "random initialisation (paper 000 Eq. 2)"),
+    Experiment("s1s2", "S1+S2", "finetune", "S2 initialised from S1 (paper 000 §3.1)",
+               (("encoder.init_checkpoint", "{s1}"),)),
+    Experiment("courier", "COURIER", "courier",
+               "contrastive user-intention reconstruction from S1's weights (paper 002 Eq. 1-7)",
+               (("encoder.init_checkpoint", "{s1}"),)),
+)
+# Paper 002 Table 6 and Appendix D: (row, config flag).
+COURIER_ABLATIONS = (("w/o UCS", "no_ucs"), ("w/o Contrast", "no_contrast"),
+                     ("w/o Reconstruction", "self_attention"), ("w/o Neg PV", "no_neg_pv"),
+                     ("w projection", "projection_head"))
+MODES = ("vector", "simscore", "cluster_id")
+
+
+def _courier_ablations() -> list[Experiment]:
+    base = next(e for e in _ENCODERS if e.name == "courier")
+    return [base.derive(f"courier_{flag}", row, f"COURIER {row} (paper 002 Table 6 / App. D)",
+                        ((f"courier.{flag}", True),)) for row, flag in COURIER_ABLATIONS]
+
+
+def ctr_experiment(encoder: str | None, mode: str = "vector", debias: bool = False,
+                   spec: str = "synthetic") -> Experiment:
+    """The CTR model with the image features of the encoder experiment `encoder` (None: no image
+    features) in `mode`, with D or not, on the feature spec `spec`."""
+    sets: list[tuple[str, Any]] = [("ctr.spec", spec)] if spec != "synthetic" else []
+    prefix = "ctr" if spec == "synthetic" else f"ctr_{spec}"
+    if encoder is None:
+        return Experiment(f"{prefix}/no_image", "no image", "ctr",
+                          f"the CTR model without image features ({spec} spec)", tuple(sets))
+    enc = get(encoder)
+    sets += [("images.encoder", encoder), ("images.model_dir", f"{{{encoder}}}")]
+    name, title = encoder, enc.title
+    if mode != "vector":
+        sets.append(("ctr.image_feature_mode", mode))
+        name, title = f"{encoder}_{mode}", f"{enc.title} ({mode})"
+    if debias:
+        sets.append(("images.s1_model_dir", "{s1}"))
+        name, title = f"{name}_d", f"{title}+D"
+    return Experiment(f"{prefix}/{name}", title, "debias" if debias else "ctr",
+                      f"the CTR model with {enc.title}'s image features as {mode}"
+                      f"{' and the debiasing network D (paper 000 Eq. 3-4)' if debias else ''}"
+                      f" ({spec} spec)", tuple(sets))
+
+
+# Evaluations: visual search of the encoder in the run's model dir, or of an untrained one;
+# Cluster-ID centroids of COURIER's catalog vectors, written beside them.
+EVALUATIONS = (
+    Experiment("eval", "visual search", "eval_search",
+               "HR, LR@K, CR@K of the encoder in the model dir (paper 000 §4.1, Table 1)"),
+    Experiment("random", "untrained encoder", "eval_search",
+               "visual search with an untrained encoder (Table 1's reference)",
+               (("random_init", True),)),
+    Experiment("cluster_courier", "Cluster-ID", "cluster",
+               "faiss k-means over COURIER's catalog vectors (paper 002 App. B)",
+               (("images.model_dir", "{courier}"),)),
+)
+REGISTRY: dict[str, Experiment] = {e.name: e for e in (*_ENCODERS, *_courier_ablations(),
+                                                        *EVALUATIONS)}
+
+
+def get(name: str) -> Experiment:
+    if name in REGISTRY:
+        return REGISTRY[name]
+    raise KeyError(f"no experiment '{name}'; known: {', '.join(sorted(REGISTRY))}")
+
+
+ENCODERS = tuple(e.name for e in _ENCODERS)
+# The demo's CTR runs: Table 2 (each encoder's vectors, D for S1+S2 and COURIER), Tables 5 / B1
+# (S1 and COURIER in every mode), and the feed spec of paper 002 with COURIER's Cluster-ID.
+DEMO_CTR = (ctr_experiment(None), *(ctr_experiment(e) for e in ENCODERS),
+            ctr_experiment("s1s2", debias=True), ctr_experiment("courier", debias=True),
+            *(ctr_experiment(e, m) for e in ("s1", "courier") for m in MODES[1:]))
+DEMO_FEED = (ctr_experiment(None, spec="feed"),
+             ctr_experiment("courier", "cluster_id", spec="feed"))
+REGISTRY.update({e.name: e for e in (*DEMO_CTR, *DEMO_FEED)})
+REGISTRY.update({e.name: e for e in (ctr_experiment(x, m) for x in (
+    "courier", *(f"courier_{f}" for _, f in COURIER_ABLATIONS)) for m in MODES)})
+
+
+def command(exp: Experiment, data_dir: str, model_dir: str, dirs: dict[str, str],
+            seed: int = 0, sets: Sequence[tuple[str, Any]] = (),
+            flags: Sequence[str] = ()) -> list[str]:
+    """The `python -m trainer.task` command line of `exp`: its overrides (with '{name}' values
+    taken from `dirs`, experiment name -> model dir), then the caller's `sets` and `flags`."""
+    args = [sys.executable, "-m", "trainer.task", f"--stage={exp.stage}",
+            f"--data_dir={data_dir}", f"--model_dir={model_dir}", f"--seed={seed}"]
+    for path, value in (*exp.sets, *sets):
+        if isinstance(value, str) and value.startswith("{") and value.endswith("}"):
+            if value[1:-1] not in dirs:
+                raise KeyError(f"experiment '{exp.name}' needs the model dir of "
+                               f"'{value[1:-1]}' for {path}")
+            value = dirs[value[1:-1]]
+        args.append(f"--set={path}={_text(value)}")
+    return args + list(flags)
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_text(v) for v in value) + "]"
+    return str(value)
+
+
+def run(args: Sequence[str], log_path: str) -> float:
+    """Runs a command line with its output appended to `log_path`; exits naming the log if it
+    fails. Returns the seconds it took."""
+    t0 = time.time()
+    os.makedirs(os.path.dirname(log_path) or ".", exist_ok=True)
+    with open(log_path, "a") as log:
+        log.write(f"$ {' '.join(args)}\n")
+        log.flush()
+        proc = subprocess.run(list(args), stdout=log, stderr=subprocess.STDOUT)
+    if proc.returncode:
+        sys.exit(f"failed ({proc.returncode}): {' '.join(args)}; see {log_path}")
+    return time.time() - t0
+
+
+def ensure(exp: Experiment, data_dir: str, model_dir: str, dirs: dict[str, str], seed: int,
+           log_path: str) -> str:
+    """`model_dir`, trained as `exp` with its stage's defaults if it holds no checkpoint yet."""
+    if not os.path.isdir(os.path.join(model_dir, "ckpt")):
+        print(f"  training {exp.title} into {model_dir}", flush=True)
+        run(command(exp, data_dir, model_dir, dirs, seed), log_path)
+    return model_dir
+
+
+def write_report(text: str, path: str) -> None:
+    """Prints a reproduction's report and writes it as Markdown."""
+    print("\n" + text)
+    with open(path, "w") as f:
+        f.write(text + "\n")
+    print(f"\nwrote {path}")
+
+
+# The papers' figures, printed beside the reproductions' for orientation (their data is not
+# public). Paper 000 Table 1: HR, LR@10, LR@100, CR@10, CR@100.
+PAPER_TABLE_1 = {
+    "ResNet-C": (0.2626, 0.5126, 0.5123, 0.8132, 0.7791),
+    "S1": (0.8504, 0.5001, 0.5059, 0.6357, 0.5524),
+    "S2": (0.8510, 0.5184, 0.5174, 0.7178, 0.6318),
+    "S1+S2": (0.8825, 0.5259, 0.5207, 0.7540, 0.6850),
+}
+# Paper 000 Table 2: AUC on the bottom 10% impression items, the top 10%, overall.
+PAPER_TABLE_2 = {
+    "ResNet-C": (0.7061, 0.6959, 0.7042), "S1": (0.6874, 0.6942, 0.7034),
+    "S2": (0.7340, 0.7240, 0.7293), "S1+S2": (0.7673, 0.7494, 0.7515),
+    "S1+S2+D": (0.7681, 0.7495, 0.7518),
+}
+# Paper 002 Table B1 (a summary) and Table 6: delta AUC (women's clothing), delta AUC, delta GAUC.
+PAPER_TABLE_B1 = ("V1-V4: vector +0.06-0.09%, simscore +0.14-0.18%, cluster_id +0.22-0.28%")
+PAPER_TABLE_6 = {"w/o UCS": (0.06, -0.13, 0.11), "w/o Contrast": (0.23, 0.03, -0.11),
+                 "w/o Reconstruction": (0.25, 0.02, -0.11), "w/o Neg PV": (0.30, 0.07, -0.06),
+                 "w projection": (0.29, 0.06, -0.04), "COURIER": (0.46, 0.16, 0.19)}

@@ -1,0 +1,124 @@
+"""The CTR stages: `ctr` and `debias` train the CTR predictor (with D: S1+S2+D) on the train days
+and evaluate it on the test day (paper 000 Table 2, paper 002 Tables 5 and B1); `cluster` fits
+the Cluster-ID k-means over an encoder's catalog embeddings (paper 002 App. B)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+import numpy as np
+import tensorflow as tf
+
+from trainer import configs
+from trainer.ctr import debias
+from trainer.ctr import task as ctr_task
+from trainer.data import ctr_spec, pipeline
+from trainer.features import clusters, embeddings
+from trainer.stages import common
+from trainer.stages.encoders import queries_pattern
+from trainer.train import loop
+
+
+def resolve_images(cfg: configs.CtrStage | configs.ClusterStage) -> configs.ImageSourceConfig:
+    """The image source with its patterns and encoder dirs filled in (none without an encoder:
+    a CTR model without image features)."""
+    images = cfg.images
+    with_images = images.encoder != "none" or isinstance(cfg, configs.ClusterStage)
+    return dataclasses.replace(
+        images, catalog_pattern=common.pattern(cfg, images.catalog_pattern, "catalog"),
+        queries_pattern=queries_pattern(cfg, images.queries_pattern),
+        model_dir=(common.encoder_dir(cfg, images.encoder, images.model_dir) if with_images
+                   else ""),
+        s1_model_dir=(common.encoder_dir(cfg, "s1", images.s1_model_dir)
+                      if with_images and isinstance(cfg, configs.CtrStage)
+                      and cfg.ctr.debias is not None else images.s1_model_dir))
+
+
+def image_table(images: configs.ImageSourceConfig, model_dir: str) -> embeddings.EmbeddingTable:
+    """The embedding table of the encoder in `model_dir` over the source's images (cached)."""
+    return embeddings.for_encoder(model_dir, images.catalog_pattern,
+                                  images.queries_pattern or None)
+
+
+def run_ctr(cfg: configs.CtrStage) -> None:
+    """ctr / debias: train the CTR predictor on the train days, evaluate it on the test day."""
+    cfg, strategy = common.training(cfg)  # first: the strategy
+    if cfg.ctr.debias is not None and cfg.images.encoder == "none":
+        raise common.UsageError(f"--stage={cfg.stage} needs image features: --image_features "
+                                "(images.encoder), e.g. s1s2")
+    cfg = dataclasses.replace(cfg, images=resolve_images(cfg), ctr=dataclasses.replace(
+        cfg.ctr, train_pattern=common.pattern(cfg, cfg.ctr.train_pattern, "ctr", "train"),
+        test_pattern=common.pattern(cfg, cfg.ctr.test_pattern, "ctr", "test")))
+    spec = ctr_spec.load(cfg.ctr.spec)
+    if cfg.ctr.hash_bins:
+        spec = spec.with_hash_bins(cfg.ctr.hash_bins)
+    for file_pattern in (cfg.ctr.train_pattern, cfg.ctr.test_pattern):  # before any work
+        spec.check_files(pipeline.list_files(file_pattern))
+    images = positives = centroids = None
+    if cfg.images.encoder != "none":
+        images = image_table(cfg.images, cfg.images.model_dir)
+        item_id, impressions = images.item_id, images.impressions_30d
+    else:
+        cols = pipeline.read_columns(cfg.images.catalog_pattern, "catalog",
+                                     ("item_id", "impressions_30d"))
+        item_id, impressions = cols["item_id"], cols["impressions_30d"]
+    if cfg.ctr.debias is not None:
+        assert images is not None
+        d = cfg.ctr.debias
+        s1 = image_table(cfg.images, cfg.images.s1_model_dir)  # shares the cache
+        if not np.array_equal(s1.item_id, images.item_id):
+            raise RuntimeError("the S1 and image-feature tables list the catalog differently")
+        positives = debias.mine_positives(s1.item_vector, s1.category_id, s1.impressions_30d,
+                                          d.num_similar, d.low_impressions)
+        print(f"debias: {int((positives[1] > 0).any(axis=1).sum())} of {len(s1.item_id)} catalog "
+              f"items have positives (K={d.num_similar} low-impression items of their category "
+              "by S1 cosine)")
+    if images is not None and cfg.ctr.image_feature_mode == "cluster_id":
+        centroids = clusters.load_or_fit(os.path.join(cfg.model_dir, ctr_task.CLUSTERS),
+                                         images.item_vector, cfg.cluster, cfg.seed)
+    common.start(cfg, strategy)
+    metrics = ctr_task.train_and_evaluate(cfg.ctr, spec, cfg.train, cfg.model_dir, item_id,
+                                          impressions, images, positives, centroids,
+                                          cfg.skip_bad_records, strategy, cfg.seed)
+    if not loop.is_chief(strategy):
+        return
+    metrics.update(image_features=cfg.images.encoder, debias=cfg.ctr.debias is not None,
+                   image_feature_mode=cfg.ctr.image_feature_mode, feature_spec=spec.name)
+    with tf.io.gfile.GFile(os.path.join(cfg.model_dir, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+    with tf.summary.create_file_writer(os.path.join(cfg.model_dir, "eval")).as_default():
+        for k, v in metrics.items():
+            if isinstance(v, float):
+                tf.summary.scalar(f"ctr/{k}", v, step=cfg.train.steps)
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}))
+
+
+def run_cluster(cfg: configs.ClusterStage) -> None:
+    """k-means over an encoder's catalog embeddings into model_dir/clusters.npz (default: the
+    encoder's dir), with each catalog item's cluster id (cluster_ids.npz)."""
+    if cfg.images.encoder == "none" and not cfg.images.model_dir:
+        raise common.UsageError("--stage=cluster needs an encoder: --image_model_dir, or "
+                                "--image_features with --encoders_dir")
+    images = resolve_images(cfg)
+    model_dir = cfg.model_dir or images.model_dir
+    table = image_table(images, images.model_dir)
+    t0 = time.time()
+    path = os.path.join(model_dir, ctr_task.CLUSTERS)
+    if tf.io.gfile.exists(path):
+        tf.io.gfile.remove(path)  # this stage refits
+    centroids = clusters.load_or_fit(path, table.item_vector, cfg.cluster, cfg.seed)
+    ids = centroids.assign(table.item_vector)
+    np.savez(os.path.join(model_dir, "cluster_ids.npz"), item_id=table.item_id, cluster_id=ids)
+    if os.path.abspath(model_dir) != os.path.abspath(images.model_dir):
+        configs.save(model_dir, dataclasses.replace(cfg, model_dir=model_dir, images=images))
+    sizes = np.bincount(ids, minlength=centroids.num_clusters)
+    # Category purity: share of items whose cluster's majority category is their own.
+    majority = {c: np.bincount(table.category_id[ids == c]).argmax() for c in np.unique(ids)}
+    purity = float(np.mean([majority[c] == k for c, k in zip(ids, table.category_id, strict=True)]))
+    print(f"cluster: {centroids.num_clusters} clusters of {len(ids)} items from "
+          f"{images.model_dir} in {time.time() - t0:.1f}s; sizes min {sizes.min()} median "
+          f"{int(np.median(sizes))} max {sizes.max()}, {int((sizes == 0).sum())} empty; category "
+          f"purity {purity:.3f}")
+    print(f"wrote {path} and {os.path.join(model_dir, 'cluster_ids.npz')}")

@@ -1,0 +1,97 @@
+"""The encoder stages: `pretrain` (S1), `finetune` (S2, S1+S2), `classify` (ResNet-C) and `courier`
+(COURIER) train the visual encoder into a model dir; `eval_search` measures one (paper 000 Table 1).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+import numpy as np
+import tensorflow as tf
+import tf_keras
+
+from trainer import configs
+from trainer.data import pipeline
+from trainer.eval import projector, visual_search
+from trainer.features import embeddings
+from trainer.models import classify, courier, encoder, finetune, pretrain
+from trainer.stages import common
+from trainer.train import loop
+
+
+def run_training(cfg: configs.EncoderStage) -> None:
+    """Trains the encoder of `pretrain`, `finetune`, `classify` or `courier` into model_dir."""
+    cfg, strategy = common.training(cfg)  # first: the strategy
+    enc = common.encoder_config(cfg)
+    encoder.set_precision_policy(enc.mixed_precision)
+    catalog = common.pattern(cfg, getattr(cfg, cfg.stage).catalog_pattern, "catalog")
+    task: loop.Task
+    if isinstance(cfg, configs.PretrainStage):
+        cfg = dataclasses.replace(cfg, pretrain=dataclasses.replace(
+            cfg.pretrain, catalog_pattern=catalog))
+        task = pretrain.PretrainTask(cfg.pretrain, enc, cfg.train, cfg.skip_bad_records)
+    elif isinstance(cfg, configs.FinetuneStage):
+        cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(
+            cfg.finetune, catalog_pattern=catalog, sessions_pattern=common.pattern(
+                cfg, cfg.finetune.sessions_pattern, "search_sessions", "train")))
+        task = finetune.FinetuneTask(cfg.finetune, enc, cfg.train, cfg.skip_bad_records)
+    elif isinstance(cfg, configs.CourierStage):
+        cfg = dataclasses.replace(cfg, courier=dataclasses.replace(
+            cfg.courier, catalog_pattern=catalog, pageviews_pattern=common.pattern(
+                cfg, cfg.courier.pageviews_pattern, "pageviews", "train")))
+        task = courier.CourierTask(cfg.courier, enc, cfg.train, cfg.skip_bad_records)
+    elif isinstance(cfg, configs.ClassifyStage):
+        classify_cfg = dataclasses.replace(cfg.classify, catalog_pattern=catalog)
+        task = classify.ClassifyTask(classify_cfg, enc, cfg.train, cfg.skip_bad_records)
+        cfg = dataclasses.replace(cfg, classify=dataclasses.replace(
+            classify_cfg, categories=tuple(int(c) for c in task.categories)))
+    else:
+        raise common.UsageError(f"--stage={cfg.stage} does not train an encoder")
+    cfg = dataclasses.replace(cfg, encoder=enc)
+    common.start(cfg, strategy)
+    t0 = time.time()
+    last = loop.run(task, cfg.train, cfg.model_dir, strategy, cfg.seed)
+    print(f"{cfg.stage}: trained to step {cfg.train.steps} in {cfg.model_dir} "
+          f"({time.time() - t0:.0f}s); last: " + ", ".join(f"{k}={v:.4g}" for k, v in last.items()))
+
+
+def run_eval_search(cfg: configs.EvalSearchStage) -> None:
+    """Visual-search metrics of the encoder in model_dir (or of a random one, `random_init`):
+    metrics.json, the embedding table (embeddings.npz) and a TensorBoard projector there."""
+    common.require(cfg, "data_dir", "model_dir")
+    catalog = common.pattern(cfg, cfg.search.catalog_pattern, "catalog")
+    search = dataclasses.replace(cfg.search, catalog_pattern=catalog, judgments_pattern=(
+        common.pattern(cfg, cfg.search.judgments_pattern, "judgments")))
+    if cfg.random_init:
+        tf_keras.utils.set_random_seed(cfg.seed)
+        enc_cfg = dataclasses.replace(cfg.encoder, image_size=common.image_size(
+            cfg.encoder.image_size, cfg.data_dir))
+        table = embeddings.compute(encoder.Encoder(enc_cfg), catalog, None)
+        # This dir is the untrained encoder's own: its config says what was measured.
+        configs.save(cfg.model_dir, dataclasses.replace(cfg, encoder=enc_cfg, search=search))
+    else:  # cached beside the checkpoint for the CTR stages
+        table = embeddings.for_encoder(cfg.model_dir, catalog, queries_pattern(cfg))
+    embedded = table.catalog()
+    metrics = visual_search.evaluate(embedded, search)
+    visual_search.write_metrics(cfg.model_dir, metrics)
+    with tf.summary.create_file_writer(os.path.join(cfg.model_dir, "eval")).as_default():
+        for k, v in metrics.items():
+            tf.summary.scalar(f"visual_search/{k}", v, step=0)
+    images = pipeline.read_columns(catalog, "catalog", ("item_id", "image"))
+    if not np.array_equal(images["item_id"], embedded["item_id"]):
+        raise RuntimeError("catalog order changed between two reads")
+    log_dir = projector.write(os.path.join(cfg.model_dir, "projector"), embedded, images["image"],
+                              projector.style_labels(cfg.data_dir, embedded["item_id"]),
+                              seed=cfg.seed)
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}))
+    print(f"wrote {os.path.join(cfg.model_dir, 'metrics.json')} and a projector in {log_dir} "
+          f"(tensorboard --logdir {log_dir})")
+
+
+def queries_pattern(cfg: configs.StageConfig, given: str = "") -> str:
+    """The query photos to embed beside the catalog: `given`, else the data dir's if it has
+    any ('' if not: a feed has no query photos)."""
+    file_pattern = common.pattern(cfg, given, "queries")
+    return file_pattern if given or common.has_files(file_pattern) else ""
