@@ -9,6 +9,8 @@ export TF_USE_LEGACY_KERAS := 1
 
 SEEDS ?= 0
 RUNS ?= runs
+# Test processes: a test file runs whole on one of them (its module fixtures are built once).
+TEST_WORKERS ?= 2
 
 .PHONY: demo test lint repro-visual repro-ctr repro-courier sweep-tau bench-input bench-serving bench-train export validate docs lock clean
 
@@ -90,7 +92,7 @@ sweep-tau: $(VENV)/.installed $(DATA)/$(WORLD)/manifest.json
 	  --out_dir=$(RUNS)/courier --seeds=$(shell echo $(SEEDS) | tr ' ' ',')
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 # ruff (E, F, I, B, UP; line length 100) over the code, mypy (check_untyped_defs) over trainer/.
 lint: $(VENV)/.installed

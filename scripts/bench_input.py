@@ -14,9 +14,11 @@ import argparse
 import os
 import time
 
+import trainer  # noqa: F401
+
+# isort: split
 import tensorflow as tf
 
-import trainer  # noqa: F401
 from trainer.data import augment, pipeline, records
 from trainer.synth import marketplace
 

@@ -17,10 +17,12 @@ import argparse
 import tempfile
 import time
 
+import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
+
+# isort: split
 import numpy as np
 import tensorflow as tf
 
-import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
 from export import common
 from export import ctr as export_ctr
 from export import encoder as export_encoder

@@ -15,10 +15,12 @@ import argparse
 import dataclasses
 import time
 
+import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
+
+# isort: split
 import tensorflow as tf
 from bench_input import images_per_second
 
-import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
 from trainer import configs
 from trainer.data import records
 from trainer.models import courier, encoder, pretrain

@@ -33,12 +33,14 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
+
+# isort: split
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import tensorflow as tf
 
-import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
 from trainer.data import ctr_spec, records, schema
 
 log = logging.getLogger("convert_parquet")

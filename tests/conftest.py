@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import os
 
+import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
+
+# isort: split
 import numpy as np
 import pytest
 import tensorflow as tf
-
-import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
 
 # Two logical CPU devices, so distribution tests can run MirroredStrategy on one machine. This must
 # happen before TensorFlow initialises its devices, i.e. at import of the test session.

@@ -78,7 +78,7 @@ def test_the_readme_section_runs_as_written(tiny_world, tmp_path):
            "PATH": f"{venv_bin}{os.pathsep}{os.environ['PATH']}"}
     setup, *commands = [line for line in readme_block("COMMANDS").splitlines()
                         if line.strip() and not line.startswith("#")]
-    assert setup.startswith("DATA=") and len(commands) == 12
+    assert setup.startswith("DATA=") and len(commands) == 11
     for line in commands:
         stage = re.search(r"trainer\.task --stage=(\w+)", line)
         budget = BUDGETS.get(stage.group(1), []) if stage else []
@@ -87,7 +87,7 @@ def test_the_readme_section_runs_as_written(tiny_world, tmp_path):
                              capture_output=True, timeout=600)
         assert out.returncode == 0, (line, out.stderr[-3000:])
         if "--stage=validate" in line:
-            assert "ctr: 12000 records in 8 files, 0 bad" in out.stdout
+            assert "ctr: 16000 records in 12 files, 0 bad" in out.stdout  # 8 + 4 shards
         if line.startswith("saved_model_cli"):
             shown = out.stdout
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import types
 import typing
 from typing import Any, TypeVar
 
@@ -37,6 +38,16 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A configuration that does not fit its tree; the message names the key's path."""
+
+
+def _is_optional(hint: Any) -> bool:
+    """`Optional[X]` or `X | None`."""
+    return (typing.get_origin(hint) in (typing.Union, types.UnionType)
+            and type(None) in typing.get_args(hint))
+
+
+def _strip_optional(hint: Any) -> Any:
+    return next(a for a in typing.get_args(hint) if a is not type(None))
 
 
 def _choices(*values: str, default: str) -> Any:
@@ -641,10 +652,10 @@ def apply(cfg: T, d: Any, path: str = "", source: str = "") -> T:
 def _value(hint: Any, value: Any, current: Any, path: str, field: Any, where: str) -> Any:
     """`value` checked against `hint` (and the field's choices)."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is typing.Union:  # Optional[X]
+    if _is_optional(hint):
         if value is None:
             return None
-        hint = next(a for a in args if a is not type(None))
+        hint = _strip_optional(hint)
         origin, args = typing.get_origin(hint), typing.get_args(hint)
     if dataclasses.is_dataclass(hint):
         section: Any = hint
@@ -728,8 +739,7 @@ def override(cfg: T, path: str, value: Any) -> T:
     if isinstance(value, str):
         parsed = _parse_text(value)
         leaf = _leaf_hint(cfg, path)
-        if leaf is str or (leaf is not None and typing.get_origin(leaf) is typing.Union
-                           and str in typing.get_args(leaf)):
+        if leaf is str or (_is_optional(leaf) and _strip_optional(leaf) is str):
             parsed = value  # a string field takes the text as it is
         elif leaf in (tuple, list) or typing.get_origin(leaf) in (tuple, list):
             parsed = parsed if isinstance(parsed, list) else [parsed]
@@ -752,22 +762,23 @@ def _leaf_hint(cfg: Any, path: str) -> Any:
             return None
         hint = hints[key]
         node_type = hint
-        if typing.get_origin(hint) is typing.Union:
-            node_type = next(a for a in typing.get_args(hint) if a is not type(None))
+        if _is_optional(hint):
+            node_type = _strip_optional(hint)
     return hint
 
 
-def read_file(path: str) -> dict:
-    """A YAML or JSON file as a mapping (YAML is a superset of JSON)."""
+def read_file(path: str, what: str = "config") -> dict:
+    """A YAML or JSON file (YAML is a superset of JSON) holding a mapping; `what` it is names it
+    in errors."""
     if not tf.io.gfile.exists(path):
-        raise FileNotFoundError(f"config file {path} does not exist")
+        raise FileNotFoundError(f"{what} file {path} does not exist")
     with tf.io.gfile.GFile(path) as f:
         try:
             d = yaml.safe_load(f.read())
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not YAML or JSON: {e}") from None
     if not isinstance(d, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
+        raise ConfigError(f"{path}: a {what} file holds a mapping at the top level")
     return d
 
 

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import typing
 from typing import Any, Optional
 
 import numpy as np
@@ -55,6 +56,7 @@ import tensorflow as tf
 import yaml
 from tensorflow.core.example import example_pb2
 
+from trainer import configs
 from trainer.data import schema
 
 SPECS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "specs")
@@ -282,14 +284,10 @@ def load(name_or_path: str) -> CtrSpec:
             known = sorted(os.path.splitext(f)[0] for f in os.listdir(SPECS_DIR))
             raise SpecError(f"no feature spec '{name_or_path}': neither a file nor a built-in "
                             f"spec ({', '.join(known)})")
-    if not tf.io.gfile.exists(path):
-        raise FileNotFoundError(f"feature spec file {path} does not exist")
-    with tf.io.gfile.GFile(path) as f:
-        try:
-            d = yaml.safe_load(f.read())
-        except yaml.YAMLError as e:
-            raise SpecError(f"{path}: not YAML or JSON: {e}") from None
-    return parse(d, path)
+    try:
+        return parse(configs.read_file(path, "feature spec"), path)
+    except configs.ConfigError as e:  # not YAML, or not a mapping
+        raise SpecError(str(e)) from None
 
 
 def parse(d: Any, source: str = "<spec>") -> CtrSpec:
@@ -333,16 +331,18 @@ def _feature(x: Any, i: int, source: str) -> CtrFeature:
     if unknown:
         raise SpecError(f"{where} ({kind}): unknown key(s) {sorted(unknown)}; it takes "
                         f"{', '.join(sorted(KEYS[kind]))}")
-    hints = {f.name: f.type for f in dataclasses.fields(CtrFeature)}
+    hints = typing.get_type_hints(CtrFeature)
     values = {}
     for key, value in x.items():
         want = hints[key]
-        ok = {"str": isinstance(value, str), "bool": isinstance(value, bool),
-              "int": isinstance(value, int) and not isinstance(value, bool),
-              "Optional[float]": value is None or (isinstance(value, (int, float))
-                                                   and not isinstance(value, bool))}[str(want)]
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = (isinstance(value, bool) if want is bool
+              else isinstance(value, int) and not isinstance(value, bool) if want is int
+              else isinstance(value, str) if want is str
+              else value is None or number)  # an optional number
         if not ok:
-            raise SpecError(f"{where}: '{key}' must be {want}, got {value!r}")
+            kind = want.__name__ if want in (bool, int, str) else "a number or null"
+            raise SpecError(f"{where}: '{key}' must be {kind}, got {value!r}")
         values[key] = value
     return CtrFeature(**values)
 
