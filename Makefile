@@ -12,7 +12,7 @@ RUNS ?= runs
 # Test processes: a test file runs whole on one of them (its module fixtures are built once).
 TEST_WORKERS ?= 2
 
-.PHONY: demo test lint repro-visual repro-ctr repro-courier sweep-tau bench-input bench-serving bench-train export validate docs lock clean
+.PHONY: demo test lint repro-visual repro-ctr repro-courier sweep-tau bench-input bench-convert bench-serving bench-train export validate docs lock clean
 
 $(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -98,6 +98,10 @@ test: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check trainer export scripts tests
 	$(VENV)/bin/mypy
+
+# Peak memory of the Parquet converter on N and 4N rows (their ratio: 1.0 = it does not grow).
+bench-convert: $(VENV)/.installed
+	$(PY) scripts/bench_convert.py
 
 bench-input: $(VENV)/.installed $(DATA)/$(WORLD)/manifest.json
 	$(PY) scripts/bench_input.py --data_dir=$(DATA)/$(WORLD)
