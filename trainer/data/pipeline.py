@@ -97,14 +97,16 @@ def shard_files(files: Sequence[str], input_context: Optional[tf.distribute.Inpu
     return list(files[i::n])
 
 
-def read_columns(pattern: str, kind: str | schema.RecordKind, columns: Sequence[str]) -> dict:
+def read_columns(pattern: str, kind: str | schema.RecordKind, columns: Sequence[str],
+                 skip_bad_records: bool = False) -> dict:
     """One ordered pass over every record: {column: numpy array}, images left encoded. Only the
-    columns asked for are parsed (a list's `<name>_mask` comes with it)."""
+    columns asked for are parsed (a list's `<name>_mask` comes with it); bad records fail named,
+    or are skipped (counted and logged) with `skip_bad_records`."""
     parsed = tuple(dict.fromkeys(c[:-len("_mask")] if c.endswith("_mask") else c
                                  for c in columns))
     cfg = InputConfig(pattern, kind, global_batch_size=1024, decode_images=False,
                       shuffle=False, repeat=False, drop_remainder=False, deterministic=True,
-                      features=parsed)
+                      features=parsed, skip_bad_records=skip_bad_records)
     pipe = InputPipeline(cfg)
     parts: dict = {c: [] for c in columns}
     with pipe.errors_named():
@@ -114,9 +116,10 @@ def read_columns(pattern: str, kind: str | schema.RecordKind, columns: Sequence[
     return {c: np.concatenate(v) if v else np.zeros([0]) for c, v in parts.items()}
 
 
-def load_image_store(catalog_pattern: str) -> parse.ImageStore:
-    """Reads every catalog record's item id and encoded image into an `ImageStore`."""
-    cols = read_columns(catalog_pattern, "catalog", ("item_id", "image"))
+def load_image_store(catalog_pattern: str, skip_bad_records: bool = False) -> parse.ImageStore:
+    """Reads every catalog record's item id and encoded image into an `ImageStore` (bad catalog
+    records fail named, or are skipped with `skip_bad_records`)."""
+    cols = read_columns(catalog_pattern, "catalog", ("item_id", "image"), skip_bad_records)
     log.info("image store: %d catalog images", len(cols["item_id"]))
     return parse.ImageStore(cols["item_id"], cols["image"].tolist())
 
@@ -140,7 +143,7 @@ class InputPipeline:
         self.files = list_files(cfg.file_pattern)
         if image_store is None and cfg.catalog_pattern and cfg.decode_images and any(
                 self.kind.feature(n).image for n in self.kind.joinable_images):
-            image_store = load_image_store(cfg.catalog_pattern)
+            image_store = load_image_store(cfg.catalog_pattern, cfg.skip_bad_records)
         self.image_store = image_store
         self.parser = parse.RecordParser(self.kind, cfg.image_size, image_store,
                                          features=cfg.features, decode=cfg.decode_images)
@@ -158,8 +161,7 @@ class InputPipeline:
             report = validate.scan(files, self.parser)
             for bad in report.bad:
                 log.warning("skipping bad record: %s", bad)
-            log.warning("skip_bad_records: %d bad records skipped of %d scanned in %d files",
-                        report.skipped, report.records, len(files))
+            log.warning("skip_bad_records: %s: skipped", report.summary(len(files)))
             self.scan_reports[key] = report
         return self.scan_reports[key]
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import struct
 from typing import Iterator, Optional, Sequence
 
 import tensorflow as tf
@@ -151,18 +152,92 @@ def _read(path: str, start: int = 0, batch: int = 1) -> Iterator[tuple[int, list
         index += len(recs)
 
 
+def _crc32c_table() -> list:
+    table = []
+    for n in range(256):
+        c = n
+        for _ in range(8):
+            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1  # Castagnoli, reflected
+        table.append(c)
+    return table
+
+
+_CRC32C = _crc32c_table()
+
+
+def _masked_crc32c(data: bytes) -> int:
+    """The TFRecord framing checksum: CRC-32C, rotated right by 15 and offset."""
+    c = 0xFFFFFFFF
+    for b in data:
+        c = _CRC32C[(c ^ b) & 0xFF] ^ (c >> 8)
+    c ^= 0xFFFFFFFF
+    return (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+RESYNC_BYTES = 64 << 20  # how far past a corrupt frame header the next valid one is looked for
+
+
+def frames_after(path: str, index: int) -> int | None:
+    """How many records follow record `index` (a corrupt or truncated frame) in an uncompressed
+    TFRecord file: the records lost with it, since TensorFlow's reader stops there. Walks the
+    frame headers (length and its checksum); past a corrupt header, the next valid one is
+    searched for byte by byte. None for a compressed file, or when no valid header follows
+    within `RESYNC_BYTES`."""
+    if compression_of(path):
+        return None
+    with tf.io.gfile.GFile(path, "rb") as f:
+        data = f.read()
+    size, pos, i, after = len(data), 0, 0, 0
+
+    def valid(at: int) -> bool:
+        head = data[at:at + 12]
+        if len(head) < 12 or struct.unpack("<I", head[8:])[0] != _masked_crc32c(head[:8]):
+            return False
+        return at + 16 + struct.unpack("<Q", head[:8])[0] <= size
+
+    while pos + 12 <= size:
+        if not valid(pos):
+            if i <= index:  # the corrupt frame itself: skip to the next valid header
+                pos += 1
+                limit = min(size, pos + RESYNC_BYTES)
+                while pos < limit and not valid(pos):
+                    pos += 1
+                if pos >= limit:
+                    return None if limit < size else after
+                i = index + 1
+                continue
+            return None if i > index + 1 else after  # a second corruption: count unknown
+        if i > index:
+            after += 1
+        pos += 16 + struct.unpack("<Q", data[pos:pos + 8])[0]
+        i += 1
+    return after
+
+
 @dataclasses.dataclass
 class ScanReport:
     """Result of scanning files: the bad records and, per file with a corrupt frame, how many
-    records before it are readable (the rest of that file cannot be read)."""
+    records before it are readable and how many after it are lost with it (TensorFlow's reader
+    cannot go past it; None: not countable, a compressed file)."""
 
     bad: list
     readable: dict
     records: int = 0
+    lost: dict = dataclasses.field(default_factory=dict)
 
     @property
     def skipped(self) -> int:
-        return len(self.bad)
+        """Records left out: the bad ones and the countable ones lost after corrupt frames."""
+        return len(self.bad) + sum(n for n in self.lost.values() if n)
+
+    def summary(self, files: int) -> str:
+        """E.g. '8 records in 1 files, 1 bad, 4 unreadable after a corrupt frame'."""
+        lost = sum(n for n in self.lost.values() if n)
+        uncounted = sum(n is None for n in self.lost.values())
+        return (f"{self.records + lost} records in {files} files, {len(self.bad)} bad"
+                + (f", {lost} unreadable after a corrupt frame" if lost else "")
+                + (f", and the rest of {uncounted} files after a corrupt frame (not countable)"
+                   if uncounted else ""))
 
 
 def scan_file(path: str, diagnoser: Diagnoser, report: ScanReport, stop_at_first: bool = False,
@@ -173,10 +248,15 @@ def scan_file(path: str, diagnoser: Diagnoser, report: ScanReport, stop_at_first
             # The frame error is somewhere in this batch: find the exact record one by one.
             for index, one, err in _read(path, start, batch=1):
                 if err:
+                    lost = frames_after(path, index)
+                    rest = ("not countable: compressed" if lost is None and compression_of(path)
+                            else "not countable" if lost is None else f"{lost} records")
                     report.bad.append(BadRecord(path, index, "<record>",
                                                 f"corrupt or truncated TFRecord frame ({err}); "
-                                                "the rest of the file is unreadable"))
+                                                f"the rest of the file ({rest}) is unreadable"))
                     report.readable[path] = index
+                    report.lost[path] = lost
+                    report.records += 1  # the corrupt one
                     return
                 if _diagnose_batch(path, index, one, diagnoser, report, stop_at_first):
                     return

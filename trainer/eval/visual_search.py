@@ -25,10 +25,11 @@ from trainer.data import pipeline
 log = logging.getLogger(__name__)
 
 
-def load_judgments(pattern: str) -> tuple[np.ndarray, list]:
+def load_judgments(pattern: str, skip_bad_records: bool = False) -> tuple[np.ndarray, list]:
     """(query item ids [Q], relevant item ids per query)."""
     cols = pipeline.read_columns(pattern, "judgments",
-                                 ("query_item_id", "relevant_item_ids", "relevant_item_ids_mask"))
+                                 ("query_item_id", "relevant_item_ids", "relevant_item_ids_mask"),
+                                 skip_bad_records)
     relevant = [row[mask] for row, mask in zip(
         cols["relevant_item_ids"], cols["relevant_item_ids_mask"].astype(bool), strict=True)]
     return cols["query_item_id"], relevant
@@ -82,11 +83,23 @@ def search_metrics(neighbours: np.ndarray, queries: np.ndarray, relevant: Sequen
     return out
 
 
-def evaluate(catalog: dict, cfg: SearchEvalConfig) -> dict:
+def evaluate(catalog: dict, cfg: SearchEvalConfig, skip_bad_records: bool = False) -> dict:
     """Metrics of an embedded catalog ({'item_id', 'category_id', 'impressions_30d',
-    'embedding' [N, D]}, e.g. `EmbeddingTable.catalog()`) on the judged visual-search queries."""
-    query_ids, relevant_ids = load_judgments(cfg.judgments_pattern)
+    'embedding' [N, D]}, e.g. `EmbeddingTable.catalog()`) on the judged visual-search queries.
+    With `skip_bad_records`, bad judgment records are skipped, and so are judged items missing
+    from the catalog (its own bad records were skipped): counted and logged."""
+    query_ids, relevant_ids = load_judgments(cfg.judgments_pattern, skip_bad_records)
     row_of = {int(i): r for r, i in enumerate(catalog["item_id"])}
+    if skip_bad_records:
+        known = np.array([int(q) in row_of for q in query_ids], bool)
+        kept = [np.array([i for i in r if int(i) in row_of], np.int64) for r in relevant_ids]
+        dropped = int((~known).sum()) + sum(len(r) - len(k) for r, k in zip(
+            relevant_ids, kept, strict=True))
+        if dropped:
+            log.warning("skip_bad_records: %d judged item ids are not in the catalog %s "
+                        "(skipped)", dropped, cfg.catalog_pattern)
+        query_ids = query_ids[known]
+        relevant_ids = [k for k, ok in zip(kept, known, strict=True) if ok]
 
     def rows(ids, what):
         missing = [int(i) for i in ids if int(i) not in row_of]

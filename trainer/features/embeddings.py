@@ -54,12 +54,14 @@ class EmbeddingTable:
 
 
 def embed_records(encoder: encoder_lib.Encoder, pattern: str, kind: str, columns: Sequence[str],
-                  batch_size: int = 256) -> dict:
+                  batch_size: int = 256, skip_bad_records: bool = False) -> dict:
     """One ordered pass over the records of `kind` (whose image feature is `image`): the given
-    columns and 'embedding' [N, D], in file order."""
+    columns and 'embedding' [N, D], in file order (bad records skipped with `skip_bad_records`:
+    their ids get no vector)."""
     cfg = pipeline.InputConfig(pattern, kind, global_batch_size=batch_size,
                                image_size=encoder.cfg.image_size, shuffle=False, repeat=False,
-                               drop_remainder=False, deterministic=True)
+                               drop_remainder=False, deterministic=True,
+                               skip_bad_records=skip_bad_records)
     pipe = pipeline.InputPipeline(cfg)
     meta: dict = {k: [] for k in columns}
 
@@ -75,13 +77,16 @@ def embed_records(encoder: encoder_lib.Encoder, pattern: str, kind: str, columns
 
 
 def compute(encoder: encoder_lib.Encoder, catalog_pattern: str, queries_pattern: str | None,
-            batch_size: int = 256, source: str = "") -> EmbeddingTable:
+            batch_size: int = 256, source: str = "", skip_bad_records: bool = False
+            ) -> EmbeddingTable:
     """Embeds the catalog and (if given) the query photos."""
     t0 = time.time()
     cat = embed_records(encoder, catalog_pattern, "catalog",
-                        ("item_id", "category_id", "impressions_30d"), batch_size)
+                        ("item_id", "category_id", "impressions_30d"), batch_size,
+                        skip_bad_records)
     if queries_pattern:
-        q = embed_records(encoder, queries_pattern, "queries", ("query_id",), batch_size)
+        q = embed_records(encoder, queries_pattern, "queries", ("query_id",), batch_size,
+                          skip_bad_records)
     else:
         q = {"query_id": np.zeros([0], np.int64),
              "embedding": np.zeros([0, cat["embedding"].shape[1]], np.float32)}
@@ -120,7 +125,7 @@ def _source(model_dir: str, catalog_pattern: str, queries_pattern: str | None) -
 
 
 def for_encoder(model_dir: str, catalog_pattern: str, queries_pattern: str | None,
-                batch_size: int = 256) -> EmbeddingTable:
+                batch_size: int = 256, skip_bad_records: bool = False) -> EmbeddingTable:
     """The embedding table of the trained encoder in `model_dir`: from its cache when that was
     computed from the same checkpoint and files, else computed (and cached)."""
     path = os.path.join(model_dir, FILE)
@@ -131,7 +136,7 @@ def for_encoder(model_dir: str, catalog_pattern: str, queries_pattern: str | Non
             return table
         log.info("%s is stale (other checkpoint or files); recomputing", path)
     table = compute(encoder_lib.restore(model_dir), catalog_pattern, queries_pattern, batch_size,
-                    source)
+                    source, skip_bad_records)
     save(table, path)
     print(f"embedded {len(table.item_id)} catalog images and {len(table.query_id)} queries with "
           f"the encoder of {model_dir} -> {path}")

@@ -29,7 +29,8 @@ class ClassifyTask(loop.Task):
     def __init__(self, cfg: ClassifyConfig, encoder_cfg: EncoderConfig, train_cfg: TrainConfig,
                  skip_bad_records: bool = False):
         self.cfg, self.encoder_cfg, self.train_cfg = cfg, encoder_cfg, train_cfg
-        cats = pipeline.read_columns(cfg.catalog_pattern, "catalog", ("category_id",))
+        cats = pipeline.read_columns(cfg.catalog_pattern, "catalog", ("category_id",),
+                                     skip_bad_records)
         self.categories = np.unique(cats["category_id"]).astype(np.int64)
         input_cfg = pipeline.InputConfig(
             cfg.catalog_pattern, "catalog", global_batch_size=train_cfg.global_batch_size,

@@ -38,7 +38,7 @@ import tensorflow as tf
 import tf_keras
 
 from trainer.configs import CourierConfig, EncoderConfig, TrainConfig
-from trainer.data import parse, pipeline
+from trainer.data import pipeline
 from trainer.models import contrastive
 from trainer.models import encoder as encoder_lib
 from trainer.train import loop
@@ -162,8 +162,7 @@ class CourierTask(loop.Task):
         self.cfg, self.encoder_cfg, self.train_cfg = cfg, encoder_cfg, train_cfg
         store = None
         if cfg.catalog_pattern:
-            catalog = pipeline.read_columns(cfg.catalog_pattern, "catalog", ("item_id", "image"))
-            store = parse.ImageStore(catalog["item_id"], catalog["image"].tolist())
+            store = pipeline.load_image_store(cfg.catalog_pattern, skip_bad_records)
         # No augmentation: a recommender's images are shown as they are (§3.5).
         self.pipe = pipeline.InputPipeline(pipeline.InputConfig(
             cfg.pageviews_pattern, "pageviews", global_batch_size=train_cfg.global_batch_size,

@@ -101,7 +101,7 @@ class FinetuneTask(loop.Task):
         self.cfg, self.encoder_cfg, self.train_cfg = cfg, encoder_cfg, train_cfg
         size = encoder_cfg.image_size
         catalog = pipeline.read_columns(cfg.catalog_pattern, "catalog",
-                                        ("item_id", "category_id", "image"))
+                                        ("item_id", "category_id", "image"), skip_bad_records)
         self.store = parse.ImageStore(catalog["item_id"], catalog["image"].tolist())
         self.pool = CategoryNegativePool(catalog["item_id"], catalog["category_id"], self.store,
                                          size)

@@ -36,10 +36,12 @@ def resolve_images(cfg: configs.CtrStage | configs.ClusterStage) -> configs.Imag
                       and cfg.ctr.debias is not None else images.s1_model_dir))
 
 
-def image_table(images: configs.ImageSourceConfig, model_dir: str) -> embeddings.EmbeddingTable:
+def image_table(images: configs.ImageSourceConfig, model_dir: str,
+                skip_bad_records: bool = False) -> embeddings.EmbeddingTable:
     """The embedding table of the encoder in `model_dir` over the source's images (cached)."""
     return embeddings.for_encoder(model_dir, images.catalog_pattern,
-                                  images.queries_pattern or None)
+                                  images.queries_pattern or None,
+                                  skip_bad_records=skip_bad_records)
 
 
 def run_ctr(cfg: configs.CtrStage) -> None:
@@ -58,16 +60,16 @@ def run_ctr(cfg: configs.CtrStage) -> None:
         spec.check_files(pipeline.list_files(file_pattern))
     images = positives = centroids = None
     if cfg.images.encoder != "none":
-        images = image_table(cfg.images, cfg.images.model_dir)
+        images = image_table(cfg.images, cfg.images.model_dir, cfg.skip_bad_records)
         item_id, impressions = images.item_id, images.impressions_30d
     else:
         cols = pipeline.read_columns(cfg.images.catalog_pattern, "catalog",
-                                     ("item_id", "impressions_30d"))
+                                     ("item_id", "impressions_30d"), cfg.skip_bad_records)
         item_id, impressions = cols["item_id"], cols["impressions_30d"]
     if cfg.ctr.debias is not None:
         assert images is not None
         d = cfg.ctr.debias
-        s1 = image_table(cfg.images, cfg.images.s1_model_dir)  # shares the cache
+        s1 = image_table(cfg.images, cfg.images.s1_model_dir, cfg.skip_bad_records)
         if not np.array_equal(s1.item_id, images.item_id):
             raise RuntimeError("the S1 and image-feature tables list the catalog differently")
         positives = debias.mine_positives(s1.item_vector, s1.category_id, s1.impressions_30d,
@@ -103,7 +105,7 @@ def run_cluster(cfg: configs.ClusterStage) -> None:
                                 "--image_features with --encoders_dir")
     images = resolve_images(cfg)
     model_dir = cfg.model_dir or images.model_dir
-    table = image_table(images, images.model_dir)
+    table = image_table(images, images.model_dir, cfg.skip_bad_records)
     t0 = time.time()
     path = os.path.join(model_dir, ctr_task.CLUSTERS)
     if tf.io.gfile.exists(path):

@@ -143,8 +143,7 @@ def run_validate(cfg: configs.ValidateStage) -> None:
         report = validate.scan(files, parser)
         for bad in report.bad:
             print(f"BAD {bad}")
-        print(f"{kind.name}: {report.records} records in {len(files)} files, {report.skipped} "
-              f"bad ({time.time() - t0:.1f}s)")
+        print(f"{kind.name}: {report.summary(len(files))} ({time.time() - t0:.1f}s)")
         total_bad += report.skipped
     if total_bad:
         sys.exit(1)

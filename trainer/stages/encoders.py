@@ -68,18 +68,21 @@ def run_eval_search(cfg: configs.EvalSearchStage) -> None:
         tf_keras.utils.set_random_seed(cfg.seed)
         enc_cfg = dataclasses.replace(cfg.encoder, image_size=common.image_size(
             cfg.encoder.image_size, cfg.data_dir))
-        table = embeddings.compute(encoder.Encoder(enc_cfg), catalog, None)
+        table = embeddings.compute(encoder.Encoder(enc_cfg), catalog, None,
+                                   skip_bad_records=cfg.skip_bad_records)
         # This dir is the untrained encoder's own: its config says what was measured.
         configs.save(cfg.model_dir, dataclasses.replace(cfg, encoder=enc_cfg, search=search))
     else:  # cached beside the checkpoint for the CTR stages
-        table = embeddings.for_encoder(cfg.model_dir, catalog, queries_pattern(cfg))
+        table = embeddings.for_encoder(cfg.model_dir, catalog, queries_pattern(cfg),
+                                       skip_bad_records=cfg.skip_bad_records)
     embedded = table.catalog()
-    metrics = visual_search.evaluate(embedded, search)
+    metrics = visual_search.evaluate(embedded, search, cfg.skip_bad_records)
     visual_search.write_metrics(cfg.model_dir, metrics)
     with tf.summary.create_file_writer(os.path.join(cfg.model_dir, "eval")).as_default():
         for k, v in metrics.items():
             tf.summary.scalar(f"visual_search/{k}", v, step=0)
-    images = pipeline.read_columns(catalog, "catalog", ("item_id", "image"))
+    images = pipeline.read_columns(catalog, "catalog", ("item_id", "image"),
+                                   cfg.skip_bad_records)
     if not np.array_equal(images["item_id"], embedded["item_id"]):
         raise RuntimeError("catalog order changed between two reads")
     log_dir = projector.write(os.path.join(cfg.model_dir, "projector"), embedded, images["image"],

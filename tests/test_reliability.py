@@ -1,0 +1,102 @@
+"""Issue 16: bad input, reused directories and faults lose nothing and are never silent. One test
+(or a few) per numbered defect of the issue."""
+import logging
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, raw_records, write_records
+from trainer import configs
+from trainer.ctr.tables import Vocabularies
+from trainer.data import ctr_spec, pipeline, records, validate
+from trainer.models import classify, courier, finetune
+
+ENV = dict(os.environ, PYTHONPATH=REPO)
+BAD = 3
+GARBAGE = b"\x0a\xff\xff not an Example"  # a valid TFRecord frame around bytes that do not parse
+
+
+@pytest.fixture(scope="module")
+def broken_world(tiny_world, tmp_path_factory) -> str:
+    """The tiny world with record 3 of the first catalog shard and of the first ctr train shard
+    replaced by garbage."""
+    d = str(tmp_path_factory.mktemp("broken") / "world")
+    shutil.copytree(tiny_world, d)
+    for kind, split in (("catalog", "all"), ("ctr", "train")):
+        path = pipeline.list_files(records.default_pattern(d, kind, split))[0]
+        recs = raw_records(path)
+        recs[BAD] = GARBAGE
+        write_records(path, recs)
+    return d
+
+
+# 1. --skip_bad_records reaches every read of the input, not only the training stream.
+
+def test_every_input_read_skips_bad_records_when_asked(broken_world, caplog):
+    catalog = records.default_pattern(broken_world, "catalog")
+    with pytest.raises(validate.BadRecordError, match="--skip_bad_records"):
+        pipeline.read_columns(catalog, "catalog", ("item_id",))
+    with caplog.at_level(logging.WARNING):
+        ids = pipeline.read_columns(catalog, "catalog", ("item_id",), skip_bad_records=True)
+    assert "1 bad: skipped" in caplog.text
+    store = pipeline.load_image_store(catalog, skip_bad_records=True)
+    assert store.size == len(ids["item_id"])
+
+    train = configs.TrainConfig(global_batch_size=8)
+    enc = configs.EncoderConfig(depth=10, width_multiplier=0.25, image_size=32, feature_dim=16)
+    sessions = records.default_pattern(broken_world, "search_sessions", "train")
+    pageviews = records.default_pattern(broken_world, "pageviews", "train")
+    makers = {
+        "finetune": lambda skip: finetune.FinetuneTask(configs.FinetuneConfig(
+            catalog_pattern=catalog, sessions_pattern=sessions), enc, train, skip),
+        "courier": lambda skip: courier.CourierTask(configs.CourierConfig(
+            catalog_pattern=catalog, pageviews_pattern=pageviews), enc, train, skip),
+        "classify": lambda skip: classify.ClassifyTask(configs.ClassifyConfig(
+            catalog_pattern=catalog), enc, train, skip),
+    }
+    for name, make in makers.items():
+        with pytest.raises(validate.BadRecordError, match="--skip_bad_records"):
+            make(False)
+            pytest.fail(f"{name} read the bad catalog record without an error")
+        make(True)  # builds its catalog reads without the bad record
+
+    spec = ctr_spec.load("synthetic")
+    ctr_train = records.default_pattern(broken_world, "ctr", "train")
+    with pytest.raises(validate.BadRecordError):
+        Vocabularies.from_training_data(ctr_train, spec)
+    assert len(Vocabularies.from_training_data(ctr_train, spec, skip_bad_records=True).ids[
+        "item_id"]) > 0
+
+
+def test_the_ctr_stage_trains_past_bad_records_with_the_flag(broken_world, tmp_path):
+    base = [sys.executable, "-m", "trainer.task", "--stage=ctr", f"--data_dir={broken_world}",
+            "--train_steps=3", "--batch_size=64", "--log_interval=1"]
+    out = subprocess.run(base + [f"--model_dir={tmp_path / 'strict'}"], cwd=REPO, env=ENV,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode != 0 and f"record {BAD}" in out.stderr, out.stderr[-2000:]
+    out = subprocess.run(base + [f"--model_dir={tmp_path / 'skip'}", "--skip_bad_records"],
+                         cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "1 bad: skipped" in out.stderr
+    assert os.path.exists(tmp_path / "skip" / "metrics.json")
+
+
+def test_records_lost_after_a_corrupt_frame_are_counted(tiny_world, tmp_path):
+    good = raw_records(records.default_pattern(tiny_world, "catalog"))[:8]
+    offsets = [sum(16 + len(r) for r in good[:i]) for i in range(len(good))]
+    # A flipped data byte (the frame's length is intact) and a flipped length byte (the reader
+    # has to search for the next valid frame header).
+    for name, at in (("data", offsets[BAD] + 12 + 20), ("length", offsets[BAD] + 2)):
+        path = write_records(str(tmp_path / f"{name}.tfrecord"), good)
+        data = bytearray(open(path, "rb").read())
+        data[at] ^= 0xFF
+        open(path, "wb").write(bytes(data))
+        assert validate.frames_after(path, BAD) == len(good) - BAD - 1, name
+    # Truncated inside the last record: nothing follows it.
+    path = write_records(str(tmp_path / "cut.tfrecord"), good)
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:offsets[-1] + 30])
+    assert validate.frames_after(path, len(good) - 1) == 0
