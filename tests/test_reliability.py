@@ -100,3 +100,30 @@ def test_records_lost_after_a_corrupt_frame_are_counted(tiny_world, tmp_path):
     data = open(path, "rb").read()
     open(path, "wb").write(data[:offsets[-1] + 30])
     assert validate.frames_after(path, len(good) - 1) == 0
+
+
+# 2. A model dir belongs to one stage and one architecture: another is refused before anything
+#    is written.
+
+def test_a_trained_dir_refuses_another_stage_without_touching_it(tiny_world, tmp_path):
+    model_dir = str(tmp_path / "s1")
+    base = [sys.executable, "-m", "trainer.task", f"--data_dir={tiny_world}",
+            f"--model_dir={model_dir}", "--depth=10", "--width_multiplier=0.25",
+            "--feature_dim=16", "--batch_size=8", "--train_steps=1"]
+
+    def run(*args):
+        return subprocess.run(base + list(args), cwd=REPO, env=ENV, capture_output=True,
+                              text=True, timeout=300)
+
+    out = run("--stage=pretrain")
+    assert out.returncode == 0, out.stderr[-3000:]
+    path = os.path.join(model_dir, configs.FILE)
+    before = open(path, "rb").read()
+    listing = sorted(os.listdir(model_dir))
+    for stage, words in (("classify", "holds a 'pretrain' model"),
+                         ("ctr", "holds a 'pretrain' model")):
+        out = run(f"--stage={stage}")
+        assert out.returncode != 0 and words in out.stderr, (stage, out.stderr[-2000:])
+        assert open(path, "rb").read() == before, stage
+        assert sorted(os.listdir(model_dir)) == listing, stage
+    assert isinstance(configs.load(model_dir), configs.PretrainStage)
