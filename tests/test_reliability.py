@@ -127,3 +127,18 @@ def test_a_trained_dir_refuses_another_stage_without_touching_it(tiny_world, tmp
         assert open(path, "rb").read() == before, stage
         assert sorted(os.listdir(model_dir)) == listing, stage
     assert isinstance(configs.load(model_dir), configs.PretrainStage)
+
+
+# 9. The documented model server is published on the loopback interface only.
+
+def test_documented_docker_runs_publish_on_loopback_only():
+    import re
+    docs = ["README.md", "serving_config/README.md", "docs/data_format.md"]
+    found = 0
+    for doc in docs:
+        text = open(os.path.join(REPO, doc)).read()
+        for ports in re.findall(r"docker run[^\n]*(?:\\\n[^\n]*)*", text):
+            found += 1
+            published = re.findall(r"-p\s+(\S+)", ports)
+            assert published and all(p.startswith("127.0.0.1:") for p in published), (doc, ports)
+    assert found
