@@ -142,3 +142,118 @@ def test_documented_docker_runs_publish_on_loopback_only():
             published = re.findall(r"-p\s+(\S+)", ports)
             assert published and all(p.startswith("127.0.0.1:") for p in published), (doc, ports)
     assert found
+
+
+# 6. Nonsense values are refused when the config is built or loaded; a non-finite loss stops the
+#    run with a named error and the last good checkpoint; the checkpoint interval is kept.
+
+def _config(*argv: str):
+    from trainer import task
+    try:
+        task.FLAGS(["trainer.task", *argv])
+        return task.build_config()
+    finally:
+        task.FLAGS.unparse_flags()
+
+
+@pytest.mark.parametrize("flag, words", [
+    ("--learning_rate=nan", "train.learning_rate: nan is not a finite number"),
+    ("--train_steps=-1", "train.steps: -1 is out of range (must be at least 1)"),
+    ("--batch_size=0", "train.global_batch_size: 0 is out of range (must be at least 1)"),
+    ("--log_interval=0", "train.log_interval: 0 is out of range (must be at least 1)"),
+    ("--temperature=0", "pretrain.temperature: 0.0 is out of range (must be greater than 0)"),
+    ("--set=pretrain.augment.flip_prob=1.5",
+     "pretrain.augment.flip_prob: 1.5 is out of range (must be between 0.0 and 1.0)"),
+])
+def test_nonsense_values_are_refused_naming_the_key(flag, words):
+    with pytest.raises(configs.ConfigError) as e:
+        _config("--stage=pretrain", flag)
+    assert words in str(e.value)
+
+
+def test_a_model_dir_with_a_nonsense_config_is_refused_on_load(tmp_path):
+    import json
+    path = configs.save(str(tmp_path), configs.for_stage("pretrain"))
+    d = json.load(open(path))
+    d["train"]["steps"] = 0
+    json.dump(d, open(path, "w"))
+    with pytest.raises(configs.ConfigError, match="train.steps: 0 is out of range"):
+        configs.load(str(tmp_path))
+
+
+class _Toy:
+    """A one-weight model trained on x = 1, whose input turns infinite from example `bad_from`."""
+
+    def __new__(cls, bad_from: int):
+        import tensorflow as tf
+        import tf_keras
+
+        from trainer.train import loop
+
+        class Toy(loop.Task):
+            name = "toy"
+
+            def build_model(self):
+                model = tf_keras.Sequential([tf_keras.layers.Dense(1, use_bias=False)])
+                model.build([None, 1])
+                return model
+
+            def build_inputs(self, input_context=None):
+                i = tf.data.Dataset.range(10_000)
+                x = i.map(lambda i: tf.where(i >= bad_from, float("inf"), 1.0))
+                return x.map(lambda x: {"x": tf.reshape(x, [1, 1])})
+
+            def compute_loss(self, batch, training=True):
+                self.model_out = self.model(batch["x"])
+                return tf.reduce_mean(tf.square(self.model_out - 3.0)), {}
+
+        task = Toy()
+        original = task.build_model
+
+        def build():
+            task.model = original()
+            return task.model
+
+        task.build_model = build
+        return task
+
+
+def test_a_non_finite_loss_stops_the_run_keeping_the_last_good_checkpoint(tmp_path):
+    import numpy as np
+    import tensorflow as tf
+
+    from trainer.train import loop
+    cfg = configs.TrainConfig(steps=20, global_batch_size=1, learning_rate=0.01, warmup_steps=0,
+                              log_interval=2, checkpoint_interval=2, lr_schedule="constant")
+    with pytest.raises(loop.NonFiniteLossError, match=r"at step 7 .*ckpt-6"):
+        loop.run(_Toy(bad_from=6), cfg, str(tmp_path))
+    latest = tf.train.latest_checkpoint(str(tmp_path / "ckpt"))
+    assert latest.endswith("ckpt-6")
+    weights = tf.train.load_checkpoint(latest)
+    for name in weights.get_variable_to_shape_map():
+        value = weights.get_tensor(name)
+        if np.issubdtype(np.asarray(value).dtype, np.floating):
+            assert np.all(np.isfinite(value)), name
+
+
+def test_the_checkpoint_interval_is_kept_when_logs_are_rarer(tmp_path):
+    import tensorflow as tf
+
+    from trainer.train import loop
+    cfg = configs.TrainConfig(steps=12, global_batch_size=1, warmup_steps=0, log_interval=6,
+                              checkpoint_interval=2)
+    loop.run(_Toy(bad_from=10**9), cfg, str(tmp_path))
+    state = tf.train.get_checkpoint_state(str(tmp_path / "ckpt"))
+    steps = sorted(int(p.rsplit("-", 1)[1]) for p in state.all_model_checkpoint_paths)
+    assert steps == [8, 10, 12]  # the last 3 of every 2 steps (logging every 6 saved 6 and 12)
+
+
+def test_metrics_files_are_strict_json_with_non_finite_values_as_null(tmp_path, caplog):
+    import json
+
+    from trainer.eval import write_metrics
+    with caplog.at_level(logging.WARNING):
+        path = write_metrics(str(tmp_path), {"AUC": float("nan"), "GAUC": 0.6, "samples": 3})
+    text = open(path).read()
+    assert "NaN" not in text and json.loads(text) == {"AUC": None, "GAUC": 0.6, "samples": 3}
+    assert "['AUC'] are not finite" in caplog.text

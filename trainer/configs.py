@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import types
 import typing
@@ -782,6 +783,87 @@ def read_file(path: str, what: str = "config") -> dict:
     return d
 
 
+# Value rules, checked on every tree a run starts from or a model dir holds (`check`): every
+# float is finite, and these fields lie in their ranges. (low, high): inclusive bounds, None for
+# none; a field holding a tuple has each element checked.
+_AT_LEAST_1 = (1, None)
+_NON_NEGATIVE = (0, None)
+_PROBABILITY = (0.0, 1.0)
+_POSITIVE = (1e-12, None)
+RULES: dict[str, dict[str, tuple[Any, Any]]] = {
+    "StageConfig": {"logical_cpus": _NON_NEGATIVE},
+    "SynthStage": {"workers": _NON_NEGATIVE},
+    "InspectStage": {"batch_size": _AT_LEAST_1, "image_size": _NON_NEGATIVE},
+    "ValidateStage": {"image_size": _NON_NEGATIVE},
+    "TrainConfig": {"steps": _AT_LEAST_1, "global_batch_size": _AT_LEAST_1,
+                    "per_replica_batch_size": _NON_NEGATIVE, "learning_rate": _POSITIVE,
+                    "warmup_steps": _NON_NEGATIVE, "weight_decay": _NON_NEGATIVE,
+                    "momentum": (0.0, 1.0), "checkpoint_interval": _AT_LEAST_1,
+                    "log_interval": _AT_LEAST_1, "profile_steps": _NON_NEGATIVE},
+    "EncoderConfig": {"width_multiplier": _POSITIVE, "image_size": _NON_NEGATIVE,
+                      "feature_dim": _AT_LEAST_1, "batch_norm_momentum": _PROBABILITY},
+    "AugmentConfig": {"crop_area": (1e-6, 1.0), "crop_aspect": _POSITIVE,
+                      "flip_prob": _PROBABILITY, "jitter_prob": _PROBABILITY,
+                      "brightness": _NON_NEGATIVE, "contrast": _NON_NEGATIVE,
+                      "saturation": _NON_NEGATIVE, "hue": (0.0, 0.5),
+                      "greyscale_prob": _PROBABILITY},
+    "PretrainConfig": {"temperature": _POSITIVE},
+    "FinetuneConfig": {"pool_size": _AT_LEAST_1, "temperature": _POSITIVE},
+    "ClassifyConfig": {"label_smoothing": (0.0, 0.999)},
+    "SearchEvalConfig": {"ks": _AT_LEAST_1, "low_impressions": _NON_NEGATIVE},
+    "DebiasConfig": {"num_similar": _AT_LEAST_1, "low_impressions": _NON_NEGATIVE,
+                     "hidden_units": _AT_LEAST_1, "temperature": _POSITIVE,
+                     "loss_weight": _NON_NEGATIVE},
+    "CtrConfig": {"embedding_dim": _AT_LEAST_1, "hash_bins": _AT_LEAST_1,
+                  "min_count": _AT_LEAST_1, "history_dim": _AT_LEAST_1,
+                  "attention_heads": _AT_LEAST_1, "cross_layers": _NON_NEGATIVE,
+                  "cross_projection_dim": _AT_LEAST_1, "tower_units": _AT_LEAST_1,
+                  "cluster_embedding_dim": _NON_NEGATIVE},
+    "ClusterConfig": {"num_clusters": _NON_NEGATIVE, "items_per_cluster": _AT_LEAST_1,
+                      "iterations": _AT_LEAST_1, "max_points_per_centroid": _AT_LEAST_1,
+                      "restarts": _AT_LEAST_1},
+    "CourierConfig": {"temperature": _POSITIVE, "heads": _AT_LEAST_1},
+    "CatalogEmbedConfig": {"batch_size": _AT_LEAST_1, "chunk_records": _AT_LEAST_1,
+                           "num_workers": _NON_NEGATIVE, "nprobe": _AT_LEAST_1,
+                           "merge_timeout_seconds": _POSITIVE},
+}
+
+
+def _rules_of(cfg: Any) -> dict:
+    out: dict = {}
+    for cls in reversed(type(cfg).__mro__):
+        out.update(RULES.get(cls.__name__, {}))
+    return out
+
+
+def check(cfg: T, path: str = "", source: str = "") -> T:
+    """`cfg` if every value in the tree is allowed (finite floats, the ranges of `RULES`), else a
+    `ConfigError` naming the first offending key's path; returns `cfg`."""
+    where = f"{source}: " if source else ""
+    rules = _rules_of(cfg)
+    for f in dataclasses.fields(cfg):  # type: ignore[arg-type]
+        full = f"{path}.{f.name}" if path else f.name
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            check(value, full, source)
+            continue
+        values = (list(value.values()) if isinstance(value, dict) else list(value)
+                  if isinstance(value, (tuple, list)) else [value])
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            if not math.isfinite(v):
+                raise ConfigError(f"{where}{full}: {v} is not a finite number")
+            low, high = rules.get(f.name, (None, None))
+            if (low is not None and v < low) or (high is not None and v > high):
+                bound = (f"at least {low}" if high is None else f"at most {high}"
+                         if low is None else f"between {low} and {high}")
+                if low == _POSITIVE[0] and high is None:
+                    bound = "greater than 0"
+                raise ConfigError(f"{where}{full}: {v} is out of range (must be {bound})")
+    return cfg
+
+
 def save(model_dir: str, cfg: StageConfig) -> str:
     """Writes the tree as `model_dir/config.json`; returns the path."""
     tf.io.gfile.makedirs(model_dir)
@@ -804,7 +886,7 @@ def load(model_dir: str) -> Any:
     if stage not in STAGES:
         raise ConfigError(f"{path}: 'stage' is {stage!r}, not one of {', '.join(STAGES)}")
     try:
-        return apply(STAGES[stage](), d, source=path)
+        return check(apply(STAGES[stage](), d, source=path), source=path)
     except ConfigError as e:  # e.g. a model dir of a version before the config trees
         raise ConfigError(f"{e} (a config.json this version cannot read: retrain into a new "
                           "model dir)") from None

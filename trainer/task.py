@@ -185,7 +185,7 @@ def build_config() -> configs.StageConfig:
         if not sep:
             raise common.UsageError(f"--set {item}: expected path=value")
         cfg = configs.override(cfg, path.strip(), value.strip())
-    return cfg
+    return configs.check(cfg)
 
 
 ERRORS = (configs.ConfigError, common.UsageError, ctr_spec.SpecError)

@@ -10,14 +10,11 @@ L2-normalised vectors), q itself left out, giving M_q. With Q_q the n_q items ju
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
 from collections.abc import Sequence
 
 import faiss
 import numpy as np
-import tensorflow as tf
 
 from trainer.configs import SearchEvalConfig
 from trainer.data import pipeline
@@ -120,8 +117,3 @@ def evaluate(catalog: dict, cfg: SearchEvalConfig, skip_bad_records: bool = Fals
     metrics.update(queries=int(len(queries)), catalog_items=int(len(row_of)))
     return metrics
 
-
-def write_metrics(model_dir: str, metrics: dict) -> None:
-    tf.io.gfile.makedirs(model_dir)
-    with tf.io.gfile.GFile(os.path.join(model_dir, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=2)

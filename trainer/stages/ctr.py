@@ -15,6 +15,7 @@ from trainer import configs
 from trainer.ctr import debias
 from trainer.ctr import task as ctr_task
 from trainer.data import ctr_spec, pipeline
+from trainer.eval import write_metrics
 from trainer.features import clusters, embeddings
 from trainer.stages import common
 from trainer.stages.encoders import queries_pattern
@@ -88,8 +89,7 @@ def run_ctr(cfg: configs.CtrStage) -> None:
         return
     metrics.update(image_features=cfg.images.encoder, debias=cfg.ctr.debias is not None,
                    image_feature_mode=cfg.ctr.image_feature_mode, feature_spec=spec.name)
-    with tf.io.gfile.GFile(os.path.join(cfg.model_dir, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
+    write_metrics(cfg.model_dir, metrics)
     with tf.summary.create_file_writer(os.path.join(cfg.model_dir, "eval")).as_default():
         for k, v in metrics.items():
             if isinstance(v, float):

@@ -14,7 +14,7 @@ import tf_keras
 
 from trainer import configs
 from trainer.data import pipeline
-from trainer.eval import projector, visual_search
+from trainer.eval import projector, visual_search, write_metrics
 from trainer.features import embeddings
 from trainer.models import classify, courier, encoder, finetune, pretrain
 from trainer.stages import common
@@ -77,7 +77,7 @@ def run_eval_search(cfg: configs.EvalSearchStage) -> None:
                                        skip_bad_records=cfg.skip_bad_records)
     embedded = table.catalog()
     metrics = visual_search.evaluate(embedded, search, cfg.skip_bad_records)
-    visual_search.write_metrics(cfg.model_dir, metrics)
+    write_metrics(cfg.model_dir, metrics)
     with tf.summary.create_file_writer(os.path.join(cfg.model_dir, "eval")).as_default():
         for k, v in metrics.items():
             tf.summary.scalar(f"visual_search/{k}", v, step=0)

@@ -12,6 +12,7 @@ import abc
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import sys
 import time
@@ -22,6 +23,7 @@ import tf_keras
 from official.modeling.optimization import optimizer_factory
 from official.modeling.optimization.configs import optimization_config
 
+from trainer import configs
 from trainer.configs import TrainConfig
 from trainer.data import pipeline
 
@@ -117,12 +119,22 @@ def trainable_variables(task: Task, model: tf_keras.Model) -> list:
         for v in getattr(obj, "trainable_variables", [])]
 
 
+NON_FINITE = "non-finite training loss"
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite; nothing after the last good step was saved."""
+
+
 def train_step(task: Task, model: tf_keras.Model, optimizer, batch: dict) -> tuple:
     """One optimizer step in replica context: (this replica's loss share, metric shares)."""
     variables = trainable_variables(task, model)
     scaling = isinstance(optimizer, tf_keras.mixed_precision.LossScaleOptimizer)
     with tf.GradientTape() as tape:
         loss, metrics = task.compute_loss(batch, training=True)
+        # Before any update: a non-finite loss stops the run with the weights of the last step
+        # (and the last checkpoint) still finite (`NonFiniteLossError`).
+        loss = tf.debugging.check_numerics(loss, NON_FINITE)
         scaled = optimizer.get_scaled_loss(loss) if scaling else loss
     grads = tape.gradient(scaled, variables)
     if scaling:
@@ -156,23 +168,26 @@ def one_step(task: Task, cfg: TrainConfig, strategy: tf.distribute.Strategy, bat
 
 
 class _Trainer(orbit.StandardTrainer):
-    def __init__(self, task: Task, strategy, model, optimizer, dataset, global_step):
+    def __init__(self, task: Task, strategy, model, optimizer, dataset, global_step,
+                 log_interval: int = 1):
         self.task, self.strategy, self.model, self.optimizer = task, strategy, model, optimizer
-        self.global_step = global_step
+        self.global_step, self.log_interval = global_step, log_interval
         with strategy.scope():
             self.metrics = {n: tf_keras.metrics.Mean(n) for n in ("loss",) + task.metric_names}
         super().__init__(dataset, options=orbit.StandardTrainerOptions(use_tf_function=True))
 
     def train_loop_begin(self):
-        for m in self.metrics.values():
-            m.reset_state()
+        if int(self.global_step.numpy()) % self.log_interval == 0:  # means over a log interval
+            for m in self.metrics.values():
+                m.reset_state()
 
     def train_step(self, iterator):
         self.strategy.run(self.replica_step, args=(next(iterator),))
 
     def replica_step(self, batch):
         loss, metrics = train_step(self.task, self.model, self.optimizer, batch)
-        self.global_step.assign_add(1)
+        with tf.control_dependencies([loss]):  # counts only steps whose loss was finite
+            self.global_step.assign_add(1)
         # Metric means over replicas of R * share = the global value.
         r = self.strategy.num_replicas_in_sync
         for name, value in {"loss": loss, **metrics}.items():
@@ -214,6 +229,7 @@ def run(task: Task, cfg: TrainConfig, model_dir: str,
     Writes ckpt/ (checkpoints) and train/ (TensorBoard) and prints progress (the stage writes
     config.json). Returns the last logged metrics.
     """
+    configs.check(cfg, "train")
     strategy = strategy or make_strategy(cfg.strategy)
     replicas = strategy.num_replicas_in_sync
     per_replica = cfg.replica_batch_size(replicas)
@@ -241,7 +257,7 @@ def run(task: Task, cfg: TrainConfig, model_dir: str,
         optimizer = build_optimizer(cfg)
         global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
     dataset = strategy.distribute_datasets_from_function(task.build_inputs)
-    trainer = _Trainer(task, strategy, model, optimizer, dataset, global_step)
+    trainer = _Trainer(task, strategy, model, optimizer, dataset, global_step, cfg.log_interval)
     ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, global_step=global_step,
                                **task.extra_checkpoint_objects())
     # Non-chief workers restore from the chief's checkpoints (shared storage), save to scratch.
@@ -253,13 +269,32 @@ def run(task: Task, cfg: TrainConfig, model_dir: str,
         if latest:
             ckpt.restore(latest)
     progress = _Progress(task.name, cfg, start, global_step, per_replica, replicas)
+    # Orbit saves and logs between loops: loops of gcd(log, checkpoint interval) steps let it do
+    # both at their own intervals (a checkpoint interval of 10 with logs every 50 stays 10).
     controller = orbit.Controller(
         strategy=strategy, trainer=trainer, global_step=global_step,
-        steps_per_loop=cfg.log_interval, checkpoint_manager=manager,
+        steps_per_loop=math.gcd(cfg.log_interval, cfg.checkpoint_interval),
+        checkpoint_manager=manager,
         summary_dir=os.path.join(out_dir, "train"), summary_interval=cfg.log_interval,
         train_actions=[progress])
     if start:
         print(f"{task.name}: resumed from step {start} ({manager.latest_checkpoint})")
+    try:
+        _train(task, cfg, controller, out_dir, start)
+    except tf.errors.InvalidArgumentError as e:
+        if NON_FINITE not in (e.message or ""):
+            raise
+        step = int(global_step.numpy())
+        raise NonFiniteLossError(
+            f"{task.name}: the training loss is not finite (NaN or infinite) at step {step + 1} "
+            f"of {model_dir}; training stopped before updating the weights with it. The last "
+            f"checkpoint, {manager.latest_checkpoint or 'none yet'}, holds finite weights. Lower "
+            "train.learning_rate (or check the input) and run again to resume from it.") from None
+    return {k: float(v) for k, v in progress.last.items()}
+
+
+def _train(task: Task, cfg: TrainConfig, controller: orbit.Controller, out_dir: str,
+           start: int) -> None:
     with task.errors_named():
         for stop, trace in _phases(cfg, start):
             if trace:
@@ -271,7 +306,6 @@ def run(task: Task, cfg: TrainConfig, model_dir: str,
                 print(f"{task.name}: profiler trace of steps {first + 1}-{stop} "
                       f"in {os.path.join(out_dir, 'train')} (tensorboard --logdir {out_dir}, "
                       "Profile tab)", file=sys.stderr, flush=True)
-    return {k: float(v) for k, v in progress.last.items()}
 
 
 def is_chief(strategy: tf.distribute.Strategy) -> bool:
@@ -313,6 +347,8 @@ class _Progress:
     def __call__(self, output: dict) -> None:
         self.last = {k: float(v) for k, v in output.items()}
         done = int(self.global_step.numpy())
+        if done % self.cfg.log_interval and done != self.cfg.steps:
+            return  # a loop that ended for a checkpoint
         elapsed = time.time() - self.t0
         rate = max(done - self.start, 1) / max(elapsed, 1e-9)
         left = (self.cfg.steps - done) / rate
