@@ -175,43 +175,55 @@ def _masked_crc32c(data: bytes) -> int:
 
 
 RESYNC_BYTES = 64 << 20  # how far past a corrupt frame header the next valid one is looked for
+_WINDOW = 1 << 20  # bytes read at a time while looking for it
 
 
 def frames_after(path: str, index: int) -> int | None:
     """How many records follow record `index` (a corrupt or truncated frame) in an uncompressed
     TFRecord file: the records lost with it, since TensorFlow's reader stops there. Walks the
-    frame headers (length and its checksum); past a corrupt header, the next valid one is
-    searched for byte by byte. None for a compressed file, or when no valid header follows
-    within `RESYNC_BYTES`."""
+    frame headers (length and its checksum; memory does not grow with the file); past a corrupt
+    header, the next valid one is searched for byte by byte. None for a compressed file, or when
+    no valid header follows within `RESYNC_BYTES`."""
     if compression_of(path):
         return None
+    size = tf.io.gfile.stat(path).length
     with tf.io.gfile.GFile(path, "rb") as f:
-        data = f.read()
-    size, pos, i, after = len(data), 0, 0, 0
 
-    def valid(at: int) -> bool:
-        head = data[at:at + 12]
-        if len(head) < 12 or struct.unpack("<I", head[8:])[0] != _masked_crc32c(head[:8]):
-            return False
-        return at + 16 + struct.unpack("<Q", head[:8])[0] <= size
+        def frame_end(at: int, head: bytes) -> int | None:
+            """The end of the frame whose 12-byte header is `head` at `at`, if it is valid."""
+            if len(head) < 12 or struct.unpack("<I", head[8:])[0] != _masked_crc32c(head[:8]):
+                return None
+            end = at + 16 + struct.unpack("<Q", head[:8])[0]
+            return end if end <= size else None
 
-    while pos + 12 <= size:
-        if not valid(pos):
-            if i <= index:  # the corrupt frame itself: skip to the next valid header
-                pos += 1
-                limit = min(size, pos + RESYNC_BYTES)
-                while pos < limit and not valid(pos):
-                    pos += 1
-                if pos >= limit:
-                    return None if limit < size else after
-                i = index + 1
+        def resync(start: int) -> int | None:
+            """The offset of the first valid frame header after `start`, if any."""
+            at = start
+            while at < min(size, start + RESYNC_BYTES):
+                f.seek(at)
+                window = f.read(_WINDOW + 11)
+                for k in range(max(len(window) - 11, 0)):
+                    if frame_end(at + k, window[k:k + 12]) is not None:
+                        return at + k
+                at += _WINDOW
+            return None
+
+        pos, i, after = 0, 0, 0
+        while pos + 12 <= size:
+            f.seek(pos)
+            end = frame_end(pos, f.read(12))
+            if end is None:
+                if i > index:
+                    return None  # a second corruption: the count is unknown
+                found = resync(pos + 1)
+                if found is None:
+                    return after if pos + 1 + RESYNC_BYTES >= size else None
+                pos, i = found, index + 1
                 continue
-            return None if i > index + 1 else after  # a second corruption: count unknown
-        if i > index:
-            after += 1
-        pos += 16 + struct.unpack("<Q", data[pos:pos + 8])[0]
-        i += 1
-    return after
+            if i > index:
+                after += 1
+            pos, i = end, i + 1
+        return after
 
 
 @dataclasses.dataclass

@@ -116,4 +116,3 @@ def evaluate(catalog: dict, cfg: SearchEvalConfig, skip_bad_records: bool = Fals
                              catalog["category_id"], cfg.ks)
     metrics.update(queries=int(len(queries)), catalog_items=int(len(row_of)))
     return metrics
-
