@@ -257,3 +257,22 @@ def test_metrics_files_are_strict_json_with_non_finite_values_as_null(tmp_path, 
     text = open(path).read()
     assert "NaN" not in text and json.loads(text) == {"AUC": None, "GAUC": 0.6, "samples": 3}
     assert "['AUC'] are not finite" in caplog.text
+
+
+# 8. Error quality: a GZIP file without the .gz suffix is named as such.
+
+def test_a_gzip_file_without_its_suffix_is_named_as_gzip(tiny_world, tmp_path):
+    import tensorflow as tf
+    recs = raw_records(records.default_pattern(tiny_world, "catalog"))[:8]
+    path = str(tmp_path / "catalog-00000-of-00001.tfrecord")
+    with tf.io.TFRecordWriter(path, options="GZIP") as w:
+        for r in recs:
+            w.write(r)
+    cfg = pipeline.InputConfig(path, "catalog", global_batch_size=4, image_size=32,
+                               shuffle=False, repeat=False, drop_remainder=False)
+    pipe = pipeline.InputPipeline(cfg)
+    with pytest.raises(validate.BadRecordError) as e:
+        with pipe.errors_named():
+            for _ in pipe.dataset():
+                pass
+    assert path in str(e.value) and "starts like a GZIP file: name it *.gz" in str(e.value)

@@ -174,6 +174,11 @@ def _masked_crc32c(data: bytes) -> int:
     return (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
+def _starts_like_gzip(path: str) -> bool:
+    with tf.io.gfile.GFile(path, "rb") as f:
+        return f.read(2) == b"\x1f\x8b"
+
+
 RESYNC_BYTES = 64 << 20  # how far past a corrupt frame header the next valid one is looked for
 _WINDOW = 1 << 20  # bytes read at a time while looking for it
 
@@ -260,6 +265,15 @@ def scan_file(path: str, diagnoser: Diagnoser, report: ScanReport, stop_at_first
             # The frame error is somewhere in this batch: find the exact record one by one.
             for index, one, err in _read(path, start, batch=1):
                 if err:
+                    if not compression_of(path) and _starts_like_gzip(path):
+                        report.bad.append(BadRecord(
+                            path, index, "<record>",
+                            f"not readable as an uncompressed TFRecord file ({err}), and it starts "
+                            "like a GZIP file: name it *.gz (TFRecord files are read as GZIP by "
+                            "their suffix)"))
+                        report.readable[path] = index
+                        report.lost[path] = None
+                        return
                     lost = frames_after(path, index)
                     rest = ("not countable: compressed" if lost is None and compression_of(path)
                             else "not countable" if lost is None else f"{lost} records")
