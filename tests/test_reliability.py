@@ -7,12 +7,15 @@ import subprocess
 import sys
 
 import pytest
+import tensorflow as tf
+import tf_keras
 
 from conftest import REPO, raw_records, write_records
 from trainer import configs
 from trainer.ctr.tables import Vocabularies
 from trainer.data import ctr_spec, pipeline, records, validate
 from trainer.models import classify, courier, finetune
+from trainer.train import loop
 
 ENV = dict(os.environ, PYTHONPATH=REPO)
 BAD = 3
@@ -181,48 +184,31 @@ def test_a_model_dir_with_a_nonsense_config_is_refused_on_load(tmp_path):
         configs.load(str(tmp_path))
 
 
-class _Toy:
+class _Toy(loop.Task):
     """A one-weight model trained on x = 1, whose input turns infinite from example `bad_from`."""
 
-    def __new__(cls, bad_from: int):
-        import tensorflow as tf
-        import tf_keras
+    name = "toy"
 
-        from trainer.train import loop
+    def __init__(self, bad_from: int):
+        self.bad_from = bad_from
 
-        class Toy(loop.Task):
-            name = "toy"
+    def build_model(self):
+        self.model = tf_keras.Sequential([tf_keras.layers.Dense(1, use_bias=False)])
+        self.model.build([None, 1])
+        return self.model
 
-            def build_model(self):
-                model = tf_keras.Sequential([tf_keras.layers.Dense(1, use_bias=False)])
-                model.build([None, 1])
-                return model
+    def build_inputs(self, input_context=None):
+        x = tf.data.Dataset.range(10_000).map(
+            lambda i: tf.where(i >= self.bad_from, float("inf"), 1.0))
+        return x.map(lambda x: {"x": tf.reshape(x, [1, 1])})
 
-            def build_inputs(self, input_context=None):
-                i = tf.data.Dataset.range(10_000)
-                x = i.map(lambda i: tf.where(i >= bad_from, float("inf"), 1.0))
-                return x.map(lambda x: {"x": tf.reshape(x, [1, 1])})
-
-            def compute_loss(self, batch, training=True):
-                self.model_out = self.model(batch["x"])
-                return tf.reduce_mean(tf.square(self.model_out - 3.0)), {}
-
-        task = Toy()
-        original = task.build_model
-
-        def build():
-            task.model = original()
-            return task.model
-
-        task.build_model = build
-        return task
+    def compute_loss(self, batch, training=True):
+        return tf.reduce_mean(tf.square(self.model(batch["x"]) - 3.0)), {}
 
 
 def test_a_non_finite_loss_stops_the_run_keeping_the_last_good_checkpoint(tmp_path):
     import numpy as np
-    import tensorflow as tf
 
-    from trainer.train import loop
     cfg = configs.TrainConfig(steps=20, global_batch_size=1, learning_rate=0.01, warmup_steps=0,
                               log_interval=2, checkpoint_interval=2, lr_schedule="constant")
     with pytest.raises(loop.NonFiniteLossError, match=r"at step 7 .*ckpt-6"):
@@ -237,9 +223,6 @@ def test_a_non_finite_loss_stops_the_run_keeping_the_last_good_checkpoint(tmp_pa
 
 
 def test_the_checkpoint_interval_is_kept_when_logs_are_rarer(tmp_path):
-    import tensorflow as tf
-
-    from trainer.train import loop
     cfg = configs.TrainConfig(steps=12, global_batch_size=1, warmup_steps=0, log_interval=6,
                               checkpoint_interval=2)
     loop.run(_Toy(bad_from=10**9), cfg, str(tmp_path))
@@ -262,7 +245,6 @@ def test_metrics_files_are_strict_json_with_non_finite_values_as_null(tmp_path, 
 # 8. Error quality: a GZIP file without the .gz suffix is named as such.
 
 def test_a_gzip_file_without_its_suffix_is_named_as_gzip(tiny_world, tmp_path):
-    import tensorflow as tf
     recs = raw_records(records.default_pattern(tiny_world, "catalog"))[:8]
     path = str(tmp_path / "catalog-00000-of-00001.tfrecord")
     with tf.io.TFRecordWriter(path, options="GZIP") as w:

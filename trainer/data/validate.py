@@ -243,13 +243,18 @@ class ScanReport:
     lost: dict = dataclasses.field(default_factory=dict)
 
     @property
+    def lost_records(self) -> int:
+        """The countable records lost after corrupt frames."""
+        return sum(n for n in self.lost.values() if n)
+
+    @property
     def skipped(self) -> int:
         """Records left out: the bad ones and the countable ones lost after corrupt frames."""
-        return len(self.bad) + sum(n for n in self.lost.values() if n)
+        return len(self.bad) + self.lost_records
 
     def summary(self, files: int) -> str:
         """E.g. '8 records in 1 files, 1 bad, 4 unreadable after a corrupt frame'."""
-        lost = sum(n for n in self.lost.values() if n)
+        lost = self.lost_records
         uncounted = sum(n is None for n in self.lost.values())
         return (f"{self.records + lost} records in {files} files, {len(self.bad)} bad"
                 + (f", {lost} unreadable after a corrupt frame" if lost else "")
@@ -266,20 +271,17 @@ def scan_file(path: str, diagnoser: Diagnoser, report: ScanReport, stop_at_first
             for index, one, err in _read(path, start, batch=1):
                 if err:
                     if not compression_of(path) and _starts_like_gzip(path):
-                        report.bad.append(BadRecord(
-                            path, index, "<record>",
-                            f"not readable as an uncompressed TFRecord file ({err}), and it starts "
-                            "like a GZIP file: name it *.gz (TFRecord files are read as GZIP by "
-                            "their suffix)"))
-                        report.readable[path] = index
-                        report.lost[path] = None
-                        return
-                    lost = frames_after(path, index)
-                    rest = ("not countable: compressed" if lost is None and compression_of(path)
-                            else "not countable" if lost is None else f"{lost} records")
-                    report.bad.append(BadRecord(path, index, "<record>",
-                                                f"corrupt or truncated TFRecord frame ({err}); "
-                                                f"the rest of the file ({rest}) is unreadable"))
+                        lost = None
+                        reason = (f"not readable as an uncompressed TFRecord file ({err}), and it "
+                                  "starts like a GZIP file: name it *.gz (TFRecord files are read "
+                                  "as GZIP by their suffix)")
+                    else:
+                        lost = frames_after(path, index)
+                        rest = ("not countable: compressed" if lost is None and compression_of(
+                            path) else "not countable" if lost is None else f"{lost} records")
+                        reason = (f"corrupt or truncated TFRecord frame ({err}); the rest of the "
+                                  f"file ({rest}) is unreadable")
+                    report.bad.append(BadRecord(path, index, "<record>", reason))
                     report.readable[path] = index
                     report.lost[path] = lost
                     report.records += 1  # the corrupt one
