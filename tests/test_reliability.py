@@ -132,6 +132,68 @@ def test_a_trained_dir_refuses_another_stage_without_touching_it(tiny_world, tmp
     assert isinstance(configs.load(model_dir), configs.PretrainStage)
 
 
+# 3. One training process per model dir: a second one is refused naming the holder; the lock of
+#    a process that is gone is taken over.
+
+def test_a_second_process_on_a_model_dir_is_refused_and_a_stale_lock_taken_over(tiny_world,
+                                                                                tmp_path):
+    from trainer.stages import common, encoders
+    from trainer.train import lock
+    model_dir = str(tmp_path / "s1")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from trainer.train import lock; "
+         "lock.acquire(sys.argv[1]); print('held', flush=True); time.sleep(120)", model_dir],
+        cwd=REPO, env=ENV, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        cfg = configs.PretrainStage(
+            data_dir=tiny_world, model_dir=model_dir, encoder=configs.EncoderConfig(
+                depth=10, width_multiplier=0.25, feature_dim=16, image_size=32),
+            train=configs.TrainConfig(steps=2, global_batch_size=8, log_interval=2,
+                                      warmup_steps=0))
+        with pytest.raises(lock.LockedError, match=f"in use by pid {holder.pid} on this host"):
+            encoders.run_training(cfg)
+        assert sorted(os.listdir(model_dir)) == [lock.NAME]  # nothing else was written
+    finally:
+        holder.kill()  # SIGKILL: its lock file stays behind, stale
+        holder.wait()
+    assert os.path.exists(os.path.join(model_dir, lock.NAME))
+    encoders.run_training(cfg)
+    assert loop.restored_step(model_dir) == 2
+    assert not os.path.exists(os.path.join(model_dir, lock.NAME))  # released on return
+    # A lock held by this process (a run that failed) does not block the next run in it.
+    common.training(cfg)
+    encoders.run_training(cfg)
+    assert not os.path.exists(os.path.join(model_dir, lock.NAME))
+
+
+def test_only_the_chief_of_a_multi_worker_job_locks(tmp_path, monkeypatch):
+    from trainer.stages import common
+    from trainer.train import lock
+
+    class Resolver:
+        task_type, task_id = "worker", 1
+
+        def cluster_spec(self):
+            return tf.train.ClusterSpec({"worker": ["a:1", "b:1"]})
+
+    class Worker1:
+        cluster_resolver = Resolver()
+        num_replicas_in_sync = 2
+
+    monkeypatch.setattr(loop, "make_strategy", lambda name: Worker1())
+    model_dir = str(tmp_path / "m")
+    os.makedirs(model_dir)
+    with open(os.path.join(model_dir, lock.NAME), "w") as f:
+        f.write('{"host": "chief-host", "pid": 1}')  # the chief's, on another host
+    cfg = configs.PretrainStage(data_dir="d", model_dir=model_dir,
+                                train=configs.TrainConfig(global_batch_size=8))
+    common.training(cfg)  # worker 1 does not lock
+    monkeypatch.setattr(loop, "make_strategy", lambda name: tf.distribute.get_strategy())
+    with pytest.raises(lock.LockedError, match="pid 1 on host chief-host"):
+        common.training(cfg)
+
+
 # 9. The documented model server is published on the loopback interface only.
 
 def test_documented_docker_runs_publish_on_loopback_only():

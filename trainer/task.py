@@ -35,6 +35,7 @@ import trainer  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
 from trainer import configs, stages
 from trainer.data import ctr_spec
 from trainer.stages import common
+from trainer.train import lock
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("stage", None, list(configs.STAGES), "What to run.")
@@ -188,7 +189,7 @@ def build_config() -> configs.StageConfig:
     return configs.check(cfg)
 
 
-ERRORS = (configs.ConfigError, common.UsageError, ctr_spec.SpecError)
+ERRORS = (configs.ConfigError, common.UsageError, ctr_spec.SpecError, lock.LockedError)
 
 
 def main(argv) -> None:

@@ -3,7 +3,9 @@ training stage's strategy and batch sizes, and writing its config before it trai
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import tensorflow as tf
@@ -11,7 +13,7 @@ import tensorflow as tf
 from trainer import configs
 from trainer.data import records
 from trainer.synth import marketplace
-from trainer.train import loop
+from trainer.train import lock, loop
 
 S = TypeVar("S", bound=configs.StageConfig)
 
@@ -51,12 +53,28 @@ def encoder_config(cfg: Any) -> configs.EncoderConfig:
                                sync_batch_norm=cfg.train.strategy != "one_device")
 
 
+def releases_lock(run: Callable[[S], None]) -> Callable[[S], None]:
+    """Wraps a training stage's runner: the model dir's lock (taken by `training`) is released
+    when it returns or fails, not only at exit."""
+    @functools.wraps(run)
+    def wrapped(cfg: S) -> None:
+        try:
+            run(cfg)
+        finally:
+            if cfg.model_dir:
+                lock.release(cfg.model_dir)
+    return wrapped
+
+
 def training(cfg: S) -> tuple[S, tf.distribute.Strategy]:
     """The strategy (created first: a multi-worker strategy must exist before other TensorFlow
-    ops run) and the config with its global batch and run info resolved."""
+    ops run) and the config with its global batch and run info resolved. The chief takes the
+    model dir's lock (`trainer.train.lock`)."""
     assert isinstance(cfg, configs.TrainingStage)
     require(cfg, "data_dir", "model_dir")
     strategy = loop.make_strategy(cfg.train.strategy)
+    if loop.is_chief(strategy):  # before anything is written to the model dir
+        lock.acquire(cfg.model_dir)
     replicas = strategy.num_replicas_in_sync
     train = cfg.train
     if train.per_replica_batch_size:  # it decides the global batch

@@ -45,6 +45,7 @@ def image_table(images: configs.ImageSourceConfig, model_dir: str,
                                   skip_bad_records=skip_bad_records)
 
 
+@common.releases_lock
 def run_ctr(cfg: configs.CtrStage) -> None:
     """ctr / debias: train the CTR predictor on the train days, evaluate it on the test day."""
     cfg, strategy = common.training(cfg)  # first: the strategy

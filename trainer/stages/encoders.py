@@ -21,6 +21,7 @@ from trainer.stages import common
 from trainer.train import loop
 
 
+@common.releases_lock
 def run_training(cfg: configs.EncoderStage) -> None:
     """Trains the encoder of `pretrain`, `finetune`, `classify` or `courier` into model_dir."""
     cfg, strategy = common.training(cfg)  # first: the strategy
