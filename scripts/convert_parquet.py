@@ -10,11 +10,17 @@ for `ctr`, the feature spec's columns, `--ctr_spec`):
   ("123 456 789");
 - images: a binary column of encoded bytes named after the feature; or a `<feature>_path` column
   (paths relative to --image_dir; a `list<string>` or space-separated for image lists); or, for
-  `catalog` / `queries`, `<image_dir>/<id>.{jpg,jpeg,png}`.
+  `catalog` / `queries`, `<image_dir>/<id>.{jpg,jpeg,png}`. A path that leaves --image_dir
+  (`../x`, `/etc/x`) is refused; `--allow_absolute_image_paths` admits absolute paths and URIs
+  (gs://..., anything TensorFlow's file system reads) for tables that hold them.
 
 Columns the kind does not know are left out (a warning lists them); a required feature missing
-from the table fails naming the file, the column and the record kind; a bad value fails naming the
-file, the row and the column.
+from the table fails naming the file, the column and the record kind; a bad value or a null in a
+required column (write `[]` for an empty list) fails naming the file, the row and the column.
+
+The shards are written into a scratch dir and replace the kind's files of that split only when
+the whole table converted, so a failed run leaves the old files, and a re-run with another
+--num_shards leaves no old shard beside the new ones.
 
   python scripts/convert_parquet.py --kind=catalog --parquet=items.parquet --image_dir=images \\
       --output_dir=DATA --split=all --num_shards=8
@@ -64,10 +70,24 @@ def parquet_files(pattern: str) -> list[str]:
 
 def _read_image(path: str, where: str) -> bytes:
     try:
-        with open(path, "rb") as f:
+        with tf.io.gfile.GFile(path, "rb") as f:
             return f.read()
-    except OSError as e:
-        raise ValueError(f"{where}: cannot read image {path}: {e.strerror}") from None
+    except tf.errors.OpError as e:
+        raise ValueError(f"{where}: cannot read image {path}: {e.message}") from None
+
+
+def image_path(image_dir: str, path: str, where: str, allow_absolute: bool = False) -> str:
+    """Where to read an image path from the table: inside `image_dir`, or (allowed) absolute."""
+    if "://" in path or os.path.isabs(path):
+        if not allow_absolute:
+            raise ValueError(f"{where}: image path {path!r} is absolute; paths are read relative "
+                             "to --image_dir (pass --allow_absolute_image_paths to read absolute "
+                             "paths and URIs)")
+        return path
+    norm = os.path.normpath(path)
+    if norm == ".." or norm.startswith(".." + os.sep):
+        raise ValueError(f"{where}: image path {path!r} leaves --image_dir {image_dir}")
+    return os.path.join(image_dir, norm)
 
 
 def _image_by_id(image_dir: str, id_: int, where: str) -> bytes:
@@ -83,8 +103,9 @@ class _Columns:
     """How the columns of one Parquet schema map to a kind's features, checked once per file."""
 
     def __init__(self, kind: schema.RecordKind, names: Sequence[str], arrow: pa.Schema,
-                 path: str, image_dir: str | None):
+                 path: str, image_dir: str | None, allow_absolute: bool = False):
         self.kind, self.path, self.image_dir = kind, path, image_dir
+        self.allow_absolute = allow_absolute
         present = set(names)
         self.sources: dict[str, tuple[str, str]] = {}  # feature -> (how, column)
         for f in kind.features:
@@ -138,9 +159,12 @@ class _Columns:
                 if how == "by_id":
                     values[f.name] = _image_by_id(self.image_dir or "", int(v), where)
                 elif how == "paths":
+                    if v is None and f.required:
+                        raise ValueError(f"{where}: column '{column}' is null (a required "
+                                         "feature)")
                     paths = v.split() if isinstance(v, str) else list(v or [])
-                    images = [_read_image(os.path.join(self.image_dir or "", p), where)
-                              for p in paths]
+                    images = [_read_image(image_path(self.image_dir or "", p, where,
+                                                     self.allow_absolute), where) for p in paths]
                     values[f.name] = images if f.is_list else (images[0] if images else None)
                 else:
                     values[f.name] = self._value(f, v, where)
@@ -152,8 +176,9 @@ class _Columns:
     @staticmethod
     def _value(f: schema.FeatureSpec, v: Any, where: str) -> Any:
         if v is None:
-            if f.required and not f.is_list:
-                raise ValueError(f"{where}: column '{f.name}' is null (a required feature)")
+            if f.required:
+                raise ValueError(f"{where}: column '{f.name}' is null (a required feature"
+                                 + ("; write [] for an empty list)" if f.is_list else ")"))
             return [] if f.is_list else None
         if not f.is_list:
             return float(v) if f.dtype == schema.FLOAT else v
@@ -172,23 +197,55 @@ class _Columns:
 
 def convert(kind: str | schema.RecordKind, parquet: str, output_dir: str, split: str,
             num_shards: int, image_dir: str | None = None,
-            batch_rows: int = BATCH_ROWS) -> list[str]:
+            batch_rows: int = BATCH_ROWS, allow_absolute_image_paths: bool = False) -> list[str]:
     """Converts the Parquet files of `parquet` (a file, a directory or globs) into `num_shards`
-    TFRecord files of contiguous rows; returns their paths."""
+    TFRecord files of contiguous rows, replacing the kind's files of `split`; returns their
+    paths."""
     record_kind = schema.get(kind)
     files = parquet_files(parquet)
     readers = [pq.ParquetFile(f) for f in files]
     total = sum(r.metadata.num_rows for r in readers)
     num_shards = max(1, min(num_shards, total))
-    paths = records.shard_paths(output_dir, record_kind.name, split, num_shards)
-    tf.io.gfile.makedirs(os.path.dirname(paths[0]))
+    scratch = os.path.join(output_dir, record_kind.name, f".converting-{split}-{os.getpid()}")
+    if tf.io.gfile.exists(scratch):
+        tf.io.gfile.rmtree(scratch)
+    try:
+        written = _write(record_kind, files, readers, total, scratch, split, num_shards,
+                         image_dir, batch_rows, allow_absolute_image_paths, parquet)
+        return _replace(output_dir, record_kind.name, split, written)
+    finally:
+        if tf.io.gfile.exists(scratch):
+            tf.io.gfile.rmtree(scratch)
+
+
+def _replace(output_dir: str, kind: str, split: str, new: list[str]) -> list[str]:
+    """Moves the shards `new` in place of the kind's files of `split` (any shard count)."""
+    old = tf.io.gfile.glob(records.default_pattern(output_dir, kind, split))
+    paths = [os.path.join(output_dir, kind, os.path.basename(p)) for p in new]
+    for path in old:
+        if path not in paths:
+            tf.io.gfile.remove(path)
+    for src, dst in zip(new, paths, strict=True):
+        tf.io.gfile.rename(src, dst, overwrite=True)
+    if old:
+        log.info("replaced %d file(s) of %s/%s-* with %d", len(old), kind, split, len(paths))
+    return paths
+
+
+def _write(record_kind: schema.RecordKind, files: list[str], readers: list, total: int,
+           out_dir: str, split: str, num_shards: int, image_dir: str | None, batch_rows: int,
+           allow_absolute: bool, parquet: str) -> list[str]:
+    """Writes the tables' records as `num_shards` files of `split` into `out_dir`."""
+    paths = [os.path.join(out_dir, os.path.basename(p))
+             for p in records.shard_paths(out_dir, record_kind.name, split, num_shards)]
+    tf.io.gfile.makedirs(out_dir)
     bounds = np.linspace(0, total, num_shards + 1).round().astype(int)
     shard, written, writer = 0, 0, tf.io.TFRecordWriter(paths[0])
     unknown: set = set()
     try:
         for path, reader in zip(files, readers, strict=True):
             columns = _Columns(record_kind, reader.schema_arrow.names, reader.schema_arrow, path,
-                               image_dir)
+                               image_dir, allow_absolute)
             unknown |= set(columns.unknown)
             needed = sorted({c for _, c in columns.sources.values()})
             row = 0
@@ -221,6 +278,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                    help="kind=ctr: the feature spec whose columns the records hold (a built-in "
                         "name or a YAML/JSON file).")
     p.add_argument("--image_dir", default=None, help="Folder the image paths are relative to.")
+    p.add_argument("--allow_absolute_image_paths", action="store_true",
+                   help="Read image paths that are absolute or URIs (gs://...) as they are; "
+                        "without it they are refused, as are relative paths leaving --image_dir.")
     p.add_argument("--output_dir", required=True, help="Data directory to write into.")
     p.add_argument("--split", default=None,
                    help="Split name of the files (default: 'all' for catalog, queries and "
@@ -232,7 +292,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         kind = (ctr_spec.load(args.ctr_spec).record_kind() if args.kind == "ctr"
                 else schema.get(args.kind))
         paths = convert(kind, args.parquet, args.output_dir, split, args.num_shards,
-                        args.image_dir)
+                        args.image_dir,
+                        allow_absolute_image_paths=args.allow_absolute_image_paths)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     print(f"wrote {len(paths)} files of '{args.kind}' records under "

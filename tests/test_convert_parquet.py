@@ -1,5 +1,6 @@
 """scripts/convert_parquet.py: Parquet (read with pyarrow, batch by batch) + images -> the same
 records as the generator writes; list columns and space-separated strings give equal records."""
+import glob
 import logging
 import os
 import sys
@@ -173,3 +174,83 @@ def test_missing_column_missing_image_and_bad_values_are_named(tmp_path):
     with pytest.raises(ValueError, match=r"column 'query_item_id' must hold integer values"):
         convert_parquet.convert("judgments", str(tmp_path / "f.parquet"), str(tmp_path / "o"),
                                 "all", 1)
+
+
+# Issue 16.5: image paths stay inside --image_dir; nulls are bad rows named by row and column; a
+# re-run replaces the kind's shards.
+
+def _pageviews(paths) -> pa.Table:
+    n = len(paths)
+    return pa.table({"user_id": pa.array(range(n), pa.int64()),
+                     "pv_item_ids": pa.array([[1]] * n, pa.list_(pa.int64())),
+                     "pv_labels": pa.array([[0]] * n, pa.list_(pa.int64())),
+                     "click_item_ids": pa.array([[1]] * n, pa.list_(pa.int64())),
+                     "pv_images_path": pa.array(paths)})
+
+
+def test_image_paths_outside_the_image_dir_are_refused(tmp_path):
+    images = tmp_path / "images"
+    (images / "sub").mkdir(parents=True)
+    (images / "sub" / "a.png").write_bytes(b"\x89PNG a")
+    (tmp_path / "secret.txt").write_bytes(b"secret")
+    for bad, words in (("sub/a.png ../secret.txt", r"row 1: image path '../secret.txt' leaves "
+                                                   r"--image_dir"),
+                       ("sub/../../secret.txt", r"row 1: image path 'sub/../../secret.txt' leaves"),
+                       (str(tmp_path / "secret.txt"), r"row 1: image path '/.*secret.txt' is "
+                                                      r"absolute.*--allow_absolute_image_paths")):
+        pq.write_table(_pageviews(["sub/a.png", bad]), str(tmp_path / "pv.parquet"))
+        with pytest.raises(ValueError, match=words):
+            convert_parquet.convert("pageviews", str(tmp_path / "pv.parquet"),
+                                    str(tmp_path / "out"), "train", 1, image_dir=str(images))
+    assert not os.path.exists(tmp_path / "out" / "pageviews" / "train-00000-of-00001.tfrecord")
+    # Inside the dir, also through '..' that stays inside; absolute paths when allowed.
+    pq.write_table(_pageviews(["sub/../sub/a.png", str(tmp_path / "secret.txt")]),
+                   str(tmp_path / "pv.parquet"))
+    paths = convert_parquet.convert("pageviews", str(tmp_path / "pv.parquet"),
+                                    str(tmp_path / "out"), "train", 1, image_dir=str(images),
+                                    allow_absolute_image_paths=True)
+    got = [_values(r)["pv_images"] for r in raw_records(paths[0])]
+    assert got == [[b"\x89PNG a"], [b"secret"]]
+
+
+def test_nulls_are_bad_rows_named_by_row_and_column(tmp_path):
+    t = _pageviews(["a.png", "a.png"])
+    (tmp_path / "a.png").write_bytes(b"\x89PNG a")
+    catalog = pa.table({"item_id": pa.array([1, 2], pa.int64()),
+                        **{c: pa.array([1, 1], pa.int64()) for c in (
+                            "category_id", "shop_id", "brand_id", "impressions_30d")},
+                        "price": pa.array([1.0, 2.0]), "image_path": pa.array(["a.png", None])})
+    for kind, table, column in (("catalog", catalog, "image_path"),
+                                ("pageviews", t, "click_item_ids"), ("pageviews", t, "user_id")):
+        if kind == "pageviews":
+            typ = t.schema.field(column).type
+            table = t.set_column(t.schema.get_field_index(column), column,
+                                 pa.array([t[column][0].as_py(), None], typ))
+        pq.write_table(table, str(tmp_path / "t.parquet"))
+        with pytest.raises(ValueError, match=rf"t.parquet: row 1: column '{column}' is null"):
+            convert_parquet.convert(kind, str(tmp_path / "t.parquet"), str(tmp_path / "out"),
+                                    "train", 1, image_dir=str(tmp_path))
+
+
+def test_a_rerun_with_other_shards_replaces_the_kinds_files(tmp_path):
+    t = pa.table({"query_item_id": pa.array(range(10), pa.int64()),
+                  "relevant_item_ids": pa.array([[1, 2]] * 10, pa.list_(pa.int64()))})
+    pq.write_table(t, str(tmp_path / "j.parquet"))
+    out = str(tmp_path / "out")
+    first = convert_parquet.convert("judgments", str(tmp_path / "j.parquet"), out, "all", 4)
+    other = convert_parquet.convert("judgments", str(tmp_path / "j.parquet"), out, "test", 1)
+    second = convert_parquet.convert("judgments", str(tmp_path / "j.parquet"), out, "all", 3)
+    assert len(first) == 4 and len(second) == 3
+    pattern = records.default_pattern(out, "judgments", "all")
+    assert sorted(glob.glob(pattern)) == sorted(second)
+    assert len(raw_records(pattern)) == 10  # each record once
+    assert os.path.exists(other[0])  # another split is left alone
+    assert sorted(os.listdir(os.path.join(out, "judgments"))) == sorted(
+        os.path.basename(p) for p in second + other)  # no scratch left behind
+    # A failed run leaves the previous files as they were.
+    bad = pa.table({"query_item_id": pa.array([1, None], pa.int64()),
+                    "relevant_item_ids": pa.array([[1], [2]], pa.list_(pa.int64()))})
+    pq.write_table(bad, str(tmp_path / "bad.parquet"))
+    with pytest.raises(ValueError, match="row 1: column 'query_item_id' is null"):
+        convert_parquet.convert("judgments", str(tmp_path / "bad.parquet"), out, "all", 2)
+    assert sorted(glob.glob(pattern)) == sorted(second) and len(raw_records(pattern)) == 10

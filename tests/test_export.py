@@ -3,9 +3,11 @@ equal to the in-process models, warmup records that run, serving configs that pa
 against an in-process stand-in of the model server, and the catalog batch-encoding stage."""
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -20,7 +22,7 @@ from export import ctr as export_ctr
 from export import encoder as export_encoder
 from trainer import configs
 from trainer.ctr import task as ctr_task
-from trainer.data import parse, records, validate
+from trainer.data import parse, pipeline, records, validate
 from trainer.features import catalog_embed, clusters, embeddings, versions
 from trainer.models import encoder
 from trainer.stages import ctr as ctr_stage
@@ -312,12 +314,48 @@ def test_embed_stage_shards_resumes_and_matches_the_encoder(trained, exports, ti
     assert manifest["items"] == len(table.item_id) and manifest["clusters"] == 4
 
     # Resume: one lost part is re-encoded, the rest skipped.
-    lost = sorted(glob.glob(os.path.join(out_dir, "parts", "*-chunk-*.npz")))[0]
+    lost = sorted(glob.glob(os.path.join(out_dir, "parts", "v1-*", "*-chunk-*.npz")))[0]
     os.remove(lost)
-    os.remove(os.path.join(out_dir, "parts", os.path.basename(lost).split("-chunk")[0] + ".done"))
+    os.remove(lost.split("-chunk")[0] + ".done")
     log = _run(base)
     stats = json.loads(log[log.index("{"):log.rindex("}") + 1])["worker_0"]
     assert 0 < stats["encoded"] < len(table.item_id)
     assert stats["skipped"] == len(table.item_id) - stats["encoded"]
     again = dict(np.load(os.path.join(out_dir, "embeddings.npz")))
     np.testing.assert_allclose(again["embedding"], got["embedding"], atol=1e-6)
+
+
+def test_embed_starts_over_when_the_encoder_export_changes(trained, exports, tiny_world,
+                                                           tmp_path):
+    """Issue 16.4: parts are keyed by the export's version and fingerprint; a new version's rerun
+    in the same out_dir encodes with it instead of merging the old version's parts."""
+    export_dir = str(tmp_path / "encoder")
+    shutil.copytree(exports["encoder"], os.path.join(export_dir, "1"))
+    cfg = configs.CatalogEmbedConfig(
+        catalog_pattern=records.default_pattern(tiny_world, "catalog"), encoder_export=export_dir,
+        out_dir=str(tmp_path / "catalog"), batch_size=64, chunk_records=40, num_workers=1,
+        worker_index=0)
+    first = catalog_embed.run(cfg)
+    assert first["export"].endswith("/1") and first["parts"].startswith("v1-")
+    old = np.load(os.path.join(cfg.out_dir, "embeddings.npz"))["embedding"]
+    # Version 2: the encoder trained one more step.
+    enc_dir = str(tmp_path / "s1-more")
+    shutil.copytree(trained["encoder"], enc_dir)
+    encoder_stages.run_training(dataclasses.replace(
+        configs.load(enc_dir), model_dir=enc_dir, data_dir=tiny_world,
+        train=configs.TrainConfig(steps=4, global_batch_size=16, log_interval=4,
+                                  warmup_steps=0, learning_rate=0.5)))
+    export_encoder.export(enc_dir, export_dir)
+    second = catalog_embed.run(cfg)
+    assert second["export"].endswith("/2") and second["parts"].startswith("v2-")
+    assert second["worker_0"]["skipped"] == 0 and second["worker_0"]["encoded"] == len(old)
+    assert os.listdir(os.path.join(cfg.out_dir, "parts")) == [second["parts"]]
+    got = np.load(os.path.join(cfg.out_dir, "embeddings.npz"))["embedding"]
+    files = pipeline.list_files(cfg.catalog_pattern)
+    raw = [r["image"] for r in tf.data.TFRecordDataset(files, validate.compression_of(files[0]))
+           .map(lambda s: tf.io.parse_single_example(
+               s, {"image": tf.io.FixedLenFeature([], tf.string)})).take(8).as_numpy_iterator()]
+    v2 = tf.saved_model.load(os.path.join(export_dir, "2")).signatures["encode_images"]
+    np.testing.assert_allclose(got[:8], v2(images=tf.constant(raw))["embedding"].numpy(),
+                               atol=1e-5)
+    assert not np.allclose(got, old, atol=1e-3)  # the encoder did change

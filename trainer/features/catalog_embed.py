@@ -11,11 +11,15 @@ online vectors agree) over every catalog record in batches and writes, in `out_d
   manifest.json    what was encoded with what, and how fast
 
 Work is split by catalog file across `num_workers` processes (`worker_index`), and within a file
-into chunks of `chunk_records` records written as parts/; a rerun skips finished chunks, so a
-killed job resumes. Worker 0 waits for every file's parts, then merges and indexes.
+into chunks of `chunk_records` records written as parts/KEY/; a rerun skips finished chunks, so a
+killed job resumes. KEY names what the parts were made from (the export's version and
+fingerprint, the chunk size, the catalog files and their sizes): a new encoder version or a changed
+catalog starts over instead of merging stale vectors. Worker 0 waits for every file's parts, then
+merges, indexes and removes the parts of other keys.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -33,12 +37,38 @@ from trainer.features import versions
 log = logging.getLogger(__name__)
 
 
-def _part(out_dir: str, file_index: int, chunk: int) -> str:
-    return os.path.join(out_dir, "parts", f"file-{file_index:05d}-chunk-{chunk:05d}.npz")
+def export_fingerprint(version_dir: str) -> str:
+    """The SavedModel's fingerprint (its saved_model.pb and variables), as hex."""
+    try:
+        fp = tf.saved_model.experimental.read_fingerprint(version_dir)
+        return f"{fp.saved_model_checksum:016x}{fp.checkpoint_hash:016x}"
+    except (FileNotFoundError, tf.errors.NotFoundError, ValueError):  # exported without one
+        digest = hashlib.sha256()
+        for name in ("saved_model.pb", "variables/variables.index"):
+            path = os.path.join(version_dir, name)
+            if tf.io.gfile.exists(path):
+                digest.update(tf.io.gfile.GFile(path, "rb").read())
+        return digest.hexdigest()[:32]
 
 
-def _done(out_dir: str, file_index: int) -> str:
-    return os.path.join(out_dir, "parts", f"file-{file_index:05d}.done")
+def parts_key(cfg: CatalogEmbedConfig, version_dir: str, files: list[str]) -> str:
+    """The parts' subdirectory: `v<version>-<hash>` of the export, chunking and catalog files."""
+    digest = hashlib.sha256(json.dumps([
+        export_fingerprint(version_dir), cfg.chunk_records,
+        [(f, tf.io.gfile.stat(f).length) for f in files]]).encode()).hexdigest()[:12]
+    return f"v{os.path.basename(version_dir.rstrip('/'))}-{digest}"
+
+
+def _part(parts: str, file_index: int, chunk: int) -> str:
+    return os.path.join(parts, f"file-{file_index:05d}-chunk-{chunk:05d}.npz")
+
+
+def _done(parts: str, file_index: int) -> str:
+    return os.path.join(parts, f"file-{file_index:05d}.done")
+
+
+def _parts_dir(cfg: CatalogEmbedConfig, version_dir: str, files: list[str]) -> str:
+    return os.path.join(cfg.out_dir, "parts", parts_key(cfg, version_dir, files))
 
 
 def encode_shard(cfg: CatalogEmbedConfig) -> dict:
@@ -52,12 +82,17 @@ def encode_shard(cfg: CatalogEmbedConfig) -> dict:
     encode = tf.saved_model.load(version_dir).signatures["encode_images"]
     parser = parse.RecordParser(schema.CATALOG, features=("item_id", "category_id", "image"),
                                 decode=False)
-    tf.io.gfile.makedirs(os.path.join(cfg.out_dir, "parts"))
+    parts = _parts_dir(cfg, version_dir, files)
+    stale = [d for d in _listdir(os.path.dirname(parts)) if d != os.path.basename(parts)]
+    if stale:
+        print(f"embed: {cfg.out_dir}/parts holds parts of another encoder export or catalog "
+              f"({', '.join(stale)}); they are not used, {os.path.basename(parts)} starts over")
+    tf.io.gfile.makedirs(parts)
     encoded = skipped = 0
     t0 = time.time()
     for n, (file_index, path) in enumerate(mine):
-        if tf.io.gfile.exists(_done(cfg.out_dir, file_index)):
-            with tf.io.gfile.GFile(_done(cfg.out_dir, file_index)) as f:
+        if tf.io.gfile.exists(_done(parts, file_index)):
+            with tf.io.gfile.GFile(_done(parts, file_index)) as f:
                 skipped += json.loads(f.read())["records"]
             continue
         ds = tf.data.TFRecordDataset(path, validate.compression_of(path)).enumerate().batch(
@@ -65,7 +100,7 @@ def encode_shard(cfg: CatalogEmbedConfig) -> dict:
         records = 0
         for chunk, (index, serialized) in enumerate(ds):
             records += int(index.shape[0])
-            part = _part(cfg.out_dir, file_index, chunk)
+            part = _part(parts, file_index, chunk)
             if tf.io.gfile.exists(part):
                 skipped += int(index.shape[0])
                 continue
@@ -83,11 +118,15 @@ def encode_shard(cfg: CatalogEmbedConfig) -> dict:
             print(f"embed: worker {cfg.worker_index}/{cfg.num_workers} file {n + 1}/{len(mine)} "
                   f"chunk {chunk}: {encoded} images encoded ({rate:.0f}/s), {skipped} resumed",
                   flush=True)
-        with tf.io.gfile.GFile(_done(cfg.out_dir, file_index), "w") as f:
+        with tf.io.gfile.GFile(_done(parts, file_index), "w") as f:
             f.write(json.dumps({"file": path, "records": records,
                                 "chunks": -(-records // cfg.chunk_records)}))
     return {"encoded": encoded, "skipped": skipped, "seconds": time.time() - t0,
             "export": version_dir, "files": len(mine)}
+
+
+def _listdir(path: str) -> list[str]:
+    return [d.rstrip("/") for d in tf.io.gfile.listdir(path)] if tf.io.gfile.isdir(path) else []
 
 
 def _bad_record(message: str, path: str) -> str:
@@ -101,20 +140,23 @@ def merge(cfg: CatalogEmbedConfig, shard_stats: dict | None = None) -> dict:
     """Worker 0: waits for every file's parts, then writes embeddings.npz, catalog.faiss and
     manifest.json; returns the manifest."""
     files = pipeline.list_files(cfg.catalog_pattern)
+    # The version this worker encoded with, not one exported since.
+    version_dir = (shard_stats or {}).get("export") or versions.version_dir(cfg.encoder_export)
+    parts_dir = _parts_dir(cfg, version_dir, files)
     deadline = time.time() + cfg.merge_timeout_seconds
     while True:
-        missing = [i for i in range(len(files)) if not tf.io.gfile.exists(_done(cfg.out_dir, i))]
+        missing = [i for i in range(len(files)) if not tf.io.gfile.exists(_done(parts_dir, i))]
         if not missing:
             break
         if time.time() > deadline:
             raise TimeoutError(f"{cfg.out_dir}: files {missing[:5]} of the catalog were not "
                                f"encoded within {cfg.merge_timeout_seconds:.0f}s (did every "
-                               "worker run?)")
+                               f"worker run, with export {version_dir}?)")
         time.sleep(2.0)
     parts = []
     for i in range(len(files)):
-        done = json.loads(tf.io.gfile.GFile(_done(cfg.out_dir, i)).read())
-        parts += [npz.read(_part(cfg.out_dir, i, c)) for c in range(done["chunks"])]
+        done = json.loads(tf.io.gfile.GFile(_done(parts_dir, i)).read())
+        parts += [npz.read(_part(parts_dir, i, c)) for c in range(done["chunks"])]
     table = {k: np.concatenate([p[k] for p in parts]) for k in ("item_id", "category_id",
                                                                   "embedding")}
     ids, counts = np.unique(table["item_id"], return_counts=True)
@@ -131,13 +173,18 @@ def merge(cfg: CatalogEmbedConfig, shard_stats: dict | None = None) -> dict:
     with tf.io.gfile.GFile(os.path.join(cfg.out_dir, "catalog.faiss"), "wb") as f:
         f.write(faiss.serialize_index(index).tobytes())
     manifest = {"items": int(len(ids)), "dim": int(table["embedding"].shape[1]),
-                "export": versions.version_dir(cfg.encoder_export), "catalog": files,
+                "export": version_dir, "export_fingerprint": export_fingerprint(version_dir),
+                "parts": os.path.basename(parts_dir), "catalog": files,
                 "index": cfg.index, "index_seconds": round(index_seconds, 2),
                 "centroids": cfg.centroids,
                 "clusters": int(table["cluster_id"].max() + 1) if cfg.centroids else None,
                 "worker_0": shard_stats or {}}
     with tf.io.gfile.GFile(os.path.join(cfg.out_dir, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=2)
+    for name in _listdir(os.path.dirname(parts_dir)):  # another export's or catalog's
+        if name != os.path.basename(parts_dir):
+            path = os.path.join(os.path.dirname(parts_dir), name)
+            (tf.io.gfile.rmtree if tf.io.gfile.isdir(path) else tf.io.gfile.remove)(path)
     return manifest
 
 
