@@ -320,3 +320,45 @@ def test_a_gzip_file_without_its_suffix_is_named_as_gzip(tiny_world, tmp_path):
             for _ in pipe.dataset():
                 pass
     assert path in str(e.value) and "starts like a GZIP file: name it *.gz" in str(e.value)
+
+
+# 8. Error quality: an image that does not decode is named in one line; a duplicate catalog id
+#    names both records.
+
+def _with_image(rec: bytes, body: bytes) -> bytes:
+    from tensorflow.core.example import example_pb2
+    e = example_pb2.Example.FromString(rec)
+    del e.features.feature["image"].bytes_list.value[:]
+    e.features.feature["image"].bytes_list.value.append(body)
+    return e.SerializeToString()
+
+
+def test_an_image_that_does_not_decode_is_named_in_one_short_line(tiny_world, tmp_path):
+    recs = raw_records(records.default_pattern(tiny_world, "catalog"))[:8]
+    recs[BAD] = _with_image(recs[BAD], b"\x89PNG\r\n\x1a\n" + bytes(40))
+    path = write_records(str(tmp_path / "all-00000-of-00001.tfrecord"), recs)
+    cfg = pipeline.InputConfig(path, "catalog", global_batch_size=4, image_size=32,
+                               shuffle=False, repeat=False, drop_remainder=False)
+    pipe = pipeline.InputPipeline(cfg)
+    with pytest.raises(validate.BadRecordError) as e:
+        with pipe.errors_named():
+            for _ in pipe.dataset():
+                pass
+    message = str(e.value)
+    assert f"{path}: record {BAD}: feature 'image': not a decodable PNG (" in message
+    assert len(message) < 300 and "File \"" not in message and "Detected at node" not in message
+
+
+def test_a_duplicate_catalog_id_names_both_records(tiny_world, tmp_path):
+    files = pipeline.list_files(records.default_pattern(tiny_world, "catalog"))
+    d = tmp_path / "catalog"
+    d.mkdir()
+    first, second = raw_records(files[0]), raw_records(files[1])
+    second[5] = first[2]  # item 2 of the first file again, as record 5 of the second
+    a = write_records(str(d / "all-00000-of-00002.tfrecord"), first)
+    b = write_records(str(d / "all-00001-of-00002.tfrecord"), second)
+    with pytest.raises(validate.BadRecordError) as e:
+        pipeline.load_image_store(str(d / "all-*"))
+    assert str(e.value).startswith(f"bad input record: {b}: record 5: feature 'item_id': "
+                                   f"duplicate item_id ")
+    assert f"already in {a}: record 2; ids must be unique" in str(e.value)

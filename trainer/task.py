@@ -33,7 +33,7 @@ from absl import app, flags
 
 import trainer  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
 from trainer import configs, stages
-from trainer.data import ctr_spec
+from trainer.data import ctr_spec, validate
 from trainer.stages import common
 from trainer.train import lock
 
@@ -189,7 +189,9 @@ def build_config() -> configs.StageConfig:
     return configs.check(cfg)
 
 
-ERRORS = (configs.ConfigError, common.UsageError, ctr_spec.SpecError, lock.LockedError)
+# Errors the user fixes from the message alone: printed without a traceback, exit status 2.
+ERRORS = (configs.ConfigError, common.UsageError, ctr_spec.SpecError, lock.LockedError,
+          validate.BadRecordError)
 
 
 def main(argv) -> None:

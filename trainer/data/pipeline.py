@@ -120,6 +120,7 @@ def load_image_store(catalog_pattern: str, skip_bad_records: bool = False) -> pa
     """Reads every catalog record's item id and encoded image into an `ImageStore` (bad catalog
     records fail named, or are skipped with `skip_bad_records`)."""
     cols = read_columns(catalog_pattern, "catalog", ("item_id", "image"), skip_bad_records)
+    validate.check_unique_ids(cols["item_id"], list_files(catalog_pattern), "item_id")
     log.info("image store: %d catalog images", len(cols["item_id"]))
     return parse.ImageStore(cols["item_id"], cols["image"].tolist())
 

@@ -21,6 +21,7 @@ import logging
 import struct
 from typing import Iterator, Optional, Sequence
 
+import numpy as np
 import tensorflow as tf
 from google.protobuf.message import DecodeError
 from tensorflow.core.example import example_pb2
@@ -68,17 +69,59 @@ class BadRecordError(ValueError):
 SKIP_HINT = " (pass --skip_bad_records to skip bad records, counted and logged)"
 
 
+def check_unique_ids(ids: np.ndarray, files: Sequence[str], feature: str) -> None:
+    """Raises a `BadRecordError` naming the record (file and index) that repeats an id of
+    `feature` and where the id was first seen; the files are scanned only when one repeats."""
+    values, counts = np.unique(np.asarray(ids), return_counts=True)
+    if not (counts > 1).any():
+        return
+    dup, repeated = int(values[counts > 1][0]), int((counts > 1).sum())
+    seen = []
+    for path in files:
+        for index, records, _ in _read(path, batch=1024):
+            for i, rec in enumerate(records):
+                try:
+                    value = example_pb2.Example.FromString(rec).features.feature[feature]
+                except DecodeError:
+                    continue
+                if list(value.int64_list.value) == [dup]:
+                    seen.append((path, index + i))
+            if len(seen) >= 2:
+                break
+        if len(seen) >= 2:
+            break
+    more = f"; {repeated - 1} more ids repeat" if repeated > 1 else ""
+    if len(seen) < 2:  # not found again in the raw files (should not happen): name the id only
+        raise ValueError(f"{', '.join(files[:3])}: {feature} {dup} occurs in more than one "
+                         f"record{more}; ids must be unique")
+    (first, first_index), (path, index) = seen[:2]
+    raise BadRecordError(BadRecord(path, index, feature, (
+        f"duplicate {feature} {dup}, already in {first}: record {first_index}{more}; ids must "
+        "be unique")))
+
+
 def compression_of(path: str) -> str:
     """TFRecord compression of a file: GZIP for `*.gz`, else none."""
     return "GZIP" if path.endswith(".gz") else ""
 
 
 def _short(message: str) -> str:
-    """The useful part of a TF error message (without node and function names)."""
+    """The useful part of a TF error message (without node and function names, or the Python
+    stack of a graph execution error)."""
     message = message.split("[[", 1)[0].split(" [Op:", 1)[0]
     if "}}" in message:
         message = message.rsplit("}}", 1)[1]
+    if "Detected at node" in message:  # "...(most recent call last):\n<stack>\n<reason>\n"
+        message = [line for line in message.splitlines() if line.strip()][-1]
     return " ".join(message.split())
+
+
+def _image_reason(message: str) -> str:
+    """'not a decodable PNG (<TensorFlow's reason>)' for an image body that does not decode."""
+    reason = _short(message)
+    fmt = next((f for f in ("PNG", "JPEG", "GIF", "BMP") if f.lower() in reason.lower()),
+               "image")
+    return f"not a decodable {fmt} ({reason})"
 
 
 class Diagnoser:
@@ -131,7 +174,7 @@ class Diagnoser:
         for subset in self.image_subsets:
             image_error = self._error(subset, [name], [serialized])
             if image_error:
-                return BadRecord(path, index, subset[-1], _short(image_error))
+                return BadRecord(path, index, subset[-1], _image_reason(image_error))
         return BadRecord(path, index, "<record>", _short(error))
 
 

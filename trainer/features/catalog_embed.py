@@ -159,10 +159,7 @@ def merge(cfg: CatalogEmbedConfig, shard_stats: dict | None = None) -> dict:
         parts += [npz.read(_part(parts_dir, i, c)) for c in range(done["chunks"])]
     table = {k: np.concatenate([p[k] for p in parts]) for k in ("item_id", "category_id",
                                                                   "embedding")}
-    ids, counts = np.unique(table["item_id"], return_counts=True)
-    if (counts > 1).any():
-        raise ValueError(f"{cfg.catalog_pattern}: item_id {ids[counts > 1][:5].tolist()} occurs "
-                         "in more than one record")
+    validate.check_unique_ids(table["item_id"], files, "item_id")
     if cfg.centroids:
         centroids = clusters_lib.Clusters.load(cfg.centroids)
         table["cluster_id"] = centroids.assign(table["embedding"])
@@ -172,7 +169,7 @@ def merge(cfg: CatalogEmbedConfig, shard_stats: dict | None = None) -> dict:
     npz.write(os.path.join(cfg.out_dir, "embeddings.npz"), **table)
     with tf.io.gfile.GFile(os.path.join(cfg.out_dir, "catalog.faiss"), "wb") as f:
         f.write(faiss.serialize_index(index).tobytes())
-    manifest = {"items": int(len(ids)), "dim": int(table["embedding"].shape[1]),
+    manifest = {"items": int(len(table["item_id"])), "dim": int(table["embedding"].shape[1]),
                 "export": version_dir, "export_fingerprint": export_fingerprint(version_dir),
                 "parts": os.path.basename(parts_dir), "catalog": files,
                 "index": cfg.index, "index_seconds": round(index_seconds, 2),

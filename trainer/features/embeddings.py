@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow as tf
 
-from trainer.data import npz, pipeline
+from trainer.data import npz, pipeline, validate
 from trainer.models import encoder as encoder_lib
 
 log = logging.getLogger(__name__)
@@ -90,19 +90,14 @@ def compute(encoder: encoder_lib.Encoder, catalog_pattern: str, queries_pattern:
     else:
         q = {"query_id": np.zeros([0], np.int64),
              "embedding": np.zeros([0, cat["embedding"].shape[1]], np.float32)}
-    _check_unique(cat["item_id"], catalog_pattern, "item_id")
-    _check_unique(q["query_id"], queries_pattern, "query_id")
+    validate.check_unique_ids(cat["item_id"], pipeline.list_files(catalog_pattern), "item_id")
+    if queries_pattern:
+        validate.check_unique_ids(q["query_id"], pipeline.list_files(queries_pattern),
+                                  "query_id")
     log.info("embedded %d catalog images and %d queries in %.0fs", len(cat["item_id"]),
              len(q["query_id"]), time.time() - t0)
     return EmbeddingTable(cat["item_id"], cat["category_id"], cat["impressions_30d"],
                           cat["embedding"], q["query_id"], q["embedding"], source)
-
-
-def _check_unique(ids: np.ndarray, pattern: str | None, name: str) -> None:
-    values, counts = np.unique(ids, return_counts=True)
-    if np.any(counts > 1):
-        raise ValueError(f"{pattern}: '{name}' {values[counts > 1][:5].tolist()} occurs in more "
-                         "than one record; ids must be unique")
 
 
 def save(table: EmbeddingTable, path: str) -> None:
