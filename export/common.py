@@ -96,21 +96,25 @@ def run_request(loaded, request: predict_pb2.PredictRequest) -> dict:
 
 
 def main(export_fn: Callable[..., str], what: str, model_name: str, model_dir_help: str,
-         signatures: str) -> None:
+         signatures: str, options: Mapping[str, tuple[int, str]] | None = None) -> None:
     """The command line of `python -m export.encoder` / `export.ctr`: `export_fn(model_dir,
-    export_dir, version, model_name)` from flags."""
+    export_dir, version, model_name, **options)` from flags; `options` are the export's own
+    integer flags (name -> (default, help))."""
     from absl import app, flags
     flags.DEFINE_string("model_dir", None, model_dir_help)
     flags.DEFINE_string("export_dir", None, "Model base path; the export is its next version.")
     flags.DEFINE_integer("version", None, "Version number (default: latest + 1).")
     flags.DEFINE_string("model_name", model_name, "Model name in the warmup requests (as in "
                         "serving_config/models.config).")
+    for name, (default, help_) in (options or {}).items():
+        flags.DEFINE_integer(name, default, help_)
     flags.mark_flags_as_required(["model_dir", "export_dir"])
 
     def run(argv) -> None:
         del argv
         f = flags.FLAGS
-        path = export_fn(f.model_dir, f.export_dir, f.version, f.model_name)
+        path = export_fn(f.model_dir, f.export_dir, f.version, f.model_name,
+                         **{name: getattr(f, name) for name in options or {}})
         print(f"exported {what} of {f.model_dir} to {path} (signatures: {signatures})")
 
     app.run(run)

@@ -16,7 +16,8 @@ Signatures (batch dimension None):
   predict_examples: examples [None] string, serialized `tf.train.Example`s with the spec's
       columns (label and group may be absent) -> ctr [None].
 A malformed request (a negative id, a non-finite value, a missing feature) fails with a message
-naming the row ('request:<i>'), the feature and the rule.
+naming the row ('request:<i>'), the feature and the rule; inputs with different row counts fail
+naming the feature. An empty request (0 rows) returns 0 scores.
 """
 from __future__ import annotations
 
@@ -63,7 +64,15 @@ class CtrServing(tf.Module):
         return {"ctr": tf.sigmoid(self.model(batch, training=False))}
 
     def _serve(self, **features):
-        names = request_names(tf.shape(next(iter(features.values())))[0])
+        first = next(iter(features))
+        n = tf.shape(features[first])[0]
+        names = request_names(n)
+        # Every input has one row per candidate: a shorter one is named, not a ConcatOp error.
+        rows_ok = [tf.debugging.Assert(tf.equal(tf.shape(v)[0], n), [
+            f"request: feature '{k}' has", tf.shape(v)[0], f"rows, but '{first}' has", n,
+            "(every input needs one row per candidate)"]) for k, v in features.items()]
+        with tf.control_dependencies(rows_ok):
+            features = {k: tf.identity(v) for k, v in features.items()}
         raw = {}
         for k, v in features.items():
             f = self._lists.get(k)

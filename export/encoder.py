@@ -5,10 +5,14 @@ Exports the encoder of a trained `pretrain`/`finetune`/`classify`/`courier` mode
 
 Signatures (batch dimension None):
   encode_images (= serving_default): images [None] string, encoded JPEG/PNG/GIF/BMP of any size
-      -> embedding [None, D] float32, L2-normalised. Decoding and resizing (antialiased bilinear,
-      as in training) run inside, on the CPU; a request that is not an image fails naming its
-      index ('request:<i>').
-  encode_pixels: pixels [None, S, S, 3] float32 in [0, 1] -> embedding [None, D].
+      up to `max_image_pixels` (height x width as the header declares it, checked before
+      decoding, so a small file cannot make the server allocate a huge image) -> embedding
+      [None, D] float32, L2-normalised. Decoding and resizing (antialiased bilinear, as in
+      training) run inside, on the CPU; a request that is not an image fails naming its index
+      ('request:<i>').
+  encode_pixels: pixels [None, S, S, 3] float32 in [0, 1] -> embedding [None, D]; another
+      image size, NaN or values outside [0, 1] (0-255 pixels not scaled) fail naming the row.
+An empty request (0 rows) returns 0 embeddings.
 """
 from __future__ import annotations
 
@@ -23,6 +27,9 @@ from trainer.models import encoder as encoder_lib
 
 SIGNATURES = ("encode_images", "encode_pixels")
 WARMUP_BATCH_SIZES = (1, 8, 32)
+# 4096 x 4096: a phone photo (12-50 MP is downscaled by the apps) fits; an 8000 x 8000 PNG of a
+# few hundred KB, which decodes to 768 MB of float32 pixels, does not.
+MAX_IMAGE_PIXELS = 4096 * 4096
 
 
 def request_names(n: tf.Tensor) -> tf.Tensor:
@@ -33,9 +40,10 @@ def request_names(n: tf.Tensor) -> tf.Tensor:
 class EncoderServing(tf.Module):
     """The encoder behind the two serving signatures."""
 
-    def __init__(self, encoder: encoder_lib.Encoder):
+    def __init__(self, encoder: encoder_lib.Encoder, max_image_pixels: int = MAX_IMAGE_PIXELS):
         super().__init__(name="encoder_serving")
         self.encoder = encoder
+        self.max_image_pixels = max_image_pixels
         size = encoder.cfg.image_size
         # The catalog schema's image check (magic bytes), so bad bytes fail with the row named.
         self._check = parse.RecordParser(schema.CATALOG, image_size=size, features=["image"],
@@ -48,11 +56,35 @@ class EncoderServing(tf.Module):
     def _encode_images(self, images):
         names = request_names(tf.shape(images)[0])
         checked = self._check.from_raw(names, {"image": images})["image"]
-        with tf.device("/cpu:0"):
+        sizes = parse.declared_image_sizes(checked)
+        too_big = sizes[:, 0] * sizes[:, 1] > self.max_image_pixels
+        with tf.control_dependencies([parse.fail_if(
+                too_big, names, "image", f"is larger than max_image_pixels = "
+                f"{self.max_image_pixels} (height x width)", tf.boolean_mask(
+                    sizes, too_big)[:1])]), tf.device("/cpu:0"):
             pixels = parse.decode_images(checked, self.encoder.cfg.image_size)
-        return self._encode_pixels(pixels)
+        return self._embed(pixels)
 
     def _encode_pixels(self, pixels):
+        size = self.encoder.cfg.image_size
+        n = tf.shape(pixels)[0]
+        names = request_names(n)
+        # The element count, not the static shape (which a graph optimiser may take as given).
+        shape_ok = tf.debugging.Assert(
+            tf.equal(tf.size(pixels, out_type=tf.int64), tf.cast(n, tf.int64) * size * size * 3),
+            [f"request: feature 'pixels': must be [N, {size}, {size}, 3]; got", tf.shape(pixels)],
+            summarize=4)
+        with tf.control_dependencies([shape_ok]):
+            flat = tf.reshape(pixels, [n, -1])
+        checks = [parse.fail_if(tf.reduce_any(~tf.math.is_finite(flat), axis=1), names, "pixels",
+                                "holds NaN or infinite values"),
+                  parse.fail_if(tf.reduce_any((flat < 0.0) | (flat > 1.0), axis=1), names,
+                                "pixels", "values must be in [0, 1] (scale 0-255 pixels by "
+                                "1/255); largest", tf.reduce_max(flat, axis=1)[:1])]
+        with tf.control_dependencies(checks):
+            return self._embed(tf.reshape(flat, [n, size, size, 3]))
+
+    def _embed(self, pixels):
         return {"embedding": self.encoder(pixels, training=False)}
 
     def signatures(self) -> dict:
@@ -87,13 +119,16 @@ def warmup_requests(image_size: int, model_name: str = "encoder") -> list:
 
 
 def export(model_dir: str, export_dir: str, version: int | None = None,
-           model_name: str = "encoder") -> str:
+           model_name: str = "encoder", max_image_pixels: int = MAX_IMAGE_PIXELS) -> str:
     """Exports the trained encoder of `model_dir`; returns the version directory."""
+    if max_image_pixels < 1:
+        raise ValueError(f"max_image_pixels must be at least 1, got {max_image_pixels}")
     encoder = encoder_lib.restore(model_dir)
-    module = EncoderServing(encoder)
+    module = EncoderServing(encoder, max_image_pixels)
     info = {"model": "encoder", "model_dir": os.path.abspath(model_dir),
             "checkpoint": encoder_lib.resolve_checkpoint(model_dir),
             "image_size": encoder.cfg.image_size, "feature_dim": encoder.cfg.feature_dim,
+            "max_image_pixels": max_image_pixels,
             "signatures": {"encode_images": "images [None] string -> embedding [None, D]",
                            "encode_pixels": "pixels [None, S, S, 3] float32 in [0, 1] -> "
                                             "embedding [None, D]"}}
@@ -104,4 +139,7 @@ def export(model_dir: str, export_dir: str, version: int | None = None,
 
 if __name__ == "__main__":
     common.main(export, "the encoder", "encoder", "Trained encoder model dir (pretrain, finetune, "
-                "classify or courier).", "serving_default = encode_images, encode_pixels")
+                "classify or courier).", "serving_default = encode_images, encode_pixels",
+                {"max_image_pixels": (MAX_IMAGE_PIXELS, "Largest image encode_images decodes "
+                                      "(height x width, from its header); larger ones fail "
+                                      "naming the request row.")})

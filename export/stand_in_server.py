@@ -9,8 +9,9 @@ this module serves loaded SavedModels in-process behind the same two interfaces,
   "instances" format, binary values as {"b64": ...}.
 
 It does what the real server does for these calls (latest numeric version, signature by name,
-`serving_default` when unnamed, errors as INVALID_ARGUMENT / HTTP 400) and nothing else: no
-batching, no version policy, no monitoring.
+`serving_default` when unnamed, errors as INVALID_ARGUMENT / HTTP 400 with the reason, an unknown
+model as NOT_FOUND / HTTP 404, `GET /v1/models/<name>` status, a REST read timeout as
+`--rest_api_timeout_in_ms`) and nothing else: no batching, no version policy, no monitoring.
 
     python -m export.stand_in_server --model=encoder=models/encoder --model=ctr=models/ctr
 """
@@ -86,10 +87,17 @@ def start_grpc(servables: Servables, port: int = 0) -> tuple:
     return server, port
 
 
+def _is_b64(value) -> bool:
+    return isinstance(value, dict) and set(value) == {"b64"}
+
+
 def _from_json(value):
     """A JSON value of the REST API as numpy ({"b64": ...} -> bytes)."""
-    if isinstance(value, dict) and set(value) == {"b64"}:
-        return base64.b64decode(value["b64"])
+    if _is_b64(value):
+        try:
+            return base64.b64decode(value["b64"], validate=True)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"a 'b64' value is not base64: {e}") from None
     if isinstance(value, list):
         items = [_from_json(v) for v in value]
         if items and isinstance(items[0], bytes):
@@ -104,8 +112,56 @@ def _to_json(value: np.ndarray):
     return value.tolist()
 
 
-def _rest_handler(servables: Servables):
+class _BadRequest(ValueError):
+    """A REST request the server answers with 400 and this reason."""
+
+
+def _inputs_of(body, specs: Mapping) -> dict:
+    """{input name: numpy value} of a REST predict body, in the columnar ("inputs") or the row
+    ("instances") format, with the signature's dtypes (JSON numbers carry none)."""
+    if not isinstance(body, dict):
+        raise _BadRequest("the body must be a JSON object with 'inputs' or 'instances'")
+    if "inputs" in body:
+        inputs = body["inputs"]
+    elif "instances" in body:
+        rows = body["instances"]
+        if not isinstance(rows, list):
+            raise _BadRequest("'instances' must be a list of rows")
+        named = bool(rows) and all(isinstance(r, dict) and not _is_b64(r) for r in rows)
+        if named:
+            keys = set(rows[0])
+            for i, r in enumerate(rows):
+                if set(r) != keys:
+                    raise _BadRequest(f"instances[{i}] has inputs {sorted(r)}, instances[0] "
+                                      f"has {sorted(keys)}")
+            inputs = {k: [r[k] for r in rows] for k in rows[0]}
+        else:
+            inputs = rows
+    else:
+        raise _BadRequest("the body needs 'inputs' or 'instances'")
+    if not isinstance(inputs, dict):
+        if len(specs) != 1:
+            raise _BadRequest(f"unnamed inputs need a one-input signature; this one takes "
+                              f"{sorted(specs)}")
+        inputs = {next(iter(specs)): inputs}
+    values = {}
+    for k, v in inputs.items():
+        if k not in specs:
+            raise _BadRequest(f"the signature has no input '{k}' (it takes {sorted(specs)})")
+        try:
+            v = _from_json(v)
+            if specs[k].dtype != tf.string:
+                v = np.asarray(v, specs[k].dtype.as_numpy_dtype)
+        except (ValueError, TypeError) as e:
+            raise _BadRequest(f"input '{k}': {e}") from None
+        values[k] = v
+    return values
+
+
+def _rest_handler(servables: Servables, timeout_seconds: float):
     class Handler(BaseHTTPRequestHandler):
+        timeout = timeout_seconds  # a client that stops sending mid-request is dropped
+
         def log_message(self, *args):  # quiet
             pass
 
@@ -117,38 +173,61 @@ def _rest_handler(servables: Servables):
             self.end_headers()
             self.wfile.write(data)
 
-        def do_POST(self):  # noqa: N802
+        def _model(self, suffix: str) -> tuple[str, int | None] | None:
+            """(name, version or None) of /v1/models/<name>[/versions/<v>]<suffix>."""
             path = self.path
-            if not (path.startswith("/v1/models/") and path.endswith(":predict")):
-                return self._reply(404, {"error": f"unknown path {path}"})
-            parts = path[len("/v1/models/"):-len(":predict")].split("/")
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            signature = body.get("signature_name", "serving_default")
-            if "inputs" in body:
-                inputs = body["inputs"]
-            elif "instances" in body:
-                rows = body["instances"]
-                inputs = ({k: [r[k] for r in rows] for k in rows[0]}
-                          if rows and isinstance(rows[0], dict) else rows)
-            else:
-                return self._reply(400, {"error": "body needs 'inputs' or 'instances'"})
-            loaded = servables.models.get(parts[0], (0, None))[1]
-            sig = loaded.signatures.get(signature) if loaded else None
-            specs = sig.structured_input_signature[1] if sig is not None else {}
-            if not isinstance(inputs, dict):
-                if len(specs) != 1:
-                    return self._reply(400, {"error": "unnamed inputs need a one-input signature"})
-                inputs = {next(iter(specs)): inputs}
-            # JSON numbers carry no dtype: take the signature's, as the model server does.
-            values = {}
-            for k, v in inputs.items():
-                v = _from_json(v)
-                if k in specs and specs[k].dtype != tf.string:
-                    v = np.asarray(v, specs[k].dtype.as_numpy_dtype)
-                values[k] = v
-            request = common.predict_request(parts[0], signature, values)
-            if len(parts) == 3 and parts[1] == "versions":
-                request.model_spec.version.value = int(parts[2])
+            if not (path.startswith("/v1/models/") and path.endswith(suffix)):
+                return None
+            parts = path[len("/v1/models/"):len(path) - len(suffix)].split("/")
+            if len(parts) == 1 and parts[0]:
+                return parts[0], None
+            if len(parts) == 3 and parts[1] == "versions" and parts[2].isdigit():
+                return parts[0], int(parts[2])
+            return None
+
+        def do_GET(self):  # noqa: N802  (model status, as TF Serving's REST API)
+            target = self._model("")
+            if target is None:
+                return self._reply(404, {"error": f"unknown path {self.path}"})
+            name, version = target
+            if name not in servables.models or version not in (None, servables.models[name][0]):
+                return self._reply(404, {"error": f"Servable not found: {name}"})
+            return self._reply(200, {"model_version_status": [{
+                "version": str(servables.models[name][0]), "state": "AVAILABLE",
+                "status": {"error_code": "OK", "error_message": ""}}]})
+
+        def do_POST(self):  # noqa: N802
+            target = self._model(":predict")
+            if target is None:
+                return self._reply(404, {"error": f"unknown path {self.path}"})
+            name, version = target
+            if name not in servables.models:
+                return self._reply(404, {"error": f"Servable not found for request: "
+                                                  f"Latest({name})"})
+            try:
+                length = int(self.headers.get("Content-Length", ""))
+            except ValueError:
+                return self._reply(411, {"error": "the request needs a Content-Length"})
+            try:
+                body = json.loads(self.rfile.read(length))
+            except TimeoutError:
+                return  # the client stopped sending: the connection is closed
+            except (ValueError, UnicodeDecodeError) as e:
+                return self._reply(400, {"error": f"the body is not JSON: {e}"})
+            signature = (body.get("signature_name", "serving_default")
+                         if isinstance(body, dict) else "serving_default")
+            signatures = servables.models[name][1].signatures
+            if signature not in signatures:
+                return self._reply(400, {"error": f"the model has no signature '{signature}' "
+                                                  f"(it has {sorted(signatures)})"})
+            sig = signatures[signature]
+            try:
+                values = _inputs_of(body, sig.structured_input_signature[1])
+            except _BadRequest as e:
+                return self._reply(400, {"error": str(e)})
+            request = common.predict_request(name, signature, values)
+            if version is not None:
+                request.model_spec.version.value = version
             try:
                 _, outputs = servables.run(request)
             except LookupError as e:
@@ -167,9 +246,10 @@ def _rest_handler(servables: Servables):
     return Handler
 
 
-def start_rest(servables: Servables, port: int = 0) -> tuple:
-    """(server, port): a REST server on 127.0.0.1 running in a daemon thread."""
-    server = ThreadingHTTPServer(("127.0.0.1", port), _rest_handler(servables))
+def start_rest(servables: Servables, port: int = 0, timeout_seconds: float = 30.0) -> tuple:
+    """(server, port): a REST server on 127.0.0.1 running in a daemon thread; a connection that
+    sends nothing for `timeout_seconds` is closed."""
+    server = ThreadingHTTPServer(("127.0.0.1", port), _rest_handler(servables, timeout_seconds))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, server.server_address[1]
 
@@ -180,7 +260,8 @@ def main(argv) -> None:
     models = dict(m.split("=", 1) for m in flags.FLAGS.model)
     servables = Servables(models)
     grpc_server, grpc_port = start_grpc(servables, flags.FLAGS.port)
-    _, rest_port = start_rest(servables, flags.FLAGS.rest_api_port)
+    _, rest_port = start_rest(servables, flags.FLAGS.rest_api_port,
+                              flags.FLAGS.rest_api_timeout_in_ms / 1000)
     print(f"STAND-IN model server (not tensorflow_model_server): gRPC 127.0.0.1:{grpc_port}, "
           f"REST 127.0.0.1:{rest_port}; models "
           + ", ".join(f"{n} v{v}" for n, (v, _) in servables.models.items()), flush=True)
@@ -192,4 +273,6 @@ if __name__ == "__main__":
     flags.DEFINE_multi_string("model", [], "NAME=BASE_PATH of an exported model.")
     flags.DEFINE_integer("port", 8500, "gRPC port.")
     flags.DEFINE_integer("rest_api_port", 8501, "REST port.")
+    flags.DEFINE_integer("rest_api_timeout_in_ms", 30000, "REST read timeout (as the model "
+                         "server's flag of that name).")
     app.run(main)

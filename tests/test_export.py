@@ -359,3 +359,106 @@ def test_embed_starts_over_when_the_encoder_export_changes(trained, exports, tin
     np.testing.assert_allclose(got[:8], v2(images=tf.constant(raw))["embedding"].numpy(),
                                atol=1e-5)
     assert not np.allclose(got, old, atol=1e-3)  # the encoder did change
+
+
+def _png_header(height: int, width: int) -> bytes:
+    """A PNG signature and IHDR declaring height x width, without image data."""
+    import struct
+    import zlib
+    ihdr = b"IHDR" + struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + ihdr
+            + struct.pack(">I", zlib.crc32(ihdr)))
+
+
+def test_serving_inputs_are_checked_and_empty_requests_served(trained, exports, tiny_world):
+    """Issue 16.7: empty batches, the decoded-pixel cap, pixel checks, mismatched row counts."""
+    enc = tf.saved_model.load(exports["encoder"]).signatures
+    images = export_encoder.sample_images(2, 32)
+    assert enc["encode_images"](images=tf.constant([], tf.string))["embedding"].shape == [0, 32]
+    assert enc["encode_pixels"](pixels=tf.zeros([0, 32, 32, 3]))["embedding"].shape == [0, 32]
+    # 8000 x 8000 declared by a 33-byte header: refused before anything is decoded.
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"request:1.*image.*larger than max_image_pixels = 16777216.*"
+                             r"got.*8000 8000"):
+        enc["encode_images"](images=tf.constant([images[0], _png_header(8000, 8000)]))
+    small = export_encoder.EncoderServing(encoder.restore(trained["encoder"]),
+                                          max_image_pixels=32 * 32)
+    assert small.encode_images(tf.constant(images))["embedding"].shape == [2, 32]
+    big = export_encoder.sample_images(1, 40)[0]
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"request:2.*max_image_pixels = "
+                                                             r"1024.*got.*40 40"):
+        small.encode_images(tf.constant(images + [big]))
+    pixels = np.full([3, 32, 32, 3], 0.5, np.float32)
+    nan = pixels.copy()
+    nan[1, 4, 4, 0] = np.nan
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"request:1.*pixels.*NaN"):
+        enc["encode_pixels"](pixels=tf.constant(nan))
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"request:0.*pixels.*\[0, 1\]"):
+        enc["encode_pixels"](pixels=tf.constant(pixels * 255))
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"pixels.{0,3}: must be \[N, 32, 32, 3\]; got.*3 16 16 3"):
+        enc["encode_pixels"](pixels=tf.zeros([3, 16, 16, 3]))
+
+    ctr = tf.saved_model.load(exports["debias"]).signatures
+    model = trained["debias"][1]
+    inputs = export_ctr.sample_requests(model.spec, model.vocabularies, 4)
+    empty = {k: tf.constant(v[:0]) for k, v in inputs.items()}
+    assert ctr["serving_default"](**empty)["ctr"].shape == [0]
+    assert ctr["predict_examples"](examples=tf.constant([], tf.string))["ctr"].shape == [0]
+    short = {k: tf.constant(v[:3] if k == "price" else v) for k, v in inputs.items()}
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"feature .{0,2}price.{0,2} has\] \[3\] \[rows, but .*has\] \[4\]"):
+        ctr["serving_default"](**short)
+
+
+def test_stand_in_rest_answers_bad_requests_as_tf_serving_does(exports):
+    """Issue 16.8: 400 with the reason on bad JSON, 404 for an unknown model, the row format of
+    b64 values, a read timeout."""
+    import base64
+    import socket
+    import urllib.error
+    import urllib.request
+    servables = stand_in_server.Servables({"encoder": os.path.dirname(exports["encoder"])})
+    rest, port = stand_in_server.start_rest(servables, timeout_seconds=0.5)
+    url = f"http://127.0.0.1:{port}/v1/models"
+
+    def post(path: str, data: bytes) -> tuple[int, dict]:
+        req = urllib.request.Request(url + path, data=data, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    try:
+        images = export_encoder.sample_images(2, 32)
+        want = servables.models["encoder"][1].signatures["encode_images"](
+            images=tf.constant(images))["embedding"].numpy()
+        rows = [{"b64": base64.b64encode(b).decode()} for b in images]
+        code, body = post("/encoder:predict", json.dumps({"instances": rows}).encode())
+        assert code == 200, body
+        np.testing.assert_allclose(body["predictions"], want, atol=1e-5)
+        code, body = post("/encoder/versions/1:predict", json.dumps(
+            {"instances": [{"images": r} for r in rows]}).encode())
+        assert code == 200 and len(body["predictions"]) == 2
+        for path, data, want_code, words in (
+                ("/encoder:predict", b"{not json", 400, "not JSON"),
+                ("/encoder:predict", b"[1, 2]", 400, "JSON object"),
+                ("/nope:predict", b"{}", 404, "Servable not found"),
+                ("/encoder/versions/9:predict", json.dumps({"instances": rows}).encode(), 404,
+                 "Specific(encoder, 9)"),
+                ("/encoder:predict", json.dumps({"inputs": {"imagez": rows}}).encode(), 400,
+                 "no input 'imagez'"),
+                ("/encoder:predict", json.dumps({"instances": [{"b64": "%%%"}]}).encode(), 400,
+                 "not base64")):
+            code, body = post(path, data)
+            assert code == want_code and words in body["error"], (path, code, body)
+        with urllib.request.urlopen(url + "/encoder", timeout=30) as r:
+            assert json.loads(r.read())["model_version_status"][0]["state"] == "AVAILABLE"
+        # A client that stops sending mid-body is dropped after the read timeout.
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"POST /v1/models/encoder:predict HTTP/1.1\r\nHost: x\r\n"
+                      b"Content-Length: 100\r\n\r\n{\"inst")
+            assert s.recv(1024) == b""  # closed by the server, well before our 10 s
+    finally:
+        rest.shutdown()

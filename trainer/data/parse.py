@@ -31,11 +31,12 @@ def split_record_name(name: str) -> tuple[str, int]:
     return path, int(index)
 
 
-def _fail_if(bad: tf.Tensor, names: tf.Tensor, feature: str, reason: str,
-             values: Optional[tf.Tensor] = None) -> tf.Operation:
-    """Asserts that no row of `bad` [B] is set; the message names the first bad record."""
-    first = tf.argmax(tf.cast(bad, tf.int32))
-    data = [BAD_RECORD_TAG, names[first], f"feature '{feature}':", reason]
+def fail_if(bad: tf.Tensor, names: tf.Tensor, feature: str, reason: str,
+            values: Optional[tf.Tensor] = None) -> tf.Operation:
+    """Asserts that no row of `bad` [B] is set; the message names the first bad record. B may be
+    0 (an empty request)."""
+    first = tf.argmax(tf.concat([tf.cast(bad, tf.int32), [0]], 0))  # 0 when B = 0
+    data = [BAD_RECORD_TAG, tf.concat([names, [""]], 0)[first], f"feature '{feature}':", reason]
     if values is not None:
         data += ["got", values]
     return tf.debugging.Assert(tf.logical_not(tf.reduce_any(bad)), data, summarize=6)
@@ -86,6 +87,35 @@ class ImageStore:
     def lookup(self, item_ids: tf.Tensor) -> tf.Tensor:
         """Encoded image of each id; b'' for an unknown id."""
         return self.table.lookup(item_ids)
+
+
+def declared_image_sizes(encoded: tf.Tensor) -> tf.Tensor:
+    """[N] encoded images -> [N, 2] int64 (height, width) as their headers declare them, without
+    decoding: what decoding would allocate. 0 for bytes of no known format."""
+    head = tf.io.decode_raw(tf.strings.substr(
+        tf.strings.join([encoded, tf.constant(bytes(32))]), 0, 32), tf.uint8)
+    b = tf.reshape(tf.cast(head, tf.int64), [-1, 32])  # [0, 32] for an empty request
+
+    def big(i: int, n: int) -> tf.Tensor:
+        return sum(b[:, i + k] * (256 ** (n - 1 - k)) for k in range(n))
+
+    def little(i: int, n: int) -> tf.Tensor:
+        return sum(b[:, i + k] * (256 ** k) for k in range(n))
+
+    def is_(magic: bytes) -> tf.Tensor:
+        return tf.strings.substr(encoded, 0, len(magic)) == magic
+
+    def jpeg(x):
+        return tf.cond(tf.strings.substr(x, 0, 3) == b"\xff\xd8\xff",
+                       lambda: tf.cast(tf.image.extract_jpeg_shape(x)[:2], tf.int64),
+                       lambda: tf.zeros([2], tf.int64))
+
+    bmp_height = little(22, 4)
+    bmp_height = tf.abs(tf.where(bmp_height >= 2 ** 31, bmp_height - 2 ** 32, bmp_height))
+    sizes = tf.map_fn(jpeg, encoded, fn_output_signature=tf.TensorSpec([2], tf.int64))
+    sizes = tf.where(is_(b"\x89PNG")[:, None], tf.stack([big(20, 4), big(16, 4)], 1), sizes)
+    sizes = tf.where(is_(b"GIF8")[:, None], tf.stack([little(8, 2), little(6, 2)], 1), sizes)
+    return tf.where(is_(b"BM")[:, None], tf.stack([bmp_height, little(18, 4)], 1), sizes)
 
 
 def decode_images(encoded: tf.Tensor, image_size: int) -> tf.Tensor:
@@ -155,7 +185,7 @@ class RecordParser:
                 bad = tf.not_equal(a, b)
                 if not f.required:  # an absent optional list is not a mismatch
                     bad &= a > 0
-                checks.append(_fail_if(bad, names, f.name,
+                checks.append(fail_if(bad, names, f.name,
                                        f"length differs from '{f.same_length_as}'"))
         with tf.control_dependencies(checks):
             out = {}
@@ -179,11 +209,11 @@ class RecordParser:
             lengths = value.row_lengths()
             if f.min_len:
                 bad = lengths < f.min_len
-                checks.append(_fail_if(bad, names, f.name, f"needs at least {f.min_len} values",
+                checks.append(fail_if(bad, names, f.name, f"needs at least {f.min_len} values",
                                        _first_bad_value(bad, lengths)))
             if f.keep == "reject":
                 bad = lengths > f.max_len
-                checks.append(_fail_if(bad, names, f.name, f"holds more than {f.max_len} values",
+                checks.append(fail_if(bad, names, f.name, f"holds more than {f.max_len} values",
                                        _first_bad_value(bad, lengths)))
             flat, rows = value.values, value.value_rowids()
             batch = tf.shape(names, out_type=tf.int64)[0]
@@ -198,7 +228,7 @@ class RecordParser:
 
         if f.dtype == schema.FLOAT:
             bad = ~tf.math.is_finite(flat)
-            checks.append(_fail_if(per_row(bad), names, f.name, "is not finite",
+            checks.append(fail_if(per_row(bad), names, f.name, "is not finite",
                                    _first_bad_value(bad, flat)))
         if f.min_value is not None or f.max_value is not None:
             lo = -np.inf if f.min_value is None else f.min_value
@@ -207,7 +237,7 @@ class RecordParser:
             bad = (as_float < lo) | (as_float > hi)
             span = (f"must be >= {f.min_value}" if f.max_value is None
                     else f"must be between {f.min_value} and {f.max_value}")
-            checks.append(_fail_if(per_row(bad), names, f.name, span, _first_bad_value(bad, flat)))
+            checks.append(fail_if(per_row(bad), names, f.name, span, _first_bad_value(bad, flat)))
         if f.image:
             head = tf.strings.substr(flat, 0, 4)
             known = tf.zeros_like(flat, tf.bool)
@@ -216,7 +246,7 @@ class RecordParser:
             bad = ~known
             if not f.required and not f.is_list:  # the default b'' means absent: joined later
                 bad &= flat != b""
-            checks.append(_fail_if(per_row(bad), names, f.name,
+            checks.append(fail_if(per_row(bad), names, f.name,
                                    "is empty or not a JPEG/PNG/GIF/BMP image (first bytes shown)",
                                    tf.strings.substr(_first_bad_value(bad, flat), 0, 8)))
         return checks
@@ -245,13 +275,13 @@ class RecordParser:
     def _join(self, f, needs_join, ids, inline, names) -> tf.Tensor:
         """Fills the rows that need a join with catalog images of `ids`; checks they exist."""
         if self.image_store is None:
-            with tf.control_dependencies([_fail_if(
+            with tf.control_dependencies([fail_if(
                     needs_join, names, f.name,
                     "is absent and no catalog was given to join images from")]):
                 return tf.identity(inline)
         joined = self.image_store.lookup(ids)
         missing = needs_join[:, None] & (ids != -1) & (joined == b"")
-        check = _fail_if(tf.reduce_any(missing, 1), names, f.name,
+        check = fail_if(tf.reduce_any(missing, 1), names, f.name,
                          "needs a catalog image of an item id the catalog lacks",
                          _first_bad_value(missing, ids))
         with tf.control_dependencies([check]):
