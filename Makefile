@@ -12,7 +12,7 @@ RUNS ?= runs
 # Test processes: a test file runs whole on one of them (its module fixtures are built once).
 TEST_WORKERS ?= 2
 
-.PHONY: demo test lint repro-visual repro-ctr repro-courier sweep-tau bench-input bench-convert bench-serving bench-train export validate docs lock clean
+.PHONY: demo test lint probe repro-visual repro-ctr repro-courier sweep-tau bench-input bench-convert bench-serving bench-train export validate docs lock clean
 
 $(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -102,6 +102,10 @@ lint: $(VENV)/.installed
 # Peak memory of the Parquet converter on N and 4N rows (their ratio: 1.0 = it does not grow).
 bench-convert: $(VENV)/.installed
 	$(PY) scripts/bench_convert.py
+
+# Every kind of bad record against validate and every training stage (about 30 min on 2 cores).
+probe: $(VENV)/.installed
+	$(PY) scripts/probe_bad_input.py
 
 bench-input: $(VENV)/.installed $(DATA)/$(WORLD)/manifest.json
 	$(PY) scripts/bench_input.py --data_dir=$(DATA)/$(WORLD)

@@ -320,6 +320,8 @@ def test_a_gzip_file_without_its_suffix_is_named_as_gzip(tiny_world, tmp_path):
             for _ in pipe.dataset():
                 pass
     assert path in str(e.value) and "starts like a GZIP file: name it *.gz" in str(e.value)
+    report = validate.scan([path], pipe.parser)  # the whole file is lost, counted
+    assert len(report.bad) == 1 and report.lost_records == len(recs) - 1
 
 
 # 8. Error quality: an image that does not decode is named in one line; a duplicate catalog id
@@ -349,7 +351,7 @@ def test_an_image_that_does_not_decode_is_named_in_one_short_line(tiny_world, tm
     assert len(message) < 300 and "File \"" not in message and "Detected at node" not in message
 
 
-def test_a_duplicate_catalog_id_names_both_records(tiny_world, tmp_path):
+def test_a_duplicate_catalog_id_names_both_records(tiny_world, tmp_path, caplog):
     files = pipeline.list_files(records.default_pattern(tiny_world, "catalog"))
     d = tmp_path / "catalog"
     d.mkdir()
@@ -362,3 +364,24 @@ def test_a_duplicate_catalog_id_names_both_records(tiny_world, tmp_path):
     assert str(e.value).startswith(f"bad input record: {b}: record 5: feature 'item_id': "
                                    f"duplicate item_id ")
     assert f"already in {a}: record 2; ids must be unique" in str(e.value)
+    # With the flag the first record of the id is kept, the repeat logged and counted.
+    with caplog.at_level(logging.WARNING):
+        store = pipeline.load_image_store(str(d / "all-*"), skip_bad_records=True)
+    assert store.size == len(first) + len(second) - 1
+    assert f"skipping bad record: {b}: record 5: feature 'item_id': duplicate" in caplog.text
+    assert "skip_bad_records: 1 records with a duplicate item_id in 2 files: skipped" in \
+        caplog.text
+
+
+# The probe (scripts/probe_bad_input.py; `make probe` runs every stage): its validate rows.
+
+def test_the_probe_names_or_counts_each_planted_record(tiny_world, tmp_path):
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    import probe_bad_input as probe
+    cells = {kind: probe.probe_one(tiny_world, str(tmp_path), "validate", kind, "")
+             for kind in ("flipped_bytes", "bad_image", "duplicate_id", "gzip_without_suffix")}
+    n = len(raw_records(pipeline.list_files(records.default_pattern(tiny_world, "catalog"))[0]))
+    assert cells["flipped_bytes"][1] == f"error: record {probe.BAD} + {n - probe.BAD - 1} lost"
+    assert cells["gzip_without_suffix"][1] == f"error: record 0 + {n - 1} lost"
+    assert cells["duplicate_id"][1].startswith("error: record ")
+    assert all(not c.startswith("FAIL") for cell in cells.values() for c in cell[1:]), cells

@@ -118,11 +118,12 @@ def read_columns(pattern: str, kind: str | schema.RecordKind, columns: Sequence[
 
 def load_image_store(catalog_pattern: str, skip_bad_records: bool = False) -> parse.ImageStore:
     """Reads every catalog record's item id and encoded image into an `ImageStore` (bad catalog
-    records fail named, or are skipped with `skip_bad_records`)."""
+    records and repeated ids fail named, or are skipped with `skip_bad_records`)."""
     cols = read_columns(catalog_pattern, "catalog", ("item_id", "image"), skip_bad_records)
-    validate.check_unique_ids(cols["item_id"], list_files(catalog_pattern), "item_id")
-    log.info("image store: %d catalog images", len(cols["item_id"]))
-    return parse.ImageStore(cols["item_id"], cols["image"].tolist())
+    keep = validate.unique_ids(cols["item_id"], list_files(catalog_pattern), "item_id",
+                               skip_bad_records)
+    log.info("image store: %d catalog images", int(keep.sum()))
+    return parse.ImageStore(cols["item_id"][keep], cols["image"][keep].tolist())
 
 
 class InputPipeline:

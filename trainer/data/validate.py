@@ -69,35 +69,54 @@ class BadRecordError(ValueError):
 SKIP_HINT = " (pass --skip_bad_records to skip bad records, counted and logged)"
 
 
-def check_unique_ids(ids: np.ndarray, files: Sequence[str], feature: str) -> None:
-    """Raises a `BadRecordError` naming the record (file and index) that repeats an id of
-    `feature` and where the id was first seen; the files are scanned only when one repeats."""
-    values, counts = np.unique(np.asarray(ids), return_counts=True)
-    if not (counts > 1).any():
-        return
-    dup, repeated = int(values[counts > 1][0]), int((counts > 1).sum())
-    seen = []
+class DuplicateIdError(BadRecordError):
+    """A record repeats an id that must be unique (a catalog's item_id, a query_id)."""
+
+
+def unique_ids(ids: np.ndarray, files: Sequence[str], feature: str,
+               skip_bad_records: bool = False) -> np.ndarray:
+    """Which rows of `ids` (read from `files` in order) to keep: all, when `feature` is unique.
+    Otherwise raises a `DuplicateIdError` naming the record that repeats an id and where it was
+    first seen; with `skip_bad_records` keeps each id's first record and logs and counts the
+    others. The files are scanned only when an id repeats."""
+    ids = np.asarray(ids)
+    keep = np.zeros(len(ids), bool)
+    keep[np.unique(ids, return_index=True)[1]] = True
+    if keep.all():
+        return keep
+    places = _places(files, feature, set(ids[~keep].tolist()))
+    repeats = sorted((p[1], v) for v, p in places.items() if len(p) > 1)
+    bad = [BadRecord(place[0], place[1], feature, f"duplicate {feature} {v}, already in "
+                     f"{places[v][0][0]}: record {places[v][0][1]}; ids must be unique")
+           for v, p in places.items() for place in p[1:]]
+    if not skip_bad_records:
+        if not repeats:  # not found again in the raw files (should not happen)
+            raise ValueError(f"{', '.join(files[:3])}: {feature} {ids[~keep][0]} occurs in more "
+                             "than one record; ids must be unique")
+        first = next(b for b in bad if (b.path, b.index) == repeats[0][0])
+        raise DuplicateIdError(first, f" ({int((~keep).sum())} records repeat an id; pass "
+                                      "--skip_bad_records to keep the first record of each)")
+    for b in bad:
+        log.warning("skipping bad record: %s", b)
+    log.warning("skip_bad_records: %d records with a duplicate %s in %d files: skipped (the "
+                "first record of each id is kept)", int((~keep).sum()), feature, len(files))
+    return keep
+
+
+def _places(files: Sequence[str], feature: str, wanted: set) -> dict:
+    """{id: [(file, record index), ...]} of the records whose `feature` is one of `wanted`."""
+    found: dict = {}
     for path in files:
         for index, records, _ in _read(path, batch=1024):
             for i, rec in enumerate(records):
                 try:
-                    value = example_pb2.Example.FromString(rec).features.feature[feature]
+                    value = list(example_pb2.Example.FromString(rec).features.feature[
+                        feature].int64_list.value)
                 except DecodeError:
                     continue
-                if list(value.int64_list.value) == [dup]:
-                    seen.append((path, index + i))
-            if len(seen) >= 2:
-                break
-        if len(seen) >= 2:
-            break
-    more = f"; {repeated - 1} more ids repeat" if repeated > 1 else ""
-    if len(seen) < 2:  # not found again in the raw files (should not happen): name the id only
-        raise ValueError(f"{', '.join(files[:3])}: {feature} {dup} occurs in more than one "
-                         f"record{more}; ids must be unique")
-    (first, first_index), (path, index) = seen[:2]
-    raise BadRecordError(BadRecord(path, index, feature, (
-        f"duplicate {feature} {dup}, already in {first}: record {first_index}{more}; ids must "
-        "be unique")))
+                if len(value) == 1 and value[0] in wanted:
+                    found.setdefault(value[0], []).append((path, index + i))
+    return found
 
 
 def compression_of(path: str) -> str:
@@ -217,6 +236,14 @@ def _masked_crc32c(data: bytes) -> int:
     return (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
+def _gzip_records(path: str) -> int | None:
+    """The records of a GZIP TFRecord file read as one (None if it does not read as one)."""
+    try:
+        return sum(1 for _ in tf.data.TFRecordDataset(path, compression_type="GZIP"))
+    except tf.errors.OpError:
+        return None
+
+
 def _starts_like_gzip(path: str) -> bool:
     with tf.io.gfile.GFile(path, "rb") as f:
         return f.read(2) == b"\x1f\x8b"
@@ -314,7 +341,8 @@ def scan_file(path: str, diagnoser: Diagnoser, report: ScanReport, stop_at_first
             for index, one, err in _read(path, start, batch=1):
                 if err:
                     if not compression_of(path) and _starts_like_gzip(path):
-                        lost = None
+                        lost = _gzip_records(path)
+                        lost = None if lost is None else max(0, lost - 1)  # beside this one
                         reason = (f"not readable as an uncompressed TFRecord file ({err}), and it "
                                   "starts like a GZIP file: name it *.gz (TFRecord files are read "
                                   "as GZIP by their suffix)")

@@ -159,7 +159,7 @@ def merge(cfg: CatalogEmbedConfig, shard_stats: dict | None = None) -> dict:
         parts += [npz.read(_part(parts_dir, i, c)) for c in range(done["chunks"])]
     table = {k: np.concatenate([p[k] for p in parts]) for k in ("item_id", "category_id",
                                                                   "embedding")}
-    validate.check_unique_ids(table["item_id"], files, "item_id")
+    validate.unique_ids(table["item_id"], files, "item_id")
     if cfg.centroids:
         centroids = clusters_lib.Clusters.load(cfg.centroids)
         table["cluster_id"] = centroids.assign(table["embedding"])

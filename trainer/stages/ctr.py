@@ -14,7 +14,7 @@ import tensorflow as tf
 from trainer import configs
 from trainer.ctr import debias
 from trainer.ctr import task as ctr_task
-from trainer.data import ctr_spec, pipeline
+from trainer.data import ctr_spec, pipeline, validate
 from trainer.eval import write_metrics
 from trainer.features import clusters, embeddings
 from trainer.stages import common
@@ -67,7 +67,9 @@ def run_ctr(cfg: configs.CtrStage) -> None:
     else:
         cols = pipeline.read_columns(cfg.images.catalog_pattern, "catalog",
                                      ("item_id", "impressions_30d"), cfg.skip_bad_records)
-        item_id, impressions = cols["item_id"], cols["impressions_30d"]
+        keep = validate.unique_ids(cols["item_id"], pipeline.list_files(
+            cfg.images.catalog_pattern), "item_id", cfg.skip_bad_records)
+        item_id, impressions = cols["item_id"][keep], cols["impressions_30d"][keep]
     if cfg.ctr.debias is not None:
         assert images is not None
         d = cfg.ctr.debias

@@ -124,15 +124,18 @@ def run_validate(cfg: configs.ValidateStage) -> None:
         data_dir = cfg.data_dir
         targets = present_kinds(data_dir, cfg.ctr_spec)
         size = common.image_size(cfg.image_size, data_dir)
-    store, catalog_broken = None, False
+    store, catalog_broken, total_bad = None, False, 0
     if data_dir and any(k.name == "catalog" for k, _ in targets):
         try:
             store = pipeline.load_image_store(records.default_pattern(data_dir, "catalog"))
+        except validate.DuplicateIdError as e:  # the catalog scan below does not see these
+            print(f"BAD {e.bad}")
+            total_bad += 1
+            catalog_broken = True
         except validate.BadRecordError as e:
             catalog_broken = True
             print(f"catalog images cannot be joined ({e}); records that join them are checked "
                   "without images")
-    total_bad = 0
     for kind, file_pattern in targets:
         files = pipeline.list_files(file_pattern)
         # A broken catalog should not make every compact record look bad; no catalog at all
