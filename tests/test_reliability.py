@@ -306,12 +306,8 @@ def test_metrics_files_are_strict_json_with_non_finite_values_as_null(tmp_path, 
 
 # 8. Error quality: a GZIP file without the .gz suffix is named as such.
 
-def test_a_gzip_file_without_its_suffix_is_named_as_gzip(tiny_world, tmp_path):
-    recs = raw_records(records.default_pattern(tiny_world, "catalog"))[:8]
-    path = str(tmp_path / "catalog-00000-of-00001.tfrecord")
-    with tf.io.TFRecordWriter(path, options="GZIP") as w:
-        for r in recs:
-            w.write(r)
+def _read_catalog_file(path: str) -> tuple[pipeline.InputPipeline, str]:
+    """The pipeline over one catalog file, and the bad-record error reading it raises."""
     cfg = pipeline.InputConfig(path, "catalog", global_batch_size=4, image_size=32,
                                shuffle=False, repeat=False, drop_remainder=False)
     pipe = pipeline.InputPipeline(cfg)
@@ -319,7 +315,17 @@ def test_a_gzip_file_without_its_suffix_is_named_as_gzip(tiny_world, tmp_path):
         with pipe.errors_named():
             for _ in pipe.dataset():
                 pass
-    assert path in str(e.value) and "starts like a GZIP file: name it *.gz" in str(e.value)
+    return pipe, str(e.value)
+
+
+def test_a_gzip_file_without_its_suffix_is_named_as_gzip(tiny_world, tmp_path):
+    recs = raw_records(records.default_pattern(tiny_world, "catalog"))[:8]
+    path = str(tmp_path / "catalog-00000-of-00001.tfrecord")
+    with tf.io.TFRecordWriter(path, options="GZIP") as w:
+        for r in recs:
+            w.write(r)
+    pipe, error = _read_catalog_file(path)
+    assert path in error and "starts like a GZIP file: name it *.gz" in error
     report = validate.scan([path], pipe.parser)  # the whole file is lost, counted
     assert len(report.bad) == 1 and report.lost_records == len(recs) - 1
 
@@ -339,14 +345,7 @@ def test_an_image_that_does_not_decode_is_named_in_one_short_line(tiny_world, tm
     recs = raw_records(records.default_pattern(tiny_world, "catalog"))[:8]
     recs[BAD] = _with_image(recs[BAD], b"\x89PNG\r\n\x1a\n" + bytes(40))
     path = write_records(str(tmp_path / "all-00000-of-00001.tfrecord"), recs)
-    cfg = pipeline.InputConfig(path, "catalog", global_batch_size=4, image_size=32,
-                               shuffle=False, repeat=False, drop_remainder=False)
-    pipe = pipeline.InputPipeline(cfg)
-    with pytest.raises(validate.BadRecordError) as e:
-        with pipe.errors_named():
-            for _ in pipe.dataset():
-                pass
-    message = str(e.value)
+    _, message = _read_catalog_file(path)
     assert f"{path}: record {BAD}: feature 'image': not a decodable PNG (" in message
     assert len(message) < 300 and "File \"" not in message and "Detected at node" not in message
 
