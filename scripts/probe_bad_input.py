@@ -60,10 +60,10 @@ INLINE_IMAGE = {"catalog": "image", "search_sessions": "query_image"}
 BAD = 3  # the planted record's index in its file
 NOT_AN_EXAMPLE = b"\x0a\xff\xff not an Example"
 UNDECODABLE_PNG = b"\x89PNG\r\n\x1a\n" + bytes(40)
-SUMMARY = re.compile(r"skip_bad_records: (\d+) records in (\d+) files, (\d+) bad"
-                     r"(?:, (\d+) unreadable after a corrupt frame)?: skipped")
+# validate's summaries, and a skipping pass's ('skip_bad_records: <summary>: skipped').
 SUMMARY_ANY = re.compile(r"(\d+) records in (\d+) files, (\d+) bad"
                          r"(?:, (\d+) unreadable after a corrupt frame)?")
+SUMMARY = re.compile(f"skip_bad_records: {SUMMARY_ANY.pattern}: skipped")
 DUPLICATES = re.compile(r"skip_bad_records: (\d+) records with a duplicate \w+ in \d+ files: "
                         r"skipped")
 

@@ -384,3 +384,26 @@ def test_the_probe_names_or_counts_each_planted_record(tiny_world, tmp_path):
     assert cells["gzip_without_suffix"][1] == f"error: record 0 + {n - 1} lost"
     assert cells["duplicate_id"][1].startswith("error: record ")
     assert all(not c.startswith("FAIL") for cell in cells.values() for c in cell[1:]), cells
+
+
+# Found by the probe: a grouped stream (S2's batches share a category) held a record whose
+# category broke its rules in a window of its own, never read and never named.
+
+def test_a_bad_group_key_is_named_not_held_back(tiny_world, tmp_path):
+    from tensorflow.core.example import example_pb2
+    path = pipeline.list_files(records.default_pattern(tiny_world, "search_sessions", "train"))[0]
+    recs = raw_records(path)
+    e = example_pb2.Example.FromString(recs[BAD])
+    del e.features.feature["clicked_category_id"].int64_list.value[:]
+    e.features.feature["clicked_category_id"].int64_list.value.append(-1)
+    recs[BAD] = e.SerializeToString()
+    bad = write_records(str(tmp_path / "train-00000-of-00001.tfrecord"), recs)
+    cfg = pipeline.InputConfig(bad, "search_sessions", global_batch_size=8, image_size=32,
+                               repeat=False, group_by="clicked_category_id",
+                               catalog_pattern=records.default_pattern(tiny_world, "catalog"))
+    pipe = pipeline.InputPipeline(cfg)
+    with pytest.raises(validate.BadRecordError, match=rf"{bad}: record {BAD}: feature "
+                                                      r"'clicked_category_id': must be between"):
+        with pipe.errors_named():
+            for _ in pipe.dataset():
+                pass

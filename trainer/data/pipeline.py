@@ -216,10 +216,25 @@ class InputPipeline:
             # its own negative in a contrastive loss.
             ds = ds.repeat()
         if cfg.group_by:
-            key = cfg.group_by
+            spec = self.kind.feature(cfg.group_by)
+            lo = -np.inf if spec.min_value is None else spec.min_value
+            hi = np.inf if spec.max_value is None else spec.max_value
+
+            def key_of(name, r):
+                value = tf.io.parse_single_example(
+                    r, {spec.name: tf.io.FixedLenFeature([], tf.int64)})[spec.name]
+                # Checked here: a value that breaks the rules would form a window of its own,
+                # which waits for a full batch and so may never be read (or named).
+                bad = tf.reshape((tf.cast(value, tf.float64) < lo) |
+                                 (tf.cast(value, tf.float64) > hi), [1])
+                with tf.control_dependencies([parse.fail_if(
+                        bad, tf.reshape(name, [1]), spec.name,
+                        f"must be between {lo} and {hi} (the batches are grouped by it)",
+                        tf.reshape(value, [1]))]):
+                    return tf.identity(value)
+
             ds = ds.group_by_window(
-                key_func=lambda name, r: tf.io.parse_single_example(
-                    r, {key: tf.io.FixedLenFeature([], tf.int64)})[key],
+                key_func=key_of,
                 reduce_func=lambda _, w: w.batch(batch_size, drop_remainder=cfg.drop_remainder),
                 window_size=batch_size)
         else:
