@@ -257,13 +257,16 @@ class CtrSpec:
         for path in files[:1]:
             seen: set = set()
             compression = "GZIP" if path.endswith(".gz") else ""
-            for raw in tf.data.TFRecordDataset(path, compression).take(records):
-                example = example_pb2.Example()
-                try:
-                    example.ParseFromString(raw.numpy())
-                except Exception:  # noqa: BLE001  (protobuf's DecodeError) the pipeline names it
-                    return
-                seen |= set(example.features.feature)
+            try:
+                for raw in tf.data.TFRecordDataset(path, compression).take(records):
+                    example = example_pb2.Example()
+                    try:
+                        example.ParseFromString(raw.numpy())
+                    except Exception:  # noqa: BLE001  (protobuf's DecodeError) named later
+                        return
+                    seen |= set(example.features.feature)
+            except tf.errors.OpError:  # a corrupt frame: the input pipeline names it
+                pass
             if not seen:
                 return
             missing = [f.name for f in kind.features if f.required and f.name not in seen]
