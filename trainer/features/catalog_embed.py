@@ -86,7 +86,8 @@ def encode_shard(cfg: CatalogEmbedConfig) -> dict:
     stale = [d for d in _listdir(os.path.dirname(parts)) if d != os.path.basename(parts)]
     if stale:
         print(f"embed: {cfg.out_dir}/parts holds parts of another encoder export or catalog "
-              f"({', '.join(stale)}); they are not used, {os.path.basename(parts)} starts over")
+              f"({', '.join(stale[:3])}{', ...' if len(stale) > 3 else ''}); they are not used, "
+              f"{os.path.basename(parts)} starts over (worker 0 removes them after the merge)")
     tf.io.gfile.makedirs(parts)
     encoded = skipped = 0
     t0 = time.time()
