@@ -21,7 +21,7 @@ import time
 import tensorflow as tf
 
 NAME = "LOCK"
-_held: set[str] = set()
+_held: dict[str, bool] = {}  # lock path -> whether acquiring it created the model dir
 
 
 class LockedError(RuntimeError):
@@ -88,11 +88,12 @@ def acquire(model_dir: str) -> None:
     path = os.path.join(model_dir, NAME)
     if path in _held:
         return
+    created = not tf.io.gfile.exists(model_dir)
     tf.io.gfile.makedirs(model_dir)
     me = _me()
     for _ in range(3):  # a stale lock removed between two tries is taken on the next
         if _create(path, json.dumps(me)):
-            _held.add(path)
+            _held[path] = created
             atexit.register(release, model_dir)
             return
         holder = _read(path)
@@ -117,14 +118,17 @@ def acquire(model_dir: str) -> None:
 
 
 def release(model_dir: str) -> None:
-    """Removes this process's lock on `model_dir` (if it holds it)."""
+    """Removes this process's lock on `model_dir` (if it holds it), and the dir itself if taking
+    the lock created it and the run wrote nothing else (a run refused before it started)."""
     path = os.path.join(model_dir, NAME)
     if path not in _held:
         return
-    _held.discard(path)
+    created = _held.pop(path)
     holder = _read(path)
     if holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
         try:
             tf.io.gfile.remove(path)
         except tf.errors.NotFoundError:
             pass
+    if created and tf.io.gfile.isdir(model_dir) and not tf.io.gfile.listdir(model_dir):
+        tf.io.gfile.rmtree(model_dir)
