@@ -377,13 +377,12 @@ def test_a_duplicate_catalog_id_names_both_records(tiny_world, tmp_path, caplog)
 def test_the_probe_names_or_counts_each_planted_record(tiny_world, tmp_path):
     sys.path.insert(0, os.path.join(REPO, "scripts"))
     import probe_bad_input as probe
-    cells = {kind: probe.probe_one(tiny_world, str(tmp_path), "validate", kind, "")
-             for kind in ("flipped_bytes", "duplicate_id")}  # make probe runs them all
-    files = pipeline.list_files(records.default_pattern(tiny_world, "catalog"))
-    n, last = len(raw_records(files[0])), len(raw_records(files[-1]))
-    assert cells["flipped_bytes"][1] == f"error: record {probe.BAD} + {n - probe.BAD - 1} lost"
-    assert cells["duplicate_id"][1] == f"error: record {last}"  # appended to the last file
-    assert all(not c.startswith("FAIL") for cell in cells.values() for c in cell[1:]), cells
+    # One kind (make probe runs them all): a repeated id, which only this row of validate sees.
+    target, without, with_ = probe.probe_one(tiny_world, str(tmp_path), "validate",
+                                             "duplicate_id", "")
+    last = pipeline.list_files(records.default_pattern(tiny_world, "catalog"))[-1]
+    want = f"error: record {len(raw_records(last))}"  # the copy appended to the last file
+    assert (target, without, with_) == ("catalog", want, want)
 
 
 # Found by the probe: a grouped stream (S2's batches share a category) held a record whose
