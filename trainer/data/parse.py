@@ -186,7 +186,7 @@ class RecordParser:
                 if not f.required:  # an absent optional list is not a mismatch
                     bad &= a > 0
                 checks.append(fail_if(bad, names, f.name,
-                                       f"length differs from '{f.same_length_as}'"))
+                                      f"length differs from '{f.same_length_as}'"))
         with tf.control_dependencies(checks):
             out = {}
             for f in self.specs:
@@ -210,11 +210,11 @@ class RecordParser:
             if f.min_len:
                 bad = lengths < f.min_len
                 checks.append(fail_if(bad, names, f.name, f"needs at least {f.min_len} values",
-                                       _first_bad_value(bad, lengths)))
+                                      _first_bad_value(bad, lengths)))
             if f.keep == "reject":
                 bad = lengths > f.max_len
                 checks.append(fail_if(bad, names, f.name, f"holds more than {f.max_len} values",
-                                       _first_bad_value(bad, lengths)))
+                                      _first_bad_value(bad, lengths)))
             flat, rows = value.values, value.value_rowids()
             batch = tf.shape(names, out_type=tf.int64)[0]
 
@@ -229,7 +229,7 @@ class RecordParser:
         if f.dtype == schema.FLOAT:
             bad = ~tf.math.is_finite(flat)
             checks.append(fail_if(per_row(bad), names, f.name, "is not finite",
-                                   _first_bad_value(bad, flat)))
+                                  _first_bad_value(bad, flat)))
         if f.min_value is not None or f.max_value is not None:
             lo = -np.inf if f.min_value is None else f.min_value
             hi = np.inf if f.max_value is None else f.max_value
@@ -247,8 +247,8 @@ class RecordParser:
             if not f.required and not f.is_list:  # the default b'' means absent: joined later
                 bad &= flat != b""
             checks.append(fail_if(per_row(bad), names, f.name,
-                                   "is empty or not a JPEG/PNG/GIF/BMP image (first bytes shown)",
-                                   tf.strings.substr(_first_bad_value(bad, flat), 0, 8)))
+                                  "is empty or not a JPEG/PNG/GIF/BMP image (first bytes shown)",
+                                  tf.strings.substr(_first_bad_value(bad, flat), 0, 8)))
         return checks
 
     def _images(self, f: schema.FeatureSpec, raw: dict, out: dict, names) -> tf.Tensor:
@@ -282,7 +282,7 @@ class RecordParser:
         joined = self.image_store.lookup(ids)
         missing = needs_join[:, None] & (ids != -1) & (joined == b"")
         check = fail_if(tf.reduce_any(missing, 1), names, f.name,
-                         "needs a catalog image of an item id the catalog lacks",
-                         _first_bad_value(missing, ids))
+                        "needs a catalog image of an item id the catalog lacks",
+                        _first_bad_value(missing, ids))
         with tf.control_dependencies([check]):
             return tf.where(needs_join[:, None], joined, inline)
