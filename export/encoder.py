@@ -76,11 +76,13 @@ class EncoderServing(tf.Module):
             summarize=4)
         with tf.control_dependencies([shape_ok]):
             flat = tf.reshape(pixels, [n, -1])
+        outside = tf.reduce_any((flat < 0.0) | (flat > 1.0), axis=1)
+        extremes = tf.stack([tf.reduce_min(flat, axis=1), tf.reduce_max(flat, axis=1)], 1)
         checks = [parse.fail_if(tf.reduce_any(~tf.math.is_finite(flat), axis=1), names, "pixels",
                                 "holds NaN or infinite values"),
-                  parse.fail_if(tf.reduce_any((flat < 0.0) | (flat > 1.0), axis=1), names,
-                                "pixels", "values must be in [0, 1] (scale 0-255 pixels by "
-                                "1/255); largest", tf.reduce_max(flat, axis=1)[:1])]
+                  parse.fail_if(outside, names, "pixels", "values must be in [0, 1] (scale 0-255 "
+                                "pixels by 1/255); its min and max",
+                                tf.boolean_mask(extremes, outside)[:1])]
         with tf.control_dependencies(checks):
             return self._embed(tf.reshape(flat, [n, size, size, 3]))
 
