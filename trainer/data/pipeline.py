@@ -116,14 +116,22 @@ def read_columns(pattern: str, kind: str | schema.RecordKind, columns: Sequence[
     return {c: np.concatenate(v) if v else np.zeros([0]) for c, v in parts.items()}
 
 
+def unique_rows(columns: dict, pattern: str, feature: str,
+                skip_bad_records: bool = False) -> dict:
+    """`columns` (read from `pattern`'s records in file order) if `feature` is unique; a repeat
+    fails named, or with `skip_bad_records` its rows are dropped, logged and counted
+    (`validate.unique_ids`)."""
+    keep = validate.unique_ids(columns[feature], list_files(pattern), feature, skip_bad_records)
+    return columns if keep.all() else {k: v[keep] for k, v in columns.items()}
+
+
 def load_image_store(catalog_pattern: str, skip_bad_records: bool = False) -> parse.ImageStore:
     """Reads every catalog record's item id and encoded image into an `ImageStore` (bad catalog
     records and repeated ids fail named, or are skipped with `skip_bad_records`)."""
-    cols = read_columns(catalog_pattern, "catalog", ("item_id", "image"), skip_bad_records)
-    keep = validate.unique_ids(cols["item_id"], list_files(catalog_pattern), "item_id",
-                               skip_bad_records)
-    log.info("image store: %d catalog images", int(keep.sum()))
-    return parse.ImageStore(cols["item_id"][keep], cols["image"][keep].tolist())
+    cols = unique_rows(read_columns(catalog_pattern, "catalog", ("item_id", "image"),
+                                    skip_bad_records), catalog_pattern, "item_id", skip_bad_records)
+    log.info("image store: %d catalog images", len(cols["item_id"]))
+    return parse.ImageStore(cols["item_id"], cols["image"].tolist())
 
 
 class InputPipeline:

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow as tf
 
-from trainer.data import npz, pipeline, validate
+from trainer.data import npz, pipeline
 from trainer.models import encoder as encoder_lib
 
 log = logging.getLogger(__name__)
@@ -90,13 +90,9 @@ def compute(encoder: encoder_lib.Encoder, catalog_pattern: str, queries_pattern:
     else:
         q = {"query_id": np.zeros([0], np.int64),
              "embedding": np.zeros([0, cat["embedding"].shape[1]], np.float32)}
-    keep = validate.unique_ids(cat["item_id"], pipeline.list_files(catalog_pattern), "item_id",
-                               skip_bad_records)
-    cat = {k: v[keep] for k, v in cat.items()}
+    cat = pipeline.unique_rows(cat, catalog_pattern, "item_id", skip_bad_records)
     if queries_pattern:
-        keep = validate.unique_ids(q["query_id"], pipeline.list_files(queries_pattern),
-                                   "query_id", skip_bad_records)
-        q = {k: v[keep] for k, v in q.items()}
+        q = pipeline.unique_rows(q, queries_pattern, "query_id", skip_bad_records)
     log.info("embedded %d catalog images and %d queries in %.0fs", len(cat["item_id"]),
              len(q["query_id"]), time.time() - t0)
     return EmbeddingTable(cat["item_id"], cat["category_id"], cat["impressions_30d"],

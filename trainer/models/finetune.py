@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from trainer.configs import EncoderConfig, FinetuneConfig, TrainConfig
-from trainer.data import parse, pipeline, validate
+from trainer.data import parse, pipeline
 from trainer.models import contrastive
 from trainer.models import encoder as encoder_lib
 from trainer.train import loop
@@ -100,11 +100,9 @@ class FinetuneTask(loop.Task):
                  skip_bad_records: bool = False):
         self.cfg, self.encoder_cfg, self.train_cfg = cfg, encoder_cfg, train_cfg
         size = encoder_cfg.image_size
-        catalog = pipeline.read_columns(cfg.catalog_pattern, "catalog",
-                                        ("item_id", "category_id", "image"), skip_bad_records)
-        keep = validate.unique_ids(catalog["item_id"], pipeline.list_files(cfg.catalog_pattern),
-                                   "item_id", skip_bad_records)
-        catalog = {k: v[keep] for k, v in catalog.items()}
+        catalog = pipeline.unique_rows(pipeline.read_columns(
+            cfg.catalog_pattern, "catalog", ("item_id", "category_id", "image"),
+            skip_bad_records), cfg.catalog_pattern, "item_id", skip_bad_records)
         self.store = parse.ImageStore(catalog["item_id"], catalog["image"].tolist())
         self.pool = CategoryNegativePool(catalog["item_id"], catalog["category_id"], self.store,
                                          size)

@@ -14,7 +14,7 @@ import tensorflow as tf
 from trainer import configs
 from trainer.ctr import debias
 from trainer.ctr import task as ctr_task
-from trainer.data import ctr_spec, pipeline, validate
+from trainer.data import ctr_spec, pipeline
 from trainer.eval import write_metrics
 from trainer.features import clusters, embeddings
 from trainer.stages import common
@@ -65,11 +65,10 @@ def run_ctr(cfg: configs.CtrStage) -> None:
         images = image_table(cfg.images, cfg.images.model_dir, cfg.skip_bad_records)
         item_id, impressions = images.item_id, images.impressions_30d
     else:
-        cols = pipeline.read_columns(cfg.images.catalog_pattern, "catalog",
-                                     ("item_id", "impressions_30d"), cfg.skip_bad_records)
-        keep = validate.unique_ids(cols["item_id"], pipeline.list_files(
-            cfg.images.catalog_pattern), "item_id", cfg.skip_bad_records)
-        item_id, impressions = cols["item_id"][keep], cols["impressions_30d"][keep]
+        cols = pipeline.unique_rows(pipeline.read_columns(
+            cfg.images.catalog_pattern, "catalog", ("item_id", "impressions_30d"),
+            cfg.skip_bad_records), cfg.images.catalog_pattern, "item_id", cfg.skip_bad_records)
+        item_id, impressions = cols["item_id"], cols["impressions_30d"]
     if cfg.ctr.debias is not None:
         assert images is not None
         d = cfg.ctr.debias
