@@ -2,77 +2,133 @@
 
 Exports the trained CTR predictor of a `ctr`/`debias` model dir (paper 000 §3.2, paper 002
 App. A) as version N+1 of E, self-contained: the id vocabularies and numeric statistics, the
-frozen catalog image-feature table (or the cluster-id table and its centroids), and D with its
-gate are all inside, so a request carries only raw feature values, and unknown ids fall into the
-out-of-vocabulary rows. The inputs are the model's feature spec's (`trainer.data.ctr_spec`),
-which travels in the export as `assets.extra/feature_spec.yaml`.
+frozen catalog image-feature table (or the cluster-id table and its centroids), D with its gate,
+and the image encoder the table came from are all inside, so a request carries only raw feature
+values and images; unknown ids fall into the out-of-vocabulary rows. The inputs are the model's
+feature spec's (`trainer.data.ctr_spec`), which travels in the export as
+`assets.extra/feature_spec.yaml`.
 
-Signatures (batch dimension None):
+Signatures:
+  rank: one page per row, as visual search serves it (paper 000 §3.2: ads for the photo the user
+      has just uploaded). Request-scoped inputs (the spec's `scope: request`: the user and the
+      page) are [B] or [B, L]; the query photo of each `queries` image feature, named after it,
+      is [B] string (encoded JPEG/PNG/GIF/BMP), run through the encoder in the graph; candidate
+      inputs are [B, N] (or [B, N, L]), with the item id -1 where a page has fewer than N
+      candidates; `<item image feature>` [B, N] string carries a candidate's encoded image (b''
+      to use the item table: pass it for items added after the export). -> ctr [B, N] (0 where
+      the id is -1). Fresh vectors take the table's path: centred (vector), nearest centroid in
+      the graph (cluster_id), through D and its gate.
   serving_default: one tensor per input column of the spec -> ctr [None] float32, the click
       probability. Scalars [None] (int64 ids, float32 values); id sequences [None, None] int64
       padded on the right with -1 (an `oldest_first` sequence keeps its latest values, the others
-      their first); numeric vectors [None, length] float32. Ranking a candidate list is one
-      request whose rows repeat the user's features.
+      their first); numeric vectors [None, length] float32. Images come from the frozen tables
+      only (an unknown query or item id gets no image feature): for callers without a photo.
   predict_examples: examples [None] string, serialized `tf.train.Example`s with the spec's
       columns (label and group may be absent) -> ctr [None].
-A malformed request (a negative id, a non-finite value, a missing feature) fails with a message
-naming the row ('request:<i>'), the feature and the rule; inputs with different row counts fail
-naming the feature. An empty request (0 rows) returns 0 scores.
+A malformed request (a negative id, a non-finite value, a missing feature, an undecodable or
+oversized image, more than `max_candidates` candidates in a page) fails with a message naming the
+row ('request:<i>', and '/candidate:<j>' in `rank`), the feature and the rule; inputs with
+different row or candidate counts fail naming the feature. An empty request returns 0 scores.
+
+New items without retraining (`--item_embeddings`): the item table is rebuilt from the latest
+catalog embedding (`--stage=embed`'s embeddings.npz, from the same encoder), with the trained
+weights and the trained model's centring and centroids: items added since get their vectors.
 """
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import numpy as np
 import tensorflow as tf
 
 from export import common
+from export import encoder as export_encoder
 from export.encoder import request_names
 from trainer.ctr import task as ctr_task
-from trainer.ctr.model import CtrModel
+from trainer.ctr.model import CtrModel, fresh_vectors
 from trainer.ctr.tables import Vocabularies
 from trainer.data import ctr_spec, parse, schema
+from trainer.models import encoder as encoder_lib
 
 WARMUP_BATCH_SIZES = (1, 10, 100)
+# Candidates per page of `rank` at most: a page of ads or a feed screen holds tens; 1000 leaves
+# room for a pre-ranking stage while bounding one request's work.
+MAX_CANDIDATES = 1000
+
+
+def _column_spec(f: schema.FeatureSpec, outer: list) -> tf.TensorSpec:
+    dtype = tf.float32 if f.dtype == schema.FLOAT else tf.int64
+    inner = [] if not f.is_list else [f.max_len] if f.keep == "reject" else [None]
+    return tf.TensorSpec(outer + inner, dtype, name=f.name)
 
 
 def input_specs(spec: ctr_spec.CtrSpec) -> dict:
     """serving_default's inputs: exactly the spec's input columns."""
+    return {f.name: _column_spec(f, [None]) for f in spec.record_kind(serving=True).features}
+
+
+def rank_input_specs(spec: ctr_spec.CtrSpec, images: bool) -> dict:
+    """rank's inputs: request columns [B, ...], candidate columns [B, N, ...]; with `images`
+    (a model with image features), each query photo [B] instead of its id column and the
+    candidates' images [B, N]."""
+    photo_keys = {f.ids for f in spec.photos} - {f.name for f in spec.features} if images else set()
     out = {}
     for f in spec.record_kind(serving=True).features:
-        dtype = tf.float32 if f.dtype == schema.FLOAT else tf.int64
-        shape = ([None] if not f.is_list else
-                 [None, f.max_len] if f.keep == "reject" else [None, None])
-        out[f.name] = tf.TensorSpec(shape, dtype, name=f.name)
+        if f.name not in photo_keys:
+            request = spec.scope(f.name) == "request"
+            out[f.name] = _column_spec(f, [None] if request else [None, None])
+    if images:
+        for f in spec.photos:
+            out[f.name] = tf.TensorSpec([None], tf.string, name=f.name)
+        if spec.target_image is not None:
+            name = spec.target_image.name
+            out[name] = tf.TensorSpec([None, None], tf.string, name=name)
     return out
 
 
-class CtrServing(tf.Module):
-    """The CTR model behind the two serving signatures; both run the spec's record checks."""
+def _same_size(features: dict, axis: int, what: str) -> dict:
+    """`features` once each has the first one's size along `axis`; a different one is named (not
+    a ConcatOp error deep in the model)."""
+    first = next(iter(features))
+    n = tf.shape(features[first])[axis]
+    ok = [tf.debugging.Assert(tf.equal(tf.shape(v)[axis], n), [
+        f"request: feature '{k}' has", tf.shape(v)[axis], f"{what}, but '{first}' has", n])
+        for k, v in features.items()]
+    with tf.control_dependencies(ok):
+        return {k: tf.identity(v) for k, v in features.items()}
 
-    def __init__(self, model: CtrModel):
+
+class CtrServing(tf.Module):
+    """The CTR model behind the serving signatures; all run the spec's record checks.
+
+    encoder: the image encoder of the model's image features, for `rank` (None: a model without
+    image features, whose `rank` takes no images).
+    """
+
+    def __init__(self, model: CtrModel, encoder: encoder_lib.Encoder | None = None,
+                 max_candidates: int = MAX_CANDIDATES,
+                 max_image_pixels: int = export_encoder.MAX_IMAGE_PIXELS):
         super().__init__(name="ctr_serving")
+        if max_candidates < 1:
+            raise ValueError(f"max_candidates must be at least 1, got {max_candidates}")
         self.model = model
+        self.max_candidates = max_candidates
+        self.images = (export_encoder.EncoderServing(encoder, max_image_pixels)
+                       if encoder is not None and model.image_features else None)
         kind = model.spec.record_kind(serving=True)
         self._parser = parse.RecordParser(kind, decode=False)
         self._lists = {f.name: f for f in kind.features if f.is_list}
         self.serve = tf.function(self._serve)
+        self.rank = tf.function(self._rank)
         self.predict_examples = tf.function(self._predict_examples, input_signature=[
             tf.TensorSpec([None], tf.string, name="examples")])
 
     def _predict(self, batch: dict) -> dict:
         return {"ctr": tf.sigmoid(self.model(batch, training=False))}
 
-    def _serve(self, **features):
-        first = next(iter(features))
-        n = tf.shape(features[first])[0]
-        names = request_names(n)
-        # Every input has one row per candidate: a shorter one is named, not a ConcatOp error.
-        rows_ok = [tf.debugging.Assert(tf.equal(tf.shape(v)[0], n), [
-            f"request: feature '{k}' has", tf.shape(v)[0], f"rows, but '{first}' has", n,
-            "(every input needs one row per candidate)"]) for k, v in features.items()]
-        with tf.control_dependencies(rows_ok):
-            features = {k: tf.identity(v) for k, v in features.items()}
+    def _parse(self, names: tf.Tensor, features: dict) -> dict:
+        """Input columns, lists padded with -1, -> the model's batch, checked."""
         raw = {}
         for k, v in features.items():
             f = self._lists.get(k)
@@ -82,14 +138,72 @@ class CtrServing(tf.Module):
                 raw[k] = tf.RaggedTensor.from_tensor(v)
             else:
                 raw[k] = tf.RaggedTensor.from_tensor(v, padding=tf.constant(f.pad, v.dtype))
-        return self._predict(self._parser.from_raw(names, raw))
+        return self._parser.from_raw(names, raw)
+
+    def _serve(self, **features):
+        # Every input has one row per candidate.
+        features = _same_size(features, 0, "rows")
+        n = tf.shape(next(iter(features.values())))[0]
+        return self._predict(self._parse(request_names(n), features))
+
+    def _rank(self, **inputs):
+        spec = self.model.spec
+        image_names = {f.name for f in spec.of_kind("image")}
+        images = {k: v for k, v in inputs.items() if k in image_names}
+        columns = {k: v for k, v in inputs.items() if k not in image_names}
+        target = spec.target_image if self.images else None
+        candidate = {spec.item: columns[spec.item]}
+        candidate.update({k: v for k, v in columns.items() if spec.scope(k) == "candidate"})
+        if target is not None:  # the candidates' images: one per candidate
+            candidate[target.name] = images[target.name]
+        candidate = _same_size(candidate, 1, "candidates")
+        rows = _same_size({spec.item: candidate[spec.item], **columns, **images, **candidate}, 0,
+                          "rows")
+        item = rows[spec.item]
+        pages = tf.shape(item, out_type=tf.int64)[0]
+        page_names = request_names(pages)
+        present = item != -1
+        count = tf.reduce_sum(tf.cast(present, tf.int64), axis=1)
+        too_many = count > self.max_candidates
+        with tf.control_dependencies([parse.fail_if(
+                too_many, page_names, spec.item, f"has more than max_candidates = "
+                f"{self.max_candidates} candidates", tf.boolean_mask(count, too_many)[:1])]):
+            where = tf.where(present)  # [C, 2]: (page, candidate) of each real candidate
+        page = where[:, 0]
+        names = tf.strings.join([tf.gather(page_names, page), "/candidate:",
+                                 tf.strings.as_string(where[:, 1])])
+        flat = {k: tf.gather_nd(rows[k], where) if k in candidate else tf.gather(rows[k], page)
+                for k in columns}
+        for f in spec.photos:
+            if self.images and f.ids not in flat:  # a key only: the photo stands for it
+                flat[f.ids] = tf.zeros_like(page)
+        batch = self._parse(names, flat)
+        if self.images is not None:
+            for f in spec.photos:
+                vector, has = fresh_vectors(f.name)
+                batch[vector] = tf.gather(self.images.embed_images(
+                    rows[f.name], page_names, f.name), page)
+                batch[has] = tf.ones_like(page, tf.bool)
+        if target is not None and self.images is not None:
+            encoded = tf.gather_nd(rows[target.name], where)
+            vector, has = fresh_vectors(target.name)
+            batch[has] = encoded != b""
+            given = tf.where(batch[has])
+            fresh = self.images.embed_images(tf.gather_nd(encoded, given),
+                                             tf.gather_nd(names, given), target.name)
+            batch[vector] = tf.scatter_nd(given, fresh, tf.stack(
+                [tf.shape(page, out_type=tf.int64)[0], tf.shape(fresh, out_type=tf.int64)[1]]))
+        scores = self._predict(batch)["ctr"]
+        return {"ctr": tf.scatter_nd(where, scores, tf.shape(item, out_type=tf.int64))}
 
     def _predict_examples(self, examples):
         return self._predict(self._parser(request_names(tf.shape(examples)[0]), examples))
 
     def signatures(self) -> dict:
-        return {"serving_default": self.serve.get_concrete_function(
-                    **input_specs(self.model.spec)),
+        spec = self.model.spec
+        return {"serving_default": self.serve.get_concrete_function(**input_specs(spec)),
+                "rank": self.rank.get_concrete_function(
+                    **rank_input_specs(spec, self.images is not None)),
                 "predict_examples": self.predict_examples.get_concrete_function()}
 
 
@@ -150,34 +264,89 @@ def to_examples(spec: ctr_spec.CtrSpec, inputs: dict) -> np.ndarray:
     return np.array(out, dtype=object)
 
 
+def page_inputs(spec: ctr_spec.CtrSpec, rows: dict, photos: dict | None = None,
+                item_images: Sequence[bytes] | None = None, images: bool = True) -> dict:
+    """rank's inputs for one page from serving_default's `rows` (one per candidate): request
+    columns from the first row, candidate columns as [1, N]. With `images` (the model has image
+    features): `photos` {image feature: encoded bytes}, one per `queries` image feature, replace
+    their id columns, and `item_images` [N] (default all b'': the item table's) are the
+    candidates'."""
+    photo_keys = {f.ids for f in spec.photos} - {f.name for f in spec.features} if images else set()
+    missing = [f.name for f in spec.photos if images and f.name not in (photos or {})]
+    if missing:
+        raise ValueError(f"a page needs its photo for {missing}")
+    out = {name: value[:1] if spec.scope(name) == "request" else value[None]
+           for name, value in rows.items() if name not in photo_keys}
+    if images:
+        for name, photo in (photos or {}).items():
+            out[name] = np.array([photo], dtype=object)
+        if spec.target_image is not None:
+            n = len(rows[spec.item])
+            given = [b""] * n if item_images is None else list(item_images)
+            out[spec.target_image.name] = np.array(given, dtype=object)[None]
+    return out
+
+
 def warmup_requests(spec: ctr_spec.CtrSpec, vocabularies: Vocabularies,
-                    model_name: str = "ctr") -> list:
+                    model_name: str = "ctr", image_size: int | None = None) -> list:
+    """serving_default, predict_examples and rank requests at the warmup batch sizes (rank: one
+    page of that many candidates, with a photo and every other candidate's image when the model
+    takes images: `image_size`)."""
     requests = []
     for n in WARMUP_BATCH_SIZES:
         inputs = sample_requests(spec, vocabularies, n, seed=n)
         requests.append(common.predict_request(model_name, "serving_default", inputs))
         requests.append(common.predict_request(model_name, "predict_examples",
                                                {"examples": to_examples(spec, inputs)}))
+        photos, item_images = None, None
+        if image_size:
+            pictures = export_encoder.sample_images(2, image_size, seed=n)
+            photos = {f.name: pictures[0] for f in spec.photos}
+            item_images = [pictures[1] if i % 2 else b"" for i in range(n)]
+        requests.append(common.predict_request(model_name, "rank", page_inputs(
+            spec, inputs, photos, item_images, images=bool(image_size))))
     return requests
 
 
 def export(model_dir: str, export_dir: str, version: int | None = None,
-           model_name: str = "ctr") -> str:
-    """Exports the trained CTR model of `model_dir`; returns the version directory."""
+           model_name: str = "ctr", item_embeddings: str | None = None,
+           max_candidates: int = MAX_CANDIDATES,
+           max_image_pixels: int = export_encoder.MAX_IMAGE_PIXELS) -> str:
+    """Exports the trained CTR model of `model_dir` (with `item_embeddings`, an embeddings.npz
+    of `--stage=embed`, as its item table); returns the version directory."""
     model = ctr_task.load_trained(model_dir)
-    module = CtrServing(model)
+    refreshed = (ctr_task.refresh_items(model, model_dir, item_embeddings) if item_embeddings
+                 else None)
+    encoder = None
+    if model.image_features:
+        encoder = encoder_lib.restore(ctr_task.encoder_dir(model_dir))
+    module = CtrServing(model, encoder, max_candidates, max_image_pixels)
     cfg, spec = model.cfg, model.spec
     info = {"model": "ctr", "model_dir": os.path.abspath(model_dir),
             "checkpoint": tf.train.latest_checkpoint(os.path.join(model_dir, "ckpt")),
             "feature_spec": spec.name,
             "image_feature_mode": cfg.image_feature_mode if model.image_tables else None,
             "debias": cfg.debias is not None,
-            "inputs": {k: f"{s.dtype.name} {s.shape}" for k, s in input_specs(spec).items()}}
-    return common.save(module, module.signatures(), export_dir,
-                       common.warmup_logs(warmup_requests(spec, model.vocabularies, model_name)),
+            "encoder": ctr_task.encoder_dir(model_dir) if encoder is not None else None,
+            "item_embeddings": refreshed, "max_candidates": max_candidates,
+            "max_image_pixels": max_image_pixels,
+            "inputs": {k: f"{s.dtype.name} {s.shape}" for k, s in input_specs(spec).items()},
+            "rank_inputs": {k: f"{s.dtype.name} {s.shape}" for k, s in rank_input_specs(
+                spec, encoder is not None).items()}}
+    warmup = warmup_requests(spec, model.vocabularies, model_name,
+                             encoder.cfg.image_size if encoder is not None else None)
+    return common.save(module, module.signatures(), export_dir, common.warmup_logs(warmup),
                        info, version, extra_files={ctr_spec.FILE: spec.dump()})
 
 
 if __name__ == "__main__":
     common.main(export, "the CTR model", "ctr", "Trained ctr or debias model dir.",
-                "serving_default, predict_examples")
+                "rank, serving_default, predict_examples", {
+                    "item_embeddings": (None, "An embeddings.npz of --stage=embed (the same "
+                                        "encoder's): the export's item table, so items added "
+                                        "to the catalog after training get their image "
+                                        "features (the daily refresh)."),
+                    "max_candidates": (MAX_CANDIDATES, "Candidates per page of `rank` at most; "
+                                       "more fail naming the request row."),
+                    "max_image_pixels": (export_encoder.MAX_IMAGE_PIXELS, "Largest request "
+                                         "image (height x width, from its header).")})

@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from export import common
-from trainer.data import parse, schema
+from trainer.data import parse
 from trainer.models import encoder as encoder_lib
 
 SIGNATURES = ("encode_images", "encode_pixels")
@@ -45,25 +45,22 @@ class EncoderServing(tf.Module):
         self.encoder = encoder
         self.max_image_pixels = max_image_pixels
         size = encoder.cfg.image_size
-        # The catalog schema's image check (magic bytes), so bad bytes fail with the row named.
-        self._check = parse.RecordParser(schema.CATALOG, image_size=size, features=["image"],
-                                         decode=False)
         self.encode_images = tf.function(self._encode_images, input_signature=[
             tf.TensorSpec([None], tf.string, name="images")])
         self.encode_pixels = tf.function(self._encode_pixels, input_signature=[
             tf.TensorSpec([None, size, size, 3], tf.float32, name="pixels")])
 
     def _encode_images(self, images):
-        names = request_names(tf.shape(images)[0])
-        checked = self._check.from_raw(names, {"image": images})["image"]
-        sizes = parse.declared_image_sizes(checked)
-        too_big = sizes[:, 0] * sizes[:, 1] > self.max_image_pixels
-        with tf.control_dependencies([parse.fail_if(
-                too_big, names, "image", f"is larger than max_image_pixels = "
-                f"{self.max_image_pixels} (height x width)", tf.boolean_mask(
-                    sizes, too_big)[:1])]), tf.device("/cpu:0"):
+        return {"embedding": self.embed_images(images, request_names(tf.shape(images)[0]),
+                                               "image")}
+
+    def embed_images(self, images: tf.Tensor, names: tf.Tensor, feature: str) -> tf.Tensor:
+        """[N] encoded images of a request -> [N, D] embeddings; a bad image fails naming its
+        row (`names`) and `feature`."""
+        checked = parse.checked_images(images, names, feature, self.max_image_pixels)
+        with tf.device("/cpu:0"):
             pixels = parse.decode_images(checked, self.encoder.cfg.image_size)
-        return self._embed(pixels)
+        return self.encoder(pixels, training=False)
 
     def _encode_pixels(self, pixels):
         size = self.encoder.cfg.image_size

@@ -21,6 +21,7 @@ from export import common, serving_protos, stand_in_server
 from export import ctr as export_ctr
 from export import encoder as export_encoder
 from trainer import configs
+from trainer.ctr import tables as ctr_tables
 from trainer.ctr import task as ctr_task
 from trainer.data import parse, pipeline, records, validate
 from trainer.features import catalog_embed, clusters, embeddings, versions
@@ -218,7 +219,7 @@ def test_warmup_records_parse_and_run(exports):
             first = next(iter(request.inputs.values()))
             assert all(len(v) == first.tensor_shape.dim[0].size for v in out.values())
         assert sigs == ({"encode_images", "encode_pixels"} if name == "encoder"
-                        else {"serving_default", "predict_examples"})
+                        else {"serving_default", "predict_examples", "rank"})
 
 
 def test_serving_config_parses_against_the_protos(tmp_path):
@@ -242,8 +243,8 @@ def test_clients_against_a_stand_in_server(exports, trained):
     rest, rest_port = stand_in_server.start_rest(servables)
     try:
         images = export_encoder.sample_images(3, 32)
-        loaded_enc = servables.models["encoder"][1]
-        want = loaded_enc.signatures["encode_images"](images=tf.constant(images))["embedding"]
+        want = tf.saved_model.load(exports["encoder"]).signatures["encode_images"](
+            images=tf.constant(images))["embedding"]
         model = trained["debias"][1]
         # The client reads the spec the export carries.
         spec = client_lib.spec_of_export(os.path.dirname(exports["debias"]))
@@ -257,7 +258,7 @@ def test_clients_against_a_stand_in_server(exports, trained):
                 for k, v in user.items()}
         candidates = [{k: inputs[k][i].item() for k in spec.inputs if k not in user_features}
                       for i in range(5)]
-        ctr_want = servables.models["ctr"][1].signatures["serving_default"](
+        ctr_want = tf.saved_model.load(exports["debias"]).signatures["serving_default"](
             **{k: tf.constant(v) for k, v in inputs.items()})["ctr"].numpy()
         for c in (client_lib.GrpcClient(f"127.0.0.1:{port}"),
                   client_lib.RestClient(f"http://127.0.0.1:{rest_port}")):
@@ -432,7 +433,7 @@ def test_stand_in_rest_answers_bad_requests_as_tf_serving_does(exports):
 
     try:
         images = export_encoder.sample_images(2, 32)
-        want = servables.models["encoder"][1].signatures["encode_images"](
+        want = tf.saved_model.load(exports["encoder"]).signatures["encode_images"](
             images=tf.constant(images))["embedding"].numpy()
         rows = [{"b64": base64.b64encode(b).decode()} for b in images]
         code, body = post("/encoder:predict", json.dumps({"instances": rows}).encode())
@@ -462,3 +463,101 @@ def test_stand_in_rest_answers_bad_requests_as_tf_serving_does(exports):
             assert s.recv(1024) == b""  # closed by the server, well before our 10 s
     finally:
         rest.shutdown()
+
+
+# Issue 17: serving a visual-search request (a new photo, new items, one ranking call).
+
+def _page_rows(spec, rows: dict, n: int, start: int = 0) -> dict:
+    """serving_default inputs of one page of `n` candidates from test records: the request
+    features of the first record on every row, candidate features of each."""
+    out = {}
+    for k in spec.inputs:
+        v = rows[k][start:start + n]
+        if spec.is_sequence(k):
+            v = np.where(rows[k + "_mask"][start:start + n], v, -1)
+        if spec.scope(k) == "request":
+            v = np.repeat(v[:1], n, axis=0)
+        out[k] = v
+    return out
+
+
+def _model_batch(spec, inputs: dict) -> dict:
+    """The Keras model's batch (masks for the id lists) of serving_default inputs."""
+    batch = {}
+    for k, v in inputs.items():
+        if spec.is_sequence(k):
+            batch[k], batch[k + "_mask"] = tf.constant(np.maximum(v, 0)), tf.constant(v != -1)
+        else:
+            batch[k] = tf.constant(v)
+    return batch
+
+
+def _table_entry(table, vectors: np.ndarray) -> np.ndarray:
+    """What a trained model's image table holds for encoder vectors, computed outside the graph:
+    the nearest centroid (faiss) + 1, or unit(v - centre)."""
+    if isinstance(table, ctr_tables.ClusterTable):
+        return clusters.Clusters(table.centroids.numpy()).assign(vectors) + 1
+    if table.center is None:
+        return vectors
+    x = vectors - table.center
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("name", ["debias", "cluster"])
+def test_rank_scores_a_new_query_photo_as_the_model_does(name, trained, exports, tiny_world):
+    """A photo in no training record, as bytes, with 20 candidates: the scores of the in-process
+    model given the encoder's vector for it; the id-only path cannot do that."""
+    loaded = tf.saved_model.load(exports[name])
+    rank = loaded.signatures["rank"]
+    model = ctr_task.load_trained(trained[name][0])  # a copy whose table the test changes
+    spec = model.spec
+    rows = _page_rows(spec, read_all(tiny_world, "ctr", "test"), 20)
+    photo = export_encoder.sample_images(1, 32, seed=2026)[0]
+    got = rank(**{k: tf.constant(v) for k, v in export_ctr.page_inputs(
+        spec, rows, {"query_image": photo}).items()})["ctr"].numpy()
+    assert got.shape == (1, 20)
+
+    # The in-process model, its query table's row for some id set to what it would hold for
+    # the photo's vector from the Keras encoder (centred, or its faiss-nearest centroid).
+    keras = encoder.restore(trained["encoder"])
+    vector = keras(parse.decode_images(tf.constant([photo]), 32), training=False).numpy()
+    queries = model.image_tables["queries"]
+    query_id = int(trained["table"].query_id[0])
+    row = int(queries.rows(tf.constant([query_id], tf.int64)).numpy()[0])
+    queries.table[row].assign(_table_entry(queries, vector)[0])
+    as_known = dict(rows, query_id=np.full(20, query_id, np.int64))
+    want = tf.sigmoid(model(_model_batch(spec, as_known))).numpy()
+    np.testing.assert_allclose(got[0], want, atol=1e-5)
+
+    # The id-only path with the photo's (unknown) query id: no image feature for it.
+    unknown = dict(rows, query_id=np.full(20, 10 ** 12, np.int64))
+    id_only = loaded.signatures["serving_default"](
+        **{k: tf.constant(v) for k, v in unknown.items()})["ctr"].numpy()
+    assert np.abs(id_only - got[0]).max() > 1e-4, "the photo changed nothing"
+
+    # Bad requests name the request row and the feature; an empty page returns no scores.
+    page = export_ctr.page_inputs(spec, rows, {"query_image": photo})
+    two = {k: tf.constant(np.concatenate([v, v])) for k, v in page.items()}
+    for bad_photo, words in ((b"not an image", "not a JPEG/PNG"),
+                             (photo[:len(photo) // 2], "not a complete image")):
+        bad = dict(two, query_image=tf.constant([photo, bad_photo]))
+        with pytest.raises(tf.errors.InvalidArgumentError,
+                           match=rf"request:1.*query_image.*{words}"):
+            rank(**bad)
+    short = dict(two, price=two["price"][:, :19])
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"price.{0,3} has\] \[19\] \[candidates, but .{0,3}item_id"):
+        rank(**short)
+    empty = {k: v[:, :0] if spec.scope(k) == "candidate" or k == "item_image" else v
+             for k, v in page.items()}
+    assert rank(**{k: tf.constant(v) for k, v in empty.items()})["ctr"].shape == [1, 0]
+    small = export_ctr.CtrServing(model, keras, max_candidates=5)
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"request:0.*item_id.*more than max_candidates = 5.*got.*20"):
+        small.rank(**{k: tf.constant(v) for k, v in page.items()})
+    # Pages padded with -1: the padding scores 0, the rest as before.
+    padded = {k: tf.constant(v) for k, v in page.items()}
+    padded["item_id"] = tf.constant(np.where(np.arange(20) < 15, page["item_id"], -1))
+    out = rank(**padded)["ctr"].numpy()
+    np.testing.assert_allclose(out[0, :15], got[0, :15], atol=1e-6)
+    assert (out[0, 15:] == 0).all()

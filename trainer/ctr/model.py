@@ -195,12 +195,26 @@ class CtrModel(tfrs.Model):
         x = tf.reshape(x, [-1, f.length])
         return (x - mean) / std
 
-    def _image(self, f: ctr_spec.CtrFeature, ids: tf.Tensor) -> tf.Tensor:
-        """The image feature of `ids` as the mode feeds it: a vector, or a cluster embedding."""
-        looked_up = self.image_tables[f.table](ids)
+    def _table_value(self, f: ctr_spec.CtrFeature, batch: dict) -> tf.Tensor:
+        """Image feature `f`'s table entry for the batch's ids (a vector, or a cluster id + 1);
+        where the batch carries fresh encoder vectors for it (`fresh_vectors`: a request's photo,
+        a new candidate's image), the entry those vectors give instead."""
+        table = self.image_tables[f.table]
+        looked_up = table(batch[f.ids])
+        vector_key, has_key = fresh_vectors(f.name)
+        if vector_key not in batch:
+            return looked_up
+        has = batch[has_key]
+        if looked_up.shape.rank == 2:
+            has = has[:, None]
+        return tf.where(has, table.from_vectors(batch[vector_key]), looked_up)
+
+    def _image(self, f: ctr_spec.CtrFeature, batch: dict) -> tf.Tensor:
+        """Image feature `f` as the mode feeds it: a vector, or a cluster embedding."""
+        value = self._table_value(f, batch)
         if self.cfg.image_feature_mode == "cluster_id":
-            return self.cluster_embedding(looked_up)
-        return looked_up
+            return self.cluster_embedding(value)
+        return value
 
     def _standard(self, cos: tf.Tensor) -> tf.Tensor:
         return (cos - self.score_shift) / self.score_scale
@@ -210,10 +224,9 @@ class CtrModel(tfrs.Model):
         (vector), the raw vector (simscore), the cluster embedding (cluster_id)."""
         if self.target is None:
             return None, None
-        ids = batch[self.spec.item]
         if self.cfg.image_feature_mode == "simscore":
-            return self.image_tables["items"](ids), None
-        v = self._image(self.target, ids)
+            return self._table_value(self.target, batch), None
+        v = self._image(self.target, batch)
         if self.debias is None:
             return v, None
         v_p, v_d, _ = self.debias(v)
@@ -225,12 +238,11 @@ class CtrModel(tfrs.Model):
         mode = self.cfg.image_feature_mode
         if f == self.target:
             return [] if mode == "simscore" else [v_p]
-        ids = batch[f.ids]
         if mode != "simscore":
-            return [] if self.spec.is_sequence(f.ids) else [self._image(f, ids)]
+            return [] if self.spec.is_sequence(f.ids) else [self._image(f, batch)]
         # Eq. B1 (table vectors are unit or zero, so the dot product is the cosine).
         assert v_p is not None  # SimScore needs the displayed item's image (checked when built)
-        v = self.image_tables[f.table](ids)
+        v = self._table_value(f, batch)
         if self.spec.is_sequence(f.ids):
             scores = self._standard(tf.reduce_sum(v_p[:, None, :] * v, axis=-1))
             return [scores * tf.cast(batch[f.ids + "_mask"], scores.dtype)]  # padding: 0
@@ -242,7 +254,7 @@ class CtrModel(tfrs.Model):
         elements = [self._embed(f, ids)]
         image = self.spec.image_of(f.name) if self.image_features else None
         if image is not None and self.cfg.image_feature_mode != "simscore":
-            elements.append(self._image(image, ids))
+            elements.append(self._image(image, batch))
         x = tf.concat(elements, axis=-1)
         if f.pooling == "mean":
             return _masked_mean(x, mask)
@@ -322,6 +334,13 @@ class CtrModel(tfrs.Model):
         from one all-zero example of the spec's records."""
         self(schema_batch(self.spec), training=False)
         return self
+
+
+def fresh_vectors(image_feature: str) -> tuple[str, str]:
+    """The batch keys of an image feature's fresh encoder vectors [B, D] and of where they apply
+    [B] bool (elsewhere the table's entry for the id is used): how serving passes the vectors of
+    images encoded at request time (`export.ctr`'s `rank`)."""
+    return f"{image_feature}:vector", f"{image_feature}:has_vector"
 
 
 def schema_batch(spec: ctr_spec.CtrSpec) -> dict:

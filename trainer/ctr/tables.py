@@ -165,6 +165,7 @@ class ImageTable(tf_keras.layers.Layer):
         self.lookup = tf_keras.layers.IntegerLookup(vocabulary=np.asarray(ids, np.int64),
                                                     num_oov_indices=1, mask_token=None)
         vectors = np.asarray(vectors, np.float32)
+        self.center = None if center is None else np.asarray(center, np.float32)
         if center is not None:
             vectors = vectors - center
             vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
@@ -180,6 +181,13 @@ class ImageTable(tf_keras.layers.Layer):
 
     def call(self, ids: tf.Tensor) -> tf.Tensor:
         return tf.gather(self.table, self.rows(ids))
+
+    def from_vectors(self, vectors: tf.Tensor) -> tf.Tensor:
+        """What the table would hold for these encoder vectors [N, D] (a new photo or item)."""
+        if self.center is None:
+            return vectors
+        x = vectors - self.center
+        return x / tf.maximum(tf.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 class ClusterTable(tf_keras.layers.Layer):
@@ -203,3 +211,11 @@ class ClusterTable(tf_keras.layers.Layer):
 
     def call(self, ids: tf.Tensor) -> tf.Tensor:
         return tf.gather(self.table, self.lookup(ids))
+
+    def from_vectors(self, vectors: tf.Tensor) -> tf.Tensor:
+        """Nearest centroid + 1 of encoder vectors [N, D] (normalised first), in the graph: the
+        assignment `Clusters.assign` makes with faiss, for a new photo or item."""
+        x = vectors / tf.maximum(tf.norm(vectors, axis=-1, keepdims=True), 1e-12)
+        c = tf.convert_to_tensor(self.centroids)
+        distance = tf.reduce_sum(c * c, axis=1)[None] - 2.0 * tf.matmul(x, c, transpose_b=True)
+        return tf.argmin(distance, axis=1, output_type=tf.int64) + 1

@@ -14,7 +14,7 @@ import tensorflow as tf
 from trainer import configs
 from trainer.configs import CtrConfig, TrainConfig
 from trainer.ctr.model import CtrModel
-from trainer.ctr.tables import Vocabularies
+from trainer.ctr.tables import ClusterTable, ImageTable, Vocabularies
 from trainer.data import ctr_spec, npz, pipeline
 from trainer.eval import ctr_metrics
 from trainer.features import clusters as clusters_lib
@@ -103,14 +103,16 @@ def evaluate(model: CtrModel, pattern: str, catalog_item_id: np.ndarray,
 
 
 def spec_for(model_dir: str, spec: ctr_spec.CtrSpec) -> ctr_spec.CtrSpec:
-    """`spec`, written into the model dir; a model dir trained with another spec is refused."""
+    """`spec`, written into the model dir; a model dir trained with another spec is refused (one
+    that differs only in what serving reads, `scope`, is updated)."""
     path = os.path.join(model_dir, ctr_spec.FILE)
     if tf.io.gfile.exists(path):
         saved = ctr_spec.load(path)
-        if saved.to_dict() != spec.to_dict():
+        if saved.training_dict() != spec.training_dict():
             raise ValueError(f"{model_dir} holds a model trained with another feature spec "
                              f"({path}); use a new model dir")
-        return saved
+        if saved.to_dict() == spec.to_dict():
+            return saved
     spec.save(path)
     return ctr_spec.load(path)
 
@@ -168,6 +170,59 @@ def train_and_evaluate(cfg: CtrConfig, spec: ctr_spec.CtrSpec, train_cfg: TrainC
     metrics = evaluate(model, cfg.test_pattern, catalog_item_id, catalog_impressions,
                        skip_bad_records, os.path.join(model_dir, "predictions.npz"))
     return {**metrics, "train_seconds": seconds}
+
+
+def encoder_dir(model_dir: str) -> str:
+    """The model dir of the encoder whose embedding table a CTR model's image features use."""
+    config = configs.load(model_dir)
+    if not isinstance(config, configs.CtrStage) or config.images.encoder == "none":
+        raise ValueError(f"{model_dir} holds no CTR model with image features")
+    if not config.images.model_dir:
+        raise ValueError(f"{model_dir}/config.json names no image-feature encoder dir")
+    return config.images.model_dir
+
+
+def refresh_items(model: CtrModel, model_dir: str, embeddings_path: str) -> dict:
+    """Replaces `model`'s item image table (trained from `model_dir`) with the catalog embedding
+    at `embeddings_path` (`--stage=embed`'s embeddings.npz), as the trained model would have
+    built it: centred on the training catalog's mean (vector), assigned to the trained centroids
+    (cluster_id). Items added to the catalog since training get their image features; the
+    weights are unchanged. The embedding must come from the model's encoder: the vectors of the
+    items both tables hold must agree (median cosine >= 0.999), else this raises. Returns what
+    was done, for the export's record."""
+    if "items" not in model.image_tables:
+        raise ValueError(f"{model_dir}: the model has no item image table to refresh")
+    data = npz.read(embeddings_path)
+    for key in ("item_id", "embedding"):
+        if key not in data:
+            raise ValueError(f"{embeddings_path}: no '{key}' array (is it --stage=embed's "
+                             "embeddings.npz?)")
+    ids, vectors = np.asarray(data["item_id"], np.int64), np.asarray(data["embedding"],
+                                                                     np.float32)
+    if len(np.unique(ids)) != len(ids):
+        raise ValueError(f"{embeddings_path}: repeated item ids")
+    training = embeddings_lib.load(os.path.join(encoder_dir(model_dir), embeddings_lib.FILE))
+    if vectors.shape[1] != training.dim:
+        raise ValueError(f"{embeddings_path}: vectors of dimension {vectors.shape[1]}; the "
+                         f"model was trained on dimension {training.dim}")
+    common, new_rows, old_rows = np.intersect1d(ids, training.item_id, return_indices=True)
+    if not len(common):
+        raise ValueError(f"{embeddings_path} shares no item with the catalog the model was "
+                         "trained on, so it cannot be checked to come from the same encoder")
+    cosine = float(np.median(np.sum(vectors[new_rows] * training.item_vector[old_rows], 1)))
+    if cosine < 0.999:
+        raise ValueError(f"{embeddings_path}: the items it shares with the training catalog have "
+                         f"other vectors (median cosine {cosine:.3f}): it comes from another "
+                         f"encoder than {encoder_dir(model_dir)}")
+    old = model.image_tables["items"]
+    if isinstance(old, ClusterTable):
+        table = ClusterTable(ids, vectors, old.centroids.numpy(), name=old.name)
+    else:
+        table = ImageTable(ids, vectors, old.center, name=old.name)
+    model.image_tables["items"] = table
+    return {"path": os.path.abspath(embeddings_path), "items": len(ids),
+            "new_items": int(len(ids) - len(common)), "checked_items": int(len(common)),
+            "median_cosine": round(cosine, 6)}
 
 
 def load_trained(model_dir: str) -> CtrModel:

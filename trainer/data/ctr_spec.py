@@ -18,7 +18,13 @@ served with the features it was trained with. Built-in specs (`trainer/data/spec
          pooling: attention, shared_table: item_id}
       - {name: item_image, kind: image, ids: item_id, table: items}
 
-Kinds, and the keys each takes besides `name`, `kind`, `required` (default true) and `doc`:
+Every feature may say its `scope`: `request` (one value per ranking request: the user, the page,
+the query photo) or `candidate` (one per candidate item, the default, except for a `queries`
+image). Only serving reads it: the `rank` signature (`export.ctr`) takes request features once per
+page and candidate features once per candidate.
+
+Kinds, and the keys each takes besides `name`, `kind`, `required` (default true), `doc` and
+`scope`:
 
   categorical  an int64 id, looked up in a vocabulary built from the training data (ids seen
                fewer than `min_count` times and unseen ids share an out-of-vocabulary row) or
@@ -63,7 +69,7 @@ SPECS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "specs")
 DEFAULT = "synthetic"
 FILE = "feature_spec.yaml"  # its name in a model dir and in an export's assets.extra
 KINDS = ("categorical", "numeric", "sequence", "image")
-_COMMON = {"name", "kind", "required", "doc"}
+_COMMON = {"name", "kind", "required", "doc", "scope"}
 KEYS = {
     "categorical": _COMMON | {"embedding_dim", "hash_bins", "shared_table", "default"},
     "numeric": _COMMON | {"transform", "buckets", "log", "length", "min_value", "max_value",
@@ -76,6 +82,7 @@ ORDERS = ("oldest_first", "newest_first", "ranked")
 POOLINGS = ("mean", "attention")
 TRANSFORMS = ("bucketize", "normalize")
 TABLES = ("items", "queries")
+SCOPES = ("request", "candidate")
 
 
 class SpecError(ValueError):
@@ -105,6 +112,7 @@ class CtrFeature:
     pooling: str = "mean"
     ids: str = ""
     table: str = "items"
+    scope: str = ""  # "" = the derived default (`CtrSpec.scope`)
 
     @property
     def is_id(self) -> bool:
@@ -166,6 +174,39 @@ class CtrSpec:
         """The displayed item's image feature (v_p), if the spec has one."""
         f = self.image_of(self.item)
         return f if f is not None and f.table == "items" else None
+
+    def scope(self, column: str) -> str:
+        """'request' (one value per ranking request: the user, the page, the query photo) or
+        'candidate' (one value per candidate item) of an input column or image feature: what
+        the `rank` serving signature takes once per page or once per candidate. Declared with
+        `scope`; by default 'candidate' (a request value repeated on every candidate is always
+        right, only larger), except a `queries` image (the request's photo). An image feature
+        keyed by a feature has that feature's scope; a key-only column its image feature's."""
+        declared = {f.name: f for f in self.features}
+        f = declared.get(column)
+        if f is None:
+            image = self.image_of(column)
+            if image is None:
+                raise KeyError(f"{self.source}: the spec has no input column '{column}'")
+            return self.scope(image.name)
+        if f.kind == "image":
+            if f.ids in declared:
+                return self.scope(f.ids)
+            return f.scope or ("request" if f.table == "queries" else "candidate")
+        return f.scope or "candidate"
+
+    @property
+    def photos(self) -> list[CtrFeature]:
+        """The image features of the request's photos (`queries` table): the `rank` signature
+        takes their encoded images instead of looking their ids up."""
+        return [f for f in self.of_kind("image") if f.table == "queries"]
+
+    def training_dict(self) -> dict:
+        """`to_dict` without what only serving reads (`scope`): two specs with equal training
+        dicts train the same model."""
+        d = self.to_dict()
+        d["features"] = [{k: v for k, v in f.items() if k != "scope"} for f in d["features"]]
+        return d
 
     def is_sequence(self, column: str) -> bool:
         return any(f.name == column and f.kind == "sequence" for f in self.features)
@@ -397,6 +438,17 @@ def _check(spec: CtrSpec) -> None:
                 raise SpecError(f"{where}: ids '{f.ids}' is a {source.kind} feature, not an id")
             if f.ids in (spec.label, spec.group):
                 raise SpecError(f"{where}: ids '{f.ids}' is the label or group column")
+    for f in spec.features:
+        if f.scope and f.scope not in SCOPES:
+            raise SpecError(f"{src}: feature '{f.name}': scope must be one of "
+                            f"{', '.join(SCOPES)}, got {f.scope!r}")
+        if f.kind == "image" and f.scope and f.ids in by_name and \
+                spec.scope(f.ids) != f.scope:
+            raise SpecError(f"{src}: feature '{f.name}': scope '{f.scope}' differs from that of "
+                            f"its ids '{f.ids}' ({spec.scope(f.ids)})")
+        if f.kind == "image" and f.table == "queries" and spec.scope(f.name) != "request":
+            raise SpecError(f"{src}: feature '{f.name}': a queries image is the request's "
+                            "photo; its scope must be 'request'")
     images = [f.ids for f in spec.of_kind("image")]
     dup = sorted({n for n in images if images.count(n) > 1})
     if dup:
@@ -406,3 +458,6 @@ def _check(spec: CtrSpec) -> None:
     item = by_name.get(spec.item)
     if item is not None and item.kind != "categorical" and item.kind != "image":
         raise SpecError(f"{src}: item '{spec.item}' must be a categorical id, not {item.kind}")
+    if spec.scope(spec.item) != "candidate":
+        raise SpecError(f"{src}: item '{spec.item}' is the candidate; its scope must be "
+                        "'candidate'")

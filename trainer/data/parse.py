@@ -89,6 +89,46 @@ class ImageStore:
         return self.table.lookup(item_ids)
 
 
+def is_image(encoded: tf.Tensor) -> tf.Tensor:
+    """Whether each of `encoded` [N] starts as a JPEG, PNG, GIF or BMP does."""
+    known = tf.zeros_like(encoded, tf.bool)
+    for magic in _IMAGE_MAGIC:
+        known |= tf.strings.substr(encoded, 0, len(magic)) == magic
+    return known
+
+
+def is_truncated(encoded: tf.Tensor) -> tf.Tensor:
+    """Whether a PNG lacks its closing IEND chunk or a GIF its trailer byte: a file cut short,
+    which the decoder would reject without naming the request row. (A JPEG may carry data after
+    its end marker, such as a phone's motion photo, so its end is not checked.)"""
+    n = tf.strings.length(encoded)
+    png = tf.strings.substr(encoded, 0, 4) == b"\x89PNG"
+    gif = tf.strings.substr(encoded, 0, 4) == b"GIF8"
+    ones = tf.ones_like(n)  # substr takes positions and lengths of one shape
+    png_end = tf.strings.substr(encoded, tf.maximum(n - 8, 0), 4 * ones) == b"IEND"
+    gif_end = tf.strings.substr(encoded, tf.maximum(n - 1, 0), ones) == b"\x3b"
+    return (png & ~png_end) | (gif & ~gif_end)
+
+
+def checked_images(encoded: tf.Tensor, names: tf.Tensor, feature: str,
+                   max_pixels: int) -> tf.Tensor:
+    """`encoded` [N] once each is known to be an image (magic bytes), complete (`is_truncated`)
+    and at most `max_pixels` (height x width, from its header): what a server checks before it
+    decodes request images. A failure names the row and `feature`."""
+    checks = [fail_if(~is_image(encoded), names, feature,
+                      "is empty or not a JPEG/PNG/GIF/BMP image (first bytes shown)",
+                      tf.strings.substr(_first_bad_value(~is_image(encoded), encoded), 0, 8))]
+    with tf.control_dependencies(checks):
+        cut = is_truncated(encoded)
+        sizes = declared_image_sizes(encoded)
+    too_big = sizes[:, 0] * sizes[:, 1] > max_pixels
+    with tf.control_dependencies([
+            fail_if(cut, names, feature, "is not a complete image (cut short or corrupt)"),
+            fail_if(too_big, names, feature, f"is larger than max_image_pixels = {max_pixels} "
+                    "(height x width)", tf.boolean_mask(sizes, too_big)[:1])]):
+        return tf.identity(encoded)
+
+
 def declared_image_sizes(encoded: tf.Tensor) -> tf.Tensor:
     """[N] encoded images -> [N, 2] int64 (height, width) as their headers declare them, without
     decoding: what decoding would allocate. 0 for bytes of no known format."""
@@ -239,11 +279,7 @@ class RecordParser:
                     else f"must be between {f.min_value} and {f.max_value}")
             checks.append(fail_if(per_row(bad), names, f.name, span, _first_bad_value(bad, flat)))
         if f.image:
-            head = tf.strings.substr(flat, 0, 4)
-            known = tf.zeros_like(flat, tf.bool)
-            for magic in _IMAGE_MAGIC:
-                known |= tf.strings.substr(head, 0, len(magic)) == magic
-            bad = ~known
+            bad = ~is_image(flat)
             if not f.required and not f.is_list:  # the default b'' means absent: joined later
                 bad &= flat != b""
             checks.append(fail_if(per_row(bad), names, f.name,
