@@ -3,8 +3,11 @@ REST API (port 8501), with the same calls:
 
     encode(images)                   encoded image bytes -> [N, D] embeddings (model 'encoder')
     rank(user, candidates, spec)     one user's features and a candidate list -> [N] click
-                                     probabilities (model 'ctr'; the user's features are repeated
-                                     on every row)
+                                     probabilities (model 'ctr', serving_default: ids only; the
+                                     user's features are repeated on every row)
+    rank_page(user, candidates, spec, photos, item_images)
+                                     the same with the query photo (and new items' images) as
+                                     encoded bytes (model 'ctr', signature 'rank': one page)
 
 `user` holds the request-level features (those of the user and the page) and each candidate the
 item-level ones; together they are the input columns of the model's feature spec
@@ -17,7 +20,7 @@ import json
 import os
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -62,6 +65,30 @@ def candidate_inputs(spec: ctr_spec.CtrSpec, user: dict, candidates: Sequence[di
     return out
 
 
+def page_inputs(spec: ctr_spec.CtrSpec, rows: dict, photos: Mapping[str, bytes] | None = None,
+                item_images: Sequence[bytes] | None = None, images: bool = True) -> dict:
+    """rank's inputs for one page from serving_default's `rows` (one per candidate): request
+    columns from the first row, candidate columns as [1, N]. With `images` (the model has image
+    features): `photos` {image feature: encoded bytes}, one per `queries` image feature, replace
+    their id columns, and `item_images` [N] (default all b'': the item table's) are the
+    candidates'."""
+    photo_keys = ({f.ids for f in spec.photos} - {f.name for f in spec.features} if images
+                  else set())
+    missing = [f.name for f in spec.photos if images and f.name not in (photos or {})]
+    if missing:
+        raise ValueError(f"a page needs its photo for {missing}")
+    out = {name: value[:1] if spec.scope(name) == "request" else value[None]
+           for name, value in rows.items() if name not in photo_keys}
+    if images:
+        for name, photo in (photos or {}).items():
+            out[name] = np.array([photo], dtype=object)
+        if spec.target_image is not None:
+            n = len(rows[spec.item])
+            given = [b""] * n if item_images is None else list(item_images)
+            out[spec.target_image.name] = np.array(given, dtype=object)[None]
+    return out
+
+
 class GrpcClient:
     """TF Serving's gRPC PredictionService."""
 
@@ -94,6 +121,11 @@ class GrpcClient:
         return self.predict(model, "serving_default",
                             candidate_inputs(spec, user, candidates))["ctr"]
 
+    def rank_page(self, user: dict, candidates: Sequence[dict], spec: ctr_spec.CtrSpec,
+                  photos: Mapping[str, bytes], item_images: Sequence[bytes] | None = None,
+                  model: str = "ctr") -> np.ndarray:
+        return _rank_page(self, user, candidates, spec, photos, item_images, model)
+
     def close(self) -> None:
         self.channel.close()
 
@@ -108,11 +140,14 @@ class RestClient:
 
     def predict(self, model: str, signature: str, inputs: dict,
                 version: int | None = None) -> dict:
+        def b64(x):  # bytes at any depth -> {"b64": ...}
+            if isinstance(x, list):
+                return [b64(i) for i in x]
+            return {"b64": base64.b64encode(x).decode()}
+
         def jsonable(v):
             v = np.asarray(v)
-            if v.dtype == object or v.dtype.kind == "S":
-                return [{"b64": base64.b64encode(b).decode()} for b in v.tolist()]
-            return v.tolist()
+            return b64(v.tolist()) if v.dtype == object or v.dtype.kind == "S" else v.tolist()
 
         path = f"/v1/models/{model}" + (f"/versions/{version}" if version is not None else "")
         body = json.dumps({"signature_name": signature,
@@ -138,3 +173,20 @@ class RestClient:
              model: str = "ctr") -> np.ndarray:
         out = self.predict(model, "serving_default", candidate_inputs(spec, user, candidates))
         return np.asarray(next(iter(out.values())), np.float32)
+
+    def rank_page(self, user: dict, candidates: Sequence[dict], spec: ctr_spec.CtrSpec,
+                  photos: Mapping[str, bytes], item_images: Sequence[bytes] | None = None,
+                  model: str = "ctr") -> np.ndarray:
+        return _rank_page(self, user, candidates, spec, photos, item_images, model)
+
+
+def _rank_page(client, user: dict, candidates: Sequence[dict], spec: ctr_spec.CtrSpec,
+               photos: Mapping[str, bytes], item_images: Sequence[bytes] | None,
+               model: str) -> np.ndarray:
+    """[N] click probabilities of one page through the `rank` signature (no call for an empty
+    page)."""
+    if not candidates:
+        return np.zeros([0], np.float32)
+    rows = candidate_inputs(spec, user, candidates)
+    out = client.predict(model, "rank", page_inputs(spec, rows, photos, item_images))
+    return np.asarray(next(iter(out.values())), np.float32).reshape(-1)

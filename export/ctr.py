@@ -37,12 +37,11 @@ weights and the trained model's centring and centroids: items added since get th
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 
 import numpy as np
 import tensorflow as tf
 
-from export import common
+from export import client, common
 from export import encoder as export_encoder
 from export.encoder import request_names
 from trainer.ctr import task as ctr_task
@@ -264,29 +263,6 @@ def to_examples(spec: ctr_spec.CtrSpec, inputs: dict) -> np.ndarray:
     return np.array(out, dtype=object)
 
 
-def page_inputs(spec: ctr_spec.CtrSpec, rows: dict, photos: dict | None = None,
-                item_images: Sequence[bytes] | None = None, images: bool = True) -> dict:
-    """rank's inputs for one page from serving_default's `rows` (one per candidate): request
-    columns from the first row, candidate columns as [1, N]. With `images` (the model has image
-    features): `photos` {image feature: encoded bytes}, one per `queries` image feature, replace
-    their id columns, and `item_images` [N] (default all b'': the item table's) are the
-    candidates'."""
-    photo_keys = {f.ids for f in spec.photos} - {f.name for f in spec.features} if images else set()
-    missing = [f.name for f in spec.photos if images and f.name not in (photos or {})]
-    if missing:
-        raise ValueError(f"a page needs its photo for {missing}")
-    out = {name: value[:1] if spec.scope(name) == "request" else value[None]
-           for name, value in rows.items() if name not in photo_keys}
-    if images:
-        for name, photo in (photos or {}).items():
-            out[name] = np.array([photo], dtype=object)
-        if spec.target_image is not None:
-            n = len(rows[spec.item])
-            given = [b""] * n if item_images is None else list(item_images)
-            out[spec.target_image.name] = np.array(given, dtype=object)[None]
-    return out
-
-
 def warmup_requests(spec: ctr_spec.CtrSpec, vocabularies: Vocabularies,
                     model_name: str = "ctr", image_size: int | None = None) -> list:
     """serving_default, predict_examples and rank requests at the warmup batch sizes (rank: one
@@ -303,7 +279,7 @@ def warmup_requests(spec: ctr_spec.CtrSpec, vocabularies: Vocabularies,
             pictures = export_encoder.sample_images(2, image_size, seed=n)
             photos = {f.name: pictures[0] for f in spec.photos}
             item_images = [pictures[1] if i % 2 else b"" for i in range(n)]
-        requests.append(common.predict_request(model_name, "rank", page_inputs(
+        requests.append(common.predict_request(model_name, "rank", client.page_inputs(
             spec, inputs, photos, item_images, images=bool(image_size))))
     return requests
 

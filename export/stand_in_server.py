@@ -593,8 +593,8 @@ def launch(args: Sequence[str], env: Mapping[str, str] | None = None,
         lines.append(line)
         m = re.search(READY + r": gRPC 127.0.0.1:(\d+), REST 127.0.0.1:(\d+)", line)
         if m:
-            # Keep reading its log, so a full pipe never blocks it.
-            threading.Thread(target=lambda: [None for _ in proc.stdout],  # type: ignore[union-attr]
+            # Keep reading its log (into `proc.log`), so a full pipe never blocks it.
+            threading.Thread(target=lambda: lines.extend(proc.stdout),  # type: ignore[arg-type]
                              daemon=True).start()
             proc.log = lines  # type: ignore[attr-defined]
             return proc, int(m.group(1)), int(m.group(2))

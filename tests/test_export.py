@@ -7,9 +7,11 @@ import dataclasses
 import glob
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -513,7 +515,7 @@ def test_rank_scores_a_new_query_photo_as_the_model_does(name, trained, exports,
     spec = model.spec
     rows = _page_rows(spec, read_all(tiny_world, "ctr", "test"), 20)
     photo = export_encoder.sample_images(1, 32, seed=2026)[0]
-    got = rank(**{k: tf.constant(v) for k, v in export_ctr.page_inputs(
+    got = rank(**{k: tf.constant(v) for k, v in client_lib.page_inputs(
         spec, rows, {"query_image": photo}).items()})["ctr"].numpy()
     assert got.shape == (1, 20)
 
@@ -536,7 +538,7 @@ def test_rank_scores_a_new_query_photo_as_the_model_does(name, trained, exports,
     assert np.abs(id_only - got[0]).max() > 1e-4, "the photo changed nothing"
 
     # Bad requests name the request row and the feature; an empty page returns no scores.
-    page = export_ctr.page_inputs(spec, rows, {"query_image": photo})
+    page = client_lib.page_inputs(spec, rows, {"query_image": photo})
     two = {k: tf.constant(np.concatenate([v, v])) for k, v in page.items()}
     for bad_photo, words in ((b"not an image", "not a JPEG/PNG"),
                              (photo[:len(photo) // 2], "not a complete image")):
@@ -561,3 +563,133 @@ def test_rank_scores_a_new_query_photo_as_the_model_does(name, trained, exports,
     out = rank(**padded)["ctr"].numpy()
     np.testing.assert_allclose(out[0, :15], got[0, :15], atol=1e-6)
     assert (out[0, 15:] == 0).all()
+
+
+def _add_items(tiny_world: str, out_dir: str, n: int) -> tuple[np.ndarray, list[bytes]]:
+    """A copy of the world's catalog plus `n` items added after training (new ids, new
+    images, the other columns of existing items): (new ids, their images)."""
+    files = sorted(glob.glob(records.default_pattern(tiny_world, "catalog")))
+    compression = validate.compression_of(files[0])
+    os.makedirs(os.path.join(out_dir, "catalog"))
+    for f in files:
+        shutil.copy(f, os.path.join(out_dir, "catalog"))
+    ids = read_all(tiny_world, "catalog")["item_id"]
+    new_ids = ids.max() + 1 + np.arange(n)
+    images = export_encoder.sample_images(n, 32, seed=2027)
+    path = os.path.join(out_dir, "catalog", "new-00000-of-00001.tfrecord"
+                        + (".gz" if compression else ""))
+    with tf.io.TFRecordWriter(path, compression or None) as w:
+        for raw, item_id, image in zip(tf.data.TFRecordDataset(files[:1], compression).take(n),
+                                       new_ids, images, strict=True):
+            example = tf.train.Example.FromString(raw.numpy())
+            example.features.feature["item_id"].int64_list.value[:] = [int(item_id)]
+            example.features.feature["image"].bytes_list.value[:] = [image]
+            w.write(example.SerializeToString())
+    return new_ids, images
+
+
+def _wait_for_versions(rest_port: int, model: str, want: list[str], seconds: float = 180):
+    import urllib.request
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        with urllib.request.urlopen(f"http://127.0.0.1:{rest_port}/v1/models/{model}",
+                                    timeout=30) as r:
+            status = json.loads(r.read())["model_version_status"]
+        if sorted(s["version"] for s in status) == sorted(want):
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"{model}: versions {status}, want {want}")
+
+
+def test_refreshed_export_serves_new_items_while_the_old_version_serves(
+        trained, exports, tiny_world, tmp_path):
+    """Items added after training: --stage=embed, the refresh re-export, a separate stand-in
+    server process that picks version 2 up beside version 1; bad requests there are answered
+    and the server goes on serving."""
+    import grpc
+    new_ids, new_images = _add_items(tiny_world, str(tmp_path / "world"), 4)
+    embed_dir = str(tmp_path / "catalog_embeddings")
+    _run([sys.executable, "-m", "trainer.task", "--stage=embed",
+          f"--data_dir={tmp_path / 'world'}", f"--model_dir={embed_dir}",
+          f"--export_dir={os.path.dirname(exports['encoder'])}", "--batch_size=64"])
+    model_dir = trained["debias"][0]
+    base = str(tmp_path / "ctr")
+    shutil.copytree(exports["debias"], os.path.join(base, "1"))
+    config = tmp_path / "models.config"
+    config.write_text('model_config_list { config { name: "ctr" base_path: "' + base + '" '
+                      'model_platform: "tensorflow" model_version_policy { latest { '
+                      'num_versions: 2 } } } }')
+    server, grpc_port, rest_port = stand_in_server.launch([
+        f"--model_config_file={config}", "--enable_batching",
+        f"--batching_parameters_file={REPO}/serving_config/batching.config",
+        "--file_system_poll_wait_seconds=1", "--tensorflow_intra_op_parallelism=2",
+        "--tensorflow_inter_op_parallelism=2"])
+    try:
+        out = _run([sys.executable, "-m", "export.ctr", f"--model_dir={model_dir}",
+                    f"--export_dir={base}", f"--item_embeddings={embed_dir}/embeddings.npz"])
+        assert f"{base}/2" in out
+        info = json.load(open(os.path.join(base, "2", "assets.extra", "export_info.json")))
+        assert info["item_embeddings"]["new_items"] == 4
+        _wait_for_versions(rest_port, "ctr", ["1", "2"])
+        assert "loaded ctr version 2 (9 warmup requests replayed" in "".join(server.log)
+
+        grpc_client = client_lib.GrpcClient(f"127.0.0.1:{grpc_port}", timeout=60)
+        spec = client_lib.spec_of_export(base)
+        rows = _page_rows(spec, read_all(tiny_world, "ctr", "test"), 20)
+        rows["item_id"] = np.r_[new_ids, rows["item_id"][4:]]
+        v1 = grpc_client.predict("ctr", "serving_default", rows, version=1)["ctr"]
+        v2 = grpc_client.predict("ctr", "serving_default", rows, version=2)["ctr"]
+
+        # The in-process model with the refreshed table: version 2's scores, and the new items'
+        # table rows are their images' vectors from the Keras encoder, centred.
+        model = ctr_task.load_trained(model_dir)
+        ctr_task.refresh_items(model, model_dir, f"{embed_dir}/embeddings.npz")
+        items = model.image_tables["items"]
+        keras = encoder.restore(trained["encoder"])
+        vectors = keras(parse.decode_images(tf.constant(new_images), 32), training=False).numpy()
+        got_rows = items(tf.constant(new_ids)).numpy()
+        np.testing.assert_allclose(got_rows, _table_entry(items, vectors), atol=1e-5)
+        assert (np.linalg.norm(got_rows, axis=1) > 0.5).all()
+        want = tf.sigmoid(model(_model_batch(spec, rows))).numpy()
+        np.testing.assert_allclose(v2, want, atol=1e-5)
+        # Version 1 still serves: the new items get no image feature there, the others agree;
+        # given the new items' images, its rank signature scores them as version 2 does.
+        assert np.abs(v1[:4] - v2[:4]).min() > 1e-5
+        np.testing.assert_allclose(v1[4:], v2[4:], atol=1e-4)
+        photo = export_encoder.sample_images(1, 32, seed=5)[0]
+        page = client_lib.page_inputs(spec, rows, {"query_image": photo})
+        r2 = grpc_client.predict("ctr", "rank", page, version=2)["ctr"]
+        r1 = grpc_client.predict("ctr", "rank", dict(page, item_image=np.array(
+            [list(new_images) + [b""] * 16], dtype=object)), version=1)["ctr"]
+        np.testing.assert_allclose(r1, r2, atol=1e-5)
+
+        # The clients' page call, over gRPC and REST (the row format of REST as well).
+        user = {k: rows[k][0].tolist() for k in spec.inputs if spec.scope(k) == "request"}
+        user = {k: [x for x in v if x != -1] if isinstance(v, list) else v
+                for k, v in user.items()}
+        candidates = [{k: rows[k][i].item() for k in spec.inputs
+                       if spec.scope(k) == "candidate"} for i in range(20)]
+        rest_client = client_lib.RestClient(f"http://127.0.0.1:{rest_port}", timeout=60)
+        for c in (grpc_client, rest_client):
+            np.testing.assert_allclose(c.rank_page(user, candidates, spec, {"query_image": photo}),
+                                       r2[0], atol=1e-5)
+
+        # Bad requests: the row and feature named, and the server serves on.
+        bad = dict(page, query_image=np.array([b"\x89PNG\r\n\x1a\n broken"], dtype=object))
+        with pytest.raises(grpc.RpcError) as e:
+            grpc_client.predict("ctr", "rank", bad)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert re.search(r"request:0.*query_image.*not a complete image", e.value.details())
+        short = dict(page, price=page["price"][:, :19])
+        with pytest.raises(grpc.RpcError, match=r"price.{0,3} has\] \[19\] \[candidates"):
+            grpc_client.predict("ctr", "rank", short)
+        with pytest.raises(RuntimeError, match=r"(?s)HTTP 400.*price.{0,3} has\] \[19\]"):
+            rest_client.predict("ctr", "rank", short)
+        empty = {k: v[:, :0] if spec.scope(k) == "candidate" or k == "item_image" else v
+                 for k, v in page.items() if k in page}
+        assert grpc_client.predict("ctr", "rank", empty)["ctr"].shape == (1, 0)
+        np.testing.assert_allclose(grpc_client.predict("ctr", "rank", page)["ctr"], r2,
+                                   atol=1e-5)
+    finally:
+        server.terminate()
+        server.wait(30)
