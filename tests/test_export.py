@@ -23,6 +23,7 @@ from export import common, serving_protos, stand_in_server
 from export import ctr as export_ctr
 from export import encoder as export_encoder
 from trainer import configs
+from trainer.ctr import model as ctr_model
 from trainer.ctr import tables as ctr_tables
 from trainer.ctr import task as ctr_task
 from trainer.data import parse, pipeline, records, validate
@@ -693,3 +694,39 @@ def test_refreshed_export_serves_new_items_while_the_old_version_serves(
     finally:
         server.terminate()
         server.wait(30)
+
+
+def _ops(version_dir: str) -> set:
+    """Every op of a SavedModel's graphs and functions."""
+    from tensorflow.core.protobuf import saved_model_pb2
+    saved = saved_model_pb2.SavedModel()
+    with open(os.path.join(version_dir, "saved_model.pb"), "rb") as f:
+        saved.ParseFromString(f.read())
+    ops, functions = set(), set()
+    for meta in saved.meta_graphs:
+        ops |= {n.op for n in meta.graph_def.node}
+        for fn in meta.graph_def.library.function:
+            functions.add(fn.signature.name)
+            ops |= {n.op for n in fn.node_def}
+    return ops - functions  # a call of a library function by name is no op of its own
+
+
+def test_every_exported_op_is_a_core_tensorflow_op(trained, exports, tmp_path):
+    """What the model server can load: core TensorFlow ops only (no PyFunc, no tensorflow-io or
+    TF-Text ops), for the encoder and every CTR mode (vector, simscore, cluster_id, +D)."""
+    core = set(dir(tf.raw_ops))
+    forbidden = {"PyFunc", "PyFuncStateless", "EagerPyFunc"}
+    dirs = {name: exports[name] for name in ("encoder", "debias", "cluster")}
+    base = trained["debias"][1]
+    keras = encoder.restore(trained["encoder"])
+    for mode in ("vector", "simscore"):  # untrained: the ops, not the weights, are audited
+        cfg = dataclasses.replace(base.cfg, debias=None, image_feature_mode=mode)
+        model = ctr_model.CtrModel(cfg, base.spec, base.vocabularies,
+                                   trained["table"]).build_variables()
+        module = export_ctr.CtrServing(model, keras)
+        dirs[mode] = common.save(module, module.signatures(), str(tmp_path / mode), [], {})
+    for name, path in dirs.items():
+        ops = _ops(path)
+        assert "DecodeImage" in ops or "DecodePng" in ops or name != "encoder"
+        assert not ops & forbidden and ops <= core, (name, sorted(ops - core), ops & forbidden)
+    assert {"DecodeImage", "ArgMin"} <= _ops(dirs["cluster"])  # the photo, the centroid
