@@ -2,18 +2,23 @@
 
 - encoder: images/s through the SavedModel (`encode_pixels`, and `encode_images` with decoding)
   vs. the in-process Keras model at the same batch size, and their ratio;
-- CTR model: p50 / p99 latency of `serving_default` for requests of 1 and of 100 candidates.
+- CTR model: p50 / p99 latency of one page of 100 candidates, (a) by ids only (`serving_default`)
+  and (b) with the query photo as JPEG bytes (`rank`: the photo encoded in the graph), each
+  through the stand-in model server's gRPC `Predict` (its own process, TF1 session loader, no
+  batching), as a direct call of the loaded SavedModel, and with the in-process Keras model on
+  the same inputs; then where the time of (b) goes (the photo's encoding, the CTR model).
 
     python scripts/bench_serving.py --encoder_dir=runs/visual/seed0/s1s2 \
         --ctr_dir=runs/ctr/seed0/s1s2 [--export_dir=/tmp/bench_models]
 
-Exports both models first (into --export_dir, a fresh temporary dir by default). Times are on
-this machine's CPU; they size a deployment, they are not the model server's own figures (no
-network, no server-side batching).
+Exports both models first (into --export_dir, a fresh temporary dir by default). The processes
+use --intra_op / --inter_op threads, as a serving process is configured. Times are on this
+machine's CPU, over the loopback interface.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 
@@ -23,12 +28,15 @@ import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
 import numpy as np
 import tensorflow as tf
 
-from export import common
+from export import client as client_lib
+from export import common, stand_in_server
 from export import ctr as export_ctr
 from export import encoder as export_encoder
 from trainer.ctr import task as ctr_task
 from trainer.data import parse
 from trainer.models import encoder as encoder_lib
+
+CANDIDATES = 100
 
 
 def _rate(fn, n_items: int, seconds: float) -> float:
@@ -60,7 +68,15 @@ def main() -> None:
     ap.add_argument("--batch_size", type=int, default=64)
     ap.add_argument("--seconds", type=float, default=10.0, help="per throughput measurement")
     ap.add_argument("--repeats", type=int, default=300, help="requests per latency measurement")
+    ap.add_argument("--photo_size", type=int, default=512,
+                    help="side of the query photo (JPEG), as an app uploads it")
+    ap.add_argument("--intra_op", type=int, default=2, help="intra-op threads (all processes)")
+    ap.add_argument("--inter_op", type=int, default=2, help="inter-op threads (all processes)")
+    ap.add_argument("--profile_dir", default="", help="also write a TensorBoard profile of "
+                    "(b) through the SavedModel here")
     args = ap.parse_args()
+    tf.config.threading.set_intra_op_parallelism_threads(args.intra_op)
+    tf.config.threading.set_inter_op_parallelism_threads(args.inter_op)
     root = args.export_dir or tempfile.mkdtemp(prefix="bench_serving_")
 
     enc_path = export_encoder.export(args.encoder_dir, f"{root}/encoder")
@@ -89,24 +105,87 @@ def main() -> None:
     for name, r in rates.items():
         print(f"| {name} | {r:.0f} | {r / base:.2f} |")
 
-    ctr_loaded = tf.saved_model.load(ctr_path)
-    serve = ctr_loaded.signatures["serving_default"]
-    model = ctr_task.load_trained(args.ctr_dir)
-    print(f"\nCTR model ({ctr_path}; image features "
-          f"{model.cfg.image_feature_mode if model.image_tables else 'none'}, "
-          f"D {'on' if model.cfg.debias else 'off'}), serving_default, {args.repeats} requests "
-          "each:\n")
-    print("| candidates per request | p50 ms | p99 ms | candidates/s at p50 |\n"
-          "| ---: | ---: | ---: | ---: |")
-    for n in (1, 100):
-        inputs = {k: tf.constant(v) for k, v in
-                  export_ctr.sample_requests(model.spec, model.vocabularies, n, seed=n).items()}
-        ms = _latencies(lambda x=inputs: serve(**x)["ctr"].numpy(), args.repeats)
-        p50, p99 = np.percentile(ms, [50, 99])
-        print(f"| {n} | {p50:.2f} | {p99:.2f} | {n / p50 * 1e3:.0f} |")
+    ctr_latency(args, ctr_path, enc_path)
     print(f"\nexports in {root}; warmup records: "
           f"{len(common.read_warmup(enc_path))} (encoder), {len(common.read_warmup(ctr_path))} "
           "(ctr)")
+
+
+def _photo(size: int) -> bytes:
+    """A smooth random JPEG of size x size: a photo as an app uploads it."""
+    small = np.random.default_rng(7).uniform(0, 255, [8, 8, 3]).astype(np.float32)
+    image = tf.cast(tf.image.resize(small[None], [size, size])[0], tf.uint8)
+    return tf.io.encode_jpeg(image, quality=90).numpy()
+
+
+def ctr_latency(args, ctr_path: str, enc_path: str) -> None:
+    model = ctr_task.load_trained(args.ctr_dir)
+    keras_encoder = encoder_lib.restore(ctr_task.encoder_dir(args.ctr_dir))
+    spec = model.spec
+    rows = export_ctr.sample_requests(spec, model.vocabularies, CANDIDATES, seed=CANDIDATES)
+    for k in spec.inputs:  # one page: the request's features on every row
+        if spec.scope(k) == "request":
+            rows[k] = np.repeat(rows[k][:1], CANDIDATES, axis=0)
+    photo = _photo(args.photo_size)
+    page = client_lib.page_inputs(spec, rows, {f.name: photo for f in spec.photos})
+    as_tensors = {"serving_default": {k: tf.constant(v) for k, v in rows.items()},
+                  "rank": {k: tf.constant(v) for k, v in page.items()}}
+    as_numpy = {"serving_default": rows, "rank": page}
+    keras = export_ctr.CtrServing(model, keras_encoder)  # in process, not loaded from disk
+    loaded = tf.saved_model.load(ctr_path)
+    server, port, _ = stand_in_server.launch([
+        f"--model=ctr={os.path.dirname(ctr_path)}",
+        f"--tensorflow_intra_op_parallelism={args.intra_op}",
+        f"--tensorflow_inter_op_parallelism={args.inter_op}",
+        "--file_system_poll_wait_seconds=0"])
+    grpc = client_lib.GrpcClient(f"127.0.0.1:{port}", timeout=60)
+    try:
+        print(f"\nCTR model ({ctr_path}; image features "
+              f"{model.cfg.image_feature_mode if model.image_tables else 'none'}, "
+              f"D {'on' if model.cfg.debias else 'off'}), one page of {CANDIDATES} candidates, "
+              f"{args.repeats} requests each, {args.intra_op} intra / {args.inter_op} inter-op "
+              f"threads; photo {args.photo_size}x{args.photo_size} JPEG "
+              f"({len(photo) // 1024} KB):\n")
+        print("| request | path | p50 ms | p99 ms |\n| --- | --- | ---: | ---: |")
+        for label, sig in (("(a) ids only", "serving_default"),
+                           ("(b) photo + candidates", "rank")):
+            t = as_tensors[sig]
+            paths = {
+                "stand-in server, gRPC Predict": lambda s=sig: grpc.predict(
+                    "ctr", s, as_numpy[s]),
+                "SavedModel, direct call": lambda s=sig, t=t: loaded.signatures[s](
+                    **t)["ctr"].numpy(),
+                "Keras model, in process": lambda s=sig, t=t: getattr(
+                    keras, "serve" if s == "serving_default" else "rank")(**t)["ctr"].numpy(),
+            }
+            for name, fn in paths.items():
+                ms = _latencies(fn, args.repeats)
+                p50, p99 = np.percentile(ms, [50, 99])
+                print(f"| {label} | {name} | {p50:.2f} | {p99:.2f} |")
+        # Where (b)'s time goes: the photo through the encoder alone, the CTR model alone.
+        enc = tf.saved_model.load(enc_path).signatures["encode_images"]
+        parts = {
+            "the photo alone (encoder SavedModel encode_images)": lambda: enc(
+                images=tf.constant([photo]))["embedding"].numpy(),
+            f"the CTR model alone ({CANDIDATES} rows, serving_default)": lambda: loaded.signatures[
+                "serving_default"](**as_tensors["serving_default"])["ctr"].numpy(),
+            "both (rank)": lambda: loaded.signatures["rank"](**as_tensors["rank"])["ctr"].numpy(),
+        }
+        print("\nWhere the time of (b) goes (SavedModel, direct call):\n")
+        print("| part | p50 ms | p99 ms |\n| --- | ---: | ---: |")
+        for name, fn in parts.items():
+            ms = _latencies(fn, args.repeats)
+            p50, p99 = np.percentile(ms, [50, 99])
+            print(f"| {name} | {p50:.2f} | {p99:.2f} |")
+        if args.profile_dir:
+            tf.profiler.experimental.start(args.profile_dir)
+            for _ in range(20):
+                parts["both (rank)"]()
+            tf.profiler.experimental.stop()
+            print(f"\nprofile of 20 rank requests in {args.profile_dir} (TensorBoard, Profile)")
+    finally:
+        grpc.close()
+        server.terminate()
 
 
 if __name__ == "__main__":

@@ -2,10 +2,13 @@
 
     python scripts/serving_client.py --grpc=localhost:8500 encode a.jpg b.png
     python scripts/serving_client.py --rest=http://localhost:8501 rank --request=request.json \
-        --feature_spec=runs/demo/models/ctr
+        --feature_spec=runs/demo/models/ctr [--photo=query.jpg]
 
 `encode` prints each image's embedding size, norm and first values; `rank` prints the candidates
-ordered by predicted click probability. The request format is in serving_config/README.md.
+ordered by predicted click probability: by ids only (`serving_default`), or, with `--photo`, for
+the photo the user has just taken (`rank`: the model encodes it; a candidate with an "image"
+path, such as an item added since the export, is sent with its image). The request format is in
+serving_config/README.md.
 """
 from __future__ import annotations
 
@@ -17,6 +20,11 @@ import numpy as np
 
 import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
 from export import client as client_lib
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
 
 
 def main() -> None:
@@ -33,6 +41,8 @@ def main() -> None:
     enc.add_argument("images", nargs="+")
     rank = sub.add_parser("rank", help="score a user's candidate list with the CTR model")
     rank.add_argument("--request", required=True, help='JSON {"user": {...}, "candidates": [...]}')
+    rank.add_argument("--photo", default="", help="the query photo (JPEG/PNG): rank the page for "
+                      "it with the 'rank' signature")
     rank.add_argument("--feature_spec", default="synthetic",
                       help="The CTR model's feature spec: its export (base path or version), a "
                            "spec file or a built-in name.")
@@ -41,11 +51,7 @@ def main() -> None:
     client = (client_lib.GrpcClient(args.grpc, args.timeout) if args.grpc
               else client_lib.RestClient(args.rest, args.timeout))
     if args.command == "encode":
-        images = []
-        for path in args.images:
-            with open(path, "rb") as f:
-                images.append(f.read())
-        emb = client.encode(images, args.encoder_model)
+        emb = client.encode([_read(p) for p in args.images], args.encoder_model)
         for path, v in zip(args.images, emb, strict=True):
             print(f"{path}: D={len(v)} norm={np.linalg.norm(v):.4f} "
                   f"[{', '.join(f'{x:.4f}' for x in v[:4])}, ...]")
@@ -55,7 +61,15 @@ def main() -> None:
         if "user" not in request or "candidates" not in request:
             sys.exit(f"{args.request}: needs 'user' and 'candidates'")
         spec = client_lib.spec_of_export(args.feature_spec)
-        scores = client.rank(request["user"], request["candidates"], spec, args.ctr_model)
+        candidates = request["candidates"]
+        if args.photo:
+            photos = {f.name: _read(args.photo) for f in spec.photos}
+            images = [_read(c["image"]) if c.get("image") else b"" for c in candidates]
+            candidates = [{k: v for k, v in c.items() if k != "image"} for c in candidates]
+            scores = client.rank_page(request["user"], candidates, spec, photos, images,
+                                      args.ctr_model)
+        else:
+            scores = client.rank(request["user"], candidates, spec, args.ctr_model)
         for i in np.argsort(-scores):
             print(f"item {request['candidates'][i].get(spec.item, i)}: ctr {scores[i]:.4f}")
 

@@ -119,13 +119,14 @@ def checked_images(encoded: tf.Tensor, names: tf.Tensor, feature: str,
                       "is empty or not a JPEG/PNG/GIF/BMP image (first bytes shown)",
                       tf.strings.substr(_first_bad_value(~is_image(encoded), encoded), 0, 8))]
     with tf.control_dependencies(checks):
-        cut = is_truncated(encoded)
         sizes = declared_image_sizes(encoded)
     too_big = sizes[:, 0] * sizes[:, 1] > max_pixels
+    with tf.control_dependencies([fail_if(
+            too_big, names, feature, f"is larger than max_image_pixels = {max_pixels} "
+            "(height x width)", tf.boolean_mask(sizes, too_big)[:1])]):
+        cut = is_truncated(encoded)
     with tf.control_dependencies([
-            fail_if(cut, names, feature, "is not a complete image (cut short or corrupt)"),
-            fail_if(too_big, names, feature, f"is larger than max_image_pixels = {max_pixels} "
-                    "(height x width)", tf.boolean_mask(sizes, too_big)[:1])]):
+            fail_if(cut, names, feature, "is not a complete image (cut short or corrupt)")]):
         return tf.identity(encoded)
 
 
