@@ -675,6 +675,17 @@ def test_refreshed_export_serves_new_items_while_the_old_version_serves(
             np.testing.assert_allclose(c.rank_page(user, candidates, spec, {"query_image": photo}),
                                        r2[0], atol=1e-5)
 
+        # The command-line client with a photo, and a new item sent with its image.
+        with open(tmp_path / "query.png", "wb") as f:
+            f.write(photo)
+        with open(tmp_path / "request.json", "w") as f:
+            json.dump({"user": user, "candidates": candidates}, f)
+        out = _run([sys.executable, "scripts/serving_client.py", f"--grpc=127.0.0.1:{grpc_port}",
+                    "rank", f"--request={tmp_path / 'request.json'}", f"--feature_spec={base}",
+                    f"--photo={tmp_path / 'query.png'}"])
+        best = int(np.argmax(r2[0]))
+        assert out.splitlines()[0] == f"item {rows['item_id'][best]}: ctr {r2[0, best]:.4f}"
+
         # Bad requests: the row and feature named, and the server serves on.
         bad = dict(page, query_image=np.array([b"\x89PNG\r\n\x1a\n broken"], dtype=object))
         with pytest.raises(grpc.RpcError) as e:
@@ -730,3 +741,50 @@ def test_every_exported_op_is_a_core_tensorflow_op(trained, exports, tmp_path):
         assert "DecodeImage" in ops or "DecodePng" in ops or name != "encoder"
         assert not ops & forbidden and ops <= core, (name, sorted(ops - core), ops & forbidden)
     assert {"DecodeImage", "ArgMin"} <= _ops(dirs["cluster"])  # the photo, the centroid
+
+
+class _RecordingVersion:
+    """A stand-in's Version that doubles 'x' and records the batch sizes it is run on; a row
+    of -1 fails the whole batch."""
+
+    def __init__(self):
+        self.sizes: list[int] = []
+
+    def run(self, signature, inputs):
+        x = inputs["x"]
+        self.sizes.append(len(x))
+        if (x == -1).any():
+            raise ValueError("a bad row")
+        return {"y": x * 2}
+
+
+def test_stand_in_batching_merges_pads_and_isolates_a_bad_request():
+    """Requests arriving together are merged up to max_batch_size, padded to the next allowed
+    batch size with the first row, and split back; a bad request fails alone."""
+    from concurrent.futures import ThreadPoolExecutor
+    params = serving_protos.parse_batching_config(os.path.join(REPO, "serving_config",
+                                                               "batching.config"))
+    params.batch_timeout_micros.value = 200_000  # so the three requests below meet
+    params.num_batch_threads.value = 1
+    version = _RecordingVersion()
+    batcher = stand_in_server.Batcher(version, params)
+    requests = [np.arange(3, dtype=np.float32) + 10 * i for i in range(3)]
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            outs = list(pool.map(lambda x: batcher.run("s", {"x": x})["y"], requests))
+        for x, y in zip(requests, outs, strict=True):
+            np.testing.assert_array_equal(y, x * 2)
+        assert version.sizes == [32]  # 9 rows in one batch, padded to the allowed 32
+        version.sizes.clear()
+        bad = np.array([1.0, -1.0], np.float32)
+        with ThreadPoolExecutor(2) as pool:
+            good = pool.submit(batcher.run, "s", {"x": requests[0]})
+            failed = pool.submit(batcher.run, "s", {"x": bad})
+            np.testing.assert_array_equal(good.result()["y"], requests[0] * 2)
+            with pytest.raises(ValueError, match="a bad row"):
+                failed.result()
+        assert version.sizes[0] == 8 and sorted(version.sizes[1:]) == [8, 8]  # merged, rerun
+        with pytest.raises(ValueError, match="larger than maximum input batch size 512"):
+            batcher.run("s", {"x": np.zeros(513, np.float32)})
+    finally:
+        batcher.stop()

@@ -251,17 +251,20 @@ class CtrModel(tfrs.Model):
     def _sequence(self, f: ctr_spec.CtrFeature, batch: dict, item: list,
                   training: bool) -> tf.Tensor:
         ids, mask = batch[f.name], batch[f.name + "_mask"]
-        elements = [self._embed(f, ids)]
-        image = self.spec.image_of(f.name) if self.image_features else None
-        if image is not None and self.cfg.image_feature_mode != "simscore":
-            elements.append(self._image(image, batch))
-        x = tf.concat(elements, axis=-1)
         if f.pooling == "mean":
-            return _masked_mean(x, mask)
-        h = self.sequence_in[f.name](x)
-        attention_mask = mask[:, :, None] & mask[:, None, :]
-        h = self.sequence_norm[f.name](h + self.sequence_attention[f.name](
-            h, h, attention_mask=attention_mask, training=training))
+            return _masked_mean(self._elements(f, batch), mask)
+        if training:
+            h = self._self_attention(f, batch, training)
+        else:
+            # A ranking request repeats its user's history on every candidate: when every row
+            # holds the same history, attend over it once (the same values, an 8th of the time
+            # of a page of 100 on 2 cores).
+            same = tf.reduce_all(tf.equal(ids, ids[:1])) & tf.reduce_all(tf.equal(mask, mask[:1]))
+            once = {f.name: ids[:1], f.name + "_mask": mask[:1]}
+            h = tf.cond(
+                same & (tf.shape(ids)[0] > 1),
+                lambda: tf.repeat(self._self_attention(f, once, training), tf.shape(ids)[0], 0),
+                lambda: self._self_attention(f, batch, training))
         if self.cfg.history_pooling == "mean":
             pooled = _masked_mean(h, mask)
         else:
@@ -271,6 +274,22 @@ class CtrModel(tfrs.Model):
                                                    training=training)[:, 0]
             pooled *= tf.cast(tf.reduce_any(mask, axis=1), pooled.dtype)[:, None]
         return self.sequence_out[f.name](pooled)
+
+    def _elements(self, f: ctr_spec.CtrFeature, batch: dict) -> tf.Tensor:
+        """[B, L, E] each element's id embedding and (not SimScore) its image feature."""
+        elements = [self._embed(f, batch[f.name])]
+        image = self.spec.image_of(f.name) if self.image_features else None
+        if image is not None and self.cfg.image_feature_mode != "simscore":
+            elements.append(self._image(image, batch))
+        return tf.concat(elements, axis=-1)
+
+    def _self_attention(self, f: ctr_spec.CtrFeature, batch: dict, training: bool) -> tf.Tensor:
+        """[B, L, history_dim]: the sequence's elements after self-attention (paper 002 App. A)."""
+        mask = batch[f.name + "_mask"]
+        h = self.sequence_in[f.name](self._elements(f, batch))
+        attention_mask = mask[:, :, None] & mask[:, None, :]
+        return self.sequence_norm[f.name](h + self.sequence_attention[f.name](
+            h, h, attention_mask=attention_mask, training=training))
 
     def features(self, batch: dict, training: bool = False) -> tuple[tf.Tensor, dict]:
         """(the tower's input [B, F], {"v_d": v^D of the displayed items, if D is on})."""
