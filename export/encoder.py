@@ -8,8 +8,8 @@ Signatures (batch dimension None):
       up to `max_image_pixels` (height x width as the header declares it, checked before
       decoding, so a small file cannot make the server allocate a huge image) -> embedding
       [None, D] float32, L2-normalised. Decoding and resizing (antialiased bilinear, as in
-      training) run inside, on the CPU; a request that is not an image fails naming its index
-      ('request:<i>').
+      training) run inside, on the CPU; a request that is not an image, or a PNG/GIF cut
+      short, fails naming its index ('request:<i>').
   encode_pixels: pixels [None, S, S, 3] float32 in [0, 1] -> embedding [None, D]; another
       image size, NaN or values outside [0, 1] (0-255 pixels not scaled) fail naming the row.
 An empty request (0 rows) returns 0 embeddings.

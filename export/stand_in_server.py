@@ -479,7 +479,7 @@ def _inputs_of(body, dtypes: Mapping) -> dict:
             v = _from_json(v)
             if dtypes[k] != tf.string:
                 v = np.asarray(v, dtypes[k].as_numpy_dtype)
-            elif not isinstance(v, np.ndarray):
+            elif not isinstance(v, np.ndarray) or v.size == 0:  # [] carries no type
                 v = np.array(v, dtype=object)
         except (ValueError, TypeError) as e:
             raise _BadRequest(f"input '{k}': {e}") from None
