@@ -738,8 +738,8 @@ def test_every_exported_op_is_a_core_tensorflow_op(trained, exports, tmp_path):
         module = export_ctr.CtrServing(model, keras)
         # rank holds the mode's model and the encoder; the other two signatures add only the
         # parsing that the exports above already hold.
-        dirs[mode] = common.save(module, {"rank": module.signatures()["rank"]},
-                                 str(tmp_path / mode), [], {})
+        rank = module.rank.get_concrete_function(**export_ctr.rank_input_specs(base.spec, True))
+        dirs[mode] = common.save(module, {"rank": rank}, str(tmp_path / mode), [], {})
     for name, path in dirs.items():
         ops = _ops(path)
         assert "DecodeImage" in ops or "DecodePng" in ops or name != "encoder"
