@@ -44,8 +44,8 @@ demo: $(VENV)/.installed $(DATA)/$(WORLD)/manifest.json $(DATA)/$(WORLD)_feed/ma
 
 # TF Serving exports of the demo's S1+S2 encoder, its S1+S2 CTR model and the feed spec's COURIER
 # Cluster-ID CTR model into $(DEMO)/models (version 1, replacing an earlier demo's), their
-# signatures, and the catalog encoded with the exported encoder (embeddings, faiss index,
-# cluster ids).
+# signatures, the catalog encoded with the exported encoder (embeddings, faiss index, cluster
+# ids), and the daily refresh: the CTR model as version 2 with that catalog embedding's items.
 MODELS := $(DEMO)/models
 export: $(VENV)/.installed
 	rm -rf $(MODELS) $(DEMO)/catalog_embeddings
@@ -59,6 +59,8 @@ export: $(VENV)/.installed
 	  --signature_def serving_default
 	$(PY) -m trainer.task --stage=embed --data_dir=$(DATA)/$(WORLD) --export_dir=$(MODELS)/encoder \
 	  --model_dir=$(DEMO)/catalog_embeddings
+	$(PY) -m export.ctr --model_dir=$(DEMO)/ctr/s1s2 --export_dir=$(MODELS)/ctr --version=2 \
+	  --item_embeddings=$(DEMO)/catalog_embeddings/embeddings.npz
 
 # Encoder images/s through the SavedModel vs. Keras; CTR p50/p99 latency (needs make demo's runs).
 bench-serving: $(VENV)/.installed
@@ -91,8 +93,11 @@ sweep-tau: $(VENV)/.installed $(DATA)/$(WORLD)/manifest.json
 	$(PY) scripts/sweep_tau.py --data_dir=$(DATA)/$(WORLD) --visual_dir=$(RUNS)/visual \
 	  --out_dir=$(RUNS)/courier --seeds=$(shell echo $(SEEDS) | tr ' ' ',')
 
+# The longest files first, so the two processes finish together (pytest collects a file once).
+LONG_TESTS := tests/test_visual_stages.py tests/test_export.py tests/test_distributed.py \
+  tests/test_bring_your_own_data.py
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(LONG_TESTS) tests
 
 # ruff (E, F, I, B, UP; line length 100) over the code, mypy (check_untyped_defs) over trainer/.
 lint: $(VENV)/.installed

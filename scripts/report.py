@@ -379,8 +379,10 @@ Training losses from each run's TensorBoard logs (`tensorboard --logdir {demo}`)
 
 `make export` wrote the S1+S2 encoder, the S1+S2 CTR model and the feed spec's COURIER
 Cluster-ID CTR model as TF Serving SavedModels to `{models}` (signatures `encode_images`,
-`encode_pixels`; `serving_default`, `predict_examples`, whose inputs are each model's feature
-spec's columns), with warmup requests; `serving_config/` serves them.
+`encode_pixels`; `rank`, which takes the query photo and the candidates' images as bytes and
+encodes them in the graph, `serving_default`, `predict_examples`, whose inputs are each model's
+feature spec's columns), with warmup requests, then the CTR model's daily refresh as version 2
+(the catalog embedding's item table); `serving_config/` serves them.
 """
     text = text.replace("FINDINGS", findings(demo))
     if embedded:
