@@ -150,7 +150,7 @@ class CtrServing(tf.Module):
         image_names = {f.name for f in spec.of_kind("image")}
         images = {k: v for k, v in inputs.items() if k in image_names}
         columns = {k: v for k, v in inputs.items() if k not in image_names}
-        target = spec.target_image if self.images else None
+        target = spec.target_image if self.images is not None else None
         candidate = {spec.item: columns[spec.item]}
         candidate.update({k: v for k, v in columns.items() if spec.scope(k) == "candidate"})
         if target is not None:  # the candidates' images: one per candidate
@@ -174,7 +174,7 @@ class CtrServing(tf.Module):
         flat = {k: tf.gather_nd(rows[k], where) if k in candidate else tf.gather(rows[k], page)
                 for k in columns}
         for f in spec.photos:
-            if self.images and f.ids not in flat:  # a key only: the photo stands for it
+            if self.images is not None and f.ids not in flat:  # a key only: the photo stands in
                 flat[f.ids] = tf.zeros_like(page)
         batch = self._parse(names, flat)
         if self.images is not None:
