@@ -269,6 +269,7 @@ class Servables:
         self.session_config, self.batching, self.log = session_config, batching, log
         self.loaded: dict[str, dict[int, tuple[Version, Batcher | None]]] = {
             name: {} for name in self.configs}
+        self.failed: dict[str, set[int]] = {name: set() for name in self.configs}
         self.lock = threading.Lock()
         for name in self.configs:
             self.sync(name)
@@ -287,20 +288,28 @@ class Servables:
 
     def sync(self, name: str) -> None:
         """Loads (and warms up) the versions the policy wants that are not loaded, then unloads
-        the ones it no longer wants."""
+        the ones it no longer wants once one it wants is loaded (as TF Serving's availability
+        preserving policy: a version that fails to load leaves the old one serving, and is not
+        retried)."""
         wanted = self.wanted(name)
         for v in wanted:
-            if v in self.loaded[name]:
+            if v in self.loaded[name] or v in self.failed[name]:
                 continue
             path = os.path.join(self.configs[name].base_path, str(v))
             t0 = time.time()
-            version = Version(path, self.session_config)
-            n = version.warm_up()
+            try:
+                version = Version(path, self.session_config)
+                n = version.warm_up()
+            except Exception:
+                self.failed[name].add(v)  # not retried every poll (a new version number is)
+                raise
             batcher = Batcher(version, self.batching) if self.batching is not None else None
             with self.lock:
                 self.loaded[name][v] = (version, batcher)
             self.log(f"loaded {name} version {v} ({n} warmup requests replayed, "
                      f"{time.time() - t0:.1f}s)")
+        if not any(v in self.loaded[name] for v in wanted):
+            return  # availability preserving: the old versions serve until a new one loads
         for v in [v for v in self.loaded[name] if v not in wanted]:
             with self.lock:
                 version, batcher = self.loaded[name].pop(v)

@@ -792,3 +792,19 @@ def test_stand_in_batching_merges_pads_and_isolates_a_bad_request():
             batcher.run("s", {"x": np.zeros(513, np.float32)})
     finally:
         batcher.stop()
+
+
+def test_stand_in_keeps_serving_when_a_new_version_fails_to_load(exports, tmp_path):
+    """Availability preserving, as TF Serving: a broken new version leaves the old one serving
+    (and is not reloaded every poll); the next good version replaces it."""
+    base = str(tmp_path / "encoder")
+    shutil.copytree(exports["encoder"], os.path.join(base, "1"))
+    servables = stand_in_server.Servables({"encoder": base}, log=lambda _: None)
+    os.makedirs(os.path.join(base, "2"))  # no saved_model.pb
+    with pytest.raises(OSError):
+        servables.sync("encoder")
+    servables.sync("encoder")
+    assert servables.status("encoder") == [1]
+    shutil.copytree(exports["encoder"], os.path.join(base, "3"))
+    servables.sync("encoder")
+    assert servables.status("encoder") == [3]
