@@ -14,7 +14,8 @@ exports, clients and requests are checked against its behaviour:
   failing warmup request fails the load);
 - version policies (`latest {num_versions}`, `specific {versions}`, `all`) and version labels from
   `--model_config_file` (a `ModelServerConfig`, as serving_config/models.config), with new
-  versions picked up every `--file_system_poll_wait_seconds` and old ones unloaded;
+  versions picked up every `--file_system_poll_wait_seconds` and old ones unloaded once a new one
+  is available (a version that fails to load leaves the old one serving);
 - `--enable_batching` with `--batching_parameters_file` (serving_config/batching.config): requests
   of a signature are queued, merged up to `max_batch_size` within `batch_timeout_micros` by
   `num_batch_threads` threads, padded to the next of `allowed_batch_sizes` with copies of the
