@@ -72,8 +72,7 @@ def page_inputs(spec: ctr_spec.CtrSpec, rows: dict, photos: Mapping[str, bytes] 
     features): `photos` {image feature: encoded bytes}, one per `queries` image feature, replace
     their id columns, and `item_images` [N] (default all b'': the item table's) are the
     candidates'."""
-    photo_keys = ({f.ids for f in spec.photos} - {f.name for f in spec.features} if images
-                  else set())
+    photo_keys = spec.photo_keys if images else set()
     missing = [f.name for f in spec.photos if images and f.name not in (photos or {})]
     if missing:
         raise ValueError(f"a page needs its photo for {missing}")
@@ -89,7 +88,38 @@ def page_inputs(spec: ctr_spec.CtrSpec, rows: dict, photos: Mapping[str, bytes] 
     return out
 
 
-class GrpcClient:
+class _Calls:
+    """The model calls both clients make through their `predict`: {output name: array} (the
+    REST API returns a single output bare, so each call takes its one output)."""
+
+    def predict(self, model: str, signature: str, inputs: dict,
+                version: int | None = None) -> dict:
+        raise NotImplementedError
+
+    def _only(self, model: str, signature: str, inputs: dict) -> np.ndarray:
+        return np.asarray(next(iter(self.predict(model, signature, inputs).values())),
+                          np.float32)
+
+    def encode(self, images: Sequence[bytes], model: str = "encoder") -> np.ndarray:
+        return self._only(model, "encode_images",
+                          {"images": np.array(list(images), dtype=object)})
+
+    def rank(self, user: dict, candidates: Sequence[dict], spec: ctr_spec.CtrSpec,
+             model: str = "ctr") -> np.ndarray:
+        return self._only(model, "serving_default", candidate_inputs(spec, user, candidates))
+
+    def rank_page(self, user: dict, candidates: Sequence[dict], spec: ctr_spec.CtrSpec,
+                  photos: Mapping[str, bytes], item_images: Sequence[bytes] | None = None,
+                  model: str = "ctr") -> np.ndarray:
+        """[N] click probabilities of one page through the `rank` signature (no call for an
+        empty page)."""
+        if not candidates:
+            return np.zeros([0], np.float32)
+        rows = candidate_inputs(spec, user, candidates)
+        return self._only(model, "rank", page_inputs(spec, rows, photos, item_images)).reshape(-1)
+
+
+class GrpcClient(_Calls):
     """TF Serving's gRPC PredictionService."""
 
     def __init__(self, target: str, timeout: float = 10.0):
@@ -112,25 +142,11 @@ class GrpcClient:
         response = self.stub.Predict(request, timeout=self.timeout)
         return {k: tf.make_ndarray(v) for k, v in response.outputs.items()}
 
-    def encode(self, images: Sequence[bytes], model: str = "encoder") -> np.ndarray:
-        return self.predict(model, "encode_images",
-                            {"images": np.array(list(images), dtype=object)})["embedding"]
-
-    def rank(self, user: dict, candidates: Sequence[dict], spec: ctr_spec.CtrSpec,
-             model: str = "ctr") -> np.ndarray:
-        return self.predict(model, "serving_default",
-                            candidate_inputs(spec, user, candidates))["ctr"]
-
-    def rank_page(self, user: dict, candidates: Sequence[dict], spec: ctr_spec.CtrSpec,
-                  photos: Mapping[str, bytes], item_images: Sequence[bytes] | None = None,
-                  model: str = "ctr") -> np.ndarray:
-        return _rank_page(self, user, candidates, spec, photos, item_images, model)
-
     def close(self) -> None:
         self.channel.close()
 
 
-class RestClient:
+class RestClient(_Calls):
     """TF Serving's REST API (`POST /v1/models/<name>:predict`, columnar "inputs" format; bytes
     travel as {"b64": ...})."""
 
@@ -164,29 +180,3 @@ class RestClient:
         if not isinstance(outputs, dict):  # a single output comes bare
             outputs = {"output": outputs}
         return {k: np.asarray(v) for k, v in outputs.items()}
-
-    def encode(self, images: Sequence[bytes], model: str = "encoder") -> np.ndarray:
-        out = self.predict(model, "encode_images", {"images": np.array(list(images), dtype=object)})
-        return np.asarray(next(iter(out.values())), np.float32)
-
-    def rank(self, user: dict, candidates: Sequence[dict], spec: ctr_spec.CtrSpec,
-             model: str = "ctr") -> np.ndarray:
-        out = self.predict(model, "serving_default", candidate_inputs(spec, user, candidates))
-        return np.asarray(next(iter(out.values())), np.float32)
-
-    def rank_page(self, user: dict, candidates: Sequence[dict], spec: ctr_spec.CtrSpec,
-                  photos: Mapping[str, bytes], item_images: Sequence[bytes] | None = None,
-                  model: str = "ctr") -> np.ndarray:
-        return _rank_page(self, user, candidates, spec, photos, item_images, model)
-
-
-def _rank_page(client, user: dict, candidates: Sequence[dict], spec: ctr_spec.CtrSpec,
-               photos: Mapping[str, bytes], item_images: Sequence[bytes] | None,
-               model: str) -> np.ndarray:
-    """[N] click probabilities of one page through the `rank` signature (no call for an empty
-    page)."""
-    if not candidates:
-        return np.zeros([0], np.float32)
-    rows = candidate_inputs(spec, user, candidates)
-    out = client.predict(model, "rank", page_inputs(spec, rows, photos, item_images))
-    return np.asarray(next(iter(out.values())), np.float32).reshape(-1)

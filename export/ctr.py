@@ -71,7 +71,7 @@ def rank_input_specs(spec: ctr_spec.CtrSpec, images: bool) -> dict:
     """rank's inputs: request columns [B, ...], candidate columns [B, N, ...]; with `images`
     (a model with image features), each query photo [B] instead of its id column and the
     candidates' images [B, N]."""
-    photo_keys = {f.ids for f in spec.photos} - {f.name for f in spec.features} if images else set()
+    photo_keys = spec.photo_keys if images else set()
     out = {}
     for f in spec.record_kind(serving=True).features:
         if f.name not in photo_keys:
@@ -173,9 +173,9 @@ class CtrServing(tf.Module):
                                  tf.strings.as_string(where[:, 1])])
         flat = {k: tf.gather_nd(rows[k], where) if k in candidate else tf.gather(rows[k], page)
                 for k in columns}
-        for f in spec.photos:
-            if self.images is not None and f.ids not in flat:  # a key only: the photo stands in
-                flat[f.ids] = tf.zeros_like(page)
+        if self.images is not None:
+            for key in spec.photo_keys:  # a key only: the photo stands in for it
+                flat[key] = tf.zeros_like(page)
         batch = self._parse(names, flat)
         if self.images is not None:
             for f in spec.photos:
@@ -293,9 +293,10 @@ def export(model_dir: str, export_dir: str, version: int | None = None,
     model = ctr_task.load_trained(model_dir)
     refreshed = (ctr_task.refresh_items(model, model_dir, item_embeddings) if item_embeddings
                  else None)
-    encoder = None
+    encoder, images_from = None, None
     if model.image_features:
-        encoder = encoder_lib.restore(ctr_task.encoder_dir(model_dir))
+        images_from = ctr_task.encoder_dir(model_dir)
+        encoder = encoder_lib.restore(images_from)
     module = CtrServing(model, encoder, max_candidates, max_image_pixels)
     cfg, spec = model.cfg, model.spec
     info = {"model": "ctr", "model_dir": os.path.abspath(model_dir),
@@ -303,7 +304,7 @@ def export(model_dir: str, export_dir: str, version: int | None = None,
             "feature_spec": spec.name,
             "image_feature_mode": cfg.image_feature_mode if model.image_tables else None,
             "debias": cfg.debias is not None,
-            "encoder": ctr_task.encoder_dir(model_dir) if encoder is not None else None,
+            "encoder": images_from,
             "item_embeddings": refreshed, "max_candidates": max_candidates,
             "max_image_pixels": max_image_pixels,
             "inputs": {k: f"{s.dtype.name} {s.shape}" for k, s in input_specs(spec).items()},

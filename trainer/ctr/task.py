@@ -201,7 +201,8 @@ def refresh_items(model: CtrModel, model_dir: str, embeddings_path: str) -> dict
                                                                      np.float32)
     if len(np.unique(ids)) != len(ids):
         raise ValueError(f"{embeddings_path}: repeated item ids")
-    training = embeddings_lib.load(os.path.join(encoder_dir(model_dir), embeddings_lib.FILE))
+    encoder = encoder_dir(model_dir)
+    training = embeddings_lib.load(os.path.join(encoder, embeddings_lib.FILE))
     if vectors.shape[1] != training.dim:
         raise ValueError(f"{embeddings_path}: vectors of dimension {vectors.shape[1]}; the "
                          f"model was trained on dimension {training.dim}")
@@ -213,7 +214,7 @@ def refresh_items(model: CtrModel, model_dir: str, embeddings_path: str) -> dict
     if cosine < 0.999:
         raise ValueError(f"{embeddings_path}: the items it shares with the training catalog have "
                          f"other vectors (median cosine {cosine:.3f}): it comes from another "
-                         f"encoder than {encoder_dir(model_dir)}")
+                         f"encoder than {encoder}")
     old = model.image_tables["items"]
     if isinstance(old, ClusterTable):
         table = ClusterTable(ids, vectors, old.centroids.numpy(), name=old.name)

@@ -201,6 +201,12 @@ class CtrSpec:
         takes their encoded images instead of looking their ids up."""
         return [f for f in self.of_kind("image") if f.table == "queries"]
 
+    @property
+    def photo_keys(self) -> set[str]:
+        """The id columns that are only keys of a photo (no feature of their own): the `rank`
+        signature takes the photo instead."""
+        return {f.ids for f in self.photos} - {f.name for f in self.features}
+
     def training_dict(self) -> dict:
         """`to_dict` without what only serving reads (`scope`): two specs with equal training
         dicts train the same model."""

@@ -18,6 +18,7 @@ from trainer.data import schema
 BAD_RECORD_TAG = "BAD_RECORD"
 # JPEG, PNG, GIF, BMP magic numbers: what tf.io.decode_image accepts.
 _IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM")
+_NOT_AN_IMAGE = "is empty or not a JPEG/PNG/GIF/BMP image (first bytes shown)"
 _TF = {schema.INT64: tf.int64, schema.FLOAT: tf.float32, schema.BYTES: tf.string}
 
 
@@ -115,9 +116,9 @@ def checked_images(encoded: tf.Tensor, names: tf.Tensor, feature: str,
     """`encoded` [N] once each is known to be an image (magic bytes), complete (`is_truncated`)
     and at most `max_pixels` (height x width, from its header): what a server checks before it
     decodes request images. A failure names the row and `feature`."""
-    checks = [fail_if(~is_image(encoded), names, feature,
-                      "is empty or not a JPEG/PNG/GIF/BMP image (first bytes shown)",
-                      tf.strings.substr(_first_bad_value(~is_image(encoded), encoded), 0, 8))]
+    bad = ~is_image(encoded)
+    checks = [fail_if(bad, names, feature, _NOT_AN_IMAGE,
+                      tf.strings.substr(_first_bad_value(bad, encoded), 0, 8))]
     with tf.control_dependencies(checks):
         sizes = declared_image_sizes(encoded)
     too_big = sizes[:, 0] * sizes[:, 1] > max_pixels
@@ -283,8 +284,7 @@ class RecordParser:
             bad = ~is_image(flat)
             if not f.required and not f.is_list:  # the default b'' means absent: joined later
                 bad &= flat != b""
-            checks.append(fail_if(per_row(bad), names, f.name,
-                                  "is empty or not a JPEG/PNG/GIF/BMP image (first bytes shown)",
+            checks.append(fail_if(per_row(bad), names, f.name, _NOT_AN_IMAGE,
                                   tf.strings.substr(_first_bad_value(bad, flat), 0, 8)))
         return checks
 
