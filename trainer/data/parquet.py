@@ -1,0 +1,196 @@
+"""Parquet tables as records of a kind: how the columns of a table map to a record kind's features
+(docs/data_format.md), shared by `scripts/convert_parquet.py` (one process, pyarrow batch by batch)
+and the Beam convert pipeline (`trainer.pipelines.convert`).
+
+Columns are named after the features of the kind (for `ctr`, the feature spec's columns):
+- scalars: integer columns for ids and labels, floating-point columns for values;
+- lists: `list<int64>` / `list<double>` columns, or strings of space-separated values
+  ("123 456 789");
+- images: a binary column of encoded bytes named after the feature; or a `<feature>_path` column
+  (paths relative to the image dir; a `list<string>` or space-separated for image lists); or, for
+  `catalog` / `queries`, `<image_dir>/<id>.{jpg,jpeg,png}`. A path that leaves the image dir
+  (`../x`, `/etc/x`) is refused unless absolute paths and URIs (gs://..., anything TensorFlow's
+  file system reads) are allowed.
+"""
+from __future__ import annotations
+
+import glob
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import pyarrow as pa
+import tensorflow as tf
+
+from trainer.data import records, schema
+
+log = logging.getLogger(__name__)
+_ID_OF_IMAGE = {"catalog": "item_id", "queries": "query_id"}
+_EXTENSIONS = (".jpg", ".jpeg", ".png")
+
+
+def parquet_files(pattern: str) -> list[str]:
+    """Files of a path, a directory (its *.parquet, recursively) or globs (comma-separated)."""
+    files: list[str] = []
+    for p in (x.strip() for x in pattern.split(",") if x.strip()):
+        if os.path.isdir(p):
+            files += sorted(glob.glob(os.path.join(p, "**", "*.parquet"), recursive=True))
+        else:
+            files += sorted(glob.glob(p)) or ([p] if os.path.exists(p) else [])
+    if not files:
+        raise FileNotFoundError(f"no Parquet files match '{pattern}'")
+    return files
+
+
+def read_image(path: str, where: str) -> bytes:
+    try:
+        with tf.io.gfile.GFile(path, "rb") as f:
+            return f.read()
+    except tf.errors.OpError as e:
+        raise ValueError(f"{where}: cannot read image {path}: {e.message}") from None
+
+
+def image_path(image_dir: str, path: str, where: str, allow_absolute: bool = False) -> str:
+    """Where to read an image path from the table: inside `image_dir`, or (allowed) absolute."""
+    if "://" in path or os.path.isabs(path):
+        if not allow_absolute:
+            raise ValueError(f"{where}: image path {path!r} is absolute; paths are read relative "
+                             "to --image_dir (pass --allow_absolute_image_paths to read absolute "
+                             "paths and URIs)")
+        return path
+    norm = os.path.normpath(path)
+    if norm == ".." or norm.startswith(".." + os.sep):
+        raise ValueError(f"{where}: image path {path!r} leaves --image_dir {image_dir}")
+    return os.path.join(image_dir, norm)
+
+
+def _image_by_id(image_dir: str, id_: int, where: str) -> bytes:
+    for ext in _EXTENSIONS:
+        path = os.path.join(image_dir, f"{id_}{ext}")
+        if os.path.exists(path):
+            return read_image(path, where)
+    raise ValueError(f"{where}: no image file for id {id_} in {image_dir} "
+                     f"(tried {', '.join(str(id_) + e for e in _EXTENSIONS)})")
+
+
+class Columns:
+    """How the columns of one Parquet schema map to a kind's features, checked once per file."""
+
+    def __init__(self, kind: schema.RecordKind, names: Sequence[str], arrow: pa.Schema,
+                 path: str, image_dir: str | None, allow_absolute: bool = False):
+        self.kind, self.path, self.image_dir = kind, path, image_dir
+        self.allow_absolute = allow_absolute
+        present = set(names)
+        self.sources: dict[str, tuple[str, str]] = {}  # feature -> (how, column)
+        for f in kind.features:
+            path_col = f.name + "_path"
+            if f.image and path_col in present:
+                self.sources[f.name] = ("paths", path_col)
+            elif f.name in present:
+                self.sources[f.name] = ("value", f.name)
+                self._check_type(f, arrow.field(f.name).type)
+            elif f.image and f.name == "image" and kind.name in _ID_OF_IMAGE:
+                self.sources[f.name] = ("by_id", _ID_OF_IMAGE[kind.name])
+            elif f.required:
+                raise ValueError(f"{path}: column '{f.name}' (a required feature of the record "
+                                 f"kind '{kind.name}') is missing; its columns: {sorted(names)}")
+        needs_dir = [c for how, c in self.sources.values() if how in ("paths", "by_id")]
+        if needs_dir and image_dir is None:
+            raise ValueError(f"{path}: images from {needs_dir} need --image_dir")
+        used = {c for _, c in self.sources.values()}
+        self.unknown = sorted(present - used)
+
+    def _check_type(self, f: schema.FeatureSpec, t: pa.DataType) -> None:
+        where = f"{self.path}: column '{f.name}'"
+        if f.is_list:
+            if pa.types.is_string(t) or pa.types.is_large_string(t):
+                return  # space-separated values
+            if not (pa.types.is_list(t) or pa.types.is_large_list(t)):
+                raise ValueError(f"{where} is a list feature; it must be a list column or "
+                                 f"space-separated strings, not {t}")
+            t = t.value_type
+            if f.image and (pa.types.is_binary(t) or pa.types.is_large_binary(t)):
+                return
+        want = {schema.INT64: pa.types.is_integer,
+                schema.FLOAT: lambda x: pa.types.is_floating(x) or pa.types.is_integer(x),
+                schema.BYTES: lambda x: pa.types.is_binary(x) or pa.types.is_large_binary(x)}
+        if not want[f.dtype](t):
+            kind = {schema.INT64: "integer", schema.FLOAT: "numeric",
+                    schema.BYTES: "binary (encoded image)"}[f.dtype]
+            raise ValueError(f"{where} must hold {kind} values, not {t}")
+
+    @property
+    def needed(self) -> list[str]:
+        """The columns the records are made from."""
+        return sorted({c for _, c in self.sources.values()})
+
+    def rows(self, batch: pa.RecordBatch | pa.Table, first_row: int) -> Iterator[bytes]:
+        """The serialized records of `batch`'s rows (the first is row `first_row` of the file);
+        raises on the first bad row, naming it."""
+        data = {c: batch.column(c).to_pylist() for c in self.needed}
+        for i in range(batch.num_rows):
+            yield self.record({c: v[i] for c, v in data.items()},
+                              f"{self.path}: row {first_row + i}")
+
+    def record(self, row: dict[str, Any], where: str) -> bytes:
+        """The serialized record of one row ({column: value}); a bad value, a null in a required
+        column or an image that cannot be read raises a ValueError naming `where` and the
+        column."""
+        values: dict[str, Any] = {}
+        for f in self.kind.features:
+            if f.name not in self.sources:
+                continue
+            how, column = self.sources[f.name]
+            v = row[column]
+            if how == "by_id":
+                values[f.name] = _image_by_id(self.image_dir or "", int(v), where)
+            elif how == "paths":
+                if v is None and f.required:
+                    raise ValueError(f"{where}: column '{column}' is null (a required feature)")
+                paths = v.split() if isinstance(v, str) else list(v or [])
+                images = [read_image(image_path(self.image_dir or "", p, where,
+                                                self.allow_absolute), where) for p in paths]
+                values[f.name] = images if f.is_list else (images[0] if images else None)
+            else:
+                values[f.name] = self._value(f, v, where)
+        try:
+            return records.to_example(self.kind, values)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}: {e}") from None
+
+    @staticmethod
+    def _value(f: schema.FeatureSpec, v: Any, where: str) -> Any:
+        if v is None:
+            if f.required:
+                raise ValueError(f"{where}: column '{f.name}' is null (a required feature"
+                                 + ("; write [] for an empty list)" if f.is_list else ")"))
+            return [] if f.is_list else None
+        if not f.is_list:
+            return float(v) if f.dtype == schema.FLOAT else v
+        cast = int if f.dtype == schema.INT64 else float
+        if isinstance(v, (str, bytes)):
+            text = v.decode() if isinstance(v, bytes) else v
+            try:
+                return [cast(tok) for tok in text.split()]
+            except ValueError:
+                raise ValueError(f"{where}: column '{f.name}': cannot parse {text!r} as "
+                                 f"space-separated {f.dtype} values") from None
+        if any(x is None for x in v):
+            raise ValueError(f"{where}: column '{f.name}' holds a null inside its list")
+        return [cast(x) for x in v] if f.dtype == schema.FLOAT else list(v)
+
+
+
+def replace_split(output_dir: str, kind: str, split: str, new: list[str]) -> list[str]:
+    """Moves the shards `new` in place of the kind's files of `split` (any shard count)."""
+    old = tf.io.gfile.glob(records.default_pattern(output_dir, kind, split))
+    paths = [os.path.join(output_dir, kind, os.path.basename(p)) for p in new]
+    for path in old:
+        if path not in paths:
+            tf.io.gfile.remove(path)
+    for src, dst in zip(new, paths, strict=True):
+        tf.io.gfile.rename(src, dst, overwrite=True)
+    if old:
+        log.info("replaced %d file(s) of %s/%s-* with %d", len(old), kind, split, len(paths))
+    return paths
