@@ -26,7 +26,6 @@ import tensorflow as tf
 from trainer.data import records, schema
 
 log = logging.getLogger(__name__)
-_ID_OF_IMAGE = {"catalog": "item_id", "queries": "query_id"}
 _EXTENSIONS = (".jpg", ".jpeg", ".png")
 
 
@@ -90,8 +89,8 @@ class Columns:
             elif f.name in present:
                 self.sources[f.name] = ("value", f.name)
                 self._check_type(f, arrow.field(f.name).type)
-            elif f.image and f.name == "image" and kind.name in _ID_OF_IMAGE:
-                self.sources[f.name] = ("by_id", _ID_OF_IMAGE[kind.name])
+            elif f.image and f.name == "image" and kind.name in schema.IMAGE_ID:
+                self.sources[f.name] = ("by_id", schema.IMAGE_ID[kind.name])
             elif f.required:
                 raise ValueError(f"{path}: column '{f.name}' (a required feature of the record "
                                  f"kind '{kind.name}') is missing; its columns: {sorted(names)}")

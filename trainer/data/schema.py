@@ -177,6 +177,9 @@ JUDGMENTS = RecordKind(
     ],
 )
 
+# The id of the record kinds that are one image each (what an embedding table is keyed by).
+IMAGE_ID = {"catalog": "item_id", "queries": "query_id"}
+
 FIXED_KINDS: dict[str, RecordKind] = {k.name: k for k in
                                       (CATALOG, QUERIES, SEARCH_SESSIONS, PAGEVIEWS, JUDGMENTS)}
 # Every record kind's name. `ctr` records are declared by a feature spec (`trainer.data.ctr_spec`):

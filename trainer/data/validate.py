@@ -31,7 +31,7 @@ from trainer.data import parse
 log = logging.getLogger(__name__)
 # TF raises UnicodeDecodeError instead of InvalidArgumentError when parse_example's message quotes
 # a record's non-UTF-8 bytes (a record that is not an Example).
-_INPUT_ERRORS = (tf.errors.InvalidArgumentError, tf.errors.DataLossError, UnicodeDecodeError)
+INPUT_ERRORS = (tf.errors.InvalidArgumentError, tf.errors.DataLossError, UnicodeDecodeError)
 
 
 def _message(e: Exception) -> str:
@@ -171,7 +171,7 @@ class Diagnoser:
         try:
             self._fns[subset](tf.constant(list(names)), tf.constant(list(serialized)))
             return None
-        except _INPUT_ERRORS as e:
+        except INPUT_ERRORS as e:
             return _message(e)
 
     def check_batch(self, names: Sequence[str], serialized: Sequence[bytes]) -> bool:
@@ -399,7 +399,7 @@ def named_input_errors(files: Sequence[str], parser: parse.RecordParser, hint: s
     """
     try:
         yield
-    except _INPUT_ERRORS as e:
+    except INPUT_ERRORS as e:
         named = parse.bad_record_message(_message(e))
         if named:
             path, index = parse.split_record_name(named[0])

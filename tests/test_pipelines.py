@@ -1,0 +1,59 @@
+"""The Beam pipelines (`trainer.pipelines`) on the in-process DirectRunner: convert equals
+scripts/convert_parquet.py record for record and dead-letters bad rows with their reasons; embed
+equals the in-process encoder; vocab equals the in-memory vocabularies; join carries exactly what
+the in-model tables look up."""
+import os
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from conftest import REPO, raw_records
+from trainer.data import records
+from trainer.pipelines import convert as convert_pipeline
+
+sys.path.insert(0, os.path.join(REPO, "scripts"))
+import convert_parquet  # noqa: E402
+from test_convert_parquet import _ctr_table, _values  # noqa: E402
+
+
+def _catalog_parquet(tiny_world, tmp_path):
+    """The tiny world's catalog as a Parquet table with image files beside it."""
+    originals = raw_records(records.default_pattern(tiny_world, "catalog"))
+    rows = [_values(r) for r in originals]
+    img_dir = tmp_path / "images"
+    img_dir.mkdir()
+    for r in rows:
+        (img_dir / f"{r['item_id'][0]}.png").write_bytes(r["image"][0])
+    columns = ("item_id", "category_id", "shop_id", "brand_id", "price", "impressions_30d")
+    table = pa.table({k: pa.array([r[k][0] for r in rows],
+                                  pa.float32() if k == "price" else pa.int64())
+                      for k in columns})
+    return originals, table, img_dir
+
+
+def test_convert_equals_convert_parquet_record_for_record(tiny_world, tmp_path):
+    """ctr records with list columns (several files, small row groups) and the catalog with
+    image files: the pipeline's records are the script's, byte for byte (in another order:
+    Beam shards by its own)."""
+    originals = raw_records(records.default_pattern(tiny_world, "ctr", "test"))[:700]
+    rows = [_values(r) for r in originals]
+    folder = tmp_path / "ctr"
+    folder.mkdir()
+    for i, part in enumerate((rows[:300], rows[300:])):
+        pq.write_table(_ctr_table(part, "lists"), str(folder / f"part-{i}.parquet"),
+                       row_group_size=128)
+    script = convert_parquet.convert("ctr", str(folder), str(tmp_path / "script"), "test", 3)
+    beam = convert_pipeline.convert("ctr", str(folder), str(tmp_path / "beam"), "test", 3)
+    assert [os.path.basename(p) for p in beam["paths"]] == [os.path.basename(p) for p in script]
+    got = [r for p in beam["paths"] for r in raw_records(p)]
+    want = [r for p in script for r in raw_records(p)]
+    assert sorted(got) == sorted(want) and sorted(want) == sorted(originals)
+    assert beam["counters"]["rows"] == beam["counters"]["records"] == 700
+    assert convert_pipeline.read_dead_letters(beam["dead_letter"]) == []
+
+    cat, table, img_dir = _catalog_parquet(tiny_world, tmp_path)
+    pq.write_table(table, str(tmp_path / "items.parquet"))
+    out = convert_pipeline.convert("catalog", str(tmp_path / "items.parquet"),
+                                   str(tmp_path / "beam"), "all", 2, image_dir=str(img_dir))
+    assert sorted(r for p in out["paths"] for r in raw_records(p)) == sorted(cat)

@@ -1,0 +1,142 @@
+"""What the Beam pipelines share: running with standard pipeline options, counters, progress, and
+reading TFRecords as named records parsed by the input pipeline's own parser.
+
+Every record travels with its name `<file>:<index>` (as in `trainer.data.parse`), so a bad
+record fails a pipeline naming the file, the record and the feature, whichever worker reads it.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+
+import apache_beam as beam
+import numpy as np
+import tensorflow as tf
+from apache_beam.metrics.metric import Metrics, MetricsFilter
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from trainer.data import parse, pipeline, validate
+
+log = logging.getLogger(__name__)
+# The in-process runner: Beam's Prism runner (the default of newer SDKs for some pipelines)
+# downloads a binary at run time.
+DEFAULT_RUNNER = "DirectRunner"
+
+
+def options(beam_args: Sequence[str] = ()) -> PipelineOptions:
+    """Standard Beam pipeline options (`--runner=DataflowRunner --project=...`, `--runner=
+    FlinkRunner --flink_master=...`, `--runner=SparkRunner ...`); the DirectRunner unless
+    `--runner` is given."""
+    args = list(beam_args)
+    if not any(a.startswith("--runner") for a in args):
+        args.append(f"--runner={DEFAULT_RUNNER}")
+    return PipelineOptions(args)
+
+
+def run(name: str, build: Callable[[beam.Pipeline], None], beam_args: Sequence[str] = ()
+        ) -> dict[str, int]:
+    """Builds the pipeline with `build`, runs it to the end and returns (and prints) its counters
+    of namespace `name`."""
+    t0 = time.time()
+    p = beam.Pipeline(options=options(beam_args))
+    build(p)
+    result = p.run()
+    result.wait_until_finish()
+    counters = {c.key.metric.name: int(c.committed if c.committed is not None else c.attempted)
+                for c in result.metrics().query(MetricsFilter().with_namespace(name))["counters"]}
+    print(f"{name}: done in {time.time() - t0:.1f}s; counters: "
+          + ", ".join(f"{k}={v}" for k, v in sorted(counters.items())), flush=True)
+    return counters
+
+
+class Progress(beam.DoFn):
+    """Passes elements on, counting them in `<namespace>:<what>` and logging the count and rate
+    of this worker every `seconds`."""
+
+    def __init__(self, namespace: str, what: str, seconds: float = 10.0):
+        self.namespace, self.what, self.seconds = namespace, what, seconds
+        self.counter = Metrics.counter(namespace, what)
+
+    def setup(self) -> None:
+        self.seen, self.start = 0, time.time()
+        self.last = self.start
+
+    def process(self, element):
+        self.counter.inc()
+        self.seen += 1
+        now = time.time()
+        if now - self.last >= self.seconds:
+            self.last = now
+            print(f"{self.namespace}: {self.seen} {self.what} on this worker "
+                  f"({self.seen / (now - self.start):.0f}/s)", flush=True)
+        yield element
+
+
+class _ReadFile(beam.DoFn):
+    """A TFRecord file -> its records as (`<file>:<index>`, serialized)."""
+
+    def process(self, path: str) -> Iterator[tuple[str, bytes]]:
+        ds = tf.data.TFRecordDataset(path, validate.compression_of(path)).batch(1024)
+        index = 0
+        for batch in ds:
+            for record in batch.numpy():
+                yield f"{path}:{index}", record
+                index += 1
+
+
+class ReadNamedRecords(beam.PTransform):
+    """TFRecord files of a pattern (comma-separated globs) -> (record name, serialized record).
+    Files are the unit of work (a TFRecord file cannot be split without reading it), spread over
+    the workers; the names are what the parsers' errors quote."""
+
+    def __init__(self, pattern: str):
+        super().__init__()
+        self.files = pipeline.list_files(pattern)
+
+    def expand(self, p):
+        return (p | beam.Create(self.files) | "SpreadFiles" >> beam.Reshuffle()
+                | beam.ParDo(_ReadFile()))
+
+
+class BatchParser:
+    """`RecordParser` over batches of named records in graph mode, with numpy output. A batch that
+    fails is diagnosed record by record (`validate.Diagnoser`, the pipeline's own checks): the bad
+    records raise a `BadRecordError` naming the record and feature, or with `skip` are returned
+    beside the parsed good ones."""
+
+    def __init__(self, parser: parse.RecordParser, skip: bool = False):
+        spec = tf.TensorSpec([None], tf.string)
+        self.fn = tf.function(parser, input_signature=[spec, spec])
+        self.diagnoser = validate.Diagnoser(parser)
+        self.skip = skip
+
+    def __call__(self, names: Sequence[str], serialized: Sequence[bytes]
+                 ) -> tuple[dict, list[int], list[validate.BadRecord]]:
+        """(parsed columns of the good records, their positions in the batch, bad records)."""
+        try:
+            return self._parse(names, serialized), list(range(len(names))), []
+        except validate.INPUT_ERRORS:
+            pass
+        bad, keep = [], []
+        for i, (name, record) in enumerate(zip(names, serialized)):
+            found = self.diagnoser.diagnose(name, record)
+            if found is None:
+                keep.append(i)
+            elif not self.skip:
+                raise validate.BadRecordError(found, validate.SKIP_HINT)
+            else:
+                bad.append(found)
+        if not bad:  # the batch fails, no record alone does: not the data's fault
+            self._parse(names, serialized)
+        parsed = (self._parse([names[i] for i in keep], [serialized[i] for i in keep])
+                  if keep else {})
+        return parsed, keep, bad
+
+    def _parse(self, names: Sequence[str], serialized: Sequence[bytes]) -> dict:
+        out = self.fn(tf.constant(list(names)), tf.constant(list(serialized)))
+        return {k: v.numpy() for k, v in out.items()}
+
+
+def as_bytes(x: np.ndarray | bytes) -> bytes:
+    return x if isinstance(x, bytes) else bytes(x)

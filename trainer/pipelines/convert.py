@@ -1,0 +1,220 @@
+"""Beam convert: Parquet tables plus images -> validated, sharded TFRecords of any record kind.
+
+The distributed form of `scripts/convert_parquet.py`, with the same column mapping
+(`trainer.data.parquet`, docs/data_format.md), so a row gives the same record byte for byte:
+1. Beam's Parquet IO reads the tables row group by row group (list columns included), spread
+   over the workers; images are read by path or URI with TensorFlow's file systems.
+2. Each row becomes a `tf.train.Example` (`parquet.Columns.record`), then batches of records are
+   checked by the input pipeline's own parser (`parse.RecordParser`: required features, types,
+   value bounds, list lengths, image headers; images are not decoded here).
+3. Good records go to `<output_dir>/<kind>/<split>-SSSSS-of-NNNNN.tfrecord`, replacing the kind's
+   files of that split only once the whole job has succeeded. Rows that cannot be converted (a
+   missing or unreadable image, a value of the wrong type, a null in a required column, a column
+   the file lacks) and records that break a rule go to the dead-letter output, JSON lines
+   `<dead_letter_dir>/<kind>-<split>-*.jsonl` of {"file", "row", "reason", "stage"}; the job
+   completes and counts them (Beam counters `convert:*`). Nothing is dropped silently.
+
+  python -m trainer.pipelines.convert --kind=catalog --parquet='items/*.parquet' \\
+      --image_dir=images --output_dir=DATA --num_shards=64 [Beam options: --runner=...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
+
+# isort: split
+import apache_beam as beam
+import tensorflow as tf
+from apache_beam.io import parquetio
+from apache_beam.metrics.metric import Metrics
+from tensorflow.core.example import example_pb2
+
+from trainer.data import ctr_spec, parquet, parse, records, schema
+from trainer.pipelines import common
+
+NAMESPACE = "convert"
+VALIDATE_BATCH = 512
+DEAD = "dead_letter"
+
+
+def _json_value(v: Any) -> Any:
+    """A row value as JSON shows it: bytes (an encoded image) as their size."""
+    if isinstance(v, (bytes, bytearray)):
+        return f"<{len(v)} bytes>"
+    if isinstance(v, (list, tuple)):
+        return [_json_value(x) for x in v]
+    if isinstance(v, float) and v != v:
+        return "NaN"
+    return v
+
+
+def dead_letter(path: str, row: dict, reason: str, stage: str) -> str:
+    return json.dumps({"file": path, "row": {k: _json_value(v) for k, v in row.items()},
+                       "reason": reason, "stage": stage}, default=str)
+
+
+def _example_values(serialized: bytes) -> dict:
+    """A record's features as {name: list of values} (for a dead letter)."""
+    out = {}
+    for name, feature in example_pb2.Example.FromString(serialized).features.feature.items():
+        kind = feature.WhichOneof("kind")
+        out[name] = list(getattr(feature, kind).value) if kind else []
+    return out
+
+
+class _ToRecords(beam.DoFn):
+    """(file, row group) -> (file, serialized record), or a dead letter for a row that cannot be
+    converted."""
+
+    def __init__(self, kind: schema.RecordKind, image_dir: str | None, allow_absolute: bool):
+        self.kind, self.image_dir, self.allow_absolute = kind, image_dir, allow_absolute
+        self.rows = Metrics.counter(NAMESPACE, "rows")
+        self.failed = Metrics.counter(NAMESPACE, "dead_letter_conversion")
+
+    def setup(self) -> None:
+        self.columns: dict = {}
+
+    def process(self, element) -> Iterator[Any]:
+        path, table = element
+        if path not in self.columns:
+            try:
+                self.columns[path] = parquet.Columns(self.kind, table.schema.names, table.schema,
+                                                     path, self.image_dir, self.allow_absolute)
+            except ValueError as e:  # the file lacks a column or holds one of the wrong type
+                self.columns[path] = e
+        columns = self.columns[path]
+        data = {c: table.column(c).to_pylist() for c in table.schema.names}
+        for i in range(table.num_rows):
+            row = {c: v[i] for c, v in data.items()}
+            self.rows.inc()
+            try:
+                if isinstance(columns, ValueError):
+                    raise columns
+                yield path, columns.record({c: row[c] for c in columns.needed}, path)
+            except ValueError as e:
+                self.failed.inc()
+                reason = str(e).removeprefix(f"{path}: ")
+                yield beam.pvalue.TaggedOutput(DEAD, dead_letter(path, row, reason, "convert"))
+
+
+class _Validate(beam.DoFn):
+    """Batches of (file, record) -> the records that pass the parser's checks; the rest as dead
+    letters naming the feature and the broken rule."""
+
+    def __init__(self, kind: schema.RecordKind):
+        self.kind = kind
+        self.good = Metrics.counter(NAMESPACE, "records")
+        self.bad = Metrics.counter(NAMESPACE, "dead_letter_validation")
+
+    def setup(self) -> None:
+        self.parser = common.BatchParser(parse.RecordParser(self.kind, decode=False), skip=True)
+
+    def process(self, batch: Sequence[tuple[str, bytes]]) -> Iterator[Any]:
+        # Names <file>:<position in this batch>: a Parquet row's index is not known here.
+        names = [f"{path}:{i}" for i, (path, _) in enumerate(batch)]
+        _, keep, bad = self.parser(names, [r for _, r in batch])
+        for i in keep:
+            self.good.inc()
+            yield batch[i][1]
+        for b in bad:
+            self.bad.inc()
+            path, serialized = batch[b.index]
+            yield beam.pvalue.TaggedOutput(DEAD, dead_letter(
+                path, _example_values(serialized), f"feature '{b.feature}': {b.reason}",
+                "validate"))
+
+
+def convert(kind: str | schema.RecordKind, parquet_pattern: str, output_dir: str, split: str,
+            num_shards: int, image_dir: str | None = None, allow_absolute_image_paths: bool = False,
+            dead_letter_dir: str | None = None, beam_args: Sequence[str] = ()) -> dict:
+    """Runs the pipeline; returns {'paths': the new record files, 'dead_letter': the dead-letter
+    files, 'counters': Beam's counters}."""
+    record_kind = schema.get(kind)
+    files = parquet.parquet_files(parquet_pattern)
+    kind_dir = os.path.join(output_dir, record_kind.name)
+    scratch = os.path.join(kind_dir, f".converting-{split}-{os.getpid()}")
+    dead_dir = dead_letter_dir or os.path.join(output_dir, DEAD)
+    dead_prefix = os.path.join(dead_dir, f"{record_kind.name}-{split}")
+    for old in tf.io.gfile.glob(dead_prefix + "-*.jsonl"):
+        tf.io.gfile.remove(old)
+    if tf.io.gfile.exists(scratch):
+        tf.io.gfile.rmtree(scratch)
+
+    def build(p: beam.Pipeline) -> None:
+        rows = (p | "Files" >> beam.Create(files)
+                | "ReadParquet" >> parquetio.ReadAllFromParquetBatched(with_filename=True)
+                | "ToRecords" >> beam.ParDo(_ToRecords(record_kind, image_dir,
+                                                       allow_absolute_image_paths)
+                                            ).with_outputs(DEAD, main="records"))
+        checked = (rows.records
+                   | beam.BatchElements(min_batch_size=VALIDATE_BATCH,
+                                        max_batch_size=VALIDATE_BATCH)
+                   | "Validate" >> beam.ParDo(_Validate(record_kind)).with_outputs(
+                       DEAD, main="records"))
+        _ = (checked.records | "WriteRecords" >> beam.io.WriteToTFRecord(
+            os.path.join(scratch, split), file_name_suffix=".tfrecord",
+            num_shards=num_shards, shard_name_template="-SSSSS-of-NNNNN"))
+        _ = ((rows[DEAD], checked[DEAD]) | "DeadLetters" >> beam.Flatten()
+             | "WriteDeadLetters" >> beam.io.WriteToText(
+                 dead_prefix, file_name_suffix=".jsonl", shard_name_template="-SSSSS-of-NNNNN"))
+
+    try:
+        counters = common.run(NAMESPACE, build, beam_args)
+        new = sorted(tf.io.gfile.glob(os.path.join(scratch, f"{split}-*.tfrecord")))
+        paths = parquet.replace_split(output_dir, record_kind.name, split, new)
+    finally:
+        if tf.io.gfile.exists(scratch):
+            tf.io.gfile.rmtree(scratch)
+    dead = sorted(tf.io.gfile.glob(dead_prefix + "-*.jsonl"))
+    failed = sum(v for k, v in counters.items() if k.startswith(DEAD))
+    if failed:
+        print(f"{NAMESPACE}: {failed} of {counters.get('rows', 0)} rows went to the dead-letter "
+              f"output {dead_prefix}-*.jsonl", flush=True)
+    return {"paths": paths, "dead_letter": dead, "counters": counters}
+
+
+def read_dead_letters(paths: Sequence[str]) -> list[dict]:
+    return [json.loads(line) for p in paths for line in tf.io.gfile.GFile(p) if line.strip()]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--kind", required=True, choices=schema.KIND_NAMES)
+    p.add_argument("--parquet", required=True,
+                   help="Parquet file, directory or glob(s) (comma-separated) to convert.")
+    p.add_argument("--ctr_spec", default=ctr_spec.DEFAULT,
+                   help="kind=ctr: the feature spec whose columns the records hold.")
+    p.add_argument("--image_dir", default=None, help="Folder the image paths are relative to.")
+    p.add_argument("--allow_absolute_image_paths", action="store_true",
+                   help="Read image paths that are absolute or URIs (gs://...) as they are.")
+    p.add_argument("--output_dir", required=True, help="Data directory to write into.")
+    p.add_argument("--split", default=None,
+                   help="Split name (default: 'all' for catalog, queries and judgments, else "
+                        "'train').")
+    p.add_argument("--num_shards", type=int, default=4)
+    p.add_argument("--dead_letter_dir", default=None,
+                   help="Where rows that fail go (default: OUTPUT_DIR/dead_letter).")
+    args, beam_args = p.parse_known_args(argv)
+    split = args.split or ("all" if args.kind in ("catalog", "queries", "judgments") else "train")
+    try:
+        kind = (ctr_spec.load(args.ctr_spec).record_kind() if args.kind == "ctr"
+                else schema.get(args.kind))
+        out = convert(kind, args.parquet, args.output_dir, split, args.num_shards,
+                      args.image_dir, args.allow_absolute_image_paths, args.dead_letter_dir,
+                      beam_args)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    print(f"wrote {len(out['paths'])} files of '{args.kind}' records under "
+          f"{os.path.join(args.output_dir, args.kind)}")
+
+
+if __name__ == "__main__":
+    main()
