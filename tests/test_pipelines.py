@@ -57,3 +57,38 @@ def test_convert_equals_convert_parquet_record_for_record(tiny_world, tmp_path):
     out = convert_pipeline.convert("catalog", str(tmp_path / "items.parquet"),
                                    str(tmp_path / "beam"), "all", 2, image_dir=str(img_dir))
     assert sorted(r for p in out["paths"] for r in raw_records(p)) == sorted(cat)
+
+
+def test_convert_sends_bad_rows_to_the_dead_letter_output(tiny_world, tmp_path):
+    """A missing image, a value of the wrong type and a broken rule: each row lands in the
+    dead-letter output with its file and reason; the job completes with the good rows."""
+    cat, table, img_dir = _catalog_parquet(tiny_world, tmp_path)
+    ids = table.column("item_id").to_pylist()
+    os.remove(img_dir / f"{ids[3]}.png")  # a missing image
+    price = table.column("price").to_pylist()
+    price[5] = -2.5  # breaks price's rule (>= 0)
+    table = table.set_column(table.schema.get_field_index("price"), "price",
+                             pa.array(price, pa.float32()))
+    pq.write_table(table, str(tmp_path / "items.parquet"))
+    # A file whose brand_id column holds text: every row of it is refused, named.
+    bad_type = table.slice(0, 2).set_column(
+        table.schema.get_field_index("brand_id"), "brand_id", pa.array(["x", "y"]))
+    pq.write_table(bad_type, str(tmp_path / "items_text.parquet"))
+    out = convert_pipeline.convert(
+        "catalog", f"{tmp_path / 'items.parquet'},{tmp_path / 'items_text.parquet'}",
+        str(tmp_path / "out"), "all", 2, image_dir=str(img_dir))
+    dead = convert_pipeline.read_dead_letters(out["dead_letter"])
+    by_id = {(d["file"].rsplit("/", 1)[1], d["row"]["item_id"]): d for d in dead}
+    assert len(dead) == 4, dead
+    missing = by_id[("items.parquet", ids[3])]
+    assert "no image file for id" in missing["reason"] and missing["stage"] == "convert"
+    rule = by_id[("items.parquet", ids[5])]
+    assert rule["reason"].startswith("feature 'price': must be >= 0") and rule["stage"] == "validate"
+    for i in (0, 1):
+        text = by_id[("items_text.parquet", ids[i])]
+        assert "column 'brand_id' must hold integer values, not string" in text["reason"]
+    got = sorted(r for p in out["paths"] for r in raw_records(p))
+    assert got == sorted(r for i, r in enumerate(cat) if i not in (3, 5))
+    counters = out["counters"]
+    assert counters["rows"] == len(cat) + 2 and counters["records"] == len(cat) - 2
+    assert counters["dead_letter_conversion"] == 3 and counters["dead_letter_validation"] == 1

@@ -60,12 +60,15 @@ def dead_letter(path: str, row: dict, reason: str, stage: str) -> str:
                        "reason": reason, "stage": stage}, default=str)
 
 
-def _example_values(serialized: bytes) -> dict:
-    """A record's features as {name: list of values} (for a dead letter)."""
+def _example_values(kind: schema.RecordKind, serialized: bytes) -> dict:
+    """A record's features as the row held them (for a dead letter): lists, and the one value
+    of a scalar."""
     out = {}
     for name, feature in example_pb2.Example.FromString(serialized).features.feature.items():
-        kind = feature.WhichOneof("kind")
-        out[name] = list(getattr(feature, kind).value) if kind else []
+        which = feature.WhichOneof("kind")
+        values = list(getattr(feature, which).value) if which else []
+        scalar = name in kind.names and not kind.feature(name).is_list and len(values) == 1
+        out[name] = values[0] if scalar else values
     return out
 
 
@@ -127,7 +130,7 @@ class _Validate(beam.DoFn):
             self.bad.inc()
             path, serialized = batch[b.index]
             yield beam.pvalue.TaggedOutput(DEAD, dead_letter(
-                path, _example_values(serialized), f"feature '{b.feature}': {b.reason}",
+                path, _example_values(self.kind, serialized), f"feature '{b.feature}': {b.reason}",
                 "validate"))
 
 
