@@ -29,6 +29,7 @@ from trainer.ctr import task as ctr_task
 from trainer.data import parse, pipeline, records, validate
 from trainer.features import catalog_embed, clusters, embeddings, versions
 from trainer.models import encoder
+from trainer.pipelines import embed as embed_pipeline
 from trainer.stages import ctr as ctr_stage
 from trainer.stages import encoders as encoder_stages
 
@@ -285,62 +286,51 @@ def test_clients_against_a_stand_in_server(exports, trained):
         rest.shutdown()
 
 
-def test_embed_stage_shards_resumes_and_matches_the_encoder(trained, exports, tiny_world,
-                                                            tmp_path):
+def test_embed_stage_runs_the_beam_pipeline_and_matches_the_encoder(trained, exports,
+                                                                    tiny_world, tmp_path):
+    """--stage=embed runs the Beam embed pipeline (RunInference over the export, DirectRunner):
+    its embeddings equal the in-process encoder's to 1e-5, its cluster ids the centroids'
+    assignment; the table shards, the faiss index and the manifest are written."""
     out_dir = str(tmp_path / "catalog")
     centroids = os.path.join(trained["cluster"][0], "clusters.npz")
-    base = [sys.executable, "-m", "trainer.task", "--stage=embed", f"--data_dir={tiny_world}",
-            f"--export_dir={os.path.dirname(exports['encoder'])}", f"--model_dir={out_dir}",
-            f"--centroids={centroids}", "--batch_size=64"]
-    # Two workers in parallel; worker 0 merges once worker 1's files are done.
-    procs = [subprocess.Popen(base + ["--num_workers=2", f"--worker_index={i}"], cwd=REPO,
-                              env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for i in (0, 1)]
-    logs = [p.communicate(timeout=600)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), logs[0][-2000:] + logs[1][-2000:]
-    files = records.default_pattern(tiny_world, "catalog")
-    n_files = len(glob.glob(files))
-    assert n_files >= 2 and "worker 1/2" in logs[1]
+    log = _run([sys.executable, "-m", "trainer.task", "--stage=embed", f"--data_dir={tiny_world}",
+                f"--export_dir={os.path.dirname(exports['encoder'])}", f"--model_dir={out_dir}",
+                f"--centroids={centroids}", "--batch_size=64",
+                "--set=embed.num_shards=3"])
+    assert "embed: done in" in log and "images=" in log  # Beam's counters
 
     got = dict(np.load(os.path.join(out_dir, "embeddings.npz")))
     table = trained["table"]
-    order = np.argsort(got["item_id"])
-    np.testing.assert_array_equal(got["item_id"][order], np.sort(table.item_id))
+    np.testing.assert_array_equal(got["item_id"], np.sort(table.item_id))  # sorted by id
     want = table.item_vector[np.argsort(table.item_id)]
-    np.testing.assert_allclose(got["embedding"][order], want, atol=1e-5)
+    np.testing.assert_allclose(got["embedding"], want, atol=1e-5)
     np.testing.assert_array_equal(got["cluster_id"],
                                   clusters.Clusters.load(centroids).assign(got["embedding"]))
+    shards = sorted(glob.glob(os.path.join(out_dir, "table", "embeddings-*.tfrecord")))
+    assert [os.path.basename(p)[-24:] for p in shards] == [
+        f"-0000{i}-of-00003.tfrecord" for i in range(3)]
     index = catalog_embed.load_index(os.path.join(out_dir, "catalog.faiss"))
     assert index.ntotal == len(got["item_id"])
     _, top = index.search(got["embedding"][:20], 1)
     np.testing.assert_array_equal(top[:, 0], np.arange(20))
     manifest = json.load(open(os.path.join(out_dir, "manifest.json")))
     assert manifest["items"] == len(table.item_id) and manifest["clusters"] == 4
-
-    # Resume: one lost part is re-encoded, the rest skipped.
-    lost = sorted(glob.glob(os.path.join(out_dir, "parts", "v1-*", "*-chunk-*.npz")))[0]
-    os.remove(lost)
-    os.remove(lost.split("-chunk")[0] + ".done")
-    log = _run(base)
-    stats = json.loads(log[log.index("{"):log.rindex("}") + 1])["worker_0"]
-    assert 0 < stats["encoded"] < len(table.item_id)
-    assert stats["skipped"] == len(table.item_id) - stats["encoded"]
-    again = dict(np.load(os.path.join(out_dir, "embeddings.npz")))
-    np.testing.assert_allclose(again["embedding"], got["embedding"], atol=1e-6)
+    assert manifest["counters"]["images"] == len(table.item_id)
+    sample = np.load(os.path.join(out_dir, "index_sample.npy"))
+    assert sample.shape == got["embedding"].shape  # all of a catalog smaller than the sample
 
 
 def test_embed_starts_over_when_the_encoder_export_changes(trained, exports, tiny_world,
                                                            tmp_path):
-    """Issue 16.4: parts are keyed by the export's version and fingerprint; a new version's rerun
-    in the same out_dir encodes with it instead of merging the old version's parts."""
+    """Issue 16.4: a new version's rerun in the same out_dir encodes with it (the pipeline's
+    table is rewritten whole)."""
     export_dir = str(tmp_path / "encoder")
     shutil.copytree(exports["encoder"], os.path.join(export_dir, "1"))
     cfg = configs.CatalogEmbedConfig(
         catalog_pattern=records.default_pattern(tiny_world, "catalog"), encoder_export=export_dir,
-        out_dir=str(tmp_path / "catalog"), batch_size=64, chunk_records=40, num_workers=1,
-        worker_index=0)
-    first = catalog_embed.run(cfg)
-    assert first["export"].endswith("/1") and first["parts"].startswith("v1-")
+        out_dir=str(tmp_path / "catalog"), batch_size=64)
+    first = embed_pipeline.run(cfg)
+    assert first["export"].endswith("/1")
     old = np.load(os.path.join(cfg.out_dir, "embeddings.npz"))["embedding"]
     # Version 2: the encoder trained one more step.
     enc_dir = str(tmp_path / "s1-more")
@@ -350,18 +340,22 @@ def test_embed_starts_over_when_the_encoder_export_changes(trained, exports, tin
         train=configs.TrainConfig(steps=4, global_batch_size=16, log_interval=4,
                                   warmup_steps=0, learning_rate=0.5)))
     export_encoder.export(enc_dir, export_dir)
-    second = catalog_embed.run(cfg)
-    assert second["export"].endswith("/2") and second["parts"].startswith("v2-")
-    assert second["worker_0"]["skipped"] == 0 and second["worker_0"]["encoded"] == len(old)
-    assert os.listdir(os.path.join(cfg.out_dir, "parts")) == [second["parts"]]
-    got = np.load(os.path.join(cfg.out_dir, "embeddings.npz"))["embedding"]
+    second = embed_pipeline.run(cfg)
+    assert second["export"].endswith("/2") and second["items"] == len(old)
+    assert second["export_fingerprint"] != first["export_fingerprint"]
+    table = np.load(os.path.join(cfg.out_dir, "embeddings.npz"))
+    got = table["embedding"]
     files = pipeline.list_files(cfg.catalog_pattern)
-    raw = [r["image"] for r in tf.data.TFRecordDataset(files, validate.compression_of(files[0]))
-           .map(lambda s: tf.io.parse_single_example(
-               s, {"image": tf.io.FixedLenFeature([], tf.string)})).take(8).as_numpy_iterator()]
+    first = list(tf.data.TFRecordDataset(files, validate.compression_of(files[0]))
+                 .map(lambda s: tf.io.parse_single_example(
+                     s, {"image": tf.io.FixedLenFeature([], tf.string),
+                         "item_id": tf.io.FixedLenFeature([], tf.int64)}))
+                 .take(8).as_numpy_iterator())
+    rows = np.searchsorted(table["item_id"], [r["item_id"] for r in first])
     v2 = tf.saved_model.load(os.path.join(export_dir, "2")).signatures["encode_images"]
-    np.testing.assert_allclose(got[:8], v2(images=tf.constant(raw))["embedding"].numpy(),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        got[rows], v2(images=tf.constant([r["image"] for r in first]))["embedding"].numpy(),
+        atol=1e-5)
     assert not np.allclose(got, old, atol=1e-3)  # the encoder did change
 
 
@@ -610,10 +604,9 @@ def test_refreshed_export_serves_new_items_while_the_old_version_serves(
     import grpc
     new_ids, new_images = _add_items(tiny_world, str(tmp_path / "world"), 4)
     embed_dir = str(tmp_path / "catalog_embeddings")
-    catalog_embed.run(configs.CatalogEmbedConfig(  # --stage=embed's runner (its CLI: above)
+    embed_pipeline.run(configs.CatalogEmbedConfig(  # --stage=embed's runner (its CLI: above)
         catalog_pattern=records.default_pattern(str(tmp_path / "world"), "catalog"),
-        encoder_export=os.path.dirname(exports["encoder"]), out_dir=embed_dir, batch_size=64,
-        num_workers=1, worker_index=0))
+        encoder_export=os.path.dirname(exports["encoder"]), out_dir=embed_dir, batch_size=64))
     model_dir = trained["debias"][0]
     base = str(tmp_path / "ctr")
     shutil.copytree(exports["debias"], os.path.join(base, "1"))

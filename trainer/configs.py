@@ -379,29 +379,28 @@ class CatalogEmbedConfig:
     Attributes:
       catalog_pattern: The catalog TFRecords (empty: the data dir's).
       encoder_export: An encoder export: its base path (the latest version) or a version dir.
-      out_dir: Where embeddings, index, parts and manifest go (empty: the stage's model dir, else
-        DATA_DIR/catalog_embeddings).
-      batch_size: Images per call of the SavedModel.
-      chunk_records: Records per resumable part.
-      num_workers, worker_index: This process's share of the catalog files (0 / -1: from
-        TF_CONFIG's workers, else one worker).
+      out_dir: Where the table, embeddings, index and manifest go (empty: the stage's model
+        dir, else DATA_DIR/catalog_embeddings).
+      batch_size: Images per call of the SavedModel (RunInference's batch).
+      num_shards: Files of the embedding table (0: the Beam runner's choice).
       centroids: A `clusters.npz` to assign cluster ids with; empty for none.
       index: 'flat' (exact) or 'ivf' (IndexIVFFlat, nlist about 4 sqrt(N)).
       nprobe: Inverted lists searched per query of an 'ivf' index.
-      merge_timeout_seconds: How long worker 0 waits for the other workers' parts.
+      index_sample: Vectors sampled (uniformly, by the pipeline) to train an 'ivf' index on.
+      beam_options: Beam pipeline options for the stage's pipeline, e.g. '--runner=FlinkRunner
+        --flink_master=host:8081' (empty: the in-process DirectRunner).
     """
 
     catalog_pattern: str = ""
     encoder_export: str = ""
     out_dir: str = ""
     batch_size: int = 256
-    chunk_records: int = 4096
-    num_workers: int = 0
-    worker_index: int = -1
+    num_shards: int = 0
     centroids: str = ""
     index: str = _choices("flat", "ivf", default="flat")
     nprobe: int = 16
-    merge_timeout_seconds: float = 3600.0
+    index_sample: int = 1_000_000
+    beam_options: str = ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -823,9 +822,8 @@ RULES: dict[str, dict[str, tuple[Any, Any]]] = {
                       "iterations": _AT_LEAST_1, "max_points_per_centroid": _AT_LEAST_1,
                       "restarts": _AT_LEAST_1},
     "CourierConfig": {"temperature": _POSITIVE, "heads": _AT_LEAST_1},
-    "CatalogEmbedConfig": {"batch_size": _AT_LEAST_1, "chunk_records": _AT_LEAST_1,
-                           "num_workers": _NON_NEGATIVE, "nprobe": _AT_LEAST_1,
-                           "merge_timeout_seconds": _POSITIVE},
+    "CatalogEmbedConfig": {"batch_size": _AT_LEAST_1, "num_shards": _NON_NEGATIVE,
+                           "nprobe": _AT_LEAST_1, "index_sample": _AT_LEAST_1},
 }
 
 

@@ -109,8 +109,8 @@ SHORTHANDS: dict[str, tuple[tuple[str, ...], str]] = {
     "export_dir": (("embed.encoder_export",), "embed: the encoder export."),
     "centroids": (("embed.centroids",), "embed: clusters.npz to assign cluster ids with."),
     "index_type": (("embed.index",), "embed: flat or ivf."),
-    "num_workers": (("embed.num_workers",), "embed: processes sharing the catalog."),
-    "worker_index": (("embed.worker_index",), "embed: this process's index."),
+    "beam_options": (("embed.beam_options",), "embed: Beam pipeline options (default: the "
+                     "in-process DirectRunner)."),
 }
 _BOOLS = ("skip_bad_records", "overwrite", "inline_images", "deterministic",
           "gradient_checkpointing", "random_init")

@@ -119,7 +119,7 @@ class BatchParser:
         except validate.INPUT_ERRORS:
             pass
         bad, keep = [], []
-        for i, (name, record) in enumerate(zip(names, serialized)):
+        for i, (name, record) in enumerate(zip(names, serialized, strict=True)):
             found = self.diagnoser.diagnose(name, record)
             if found is None:
                 keep.append(i)

@@ -36,7 +36,7 @@ from apache_beam.io import parquetio
 from apache_beam.metrics.metric import Metrics
 from tensorflow.core.example import example_pb2
 
-from trainer.data import ctr_spec, parquet, parse, records, schema
+from trainer.data import ctr_spec, parquet, parse, schema
 from trainer.pipelines import common
 
 NAMESPACE = "convert"
