@@ -5,12 +5,15 @@ the in-model tables look up."""
 import os
 import sys
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from conftest import REPO, raw_records
-from trainer.data import records
+from trainer.ctr import tables as ctr_tables
+from trainer.data import ctr_spec, records
 from trainer.pipelines import convert as convert_pipeline
+from trainer.pipelines import vocab as vocab_pipeline
 
 sys.path.insert(0, os.path.join(REPO, "scripts"))
 import convert_parquet  # noqa: E402
@@ -93,3 +96,35 @@ def test_convert_sends_bad_rows_to_the_dead_letter_output(tiny_world, tmp_path):
     counters = out["counters"]
     assert counters["rows"] == len(cat) + 2 and counters["records"] == len(cat) - 2
     assert counters["dead_letter_conversion"] == 3 and counters["dead_letter_validation"] == 1
+
+
+def _assert_vocabularies_equal(got, want):
+    assert got.ids.keys() == want.ids.keys() and got.counts.keys() == want.ids.keys()
+    for t in want.ids:
+        np.testing.assert_array_equal(got.ids[t], want.ids[t])
+        np.testing.assert_array_equal(got.counts[t], want.counts[t])
+    assert got.boundaries.keys() == want.boundaries.keys()
+    for k in want.boundaries:
+        np.testing.assert_array_equal(got.boundaries[k], want.boundaries[k])
+    assert got.moments.keys() == want.moments.keys()
+    for k in want.moments:
+        np.testing.assert_allclose(got.moments[k], want.moments[k], rtol=1e-6)
+
+
+def test_vocab_equals_the_in_memory_vocabularies(tiny_world, tmp_path):
+    """The synthetic spec (shared tables, sequences, bucketized price) and a spec with a
+    normalised feature and min_count 3: ids, counts, boundaries and moments as in one process."""
+    pattern = records.default_pattern(tiny_world, "ctr", "train")
+    normalised = ctr_spec.parse({"label": "label", "group": "page_id", "item": "item_id",
+                                 "features": [
+        {"name": "item_id", "kind": "categorical"},
+        {"name": "user_id", "kind": "categorical", "hash_bins": 64},
+        {"name": "click_history_item_ids", "kind": "sequence", "max_length": 5,
+         "shared_table": "item_id"},
+        {"name": "price", "kind": "numeric", "transform": "normalize", "log": True}]},
+        "normalised")
+    for spec, min_count in ((ctr_spec.load("synthetic"), 1), (normalised, 3)):
+        want = ctr_tables.Vocabularies.from_training_data(pattern, spec, min_count)
+        got = vocab_pipeline.run(pattern, spec, str(tmp_path / f"{spec.name}.npz"), min_count)
+        _assert_vocabularies_equal(got, want)
+    assert "user_id" not in got.ids  # hashed: no vocabulary

@@ -76,79 +76,120 @@ class _Reservoir:
 
 @dataclasses.dataclass
 class Vocabularies:
-    """Per lookup table (named after the id feature that owns it) the sorted vocabulary; per
-    bucketized numeric feature its bucket boundaries; per normalised one its [mean, std] over
-    each of its values ([2, length])."""
+    """Per lookup table (named after the id feature that owns it) the sorted vocabulary and each
+    id's count in the training data; per bucketized numeric feature its bucket boundaries; per
+    normalised one its [mean, std] over each of its values ([2, length]).
+
+    Built here in one process (`from_training_data`) or by the Beam vocab pipeline
+    (`trainer.pipelines.vocab`) for data of any size; both go through `batch_values` and
+    `from_statistics`, so they agree."""
 
     ids: dict
     boundaries: dict
     moments: dict
+    counts: dict = dataclasses.field(default_factory=dict)
+
+    @staticmethod
+    def columns(spec: ctr_spec.CtrSpec) -> tuple[str, ...]:
+        """The record columns the vocabularies are made from."""
+        tables = [t.name for t in spec.tables if not t.hash_bins]
+        return tuple(dict.fromkeys([f.name for t in tables for f in spec.sharing(t)]
+                                   + [f.name for f in spec.of_kind("numeric")]))
+
+    @staticmethod
+    def batch_values(spec: ctr_spec.CtrSpec, b: dict) -> tuple[dict, dict, dict]:
+        """What a parsed batch (`columns`, numpy) adds: ({table: ids}, {bucketized feature:
+        values}, {normalised feature: [3, length] float64 count, sum and sum of squares})."""
+        ids = {}
+        for t in spec.tables:
+            if not t.hash_bins:
+                ids[t.name] = np.concatenate([
+                    b[f.name][b[f.name + "_mask"]] if f.kind == "sequence" else b[f.name]
+                    for f in spec.sharing(t.name)])
+        samples, sums = {}, {}
+        for f in spec.of_kind("numeric"):
+            x = b[f.name]
+            if f.length > 1:
+                x = x[b[f.name + "_mask"].all(axis=1)]  # rows that hold the vector
+            x = np.log1p(np.maximum(x, 0)) if f.log else x
+            if f.transform == "bucketize":
+                samples[f.name] = np.asarray(x, np.float64).reshape(-1)
+            else:
+                x = np.asarray(x, np.float64).reshape(len(x), f.length)
+                sums[f.name] = np.stack([np.full(f.length, float(len(x))), x.sum(0),
+                                         (x ** 2).sum(0)])
+        return ids, samples, sums
+
+    @classmethod
+    def from_statistics(cls, spec: ctr_spec.CtrSpec, counts: dict, samples: dict, sums: dict,
+                        min_count: int = 1, source: str = "") -> Vocabularies:
+        """From {table: (sorted ids, counts)}, {bucketized feature: sample of values} and
+        {normalised feature: [3, length] sums}."""
+        ids, kept = {}, {}
+        for t in spec.tables:
+            if t.hash_bins:
+                continue
+            values, n = counts.get(t.name, (np.zeros([0], np.int64), np.zeros([0], np.int64)))
+            if not len(values):
+                raise ValueError(f"{source}: feature(s) {[f.name for f in spec.sharing(t.name)]}"
+                                 " hold no value in any training record")
+            keep = np.asarray(n) >= min_count
+            ids[t.name] = np.asarray(values, np.int64)[keep]
+            kept[t.name] = np.asarray(n, np.int64)[keep]
+        boundaries = {}
+        for f in spec.of_kind("numeric"):
+            if f.transform == "bucketize":
+                qs = np.linspace(0, 1, f.buckets + 1)[1:-1]
+                sample = np.asarray(samples.get(f.name, []), np.float64)
+                boundaries[f.name] = np.unique(np.quantile(sample, qs)).astype(np.float32)
+        moments = {}
+        for f in spec.of_kind("numeric"):
+            if f.transform == "normalize":
+                n, s, ss = sums.get(f.name, np.zeros([3, f.length]))
+                mean = s / np.maximum(n, 1)
+                std = np.sqrt(np.maximum(ss / np.maximum(n, 1) - mean ** 2, 0.0))
+                moments[f.name] = np.stack([mean, np.maximum(std, 1e-6)]).astype(np.float32)
+        return cls(ids, boundaries, moments, kept)
 
     @classmethod
     def from_training_data(cls, pattern: str, spec: ctr_spec.CtrSpec, min_count: int = 1,
                            skip_bad_records: bool = False, seed: int = 0) -> Vocabularies:
-        tables = [t.name for t in spec.tables if not t.hash_bins]
-        numeric = spec.of_kind("numeric")
-        columns = tuple(dict.fromkeys([f.name for t in tables for f in spec.sharing(t)]
-                                      + [f.name for f in numeric]))
-        counters = {t: _Counter() for t in tables}
-        samples = {f.name: _Reservoir(QUANTILE_SAMPLE, seed) for f in numeric
-                   if f.transform == "bucketize"}
-        sums = {f.name: np.zeros([3, f.length]) for f in numeric if f.transform == "normalize"}
+        counters = {t.name: _Counter() for t in spec.tables if not t.hash_bins}
+        samples: dict = {}
+        sums: dict = {}
         pipe = pipeline.InputPipeline(pipeline.InputConfig(
             pattern, spec.record_kind(), global_batch_size=4096, decode_images=False,
             shuffle=False, repeat=False, drop_remainder=False, deterministic=True,
-            skip_bad_records=skip_bad_records, features=columns))
+            skip_bad_records=skip_bad_records, features=cls.columns(spec)))
         records = 0
         with pipe.errors_named():
             for batch in pipe.dataset():
                 b = {k: v.numpy() for k, v in batch.items()}
                 records += len(next(iter(b.values()))) if b else 0
-                for t in tables:
-                    for f in spec.sharing(t):
-                        values = b[f.name]
-                        counters[t].add(values[b[f.name + "_mask"]] if f.kind == "sequence"
-                                        else values)
-                for f in numeric:
-                    x = b[f.name]
-                    if f.length > 1:
-                        x = x[b[f.name + "_mask"].all(axis=1)]  # rows that hold the vector
-                    x = np.log1p(np.maximum(x, 0)) if f.log else x
-                    if f.name in samples:
-                        samples[f.name].add(x.reshape(-1))
-                    else:
-                        x = x.reshape(len(x), f.length)
-                        sums[f.name] += [np.full(f.length, len(x)), x.sum(0), (x ** 2).sum(0)]
-        ids = {}
-        for t, counter in counters.items():
-            values, counts = counter.result()
-            ids[t] = values[counts >= min_count]
-            if not len(values):
-                raise ValueError(f"{pattern}: feature(s) {[f.name for f in spec.sharing(t)]} "
-                                 "hold no value in any training record")
-        boundaries = {}
-        for name, sample in samples.items():
-            f = spec.feature(name)
-            qs = np.linspace(0, 1, f.buckets + 1)[1:-1]
-            boundaries[name] = np.unique(np.quantile(sample.values, qs)).astype(np.float32)
-        moments = {}
-        for name, (n, s, ss) in sums.items():
-            mean = s / np.maximum(n, 1)
-            std = np.sqrt(np.maximum(ss / np.maximum(n, 1) - mean ** 2, 0.0))
-            moments[name] = np.stack([mean, np.maximum(std, 1e-6)]).astype(np.float32)
+                ids, values, moments = cls.batch_values(spec, b)
+                for t, v in ids.items():
+                    counters[t].add(v)
+                for name, x in values.items():
+                    samples.setdefault(name, _Reservoir(QUANTILE_SAMPLE, seed)).add(x)
+                for name, m in moments.items():
+                    sums[name] = sums.get(name, 0) + m
+        vocabularies = cls.from_statistics(
+            spec, {t: c.result() for t, c in counters.items()},
+            {name: r.values for name, r in samples.items()}, sums, min_count, pattern)
         log.info("vocabularies from %d training records: %s", records,
-                 {t: len(v) for t, v in ids.items()})
-        return cls(ids, boundaries, moments)
+                 {t: len(v) for t, v in vocabularies.ids.items()})
+        return vocabularies
 
     def save(self, path: str) -> None:
         npz.write(path, **{f"ids/{k}": v for k, v in self.ids.items()},
+                  **{f"counts/{k}": v for k, v in self.counts.items()},
                   **{f"boundaries/{k}": v for k, v in self.boundaries.items()},
                   **{f"moments/{k}": v for k, v in self.moments.items()})
 
     @classmethod
     def load(cls, path: str) -> Vocabularies:
         data = npz.read(path)
-        parts: dict = {"ids": {}, "boundaries": {}, "moments": {}}
+        parts: dict = {"ids": {}, "boundaries": {}, "moments": {}, "counts": {}}
         for key, value in data.items():
             group, _, name = key.partition("/")
             parts[group][name] = value
