@@ -68,7 +68,7 @@ def convert(kind: str | schema.RecordKind, parquet: str, output_dir: str, split:
     try:
         written = _write(record_kind, files, readers, total, scratch, split, num_shards,
                          image_dir, batch_rows, allow_absolute_image_paths, parquet)
-        return parquet_lib.replace_split(output_dir, record_kind.name, split, written)
+        return records.replace_split(output_dir, record_kind.name, split, written)
     finally:
         if tf.io.gfile.exists(scratch):
             tf.io.gfile.rmtree(scratch)

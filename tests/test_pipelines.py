@@ -8,11 +8,18 @@ import sys
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import tensorflow as tf
+from tensorflow.core.example import example_pb2
 
-from conftest import REPO, raw_records
+from conftest import REPO, raw_records, read_all, write_records
+from trainer import configs
+from trainer.ctr import model as ctr_model
 from trainer.ctr import tables as ctr_tables
-from trainer.data import ctr_spec, records
+from trainer.data import ctr_spec, parse, records
+from trainer.features import clusters as clusters_lib
+from trainer.features import embeddings as embeddings_lib
 from trainer.pipelines import convert as convert_pipeline
+from trainer.pipelines import join as join_pipeline
 from trainer.pipelines import vocab as vocab_pipeline
 
 sys.path.insert(0, os.path.join(REPO, "scripts"))
@@ -128,3 +135,69 @@ def test_vocab_equals_the_in_memory_vocabularies(tiny_world, tmp_path):
         got = vocab_pipeline.run(pattern, spec, str(tmp_path / f"{spec.name}.npz"), min_count)
         _assert_vocabularies_equal(got, want)
     assert "user_id" not in got.ids  # hashed: no vocabulary
+
+
+def test_join_carries_exactly_what_the_in_model_tables_look_up(tiny_world, tmp_path):
+    """Vector (centred), SimScore and Cluster-ID entries of the item, query and click-history
+    image features equal the CtrModel's own tables' lookups of the parsed ids, record for
+    record: padding and ids missing from the tables (some items and queries left out) give
+    zeros / 0."""
+    spec = ctr_spec.load("synthetic")
+    recs = raw_records(records.default_pattern(tiny_world, "ctr", "test"))[:400]
+    pattern = write_records(str(tmp_path / "ctr" / "in-00000-of-00001.tfrecord"), recs)
+    rng = np.random.default_rng(0)
+    cat = read_all(tiny_world, "catalog", decode_images=False)
+    queries = read_all(tiny_world, "queries", decode_images=False)
+    item_ids, query_ids = cat["item_id"][5:], queries["query_id"][3:]  # the rest: unknown
+
+    def unit(n):
+        v = rng.normal(size=[n, 8]).astype(np.float32)
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+    images = embeddings_lib.EmbeddingTable(
+        item_ids, cat["category_id"][5:], cat["impressions_30d"][5:], unit(len(item_ids)),
+        query_ids, unit(len(query_ids)))
+    table_path = str(tmp_path / "embeddings.npz")
+    embeddings_lib.save(images, table_path)
+    centroids = clusters_lib.Clusters(unit(6))
+    centroids.save(str(tmp_path / "clusters.npz"))
+    vocabularies = ctr_tables.Vocabularies.from_training_data(pattern, spec)
+    kind = spec.record_kind()
+    for mode in ("vector", "simscore", "cluster_id"):
+        out = join_pipeline.run(pattern, spec, mode, table_path, str(tmp_path / mode), "train",
+                                query_embeddings=table_path,
+                                centroids=str(tmp_path / "clusters.npz"), num_shards=2)
+        joined = [r for p in out["paths"] for r in raw_records(p)]
+        assert len(joined) == len(recs)
+        model = ctr_model.CtrModel(
+            configs.CtrConfig(image_feature_mode=mode), spec, vocabularies, images,
+            clusters=centroids if mode == "cluster_id" else None)
+        # The joined records are the input records plus the joined columns.
+        names = tf.constant([f"r:{i}" for i in range(len(joined))])
+        batch = parse.RecordParser(kind, decode=False)(names, tf.constant(joined))
+        originals = {r for r in recs}
+        stripped = set()
+        for r in joined:
+            example = example_pb2.Example.FromString(r)
+            for f in spec.of_kind("image"):
+                column = ctr_spec.joined_column(f.name, mode)
+                assert column in example.features.feature
+                del example.features.feature[column]
+            stripped.add(example.SerializeToString(deterministic=True))
+        assert stripped == originals
+        unknown = padding = 0
+        for f in spec.of_kind("image"):
+            want = model.image_tables[f.table](batch[f.ids]).numpy()
+            column = ctr_spec.joined_column(f.name, mode)
+            got = np.stack([np.asarray(_values(r)[column]) for r in joined])
+            got = got.reshape(want.shape)
+            if mode == "cluster_id":
+                np.testing.assert_array_equal(got, want)
+            else:
+                np.testing.assert_allclose(got, want, atol=1e-6)
+            ids = batch[f.ids].numpy()
+            padding += int((ids == -1).sum())
+            unknown += int(((ids != -1) & ~np.isin(ids, np.concatenate(
+                [item_ids, query_ids if f.table == "queries" else []]))).sum())
+        assert padding > 0 and unknown > 0  # both cases were exercised
+        assert out["counters"]["records"] == len(recs)

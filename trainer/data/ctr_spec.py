@@ -85,6 +85,15 @@ TABLES = ("items", "queries")
 SCOPES = ("request", "candidate")
 
 
+def joined_column(image_feature: str, mode: str) -> str:
+    """The column of `ctr` records that carries an image feature's table entry, as the join
+    pipeline (`trainer.pipelines.join`) writes it: `<feature>_vector` (the vector the Vector or
+    SimScore table holds; zeros for an unknown or padding id) or `<feature>_cluster_id` (cluster
+    id + 1; 0 for an unknown or padding id). A sequence's entries are concatenated in its
+    order, `max_length` of them."""
+    return f"{image_feature}_cluster_id" if mode == "cluster_id" else f"{image_feature}_vector"
+
+
 class SpecError(ValueError):
     """A spec that cannot be used; the message names the file and the feature or key."""
 

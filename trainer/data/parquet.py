@@ -178,18 +178,3 @@ class Columns:
         if any(x is None for x in v):
             raise ValueError(f"{where}: column '{f.name}' holds a null inside its list")
         return [cast(x) for x in v] if f.dtype == schema.FLOAT else list(v)
-
-
-
-def replace_split(output_dir: str, kind: str, split: str, new: list[str]) -> list[str]:
-    """Moves the shards `new` in place of the kind's files of `split` (any shard count)."""
-    old = tf.io.gfile.glob(records.default_pattern(output_dir, kind, split))
-    paths = [os.path.join(output_dir, kind, os.path.basename(p)) for p in new]
-    for path in old:
-        if path not in paths:
-            tf.io.gfile.remove(path)
-    for src, dst in zip(new, paths, strict=True):
-        tf.io.gfile.rename(src, dst, overwrite=True)
-    if old:
-        log.info("replaced %d file(s) of %s/%s-* with %d", len(old), kind, split, len(paths))
-    return paths

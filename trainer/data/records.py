@@ -7,6 +7,7 @@ for `catalog`, `queries` and `judgments`. Readers take any file pattern, so othe
 """
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -15,6 +16,8 @@ import tensorflow as tf
 from tensorflow.core.example import example_pb2
 
 from trainer.data import schema
+
+log = logging.getLogger(__name__)
 
 
 def to_example(kind: schema.RecordKind, values: Mapping[str, Any]) -> bytes:
@@ -83,3 +86,17 @@ def write_shards(records: Sequence[bytes], data_dir: str, kind: str, split: str,
 def default_pattern(data_dir: str, kind: str, split: str = "*") -> str:
     """File pattern of one record kind and split in the standard layout."""
     return os.path.join(data_dir, kind, f"{split}-*.tfrecord*")
+
+
+def replace_split(output_dir: str, kind: str, split: str, new: list[str]) -> list[str]:
+    """Moves the shards `new` in place of the kind's files of `split` (any shard count)."""
+    old = tf.io.gfile.glob(default_pattern(output_dir, kind, split))
+    paths = [os.path.join(output_dir, kind, os.path.basename(p)) for p in new]
+    for path in old:
+        if path not in paths:
+            tf.io.gfile.remove(path)
+    for src, dst in zip(new, paths, strict=True):
+        tf.io.gfile.rename(src, dst, overwrite=True)
+    if old:
+        log.info("replaced %d file(s) of %s/%s-* with %d", len(old), kind, split, len(paths))
+    return paths

@@ -36,7 +36,7 @@ from apache_beam.io import parquetio
 from apache_beam.metrics.metric import Metrics
 from tensorflow.core.example import example_pb2
 
-from trainer.data import ctr_spec, parquet, parse, schema
+from trainer.data import ctr_spec, parquet, parse, records, schema
 from trainer.pipelines import common
 
 NAMESPACE = "convert"
@@ -171,7 +171,7 @@ def convert(kind: str | schema.RecordKind, parquet_pattern: str, output_dir: str
     try:
         counters = common.run(NAMESPACE, build, beam_args)
         new = sorted(tf.io.gfile.glob(os.path.join(scratch, f"{split}-*.tfrecord")))
-        paths = parquet.replace_split(output_dir, record_kind.name, split, new)
+        paths = records.replace_split(output_dir, record_kind.name, split, new)
     finally:
         if tf.io.gfile.exists(scratch):
             tf.io.gfile.rmtree(scratch)
