@@ -12,7 +12,7 @@ RUNS ?= runs
 # Test processes: a test file runs whole on one of them (its module fixtures are built once).
 TEST_WORKERS ?= 2
 
-.PHONY: demo test lint probe repro-visual repro-ctr repro-courier sweep-tau bench-input bench-convert bench-serving bench-train export validate docs lock clean
+.PHONY: demo test lint probe repro-visual repro-ctr repro-courier sweep-tau bench-input bench-convert bench-serving bench-embed bench-train export validate docs lock clean
 
 $(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -65,6 +65,11 @@ export: $(VENV)/.installed
 # Encoder images/s through the SavedModel vs. Keras; CTR p50/p99 latency (needs make demo's runs).
 bench-serving: $(VENV)/.installed
 	$(PY) scripts/bench_serving.py --encoder_dir=$(DEMO)/s1s2 --ctr_dir=$(DEMO)/ctr/s1s2
+
+# Catalog encoding images/s: the Beam embed pipeline beside an in-process loop (needs make demo's
+# encoder export).
+bench-embed: $(VENV)/.installed $(DATA)/$(WORLD)/manifest.json
+	$(PY) scripts/bench_embed.py --data_dir=$(DATA)/$(WORLD) --export_dir=$(MODELS)/encoder
 
 # Training-step images/s of S1 and COURIER, their share of a matmul peak, input keep-up.
 bench-train: $(VENV)/.installed $(DATA)/$(WORLD)/manifest.json

@@ -4,6 +4,7 @@ would log them (list columns, a user statistic of its own, some of it null). Sma
 appended to the training commands; nothing else is changed."""
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -18,6 +19,7 @@ import yaml
 
 from conftest import REPO, read_all
 from trainer import configs
+from trainer.ctr import tables as ctr_tables
 from trainer.data import ctr_spec
 
 BUDGETS = {  # appended to `python -m trainer.task --stage=...` lines
@@ -78,7 +80,7 @@ def test_the_readme_section_runs_as_written(tiny_world, tmp_path):
            "PATH": f"{venv_bin}{os.pathsep}{os.environ['PATH']}"}
     setup, *commands = [line for line in readme_block("COMMANDS").splitlines()
                         if line.strip() and not line.startswith("#")]
-    assert setup.startswith("DATA=") and len(commands) == 11
+    assert setup.startswith("DATA=") and len(commands) == 14
     for line in commands:
         stage = re.search(r"trainer\.task --stage=(\w+)", line)
         budget = BUDGETS.get(stage.group(1), []) if stage else []
@@ -105,3 +107,19 @@ def test_the_readme_section_runs_as_written(tiny_world, tmp_path):
     exported = ctr_spec.load(os.path.join(version, "assets.extra", ctr_spec.FILE))
     assert exported.to_dict() == spec.to_dict()
     assert inputs["user_orders_30d"].dtype == tf.float32
+    # The Beam steps: no dead letters; the vocabularies the stage used are the pipeline's (with
+    # counts); the joined records carry each item's cluster id + 1.
+    assert not any(open(p).read() for p in glob.glob(str(tmp_path / "data" / "mine" /
+                                                          "dead_letter" / "*.jsonl")))
+    vocabularies = ctr_tables.Vocabularies.load(str(runs / "ctr" / "vocabularies.npz"))
+    assert vocabularies.counts["item_id"].sum() > 4000
+    catalog = np.load(runs / "catalog" / "embeddings.npz")
+    cluster_of = dict(zip(catalog["item_id"].tolist(), catalog["cluster_id"].tolist(),
+                          strict=True))
+    joined = [tf.train.Example.FromString(r.numpy()).features.feature for r in
+              tf.data.TFRecordDataset(glob.glob(str(tmp_path / "data" / "mine" / "joined" /
+                                                    "ctr" / "train-*.tfrecord")))]
+    assert len(joined) == 12000
+    for f in joined[:500]:
+        item = f["item_id"].int64_list.value[0]
+        assert f["item_image_cluster_id"].int64_list.value == [cluster_of[item] + 1]

@@ -14,24 +14,28 @@ import apache_beam as beam
 import numpy as np
 import tensorflow as tf
 from apache_beam.metrics.metric import Metrics, MetricsFilter
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.runners.portability.fn_api_runner import fn_runner
 
 from trainer.data import parse, pipeline, validate
 
 log = logging.getLogger(__name__)
-# The in-process runner: Beam's Prism runner (the default of newer SDKs for some pipelines)
-# downloads a binary at run time.
-DEFAULT_RUNNER = "DirectRunner"
 
 
 def options(beam_args: Sequence[str] = ()) -> PipelineOptions:
     """Standard Beam pipeline options (`--runner=DataflowRunner --project=...`, `--runner=
-    FlinkRunner --flink_master=...`, `--runner=SparkRunner ...`); the DirectRunner unless
-    `--runner` is given."""
-    args = list(beam_args)
-    if not any(a.startswith("--runner") for a in args):
-        args.append(f"--runner={DEFAULT_RUNNER}")
-    return PipelineOptions(args)
+    FlinkRunner --flink_master=...`, `--runner=SparkRunner ...`, `--direct_num_workers=N`)."""
+    return PipelineOptions(list(beam_args))
+
+
+def _runner(opts: PipelineOptions):
+    """The runner `--runner` names, else the in-process one: the FnApiRunner, which is where
+    Beam's DirectRunner ends up here, without its first try of the Prism runner (it downloads a
+    binary at run time, not reachable from every machine, and runs the pipeline out of
+    process)."""
+    if opts.view_as(StandardOptions).runner:
+        return None
+    return fn_runner.FnApiRunner()
 
 
 def run(name: str, build: Callable[[beam.Pipeline], None], beam_args: Sequence[str] = ()
@@ -39,7 +43,8 @@ def run(name: str, build: Callable[[beam.Pipeline], None], beam_args: Sequence[s
     """Builds the pipeline with `build`, runs it to the end and returns (and prints) its counters
     of namespace `name`."""
     t0 = time.time()
-    p = beam.Pipeline(options=options(beam_args))
+    opts = options(beam_args)
+    p = beam.Pipeline(runner=_runner(opts), options=opts)
     build(p)
     result = p.run()
     result.wait_until_finish()
