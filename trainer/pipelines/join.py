@@ -116,6 +116,28 @@ def _centred(kv, center: np.ndarray):
     return key, x / np.maximum(np.linalg.norm(x), 1e-12)
 
 
+def _as_bytes(kv):
+    """A vector entry as little-endian float32 bytes: what crosses the shuffles (Beam encodes
+    bytes directly, numpy arrays by pickling)."""
+    return kv[0], np.asarray(kv[1], "<f4").tobytes()
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        out.append(low | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def float_feature(raw: bytes) -> bytes:
+    """A serialized `tf.train.Feature` whose float_list holds the little-endian float32s `raw`:
+    built as bytes, since filling a proto float by float is the join's slowest step."""
+    packed = b"\x0a" + _varint(len(raw)) + raw  # FloatList.value (field 1, packed)
+    return b"\x12" + _varint(len(packed)) + packed  # Feature.float_list (field 2)
+
+
 class _AssignClusters(beam.DoFn):
     """Batches of (key, vector) -> (key, nearest centroid + 1), as `ClusterTable` holds it."""
 
@@ -192,9 +214,9 @@ class _Assemble(beam.DoFn):
                 out.int64_list.value.extend(
                     [int(entries.get((feature, p), 0)) for p in range(length)])
             else:
-                zeros = np.zeros(self.dim, np.float32)
-                out.float_list.value.extend(np.concatenate(
-                    [entries.get((feature, p), zeros) for p in range(length)]).tolist())
+                zeros = bytes(4 * self.dim)
+                out.MergeFromString(float_feature(
+                    b"".join(entries.get((feature, p), zeros) for p in range(length))))
         yield example.SerializeToString(deterministic=True)
 
 
@@ -234,7 +256,9 @@ def run(records_pattern: str, spec: ctr_spec.CtrSpec, mode: str, item_embeddings
             keyed = vectors | f"Key{t}" >> beam.Map(lambda kv, t=t: ((t, int(kv[0])), kv[1]))
             if mode == "vector":
                 keyed = keyed | f"Centre{t}" >> beam.Map(_centred, center)
-            elif mode == "cluster_id":
+            if mode != "cluster_id":
+                keyed = keyed | f"Bytes{t}" >> beam.Map(_as_bytes)
+            else:
                 keyed = (keyed | f"Batch{t}" >> beam.BatchElements(min_batch_size=BATCH,
                                                                    max_batch_size=BATCH)
                          | f"Assign{t}" >> beam.ParDo(_AssignClusters(centroids)))
