@@ -386,9 +386,12 @@ feature spec's columns), with warmup requests, then the CTR model's daily refres
 """
     text = text.replace("FINDINGS", findings(demo))
     if embedded:
+        rate = embedded.get("images_per_second")
         text += (f"The exported encoder embedded the catalog ({embedded.get('items', '?')} items) "
                  f"into `{os.path.join(demo, 'catalog_embeddings')}` with a faiss "
-                 f"{embedded.get('index', '')} index.\n")
+                 f"{embedded.get('index', '')} index"
+                 + (f", by the Beam embed pipeline at {rate:.0f} images/s" if rate else "")
+                 + ".\n")
     with open(os.path.join(out, "index.md"), "w") as f:
         f.write(text)
     print(text)

@@ -141,7 +141,7 @@ def test_join_carries_exactly_what_the_in_model_tables_look_up(tiny_world, tmp_p
     """Vector (centred), SimScore and Cluster-ID entries of the item, query and click-history
     image features equal the CtrModel's own tables' lookups of the parsed ids, record for
     record: padding and ids missing from the tables (some items and queries left out) give
-    zeros / 0."""
+    zeros / 0. The shuffle join and the side-input join agree byte for byte."""
     spec = ctr_spec.load("synthetic")
     recs = raw_records(records.default_pattern(tiny_world, "ctr", "test"))[:400]
     pattern = write_records(str(tmp_path / "ctr" / "in-00000-of-00001.tfrecord"), recs)
@@ -169,6 +169,12 @@ def test_join_carries_exactly_what_the_in_model_tables_look_up(tiny_world, tmp_p
                                 centroids=str(tmp_path / "clusters.npz"), num_shards=2)
         joined = [r for p in out["paths"] for r in raw_records(p)]
         assert len(joined) == len(recs)
+        # The side-input join (tables in memory) writes the same records.
+        side = join_pipeline.run(pattern, spec, mode, table_path, str(tmp_path / f"{mode}_side"),
+                                 "train", query_embeddings=table_path,
+                                 centroids=str(tmp_path / "clusters.npz"), num_shards=1,
+                                 table_in_memory=True)
+        assert sorted(r for p in side["paths"] for r in raw_records(p)) == sorted(joined)
         model = ctr_model.CtrModel(
             configs.CtrConfig(image_feature_mode=mode), spec, vocabularies, images,
             clusters=centroids if mode == "cluster_id" else None)

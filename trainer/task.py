@@ -14,7 +14,8 @@ Stages (their config trees are in `trainer/configs.py`, their runners in `traine
   ctr          the CTR predictor, features from a feature spec (ctr.spec) and an encoder's images
   debias       the same with the debiasing network D and its gate (Eq. 3-4): S1+S2+D
   cluster      faiss k-means over an encoder's catalog embeddings (paper 002 App. B)
-  embed        the exported encoder over the catalog: embeddings, faiss index, cluster ids
+  embed        the exported encoder over the catalog (the Beam embed pipeline): embeddings,
+               faiss index, cluster ids
 
 A stage's configuration is its config tree: the defaults, then `--config=FILE` (YAML or JSON, a
 partial tree; a model dir's config.json reruns that run), then the shorthand flags, then each

@@ -20,6 +20,11 @@ from apache_beam.runners.portability.fn_api_runner import fn_runner
 from trainer.data import parse, pipeline, validate
 
 log = logging.getLogger(__name__)
+# Output files: a fixed count makes Beam shuffle every record to its file, which the DirectRunner
+# holds in memory (8.5 GB for the join of 40,000 small-world records; 0.8 GB without).
+NUM_SHARDS_HELP = ("Output files; 0: the runner's choice, written as the records stream (one "
+                   "file per bundle on the DirectRunner). A fixed count shuffles every record "
+                   "to its file, in memory on the DirectRunner.")
 
 
 def options(beam_args: Sequence[str] = ()) -> PipelineOptions:

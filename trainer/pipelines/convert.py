@@ -202,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--split", default=None,
                    help="Split name (default: 'all' for catalog, queries and judgments, else "
                         "'train').")
-    p.add_argument("--num_shards", type=int, default=4)
+    p.add_argument("--num_shards", type=int, default=0, help=common.NUM_SHARDS_HELP)
     p.add_argument("--dead_letter_dir", default=None,
                    help="Where rows that fail go (default: OUTPUT_DIR/dead_letter).")
     args, beam_args = p.parse_known_args(argv)

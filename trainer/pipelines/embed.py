@@ -162,7 +162,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--out_dir", required=True)
     p.add_argument("--centroids", default="", help="A clusters.npz to assign cluster ids with.")
     p.add_argument("--batch_size", type=int, default=defaults.batch_size)
-    p.add_argument("--num_shards", type=int, default=defaults.num_shards)
+    p.add_argument("--num_shards", type=int, default=defaults.num_shards,
+                   help=common.NUM_SHARDS_HELP)
     p.add_argument("--index", default=defaults.index, choices=("flat", "ivf"))
     args, beam_args = p.parse_known_args(argv)
     cfg = configs.CatalogEmbedConfig(

@@ -11,11 +11,14 @@ included:
 zeros (vector) or 0 (cluster id) for an id the table lacks and for a sequence's padding. A
 sequence's entries follow its kept values (`order`, `max_length`), max_length of them.
 
-The join is a shuffle, not a side input: the records' lookups are keyed by (table, id) and
-grouped with the table's entries (`CoGroupByKey`), then the entries are grouped back by record.
-Neither side has to fit in a worker's memory. The tables are the embed pipeline's TFRecords
-(`<embed out>/table/embeddings-*.tfrecord`) or, for tables that fit in memory, an
-embeddings.npz (an encoder's `EmbeddingTable` or `--stage=embed`'s).
+By default the join is a shuffle: the records' lookups are keyed by (table, id) and grouped with
+the table's entries (`CoGroupByKey`), then the entries are grouped back by record, so neither side
+has to fit in a worker's memory (on a cluster runner, whose shuffles spill to disk; the
+DirectRunner holds them in memory). With `--table_in_memory` the tables are a side input that
+every worker holds, and the records stream past it: for tables that fit, much faster and lighter
+(README: 21 s and 0.8 GB against 101 s and 9.1 GB on the DirectRunner). The tables are the embed
+pipeline's TFRecords (`<embed out>/table/embeddings-*.tfrecord`) or, for tables that fit in
+memory, an embeddings.npz (an encoder's `EmbeddingTable` or `--stage=embed`'s).
 
   python -m trainer.pipelines.join --records='DATA/ctr/train-*' --ctr_spec=synthetic \\
       --item_embeddings='catalog/table/*.tfrecord' --query_embeddings='queries/table/*' \\
@@ -153,13 +156,12 @@ class _AssignClusters(beam.DoFn):
             yield key, int(cluster)
 
 
-class _Lookups(beam.DoFn):
-    """Batches of named `ctr` records -> the records (main) and their lookups ("wants"):
-    ((table, id), (record name, image feature, position)) for every id that is not padding."""
+class _Records(beam.DoFn):
+    """Parses batches of named `ctr` records for the ids of the spec's image features."""
 
     def __init__(self, spec: ctr_spec.CtrSpec):
         self.spec = spec
-        self.images = [f for f in spec.of_kind("image")]
+        self.images = spec.of_kind("image")
         self.records = Metrics.counter(NAMESPACE, "records")
 
     def setup(self) -> None:
@@ -167,22 +169,33 @@ class _Lookups(beam.DoFn):
         self.parser = (common.BatchParser(parse.RecordParser(
             self.spec.record_kind(), features=columns, decode=False)) if columns else None)
 
-    def process(self, batch: Sequence[tuple[str, bytes]]) -> Iterator:
+    def lookups(self, batch: Sequence[tuple[str, bytes]]) -> Iterator[tuple[str, bytes, list]]:
+        """(name, record, [((table, id), image feature, position)]) of every record, for every
+        id that is not padding (padding is looked up as an unknown id: nothing to join)."""
         names = [n for n, _ in batch]
         parsed = (self.parser(names, [r for _, r in batch])[0] if self.parser else {})
         for i, (name, serialized) in enumerate(batch):
             self.records.inc()
+            wants = [((f.table, id_), f.name, pos) for f in self.images
+                     for pos, id_ in enumerate(np.atleast_1d(parsed[f.ids][i]).tolist())
+                     if id_ != -1]
+            yield name, serialized, wants
+
+
+class _Lookups(_Records):
+    """Shuffle join, step 1: the records (main) and their lookups ("wants"):
+    ((table, id), (record name, image feature, position))."""
+
+    def process(self, batch: Sequence[tuple[str, bytes]]) -> Iterator:
+        for name, serialized, wants in self.lookups(batch):
             yield name, serialized
-            for f in self.images:
-                ids = np.atleast_1d(parsed[f.ids][i])
-                for pos, id_ in enumerate(ids.tolist()):
-                    if id_ != -1:  # padding: looked up as an unknown id, nothing to join
-                        yield beam.pvalue.TaggedOutput(
-                            "wants", ((f.table, id_), (name, f.name, pos)))
+            for key, feature, pos in wants:
+                yield beam.pvalue.TaggedOutput("wants", (key, (name, feature, pos)))
 
 
 def _answer(kv) -> Iterator[tuple[str, tuple[str, int, object]]]:
-    """(table key, {entry, wants}) -> (record name, (image feature, position, entry))."""
+    """Shuffle join, step 2: (table key, {entry, wants}) -> (record name, (image feature,
+    position, entry))."""
     (table, id_), grouped = kv
     entries = list(grouped["entry"])
     if len(entries) > 1:
@@ -194,8 +207,8 @@ def _answer(kv) -> Iterator[tuple[str, tuple[str, int, object]]]:
         yield name, (feature, pos, entries[0])
 
 
-class _Assemble(beam.DoFn):
-    """(record name, {record, entries}) -> the record with its joined columns."""
+class Assembler:
+    """A record plus its entries {(image feature, position): entry} -> the joined record."""
 
     def __init__(self, spec: ctr_spec.CtrSpec, mode: str, dim: int):
         self.mode, self.dim = mode, dim
@@ -203,10 +216,7 @@ class _Assemble(beam.DoFn):
                         spec.feature(f.ids).max_length if spec.is_sequence(f.ids) else 1)
                        for f in spec.of_kind("image")]
 
-    def process(self, kv) -> Iterator[bytes]:
-        _, grouped = kv
-        (serialized,) = grouped["record"]
-        entries = {(feature, pos): value for feature, pos, value in grouped["entries"]}
+    def __call__(self, serialized: bytes, entries: dict) -> bytes:
         example = tf.train.Example.FromString(serialized)
         for feature, column, length in self.images:
             out = example.features.feature[column]
@@ -217,13 +227,48 @@ class _Assemble(beam.DoFn):
                 zeros = bytes(4 * self.dim)
                 out.MergeFromString(float_feature(
                     b"".join(entries.get((feature, p), zeros) for p in range(length))))
-        yield example.SerializeToString(deterministic=True)
+        return example.SerializeToString(deterministic=True)
+
+
+class _Assemble(beam.DoFn):
+    """Shuffle join, step 3: (record name, {record, entries}) -> the joined record."""
+
+    def __init__(self, assemble: Assembler):
+        self.assemble = assemble
+
+    def process(self, kv) -> Iterator[bytes]:
+        _, grouped = kv
+        (serialized,) = grouped["record"]
+        yield self.assemble(serialized, {(feature, pos): value
+                                         for feature, pos, value in grouped["entries"]})
+
+
+class _JoinInMemory(_Records):
+    """The join with the table as a side input ({(table, id): entry} in every worker's memory):
+    no shuffle, for tables that fit."""
+
+    def __init__(self, spec: ctr_spec.CtrSpec, assemble: Assembler):
+        super().__init__(spec)
+        self.assemble = assemble
+
+    def process(self, batch: Sequence[tuple[str, bytes]], table: dict) -> Iterator[bytes]:
+        for _, serialized, wants in self.lookups(batch):
+            entries = {}
+            for key, feature, pos in wants:
+                if key in table:
+                    entries[(feature, pos)] = table[key]
+                else:
+                    Metrics.counter(NAMESPACE, f"unknown_{key[0]}_ids").inc()
+            yield self.assemble(serialized, entries)
 
 
 def run(records_pattern: str, spec: ctr_spec.CtrSpec, mode: str, item_embeddings: str,
         output_dir: str, split: str, query_embeddings: str = "", centroids: str = "",
-        num_shards: int = 4, beam_args: Sequence[str] = ()) -> dict:
-    """Runs the pipeline; returns {'paths': the joined record files, 'counters': ...}."""
+        num_shards: int = 0, table_in_memory: bool = False, beam_args: Sequence[str] = ()
+        ) -> dict:
+    """Runs the pipeline; returns {'paths': the joined record files, 'counters': ...}. With
+    `table_in_memory`, the tables are a side input held by every worker (no shuffle: fast and
+    memory bounded by the tables); else a shuffle join (bounded by neither side)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got '{mode}'")
     if mode == "cluster_id" and not centroids:
@@ -240,10 +285,8 @@ def run(records_pattern: str, spec: ctr_spec.CtrSpec, mode: str, item_embeddings
         tf.io.gfile.rmtree(scratch)
 
     def build(p: beam.Pipeline) -> None:
-        named = p | "ReadRecords" >> common.ReadNamedRecords(records_pattern)
-        looked = (named | "Batch" >> beam.BatchElements(min_batch_size=BATCH,
-                                                        max_batch_size=BATCH)
-                  | "Lookups" >> beam.ParDo(_Lookups(spec)).with_outputs("wants", main="records"))
+        batches = (p | "ReadRecords" >> common.ReadNamedRecords(records_pattern)
+                   | "Batch" >> beam.BatchElements(min_batch_size=BATCH, max_batch_size=BATCH))
         item_vectors = read_table(p, item_embeddings, "items")
         center = None
         if mode == "vector":  # the model centres both tables on the item table's mean
@@ -265,14 +308,21 @@ def run(records_pattern: str, spec: ctr_spec.CtrSpec, mode: str, item_embeddings
             entries.append(keyed)
         entry = (entries | "Entries" >> beam.Flatten()) if entries else (
             p | "NoEntries" >> beam.Create([]))
-        answers = ({"entry": entry, "wants": looked.wants} | "JoinIds" >> beam.CoGroupByKey()
-                   | "Answer" >> beam.FlatMap(_answer))
-        _ = ({"record": looked.records, "entries": answers}
-             | "ByRecord" >> beam.CoGroupByKey()
-             | "Assemble" >> beam.ParDo(_Assemble(spec, mode, dim))
-             | "Write" >> beam.io.WriteToTFRecord(
-                 os.path.join(scratch, split), file_name_suffix=".tfrecord",
-                 num_shards=num_shards, shard_name_template="-SSSSS-of-NNNNN"))
+        assemble = Assembler(spec, mode, dim)
+        if table_in_memory:
+            joined = batches | "JoinInMemory" >> beam.ParDo(
+                _JoinInMemory(spec, assemble), beam.pvalue.AsDict(entry))
+        else:
+            looked = batches | "Lookups" >> beam.ParDo(_Lookups(spec)).with_outputs(
+                "wants", main="records")
+            answers = ({"entry": entry, "wants": looked.wants}
+                       | "JoinIds" >> beam.CoGroupByKey() | "Answer" >> beam.FlatMap(_answer))
+            joined = ({"record": looked.records, "entries": answers}
+                      | "ByRecord" >> beam.CoGroupByKey()
+                      | "Assemble" >> beam.ParDo(_Assemble(assemble)))
+        _ = joined | "Write" >> beam.io.WriteToTFRecord(
+            os.path.join(scratch, split), file_name_suffix=".tfrecord",
+            num_shards=num_shards, shard_name_template="-SSSSS-of-NNNNN")
 
     try:
         counters = common.run(NAMESPACE, build, beam_args)
@@ -283,7 +333,7 @@ def run(records_pattern: str, spec: ctr_spec.CtrSpec, mode: str, item_embeddings
             tf.io.gfile.rmtree(scratch)
     joined = {"mode": mode, "dim": dim, "records": records_pattern,
               "item_embeddings": item_embeddings, "query_embeddings": query_embeddings,
-              "centroids": centroids, "spec": spec.name,
+              "centroids": centroids, "spec": spec.name, "table_in_memory": table_in_memory,
               "columns": {f.name: ctr_spec.joined_column(f.name, mode)
                           for f in spec.of_kind("image")}, "counters": counters}
     with tf.io.gfile.GFile(os.path.join(output_dir, "ctr", f"join-{split}.json"), "w") as f:
@@ -305,12 +355,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--output_dir", required=True,
                    help="Data dir to write the joined records into (ctr/<split>-*).")
     p.add_argument("--split", default="train")
-    p.add_argument("--num_shards", type=int, default=4)
+    p.add_argument("--num_shards", type=int, default=0, help=common.NUM_SHARDS_HELP)
+    p.add_argument("--table_in_memory", action="store_true",
+                   help="Hold the tables in every worker's memory (a side input) instead of a "
+                        "shuffle join: for tables that fit, much faster and lighter.")
     args, beam_args = p.parse_known_args(argv)
     try:
         out = run(args.records, ctr_spec.load(args.ctr_spec), args.mode, args.item_embeddings,
                   args.output_dir, args.split, args.query_embeddings, args.centroids,
-                  args.num_shards, beam_args)
+                  args.num_shards, args.table_in_memory, beam_args)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     print(f"join: {len(out['paths'])} files of joined 'ctr' records under "
