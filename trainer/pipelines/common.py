@@ -11,7 +11,6 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 
 import apache_beam as beam
-import numpy as np
 import tensorflow as tf
 from apache_beam.metrics.metric import Metrics, MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
@@ -146,7 +145,3 @@ class BatchParser:
     def _parse(self, names: Sequence[str], serialized: Sequence[bytes]) -> dict:
         out = self.fn(tf.constant(list(names)), tf.constant(list(serialized)))
         return {k: v.numpy() for k, v in out.items()}
-
-
-def as_bytes(x: np.ndarray | bytes) -> bytes:
-    return x if isinstance(x, bytes) else bytes(x)

@@ -157,6 +157,7 @@ def convert(kind: str | schema.RecordKind, parquet_pattern: str, output_dir: str
                                                        allow_absolute_image_paths)
                                             ).with_outputs(DEAD, main="records"))
         checked = (rows.records
+                   | "Progress" >> beam.ParDo(common.Progress(NAMESPACE, "rows converted"))
                    | beam.BatchElements(min_batch_size=VALIDATE_BATCH,
                                         max_batch_size=VALIDATE_BATCH)
                    | "Validate" >> beam.ParDo(_Validate(record_kind)).with_outputs(

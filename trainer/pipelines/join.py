@@ -286,6 +286,7 @@ def run(records_pattern: str, spec: ctr_spec.CtrSpec, mode: str, item_embeddings
 
     def build(p: beam.Pipeline) -> None:
         batches = (p | "ReadRecords" >> common.ReadNamedRecords(records_pattern)
+                   | "Progress" >> beam.ParDo(common.Progress(NAMESPACE, "records read"))
                    | "Batch" >> beam.BatchElements(min_batch_size=BATCH, max_batch_size=BATCH))
         item_vectors = read_table(p, item_embeddings, "items")
         center = None

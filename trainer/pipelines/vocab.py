@@ -86,6 +86,7 @@ def run(records: str, spec: ctr_spec.CtrSpec, output: str, min_count: int = 1,
     """Runs the pipeline; returns the vocabularies it wrote to `output`."""
     def build(p: beam.Pipeline) -> None:
         parts = (p | "Read" >> common.ReadNamedRecords(records)
+                 | "Progress" >> beam.ParDo(common.Progress(NAMESPACE, "records read"))
                  | "Batch" >> beam.BatchElements(min_batch_size=BATCH, max_batch_size=BATCH)
                  | "Statistics" >> beam.ParDo(_Statistics(spec)).with_outputs(
                      "ids", "samples", "sums"))
