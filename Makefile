@@ -12,7 +12,7 @@ RUNS ?= runs
 # Test processes: a test file runs whole on one of them (its module fixtures are built once).
 TEST_WORKERS ?= 2
 
-.PHONY: demo test lint probe repro-visual repro-ctr repro-courier sweep-tau bench-input bench-convert bench-serving bench-embed bench-train export validate docs lock clean
+.PHONY: demo test test-slow lint probe repro-visual repro-ctr repro-courier sweep-tau bench-input bench-convert bench-serving bench-embed bench-train export validate docs lock clean
 
 $(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -102,7 +102,12 @@ sweep-tau: $(VENV)/.installed $(DATA)/$(WORLD)/manifest.json
 LONG_TESTS := tests/test_visual_stages.py tests/test_export.py tests/test_distributed.py \
   tests/test_bring_your_own_data.py
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(LONG_TESTS) tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow" $(LONG_TESTS) tests
+
+# The learning-quality reproductions among the tests (S1 and S1+S2 beat a random encoder on the
+# tiny world's visual search: about 3 minutes).
+test-slow: $(VENV)/.installed
+	$(PY) -m pytest -q -m slow tests
 
 # ruff (E, F, I, B, UP; line length 100) over the code, mypy (check_untyped_defs) over trainer/.
 lint: $(VENV)/.installed

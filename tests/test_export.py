@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 
+import faiss
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -316,8 +317,7 @@ def test_embed_stage_runs_the_beam_pipeline_and_matches_the_encoder(trained, exp
     manifest = json.load(open(os.path.join(out_dir, "manifest.json")))
     assert manifest["items"] == len(table.item_id) and manifest["clusters"] == 4
     assert manifest["counters"]["images"] == len(table.item_id)
-    sample = np.load(os.path.join(out_dir, "index_sample.npy"))
-    assert sample.shape == got["embedding"].shape  # all of a catalog smaller than the sample
+    assert not os.path.exists(os.path.join(out_dir, "index_sample.npy"))  # flat: none needed
 
 
 def test_embed_starts_over_when_the_encoder_export_changes(trained, exports, tiny_world,
@@ -328,9 +328,14 @@ def test_embed_starts_over_when_the_encoder_export_changes(trained, exports, tin
     shutil.copytree(exports["encoder"], os.path.join(export_dir, "1"))
     cfg = configs.CatalogEmbedConfig(
         catalog_pattern=records.default_pattern(tiny_world, "catalog"), encoder_export=export_dir,
-        out_dir=str(tmp_path / "catalog"), batch_size=64)
+        out_dir=str(tmp_path / "catalog"), batch_size=64, index="ivf", index_sample=300)
     first = embed_pipeline.run(cfg)
     assert first["export"].endswith("/1")
+    # The IVF index trains on the pipeline's uniform sample.
+    sample = np.load(os.path.join(cfg.out_dir, "index_sample.npy"))
+    assert sample.shape == (300, first["dim"])
+    index = catalog_embed.load_index(os.path.join(cfg.out_dir, "catalog.faiss"))
+    assert index.ntotal == first["items"] and faiss.extract_index_ivf(index).nlist == 300 // 39
     old = np.load(os.path.join(cfg.out_dir, "embeddings.npz"))["embedding"]
     # Version 2: the encoder trained one more step.
     enc_dir = str(tmp_path / "s1-more")

@@ -49,6 +49,7 @@ def _train(task, train_cfg, model_dir, enc_cfg):
     return encoder.restore(model_dir, enc_cfg)
 
 
+@pytest.mark.slow  # 3 minutes of training: `make test-slow`
 def test_s1_s2_beats_a_random_encoder_and_every_stage_runs(tiny_world, tmp_path):
     # Deterministic: the tiny world's 60 judged queries make HR noisy between runs. S1 needs about
     # 400 steps here: at 200 its HR was still that of a random encoder (0.27 vs 0.27; 0.40 at 400).

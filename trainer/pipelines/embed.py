@@ -8,8 +8,8 @@ a cluster runner takes the same pipeline by Beam's options:
    parsed and checked by the input pipeline's parser (a bad record fails the job naming it);
 3. with centroids, each vector's nearest-centroid cluster id (faiss, batched);
 4. the embedding table as sharded TFRecords `table/embeddings-SSSSS-of-NNNNN.tfrecord`
-   (`<id>`, `category_id`, `embedding`, `cluster_id`), the input of the join pipeline, and a
-   uniform sample of the vectors (`index_sample.npy`) for training an IVF index.
+   (`<id>`, `category_id`, `embedding`, `cluster_id`), the input of the join pipeline, and, for
+   an 'ivf' index, a uniform sample of the vectors (`index_sample.npy`) to train it on.
 Then, in the launching process, `catalog_embed.finish` writes embeddings.npz (sorted by id),
 catalog.faiss and manifest.json from the table.
 
@@ -140,9 +140,10 @@ def run(cfg: configs.CatalogEmbedConfig, kind: str = "catalog",
              | "WriteTable" >> beam.io.WriteToTFRecord(
                  os.path.join(table_dir, "embeddings"), file_name_suffix=".tfrecord",
                  num_shards=cfg.num_shards, shard_name_template="-SSSSS-of-NNNNN"))
-        _ = (rows | "Vectors" >> beam.Map(lambda row: row["embedding"])
-             | "Sample" >> beam.combiners.Sample.FixedSizeGlobally(cfg.index_sample)
-             | "WriteSample" >> beam.Map(_write_sample, os.path.join(cfg.out_dir, SAMPLE)))
+        if cfg.index == "ivf":  # the index's training points
+            _ = (rows | "Vectors" >> beam.Map(lambda row: row["embedding"])
+                 | "Sample" >> beam.combiners.Sample.FixedSizeGlobally(cfg.index_sample)
+                 | "WriteSample" >> beam.Map(_write_sample, os.path.join(cfg.out_dir, SAMPLE)))
 
     tf.io.gfile.makedirs(cfg.out_dir)
     t0 = time.time()
