@@ -44,8 +44,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import tensorflow as tf
 
-from trainer.data import ctr_spec, records, schema
 from trainer.data import parquet as parquet_lib
+from trainer.data import records, schema
 
 log = logging.getLogger("convert_parquet")
 BATCH_ROWS = 8192
@@ -113,26 +113,11 @@ def _write(record_kind: schema.RecordKind, files: list[str], readers: list, tota
 def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--kind", required=True, choices=schema.KIND_NAMES)
-    p.add_argument("--parquet", required=True,
-                   help="Parquet file, directory or glob(s) (comma-separated) to convert.")
-    p.add_argument("--ctr_spec", default=ctr_spec.DEFAULT,
-                   help="kind=ctr: the feature spec whose columns the records hold (a built-in "
-                        "name or a YAML/JSON file).")
-    p.add_argument("--image_dir", default=None, help="Folder the image paths are relative to.")
-    p.add_argument("--allow_absolute_image_paths", action="store_true",
-                   help="Read image paths that are absolute or URIs (gs://...) as they are; "
-                        "without it they are refused, as are relative paths leaving --image_dir.")
-    p.add_argument("--output_dir", required=True, help="Data directory to write into.")
-    p.add_argument("--split", default=None,
-                   help="Split name of the files (default: 'all' for catalog, queries and "
-                        "judgments, else 'train').")
+    parquet_lib.add_flags(p)
     p.add_argument("--num_shards", type=int, default=4)
     args = p.parse_args(argv)
-    split = args.split or ("all" if args.kind in ("catalog", "queries", "judgments") else "train")
     try:
-        kind = (ctr_spec.load(args.ctr_spec).record_kind() if args.kind == "ctr"
-                else schema.get(args.kind))
+        kind, split = parquet_lib.kind_and_split(args)
         paths = convert(kind, args.parquet, args.output_dir, split, args.num_shards,
                         args.image_dir,
                         allow_absolute_image_paths=args.allow_absolute_image_paths)

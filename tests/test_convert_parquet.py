@@ -42,8 +42,10 @@ def _ctr_table(rows: list, lists_as: str) -> pa.Table:
     return pa.table(cols)
 
 
-def test_catalog_round_trip(tiny_world, tmp_path):
-    originals = raw_records(records.default_pattern(tiny_world, "catalog"))
+def catalog_table(world: str, tmp_path) -> tuple[list, pa.Table, object]:
+    """The world's catalog records, the same catalog as a Parquet table, and a folder of its
+    images named `<item_id>.jpg`."""
+    originals = raw_records(records.default_pattern(world, "catalog"))
     rows = [_values(r) for r in originals]
     img_dir = tmp_path / "images"
     img_dir.mkdir()
@@ -53,6 +55,12 @@ def test_catalog_round_trip(tiny_world, tmp_path):
                                   pa.float32() if k == "price" else pa.int64())
                       for k in ("item_id", "category_id", "shop_id", "brand_id", "price",
                                 "impressions_30d")})
+    return originals, table, img_dir
+
+
+def test_catalog_round_trip(tiny_world, tmp_path):
+    originals, table, img_dir = catalog_table(tiny_world, tmp_path)
+    rows = [_values(r) for r in originals]
     pq.write_table(table, str(tmp_path / "items.parquet"))
     out = tmp_path / "out"
     convert_parquet.main(["--kind=catalog", f"--parquet={tmp_path / 'items.parquet'}",

@@ -24,22 +24,7 @@ from trainer.pipelines import vocab as vocab_pipeline
 
 sys.path.insert(0, os.path.join(REPO, "scripts"))
 import convert_parquet  # noqa: E402
-from test_convert_parquet import _ctr_table, _values  # noqa: E402
-
-
-def _catalog_parquet(tiny_world, tmp_path):
-    """The tiny world's catalog as a Parquet table with image files beside it."""
-    originals = raw_records(records.default_pattern(tiny_world, "catalog"))
-    rows = [_values(r) for r in originals]
-    img_dir = tmp_path / "images"
-    img_dir.mkdir()
-    for r in rows:
-        (img_dir / f"{r['item_id'][0]}.png").write_bytes(r["image"][0])
-    columns = ("item_id", "category_id", "shop_id", "brand_id", "price", "impressions_30d")
-    table = pa.table({k: pa.array([r[k][0] for r in rows],
-                                  pa.float32() if k == "price" else pa.int64())
-                      for k in columns})
-    return originals, table, img_dir
+from test_convert_parquet import _ctr_table, _values, catalog_table  # noqa: E402
 
 
 def test_convert_equals_convert_parquet_record_for_record(tiny_world, tmp_path):
@@ -62,7 +47,7 @@ def test_convert_equals_convert_parquet_record_for_record(tiny_world, tmp_path):
     assert beam["counters"]["rows"] == beam["counters"]["records"] == 700
     assert convert_pipeline.read_dead_letters(beam["dead_letter"]) == []
 
-    cat, table, img_dir = _catalog_parquet(tiny_world, tmp_path)
+    cat, table, img_dir = catalog_table(tiny_world, tmp_path)
     pq.write_table(table, str(tmp_path / "items.parquet"))
     out = convert_pipeline.convert("catalog", str(tmp_path / "items.parquet"),
                                    str(tmp_path / "beam"), "all", 2, image_dir=str(img_dir))
@@ -72,9 +57,9 @@ def test_convert_equals_convert_parquet_record_for_record(tiny_world, tmp_path):
 def test_convert_sends_bad_rows_to_the_dead_letter_output(tiny_world, tmp_path):
     """A missing image, a value of the wrong type and a broken rule: each row lands in the
     dead-letter output with its file and reason; the job completes with the good rows."""
-    cat, table, img_dir = _catalog_parquet(tiny_world, tmp_path)
+    cat, table, img_dir = catalog_table(tiny_world, tmp_path)
     ids = table.column("item_id").to_pylist()
-    os.remove(img_dir / f"{ids[3]}.png")  # a missing image
+    os.remove(img_dir / f"{ids[3]}.jpg")  # a missing image
     price = table.column("price").to_pylist()
     price[5] = -2.5  # breaks price's rule (>= 0)
     table = table.set_column(table.schema.get_field_index("price"), "price",

@@ -14,6 +14,7 @@ Columns are named after the features of the kind (for `ctr`, the feature spec's 
 """
 from __future__ import annotations
 
+import argparse
 import glob
 import logging
 import os
@@ -23,7 +24,7 @@ from typing import Any
 import pyarrow as pa
 import tensorflow as tf
 
-from trainer.data import records, schema
+from trainer.data import ctr_spec, records, schema
 
 log = logging.getLogger(__name__)
 _EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -178,3 +179,29 @@ class Columns:
         if any(x is None for x in v):
             raise ValueError(f"{where}: column '{f.name}' holds a null inside its list")
         return [cast(x) for x in v] if f.dtype == schema.FLOAT else list(v)
+
+
+def add_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of a converter (`scripts/convert_parquet.py`, `trainer.pipelines.convert`)."""
+    p.add_argument("--kind", required=True, choices=schema.KIND_NAMES)
+    p.add_argument("--parquet", required=True,
+                   help="Parquet file, directory or glob(s) (comma-separated) to convert.")
+    p.add_argument("--ctr_spec", default=ctr_spec.DEFAULT,
+                   help="kind=ctr: the feature spec whose columns the records hold (a built-in "
+                        "name or a YAML/JSON file).")
+    p.add_argument("--image_dir", default=None, help="Folder the image paths are relative to.")
+    p.add_argument("--allow_absolute_image_paths", action="store_true",
+                   help="Read image paths that are absolute or URIs (gs://...) as they are; "
+                        "without it they are refused, as are relative paths leaving --image_dir.")
+    p.add_argument("--output_dir", required=True, help="Data directory to write into.")
+    p.add_argument("--split", default=None,
+                   help="Split name of the files (default: 'all' for catalog, queries and "
+                        "judgments, else 'train').")
+
+
+def kind_and_split(args: argparse.Namespace) -> tuple[schema.RecordKind, str]:
+    """The record kind (a `ctr` kind from the spec) and the split the flags name."""
+    split = args.split or ("all" if args.kind in ("catalog", "queries", "judgments") else "train")
+    kind = (ctr_spec.load(args.ctr_spec).record_kind() if args.kind == "ctr"
+            else schema.get(args.kind))
+    return kind, split

@@ -36,7 +36,7 @@ from apache_beam.io import parquetio
 from apache_beam.metrics.metric import Metrics
 from tensorflow.core.example import example_pb2
 
-from trainer.data import ctr_spec, parquet, parse, records, schema
+from trainer.data import parquet, parse, records, schema
 from trainer.pipelines import common
 
 NAMESPACE = "convert"
@@ -191,26 +191,13 @@ def read_dead_letters(paths: Sequence[str]) -> list[dict]:
 def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--kind", required=True, choices=schema.KIND_NAMES)
-    p.add_argument("--parquet", required=True,
-                   help="Parquet file, directory or glob(s) (comma-separated) to convert.")
-    p.add_argument("--ctr_spec", default=ctr_spec.DEFAULT,
-                   help="kind=ctr: the feature spec whose columns the records hold.")
-    p.add_argument("--image_dir", default=None, help="Folder the image paths are relative to.")
-    p.add_argument("--allow_absolute_image_paths", action="store_true",
-                   help="Read image paths that are absolute or URIs (gs://...) as they are.")
-    p.add_argument("--output_dir", required=True, help="Data directory to write into.")
-    p.add_argument("--split", default=None,
-                   help="Split name (default: 'all' for catalog, queries and judgments, else "
-                        "'train').")
+    parquet.add_flags(p)
     p.add_argument("--num_shards", type=int, default=0, help=common.NUM_SHARDS_HELP)
     p.add_argument("--dead_letter_dir", default=None,
                    help="Where rows that fail go (default: OUTPUT_DIR/dead_letter).")
     args, beam_args = p.parse_known_args(argv)
-    split = args.split or ("all" if args.kind in ("catalog", "queries", "judgments") else "train")
     try:
-        kind = (ctr_spec.load(args.ctr_spec).record_kind() if args.kind == "ctr"
-                else schema.get(args.kind))
+        kind, split = parquet.kind_and_split(args)
         out = convert(kind, args.parquet, args.output_dir, split, args.num_shards,
                       args.image_dir, args.allow_absolute_image_paths, args.dead_letter_dir,
                       beam_args)
