@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 import tensorflow as tf
 from tensorflow.core.example import example_pb2
 
@@ -15,7 +16,7 @@ from conftest import REPO, raw_records, read_all, write_records
 from trainer import configs
 from trainer.ctr import model as ctr_model
 from trainer.ctr import tables as ctr_tables
-from trainer.data import ctr_spec, parse, records
+from trainer.data import ctr_spec, parse, records, validate
 from trainer.features import clusters as clusters_lib
 from trainer.features import embeddings as embeddings_lib
 from trainer.pipelines import convert as convert_pipeline
@@ -192,3 +193,16 @@ def test_join_carries_exactly_what_the_in_model_tables_look_up(tiny_world, tmp_p
                 [item_ids, query_ids if f.table == "queries" else []]))).sum())
         assert padding > 0 and unknown > 0  # both cases were exercised
         assert out["counters"]["records"] == len(recs)
+
+
+def test_a_bad_record_fails_a_pipeline_naming_it(tiny_world, tmp_path):
+    """Whichever worker reads it, a bad record stops the job with its file, index and feature."""
+    spec = ctr_spec.load("synthetic")
+    recs = raw_records(records.default_pattern(tiny_world, "ctr", "test"))[:20]
+    example = example_pb2.Example.FromString(recs[7])
+    example.features.feature["price"].float_list.value[:] = [-1.0]
+    recs[7] = example.SerializeToString()
+    path = write_records(str(tmp_path / "ctr" / "bad-00000-of-00001.tfrecord"), recs)
+    with pytest.raises(validate.BadRecordError,
+                       match=rf"{path}: record 7: feature 'price': must be >= 0"):
+        vocab_pipeline.run(path, spec, str(tmp_path / "vocab.npz"))

@@ -61,7 +61,10 @@ class BadRecord:
 class BadRecordError(ValueError):
     """A bad input record; `.bad` says which and why."""
 
-    def __init__(self, bad: BadRecord, hint: str = ""):
+    def __init__(self, bad: BadRecord | str, hint: str = ""):
+        if isinstance(bad, str):  # re-raised as type(e)(message), as Beam's workers do
+            super().__init__(bad)
+            return
         self.bad = bad
         super().__init__(f"bad input record: {bad}{hint}")
 

@@ -133,7 +133,7 @@ class BatchParser:
             if found is None:
                 keep.append(i)
             elif not self.skip:
-                raise validate.BadRecordError(found, validate.SKIP_HINT)
+                raise validate.BadRecordError(found)
             else:
                 bad.append(found)
         if not bad:  # the batch fails, no record alone does: not the data's fault
