@@ -66,6 +66,19 @@ def _tables(world: str, raw: str) -> None:
         pq.write_table(pa.table(table), os.path.join(raw, f"clicks_{split}.parquet"))
 
 
+def test_the_beam_section_shows_commands_that_this_test_runs():
+    """README, "Batch jobs on Apache Beam": each pipeline's local command is a line of the
+    command block below, run as written."""
+    text = open(os.path.join(REPO, "README.md")).read()
+    section = text.split("## Batch jobs on Apache Beam", 1)[1].split("\n## ", 1)[0]
+    shown = re.findall(r"^python -m trainer\.pipelines\.\w+ .*$", section, re.M)
+    assert {re.match(r"python -m trainer\.pipelines\.(\w+)", c).group(1) for c in shown} == {
+        "convert", "embed", "join", "vocab"}
+    block = readme_block("COMMANDS").splitlines()
+    for command in shown:
+        assert command in block, command
+
+
 def test_the_readme_section_runs_as_written(tiny_world, tmp_path):
     raw = str(tmp_path / "raw")
     _tables(tiny_world, raw)
