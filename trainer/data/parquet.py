@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import logging
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -26,7 +25,6 @@ import tensorflow as tf
 
 from trainer.data import ctr_spec, records, schema
 
-log = logging.getLogger(__name__)
 _EXTENSIONS = (".jpg", ".jpeg", ".png")
 
 

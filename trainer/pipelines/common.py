@@ -11,12 +11,14 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 
 import apache_beam as beam
+import numpy as np
 import tensorflow as tf
 from apache_beam.metrics.metric import Metrics, MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.runners.portability.fn_api_runner import fn_runner
 
 from trainer.data import parse, pipeline, validate
+from trainer.features import clusters as clusters_lib
 
 log = logging.getLogger(__name__)
 # Output files: a fixed count makes Beam shuffle every record to its file, which the DirectRunner
@@ -106,6 +108,33 @@ class ReadNamedRecords(beam.PTransform):
     def expand(self, p):
         return (p | beam.Create(self.files) | "SpreadFiles" >> beam.Reshuffle()
                 | beam.ParDo(_ReadFile()))
+
+
+class _NearestCentroid(beam.DoFn):
+    def __init__(self, centroids: str):
+        self.centroids = centroids
+
+    def setup(self) -> None:
+        self.clusters = clusters_lib.Clusters.load(self.centroids)
+
+    def process(self, batch: list) -> Iterator[tuple]:
+        ids = self.clusters.assign(np.stack([v for _, v in batch]))
+        for (key, _), cluster in zip(batch, ids, strict=True):
+            yield key, int(cluster)
+
+
+class NearestCentroids(beam.PTransform):
+    """(key, vector) -> (key, id of the vector's nearest centroid), by `Clusters.assign` (faiss)
+    on batches of `batch_size`: the Cluster-ID of paper 002 App. B."""
+
+    def __init__(self, centroids: str, batch_size: int):
+        super().__init__()
+        self.centroids, self.batch_size = centroids, batch_size
+
+    def expand(self, pairs):
+        return (pairs | beam.BatchElements(min_batch_size=self.batch_size,
+                                           max_batch_size=self.batch_size)
+                | beam.ParDo(_NearestCentroid(self.centroids)))
 
 
 class BatchParser:

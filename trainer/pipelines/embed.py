@@ -40,7 +40,6 @@ from apache_beam.ml.inference.base import ModelHandler, RunInference
 from trainer import configs
 from trainer.data import parse, schema
 from trainer.features import catalog_embed, versions
-from trainer.features import clusters as clusters_lib
 from trainer.pipelines import common
 
 NAMESPACE = "embed"
@@ -81,21 +80,6 @@ class EncoderModelHandler(ModelHandler[tuple, dict, Any]):
         return NAMESPACE
 
 
-class _AssignClusters(beam.DoFn):
-    """Batches of rows -> the rows with `cluster_id`, each vector's nearest centroid."""
-
-    def __init__(self, centroids: str):
-        self.centroids = centroids
-
-    def setup(self) -> None:
-        self.clusters = clusters_lib.Clusters.load(self.centroids)
-
-    def process(self, batch: list[dict]) -> Iterable[dict]:
-        ids = self.clusters.assign(np.stack([row["embedding"] for row in batch]))
-        for row, cluster in zip(batch, ids, strict=True):
-            yield {**row, "cluster_id": int(cluster)}
-
-
 def to_example(row: dict) -> bytes:
     """A table row as a `tf.train.Example` (ids as int64, the embedding as a float list)."""
     example = tf.train.Example()
@@ -132,9 +116,9 @@ def run(cfg: configs.CatalogEmbedConfig, kind: str = "catalog",
                 | "Progress" >> beam.ParDo(common.Progress(NAMESPACE, "records read"))
                 | "Encode" >> RunInference(handler))
         if cfg.centroids:
-            rows = (rows | "Batch" >> beam.BatchElements(min_batch_size=cfg.batch_size,
-                                                         max_batch_size=cfg.batch_size)
-                    | "AssignClusters" >> beam.ParDo(_AssignClusters(cfg.centroids)))
+            rows = (rows | "ByVector" >> beam.Map(lambda row: (row, row["embedding"]))
+                    | "Clusters" >> common.NearestCentroids(cfg.centroids, cfg.batch_size)
+                    | "WithCluster" >> beam.Map(lambda kv: {**kv[0], "cluster_id": kv[1]}))
         _ = (rows | "Count" >> beam.Map(lambda row: (images.inc(), row)[1])
              | "ToExample" >> beam.Map(to_example)
              | "WriteTable" >> beam.io.WriteToTFRecord(

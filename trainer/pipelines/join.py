@@ -42,7 +42,6 @@ import tensorflow as tf
 from apache_beam.metrics.metric import Metrics
 
 from trainer.data import ctr_spec, npz, parse, pipeline, records
-from trainer.features import clusters as clusters_lib
 from trainer.pipelines import common
 
 NAMESPACE = "join"
@@ -139,21 +138,6 @@ def float_feature(raw: bytes) -> bytes:
     built as bytes, since filling a proto float by float is the join's slowest step."""
     packed = b"\x0a" + _varint(len(raw)) + raw  # FloatList.value (field 1, packed)
     return b"\x12" + _varint(len(packed)) + packed  # Feature.float_list (field 2)
-
-
-class _AssignClusters(beam.DoFn):
-    """Batches of (key, vector) -> (key, nearest centroid + 1), as `ClusterTable` holds it."""
-
-    def __init__(self, centroids: str):
-        self.centroids = centroids
-
-    def setup(self) -> None:
-        self.clusters = clusters_lib.Clusters.load(self.centroids)
-
-    def process(self, batch):
-        ids = self.clusters.assign(np.stack([v for _, v in batch])) + 1
-        for (key, _), cluster in zip(batch, ids, strict=True):
-            yield key, int(cluster)
 
 
 class _Records(beam.DoFn):
@@ -303,9 +287,8 @@ def run(records_pattern: str, spec: ctr_spec.CtrSpec, mode: str, item_embeddings
             if mode != "cluster_id":
                 keyed = keyed | f"Bytes{t}" >> beam.Map(_as_bytes)
             else:
-                keyed = (keyed | f"Batch{t}" >> beam.BatchElements(min_batch_size=BATCH,
-                                                                   max_batch_size=BATCH)
-                         | f"Assign{t}" >> beam.ParDo(_AssignClusters(centroids)))
+                keyed = (keyed | f"Clusters{t}" >> common.NearestCentroids(centroids, BATCH)
+                         | f"PlusOne{t}" >> beam.Map(lambda kv: (kv[0], kv[1] + 1)))
             entries.append(keyed)
         entry = (entries | "Entries" >> beam.Flatten()) if entries else (
             p | "NoEntries" >> beam.Create([]))
