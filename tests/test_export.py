@@ -317,7 +317,7 @@ def test_embed_stage_runs_the_beam_pipeline_and_matches_the_encoder(trained, exp
     manifest = json.load(open(os.path.join(out_dir, "manifest.json")))
     assert manifest["items"] == len(table.item_id) and manifest["clusters"] == 4
     assert manifest["counters"]["images"] == len(table.item_id)
-    assert not os.path.exists(os.path.join(out_dir, "index_sample.npy"))  # flat: none needed
+    assert not os.path.exists(os.path.join(out_dir, "index_sample.npz"))  # flat: none needed
 
 
 def test_embed_starts_over_when_the_encoder_export_changes(trained, exports, tiny_world,
@@ -332,7 +332,7 @@ def test_embed_starts_over_when_the_encoder_export_changes(trained, exports, tin
     first = embed_pipeline.run(cfg)
     assert first["export"].endswith("/1")
     # The IVF index trains on the pipeline's uniform sample.
-    sample = np.load(os.path.join(cfg.out_dir, "index_sample.npy"))
+    sample = np.load(os.path.join(cfg.out_dir, "index_sample.npz"))["sample"]
     assert sample.shape == (300, first["dim"])
     index = catalog_embed.load_index(os.path.join(cfg.out_dir, "catalog.faiss"))
     assert index.ntotal == first["items"] and faiss.extract_index_ivf(index).nlist == 300 // 39

@@ -206,3 +206,11 @@ def test_a_bad_record_fails_a_pipeline_naming_it(tiny_world, tmp_path):
     with pytest.raises(validate.BadRecordError,
                        match=rf"{path}: record 7: feature 'price': must be >= 0"):
         vocab_pipeline.run(path, spec, str(tmp_path / "vocab.npz"))
+    # A file cut short: the frame that does not read is named too.
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(data[:len(data) - 40])
+    with pytest.raises(validate.BadRecordError,
+                       match=rf"{path}: record 19: feature '<record>': corrupt or truncated"):
+        vocab_pipeline.run(path, spec, str(tmp_path / "vocab.npz"))
+

@@ -110,7 +110,7 @@ def _places(files: Sequence[str], feature: str, wanted: set) -> dict:
     """{id: [(file, record index), ...]} of the records whose `feature` is one of `wanted`."""
     found: dict = {}
     for path in files:
-        for index, records, _ in _read(path, batch=1024):
+        for index, records, _ in read_batches(path, batch=1024):
             for i, rec in enumerate(records):
                 try:
                     value = list(example_pb2.Example.FromString(rec).features.feature[
@@ -200,7 +200,8 @@ class Diagnoser:
         return BadRecord(path, index, "<record>", _short(error))
 
 
-def _read(path: str, start: int = 0, batch: int = 1) -> Iterator[tuple[int, list, Optional[str]]]:
+def read_batches(path: str, start: int = 0, batch: int = 1
+                 ) -> Iterator[tuple[int, list, Optional[str]]]:
     """Yields (first index, records, framing error or None) in batches from record `start`."""
     ds = tf.data.TFRecordDataset(path, compression_type=compression_of(path)).skip(start)
     it = iter(ds.batch(batch))
@@ -335,27 +336,33 @@ class ScanReport:
                    if uncounted else ""))
 
 
+def corrupt_frame(path: str, index: int, err: str) -> tuple[BadRecord, int | None]:
+    """The bad record of a TFRecord frame that does not read (record `index`, TensorFlow's error
+    `err`) and how many records after it are lost with it (None: not countable)."""
+    if not compression_of(path) and _starts_like_gzip(path):
+        lost = _gzip_records(path)
+        lost = None if lost is None else max(0, lost - 1)  # beside this one
+        reason = (f"not readable as an uncompressed TFRecord file ({err}), and it starts like a "
+                  "GZIP file: name it *.gz (TFRecord files are read as GZIP by their suffix)")
+    else:
+        lost = frames_after(path, index)
+        rest = ("not countable: compressed" if lost is None and compression_of(path)
+                else "not countable" if lost is None else f"{lost} records")
+        reason = (f"corrupt or truncated TFRecord frame ({err}); the rest of the file ({rest}) "
+                  "is unreadable")
+    return BadRecord(path, index, "<record>", reason), lost
+
+
 def scan_file(path: str, diagnoser: Diagnoser, report: ScanReport, stop_at_first: bool = False,
               batch: int = 512) -> None:
     """Scans one file into `report`: fast batched check, per-record diagnosis where it fails."""
-    for start, recs, framing in _read(path, batch=batch):
+    for start, recs, framing in read_batches(path, batch=batch):
         if framing:
             # The frame error is somewhere in this batch: find the exact record one by one.
-            for index, one, err in _read(path, start, batch=1):
+            for index, one, err in read_batches(path, start, batch=1):
                 if err:
-                    if not compression_of(path) and _starts_like_gzip(path):
-                        lost = _gzip_records(path)
-                        lost = None if lost is None else max(0, lost - 1)  # beside this one
-                        reason = (f"not readable as an uncompressed TFRecord file ({err}), and it "
-                                  "starts like a GZIP file: name it *.gz (TFRecord files are read "
-                                  "as GZIP by their suffix)")
-                    else:
-                        lost = frames_after(path, index)
-                        rest = ("not countable: compressed" if lost is None and compression_of(
-                            path) else "not countable" if lost is None else f"{lost} records")
-                        reason = (f"corrupt or truncated TFRecord frame ({err}); the rest of the "
-                                  f"file ({rest}) is unreadable")
-                    report.bad.append(BadRecord(path, index, "<record>", reason))
+                    bad, lost = corrupt_frame(path, index, err)
+                    report.bad.append(bad)
                     report.readable[path] = index
                     report.lost[path] = lost
                     report.records += 1  # the corrupt one

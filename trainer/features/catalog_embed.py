@@ -14,7 +14,6 @@ From the pipeline's sharded embedding table, `finish` writes in `out_dir`:
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
@@ -28,6 +27,9 @@ from trainer.configs import CatalogEmbedConfig
 from trainer.data import npz, pipeline, schema, validate
 
 log = logging.getLogger(__name__)
+# What the embed pipeline (`trainer.pipelines.embed`) leaves in out_dir for `finish`.
+TABLE_DIR = "table"  # the embedding table: embeddings-*.tfrecord
+SAMPLE = "index_sample.npz"  # 'sample': the vectors an 'ivf' index trains on
 
 
 def export_fingerprint(version_dir: str) -> str:
@@ -90,17 +92,13 @@ def finish(cfg: CatalogEmbedConfig, version_dir: str, kind: str, stats: dict) ->
     """embeddings.npz, catalog.faiss and manifest.json from the pipeline's table in `out_dir`;
     returns the manifest."""
     id_name = schema.IMAGE_ID[kind]
-    table = read_table(os.path.join(cfg.out_dir, "table", "embeddings-*.tfrecord"))
+    table = read_table(os.path.join(cfg.out_dir, TABLE_DIR, "embeddings-*.tfrecord"))
     order = np.argsort(table[id_name], kind="stable")
     table = {k: v[order] for k, v in table.items()}
     files = pipeline.list_files(cfg.catalog_pattern)
     validate.unique_ids(table[id_name], files, id_name)
     t0 = time.time()
-    sample_path = os.path.join(cfg.out_dir, "index_sample.npy")
-    sample = None
-    if cfg.index == "ivf":
-        with tf.io.gfile.GFile(sample_path, "rb") as f:
-            sample = np.load(io.BytesIO(f.read()))
+    sample = npz.read(os.path.join(cfg.out_dir, SAMPLE))["sample"] if cfg.index == "ivf" else None
     index = build_index(table["embedding"], cfg.index, cfg.nprobe, sample)
     index_seconds = time.time() - t0
     npz.write(os.path.join(cfg.out_dir, "embeddings.npz"), **table)

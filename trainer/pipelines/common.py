@@ -28,12 +28,6 @@ NUM_SHARDS_HELP = ("Output files; 0: the runner's choice, written as the records
                    "to its file, in memory on the DirectRunner.")
 
 
-def options(beam_args: Sequence[str] = ()) -> PipelineOptions:
-    """Standard Beam pipeline options (`--runner=DataflowRunner --project=...`, `--runner=
-    FlinkRunner --flink_master=...`, `--runner=SparkRunner ...`, `--direct_num_workers=N`)."""
-    return PipelineOptions(list(beam_args))
-
-
 def _runner(opts: PipelineOptions):
     """The runner `--runner` names, else the in-process one: the FnApiRunner, which is where
     Beam's DirectRunner ends up here, without its first try of the Prism runner (it downloads a
@@ -47,9 +41,11 @@ def _runner(opts: PipelineOptions):
 def run(name: str, build: Callable[[beam.Pipeline], None], beam_args: Sequence[str] = ()
         ) -> dict[str, int]:
     """Builds the pipeline with `build`, runs it to the end and returns (and prints) its counters
-    of namespace `name`."""
+    of namespace `name`. `beam_args` are Beam's standard pipeline options (`--runner=
+    DataflowRunner --project=...`, `--runner=FlinkRunner --flink_master=...`, `--runner=
+    SparkRunner ...`, `--direct_num_workers=N`)."""
     t0 = time.time()
-    opts = options(beam_args)
+    opts = PipelineOptions(list(beam_args))
     p = beam.Pipeline(runner=_runner(opts), options=opts)
     build(p)
     result = p.run()
@@ -85,15 +81,18 @@ class Progress(beam.DoFn):
 
 
 class _ReadFile(beam.DoFn):
-    """A TFRecord file -> its records as (`<file>:<index>`, serialized)."""
+    """A TFRecord file -> its records as (`<file>:<index>`, serialized); a frame that does not
+    read fails naming its record (`validate.corrupt_frame`)."""
 
     def process(self, path: str) -> Iterator[tuple[str, bytes]]:
-        ds = tf.data.TFRecordDataset(path, validate.compression_of(path)).batch(1024)
-        index = 0
-        for batch in ds:
-            for record in batch.numpy():
-                yield f"{path}:{index}", record
-                index += 1
+        for start, records, framing in validate.read_batches(path, batch=1024):
+            if framing:  # the records before the bad frame, one by one, then the bad one
+                for index, one, err in validate.read_batches(path, start, batch=1):
+                    if err:
+                        raise validate.BadRecordError(validate.corrupt_frame(path, index, err)[0])
+                    yield f"{path}:{index}", one[0]
+            for i, record in enumerate(records):
+                yield f"{path}:{start + i}", record
 
 
 class ReadNamedRecords(beam.PTransform):

@@ -100,7 +100,7 @@ class _ToRecords(beam.DoFn):
             try:
                 if isinstance(columns, ValueError):
                     raise columns
-                yield path, columns.record({c: row[c] for c in columns.needed}, path)
+                yield path, columns.record(row, path)
             except ValueError as e:
                 self.failed.inc()
                 reason = str(e).removeprefix(f"{path}: ")

@@ -9,7 +9,7 @@ a cluster runner takes the same pipeline by Beam's options:
 3. with centroids, each vector's nearest-centroid cluster id (faiss, batched);
 4. the embedding table as sharded TFRecords `table/embeddings-SSSSS-of-NNNNN.tfrecord`
    (`<id>`, `category_id`, `embedding`, `cluster_id`), the input of the join pipeline, and, for
-   an 'ivf' index, a uniform sample of the vectors (`index_sample.npy`) to train it on.
+   an 'ivf' index, a uniform sample of the vectors (`index_sample.npz`) to train it on.
 Then, in the launching process, `catalog_embed.finish` writes embeddings.npz (sorted by id),
 catalog.faiss and manifest.json from the table.
 
@@ -20,7 +20,6 @@ catalog.faiss and manifest.json from the table.
 from __future__ import annotations
 
 import argparse
-import io
 import logging
 import os
 import sys
@@ -38,13 +37,11 @@ from apache_beam.metrics.metric import Metrics
 from apache_beam.ml.inference.base import ModelHandler, RunInference
 
 from trainer import configs
-from trainer.data import parse, schema
+from trainer.data import npz, parse, schema
 from trainer.features import catalog_embed, versions
 from trainer.pipelines import common
 
 NAMESPACE = "embed"
-TABLE = "table"
-SAMPLE = "index_sample.npy"
 
 
 class EncoderModelHandler(ModelHandler[tuple, dict, Any]):
@@ -92,10 +89,7 @@ def to_example(row: dict) -> bytes:
 
 
 def _write_sample(sample: list, path: str) -> None:
-    buf = io.BytesIO()
-    np.save(buf, np.asarray(sample, np.float32).reshape(len(sample), -1))
-    with tf.io.gfile.GFile(path, "wb") as f:
-        f.write(buf.getvalue())
+    npz.write(path, sample=np.asarray(sample, np.float32).reshape(len(sample), -1))
 
 
 def run(cfg: configs.CatalogEmbedConfig, kind: str = "catalog",
@@ -105,7 +99,7 @@ def run(cfg: configs.CatalogEmbedConfig, kind: str = "catalog",
         raise FileNotFoundError(f"centroids {cfg.centroids} do not exist (a clusters.npz from "
                                 "--stage=cluster or a cluster_id CTR model dir)")
     version_dir = versions.version_dir(cfg.encoder_export)  # one version for every worker
-    table_dir = os.path.join(cfg.out_dir, TABLE)
+    table_dir = os.path.join(cfg.out_dir, catalog_embed.TABLE_DIR)
     if tf.io.gfile.exists(table_dir):  # a table of another export or catalog
         tf.io.gfile.rmtree(table_dir)
     handler = EncoderModelHandler(version_dir, kind, cfg.batch_size)
@@ -127,7 +121,8 @@ def run(cfg: configs.CatalogEmbedConfig, kind: str = "catalog",
         if cfg.index == "ivf":  # the index's training points
             _ = (rows | "Vectors" >> beam.Map(lambda row: row["embedding"])
                  | "Sample" >> beam.combiners.Sample.FixedSizeGlobally(cfg.index_sample)
-                 | "WriteSample" >> beam.Map(_write_sample, os.path.join(cfg.out_dir, SAMPLE)))
+                 | "WriteSample" >> beam.Map(_write_sample,
+                                           os.path.join(cfg.out_dir, catalog_embed.SAMPLE)))
 
     tf.io.gfile.makedirs(cfg.out_dir)
     t0 = time.time()
