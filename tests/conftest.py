@@ -36,6 +36,23 @@ def tiny_world(tmp_path_factory) -> str:
     return d
 
 
+@pytest.fixture(scope="session")
+def encoder_dir(tiny_world, tmp_path_factory) -> str:
+    """A (briefly) trained S1 encoder model dir on the tiny world, as the CTR stages take it."""
+    from trainer import configs
+    from trainer.models import pretrain
+    from trainer.train import loop
+    enc = configs.EncoderConfig(depth=10, width_multiplier=0.5, image_size=32, feature_dim=32)
+    model_dir = str(tmp_path_factory.mktemp("enc"))
+    train = configs.TrainConfig(steps=3, global_batch_size=16, log_interval=3, warmup_steps=0)
+    task = pretrain.PretrainTask(
+        configs.PretrainConfig(catalog_pattern=records.default_pattern(tiny_world, "catalog")),
+        enc, train)
+    loop.run(task, train, model_dir)
+    configs.save(model_dir, configs.PretrainStage(model_dir=model_dir, encoder=enc, train=train))
+    return model_dir
+
+
 def read_all(data_dir: str, kind, split: str = "*", image_size: int = 32, **overrides) -> dict:
     """Every record of one kind (a name, or a `RecordKind` such as a feature spec's `ctr`), in
     file order, as numpy arrays (one pass, no shuffling)."""

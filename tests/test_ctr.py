@@ -21,24 +21,10 @@ from trainer.ctr.model import CtrModel
 from trainer.ctr.tables import ClusterTable, Vocabularies
 from trainer.data import ctr_spec, records
 from trainer.features import clusters, embeddings
-from trainer.models import pretrain
 from trainer.train import loop
 
 ENC = configs.EncoderConfig(depth=10, width_multiplier=0.5, image_size=32, feature_dim=32)
 SPEC = ctr_spec.load("synthetic")
-
-
-@pytest.fixture(scope="module")
-def encoder_dir(tiny_world, tmp_path_factory) -> str:
-    """A (briefly) trained S1 encoder model dir, as the CTR stages take it."""
-    model_dir = str(tmp_path_factory.mktemp("enc"))
-    train = configs.TrainConfig(steps=3, global_batch_size=16, log_interval=3, warmup_steps=0)
-    task = pretrain.PretrainTask(
-        configs.PretrainConfig(catalog_pattern=records.default_pattern(tiny_world, "catalog")),
-        ENC, train)
-    loop.run(task, train, model_dir)
-    configs.save(model_dir, configs.PretrainStage(model_dir=model_dir, encoder=ENC, train=train))
-    return model_dir
 
 
 def _table(world: str, encoder_dir: str) -> embeddings.EmbeddingTable:

@@ -181,7 +181,7 @@ def test_only_the_chief_of_a_multi_worker_job_locks(tmp_path, monkeypatch):
         cluster_resolver = Resolver()
         num_replicas_in_sync = 2
 
-    monkeypatch.setattr(loop, "make_strategy", lambda name: Worker1())
+    monkeypatch.setattr(loop, "make_strategy", lambda *a: Worker1())
     model_dir = str(tmp_path / "m")
     os.makedirs(model_dir)
     with open(os.path.join(model_dir, lock.NAME), "w") as f:
@@ -189,7 +189,7 @@ def test_only_the_chief_of_a_multi_worker_job_locks(tmp_path, monkeypatch):
     cfg = configs.PretrainStage(data_dir="d", model_dir=model_dir,
                                 train=configs.TrainConfig(global_batch_size=8))
     common.training(cfg)  # worker 1 does not lock
-    monkeypatch.setattr(loop, "make_strategy", lambda name: tf.distribute.get_strategy())
+    monkeypatch.setattr(loop, "make_strategy", lambda *a: tf.distribute.get_strategy())
     with pytest.raises(lock.LockedError, match="pid 1 on host chief-host"):
         common.training(cfg)
 

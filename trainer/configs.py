@@ -76,7 +76,11 @@ class TrainConfig:
       momentum: Momentum of sgd and lars.
       checkpoint_interval: Steps between checkpoints.
       log_interval: Steps between progress lines and TensorBoard scalars.
-      strategy: 'one_device', 'mirrored' or 'multi_worker_mirrored'.
+      strategy: 'one_device', 'mirrored', 'multi_worker_mirrored' or 'parameter_server' (the
+        cluster from TF_CONFIG; workers update the parameter servers asynchronously).
+      shard_bytes: Under 'parameter_server', a variable of at least this size is split into
+        row shards over the parameter servers (one shard per this many bytes, at most one per
+        server).
       deterministic: Fixed input order and op determinism (reproducible runs; slower): the same
         global batches for any number of workers, and a run killed and resumed ends with the
         weights of an uninterrupted one.
@@ -96,7 +100,8 @@ class TrainConfig:
     checkpoint_interval: int = 200
     log_interval: int = 50
     strategy: str = _choices("one_device", "mirrored", "multi_worker_mirrored",
-                             default="one_device")
+                             "parameter_server", default="one_device")
+    shard_bytes: int = 1 << 20
     deterministic: bool = False
     profile_steps: tuple[int, int] | None = None
 

@@ -69,7 +69,8 @@ SHORTHANDS: dict[str, tuple[tuple[str, ...], str]] = {
     "per_replica_batch_size": (("train.per_replica_batch_size",),
                                "Batch size per replica; the global batch is this times the "
                                "replicas."),
-    "strategy": (("train.strategy",), "one_device, mirrored or multi_worker_mirrored."),
+    "strategy": (("train.strategy",), "one_device, mirrored, multi_worker_mirrored or "
+                 "parameter_server (the cluster from TF_CONFIG)."),
     "train_steps": (("train.steps",), "Optimizer steps."),
     "optimizer": (("train.optimizer",), "adam, adamw, sgd, lars or adagrad."),
     "learning_rate": (("train.learning_rate",), "Peak learning rate."),

@@ -41,7 +41,14 @@ import tf_keras
 
 from trainer.configs import CtrConfig
 from trainer.ctr import debias as debias_lib
-from trainer.ctr.tables import ClusterTable, ImageTable, Vocabularies
+from trainer.ctr.tables import (
+    ClusterTable,
+    Embedding,
+    ImageTable,
+    Vocabularies,
+    gather_rows,
+    id_lookup,
+)
 from trainer.data import ctr_spec, schema
 from trainer.features import clusters as clusters_lib
 from trainer.features import embeddings as embeddings_lib
@@ -80,11 +87,10 @@ class CtrModel(tfrs.Model):
                 size = f.hash_bins
             else:
                 vocab = vocabularies.ids[f.name]
-                self.lookups[f.name] = tf_keras.layers.IntegerLookup(
-                    vocabulary=vocab, num_oov_indices=1, mask_token=None,
-                    name=f"{f.name}_lookup")
+                self.lookups[f.name] = id_lookup(vocab, f"{f.name}_lookup",
+                                                 vocabularies.files_dir)
                 size = len(vocab) + 1
-            self.id_embeddings[f.name] = tf_keras.layers.Embedding(
+            self.id_embeddings[f.name] = Embedding(
                 size, f.embedding_dim or cfg.embedding_dim, name=f"{f.name}_embedding")
         self.buckets, self.bucket_embeddings = {}, {}
         for f in spec.of_kind("numeric"):
@@ -92,7 +98,7 @@ class CtrModel(tfrs.Model):
                 bounds = vocabularies.boundaries[f.name]
                 self.buckets[f.name] = tf_keras.layers.Discretization(
                     bin_boundaries=bounds.tolist(), name=f"{f.name}_bucket")
-                self.bucket_embeddings[f.name] = tf_keras.layers.Embedding(
+                self.bucket_embeddings[f.name] = Embedding(
                     len(bounds) + 1, cfg.embedding_dim, name=f"{f.name}_embedding")
 
         self.image_tables: dict = {}
@@ -106,10 +112,17 @@ class CtrModel(tfrs.Model):
             if positives is not None:
                 rows, weights = positives
                 # In ImageTable row numbering: catalog row r is row r + 1, row 0 has none.
-                self.positive_rows = tf.constant(np.concatenate(
-                    [np.zeros([1, rows.shape[1]], np.int64), np.where(rows >= 0, rows + 1, 0)]))
-                self.positive_weights = tf.constant(np.concatenate(
-                    [np.zeros([1, rows.shape[1]], np.float32), weights]))
+                # Variables, not graph constants: under the parameter-server strategy they are
+                # sharded like the item table they index.
+                rows = np.concatenate([np.zeros([1, rows.shape[1]], np.int64),
+                                       np.where(rows >= 0, rows + 1, 0)])
+                weights = np.concatenate([np.zeros([1, rows.shape[1]], np.float32), weights])
+                self.positive_rows = self.add_weight(
+                    "positive_rows", shape=rows.shape, dtype=tf.int64, trainable=False,
+                    initializer=tf_keras.initializers.Constant(rows))
+                self.positive_weights = self.add_weight(
+                    "positive_weights", shape=weights.shape, trainable=False,
+                    initializer=tf_keras.initializers.Constant(weights))
 
         self.sequence_in, self.sequence_attention, self.sequence_norm = {}, {}, {}
         self.sequence_out, self.target_query, self.target_attention = {}, {}, {}
@@ -154,17 +167,20 @@ class CtrModel(tfrs.Model):
                                  f"and the embedding table ({images.source[:200]}) has none")
             if mode == "cluster_id":
                 assert clusters is not None
-                self.image_tables[table] = ClusterTable(ids, vectors, clusters.centroids,
-                                                        name=f"{table}_clusters")
+                self.image_tables[table] = ClusterTable(
+                    ids, vectors, clusters.centroids, self.vocabularies.files_dir,
+                    name=f"{table}_clusters")
             else:
-                self.image_tables[table] = ImageTable(ids, vectors, center, name=f"{table}_images")
+                self.image_tables[table] = ImageTable(ids, vectors, center,
+                                                      self.vocabularies.files_dir,
+                                                      name=f"{table}_images")
         if mode == "cluster_id":
             assert clusters is not None
             dim = self.cfg.cluster_embedding_dim or self.cfg.embedding_dim
             # Unit expected norm, as the image vector a cluster id stands for: at Keras' default
             # (+-0.05) the item-query and item-history matches were not learned in a run's epoch,
             # even with the planted style as the cluster id (README, Table B1).
-            self.cluster_embedding = tf_keras.layers.Embedding(
+            self.cluster_embedding = Embedding(
                 clusters.num_clusters + 1, dim, name="cluster_embedding",
                 embeddings_initializer=tf_keras.initializers.RandomNormal(stddev=dim ** -0.5))
         if mode == "simscore":
@@ -337,8 +353,9 @@ class CtrModel(tfrs.Model):
             items = self.image_tables["items"]
             anchors = items.rows(batch[self.spec.item])
             positives, has = debias_lib.sample_positives(
-                tf.gather(self.positive_rows, anchors), tf.gather(self.positive_weights, anchors))
-            _, v_d_pos, _ = self.debias(tf.gather(items.table, tf.maximum(positives, 0)))
+                gather_rows(self.positive_rows, anchors),
+                gather_rows(self.positive_weights, anchors))
+            _, v_d_pos, _ = self.debias(gather_rows(items.table, tf.maximum(positives, 0)))
             out["debias_loss"] = debias_lib.debias_loss(
                 aux["v_d"], v_d_pos, anchors, positives, has, self.cfg.debias.temperature)
             total = total + self.cfg.debias.loss_weight * out["debias_loss"]

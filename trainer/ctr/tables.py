@@ -2,6 +2,10 @@
 the frozen image-feature tables (paper 002 App. B: vectors for Vector and SimScore, nearest
 centroids for Cluster-ID).
 
+Lookups read their ids from text files (`id_lookup`), which a SavedModel carries as assets: the
+graph and `saved_model.pb` do not grow with the vocabularies (a proto over 2 GB cannot be saved),
+and under the parameter-server strategy each worker loads its copy of the table from the file.
+
 `Vocabularies.from_training_data` makes one streaming pass over the training records, reading only
 the columns the feature spec needs: memory holds the distinct ids seen (not the records), a
 bounded sample of each bucketized numeric feature for its quantiles, and running sums for
@@ -12,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import uuid
 
 import numpy as np
 import tensorflow as tf
@@ -88,6 +94,8 @@ class Vocabularies:
     boundaries: dict
     moments: dict
     counts: dict = dataclasses.field(default_factory=dict)
+    # Where the lookups' id files go (`id_lookup`); None: the ids are constants of the graph.
+    files_dir: str | None = None
 
     @staticmethod
     def columns(spec: ctr_spec.CtrSpec) -> tuple[str, ...]:
@@ -187,13 +195,54 @@ class Vocabularies:
                   **{f"moments/{k}": v for k, v in self.moments.items()})
 
     @classmethod
-    def load(cls, path: str) -> Vocabularies:
+    def load(cls, path: str, files_dir: str | None = None) -> Vocabularies:
         data = npz.read(path)
         parts: dict = {"ids": {}, "boundaries": {}, "moments": {}, "counts": {}}
         for key, value in data.items():
             group, _, name = key.partition("/")
             parts[group][name] = value
-        return cls(**parts)
+        return cls(**parts, files_dir=files_dir)
+
+
+def id_lookup(ids: np.ndarray, name: str, files_dir: str | None = None
+              ) -> tf_keras.layers.IntegerLookup:
+    """id -> row: i + 1 for ids[i], 0 for any other id. With `files_dir`, the ids are written to
+    `files_dir/<name>.txt` (one per line; left as it is when it holds them already) and the
+    lookup table is initialised from that file, an asset of a SavedModel, instead of a constant
+    of the graph."""
+    ids = np.asarray(ids, np.int64)
+    if not files_dir:
+        return tf_keras.layers.IntegerLookup(vocabulary=ids, num_oov_indices=1, mask_token=None,
+                                             name=name)
+    path = os.path.join(files_dir, f"{name}.txt")
+    text = "".join(f"{i}\n" for i in ids.tolist())
+    if not tf.io.gfile.exists(path) or tf.io.gfile.GFile(path).read() != text:
+        tf.io.gfile.makedirs(files_dir)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        with tf.io.gfile.GFile(tmp, "w") as f:
+            f.write(text)
+        tf.io.gfile.rename(tmp, path, overwrite=True)
+    return tf_keras.layers.IntegerLookup(vocabulary=path, num_oov_indices=1, mask_token=None,
+                                         name=name)
+
+
+def gather_rows(params, ids: tf.Tensor) -> tf.Tensor:
+    """Rows of `params` for `ids` of any shape: a variable, or one sharded over parameter servers
+    (a `ShardedVariable`, whose lookups take 1-D ids only)."""
+    flat = tf.nn.embedding_lookup(params, tf.reshape(ids, [-1]))
+    out = tf.reshape(flat, tf.concat([tf.shape(ids), tf.shape(flat)[1:]], 0))
+    return tf.ensure_shape(out, ids.shape.concatenate(flat.shape[1:]))
+
+
+class Embedding(tf_keras.layers.Embedding):
+    """Keras' embedding layer, for ids of any shape also when its table is sharded over parameter
+    servers (`gather_rows`)."""
+
+    def call(self, inputs):
+        out = super().call(tf.reshape(inputs, [-1]))
+        shape = tf.concat([tf.shape(inputs), [self.output_dim]], 0)
+        return tf.ensure_shape(tf.reshape(out, shape),
+                               inputs.shape.concatenate([self.output_dim]))
 
 
 class ImageTable(tf_keras.layers.Layer):
@@ -201,10 +250,9 @@ class ImageTable(tf_keras.layers.Layer):
     `center`, the vectors are stored as unit(v - center)."""
 
     def __init__(self, ids: np.ndarray, vectors: np.ndarray, center: np.ndarray | None = None,
-                 **kwargs):
+                 files_dir: str | None = None, **kwargs):
         super().__init__(**kwargs)
-        self.lookup = tf_keras.layers.IntegerLookup(vocabulary=np.asarray(ids, np.int64),
-                                                    num_oov_indices=1, mask_token=None)
+        self.lookup = id_lookup(ids, f"{self.name}_ids", files_dir)
         vectors = np.asarray(vectors, np.float32)
         self.center = None if center is None else np.asarray(center, np.float32)
         if center is not None:
@@ -221,7 +269,7 @@ class ImageTable(tf_keras.layers.Layer):
         return self.lookup(ids)
 
     def call(self, ids: tf.Tensor) -> tf.Tensor:
-        return tf.gather(self.table, self.rows(ids))
+        return gather_rows(self.table, self.rows(ids))
 
     def from_vectors(self, vectors: tf.Tensor) -> tf.Tensor:
         """What the table would hold for these encoder vectors [N, D] (a new photo or item)."""
@@ -235,10 +283,10 @@ class ClusterTable(tf_keras.layers.Layer):
     """Frozen id -> cluster id + 1 lookup (0 for ids missing from the table), from the nearest
     centroid of each id's vector; the centroids are kept as a weight, saved with the model."""
 
-    def __init__(self, ids: np.ndarray, vectors: np.ndarray, centroids: np.ndarray, **kwargs):
+    def __init__(self, ids: np.ndarray, vectors: np.ndarray, centroids: np.ndarray,
+                 files_dir: str | None = None, **kwargs):
         super().__init__(**kwargs)
-        self.lookup = tf_keras.layers.IntegerLookup(vocabulary=np.asarray(ids, np.int64),
-                                                    num_oov_indices=1, mask_token=None)
+        self.lookup = id_lookup(ids, f"{self.name}_ids", files_dir)
         assigned = clusters_lib.Clusters(centroids).assign(vectors) + 1
         self.table = self.add_weight(
             "cluster_ids", shape=[len(ids) + 1], dtype=tf.int64, trainable=False,
@@ -251,7 +299,7 @@ class ClusterTable(tf_keras.layers.Layer):
         return self.lookup(ids)
 
     def call(self, ids: tf.Tensor) -> tf.Tensor:
-        return tf.gather(self.table, self.lookup(ids))
+        return gather_rows(self.table, self.lookup(ids))
 
     def from_vectors(self, vectors: tf.Tensor) -> tf.Tensor:
         """Nearest centroid + 1 of encoder vectors [N, D] (normalised first), in the graph: the

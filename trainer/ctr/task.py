@@ -5,7 +5,9 @@ image-feature encoder's embedding table stays beside that encoder (`config.json`
 """
 from __future__ import annotations
 
+import dataclasses
 import os
+import tempfile
 import time
 
 import numpy as np
@@ -22,6 +24,7 @@ from trainer.features import embeddings as embeddings_lib
 from trainer.train import loop
 
 VOCABULARIES = "vocabularies.npz"
+LOOKUP_FILES = "lookups"  # the lookups' id files (`tables.id_lookup`), assets of an export
 CLUSTERS = "clusters.npz"
 
 
@@ -123,11 +126,11 @@ def vocabularies_for(model_dir: str, cfg: CtrConfig, spec: ctr_spec.CtrSpec,
     training data and saved."""
     path = os.path.join(model_dir, VOCABULARIES)
     if tf.io.gfile.exists(path):
-        return Vocabularies.load(path)
+        return Vocabularies.load(path, os.path.join(model_dir, LOOKUP_FILES))
     vocabularies = Vocabularies.from_training_data(cfg.train_pattern, spec, cfg.min_count,
                                                    skip_bad_records)
     vocabularies.save(path)
-    return vocabularies
+    return dataclasses.replace(vocabularies, files_dir=os.path.join(model_dir, LOOKUP_FILES))
 
 
 def restore(model_dir: str, model: CtrModel) -> CtrModel:
@@ -153,7 +156,7 @@ def train_and_evaluate(cfg: CtrConfig, spec: ctr_spec.CtrSpec, train_cfg: TrainC
     """Trains the CTR model into `model_dir` (resuming from its checkpoint; the spec and the
     vocabularies are written there first) and evaluates its latest checkpoint on the test
     records: `evaluate`'s metrics plus `train_seconds`."""
-    strategy = strategy or loop.make_strategy(train_cfg.strategy)
+    strategy = strategy or loop.make_strategy(train_cfg.strategy, train_cfg.shard_bytes)
     spec = spec_for(model_dir, spec)
     vocabularies = vocabularies_for(model_dir, cfg, spec, skip_bad_records)
     task = CtrTask(cfg, spec, vocabularies, train_cfg, images, positives, skip_bad_records,
@@ -216,10 +219,13 @@ def refresh_items(model: CtrModel, model_dir: str, embeddings_path: str) -> dict
                          f"other vectors (median cosine {cosine:.3f}): it comes from another "
                          f"encoder than {encoder}")
     old = model.image_tables["items"]
+    # The refreshed ids' file must outlive this call (the export copies it as an asset) and must
+    # not replace the trained model's own.
+    files_dir = tempfile.mkdtemp(prefix="refreshed-items-")
     if isinstance(old, ClusterTable):
-        table = ClusterTable(ids, vectors, old.centroids.numpy(), name=old.name)
+        table = ClusterTable(ids, vectors, old.centroids.numpy(), files_dir, name=old.name)
     else:
-        table = ImageTable(ids, vectors, old.center, name=old.name)
+        table = ImageTable(ids, vectors, old.center, files_dir, name=old.name)
     model.image_tables["items"] = table
     return {"path": os.path.abspath(embeddings_path), "items": len(ids),
             "new_items": int(len(ids) - len(common)), "checked_items": int(len(common)),
@@ -241,7 +247,8 @@ def load_trained(model_dir: str) -> CtrModel:
         raise ValueError(f"{model_dir} holds a '{config.stage}' stage's outputs, not a CTR "
                          "model's")
     spec = ctr_spec.load(os.path.join(model_dir, ctr_spec.FILE))
-    vocabularies = Vocabularies.load(os.path.join(model_dir, VOCABULARIES))
+    vocabularies = Vocabularies.load(os.path.join(model_dir, VOCABULARIES),
+                                     os.path.join(model_dir, LOOKUP_FILES))
     images = clusters = None
     encoder_dir = config.images.model_dir
     if config.images.encoder != "none":

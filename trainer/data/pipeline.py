@@ -180,7 +180,11 @@ class InputPipeline:
         """Bad records left out so far (skip_bad_records)."""
         return sum(r.skipped for r in self.scan_reports.values())
 
-    def dataset(self, input_context: Optional[tf.distribute.InputContext] = None) -> tf.data.Dataset:
+    def dataset(self, input_context: Optional[tf.distribute.InputContext] = None,
+                worker_shard: Optional[tuple] = None) -> tf.data.Dataset:
+        """Batches of this pipeline's share of the records. `worker_shard`: (workers, index, the
+        index maybe a tensor) of a parameter-server worker, which reads its own part: its files
+        when there are at least as many files as workers, else every workers-th record."""
         cfg = self.cfg
         pipelines = input_context.num_input_pipelines if input_context else 1
         pipeline_id = input_context.input_pipeline_id if input_context else 0
@@ -212,11 +216,16 @@ class InputPipeline:
             return ds
 
         ds = tf.data.Dataset.from_tensor_slices((files, [validate.compression_of(f) for f in files]))
+        by_file = worker_shard is not None and len(files) >= worker_shard[0]
+        if by_file:
+            ds = ds.shard(*worker_shard)
         if cfg.shuffle:
             ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
         ds = ds.interleave(read_file, cycle_length=min(cfg.cycle_length, len(files)),
                            block_length=1, num_parallel_calls=AUTOTUNE,
                            deterministic=cfg.deterministic)
+        if worker_shard is not None and not by_file:
+            ds = ds.shard(*worker_shard)
         if cfg.shuffle:
             ds = ds.shuffle(cfg.shuffle_buffer, seed=seed + 1, reshuffle_each_iteration=True)
         if cfg.repeat:

@@ -72,7 +72,8 @@ def training(cfg: S) -> tuple[S, tf.distribute.Strategy]:
     model dir's lock (`trainer.train.lock`)."""
     assert isinstance(cfg, configs.TrainingStage)
     require(cfg, "data_dir", "model_dir")
-    strategy = loop.make_strategy(cfg.train.strategy)
+    loop.serve_if_not_coordinator(cfg.train.strategy)  # a worker or ps process stops here
+    strategy = loop.make_strategy(cfg.train.strategy, cfg.train.shard_bytes)
     if loop.is_chief(strategy):  # before anything is written to the model dir
         lock.acquire(cfg.model_dir)
     replicas = strategy.num_replicas_in_sync

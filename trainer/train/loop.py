@@ -14,9 +14,11 @@ import dataclasses
 import logging
 import math
 import os
+import re
 import sys
 import time
 
+import numpy as np
 import orbit
 import tensorflow as tf
 import tf_keras
@@ -28,11 +30,13 @@ from trainer.configs import TrainConfig
 from trainer.data import pipeline
 
 log = logging.getLogger(__name__)
-STRATEGIES = ("one_device", "mirrored", "multi_worker_mirrored")
+STRATEGIES = ("one_device", "mirrored", "multi_worker_mirrored", "parameter_server")
 
 
-def make_strategy(name: str) -> tf.distribute.Strategy:
-    """A strategy by name. Without GPUs, `mirrored` mirrors over the logical CPU devices."""
+def make_strategy(name: str, shard_bytes: int = TrainConfig.shard_bytes
+                  ) -> tf.distribute.Strategy:
+    """A strategy by name. Without GPUs, `mirrored` mirrors over the logical CPU devices;
+    `parameter_server` takes its cluster from TF_CONFIG (`parameter_server_strategy`)."""
     if name == "one_device":
         gpus = tf.config.list_logical_devices("GPU")
         return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
@@ -43,7 +47,46 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
         return tf.distribute.MirroredStrategy([d.name for d in cpus])
     if name == "multi_worker_mirrored":
         return tf.distribute.MultiWorkerMirroredStrategy()
+    if name == "parameter_server":
+        return parameter_server_strategy(
+            tf.distribute.cluster_resolver.TFConfigClusterResolver(), shard_bytes)
     raise ValueError(f"strategy must be one of {STRATEGIES}, got '{name}'")
+
+
+def parameter_server_strategy(resolver: tf.distribute.cluster_resolver.ClusterResolver,
+                              shard_bytes: int = TrainConfig.shard_bytes
+                              ) -> tf.distribute.ParameterServerStrategy:
+    """`tf.distribute.ParameterServerStrategy` over `resolver`'s cluster (a chief, workers and
+    parameter servers): every variable of at least `shard_bytes` is split into row shards over
+    the parameter servers, so id embeddings and image tables are bounded by the servers' memory
+    together, not by one machine's."""
+    servers = resolver.cluster_spec().as_dict().get("ps", [])
+    if not servers or not resolver.cluster_spec().as_dict().get("worker"):
+        raise ValueError("the parameter_server strategy needs 'worker' and 'ps' tasks in its "
+                         f"cluster (TF_CONFIG), got {resolver.cluster_spec().as_dict()}")
+    partitioner = tf.distribute.experimental.partitioners.MinSizePartitioner(
+        min_shard_bytes=shard_bytes, max_shards=len(servers))
+    return tf.distribute.ParameterServerStrategy(resolver, variable_partitioner=partitioner)
+
+
+def serve_if_not_coordinator(strategy_name: str) -> None:
+    """Under the parameter-server strategy, a worker or parameter-server process of TF_CONFIG's
+    cluster only serves the chief's (the coordinator's) requests: this starts its server and
+    never returns (the cluster's manager stops it when the chief is done)."""
+    if strategy_name != "parameter_server":
+        return
+    resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
+    if resolver.task_type not in ("worker", "ps"):
+        return
+    server = tf.distribute.Server(resolver.cluster_spec(), job_name=resolver.task_type,
+                                  task_index=resolver.task_id, protocol="grpc", start=True)
+    print(f"{resolver.task_type} {resolver.task_id}: serving {server.target}",
+          file=sys.stderr, flush=True)
+    server.join()
+
+
+def is_parameter_server(strategy: tf.distribute.Strategy) -> bool:
+    return isinstance(strategy, tf.distribute.ParameterServerStrategy)
 
 
 def build_optimizer(cfg: TrainConfig) -> tf_keras.optimizers.Optimizer:
@@ -79,6 +122,9 @@ class Task(abc.ABC):
     name: str = "task"
     metric_names: tuple = ()  # metrics compute_loss returns besides the loss
     input_seed: int = 0  # set by the loop: seed of input order and augmentation
+    # Set by the parameter-server loop while a worker builds its input: (workers, this worker's
+    # index as a tensor), so that each reads its own part of the records.
+    worker_shard: tuple | None = None
     start_step: int = 0  # set by the loop: steps a deterministic resumed run skips
     pipe: pipeline.InputPipeline | None = None  # the training input
 
@@ -110,7 +156,7 @@ class Task(abc.ABC):
         assert self.pipe is not None
         self.pipe.cfg = dataclasses.replace(self.pipe.cfg, seed=self.input_seed,
                                             start_step=self.start_step)
-        return self.pipe.dataset(input_context)
+        return self.pipe.dataset(input_context, self.worker_shard)
 
 
 def trainable_variables(task: Task, model: tf_keras.Model) -> list:
@@ -147,24 +193,52 @@ def one_step(task: Task, cfg: TrainConfig, strategy: tf.distribute.Strategy, bat
              weights: list | None = None) -> tuple[float, list]:
     """Builds the task's model under `strategy` (optionally with `weights`), applies one step to
     the global `batch` (split across replicas in order) and returns (global loss, new weights):
-    the check that a strategy computes the same step as one device."""
+    the check that a strategy computes the same step as one device. Under the parameter-server
+    strategy one worker applies the step (one step scheduled and waited for: a synchronous
+    update), and the weights are the logical ones, a sharded variable's shards joined."""
     with strategy.scope():
         model = task.build_model()
         optimizer = build_optimizer(cfg)
+    variables = logical_variables(trainable_variables(task, model)
+                                  + model.non_trainable_variables)
     if weights is not None:
-        for v, w in zip(trainable_variables(task, model) + model.non_trainable_variables,
-                        weights, strict=True):
-            v.assign(w)
-    dist = strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors(batch))
+        for parts, w in zip(variables, weights, strict=True):
+            bounds = np.cumsum([0] + [int(v.shape[0]) for v in parts]) if len(parts) > 1 else None
+            for i, v in enumerate(parts):
+                v.assign(w if bounds is None else w[bounds[i]:bounds[i + 1]])
+    if is_parameter_server(strategy):
+        coordinator = tf.distribute.coordinator.ClusterCoordinator(strategy)
 
-    @tf.function
-    def step(b):
-        loss, _ = strategy.run(lambda x: train_step(task, model, optimizer, x), args=(b,))
-        return strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None)
+        @tf.function
+        def scheduled():
+            return strategy.run(lambda x: train_step(task, model, optimizer, x)[0],
+                                args=(batch,))
 
-    loss = float(step(next(iter(dist))))
-    new = [v.numpy() for v in trainable_variables(task, model) + model.non_trainable_variables]
+        loss = float(coordinator.schedule(scheduled).fetch())
+    else:
+        dist = strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors(batch))
+
+        @tf.function
+        def step(b):
+            loss, _ = strategy.run(lambda x: train_step(task, model, optimizer, x), args=(b,))
+            return strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None)
+
+        loss = float(step(next(iter(dist))))
+    new = [np.concatenate([v.numpy() for v in parts]) for parts in variables]
     return loss, new
+
+
+def logical_variables(variables: list) -> list[list]:
+    """`variables` grouped into logical ones: a variable sharded over parameter servers is listed
+    as its shards (`.../part_<i>`), which join along the first axis."""
+    groups: list[list] = []
+    for v in variables:  # shards are listed in order, part_0 first (names may repeat)
+        part = re.search(r"/part_(\d+)(:\d+)?$", v.name)
+        if part and int(part.group(1)) > 0 and groups:
+            groups[-1].append(v)
+        else:
+            groups.append([v])
+    return groups
 
 
 class _Trainer(orbit.StandardTrainer):
@@ -250,6 +324,8 @@ def run(task: Task, cfg: TrainConfig, model_dir: str,
         task.input_seed, task.start_step = seed, start
     else:  # read on with fresh shuffles instead of replaying the first batches
         task.input_seed, task.start_step = seed + 7919 * start, 0
+    if is_parameter_server(strategy):
+        return _run_coordinated(task, cfg, model_dir, strategy, start)
     if not chief and tf.io.gfile.exists(out_dir):
         tf.io.gfile.rmtree(out_dir)  # a stale scratch checkpoint must not shadow the chief's
     with strategy.scope():
@@ -279,8 +355,16 @@ def run(task: Task, cfg: TrainConfig, model_dir: str,
         train_actions=[progress])
     if start:
         print(f"{task.name}: resumed from step {start} ({manager.latest_checkpoint})")
-    try:
+    with _stops_on_non_finite_loss(task, model_dir, global_step, manager):
         _train(task, cfg, controller, out_dir, start)
+    return {k: float(v) for k, v in progress.last.items()}
+
+
+@contextlib.contextmanager
+def _stops_on_non_finite_loss(task: Task, model_dir: str, global_step: tf.Variable,
+                              manager: tf.train.CheckpointManager):
+    try:
+        yield
     except tf.errors.InvalidArgumentError as e:
         if NON_FINITE not in (e.message or ""):
             raise
@@ -290,7 +374,75 @@ def run(task: Task, cfg: TrainConfig, model_dir: str,
             f"of {model_dir}; training stopped before updating the weights with it. The last "
             f"checkpoint, {manager.latest_checkpoint or 'none yet'}, holds finite weights. Lower "
             "train.learning_rate (or check the input) and run again to resume from it.") from None
-    return {k: float(v) for k, v in progress.last.items()}
+
+
+def _run_coordinated(task: Task, cfg: TrainConfig, model_dir: str,
+                     strategy: tf.distribute.ParameterServerStrategy, start: int) -> dict:
+    """The parameter-server loop: this process (the chief) coordinates. Variables live on the
+    parameter servers (sharded by the strategy's partitioner); each worker reads its own part of
+    the records (`Task.worker_shard`) and runs steps the `ClusterCoordinator` schedules, applying
+    its updates asynchronously. Between loops of gcd(log, checkpoint interval) steps the chief
+    waits for the scheduled steps, logs and checkpoints, as the Orbit loop does."""
+    coordinator = tf.distribute.coordinator.ClusterCoordinator(strategy)
+    with strategy.scope():
+        model = task.build_model()
+        optimizer = build_optimizer(cfg)
+        global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
+        metrics = {n: tf_keras.metrics.Mean(n) for n in ("loss",) + task.metric_names}
+    ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, global_step=global_step,
+                               **task.extra_checkpoint_objects())
+    manager = tf.train.CheckpointManager(ckpt, os.path.join(model_dir, "ckpt"), max_to_keep=3,
+                                         step_counter=global_step)
+    if manager.latest_checkpoint:
+        ckpt.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+        print(f"{task.name}: resumed from step {start} ({manager.latest_checkpoint})")
+    workers = strategy.extended._num_workers  # noqa: SLF001  (its cluster_resolver is None)
+
+    def dataset_fn(input_context):
+        index = tf.distribute.coordinator.experimental_get_current_worker_index()
+        task.worker_shard = (workers, index)
+        try:
+            return task.build_inputs(input_context)
+        finally:
+            task.worker_shard = None
+
+    iterator = iter(coordinator.create_per_worker_dataset(
+        lambda: strategy.distribute_datasets_from_function(dataset_fn)))
+
+    @tf.function
+    def step(it):
+        def replica_step(batch):
+            loss, values = train_step(task, model, optimizer, batch)
+            with tf.control_dependencies([loss]):
+                global_step.assign_add(1)
+            for name, value in {"loss": loss, **values}.items():
+                metrics[name].update_state(value)
+        strategy.run(replica_step, args=(next(it),))
+
+    progress = _Progress(task.name, cfg, start, global_step, cfg.global_batch_size, 1)
+    writer = tf.summary.create_file_writer(os.path.join(model_dir, "train"))
+    every = math.gcd(cfg.log_interval, cfg.checkpoint_interval)
+    done = start
+    with task.errors_named(), _stops_on_non_finite_loss(task, model_dir, global_step, manager):
+        while done < cfg.steps:
+            if done % cfg.log_interval == 0:
+                for m in metrics.values():
+                    m.reset_state()
+            for _ in range(min(every - done % every, cfg.steps - done)):
+                coordinator.schedule(step, args=(iterator,))
+            coordinator.join()
+            done = int(global_step.numpy())
+            out = {k: m.result() for k, m in metrics.items()}
+            lr = optimizer.learning_rate
+            out["learning_rate"] = lr(global_step) if callable(lr) else lr
+            progress(out)
+            if done % cfg.log_interval == 0 or done == cfg.steps:
+                with writer.as_default(step=done):
+                    for k, v in progress.last.items():
+                        tf.summary.scalar(k, v)
+            if done % cfg.checkpoint_interval == 0 or done == cfg.steps:
+                manager.save(checkpoint_number=done)
+    return progress.last
 
 
 def _train(task: Task, cfg: TrainConfig, controller: orbit.Controller, out_dir: str,
