@@ -77,6 +77,32 @@ def test_mined_positives_are_same_category_low_impression_nearest():
         assert np.all(weights[anchor][len(got):] == 0)
 
 
+def test_ivf_mining_is_approximate_search_with_its_recall_measured():
+    # Clustered vectors (as catalog images are), 2 categories of 6,000 items: IVF per category.
+    rng = np.random.default_rng(3)
+    centres = _unit(rng, 60, 16)
+    vectors = centres[rng.integers(0, 60, 12000)] + 0.3 * rng.normal(size=[12000, 16])
+    vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+    category = rng.integers(0, 2, 12000)
+    impressions = rng.choice([0, 2, 50], 12000)
+    exact = debias.mine_positives(vectors, category, impressions, 15, 5)
+    cfg = configs.DebiasConfig(index="ivf", nprobe=4, recall_sample=500)
+    (rows, weights), report = debias.mine(vectors, category, impressions, cfg)
+    true_recall = debias.recall(rows, exact[0])
+    assert 0.6 < true_recall < 1.0  # approximate, and close
+    assert abs(report["recall"] - true_recall) < 0.05  # the sampled estimate
+    assert report["recall_anchors"] == 500 and report["with_positives"] == 12000
+    # Found neighbours are real candidates with their true cosine as weight.
+    found = rows >= 0
+    assert (category[rows[found]] == np.repeat(category, 15).reshape(-1, 15)[found]).all()
+    assert (impressions[rows[found]] < 5).all()
+    cos = np.einsum("nd,nkd->nk", vectors, vectors[np.maximum(rows, 0)])
+    np.testing.assert_allclose(weights[found], np.maximum(cos[found], 1e-6), rtol=1e-4)
+    # More lists probed: higher recall.
+    more = debias.mine_positives(vectors, category, impressions, 15, 5, "ivf", nprobe=32)
+    assert debias.recall(more[0], exact[0]) > true_recall
+
+
 def test_sampler_returns_only_candidates_in_proportion_to_similarity():
     rng = np.random.default_rng(3)
     vectors, category, impressions = _catalog(rng)

@@ -282,10 +282,19 @@ class DebiasConfig:
       activations: Their activations.
       temperature: tau of g = cosine / tau.
       loss_weight: Weight of L_D in Eq. 4 (the paper adds it with weight 1).
+      index: How P~ is searched per category: 'exact' (a flat inner-product index) or 'ivf'
+        (faiss IVF, approximate: for catalogs of millions; its recall against exact search is
+        measured on a sample of anchors and printed).
+      nprobe: IVF lists searched per query ('ivf'); each category gets about sqrt(candidates)
+        lists.
+      recall_sample: Anchors whose exact neighbours are searched to measure the IVF recall.
     """
 
     num_similar: int = 15
     low_impressions: int = 5
+    index: str = _choices("exact", "ivf", default="exact")
+    nprobe: int = 8
+    recall_sample: int = 2000
     hidden_units: tuple[int, ...] = (128, 16, 128)
     activations: tuple[str, ...] = ("relu", "tanh", "relu")
     temperature: float = 0.1
@@ -366,15 +375,20 @@ class ClusterConfig:
       iterations: Lloyd iterations.
       max_points_per_centroid: faiss trains on a random sample of at most this many points per
         centroid.
-      restarts: k-means runs, each from its own greedy k-means++ initialisation; the one with the
+      restarts: k-means runs, each from its own k-means++ initialisation; the one with the
         lowest objective is kept.
+      seeding_trials: Draws per k-means++ centre: 1 is k-means++ (Arthur & Vassilvitskii, 2007),
+        whose cost is one pass over the sample per centre; more keeps the best of that many
+        draws (greedy k-means++, as scikit-learn's; 0: 2 + log k), a lower objective on tightly
+        clustered vectors for that many times the seeding cost (`scripts/bench_kmeans.py`).
     """
 
     num_clusters: int = 0
     items_per_cluster: int = 500
     iterations: int = 25
     max_points_per_centroid: int = 256
-    restarts: int = 3
+    restarts: int = 1
+    seeding_trials: int = 1
 
 
 @dataclasses.dataclass
@@ -816,6 +830,7 @@ RULES: dict[str, dict[str, tuple[Any, Any]]] = {
     "ClassifyConfig": {"label_smoothing": (0.0, 0.999)},
     "SearchEvalConfig": {"ks": _AT_LEAST_1, "low_impressions": _NON_NEGATIVE},
     "DebiasConfig": {"num_similar": _AT_LEAST_1, "low_impressions": _NON_NEGATIVE,
+                     "nprobe": _AT_LEAST_1, "recall_sample": _NON_NEGATIVE,
                      "hidden_units": _AT_LEAST_1, "temperature": _POSITIVE,
                      "loss_weight": _NON_NEGATIVE},
     "CtrConfig": {"embedding_dim": _AT_LEAST_1, "hash_bins": _AT_LEAST_1,
@@ -825,7 +840,7 @@ RULES: dict[str, dict[str, tuple[Any, Any]]] = {
                   "cluster_embedding_dim": _NON_NEGATIVE},
     "ClusterConfig": {"num_clusters": _NON_NEGATIVE, "items_per_cluster": _AT_LEAST_1,
                       "iterations": _AT_LEAST_1, "max_points_per_centroid": _AT_LEAST_1,
-                      "restarts": _AT_LEAST_1},
+                      "restarts": _AT_LEAST_1, "seeding_trials": _NON_NEGATIVE},
     "CourierConfig": {"temperature": _POSITIVE, "heads": _AT_LEAST_1},
     "CatalogEmbedConfig": {"batch_size": _AT_LEAST_1, "num_shards": _NON_NEGATIVE,
                            "nprobe": _AT_LEAST_1, "index_sample": _AT_LEAST_1},

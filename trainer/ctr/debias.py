@@ -3,8 +3,10 @@
 Positives. For every catalog item p, P~_p is the K most similar items, by the cosine of their S1
 vectors (S1 saw no clicks, so it is not biased against long-tail items), among the low-impression
 items of p's category (p itself left out); the positive p' is drawn from P~_p with
-Pr(p') = sim(p, p') / sum_{P~_p} sim. `mine_positives` precomputes P~ with faiss, one exact
-inner-product index per category; `sample_positives` draws p' inside the training step.
+Pr(p') = sim(p, p') / sum_{P~_p} sim. `mine_positives` precomputes P~ with faiss, one
+inner-product index per category (exact, or IVF for catalogs of millions, whose recall is measured
+against exact search); `sample_positives` draws p' inside the training step. Under the
+parameter-server strategy P~ is a sharded variable, as the item table it indexes.
 
 Loss (Eq. 3). With v^D = MLP(v^S2) and the CTR mini-batch N (gathered over replicas),
 
@@ -21,6 +23,8 @@ L2-normalised, as v^S2 is (the paper leaves its scale open).
 """
 from __future__ import annotations
 
+import time
+
 import faiss
 import numpy as np
 import tensorflow as tf
@@ -31,32 +35,85 @@ from trainer.models import contrastive
 
 
 def mine_positives(s1_vectors: np.ndarray, category_id: np.ndarray, impressions_30d: np.ndarray,
-                   num_similar: int = 15, low_impressions: int = 5
+                   num_similar: int = 15, low_impressions: int = 5, index: str = "exact",
+                   nprobe: int = 8, anchors: np.ndarray | None = None
                    ) -> tuple[np.ndarray, np.ndarray]:
     """P~ of every catalog row: (neighbour rows [N, K] int64, -1 where there are fewer than K
     candidates; weights [N, K] float32, the cosine clipped at a small positive floor, 0 where
-    there is no neighbour). Rows of `s1_vectors` must be L2-normalised."""
+    there is no neighbour). Rows of `s1_vectors` must be L2-normalised.
+
+    index: 'exact' (flat inner product) or 'ivf' (faiss IVF with about sqrt(candidates) lists
+    per category, `nprobe` searched; a category too small to train one exactly). anchors: mine
+    only these rows (the others are left empty), e.g. to measure `recall`."""
     n = len(category_id)
     rows = np.full([n, num_similar], -1, np.int64)
     weights = np.zeros([n, num_similar], np.float32)
     low = np.asarray(impressions_30d) < low_impressions
     vectors = np.ascontiguousarray(s1_vectors, np.float32)
+    wanted = np.ones(n, bool) if anchors is None else np.isin(np.arange(n), anchors)
     for cat in np.unique(category_id):
         members = np.flatnonzero(category_id == cat)
         candidates = members[low[members]]
-        if len(candidates) == 0:
+        members = members[wanted[members]]
+        if len(candidates) == 0 or len(members) == 0:
             continue
-        index = faiss.IndexFlatIP(vectors.shape[1])
-        index.add(vectors[candidates])
+        search = _index(vectors[candidates], index, nprobe)
         k = min(num_similar + 1, len(candidates))  # one more: the anchor may be a candidate
-        sims, found = index.search(vectors[members], k)
-        for anchor, s, f in zip(members, sims, found, strict=True):
-            keep = (f >= 0) & (candidates[np.maximum(f, 0)] != anchor)
-            s, f = s[keep][:num_similar], candidates[f[keep]][:num_similar]
-            rows[anchor, :len(f)] = f
-            # Pr(p') is proportional to the cosine; one at or below 0 keeps a tiny weight.
-            weights[anchor, :len(f)] = np.maximum(s, 1e-6)
+        for lo in range(0, len(members), 65536):  # batched: bounded memory per category
+            batch = members[lo:lo + 65536]
+            sims, found = search.search(vectors[batch], k)
+            for anchor, s, f in zip(batch, sims, found, strict=True):
+                keep = (f >= 0) & (candidates[np.maximum(f, 0)] != anchor)
+                s, f = s[keep][:num_similar], candidates[f[keep]][:num_similar]
+                rows[anchor, :len(f)] = f
+                # Pr(p') is proportional to the cosine; one at or below 0 keeps a tiny weight.
+                weights[anchor, :len(f)] = np.maximum(s, 1e-6)
     return rows, weights
+
+
+def _index(candidates: np.ndarray, kind: str, nprobe: int) -> faiss.Index:
+    """An inner-product index over one category's candidates."""
+    dim = candidates.shape[1]
+    lists = int(np.sqrt(len(candidates)))
+    if kind == "exact" or lists < 2 or len(candidates) < 39 * lists:  # faiss's training minimum
+        index = faiss.IndexFlatIP(dim)
+    elif kind == "ivf":
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, lists, faiss.METRIC_INNER_PRODUCT)
+        index.train(candidates)
+        index.nprobe = min(nprobe, lists)
+    else:
+        raise ValueError(f"index must be 'exact' or 'ivf', got '{kind}'")
+    index.add(candidates)
+    return index
+
+
+def mine(s1_vectors: np.ndarray, category_id: np.ndarray, impressions_30d: np.ndarray,
+         cfg: DebiasConfig, seed: int = 0) -> tuple[tuple[np.ndarray, np.ndarray], dict]:
+    """`mine_positives` as `cfg` says, with a report: seconds, anchors with positives, and for
+    'ivf' its recall@K against exact search over `cfg.recall_sample` random anchors."""
+    t0 = time.time()
+    positives = mine_positives(s1_vectors, category_id, impressions_30d, cfg.num_similar,
+                               cfg.low_impressions, cfg.index, cfg.nprobe)
+    report = {"index": cfg.index, "seconds": round(time.time() - t0, 2),
+              "with_positives": int((positives[1] > 0).any(axis=1).sum()),
+              "items": len(category_id)}
+    if cfg.index != "exact" and cfg.recall_sample:
+        anchors = np.random.default_rng(seed).choice(
+            len(category_id), min(cfg.recall_sample, len(category_id)), replace=False)
+        t0 = time.time()
+        exact, _ = mine_positives(s1_vectors, category_id, impressions_30d, cfg.num_similar,
+                                  cfg.low_impressions, "exact", anchors=anchors)
+        report.update(recall=round(recall(positives[0][anchors], exact[anchors]), 4),
+                      recall_anchors=len(anchors),
+                      exact_seconds_on_anchors=round(time.time() - t0, 2))
+    return positives, report
+
+
+def recall(approximate: np.ndarray, exact: np.ndarray) -> float:
+    """Share of the exact neighbours [A, K] (-1: none) that the approximate search [A, K] found."""
+    hits = sum(len(np.intersect1d(a[a >= 0], e[e >= 0])) for a, e in
+               zip(approximate, exact, strict=True))
+    return hits / max(int((exact >= 0).sum()), 1)
 
 
 def sample_positives(neighbours: tf.Tensor, weights: tf.Tensor, seed=None

@@ -75,11 +75,13 @@ def run_ctr(cfg: configs.CtrStage) -> None:
         s1 = image_table(cfg.images, cfg.images.s1_model_dir, cfg.skip_bad_records)
         if not np.array_equal(s1.item_id, images.item_id):
             raise RuntimeError("the S1 and image-feature tables list the catalog differently")
-        positives = debias.mine_positives(s1.item_vector, s1.category_id, s1.impressions_30d,
-                                          d.num_similar, d.low_impressions)
-        print(f"debias: {int((positives[1] > 0).any(axis=1).sum())} of {len(s1.item_id)} catalog "
-              f"items have positives (K={d.num_similar} low-impression items of their category "
-              "by S1 cosine)")
+        positives, report = debias.mine(s1.item_vector, s1.category_id, s1.impressions_30d, d,
+                                        cfg.seed)
+        print(f"debias: {report['with_positives']} of {report['items']} catalog items have "
+              f"positives (K={d.num_similar} low-impression items of their category by S1 "
+              f"cosine, {d.index} search in {report['seconds']}s"
+              + (f"; recall@{d.num_similar} {report['recall']:.3f} against exact search on "
+                 f"{report['recall_anchors']} anchors)" if "recall" in report else ")"))
     if images is not None and cfg.ctr.image_feature_mode == "cluster_id":
         centroids = clusters.load_or_fit(os.path.join(cfg.model_dir, ctr_task.CLUSTERS),
                                          images.item_vector, cfg.cluster, cfg.seed)
