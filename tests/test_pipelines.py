@@ -194,6 +194,25 @@ def test_join_carries_exactly_what_the_in_model_tables_look_up(tiny_world, tmp_p
         assert padding > 0 and unknown > 0  # both cases were exercised
         assert out["counters"]["records"] == len(recs)
 
+        # Trained on the joined layout, the model holds no image table and, with the same
+        # weights, scores the joined records as the table model scores the ids.
+        d = spec.to_dict()
+        d["features"] = [{**f, "layout": "joined"} if f["kind"] == "image" else f
+                         for f in d["features"]]
+        joined_spec = ctr_spec.parse(d, "joined")
+        cfg = configs.CtrConfig(image_feature_mode=mode)
+        on_joined = ctr_model.CtrModel(
+            cfg, joined_spec, vocabularies, images,
+            clusters=centroids if mode == "cluster_id" else None).build_variables()
+        assert on_joined.image_tables == {}
+        path = tf.train.Checkpoint(model=on_joined).write(str(tmp_path / f"{mode}-ckpt"))
+        model.build_variables()
+        tf.train.Checkpoint(model=model).read(path).expect_partial()
+        joined_batch = parse.RecordParser(on_joined.record_kind, decode=False)(
+            names, tf.constant(joined))
+        np.testing.assert_allclose(on_joined(joined_batch).numpy(), model(batch).numpy(),
+                                   atol=1e-5)
+
 
 def test_a_bad_record_fails_a_pipeline_naming_it(tiny_world, tmp_path):
     """Whichever worker reads it, a bad record stops the job with its file, index and feature."""

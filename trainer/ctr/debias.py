@@ -75,12 +75,14 @@ def _index(candidates: np.ndarray, kind: str, nprobe: int) -> faiss.Index:
     """An inner-product index over one category's candidates."""
     dim = candidates.shape[1]
     lists = int(np.sqrt(len(candidates)))
+    index: faiss.Index
     if kind == "exact" or lists < 2 or len(candidates) < 39 * lists:  # faiss's training minimum
         index = faiss.IndexFlatIP(dim)
     elif kind == "ivf":
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, lists, faiss.METRIC_INNER_PRODUCT)
-        index.train(candidates)
-        index.nprobe = min(nprobe, lists)
+        ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, lists, faiss.METRIC_INNER_PRODUCT)
+        ivf.train(candidates)
+        ivf.nprobe = min(nprobe, lists)
+        index = ivf
     else:
         raise ValueError(f"index must be 'exact' or 'ivf', got '{kind}'")
     index.add(candidates)

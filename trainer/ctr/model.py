@@ -61,14 +61,19 @@ class CtrModel(tfrs.Model):
     def __init__(self, cfg: CtrConfig, spec: ctr_spec.CtrSpec, vocabularies: Vocabularies,
                  images: embeddings_lib.EmbeddingTable | None = None,
                  positives: tuple[np.ndarray, np.ndarray] | None = None,
-                 clusters: clusters_lib.Clusters | None = None):
+                 clusters: clusters_lib.Clusters | None = None, read_joined: bool = True):
         """images: the encoder's table (None: no image features, whatever the spec declares).
         positives: D's (neighbour rows, weights) over `images.item_id` rows
         (`debias.mine_positives`), needed to train with D. clusters: the k-means centroids,
-        needed in the 'cluster_id' mode."""
+        needed in the 'cluster_id' mode. read_joined: the spec's `layout: joined` image features
+        come from the records' joined columns and get no table (training); False builds every
+        table, to look ids up (evaluation and serving)."""
         super().__init__()
         self.cfg, self.spec, self.vocabularies = cfg, spec, vocabularies
         mode = cfg.image_feature_mode
+        self.joined = {f.name for f in spec.joined} if images is not None and read_joined \
+            else set()
+        self.record_kind = training_records(cfg, spec, images if read_joined else None)
         self.image_features = spec.of_kind("image") if images is not None else []
         self.target = spec.target_image if images is not None else None
         if cfg.debias is not None and (self.target is None or mode != "vector"):
@@ -159,7 +164,11 @@ class CtrModel(tfrs.Model):
                       clusters: clusters_lib.Clusters | None) -> None:
         mode = self.cfg.image_feature_mode
         center = images.item_vector.mean(axis=0) if mode == "vector" else None
-        for table in sorted({f.table for f in self.image_features}):
+        self.image_dim = images.dim
+        needed = {f.table for f in self.image_features if f.name not in self.joined}
+        if self.cfg.debias is not None:
+            needed.add("items")  # D's positives are looked up in it
+        for table in sorted(needed):
             ids, vectors = ((images.item_id, images.item_vector) if table == "items"
                             else (images.query_id, images.query_vector))
             if not len(ids):
@@ -215,6 +224,12 @@ class CtrModel(tfrs.Model):
         """Image feature `f`'s table entry for the batch's ids (a vector, or a cluster id + 1);
         where the batch carries fresh encoder vectors for it (`fresh_vectors`: a request's photo,
         a new candidate's image), the entry those vectors give instead."""
+        if f.name in self.joined:
+            value = batch[ctr_spec.joined_column(f.name, self.cfg.image_feature_mode)]
+            if self.spec.is_sequence(f.ids) and self.cfg.image_feature_mode != "cluster_id":
+                value = tf.reshape(value, [-1, self.spec.feature(f.ids).max_length,
+                                           self.image_dim])
+            return value
         table = self.image_tables[f.table]
         looked_up = table(batch[f.ids])
         vector_key, has_key = fresh_vectors(f.name)
@@ -368,8 +383,17 @@ class CtrModel(tfrs.Model):
     def build_variables(self) -> CtrModel:
         """Creates the variables (lookups and lazily built layers) outside any training function,
         from one all-zero example of the spec's records."""
-        self(schema_batch(self.spec), training=False)
+        self(schema_batch(self.record_kind), training=False)
         return self
+
+
+def training_records(cfg: CtrConfig, spec: ctr_spec.CtrSpec,
+                     images: embeddings_lib.EmbeddingTable | None) -> schema.RecordKind:
+    """The `ctr` records training reads: the spec's, with the joined columns of its `layout:
+    joined` image features when the model has image features."""
+    if images is None or not spec.joined:
+        return spec.record_kind()
+    return spec.record_kind(joined=(cfg.image_feature_mode, images.dim))
 
 
 def fresh_vectors(image_feature: str) -> tuple[str, str]:
@@ -379,11 +403,11 @@ def fresh_vectors(image_feature: str) -> tuple[str, str]:
     return f"{image_feature}:vector", f"{image_feature}:has_vector"
 
 
-def schema_batch(spec: ctr_spec.CtrSpec) -> dict:
-    """A batch of one all-zero example of `spec`'s records as the pipeline gives it (all-True
+def schema_batch(kind: schema.RecordKind) -> dict:
+    """A batch of one all-zero example of `kind`'s records as the pipeline gives it (all-True
     masks)."""
     out = {}
-    for f in spec.record_kind().features:
+    for f in kind.features:
         dtype = tf.float32 if f.dtype == schema.FLOAT else tf.int64
         if f.is_list:
             out[f.name] = tf.zeros([1, f.max_len], dtype)

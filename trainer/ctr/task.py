@@ -15,7 +15,7 @@ import tensorflow as tf
 
 from trainer import configs
 from trainer.configs import CtrConfig, TrainConfig
-from trainer.ctr.model import CtrModel
+from trainer.ctr.model import CtrModel, training_records
 from trainer.ctr.tables import ClusterTable, ImageTable, Vocabularies
 from trainer.data import ctr_spec, npz, pipeline
 from trainer.eval import ctr_metrics
@@ -43,7 +43,8 @@ class CtrTask(loop.Task):
         self.metric_names = (("pred_loss", "debias_loss") if cfg.debias is not None
                              else ("pred_loss",))
         self.pipe = pipeline.InputPipeline(pipeline.InputConfig(
-            cfg.train_pattern, spec.record_kind(), global_batch_size=train_cfg.global_batch_size,
+            cfg.train_pattern, training_records(cfg, spec, images),
+            global_batch_size=train_cfg.global_batch_size,
             decode_images=False, deterministic=train_cfg.deterministic,
             skip_bad_records=skip_bad_records))
         self.model: CtrModel | None = None
@@ -169,7 +170,7 @@ def train_and_evaluate(cfg: CtrConfig, spec: ctr_spec.CtrSpec, train_cfg: TrainC
     if not loop.is_chief(strategy):  # the chief evaluates
         return {"train_seconds": seconds}
     model = restore(model_dir, CtrModel(cfg, spec, vocabularies, images, positives,
-                                        clusters).build_variables())
+                                        clusters, read_joined=False).build_variables())
     metrics = evaluate(model, cfg.test_pattern, catalog_item_id, catalog_impressions,
                        skip_bad_records, os.path.join(model_dir, "predictions.npz"))
     return {**metrics, "train_seconds": seconds}
@@ -257,7 +258,8 @@ def load_trained(model_dir: str) -> CtrModel:
         images = embeddings_lib.load(os.path.join(encoder_dir, embeddings_lib.FILE))
         if config.ctr.image_feature_mode == "cluster_id":
             clusters = clusters_lib.Clusters.load(os.path.join(model_dir, CLUSTERS))
-    model = CtrModel(config.ctr, spec, vocabularies, images, None, clusters).build_variables()
+    model = CtrModel(config.ctr, spec, vocabularies, images, None, clusters,
+                     read_joined=False).build_variables()
     tables = list(model.image_tables.values())
     built = [t.table.numpy() for t in tables]
     restore(model_dir, model)

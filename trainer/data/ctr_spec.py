@@ -44,7 +44,12 @@ Kinds, and the keys each takes besides `name`, `kind`, `required` (default true)
                int64 id column that is no other feature: a key only, e.g. the query photo's id)
                and `table` (items: the catalog's image vectors; queries: the query photos'). The
                image of `item` is the displayed item's, v_p; how images enter the model is the
-               model's `image_feature_mode` (paper 002 App. B).
+               model's `image_feature_mode` (paper 002 App. B). `layout`: where training reads
+               the feature's table entries: `table` (default: looked up in the model's frozen
+               image table, a variable the parameter-server strategy shards) or `joined` (from
+               the records' `joined_column`, written by the Beam join pipeline: the trainer holds
+               no image table, so it does not grow with the catalog). Serving looks ids up in the
+               table either way, or encodes the request's images.
 
 A record's other columns are ignored. A required feature missing from a record is a bad record,
 named with its file, index and feature (`trainer.data.validate`); `check_files` says so before a
@@ -76,12 +81,13 @@ KEYS = {
                           "default"},
     "sequence": _COMMON | {"max_length", "order", "pooling", "embedding_dim", "hash_bins",
                            "shared_table"},
-    "image": _COMMON | {"ids", "table"},
+    "image": _COMMON | {"ids", "table", "layout"},
 }
 ORDERS = ("oldest_first", "newest_first", "ranked")
 POOLINGS = ("mean", "attention")
 TRANSFORMS = ("bucketize", "normalize")
 TABLES = ("items", "queries")
+LAYOUTS = ("table", "joined")
 SCOPES = ("request", "candidate")
 
 
@@ -121,6 +127,7 @@ class CtrFeature:
     pooling: str = "mean"
     ids: str = ""
     table: str = "items"
+    layout: str = "table"
     scope: str = ""  # "" = the derived default (`CtrSpec.scope`)
 
     @property
@@ -238,9 +245,35 @@ class CtrSpec:
             dataclasses.replace(f, hash_bins=int(bins[f.name])) if f.name in bins else f
             for f in self.features))
 
-    def record_kind(self, serving: bool = False) -> schema.RecordKind:
+    @property
+    def joined(self) -> list[CtrFeature]:
+        """The image features training reads from joined columns (`layout: joined`)."""
+        return [f for f in self.of_kind("image") if f.layout == "joined"]
+
+    def joined_columns(self, mode: str, dim: int) -> list[schema.FeatureSpec]:
+        """The columns of the `joined` image features in records of the join pipeline, for the
+        model's `image_feature_mode` and image dimension: a vector (a sequence's, all of its
+        `max_length` entries in its order) or cluster id(s) + 1."""
+        out = []
+        for f in self.joined:
+            length = self.feature(f.ids).max_length if self.is_sequence(f.ids) else 0
+            column = joined_column(f.name, mode)
+            doc = f"'{f.name}' as the join pipeline writes it (`trainer.pipelines.join`)."
+            if mode == "cluster_id":
+                out.append(schema.FeatureSpec(column, schema.INT64, doc, min_value=0,
+                                              max_len=length or None, min_len=length,
+                                              keep="reject" if length else "head"))
+            else:
+                n = dim * max(length, 1)
+                out.append(schema.FeatureSpec(column, schema.FLOAT, doc, max_len=n, min_len=n,
+                                              keep="reject"))
+        return out
+
+    def record_kind(self, serving: bool = False, joined: tuple[str, int] | None = None
+                    ) -> schema.RecordKind:
         """The `ctr` record kind this spec reads: the label and group columns (training and
-        evaluation; not `serving`) and the input columns."""
+        evaluation; not `serving`) and the input columns; with `joined` (image_feature_mode,
+        image dimension), also the joined image columns training reads."""
         specs = []
         if not serving:
             specs += [schema.FeatureSpec(self.label, schema.INT64, "1 if the displayed item was "
@@ -249,6 +282,8 @@ class CtrSpec:
                                          "GAUC groups by it.", min_value=0)]
         for name in self.inputs:
             specs.append(self._column(name))
+        if joined is not None:
+            specs += self.joined_columns(*joined)
         doc = (f"One displayed item with its click label (paper 000 §3.2; paper 002 App. A), as "
                f"the feature spec '{self.name}' declares it"
                + (f": {self.doc.strip().rstrip('.')}" if self.doc.strip() else ""))
@@ -446,6 +481,8 @@ def _check(spec: CtrSpec) -> None:
         if f.kind == "image":
             if f.table not in TABLES:
                 raise SpecError(f"{where}: table must be one of {', '.join(TABLES)}")
+            if f.layout not in LAYOUTS:
+                raise SpecError(f"{where}: layout must be one of {', '.join(LAYOUTS)}")
             if not f.ids:
                 raise SpecError(f"{where}: 'ids' names the id column its vectors are looked up by")
             source = by_name.get(f.ids)

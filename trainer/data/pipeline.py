@@ -217,7 +217,7 @@ class InputPipeline:
 
         ds = tf.data.Dataset.from_tensor_slices((files, [validate.compression_of(f) for f in files]))
         by_file = worker_shard is not None and len(files) >= worker_shard[0]
-        if by_file:
+        if worker_shard is not None and by_file:
             ds = ds.shard(*worker_shard)
         if cfg.shuffle:
             ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
