@@ -212,6 +212,9 @@ def test_join_carries_exactly_what_the_in_model_tables_look_up(tiny_world, tmp_p
             names, tf.constant(joined))
         np.testing.assert_allclose(on_joined(joined_batch).numpy(), model(batch).numpy(),
                                    atol=1e-5)
+        # Evaluation and serving look the ids up in the tables built after a restore.
+        on_joined.look_up_joined()
+        np.testing.assert_allclose(on_joined(batch).numpy(), model(batch).numpy(), atol=1e-5)
 
 
 def test_a_bad_record_fails_a_pipeline_naming_it(tiny_world, tmp_path):

@@ -61,19 +61,19 @@ class CtrModel(tfrs.Model):
     def __init__(self, cfg: CtrConfig, spec: ctr_spec.CtrSpec, vocabularies: Vocabularies,
                  images: embeddings_lib.EmbeddingTable | None = None,
                  positives: tuple[np.ndarray, np.ndarray] | None = None,
-                 clusters: clusters_lib.Clusters | None = None, read_joined: bool = True):
+                 clusters: clusters_lib.Clusters | None = None):
         """images: the encoder's table (None: no image features, whatever the spec declares).
         positives: D's (neighbour rows, weights) over `images.item_id` rows
         (`debias.mine_positives`), needed to train with D. clusters: the k-means centroids,
-        needed in the 'cluster_id' mode. read_joined: the spec's `layout: joined` image features
-        come from the records' joined columns and get no table (training); False builds every
-        table, to look ids up (evaluation and serving)."""
+        needed in the 'cluster_id' mode. The spec's `layout: joined` image features come from
+        the records' joined columns and get no table (training); `look_up_joined` builds their
+        tables, to look ids up (evaluation and serving)."""
         super().__init__()
         self.cfg, self.spec, self.vocabularies = cfg, spec, vocabularies
         mode = cfg.image_feature_mode
-        self.joined = {f.name for f in spec.joined} if images is not None and read_joined \
-            else set()
-        self.record_kind = training_records(cfg, spec, images if read_joined else None)
+        self.joined = {f.name for f in spec.joined} if images is not None else set()
+        self.record_kind = training_records(cfg, spec, images)
+        self._images, self._clusters = images, clusters  # for `look_up_joined`
         self.image_features = spec.of_kind("image") if images is not None else []
         self.target = spec.target_image if images is not None else None
         if cfg.debias is not None and (self.target is None or mode != "vector"):
@@ -163,26 +163,12 @@ class CtrModel(tfrs.Model):
     def _build_images(self, images: embeddings_lib.EmbeddingTable,
                       clusters: clusters_lib.Clusters | None) -> None:
         mode = self.cfg.image_feature_mode
-        center = images.item_vector.mean(axis=0) if mode == "vector" else None
         self.image_dim = images.dim
         needed = {f.table for f in self.image_features if f.name not in self.joined}
         if self.cfg.debias is not None:
             needed.add("items")  # D's positives are looked up in it
         for table in sorted(needed):
-            ids, vectors = ((images.item_id, images.item_vector) if table == "items"
-                            else (images.query_id, images.query_vector))
-            if not len(ids):
-                raise ValueError(f"the feature spec's image features need the {table}' vectors, "
-                                 f"and the embedding table ({images.source[:200]}) has none")
-            if mode == "cluster_id":
-                assert clusters is not None
-                self.image_tables[table] = ClusterTable(
-                    ids, vectors, clusters.centroids, self.vocabularies.files_dir,
-                    name=f"{table}_clusters")
-            else:
-                self.image_tables[table] = ImageTable(ids, vectors, center,
-                                                      self.vocabularies.files_dir,
-                                                      name=f"{table}_images")
+            self.image_tables[table] = self._image_table(table)
         if mode == "cluster_id":
             assert clusters is not None
             dim = self.cfg.cluster_embedding_dim or self.cfg.embedding_dim
@@ -201,6 +187,34 @@ class CtrModel(tfrs.Model):
             i, j = rng.integers(0, len(v), [2, 20000])
             cos = np.sum(v[i] * v[j], axis=1)
             self.score_shift, self.score_scale = float(cos.mean()), float(cos.std() + 1e-6)
+
+    def _image_table(self, table: str) -> ImageTable | ClusterTable:
+        images, clusters = self._images, self._clusters
+        assert images is not None
+        ids, vectors = ((images.item_id, images.item_vector) if table == "items"
+                        else (images.query_id, images.query_vector))
+        if not len(ids):
+            raise ValueError(f"the feature spec's image features need the {table}' vectors, "
+                             f"and the embedding table ({images.source[:200]}) has none")
+        if self.cfg.image_feature_mode == "cluster_id":
+            assert clusters is not None
+            return ClusterTable(ids, vectors, clusters.centroids, self.vocabularies.files_dir,
+                                name=f"{table}_clusters")
+        center = images.item_vector.mean(axis=0) if self.cfg.image_feature_mode == "vector" \
+            else None
+        return ImageTable(ids, vectors, center, self.vocabularies.files_dir,
+                          name=f"{table}_images")
+
+    def look_up_joined(self) -> CtrModel:
+        """Builds the tables of the `layout: joined` image features, so that their ids are looked
+        up as serving does (evaluation, export): after restoring a checkpoint, which does not
+        hold them."""
+        for table in sorted({f.table for f in self.image_features if f.name in self.joined}
+                            - set(self.image_tables)):
+            self.image_tables[table] = self._image_table(table)
+        self.joined = set()
+        self.record_kind = self.spec.record_kind()
+        return self
 
     def _item_is_embedded(self) -> bool:
         return any(f.name == self.spec.item and f.kind == "categorical"

@@ -170,7 +170,7 @@ def train_and_evaluate(cfg: CtrConfig, spec: ctr_spec.CtrSpec, train_cfg: TrainC
     if not loop.is_chief(strategy):  # the chief evaluates
         return {"train_seconds": seconds}
     model = restore(model_dir, CtrModel(cfg, spec, vocabularies, images, positives,
-                                        clusters, read_joined=False).build_variables())
+                                        clusters).build_variables()).look_up_joined()
     metrics = evaluate(model, cfg.test_pattern, catalog_item_id, catalog_impressions,
                        skip_bad_records, os.path.join(model_dir, "predictions.npz"))
     return {**metrics, "train_seconds": seconds}
@@ -258,8 +258,7 @@ def load_trained(model_dir: str) -> CtrModel:
         images = embeddings_lib.load(os.path.join(encoder_dir, embeddings_lib.FILE))
         if config.ctr.image_feature_mode == "cluster_id":
             clusters = clusters_lib.Clusters.load(os.path.join(model_dir, CLUSTERS))
-    model = CtrModel(config.ctr, spec, vocabularies, images, None, clusters,
-                     read_joined=False).build_variables()
+    model = CtrModel(config.ctr, spec, vocabularies, images, None, clusters).build_variables()
     tables = list(model.image_tables.values())
     built = [t.table.numpy() for t in tables]
     restore(model_dir, model)
@@ -268,4 +267,4 @@ def load_trained(model_dir: str) -> CtrModel:
             raise ValueError(f"{model_dir}: the '{t.name}' table in the checkpoint differs from "
                              f"the one rebuilt from {encoder_dir}/{embeddings_lib.FILE}: that "
                              "encoder's embeddings changed after this model was trained")
-    return model
+    return model.look_up_joined()
