@@ -12,7 +12,7 @@ RUNS ?= runs
 # Test processes: a test file runs whole on one of them (its module fixtures are built once).
 TEST_WORKERS ?= 2
 
-.PHONY: demo test test-slow lint probe repro-visual repro-ctr repro-courier sweep-tau bench-input bench-convert bench-serving bench-embed bench-train export validate docs lock clean
+.PHONY: demo test test-slow lint probe repro-visual repro-ctr repro-courier sweep-tau bench-input bench-convert bench-serving bench-embed bench-kmeans bench-export-vocab bench-train export validate docs lock clean
 
 $(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -70,6 +70,14 @@ bench-serving: $(VENV)/.installed
 # encoder export).
 bench-embed: $(VENV)/.installed $(DATA)/$(WORLD)/manifest.json
 	$(PY) scripts/bench_embed.py --data_dir=$(DATA)/$(WORLD) --export_dir=$(MODELS)/encoder
+
+# Cluster-ID k-means against raw faiss at 200k x 1,000 and 1M x 10,000, with a projection.
+bench-kmeans: $(VENV)/.installed
+	$(PY) scripts/bench_kmeans.py
+
+# A CTR export with vocabularies of 10k to 1M ids: sizes, load time, p99 of a page of 100.
+bench-export-vocab: $(VENV)/.installed
+	$(PY) scripts/bench_export_vocab.py
 
 # Training-step images/s of S1 and COURIER, their share of a matmul peak, input keep-up.
 bench-train: $(VENV)/.installed $(DATA)/$(WORLD)/manifest.json
