@@ -8,8 +8,8 @@ default). The greedy seeding with 3 restarts (`seeding_trials=0, restarts=3`) is
 configuration the project had before (the same algorithm, reimplemented): its objective is the
 quality to keep; at 1 million points it would take hours, so it runs at the first size only.
 
-The vectors are unit vectors from a mixture of Gaussians whose component sizes follow a power law
-(as catalog categories and styles do): `--spread` is the noise around a component's centre (0.1:
+The vectors are unit vectors from a mixture of 2k Gaussians whose component sizes follow a power
+law (`trainer.synth.vectors`): `--spread` is the noise around a component's centre (0.1:
 tight clusters, where seeding matters; 0.6: diffuse ones). Dimension 64 keeps the run short; every
 cost here is linear in the dimension.
 
@@ -31,22 +31,9 @@ import numpy as np
 
 from trainer import configs
 from trainer.features import clusters
+from trainer.synth import vectors
 
 ITERATIONS, POINTS_PER_CENTROID = 25, 256
-
-
-def mixture(n: int, k: int, dim: int, spread: float, seed: int = 0) -> np.ndarray:
-    """n unit vectors from 2k Gaussian components with Zipf-distributed sizes."""
-    rng = np.random.default_rng(seed)
-    sizes = rng.zipf(1.5, 2 * k).astype(np.float64)
-    centres = rng.normal(size=[2 * k, dim]).astype(np.float32)
-    x = np.empty([n, dim], np.float32)
-    for lo in range(0, n, 1 << 18):  # in blocks: bounded temporaries at any n
-        hi = min(n, lo + (1 << 18))
-        part = rng.choice(2 * k, hi - lo, p=sizes / sizes.sum())
-        x[lo:hi] = centres[part] + spread * rng.normal(size=[hi - lo, dim]).astype(np.float32)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    return x
 
 
 def objective(x: np.ndarray, centroids: np.ndarray) -> float:
@@ -72,7 +59,7 @@ def main() -> None:
     measured = {}
     for size in args.sizes:
         n, k = (int(v) for v in size.split(":"))
-        x = mixture(n, k, args.dim, args.spread)
+        x, _ = vectors.clustered(n, 2 * k, args.dim, args.spread)
         t0 = time.time()
         km = faiss.Kmeans(args.dim, k, niter=ITERATIONS, seed=0,
                           max_points_per_centroid=POINTS_PER_CENTROID)

@@ -11,12 +11,12 @@ import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
 import argparse
 import dataclasses
 import json
-import socket
 
 import numpy as np
 import tensorflow as tf
 import tf_keras
 
+from conftest import free_ports
 from trainer import configs
 from trainer.ctr import debias
 from trainer.ctr import task as ctr_task
@@ -27,12 +27,7 @@ from trainer.train import loop
 
 def in_process_cluster(workers: int, servers: int
                        ) -> tf.distribute.cluster_resolver.SimpleClusterResolver:
-    socks = [socket.socket() for _ in range(workers + servers)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
+    ports = free_ports(workers + servers)
     spec = tf.train.ClusterSpec({
         "worker": [f"127.0.0.1:{p}" for p in ports[:workers]],
         "ps": [f"127.0.0.1:{p}" for p in ports[workers:]]})

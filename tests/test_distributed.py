@@ -10,7 +10,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import REPO, one_step_on_one_and_two_replicas
+from conftest import REPO, free_ports, one_step_on_one_and_two_replicas
 from trainer import configs
 from trainer.data import augment, pipeline, records
 from trainer.models import courier, encoder, pretrain
@@ -84,16 +83,6 @@ def test_courier_one_step_same_on_two_replicas_as_on_one_device(tiny_world, mirr
     assert max(np.abs(a - s).max() for a, s in zip(after, start, strict=True)) > 0.1
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def _weights(model_dir: str) -> dict:
     prefix = tf.train.latest_checkpoint(os.path.join(model_dir, "ckpt"))
     return {name: tf.train.load_variable(prefix, name)
@@ -115,7 +104,7 @@ def test_multi_worker_courier_matches_one_process(tiny_world, tmp_path):
     one_device = run("one_device")
     mirrored = run("mirrored", "--strategy=mirrored", "--logical_cpus=2")
     multi = str(tmp_path / "multi")
-    cluster = {"worker": [f"127.0.0.1:{p}" for p in _free_ports(2)]}
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in free_ports(2)]}
     procs = [subprocess.Popen(
         args + [f"--model_dir={multi}", "--strategy=multi_worker_mirrored"], cwd=REPO,
         env={**ENV, "TF_CONFIG": json.dumps({"cluster": cluster,

@@ -7,7 +7,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -15,7 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import REPO
+from conftest import REPO, free_ports
 from export import ctr as export_ctr
 from export import stand_in_server
 from trainer.ctr import task as ctr_task
@@ -23,16 +22,6 @@ from trainer.data import parse, records
 from trainer.train import loop
 
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def test_ctr_with_d_learns_resumes_and_exports_on_an_in_process_cluster(
@@ -89,7 +78,7 @@ def test_ctr_with_d_learns_resumes_and_exports_on_an_in_process_cluster(
 
 def test_worker_ps_and_chief_processes_from_tf_config_train(tiny_world, tmp_path):
     model_dir = str(tmp_path / "tf_config")
-    ports = _free_ports(5)
+    ports = free_ports(5)
     cluster = {"chief": [f"127.0.0.1:{ports[0]}"],
                "worker": [f"127.0.0.1:{p}" for p in ports[1:3]],
                "ps": [f"127.0.0.1:{p}" for p in ports[3:]]}

@@ -293,7 +293,7 @@ class DebiasConfig:
     num_similar: int = 15
     low_impressions: int = 5
     index: str = _choices("exact", "ivf", default="exact")
-    nprobe: int = 8
+    nprobe: int = 32
     recall_sample: int = 2000
     hidden_units: tuple[int, ...] = (128, 16, 128)
     activations: tuple[str, ...] = ("relu", "tanh", "relu")

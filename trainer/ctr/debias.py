@@ -36,7 +36,7 @@ from trainer.models import contrastive
 
 def mine_positives(s1_vectors: np.ndarray, category_id: np.ndarray, impressions_30d: np.ndarray,
                    num_similar: int = 15, low_impressions: int = 5, index: str = "exact",
-                   nprobe: int = 8, anchors: np.ndarray | None = None
+                   nprobe: int = 32, anchors: np.ndarray | None = None
                    ) -> tuple[np.ndarray, np.ndarray]:
     """P~ of every catalog row: (neighbour rows [N, K] int64, -1 where there are fewer than K
     candidates; weights [N, K] float32, the cosine clipped at a small positive floor, 0 where
@@ -62,12 +62,15 @@ def mine_positives(s1_vectors: np.ndarray, category_id: np.ndarray, impressions_
         for lo in range(0, len(members), 65536):  # batched: bounded memory per category
             batch = members[lo:lo + 65536]
             sims, found = search.search(vectors[batch], k)
-            for anchor, s, f in zip(batch, sims, found, strict=True):
-                keep = (f >= 0) & (candidates[np.maximum(f, 0)] != anchor)
-                s, f = s[keep][:num_similar], candidates[f[keep]][:num_similar]
-                rows[anchor, :len(f)] = f
-                # Pr(p') is proportional to the cosine; one at or below 0 keeps a tiny weight.
-                weights[anchor, :len(f)] = np.maximum(s, 1e-6)
+            found = np.where(found >= 0, candidates[np.maximum(found, 0)], -1)
+            keep = (found >= 0) & (found != batch[:, None])
+            # The first K kept of each row, in the search's order (most similar first).
+            order = np.argsort(~keep, axis=1, kind="stable")[:, :num_similar]
+            kept = np.take_along_axis(keep, order, 1)
+            rows[batch, :order.shape[1]] = np.where(kept, np.take_along_axis(found, order, 1), -1)
+            # Pr(p') is proportional to the cosine; one at or below 0 keeps a tiny weight.
+            weights[batch, :order.shape[1]] = np.where(
+                kept, np.maximum(np.take_along_axis(sims, order, 1), 1e-6), 0)
     return rows, weights
 
 

@@ -224,7 +224,8 @@ def one_step(task: Task, cfg: TrainConfig, strategy: tf.distribute.Strategy, bat
             return strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None)
 
         loss = float(step(next(iter(dist))))
-    new = [np.concatenate([v.numpy() for v in parts]) for parts in variables]
+    new = [parts[0].numpy() if len(parts) == 1 else np.concatenate([v.numpy() for v in parts])
+           for parts in variables]
     return loss, new
 
 
