@@ -17,8 +17,10 @@ import tensorflow as tf
 from conftest import REPO, free_ports
 from export import ctr as export_ctr
 from export import stand_in_server
+from trainer import configs
 from trainer.ctr import task as ctr_task
 from trainer.data import parse, records
+from trainer.stages import common
 from trainer.train import loop
 
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -112,9 +114,13 @@ def test_worker_ps_and_chief_processes_from_tf_config_train(tiny_world, tmp_path
     assert not os.path.exists(os.path.join(model_dir, "workers"))
 
 
-@pytest.mark.parametrize("name", ["parameter_server"])
-def test_parameter_server_strategy_needs_workers_and_servers(name, monkeypatch):
+def test_parameter_server_strategy_needs_workers_and_servers_and_a_ctr_stage(monkeypatch,
+                                                                            tmp_path):
     monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": ["127.0.0.1:1"]},
                                                 "task": {"type": "chief", "index": 0}}))
     with pytest.raises(ValueError, match="needs 'worker' and 'ps' tasks"):
-        loop.make_strategy(name)
+        loop.make_strategy("parameter_server")
+    cfg = configs.PretrainStage(data_dir=str(tmp_path), model_dir=str(tmp_path / "m"),
+                                train=configs.TrainConfig(strategy="parameter_server"))
+    with pytest.raises(common.UsageError, match="trains the ctr and debias stages"):
+        common.training(cfg)
