@@ -188,3 +188,23 @@ def test_training_code_never_reads_the_planted_truth():
         if rel not in allowed and re.search(r"synth\.truth|import truth|truth\.json", src):
             offenders.append(rel)
     assert not offenders, f"training code reads the planted truth: {offenders}"
+
+
+def test_scale_world_streams_valid_records_in_chunks(tmp_path, monkeypatch):
+    from trainer.data import ctr_spec, parse, pipeline, validate
+    from trainer.features import embeddings
+    from trainer.synth import scale
+
+    monkeypatch.setattr(scale, "CHUNK", 700)  # several chunks, the last one partial
+    out = str(tmp_path / "scale")
+    m = scale.generate(out, items=3000, users=2000, samples=2500, test_samples=300, shards=2)
+    table = embeddings.load(os.path.join(out, embeddings.FILE))
+    assert len(table.item_id) == 3000 and table.item_vector.shape == (3000, 64)
+    np.testing.assert_allclose(np.linalg.norm(table.item_vector, axis=1), 1, rtol=1e-5)
+    kind = ctr_spec.load("synthetic").record_kind()
+    rows = read_all(out, kind, "train")
+    assert len(rows["label"]) == 2500 and len(m["files"]["train"]) == 2
+    assert set(np.unique(rows["item_id"])) <= set(table.item_id.tolist())
+    report = validate.scan(pipeline.list_files(records.default_pattern(out, "ctr")),
+                           parse.RecordParser(kind, decode=False))
+    assert report.bad == [] and report.records == 2800

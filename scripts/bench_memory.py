@@ -1,0 +1,176 @@
+"""Peak memory of CTR training against catalog size, in today's layout and in the scale-out one,
+one run.
+
+For each catalog size (items = users), a `scale` world (`trainer.synth.scale`, image vectors of
+dimension 64) with the same number of CTR samples is generated, then the CTR model (the
+`synthetic` spec, Vector mode, 30 steps of a batch of 256, then the evaluation) is trained:
+- table: one process, `one_device`, the image tables in the model (the layout before issue 19);
+- joined + parameter servers: the train records joined with their image vectors by the Beam join
+  pipeline (`--table_in_memory`), the spec's image features `layout: joined`, and a cluster of
+  local processes from TF_CONFIG: a chief (the coordinator, which also evaluates, rebuilding the
+  tables as serving does), one worker and one parameter server.
+Prints the peak resident memory (VmHWM) of each process per size, and the worker's growth over
+the range (goal: under 1.5x).
+
+  python scripts/bench_memory.py --sizes 10000 100000 1000000
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS, BATCH, SAMPLES = 30, 256, 20_000
+
+
+def _train(world: str, model_dir: str, spec_path: str, train_pattern: str, strategy) -> None:
+    from trainer import configs
+    from trainer.ctr import task as ctr_task
+    from trainer.data import ctr_spec, records
+    from trainer.features import embeddings
+
+    table = embeddings.load(os.path.join(world, embeddings.FILE))
+    cfg = configs.CtrConfig(train_pattern=train_pattern,
+                            test_pattern=records.default_pattern(world, "ctr", "test"))
+    train = configs.TrainConfig(steps=STEPS, global_batch_size=BATCH, log_interval=10,
+                                checkpoint_interval=STEPS)
+    metrics = ctr_task.train_and_evaluate(cfg, ctr_spec.load(spec_path), train, model_dir,
+                                          table.item_id, table.impressions_30d, table,
+                                          strategy=strategy)
+    print(f"trained and evaluated: AUC {metrics.get('AUC', float('nan')):.4f}")
+
+
+def _peak_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _child(*args: str, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, os.path.abspath(__file__), *args], cwd=REPO,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(proc: subprocess.Popen) -> tuple[float, str]:
+    """(peak MB, output) of a child that runs to its end: its own getrusage report."""
+    out, _ = proc.communicate()
+    if proc.returncode:
+        raise RuntimeError(out[-3000:])
+    return float(out.rsplit("PEAK_MB ", 1)[1].split()[0]), out
+
+
+def measure(size: int, root: str) -> dict:
+    from trainer.data import ctr_spec, records
+    from trainer.features import embeddings
+    from trainer.pipelines import join
+    from trainer.synth import scale
+
+    world = os.path.join(root, f"world-{size}")
+    t0 = time.time()
+    scale.generate(world, size, size, SAMPLES, SAMPLES // 5)
+    gen_s = time.time() - t0
+    row = {"items": size, "generate_s": round(gen_s, 1)}
+    table_mb, _ = _finish(_child("--role=table", f"--world={world}",
+                                   f"--model_dir={root}/table-{size}"))
+    row["table_mb"] = round(table_mb)
+
+    d = ctr_spec.load("synthetic").to_dict()
+    d["features"] = [{**f, "layout": "joined"} if f["kind"] == "image" else f
+                     for f in d["features"]]
+    spec_path = os.path.join(root, "joined.yaml")
+    ctr_spec.parse(d, "joined").save(spec_path)
+    t0 = time.time()
+    table = os.path.join(world, embeddings.FILE)
+    join.run(records.default_pattern(world, "ctr", "train"), ctr_spec.load(spec_path), "vector",
+             table, os.path.join(root, f"joined-{size}"), "train", query_embeddings=table,
+             table_in_memory=True)
+    row["join_s"] = round(time.time() - t0, 1)
+    ports = _ports(3)
+    cluster = {"chief": [f"127.0.0.1:{ports[0]}"], "worker": [f"127.0.0.1:{ports[1]}"],
+               "ps": [f"127.0.0.1:{ports[2]}"]}
+
+    def tf_config(kind: str) -> dict:
+        return {"TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": kind, "index": 0}})}
+
+    joined = records.default_pattern(os.path.join(root, f"joined-{size}"), "ctr", "train")
+    servers = {k: _child("--role=server", env=tf_config(k)) for k in ("ps", "worker")}
+    try:
+        chief_mb, _ = _finish(_child(
+            "--role=chief", f"--world={world}", f"--model_dir={root}/ps-{size}",
+            f"--spec={spec_path}", f"--train_pattern={joined}", env=tf_config("chief")))
+        row.update({f"{k}_mb": round(_peak_mb(p.pid)) for k, p in servers.items()})
+    finally:
+        for p in servers.values():
+            p.kill()
+            p.communicate()
+    row["chief_mb"] = round(chief_mb)
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    p.add_argument("--role", default="main", choices=["main", "table", "chief", "server"])
+    p.add_argument("--world", default="")
+    p.add_argument("--model_dir", default="")
+    p.add_argument("--spec", default="synthetic")
+    p.add_argument("--train_pattern", default="")
+    args = p.parse_args()
+    if args.role != "main":
+        import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
+        from trainer.data import records
+        from trainer.train import loop
+
+        if args.role == "server":
+            loop.serve_if_not_coordinator("parameter_server")
+            return
+        strategy = (loop.make_strategy("parameter_server") if args.role == "chief"
+                    else loop.make_strategy("one_device"))
+        _train(args.world, args.model_dir, args.spec,
+               args.train_pattern or records.default_pattern(args.world, "ctr", "train"),
+               strategy)
+        print("PEAK_MB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, flush=True)
+        return
+    import trainer  # noqa: F401
+
+    print(f"CTR training, {SAMPLES:,} samples, {STEPS} steps of {BATCH}, image dimension 64; "
+          "peak resident memory (VmHWM) per process, MB")
+    print("| items = users | table layout (one process) | joined + ps: worker | ps | chief "
+          "(coordinator + evaluation) | join s |\n| ---: | ---: | ---: | ---: | ---: | ---: |")
+    rows = []
+    with tempfile.TemporaryDirectory() as root:
+        for size in args.sizes:
+            r = measure(size, root)
+            rows.append(r)
+            print(f"| {size:,} | {r['table_mb']} | {r['worker_mb']} | {r['ps_mb']} | "
+                  f"{r['chief_mb']} | {r['join_s']} |", flush=True)
+    first, last = rows[0], rows[-1]
+    print(f"growth {first['items']:,} -> {last['items']:,} items: table layout "
+          f"{last['table_mb'] / first['table_mb']:.2f}x, joined + ps worker "
+          f"{last['worker_mb'] / first['worker_mb']:.2f}x (goal < 1.5x), ps "
+          f"{last['ps_mb'] / first['ps_mb']:.2f}x, chief "
+          f"{last['chief_mb'] / first['chief_mb']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
