@@ -17,6 +17,7 @@ import dataclasses
 import os
 import tempfile
 import time
+from unittest import mock
 
 import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
 
@@ -33,6 +34,7 @@ from trainer.ctr.tables import Vocabularies
 from trainer.data import ctr_spec
 
 PAGE, REQUESTS = 100, 200
+LOAD = Vocabularies.load
 
 
 def model_dir_with_vocabularies(root: str, size: int, constants: bool) -> str:
@@ -76,12 +78,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as root:
         for size in args.sizes:
             model_dir = model_dir_with_vocabularies(root, size, args.constants)
-            version = export_ctr.export(model_dir, os.path.join(root, f"export-{size}"))
+            if args.constants:  # the export rebuilds the model with the vocabularies as arrays
+                with mock.patch.object(Vocabularies, "load", staticmethod(
+                        lambda path, files_dir=None: LOAD(path))):
+                    version = export_ctr.export(model_dir, os.path.join(root, f"export-{size}"))
+            else:
+                version = export_ctr.export(model_dir, os.path.join(root, f"export-{size}"))
             t0 = time.time()
             served = stand_in_server.Version(version)
             served.warm_up()
             load = time.time() - t0
-            model = ctr_task.load_trained(model_dir)
+            model = ctr_task.load_trained(model_dir)  # for its spec and vocabularies
             ms = []
             for i in range(REQUESTS):
                 inputs = export_ctr.sample_requests(model.spec, model.vocabularies, PAGE, seed=i)
