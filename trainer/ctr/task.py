@@ -5,8 +5,10 @@ image-feature encoder's embedding table stays beside that encoder (`config.json`
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import os
+import shutil
 import tempfile
 import time
 
@@ -221,8 +223,9 @@ def refresh_items(model: CtrModel, model_dir: str, embeddings_path: str) -> dict
                          f"encoder than {encoder}")
     old = model.image_tables["items"]
     # The refreshed ids' file must outlive this call (the export copies it as an asset) and must
-    # not replace the trained model's own.
+    # not replace the trained model's own: a scratch dir, removed when the process ends.
     files_dir = tempfile.mkdtemp(prefix="refreshed-items-")
+    atexit.register(shutil.rmtree, files_dir, True)
     if isinstance(old, ClusterTable):
         table = ClusterTable(ids, vectors, old.centroids.numpy(), files_dir, name=old.name)
     else:
