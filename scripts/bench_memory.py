@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import resource
-import socket
 import subprocess
 import sys
 import tempfile
@@ -55,16 +54,6 @@ def _peak_mb(pid: int) -> float:
     return float("nan")
 
 
-def _ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def _child(*args: str, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, os.path.abspath(__file__), *args], cwd=REPO,
                             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})},
@@ -84,6 +73,7 @@ def measure(size: int, root: str) -> dict:
     from trainer.features import embeddings
     from trainer.pipelines import join
     from trainer.synth import scale
+    from trainer.train import loop
 
     world = os.path.join(root, f"world-{size}")
     t0 = time.time()
@@ -105,7 +95,7 @@ def measure(size: int, root: str) -> dict:
              table, os.path.join(root, f"joined-{size}"), "train", query_embeddings=table,
              table_in_memory=True)
     row["join_s"] = round(time.time() - t0, 1)
-    ports = _ports(3)
+    ports = loop.local_ports(3)
     cluster = {"chief": [f"127.0.0.1:{ports[0]}"], "worker": [f"127.0.0.1:{ports[1]}"],
                "ps": [f"127.0.0.1:{ports[2]}"]}
 

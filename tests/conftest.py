@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
 
@@ -52,17 +51,6 @@ def encoder_dir(tiny_world, tmp_path_factory) -> str:
     loop.run(task, train, model_dir)
     configs.save(model_dir, configs.PretrainStage(model_dir=model_dir, encoder=enc, train=train))
     return model_dir
-
-
-def free_ports(n: int) -> list[int]:
-    """n TCP ports free on 127.0.0.1 now (for local clusters of TensorFlow servers)."""
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def read_all(data_dir: str, kind, split: str = "*", image_size: int = 32, **overrides) -> dict:

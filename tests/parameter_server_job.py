@@ -16,7 +16,6 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
-from conftest import free_ports
 from trainer import configs
 from trainer.ctr import debias
 from trainer.ctr import task as ctr_task
@@ -27,7 +26,7 @@ from trainer.train import loop
 
 def in_process_cluster(workers: int, servers: int
                        ) -> tf.distribute.cluster_resolver.SimpleClusterResolver:
-    ports = free_ports(workers + servers)
+    ports = loop.local_ports(workers + servers)
     spec = tf.train.ClusterSpec({
         "worker": [f"127.0.0.1:{p}" for p in ports[:workers]],
         "ps": [f"127.0.0.1:{p}" for p in ports[workers:]]})

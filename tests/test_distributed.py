@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import REPO, free_ports, one_step_on_one_and_two_replicas
+from conftest import REPO, one_step_on_one_and_two_replicas
 from trainer import configs
 from trainer.data import augment, pipeline, records
 from trainer.models import courier, encoder, pretrain
@@ -104,7 +104,7 @@ def test_multi_worker_courier_matches_one_process(tiny_world, tmp_path):
     one_device = run("one_device")
     mirrored = run("mirrored", "--strategy=mirrored", "--logical_cpus=2")
     multi = str(tmp_path / "multi")
-    cluster = {"worker": [f"127.0.0.1:{p}" for p in free_ports(2)]}
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in loop.local_ports(2)]}
     procs = [subprocess.Popen(
         args + [f"--model_dir={multi}", "--strategy=multi_worker_mirrored"], cwd=REPO,
         env={**ENV, "TF_CONFIG": json.dumps({"cluster": cluster,

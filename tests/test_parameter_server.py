@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import REPO, free_ports
+from conftest import REPO
 from export import ctr as export_ctr
 from export import stand_in_server
 from trainer import configs
@@ -80,7 +80,7 @@ def test_ctr_with_d_learns_resumes_and_exports_on_an_in_process_cluster(
 
 def test_worker_ps_and_chief_processes_from_tf_config_train(tiny_world, tmp_path):
     model_dir = str(tmp_path / "tf_config")
-    ports = free_ports(5)
+    ports = loop.local_ports(5)
     cluster = {"chief": [f"127.0.0.1:{ports[0]}"],
                "worker": [f"127.0.0.1:{p}" for p in ports[1:3]],
                "ps": [f"127.0.0.1:{p}" for p in ports[3:]]}

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import re
+import socket
 import sys
 import time
 
@@ -83,6 +84,17 @@ def serve_if_not_coordinator(strategy_name: str) -> None:
     print(f"{resolver.task_type} {resolver.task_id}: serving {server.target}",
           file=sys.stderr, flush=True)
     server.join()
+
+
+def local_ports(n: int) -> list[int]:
+    """n TCP ports free on 127.0.0.1 now: for a cluster of local processes or servers."""
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
 
 
 def is_parameter_server(strategy: tf.distribute.Strategy) -> bool:
