@@ -72,8 +72,10 @@ class CtrModel(tfrs.Model):
         self.cfg, self.spec, self.vocabularies = cfg, spec, vocabularies
         mode = cfg.image_feature_mode
         self.joined = {f.name for f in spec.joined} if images is not None else set()
-        self.record_kind = training_records(cfg, spec, images)
         self._images, self._clusters = images, clusters  # for `look_up_joined`
+        # Vector mode centres every table on the catalog's mean vector: computed once.
+        self._center = (images.item_vector.mean(axis=0)
+                        if images is not None and mode == "vector" else None)
         self.image_features = spec.of_kind("image") if images is not None else []
         self.target = spec.target_image if images is not None else None
         if cfg.debias is not None and (self.target is None or mode != "vector"):
@@ -200,9 +202,7 @@ class CtrModel(tfrs.Model):
             assert clusters is not None
             return ClusterTable(ids, vectors, clusters.centroids, self.vocabularies.files_dir,
                                 name=f"{table}_clusters")
-        center = images.item_vector.mean(axis=0) if self.cfg.image_feature_mode == "vector" \
-            else None
-        return ImageTable(ids, vectors, center, self.vocabularies.files_dir,
+        return ImageTable(ids, vectors, self._center, self.vocabularies.files_dir,
                           name=f"{table}_images")
 
     def look_up_joined(self) -> CtrModel:
@@ -213,8 +213,13 @@ class CtrModel(tfrs.Model):
                             - set(self.image_tables)):
             self.image_tables[table] = self._image_table(table)
         self.joined = set()
-        self.record_kind = self.spec.record_kind()
         return self
+
+    @property
+    def record_kind(self):
+        """The records the model reads: with the joined columns while it reads joined features."""
+        return (training_records(self.cfg, self.spec, self._images) if self.joined
+                else self.spec.record_kind())
 
     def _item_is_embedded(self) -> bool:
         return any(f.name == self.spec.item and f.kind == "categorical"
