@@ -3,10 +3,13 @@
 
 Both get the same k, Lloyd iterations (25) and training sample (at most 256 points per centroid,
 faiss's default), and both use this machine's cores through faiss. Raw faiss seeds with k random
-points; the project's fit seeds with k-means++ (one draw per centre: `seeding_trials=1`, the
-default). The greedy seeding with 3 restarts (`seeding_trials=0, restarts=3`) is the
-configuration the project had before (the same algorithm, reimplemented): its objective is the
-quality to keep; at 1 million points it would take hours, so it runs at the first size only.
+points; the project's fit (the default `ClusterConfig`) draws about 5k candidates in 5 rounds of
+k-means|| (each one faiss search of the sample against the round's candidates) and picks k seeds
+among them by greedy k-means++, weighted by the points nearest to each. Two configurations seed
+by k-means++ over the whole sample instead (`seeding_rounds=0`): one draw per centre (the
+previous default), and greedy draws with 3 restarts (`seeding_trials=0, restarts=3`, the
+configuration before that: the quality to keep). They make k sequential passes over the sample,
+hours at 1 million points, so they run up to `--sequential_up_to` points only.
 
 The vectors are unit vectors from a mixture of 2k Gaussians whose component sizes follow a power
 law (`trainer.synth.vectors`): `--spread` is the noise around a component's centre (0.1:
@@ -48,8 +51,9 @@ def main() -> None:
                    help="N:k pairs")
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--spread", type=float, default=0.1)
-    p.add_argument("--greedy_up_to", type=int, default=200000,
-                   help="Run the greedy 3-restart configuration up to this many points.")
+    p.add_argument("--sequential_up_to", type=int, default=200000,
+                   help="Run the configurations that seed over the whole sample up to this "
+                   "many points.")
     args = p.parse_args()
     print(f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads; dimension "
           f"{args.dim}, spread {args.spread}, {ITERATIONS} iterations, at most "
@@ -67,15 +71,17 @@ def main() -> None:
         raw_s = time.time() - t0
         raw_obj = objective(x, km.centroids)
         rows = [("raw faiss.Kmeans (random seeding)", raw_s, raw_obj)]
-        runs = [("fit, k-means++ (default)", configs.ClusterConfig(num_clusters=k))]
-        if n <= args.greedy_up_to:
-            runs.append(("fit, greedy k-means++ x 3 restarts", configs.ClusterConfig(
-                num_clusters=k, seeding_trials=0, restarts=3)))
+        runs = [("fit, k-means|| + greedy k-means++", configs.ClusterConfig(num_clusters=k))]
+        if n <= args.sequential_up_to:
+            runs += [("fit, k-means++ over the sample", configs.ClusterConfig(
+                num_clusters=k, seeding_rounds=0, seeding_trials=1)),
+                ("fit, greedy k-means++ x 3 restarts", configs.ClusterConfig(
+                    num_clusters=k, seeding_rounds=0, seeding_trials=0, restarts=3))]
         for name, cfg in runs:
             t0 = time.time()
             fitted = clusters.fit(x, cfg)
             rows.append((name, time.time() - t0, objective(x, fitted.centroids)))
-            if name.startswith("fit, k-means++"):
+            if name.startswith("fit, k-means||"):
                 t0 = time.time()
                 fitted.assign(x)
                 measured[(n, k)] = (rows[-1][1], time.time() - t0)

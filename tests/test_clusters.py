@@ -51,3 +51,27 @@ def test_default_k_is_one_cluster_per_items_per_cluster():
     x, _ = _blobs(np.random.default_rng(2))  # 1,600 vectors
     assert clusters.fit(x, configs.ClusterConfig(items_per_cluster=200)).num_clusters == 8
     assert clusters.fit(x[:100], configs.ClusterConfig()).num_clusters == 2  # at least 2
+
+
+def test_kmeans_parallel_seeds_cover_small_tight_clusters():
+    """k-means|| candidates carry all the points as weights, and the greedy k-means++ pick among
+    them puts a seed in every planted cluster, the small ones too, where random seeds crowd
+    into the big ones."""
+    rng = np.random.default_rng(3)
+    k, d = 40, 16
+    sizes = np.maximum(3, (2000 / np.arange(1, k + 1)).astype(int))  # Zipf: 2000 down to 50
+    centres = rng.normal(size=[k, d])
+    truth = np.repeat(np.arange(k), sizes)
+    x = (centres[truth] + 0.02 * rng.normal(size=[len(truth), d])).astype(np.float32)
+    cfg = configs.ClusterConfig()
+    candidates, weights = clusters.kmeans_parallel(x, k, rng, cfg.seeding_rounds,
+                                                   cfg.oversampling)
+    assert weights.sum() == len(x) and (weights > 0).all()
+    assert k <= len(candidates) <= 3 * cfg.seeding_rounds * k
+    seeds = clusters.seed_centres(x, k, cfg, rng)
+
+    def covered(points):
+        return len(np.unique(((points[:, None] - centres[None]) ** 2).sum(-1).argmin(1)))
+
+    assert covered(seeds) == k
+    assert covered(x[rng.choice(len(x), k, replace=False)]) < 0.8 * k  # random seeds do not

@@ -375,12 +375,18 @@ class ClusterConfig:
       iterations: Lloyd iterations.
       max_points_per_centroid: faiss trains on a random sample of at most this many points per
         centroid.
-      restarts: k-means runs, each from its own k-means++ initialisation; the one with the
-        lowest objective is kept.
-      seeding_trials: Draws per k-means++ centre: 1 is k-means++ (Arthur & Vassilvitskii, 2007),
-        whose cost is one pass over the sample per centre; more keeps the best of that many
-        draws (greedy k-means++, as scikit-learn's; 0: 2 + log k), a lower objective on tightly
-        clustered vectors for that many times the seeding cost (`scripts/bench_kmeans.py`).
+      restarts: k-means runs, each from its own seeding; the one with the lowest objective is
+        kept.
+      seeding_rounds: Rounds of k-means|| (Bahmani et al., 2012) that draw candidate centres
+        from the training sample, each one faiss search of the sample against about
+        `oversampling` x k new candidates; k-means++ then picks the k seeds among the
+        candidates, weighted by the points nearest to each. 0: k-means++ over the whole sample,
+        k sequential passes over it (`scripts/bench_kmeans.py` compares both).
+      oversampling: Expected new candidates per k-means|| round, in multiples of k.
+      seeding_trials: Draws per k-means++ centre: 1 is k-means++ (Arthur & Vassilvitskii, 2007);
+        more keeps the best of that many draws by the resulting sum of squared distances
+        (greedy k-means++, as scikit-learn's; 0: 2 + log k), a lower objective on tightly
+        clustered vectors for that many times the cost of picking the seeds.
     """
 
     num_clusters: int = 0
@@ -388,7 +394,9 @@ class ClusterConfig:
     iterations: int = 25
     max_points_per_centroid: int = 256
     restarts: int = 1
-    seeding_trials: int = 1
+    seeding_rounds: int = 5
+    oversampling: float = 1.0
+    seeding_trials: int = 0
 
 
 @dataclasses.dataclass
@@ -840,7 +848,8 @@ RULES: dict[str, dict[str, tuple[Any, Any]]] = {
                   "cluster_embedding_dim": _NON_NEGATIVE},
     "ClusterConfig": {"num_clusters": _NON_NEGATIVE, "items_per_cluster": _AT_LEAST_1,
                       "iterations": _AT_LEAST_1, "max_points_per_centroid": _AT_LEAST_1,
-                      "restarts": _AT_LEAST_1, "seeding_trials": _NON_NEGATIVE},
+                      "restarts": _AT_LEAST_1, "seeding_rounds": _NON_NEGATIVE,
+                      "oversampling": _POSITIVE, "seeding_trials": _NON_NEGATIVE},
     "CourierConfig": {"temperature": _POSITIVE, "heads": _AT_LEAST_1},
     "CatalogEmbedConfig": {"batch_size": _AT_LEAST_1, "num_shards": _NON_NEGATIVE,
                            "nprobe": _AT_LEAST_1, "index_sample": _AT_LEAST_1},

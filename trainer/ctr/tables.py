@@ -229,7 +229,12 @@ def id_lookup(ids: np.ndarray, name: str, files_dir: str | None = None
 def gather_rows(params, ids: tf.Tensor) -> tf.Tensor:
     """Rows of `params` for `ids` of any shape: a variable, or one sharded over parameter servers
     (a `ShardedVariable`, whose lookups take 1-D ids only)."""
-    flat = tf.nn.embedding_lookup(params, tf.reshape(ids, [-1]))
+    return _by_flat_ids(lambda flat: tf.nn.embedding_lookup(params, flat), ids)
+
+
+def _by_flat_ids(lookup, ids: tf.Tensor) -> tf.Tensor:
+    """`lookup` ([n] ids -> [n, ...] rows) applied to `ids` of any shape -> [*ids.shape, ...]."""
+    flat = lookup(tf.reshape(ids, [-1]))
     out = tf.reshape(flat, tf.concat([tf.shape(ids), tf.shape(flat)[1:]], 0))
     return tf.ensure_shape(out, ids.shape.concatenate(flat.shape[1:]))
 
@@ -239,10 +244,7 @@ class Embedding(tf_keras.layers.Embedding):
     servers (`gather_rows`)."""
 
     def call(self, inputs):
-        out = super().call(tf.reshape(inputs, [-1]))
-        shape = tf.concat([tf.shape(inputs), [self.output_dim]], 0)
-        return tf.ensure_shape(tf.reshape(out, shape),
-                               inputs.shape.concatenate([self.output_dim]))
+        return _by_flat_ids(super().call, inputs)
 
 
 class ImageTable(tf_keras.layers.Layer):
