@@ -109,8 +109,8 @@ def kmeans_parallel(x: np.ndarray, k: int, rng: np.random.Generator, rounds: int
     rows = rng.integers(n, size=1)  # x's rows that are candidates, in order
     d2 = np.full([n], np.inf, np.float32)
     nearest = np.zeros([n], np.int64)  # each point's nearest candidate, a position in `rows`
+    old = 0  # candidates searched already
     for r in range(rounds + 1):
-        old = len(rows)
         if r:
             p = (oversampling * k / max(float(d2.sum(dtype=np.float64)), 1e-30)) * d2
             new = np.flatnonzero(rng.random(n) < p)
@@ -122,6 +122,7 @@ def kmeans_parallel(x: np.ndarray, k: int, rng: np.random.Generator, rounds: int
         dist, ids = index.search(x, 1)
         closer = dist[:, 0] < d2
         d2[closer], nearest[closer] = dist[closer, 0], ids[closer, 0] + old
+        old = len(rows)
     weights = np.bincount(nearest, minlength=len(rows)).astype(np.float64)
     keep = weights > 0
     return x[rows][keep], weights[keep]
