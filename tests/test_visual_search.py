@@ -37,3 +37,6 @@ def test_nearest_neighbours_rank_by_cosine_without_the_query():
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     got = visual_search.nearest_neighbours(emb, np.array([0, 2]), k=3)
     assert got.tolist() == [[1, 3, 2], [3, 1, 0]]
+    whole = visual_search.nearest_neighbours(emb, np.array([0, 2]), k=10)  # k > the catalog
+    assert whole[0].tolist() == [1, 3, 2, 4]  # all the others, no -1 fill
+    assert whole[1, :2].tolist() == [3, 1] and sorted(whole[1, 2:]) == [0, 4]  # 0, 4 tie

@@ -41,13 +41,18 @@ def search(embeddings: np.ndarray, query_vectors: np.ndarray, k: int) -> np.ndar
 
 
 def nearest_neighbours(embeddings: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
-    """[Q, k] catalog rows by descending cosine, each query's own row (queries[i] is a catalog
-    row) left out."""
+    """[Q, min(k, N - 1)] catalog rows by descending cosine, each query's own row (queries[i] is
+    a catalog row) left out: a catalog of N <= k images is ranked whole (faiss would fill the
+    missing places with -1)."""
+    n = len(embeddings)
+    if k >= n:
+        log.warning("%d neighbours asked from a catalog of %d images: each query gets the "
+                    "other %d", k, n, n - 1)
+        k = n - 1
     found = search(embeddings, embeddings[queries], k + 1)
     out = np.empty([len(queries), k], np.int64)
     for i, (q, row) in enumerate(zip(queries, found, strict=True)):
-        row = row[row != q]
-        out[i] = row[:k]
+        out[i] = row[row != q][:k]
     return out
 
 
