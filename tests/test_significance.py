@@ -1,0 +1,69 @@
+"""The paired bootstrap that judges the papers' orderings (`trainer.eval.significance`), on cases
+with a known answer."""
+from __future__ import annotations
+
+import numpy as np
+
+from trainer.eval import ctr_metrics, significance
+
+
+def _pages(rng, pages=300, per=8, rate=0.2):
+    unit_of = np.repeat(np.arange(pages), per)
+    labels = (rng.random(len(unit_of)) < rate).astype(np.int64)
+    return labels, unit_of
+
+
+def test_weighted_auc_is_the_auc_with_ties_and_follows_the_weights():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 500)
+    scores = np.round(rng.random(500) + 0.3 * labels, 1)  # many ties
+    ones = np.ones([1, 500])
+    np.testing.assert_allclose(significance.weighted_auc(labels, scores)(ones)[0],
+                               ctr_metrics.auc(labels, scores), atol=1e-12)
+    counts = rng.integers(0, 3, [4, 500]).astype(np.float64)  # integer weights = repeated rows
+    for row in counts:
+        rows = np.repeat(np.arange(500), row.astype(int))
+        np.testing.assert_allclose(significance.weighted_auc(labels, scores)(row[None])[0],
+                                   ctr_metrics.auc(labels[rows], scores[rows]), atol=1e-12)
+
+
+def test_identical_models_are_within_noise_and_a_perfect_one_beats_a_random_one():
+    rng = np.random.default_rng(1)
+    labels, unit_of = _pages(rng)
+    units = int(unit_of.max()) + 1
+    random_scores = rng.random(len(labels))
+    perfect = labels + 0.1 * rng.random(len(labels))
+    other_random = rng.random(len(labels))  # as good (AUC 0.5), different predictions
+    for metric in (significance.auc_metric(labels, unit_of),
+                   significance.gauc_metric(labels, unit_of)):
+        same = significance.compare(metric, random_scores, random_scores, units, 300)
+        assert same.difference.low <= 0 <= same.difference.high
+        assert same.verdict == "within noise"
+        better = significance.compare(metric, perfect, random_scores, units, 300)
+        assert better.verdict == "holds" and better.difference.low > 0.3
+        assert significance.compare(metric, random_scores, perfect, units, 300).verdict == "fails"
+        assert significance.compare(metric, other_random, random_scores, units, 300
+                                    ).verdict == "within noise"
+    whole = significance.compare(significance.auc_metric(labels, unit_of), perfect,
+                                 random_scores, units, 300)
+    assert whole.a.value == ctr_metrics.auc(labels, perfect) == whole.a.low == 1
+    assert whole.b.value == ctr_metrics.auc(labels, random_scores)
+    assert whole.b.low < 0.5 < whole.b.high and whole.b.high - whole.b.low < 0.1
+
+
+def test_gauc_under_unit_counts_is_ctr_metrics_gauc_and_slices_follow_the_mask():
+    rng = np.random.default_rng(2)
+    labels, unit_of = _pages(rng, pages=100)
+    scores = rng.random(len(labels)) + 0.5 * labels
+    got = significance.gauc_metric(labels, unit_of)(scores)(np.ones([1, 100]))[0]
+    np.testing.assert_allclose(got, ctr_metrics.gauc(labels, scores, unit_of)[0], atol=1e-12)
+    mask = unit_of < 30
+    got = significance.auc_metric(labels, unit_of, mask)(scores)(np.ones([1, 100]))[0]
+    np.testing.assert_allclose(got, ctr_metrics.auc(labels[mask], scores[mask]), atol=1e-12)
+
+
+def test_ratio_metrics_over_queries():
+    hits_a, hits_b, relevant = np.array([3, 2, 4, 5]), np.array([0, 1, 0, 1]), np.array([5] * 4)
+    c = significance.compare(significance.ratio_metric, (hits_a, relevant), (hits_b, relevant),
+                             4, 200)
+    assert c.a.value == 14 / 20 and c.b.value == 2 / 20 and c.verdict == "holds"
