@@ -22,12 +22,14 @@ faiss index (batched), and a projection to paper 002's 6e7 images into 1e5 clust
 measured scaling (Lloyd and seeding are linear in sample size x k, assignment in N x k).
 
   python scripts/bench_kmeans.py                  # 200k x 1,000 and 1M x 10,000
-  python scripts/bench_kmeans.py --sizes 200000:1000
+  python scripts/bench_kmeans.py --sizes 200000:1000 --repeats 3   # medians of 3, in turn
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import time
+from collections.abc import Callable
 
 import faiss
 import numpy as np
@@ -37,6 +39,7 @@ from trainer.features import clusters
 from trainer.synth import vectors
 
 ITERATIONS, POINTS_PER_CENTROID = 25, 256
+DEFAULT = "fit, k-means|| + greedy k-means++"
 
 
 def objective(x: np.ndarray, centroids: np.ndarray) -> float:
@@ -54,6 +57,9 @@ def main() -> None:
     p.add_argument("--sequential_up_to", type=int, default=200000,
                    help="Run the configurations that seed over the whole sample up to this "
                    "many points.")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="Time every method this many times, in turn, and print the median "
+                   "(this machine's timings vary by up to 2x from one minute to the next).")
     args = p.parse_args()
     print(f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads; dimension "
           f"{args.dim}, spread {args.spread}, {ITERATIONS} iterations, at most "
@@ -64,30 +70,42 @@ def main() -> None:
     for size in args.sizes:
         n, k = (int(v) for v in size.split(":"))
         x, _ = vectors.clustered(n, 2 * k, args.dim, args.spread)
-        t0 = time.time()
-        km = faiss.Kmeans(args.dim, k, niter=ITERATIONS, seed=0,
-                          max_points_per_centroid=POINTS_PER_CENTROID)
-        km.train(x)
-        raw_s = time.time() - t0
-        raw_obj = objective(x, km.centroids)
-        rows = [("raw faiss.Kmeans (random seeding)", raw_s, raw_obj)]
-        runs = [("fit, k-means|| + greedy k-means++", configs.ClusterConfig(num_clusters=k))]
+
+        def raw(x=x, k=k) -> clusters.Clusters:
+            km = faiss.Kmeans(args.dim, k, niter=ITERATIONS, seed=0,
+                              max_points_per_centroid=POINTS_PER_CENTROID)
+            km.train(x)
+            return clusters.Clusters(np.asarray(km.centroids))
+
+        runs: dict[str, Callable[[], clusters.Clusters]] = {
+            "raw faiss.Kmeans (random seeding)": raw,
+            DEFAULT: functools.partial(clusters.fit, x, configs.ClusterConfig(num_clusters=k))}
         if n <= args.sequential_up_to:
-            runs += [("fit, k-means++ over the sample", configs.ClusterConfig(
-                num_clusters=k, seeding_rounds=0, seeding_trials=1)),
-                ("fit, greedy k-means++ x 3 restarts", configs.ClusterConfig(
-                    num_clusters=k, seeding_rounds=0, seeding_trials=0, restarts=3))]
-        for name, cfg in runs:
-            t0 = time.time()
-            fitted = clusters.fit(x, cfg)
-            rows.append((name, time.time() - t0, objective(x, fitted.centroids)))
-            if name.startswith("fit, k-means||"):
+            runs["fit, k-means++ over the sample"] = functools.partial(
+                clusters.fit, x, configs.ClusterConfig(num_clusters=k, seeding_rounds=0,
+                                                       seeding_trials=1))
+            runs["fit, greedy k-means++ x 3 restarts"] = functools.partial(
+                clusters.fit, x, configs.ClusterConfig(num_clusters=k, seeding_rounds=0,
+                                                       seeding_trials=0, restarts=3))
+        seconds: dict[str, list[float]] = {name: [] for name in runs}
+        objectives = {}
+        fitted = {}
+        for _ in range(args.repeats):  # methods in turn, so that a slow spell hits them all
+            for name, run in runs.items():
                 t0 = time.time()
-                fitted.assign(x)
-                measured[(n, k)] = (rows[-1][1], time.time() - t0)
-        for name, s, obj in rows:
-            print(f"{n:>9} {k:>6}  {name:<38} {s:8.1f} {s / raw_s:6.2f} {obj:12.1f} "
-                  f"{obj / raw_obj - 1:+7.1%}")
+                fitted[name] = run()
+                seconds[name].append(time.time() - t0)
+                objectives[name] = objective(x, fitted[name].centroids)
+        t0 = time.time()
+        fitted[DEFAULT].assign(x)
+        measured[(n, k)] = (float(np.median(seconds[DEFAULT])), time.time() - t0)
+        raw_s, raw_obj = float(np.median(seconds[next(iter(runs))])), objectives[next(iter(runs))]
+        for name in runs:
+            s = float(np.median(seconds[name]))
+            spread = (f"  ({', '.join(f'{v:.1f}' for v in seconds[name])})"
+                      if args.repeats > 1 else "")
+            print(f"{n:>9} {k:>6}  {name:<38} {s:8.1f} {s / raw_s:6.2f} "
+                  f"{objectives[name]:12.1f} {objectives[name] / raw_obj - 1:+7.1%}{spread}")
         print(f"{n:>9} {k:>6}  {'assign all N (faiss flat index)':<38} "
               f"{measured[(n, k)][1]:8.1f}")
     (n, k), (fit_s, assign_s) = max(measured.items())
