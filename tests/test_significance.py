@@ -3,6 +3,7 @@ with a known answer."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from trainer.eval import ctr_metrics, significance
 
@@ -67,3 +68,23 @@ def test_ratio_metrics_over_queries():
     c = significance.compare(significance.ratio_metric, (hits_a, relevant), (hits_b, relevant),
                              4, 200)
     assert c.a.value == 14 / 20 and c.b.value == 2 / 20 and c.verdict == "holds"
+
+
+def test_compare_ctr_reads_predictions_of_the_same_test_set():
+    rng = np.random.default_rng(3)
+    labels, unit_of = _pages(rng, pages=200)
+    item = rng.integers(0, 50, len(labels))
+    base = {"label": labels, "group": unit_of * 7 + 3, "item": item,
+            "impressions_30d": item * 10}
+    good = dict(base, score=labels + rng.random(len(labels)))
+    poor = dict(base, score=rng.random(len(labels)))
+    for metric in significance.CTR_METRICS:
+        c = significance.compare_ctr(good, poor, metric, resamples=200)
+        assert c.verdict == "holds", metric
+    bottom, _ = ctr_metrics.impression_slices(item, item * 10)
+    c = significance.compare_ctr(good, poor, "AUC_bottom10", resamples=10)
+    assert c.a.value == ctr_metrics.auc(labels[bottom], good["score"][bottom])
+    with pytest.raises(ValueError, match="same test samples"):
+        significance.compare_ctr(good, dict(poor, label=1 - labels), "AUC")
+    with pytest.raises(ValueError, match="not one of"):
+        significance.compare_ctr(good, poor, "LogLoss")

@@ -160,3 +160,28 @@ def ratio_metric(outputs: tuple[np.ndarray, np.ndarray]) -> Scorer:
     LR@K, same-category results and results for CR@K (`visual_search`)."""
     num, den = (np.asarray(v, np.float64) for v in outputs)
     return lambda counts: (counts @ num) / (counts @ den)
+
+
+CTR_METRICS = ("AUC", "GAUC", "AUC_bottom10", "AUC_top10")
+
+
+def compare_ctr(a: dict, b: dict, metric: str, resamples: int = 1000, seed: int = 0
+                ) -> Comparison:
+    """Paired bootstrap over test pages of one of Table 2's metrics (`CTR_METRICS`) between two
+    CTR models' predictions of the same test set (`ctr.task.evaluate`'s predictions.npz: label,
+    score, group, item, impressions_30d, in the same order)."""
+    for k in ("label", "group", "item"):
+        if not np.array_equal(a[k], b[k]):
+            raise ValueError(f"the two predictions are not of the same test samples ('{k}' "
+                             "differs)")
+    _, unit_of = np.unique(a["group"], return_inverse=True)
+    units = int(unit_of.max()) + 1
+    if metric == "GAUC":
+        prepare = gauc_metric(a["label"], unit_of)
+    elif metric in CTR_METRICS:
+        bottom, top = ctr_metrics.impression_slices(a["item"], a["impressions_30d"])
+        mask = {"AUC": None, "AUC_bottom10": bottom, "AUC_top10": top}[metric]
+        prepare = auc_metric(a["label"], unit_of, mask)
+    else:
+        raise ValueError(f"metric '{metric}' is not one of {CTR_METRICS}")
+    return compare(prepare, a["score"], b["score"], units, resamples, seed)
