@@ -185,3 +185,17 @@ def compare_ctr(a: dict, b: dict, metric: str, resamples: int = 1000, seed: int 
     else:
         raise ValueError(f"metric '{metric}' is not one of {CTR_METRICS}")
     return compare(prepare, a["score"], b["score"], units, resamples, seed)
+
+
+def compare_search(a: dict, b: dict, metric: str, resamples: int = 1000, seed: int = 0
+                   ) -> Comparison:
+    """Paired bootstrap over judged queries of a visual-search metric (HR, LR@K, CR@K) between
+    two encoders, from their per-query parts (`visual_search.evaluate`'s per_query_path)."""
+    if not np.array_equal(a["query_item_id"], b["query_item_id"]):
+        raise ValueError("the two evaluations are not of the same queries")
+    num, den = f"{metric}:num", f"{metric}:den"
+    if num not in a or num not in b:
+        have = sorted(k.split(":")[0] for k in a if k.endswith(":num"))
+        raise ValueError(f"no per-query parts of '{metric}' (have {have})")
+    return compare(ratio_metric, (a[num], a[den]), (b[num], b[den]), len(a["query_item_id"]),
+                   resamples, seed)

@@ -17,9 +17,11 @@ import faiss
 import numpy as np
 
 from trainer.configs import SearchEvalConfig
-from trainer.data import pipeline
+from trainer.data import npz, pipeline
 
 log = logging.getLogger(__name__)
+
+PER_QUERY = "search_per_query.npz"  # the eval_search stage's per-query metric parts
 
 
 def load_judgments(pattern: str, skip_bad_records: bool = False) -> tuple[np.ndarray, list]:
@@ -58,14 +60,35 @@ def nearest_neighbours(embeddings: np.ndarray, queries: np.ndarray, k: int) -> n
 
 def hit_ratio(neighbours: np.ndarray, relevant: Sequence[np.ndarray]) -> float:
     """HR = sum_q |Q_q n M_q^{n_q}| / sum_q n_q, with neighbours [Q, >= n_q] in rank order."""
-    hits = total = 0
-    for row, rel in zip(neighbours, relevant, strict=True):
+    hits, total = _hits(neighbours, relevant)
+    return float(hits.sum() / max(total.sum(), 1))
+
+
+def _hits(neighbours: np.ndarray, relevant: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Per query: (|Q_q n M_q^{n_q}|, n_q)."""
+    hits, total = np.zeros(len(relevant)), np.zeros(len(relevant))
+    for i, (row, rel) in enumerate(zip(neighbours, relevant, strict=True)):
         n_q = len(rel)
         if n_q > len(row):
             raise ValueError(f"a query has {n_q} relevant items but only {len(row)} results")
-        hits += len(np.intersect1d(row[:n_q], rel))
-        total += n_q
-    return hits / max(total, 1)
+        hits[i], total[i] = len(np.intersect1d(row[:n_q], rel)), n_q
+    return hits, total
+
+
+def per_query(neighbours: np.ndarray, queries: np.ndarray, relevant: Sequence[np.ndarray],
+              low_impression: np.ndarray, category: np.ndarray,
+              ks: Sequence[int] = (10, 100)) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Each metric of `search_metrics` as per-query (numerators [Q], denominators [Q]), whose
+    sums' ratio is the metric: what a bootstrap over queries draws
+    (`trainer.eval.significance.ratio_metric`)."""
+    out = {"HR": _hits(neighbours, relevant)}
+    for k in ks:
+        top = neighbours[:, :k]
+        results = np.full(len(queries), float(top.shape[1]))
+        out[f"LR@{k}"] = (low_impression[top].sum(1).astype(np.float64), results)
+        out[f"CR@{k}"] = ((category[top] == category[queries][:, None]).sum(1).astype(
+            np.float64), results)
+    return out
 
 
 def search_metrics(neighbours: np.ndarray, queries: np.ndarray, relevant: Sequence[np.ndarray],
@@ -77,19 +100,22 @@ def search_metrics(neighbours: np.ndarray, queries: np.ndarray, relevant: Sequen
     catalog rows of the query items; relevant: per query, catalog rows judged relevant;
     low_impression: [N] bool; category: [N].
     """
-    out = {"HR": hit_ratio(neighbours, relevant)}
-    for k in ks:
-        top = neighbours[:, :k]
-        out[f"LR@{k}"] = float(low_impression[top].mean())
-        out[f"CR@{k}"] = float((category[top] == category[queries][:, None]).mean())
-    return out
+    return ratios(per_query(neighbours, queries, relevant, low_impression, category, ks))
 
 
-def evaluate(catalog: dict, cfg: SearchEvalConfig, skip_bad_records: bool = False) -> dict:
+def ratios(parts: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
+    """{metric: sum of numerators / sum of denominators} of `per_query`'s parts."""
+    return {name: float(num.sum() / max(den.sum(), 1)) for name, (num, den) in parts.items()}
+
+
+def evaluate(catalog: dict, cfg: SearchEvalConfig, skip_bad_records: bool = False,
+             per_query_path: str | None = None) -> dict:
     """Metrics of an embedded catalog ({'item_id', 'category_id', 'impressions_30d',
     'embedding' [N, D]}, e.g. `EmbeddingTable.catalog()`) on the judged visual-search queries.
     With `skip_bad_records`, bad judgment records are skipped, and so are judged items missing
-    from the catalog (its own bad records were skipped): counted and logged."""
+    from the catalog (its own bad records were skipped): counted and logged. With
+    `per_query_path`, each metric's per-query numerators and denominators (`per_query`) and the
+    query ids are written there, for a paired bootstrap against another encoder."""
     query_ids, relevant_ids = load_judgments(cfg.judgments_pattern, skip_bad_records)
     row_of = {int(i): r for r, i in enumerate(catalog["item_id"])}
     if skip_bad_records:
@@ -116,8 +142,13 @@ def evaluate(catalog: dict, cfg: SearchEvalConfig, skip_bad_records: bool = Fals
                 for q, r in zip(queries, relevant_ids, strict=True)]
     k = max(max(cfg.ks), max(len(r) for r in relevant))
     neighbours = nearest_neighbours(catalog["embedding"], queries, k)
-    metrics = search_metrics(neighbours, queries, relevant,
-                             catalog["impressions_30d"] < cfg.low_impressions,
-                             catalog["category_id"], cfg.ks)
+    parts = per_query(neighbours, queries, relevant,
+                      catalog["impressions_30d"] < cfg.low_impressions, catalog["category_id"],
+                      cfg.ks)
+    if per_query_path:
+        npz.write(per_query_path, query_item_id=np.asarray(query_ids, np.int64),
+                  **{f"{name}:{part}": v for name, pair in parts.items()
+                     for part, v in zip(("num", "den"), pair, strict=True)})
+    metrics: dict = ratios(parts)
     metrics.update(queries=int(len(queries)), catalog_items=int(len(row_of)))
     return metrics

@@ -60,7 +60,8 @@ def run_training(cfg: configs.EncoderStage) -> None:
 
 def run_eval_search(cfg: configs.EvalSearchStage) -> None:
     """Visual-search metrics of the encoder in model_dir (or of a random one, `random_init`):
-    metrics.json, the embedding table (embeddings.npz) and a TensorBoard projector there."""
+    metrics.json, the per-query parts of the metrics (search_per_query.npz), the embedding table
+    (embeddings.npz) and a TensorBoard projector there."""
     common.require(cfg, "data_dir", "model_dir")
     catalog = common.pattern(cfg, cfg.search.catalog_pattern, "catalog")
     search = dataclasses.replace(cfg.search, catalog_pattern=catalog, judgments_pattern=(
@@ -77,7 +78,8 @@ def run_eval_search(cfg: configs.EvalSearchStage) -> None:
         table = embeddings.for_encoder(cfg.model_dir, catalog, queries_pattern(cfg),
                                        skip_bad_records=cfg.skip_bad_records)
     embedded = table.catalog()
-    metrics = visual_search.evaluate(embedded, search, cfg.skip_bad_records)
+    metrics = visual_search.evaluate(embedded, search, cfg.skip_bad_records, os.path.join(
+        cfg.model_dir, visual_search.PER_QUERY))
     write_metrics(cfg.model_dir, metrics)
     with tf.summary.create_file_writer(os.path.join(cfg.model_dir, "eval")).as_default():
         for k, v in metrics.items():
