@@ -14,7 +14,7 @@ import tensorflow as tf
 
 from conftest import REPO, one_step_on_one_and_two_replicas, read_all
 from trainer import configs
-from trainer.data import records
+from trainer.data import npz, records
 from trainer.eval import visual_search
 from trainer.features import embeddings
 from trainer.models import classify, encoder, finetune, pretrain
@@ -168,6 +168,9 @@ def test_command_line_trains_resumes_and_evaluates(tiny_world, tmp_path):
     log = run("--stage=eval_search")
     metrics = json.load(open(os.path.join(model_dir, "metrics.json")))
     assert set(metrics) >= {"HR", "LR@10", "LR@100", "CR@10", "CR@100"}
+    parts = npz.read(os.path.join(model_dir, visual_search.PER_QUERY))  # for the bootstrap
+    assert len(parts["query_item_id"]) == metrics["queries"]
+    assert parts["HR:num"].sum() / parts["HR:den"].sum() == pytest.approx(metrics["HR"])
     assert os.path.exists(os.path.join(model_dir, "projector", "projector_config.pbtxt"))
     meta = open(os.path.join(model_dir, "projector", "metadata.tsv")).readline().split()
     assert meta == ["item_id", "category", "impressions_30d", "style"]
