@@ -12,9 +12,10 @@ Loss (Eq. 3). With v^D = MLP(v^S2) and the CTR mini-batch N (gathered over repli
 
     L_D = - sum_{p in N} log  exp(g(v^D_p, v^D_p')) / sum_{o in N u {p'}} exp(g(v^D_p, v^D_o))
 
-g is the cosine over a temperature (the paper leaves g open). The anchor itself, other samples of
-the same item, and samples of the positive's item are not in the denominator's N: a copy of the
-anchor or of its positive is no negative. As everywhere in this project the sum is taken as a
+g is the cosine, as paper 000 defines it, over a temperature tau (this project's choice,
+`DebiasConfig.temperature`). The anchor itself, other samples of the same item, and samples of
+the positive's item are not in the denominator's N: a copy of the anchor or of its positive is no
+negative. As everywhere in this project the sum is taken as a
 global mean; L_CTR = L_pred + weight * L_D (Eq. 4).
 
 Gate. alpha = sigmoid(W^T [v^S2, v^D]) with one weight column per feature dimension (W a matrix),
