@@ -104,11 +104,24 @@ def test_init_checkpoint_must_match_the_backbone(tiny_world, tmp_path):
     other = dataclasses.replace(ENC, depth=18, init_checkpoint=str(tmp_path / "s1"))
     with pytest.raises(ValueError, match="depth"):
         encoder.build(other)
-    # The same architecture loads, and its backbone equals the checkpoint's.
+    # The same architecture loads: by default the whole encoder equals the checkpoint's (S1 ->
+    # S2 keeps S1's linear layer to D); with init_scope='backbone' only the backbone does.
     same = encoder.build(dataclasses.replace(ENC, init_checkpoint=str(tmp_path / "s1")))
     saved = encoder.restore(str(tmp_path / "s1"), ENC)
-    for a, b in zip(same.backbone.weights, saved.backbone.weights, strict=True):
+    assert len(same.weights) == len(saved.weights)
+    for a, b in zip(same.weights, saved.weights, strict=True):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
+    bb = encoder.build(dataclasses.replace(ENC, init_checkpoint=str(tmp_path / "s1"),
+                                           init_scope="backbone"))
+    for a, b in zip(bb.backbone.weights, saved.backbone.weights, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    assert not np.allclose(bb.projection.kernel.numpy(), saved.projection.kernel.numpy())
+    # Another D: the whole encoder cannot load, the backbone alone can.
+    other_d = dataclasses.replace(ENC, feature_dim=ENC.feature_dim + 8,
+                                  init_checkpoint=str(tmp_path / "s1"))
+    with pytest.raises(ValueError, match="does not match this encoder"):
+        encoder.build(other_d)
+    encoder.build(dataclasses.replace(other_d, init_scope="backbone"))
     # A user's own checkpoint holding just a `backbone` object warm-starts too.
     prefix = tf.train.Checkpoint(backbone=saved.backbone).write(str(tmp_path / "user" / "bb"))
     theirs = encoder.build(dataclasses.replace(ENC, init_checkpoint=prefix))

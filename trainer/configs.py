@@ -132,8 +132,11 @@ class EncoderConfig:
       gradient_checkpointing: Recompute each block group's activations in the backward pass
         (`tf.recompute_grad`): activation memory of one group instead of the whole backbone, for
         paper-scale batches (paper 002 App. E), at about a third more compute.
-      init_checkpoint: Checkpoint (file prefix or directory, e.g. S1's model dir for S1+S2) whose
-        backbone initialises this one; empty for a random initialisation.
+      init_checkpoint: Checkpoint (file prefix or directory, e.g. S1's model dir for S1+S2) that
+        initialises this encoder; empty for a random initialisation.
+      init_scope: What `init_checkpoint` restores: 'encoder', the backbone and the linear layer
+        to D (paper 000 fine-tunes S1's whole encoder in S2), or 'backbone', with a new random
+        linear layer (COURIER's start from S1).
     """
 
     depth: int = 10
@@ -145,6 +148,7 @@ class EncoderConfig:
     sync_batch_norm: bool = False
     gradient_checkpointing: bool = False
     init_checkpoint: str = ""
+    init_scope: str = _choices("encoder", "backbone", default="encoder")
 
 
 @dataclasses.dataclass

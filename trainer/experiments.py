@@ -61,8 +61,8 @@ _ENCODERS = (
     Experiment("s1s2", "S1+S2", "finetune", "S2 initialised from S1 (paper 000 §3.1)",
                (("encoder.init_checkpoint", "{s1}"),)),
     Experiment("courier", "COURIER", "courier",
-               "contrastive user-intention reconstruction from S1's weights (paper 002 Eq. 1-7)",
-               (("encoder.init_checkpoint", "{s1}"),)),
+               "contrastive user-intention reconstruction from S1's backbone (paper 002 Eq. 1-7)",
+               (("encoder.init_checkpoint", "{s1}"), ("encoder.init_scope", "backbone"))),
 )
 # Paper 002 Table 6 and Appendix D: (row, config flag).
 COURIER_ABLATIONS = (("w/o UCS", "no_ucs"), ("w/o Contrast", "no_contrast"),

@@ -85,8 +85,8 @@ SHORTHANDS: dict[str, tuple[tuple[str, ...], str]] = {
     "mixed_precision": (("encoder.mixed_precision",), "none, float16 or bfloat16."),
     "gradient_checkpointing": (("encoder.gradient_checkpointing",),
                                "Recompute the backbone's activations in the backward pass."),
-    "init_checkpoint": (("encoder.init_checkpoint",), "Backbone warm start: a model dir or "
-                        "checkpoint (e.g. S1's for S1+S2)."),
+    "init_checkpoint": (("encoder.init_checkpoint",), "Warm start: a model dir or checkpoint "
+                        "(e.g. S1's for S1+S2); encoder.init_scope says what it restores."),
     "temperature": (("pretrain.temperature", "finetune.temperature", "courier.temperature",
                      "ctr.debias.temperature"), "Contrastive temperature tau."),
     "pool_size": (("finetune.pool_size",), "finetune: category negative pool per global batch."),

@@ -117,10 +117,10 @@ def _momentum_for_recompute(backbone: tf_keras.Model) -> None:
 
 
 def build(cfg: EncoderConfig) -> Encoder:
-    """The encoder, warm-started from `cfg.init_checkpoint` if set."""
+    """The encoder, warm-started from `cfg.init_checkpoint` if set (`warm_start`)."""
     encoder = Encoder(cfg)
     if cfg.init_checkpoint:
-        load_backbone(encoder, cfg.init_checkpoint)
+        warm_start(encoder, cfg.init_checkpoint)
     return encoder
 
 
@@ -137,9 +137,12 @@ def resolve_checkpoint(path: str) -> str:
                             "directory containing one, e.g. a model dir's ckpt/)")
 
 
-def load_backbone(encoder: Encoder, path: str) -> str:
-    """Restores the backbone only (e.g. S1 -> S2) and checks that every backbone variable was
-    found in the checkpoint with its shape; returns the checkpoint read."""
+def warm_start(encoder: Encoder, path: str) -> str:
+    """Restores the checkpoint's encoder into `encoder`: the backbone and the linear layer to D
+    (`init_scope='encoder'`: paper 000's S1 -> S2 fine-tunes the whole pretrained encoder), or
+    the backbone alone (`'backbone'`: a new linear layer, as COURIER starts). Checks that every
+    restored variable was found with its shape; a checkpoint that holds a bare `backbone` object
+    (a user's own) warm-starts the backbone whatever the scope. Returns the checkpoint read."""
     prefix = resolve_checkpoint(path)
     source_cfg = _saved_encoder_config(path)
     if source_cfg is not None:
@@ -149,23 +152,28 @@ def load_backbone(encoder: Encoder, path: str) -> str:
             raise ValueError(f"init checkpoint {prefix} is a backbone with {theirs}, this encoder "
                              f"has {mine}")
     keys = {name for name, _ in tf.train.list_variables(prefix)}
+    whole = encoder.cfg.init_scope == "encoder"
+    parts = {"backbone": encoder.backbone}
     # This project's checkpoints hold the encoder as `model`; a bare backbone checkpoint is
     # accepted too.
     if any(k.startswith("model/backbone/") for k in keys):
-        ckpt = tf.train.Checkpoint(model=tf.train.Checkpoint(backbone=encoder.backbone))
+        if whole:
+            parts["projection"] = encoder.projection
+        ckpt = tf.train.Checkpoint(model=tf.train.Checkpoint(**parts))
     elif any(k.startswith("backbone/") for k in keys):
-        ckpt = tf.train.Checkpoint(backbone=encoder.backbone)
+        ckpt = tf.train.Checkpoint(**parts)
+        whole = False
     else:
         raise ValueError(f"checkpoint {prefix} has no 'backbone' or 'model/backbone' object")
     try:  # a variable of another shape fails the read, a missing one the assertion
         status = ckpt.read(prefix)
         status.assert_existing_objects_matched()
     except (AssertionError, ValueError) as e:
-        raise ValueError(f"init checkpoint {prefix} does not match this backbone "
-                         f"(depth {encoder.cfg.depth}, width {encoder.cfg.width_multiplier}): "
-                         f"{str(e)[:500]}") from e
+        raise ValueError(f"init checkpoint {prefix} does not match this encoder "
+                         f"(depth {encoder.cfg.depth}, width {encoder.cfg.width_multiplier}, "
+                         f"D {encoder.cfg.feature_dim}): {str(e)[:500]}") from e
     status.expect_partial()
-    log.info("backbone initialised from %s", prefix)
+    log.info("%s initialised from %s", "encoder" if whole else "backbone", prefix)
     return prefix
 
 
