@@ -13,6 +13,7 @@ vocabulary; `--constants` builds them as graph constants, as before, for compari
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import tempfile
@@ -78,11 +79,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as root:
         for size in args.sizes:
             model_dir = model_dir_with_vocabularies(root, size, args.constants)
-            if args.constants:  # the export rebuilds the model with the vocabularies as arrays
-                with mock.patch.object(Vocabularies, "load", staticmethod(
-                        lambda path, files_dir=None: LOAD(path))):
-                    version = export_ctr.export(model_dir, os.path.join(root, f"export-{size}"))
-            else:
+            # With --constants the export rebuilds the model with the vocabularies as arrays.
+            as_arrays = mock.patch.object(Vocabularies, "load", staticmethod(
+                lambda path, files_dir=None: LOAD(path)))
+            with as_arrays if args.constants else contextlib.nullcontext():
                 version = export_ctr.export(model_dir, os.path.join(root, f"export-{size}"))
             t0 = time.time()
             served = stand_in_server.Version(version)
