@@ -7,6 +7,7 @@ category and by style, loss curves), from the runs of `scripts/demo.py` and `mak
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 
@@ -27,6 +28,8 @@ from trainer.train import loop  # noqa: E402
 SEARCH = ("HR", "LR@10", "LR@100", "CR@10", "CR@100")
 NAMES = {name: experiments.get(name).title for name in experiments.ENCODERS}
 PAPER_T1, PAPER_T2 = experiments.PAPER_TABLE_1, experiments.PAPER_TABLE_2
+# A run's predictions or per-query parts serve several claims: read once.
+_read = functools.lru_cache(maxsize=None)(npz.read)
 
 
 def _json(path: str) -> dict | None:
@@ -129,7 +132,7 @@ def findings(demo: str) -> str:
         for a, b, metric, claim in claims:
             paths = [os.path.join(demo, run, visual_search.PER_QUERY) for run in (a, b)]
             if all(os.path.exists(p) for p in paths):
-                c = significance.compare_search(npz.read(paths[0]), npz.read(paths[1]), metric)
+                c = significance.compare_search(_read(paths[0]), _read(paths[1]), metric)
                 out.append(f"- {claim}: {_verdict(c, metric)}")
             elif a in search and b in search:  # a run from before the per-query parts
                 out.append(f"- {claim}: not judged ({metric} {search[a][metric]:.3f} vs "
@@ -167,7 +170,7 @@ def _judge(demo: str, a: str, b: str, metric: str) -> str | None:
     paths = [os.path.join(demo, "ctr", run, "predictions.npz") for run in (a, b)]
     if not all(os.path.exists(p) for p in paths):
         return None
-    return _verdict(significance.compare_ctr(npz.read(paths[0]), npz.read(paths[1]), metric),
+    return _verdict(significance.compare_ctr(_read(paths[0]), _read(paths[1]), metric),
                     metric)
 
 
