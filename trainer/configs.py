@@ -118,9 +118,17 @@ class EncoderConfig:
     """Architecture of the visual encoder (`trainer.models.encoder`).
 
     Attributes:
+      backbone: 'resnet' (tf-models-official's ResNet; the papers' encoder), 'vit'
+        (tf-models-official's Vision Transformer; paper 000 Table 2's ViT competitor) or 'vgg16'
+        (Keras applications' VGG-16, randomly initialised; the VGG competitor). Swin (paper 002
+        §5) has no TensorFlow implementation that builds on this stack's tf_keras (README).
       depth: ResNet depth (tf-models-official's `RESNET_SPECS`: 10, 18, 26, 34, 50, ...). The
         papers use 50; the default is sized for CPU runs.
-      width_multiplier: Scales every layer's channels; 0.5 quarters the FLOPs.
+      width_multiplier: Scales every ResNet layer's channels; 0.5 quarters the FLOPs.
+      vit_model: A tf-models-official `VIT_SPECS` name (e.g. 'vit-ti16', 'vit-b16').
+      vit_patch_size: The ViT's patch side in pixels; 0 takes the spec's (16 for 'vit-ti16').
+        The image side must be a multiple of it.
+      vit_layers: Transformer layers of the ViT; 0 takes the spec's (12 for 'vit-ti16').
       image_size: Input side in pixels; 0 takes the data's (a synthetic world's manifest, else 64)
         when a stage starts.
       feature_dim: D, the size of the visual feature vector (paper 000 §4: 512).
@@ -139,8 +147,12 @@ class EncoderConfig:
         linear layer (COURIER's start from S1).
     """
 
+    backbone: str = _choices("resnet", "vit", "vgg16", default="resnet")
     depth: int = 10
     width_multiplier: float = 0.5
+    vit_model: str = "vit-ti16"
+    vit_patch_size: int = 0
+    vit_layers: int = 0
     image_size: int = 0
     feature_dim: int = 512
     mixed_precision: str = _choices("none", "float16", "bfloat16", default="none")
@@ -149,6 +161,13 @@ class EncoderConfig:
     gradient_checkpointing: bool = False
     init_checkpoint: str = ""
     init_scope: str = _choices("encoder", "backbone", default="encoder")
+
+    def architecture(self) -> dict[str, Any]:
+        """The settings that decide the backbone's variables: a checkpoint restores only into an
+        encoder with the same ones (a ViT's position embeddings also depend on the image side)."""
+        keys = {"resnet": ("depth", "width_multiplier"), "vgg16": (),
+                "vit": ("vit_model", "vit_patch_size", "vit_layers", "image_size")}[self.backbone]
+        return {"backbone": self.backbone, **{k: getattr(self, k) for k in keys}}
 
 
 @dataclasses.dataclass

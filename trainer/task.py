@@ -79,6 +79,7 @@ SHORTHANDS: dict[str, tuple[tuple[str, ...], str]] = {
     "log_interval": (("train.log_interval",), "Steps between progress lines and scalars."),
     "deterministic": (("train.deterministic",), "Deterministic input order and ops."),
     "profile_steps": (("train.profile_steps",), "START,END: trace global steps START+1..END."),
+    "backbone": (("encoder.backbone",), "resnet, vit or vgg16."),
     "depth": (("encoder.depth",), "ResNet depth."),
     "width_multiplier": (("encoder.width_multiplier",), "ResNet channel multiplier."),
     "feature_dim": (("encoder.feature_dim",), "D, the visual feature size."),

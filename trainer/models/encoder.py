@@ -1,7 +1,12 @@
 """The visual encoder of paper 000 §3.1 (and the image tower of paper 002 §3.2).
 
-image [B, S, S, 3] in [0, 1] -> normalise -> ResNet backbone (tf-models-official) -> global average
-pool -> linear to D (paper: 512) -> L2 normalise -> v [B, D].
+image [B, S, S, 3] in [0, 1] -> normalise -> backbone -> global average pool -> linear to D
+(paper: 512) -> L2 normalise -> v [B, D].
+
+The backbone is the config's: ResNet (tf-models-official; the papers'), a Vision Transformer
+(tf-models-official; its class token, as ViT classifies) or VGG-16 (Keras applications, random
+initialisation), the last two for paper 000 Table 2's competitors. All take the same standardised
+input, since none starts from published weights.
 
 S1, S2, ResNet-C and COURIER all train this one model, so an S1 checkpoint warm-starts S2 and a
 trained encoder exports as is. The final layer and the normalisation run in float32 under mixed
@@ -17,7 +22,7 @@ import os
 import numpy as np
 import tensorflow as tf
 import tf_keras
-from official.vision.modeling.backbones import resnet
+from official.vision.modeling.backbones import resnet, vit, vit_specs
 
 from trainer import configs
 from trainer.configs import EncoderConfig
@@ -48,14 +53,14 @@ class Encoder(tf_keras.Model):
                              "stage take it from the data")
         self.cfg = cfg
         size = cfg.image_size
-        self.backbone = resnet.ResNet(
-            cfg.depth, input_specs=tf_keras.layers.InputSpec(shape=[None, size, size, 3]),
-            depth_multiplier=cfg.width_multiplier, use_sync_bn=cfg.sync_batch_norm,
-            norm_momentum=cfg.batch_norm_momentum)
+        self.backbone = _backbone(cfg)
         self.pool = tf_keras.layers.GlobalAveragePooling2D()
         self.projection = tf_keras.layers.Dense(cfg.feature_dim, dtype="float32",
                                                 name="projection")
         if cfg.gradient_checkpointing:
+            if cfg.backbone != "resnet":
+                raise ValueError("gradient_checkpointing segments the ResNet backbone at its "
+                                 f"block groups; the '{cfg.backbone}' backbone has none")
             _block_groups(self.backbone)  # fails early on a backbone it cannot segment
             _momentum_for_recompute(self.backbone)
         self.build([None, size, size, 3])
@@ -69,12 +74,53 @@ class Encoder(tf_keras.Model):
                 x = tf.recompute_grad(functools.partial(_apply, segment, training=True))(x)
             top = x
         else:
-            endpoints = self.backbone(x, training=training)
-            top = endpoints[max(endpoints, key=int)]
+            top = _top(self.backbone(x, training=training))
         return self.projection(self.pool(top))
 
     def call(self, images: tf.Tensor, training: bool = False) -> tf.Tensor:
         return tf.math.l2_normalize(self.features(images, training=training), axis=-1)
+
+
+def _backbone(cfg: EncoderConfig) -> tf_keras.Model:
+    """The config's backbone for [B, S, S, 3] standardised images."""
+    size = cfg.image_size
+    spec = tf_keras.layers.InputSpec(shape=[None, size, size, 3])
+    if cfg.backbone == "resnet":
+        return resnet.ResNet(cfg.depth, input_specs=spec, depth_multiplier=cfg.width_multiplier,
+                             use_sync_bn=cfg.sync_batch_norm,
+                             norm_momentum=cfg.batch_norm_momentum)
+    if cfg.backbone == "vit":
+        if cfg.vit_model not in vit_specs.VIT_SPECS:
+            raise ValueError(f"encoder.vit_model '{cfg.vit_model}' is not one of "
+                             f"{sorted(vit_specs.VIT_SPECS)}")
+        arch = vit_specs.VIT_SPECS[cfg.vit_model]
+        patch = cfg.vit_patch_size or arch["patch_size"]
+        if size % patch:
+            raise ValueError(f"the ViT's patch side {patch} does not divide the image side "
+                             f"{size}: set encoder.vit_patch_size")
+        # No dropout: the contrastive stages regularise by augmentation, as SimCLR does.
+        blocks = arch["transformer"]
+        return vit.VisionTransformer(
+            mlp_dim=blocks["mlp_dim"], num_heads=blocks["num_heads"],
+            num_layers=cfg.vit_layers or blocks["num_layers"], hidden_size=arch["hidden_size"],
+            patch_size=patch, input_specs=spec, pooler="token", dropout_rate=0.0,
+            attention_dropout_rate=0.0)
+    if cfg.backbone == "vgg16":
+        if size < 32:
+            raise ValueError(f"VGG-16 needs images of at least 32 pixels, got {size}")
+        return tf_keras.applications.VGG16(include_top=False, weights=None,
+                                           input_shape=(size, size, 3))
+    raise ValueError(f"unknown encoder.backbone '{cfg.backbone}'")
+
+
+def _top(outputs) -> tf.Tensor:
+    """The backbone's last feature map [B, h, w, C]: ResNet's deepest endpoint, ViT's class token
+    as a 1 x 1 map, VGG's last pooling."""
+    if isinstance(outputs, dict):
+        if "pre_logits" in outputs:
+            return outputs["pre_logits"]
+        return outputs[max(outputs, key=int)]
+    return outputs
 
 
 def _apply(layers: list, x: tf.Tensor, training: bool) -> tf.Tensor:
@@ -146,8 +192,7 @@ def warm_start(encoder: Encoder, path: str) -> str:
     prefix = resolve_checkpoint(path)
     source_cfg = _saved_encoder_config(path)
     if source_cfg is not None:
-        mine = {k: getattr(encoder.cfg, k) for k in ("depth", "width_multiplier")}
-        theirs = {k: getattr(source_cfg, k) for k in mine}
+        mine, theirs = encoder.cfg.architecture(), source_cfg.architecture()
         if mine != theirs:
             raise ValueError(f"init checkpoint {prefix} is a backbone with {theirs}, this encoder "
                              f"has {mine}")
@@ -170,8 +215,8 @@ def warm_start(encoder: Encoder, path: str) -> str:
         status.assert_existing_objects_matched()
     except (AssertionError, ValueError) as e:
         raise ValueError(f"init checkpoint {prefix} does not match this encoder "
-                         f"(depth {encoder.cfg.depth}, width {encoder.cfg.width_multiplier}, "
-                         f"D {encoder.cfg.feature_dim}): {str(e)[:500]}") from e
+                         f"({encoder.cfg.architecture()}, D {encoder.cfg.feature_dim}): "
+                         f"{str(e)[:500]}") from e
     status.expect_partial()
     log.info("%s initialised from %s", "encoder" if whole else "backbone", prefix)
     return prefix

@@ -92,9 +92,6 @@ def training(cfg: S) -> tuple[S, tf.distribute.Strategy]:
     return dataclasses.replace(cfg, train=train, run=run), strategy
 
 
-ARCHITECTURE = ("depth", "width_multiplier", "image_size", "feature_dim")
-
-
 def start(cfg: configs.TrainingStage, strategy: tf.distribute.Strategy) -> None:
     """Before training: refuses to resume a model dir of another stage or encoder architecture
     (so config.json stays true), then writes config.json (the chief only)."""
@@ -106,8 +103,11 @@ def start(cfg: configs.TrainingStage, strategy: tf.distribute.Strategy) -> None:
             raise UsageError(f"{cfg.model_dir} holds a '{saved.stage}' model, not a "
                              f"'{cfg.stage}' one; use a new --model_dir")
         if isinstance(cfg, configs.EncoderStage) and isinstance(saved, configs.EncoderStage):
-            diff = {k: (getattr(saved.encoder, k), getattr(cfg.encoder, k)) for k in ARCHITECTURE
-                    if getattr(saved.encoder, k) != getattr(cfg.encoder, k)}
+            saved_arch, arch = (dict(e.architecture(), image_size=e.image_size,
+                                     feature_dim=e.feature_dim)
+                                for e in (saved.encoder, cfg.encoder))
+            diff = {k: (saved_arch.get(k), arch.get(k)) for k in saved_arch.keys() | arch.keys()
+                    if saved_arch.get(k) != arch.get(k)}
             if diff:
                 raise UsageError(f"{cfg.model_dir} holds a model trained with another encoder "
                                  f"(saved, requested): {diff}; use a new --model_dir")
