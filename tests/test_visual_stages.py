@@ -98,6 +98,60 @@ def test_s2_batches_hold_one_category_and_its_negative_pool(tiny_world):
     assert len(seen) > 1
 
 
+def test_s2_negatives_are_the_same_on_one_and_two_replicas(tiny_world, mirrored):
+    # Several steps of the real input: the global batch, its category and pool, and the loss and
+    # negatives per query are those of one device, the pool split between the replicas.
+    train = configs.TrainConfig(global_batch_size=16, deterministic=True)
+    one_task, two_task = (_tasks(tiny_world, ENC, train)["finetune"]() for _ in range(2))
+    one = [{k: v.numpy() for k, v in b.items()} for b in one_task.build_inputs(None).take(4)]
+    model = one_task.build_model()
+    with mirrored.scope():
+        two_task.build_model().set_weights(model.get_weights())
+
+    @tf.function
+    def losses(batch):
+        loss, metrics = mirrored.run(lambda b: two_task.compute_loss(b, training=False),
+                                     args=(batch,))
+        return [mirrored.reduce("SUM", x, None) for x in (loss, metrics["negatives_per_query"])]
+
+    dist = iter(mirrored.distribute_datasets_from_function(two_task.build_inputs))
+    categories = set()
+    for step, expected in enumerate(one):
+        batch = next(dist)
+        for key in ("query_id", "clicked_item_id", "pool_item_id", "query_clicks"):
+            parts = [x.numpy() for x in mirrored.experimental_local_results(batch[key])]
+            assert [len(x) for x in parts] == [len(expected[key]) // 2] * 2, key
+            np.testing.assert_array_equal(np.concatenate(parts), expected[key], err_msg=key)
+        np.testing.assert_allclose(mirrored.experimental_local_results(batch["pool_image"])[1],
+                                   expected["pool_image"][16:], atol=1e-6)
+        loss, metrics = one_task.compute_loss(expected, training=False)
+        loss_2, negatives_2 = losses(batch)
+        assert abs(float(loss) - float(loss_2)) < 1e-5 * max(1.0, float(loss)), step
+        assert float(metrics["negatives_per_query"]) == float(negatives_2), step
+        categories |= set(expected["clicked_category_id"].tolist())
+    assert len(categories) > 1
+
+
+def test_s2_excludes_every_click_of_the_query_from_its_negatives():
+    clicks = finetune.QueryClicks(np.array([7, 7, 7, 9, 7]), np.array([1, 2, 3, 4, 1]))
+    got = clicks.lookup(tf.constant([9, 7, 5], tf.int64)).numpy()
+    np.testing.assert_array_equal(got, [[4, -1, -1], [1, 2, 3], [-1, -1, -1]])
+    v = tf.math.l2_normalize(tf.random.stateless_normal([6, 8], [0, 1]), -1)
+    # Two rows of query 7 (clicked 1 and 2); the pool holds 3 (a click of query 7 elsewhere in
+    # the logs), 5 and 6: row 0's negatives are 5 and 6 only, as are row 1's.
+    meta = {"query_id": tf.constant([7, 7], tf.int64),
+            "clicked_item_id": tf.constant([1, 2], tf.int64),
+            "clicked_category_id": tf.constant([0, 0], tf.int64),
+            "pool_item_id": tf.constant([3, 5, 6], tf.int64),
+            "pool_category_id": tf.constant([0, 0, 0], tf.int64),
+            "query_clicks": clicks.lookup(tf.constant([7, 7], tf.int64))}
+    _, negatives = finetune.s2_loss(v[:2], v[2:4], v[3:6], meta, 0.1)
+    assert float(negatives) == 2.0
+    del meta["query_clicks"]  # without the logs, 3 is a negative of both rows
+    _, negatives = finetune.s2_loss(v[:2], v[2:4], v[3:6], meta, 0.1)
+    assert float(negatives) == 3.0
+
+
 def test_init_checkpoint_must_match_the_backbone(tiny_world, tmp_path):
     train = configs.TrainConfig(steps=1, global_batch_size=8, warmup_steps=0)
     _train(_tasks(tiny_world, ENC, train)["pretrain"](), train, str(tmp_path / "s1"), ENC)

@@ -50,8 +50,11 @@ class InputConfig:
       cycle_length: Files read concurrently by the interleave.
       skip_bad_records: Scan the files first and leave out bad records, logging each and their
         count. By default the first bad record stops the job with an error that names it.
-      group_by: An int64 scalar feature; when set, every batch holds records that share its value
-        (e.g. S2's single-category batches), formed from the shuffled stream.
+      group_by: An int64 scalar feature; when set, every global batch holds records that share
+        its value (e.g. S2's single-category batches), formed from the shuffled stream. Every
+        input pipeline then reads the whole stream in a fixed order and keeps its replicas' rows
+        of each global batch, so a step's global batch, and the value its replicas share, is the
+        same on 1 or R replicas; the transform gets the replica's part (`InputPipeline`).
       start_step: Global steps already taken; with `deterministic`, the pipeline skips their
         batches (raw records only, before parsing) so a resumed run sees what an uninterrupted
         one would.
@@ -145,9 +148,11 @@ class InputPipeline:
     """
 
     def __init__(self, cfg: InputConfig, image_store: Optional[parse.ImageStore] = None,
-                 transform: Optional[Callable[[tf.Tensor, dict], dict]] = None):
+                 transform: Optional[Callable[..., dict]] = None):
         """`transform(seed, batch) -> batch` runs after parsing; `seed` is a stateless-RNG seed
-        [2] int64 unique to the batch (and to the input pipeline)."""
+        [2] int64 unique to the batch (and to the input pipeline). With `group_by` it is
+        `transform(seed, batch, part)`: `seed` is that of the global batch (the same on every
+        replica) and `part` [2] int64 is (this replica's index in it, replicas)."""
         self.cfg = cfg
         self.kind = schema.get(cfg.kind)
         self.files = list_files(cfg.file_pattern)
@@ -190,11 +195,15 @@ class InputPipeline:
         pipeline_id = input_context.input_pipeline_id if input_context else 0
         # Replicas this pipeline feeds; their per-replica batches are consecutive in its stream.
         local = input_context.num_replicas_in_sync // pipelines if input_context else 1
-        by_batch = cfg.deterministic and pipelines > 1
+        replicas = input_context.num_replicas_in_sync if input_context else 1
+        grouped = bool(cfg.group_by)
+        # A grouped global batch is formed alike in every pipeline: same files, order and seeds.
+        ordered = cfg.deterministic or grouped
+        by_batch = (cfg.deterministic or grouped) and pipelines > 1
         files = self.files if by_batch else shard_files(self.files, input_context)
         batch_size = (input_context.get_per_replica_batch_size(cfg.global_batch_size)
                       if input_context else cfg.global_batch_size)
-        seed = cfg.seed * 1009 + (0 if cfg.deterministic else pipeline_id)
+        seed = cfg.seed * 1009 + (0 if ordered else pipeline_id)
 
         exclude = readable = None
         if cfg.skip_bad_records:
@@ -223,7 +232,7 @@ class InputPipeline:
             ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
         ds = ds.interleave(read_file, cycle_length=min(cfg.cycle_length, len(files)),
                            block_length=1, num_parallel_calls=AUTOTUNE,
-                           deterministic=cfg.deterministic)
+                           deterministic=ordered)
         if worker_shard is not None and not by_file:
             ds = ds.shard(*worker_shard)
         if cfg.shuffle:
@@ -250,30 +259,49 @@ class InputPipeline:
                         tf.reshape(value, [1]))]):
                     return tf.identity(value)
 
+            whole = batch_size * replicas
             ds = ds.group_by_window(
-                key_func=key_of,
-                reduce_func=lambda _, w: w.batch(batch_size, drop_remainder=cfg.drop_remainder),
-                window_size=batch_size)
+                key_func=key_of, window_size=whole,
+                reduce_func=lambda _, w: w.batch(
+                    whole, drop_remainder=cfg.drop_remainder or replicas > 1))
+            ds = ds.enumerate()  # global step t: seeds the transform of all its replicas' parts
+            if cfg.start_step and cfg.deterministic:
+                ds = ds.skip(cfg.start_step)
+            first = pipeline_id * local  # this pipeline's replicas: first .. first + local - 1
+
+            def parts(t, raw):
+                mine = tf.nest.map_structure(
+                    lambda x: tf.reshape(x[first * batch_size:(first + local) * batch_size],
+                                         [local, -1]), raw)
+                return tf.data.Dataset.from_tensor_slices((
+                    tf.fill([local], t), tf.range(first, first + local, dtype=tf.int64), mine))
+
+            ds = ds.flat_map(parts)
         else:
             ds = ds.batch(batch_size, drop_remainder=cfg.drop_remainder)
-        # Index of the per-replica batch in the global stream: seeds its transform.
-        ds = ds.enumerate()
-        if by_batch:  # global batch t is batches t*R .. t*R+R-1, replica order = pipeline order
-            ds = ds.batch(local).shard(pipelines, pipeline_id).unbatch()
-        if cfg.start_step and cfg.deterministic:
-            ds = ds.skip(cfg.start_step * local)
+            # Index of the per-replica batch in the global stream: seeds its transform.
+            ds = ds.enumerate()
+            if by_batch:  # global batch t is batches t*R .. t*R+R-1, replica order = pipeline's
+                ds = ds.batch(local).shard(pipelines, pipeline_id).unbatch()
+            if cfg.start_step and cfg.deterministic:
+                ds = ds.skip(cfg.start_step * local)
         parser, transform = self.parser, self.transform
 
-        def parse_batch(i, raw):
-            batch = parser(*raw)
+        def parse_batch(i, *rest):
+            batch = parser(*rest[-1])
             if transform is None:
                 return batch
-            return transform(tf.stack([tf.constant(seed, tf.int64), i]), batch)
+            batch_seed = tf.stack([tf.constant(seed, tf.int64), i])
+            if grouped:
+                return transform(batch_seed, batch,
+                                 tf.stack([rest[0], tf.constant(replicas, tf.int64)]))
+            return transform(batch_seed, batch)
 
-        ds = ds.map(parse_batch, num_parallel_calls=AUTOTUNE, deterministic=cfg.deterministic)
+        # In order when grouped: each replica takes its consecutive element of the stream.
+        ds = ds.map(parse_batch, num_parallel_calls=AUTOTUNE, deterministic=ordered)
         ds = ds.prefetch(AUTOTUNE)
         options = tf.data.Options()
-        options.deterministic = cfg.deterministic
+        options.deterministic = ordered
         # Files are sharded above; tf.data's own auto-sharding would shard them again.
         options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
         return ds.with_options(options)
