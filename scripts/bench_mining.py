@@ -38,14 +38,14 @@ def main() -> None:
           f"{low:,} low-impression candidates; faiss {faiss.__version__}, "
           f"{faiss.omp_get_max_threads()} threads")
     t0 = time.time()
-    exact, _ = debias.mine_positives(x, category, impressions)
+    exact, _ = debias.mine_positives(x, category, impressions < 5)
     exact_s = time.time() - t0
     print(f"| search | nprobe | s | x exact | recall@15 (all items) | recall@15 (2,000 sampled, "
           f"as printed by the stage) |\n| --- | ---: | ---: | ---: | ---: | ---: |\n"
           f"| exact (flat) | | {exact_s:.1f} | 1.00 | 1 | |")
     for nprobe in args.nprobe:
         cfg = configs.DebiasConfig(index="ivf", nprobe=nprobe)
-        (rows, _), report = debias.mine(x, category, impressions, cfg)
+        (rows, _), report = debias.mine(x, category, impressions < 5, cfg)
         print(f"| IVF | {nprobe} | {report['seconds']:.1f} | {report['seconds'] / exact_s:.2f} | "
               f"{debias.recall(rows, exact):.3f} | {report['recall']:.3f} |", flush=True)
 

@@ -60,7 +60,7 @@ def main() -> None:
         test_pattern=records.default_pattern(args.world, "ctr", "test"),
         tower_units=(64, 32), debias=configs.DebiasConfig())
     positives = debias.mine_positives(table.item_vector, table.category_id,
-                                      table.impressions_30d)
+                                      table.impressions_30d < 5)
     train = configs.TrainConfig(steps=args.steps, global_batch_size=128, learning_rate=2e-3,
                                 warmup_steps=0, lr_schedule="constant", log_interval=25,
                                 checkpoint_interval=50)
@@ -86,7 +86,7 @@ def main() -> None:
     # weights. K = 1: D's positive draw is deterministic, so both see the same positives.
     one = dataclasses.replace(cfg, debias=configs.DebiasConfig(num_similar=1))
     positives_1 = debias.mine_positives(table.item_vector, table.category_id,
-                                        table.impressions_30d, 1)
+                                        table.impressions_30d < 5, 1)
     sgd = configs.TrainConfig(steps=10, global_batch_size=16, optimizer="sgd",
                               learning_rate=0.5, warmup_steps=0, deterministic=True)
 

@@ -112,7 +112,7 @@ def test_one_step_same_on_two_replicas_as_on_one_device(tiny_world, encoder_dir,
     cfg = _cfg(tiny_world, debias=configs.DebiasConfig(num_similar=1))
     table = _table(tiny_world, encoder_dir)
     positives = debias.mine_positives(table.item_vector, table.category_id,
-                                      table.impressions_30d, 1, 5)
+                                      table.impressions_30d < 5, 1)
     train = configs.TrainConfig(steps=10, global_batch_size=16, optimizer="sgd",
                                 learning_rate=0.5, warmup_steps=0, deterministic=True)
     vocab = Vocabularies.from_training_data(cfg.train_pattern, SPEC)
@@ -196,7 +196,8 @@ def test_command_line_debias_trains_resumes_and_evaluates(tiny_world, encoder_di
     base = [sys.executable, "-m", "trainer.task", "--stage=debias", f"--data_dir={tiny_world}",
             f"--model_dir={model_dir}", "--image_features=s1s2",
             f"--image_model_dir={encoder_dir}", f"--s1_model_dir={encoder_dir}",
-            "--batch_size=64", "--log_interval=5", "--checkpoint_interval=5"]
+            "--batch_size=64", "--log_interval=5", "--checkpoint_interval=5",
+            "--set=ctr.debias.positives=not_displayed"]  # the paper's pool, from the logs
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
 
     def run(*args):
@@ -206,7 +207,7 @@ def test_command_line_debias_trains_resumes_and_evaluates(tiny_world, encoder_di
         return out.stdout + out.stderr
 
     log = run("--train_steps=5")
-    assert "have positives" in log
+    assert "have positives" in log and "not_displayed items" in log
     log = run("--train_steps=10")
     assert "resumed from step 5" in log
     metrics = json.load(open(os.path.join(model_dir, "metrics.json")))

@@ -63,8 +63,7 @@ def _catalog(rng, n=300, categories=3):
 def test_mined_positives_are_same_category_low_impression_nearest():
     rng = np.random.default_rng(2)
     vectors, category, impressions = _catalog(rng)
-    rows, weights = debias.mine_positives(vectors, category, impressions, num_similar=15,
-                                          low_impressions=5)
+    rows, weights = debias.mine_positives(vectors, category, impressions < 5, num_similar=15)
     for anchor in range(len(vectors)):
         cand = np.flatnonzero((category == category[anchor]) & (impressions < 5))
         cand = cand[cand != anchor]
@@ -85,9 +84,9 @@ def test_ivf_mining_is_approximate_search_with_its_recall_measured():
     vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
     category = rng.integers(0, 2, 12000)
     impressions = rng.choice([0, 2, 50], 12000)
-    exact = debias.mine_positives(vectors, category, impressions, 15, 5)
+    exact = debias.mine_positives(vectors, category, impressions < 5, 15)
     cfg = configs.DebiasConfig(index="ivf", nprobe=4, recall_sample=500)
-    (rows, weights), report = debias.mine(vectors, category, impressions, cfg)
+    (rows, weights), report = debias.mine(vectors, category, impressions < 5, cfg)
     true_recall = debias.recall(rows, exact[0])
     assert 0.6 < true_recall < 1.0  # approximate, and close
     assert abs(report["recall"] - true_recall) < 0.05  # the sampled estimate
@@ -99,14 +98,14 @@ def test_ivf_mining_is_approximate_search_with_its_recall_measured():
     cos = np.einsum("nd,nkd->nk", vectors, vectors[np.maximum(rows, 0)])
     np.testing.assert_allclose(weights[found], np.maximum(cos[found], 1e-6), rtol=1e-4)
     # More lists probed: higher recall.
-    more = debias.mine_positives(vectors, category, impressions, 15, 5, "ivf", nprobe=32)
+    more = debias.mine_positives(vectors, category, impressions < 5, 15, "ivf", nprobe=32)
     assert debias.recall(more[0], exact[0]) > true_recall
 
 
 def test_sampler_returns_only_candidates_in_proportion_to_similarity():
     rng = np.random.default_rng(3)
     vectors, category, impressions = _catalog(rng)
-    rows, weights = debias.mine_positives(vectors, category, impressions, 15, 5)
+    rows, weights = debias.mine_positives(vectors, category, impressions < 5, 15)
     anchor = int(np.flatnonzero(impressions > 100)[0])  # a head item
     draws = 20000
     picked, has = debias.sample_positives(
@@ -155,3 +154,22 @@ def test_gate_is_a_convex_combination():
 def test_mismatched_mlp_config_is_refused():
     with pytest.raises(ValueError, match="activations"):
         debias.DebiasNetwork(configs.DebiasConfig(hidden_units=(8, 8), activations=("relu",)), 4)
+
+
+def test_not_displayed_pool_is_the_items_without_an_impression_in_the_logs(tiny_world):
+    from conftest import read_all
+    from trainer.data import ctr_spec, records
+    spec = ctr_spec.load("synthetic")
+    catalog = read_all(tiny_world, "catalog")["item_id"]
+    ids = np.concatenate([catalog, [10 ** 12]])  # an item the logs never show
+    shown = debias.displayed_items(ids, records.default_pattern(tiny_world, "ctr", "train"),
+                                   spec.record_kind(), spec.item)
+    logged = read_all(tiny_world, spec.record_kind(), "train")[spec.item]
+    np.testing.assert_array_equal(shown, np.isin(ids, logged))
+    assert not shown[-1] and shown.any()
+    cfg = configs.DebiasConfig(positives="not_displayed")
+    np.testing.assert_array_equal(debias.candidates(cfg, np.zeros(len(ids)), shown), ~shown)
+    with pytest.raises(ValueError, match="not_displayed"):
+        debias.candidates(cfg, np.zeros(len(ids)))
+    low = debias.candidates(configs.DebiasConfig(), np.array([0, 4, 5, 9]))
+    np.testing.assert_array_equal(low, [True, True, False, False])

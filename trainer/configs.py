@@ -300,7 +300,14 @@ class DebiasConfig:
 
     Attributes:
       num_similar: K, the size of P~_p.
-      low_impressions: Candidates have fewer 30-day impressions than this (paper 000 §4.1: 5).
+      positives: The pool P~_p is mined from: 'not_displayed', items with no impression in the
+        training logs (paper 000 §3.2's non-displayed items; one pass over the logs' item ids),
+        or 'low_impression', items with fewer than `low_impressions` 30-day impressions (§4.1's
+        long tail). The default is 'low_impression': on the synthetic worlds nearly every item
+        is displayed in the training days (71 of `small`'s 8,000, under 10 per category, fewer
+        than K), while a production catalog such as the paper's has many never displayed.
+      low_impressions: 'low_impression' candidates have fewer 30-day impressions than this
+        (paper 000 §4.1: 5).
       hidden_units: The MLP's hidden layers.
       activations: Their activations.
       temperature: tau of g = cosine / tau.
@@ -314,6 +321,7 @@ class DebiasConfig:
     """
 
     num_similar: int = 15
+    positives: str = _choices("low_impression", "not_displayed", default="low_impression")
     low_impressions: int = 5
     index: str = _choices("exact", "ivf", default="exact")
     nprobe: int = 32

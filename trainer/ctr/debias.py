@@ -1,12 +1,14 @@
 """D: the debiasing network inside the CTR predictor (paper 000 §3.2, Eq. 3, the gate, Eq. 4).
 
 Positives. For every catalog item p, P~_p is the K most similar items, by the cosine of their S1
-vectors (S1 saw no clicks, so it is not biased against long-tail items), among the low-impression
-items of p's category (p itself left out); the positive p' is drawn from P~_p with
-Pr(p') = sim(p, p') / sum_{P~_p} sim. `mine_positives` precomputes P~ with faiss, one
-inner-product index per category (exact, or IVF for catalogs of millions, whose recall is measured
-against exact search); `sample_positives` draws p' inside the training step. Under the
-parameter-server strategy P~ is a sharded variable, as the item table it indexes.
+vectors (S1 saw no clicks, so it is not biased against long-tail items), among the candidate
+items of p's category (p itself left out): the paper's non-displayed items (no impression in the
+training logs, `displayed_items`) or the low-impression ones (`DebiasConfig.positives`); the
+positive p' is drawn from P~_p with Pr(p') = sim(p, p') / sum_{P~_p} sim. `mine_positives`
+precomputes P~ with faiss, one inner-product index per category (exact, or IVF for catalogs of
+millions, whose recall is measured against exact search); `sample_positives` draws p' inside the
+training step. Under the parameter-server strategy P~ is a sharded variable, as the item table
+it indexes.
 
 Loss (Eq. 3). With v^D = MLP(v^S2) and the CTR mini-batch N (gathered over replicas),
 
@@ -25,6 +27,7 @@ L2-normalised, as v^S2 is (the paper leaves its scale open).
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import faiss
 import numpy as np
@@ -32,16 +35,45 @@ import tensorflow as tf
 import tf_keras
 
 from trainer.configs import DebiasConfig
+from trainer.data import pipeline
 from trainer.models import contrastive
 
 
-def mine_positives(s1_vectors: np.ndarray, category_id: np.ndarray, impressions_30d: np.ndarray,
-                   num_similar: int = 15, low_impressions: int = 5, index: str = "exact",
-                   nprobe: int = 32, anchors: np.ndarray | None = None
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    """P~ of every catalog row: (neighbour rows [N, K] int64, -1 where there are fewer than K
-    candidates; weights [N, K] float32, the cosine clipped at a small positive floor, 0 where
-    there is no neighbour). Rows of `s1_vectors` must be L2-normalised.
+def displayed_items(item_id: np.ndarray, logs_pattern: str, kind: Any, item_column: str,
+                    skip_bad_records: bool = False) -> np.ndarray:
+    """[N] bool: which catalog items (`item_id`) the logs (`logs_pattern` of record kind `kind`)
+    display at least once; one streaming pass over their item ids, memory of the catalog's."""
+    order = np.argsort(item_id)
+    ids = np.asarray(item_id)[order]
+    shown = np.zeros(len(ids), bool)
+    for batch in pipeline.iter_columns(logs_pattern, kind, (item_column,), skip_bad_records,
+                                       batch_size=65536):
+        pos = np.minimum(np.searchsorted(ids, batch[item_column]), len(ids) - 1)
+        if len(ids):
+            shown[pos[ids[pos] == batch[item_column]]] = True
+    out = np.zeros(len(ids), bool)
+    out[order] = shown
+    return out
+
+
+def candidates(cfg: DebiasConfig, impressions_30d: np.ndarray,
+               displayed: np.ndarray | None = None) -> np.ndarray:
+    """[N] bool: the catalog items P~ is mined from, as `cfg.positives` says."""
+    if cfg.positives == "not_displayed":
+        if displayed is None:
+            raise ValueError("positives='not_displayed' needs the items the training logs "
+                             "display (`displayed_items`)")
+        return ~displayed
+    return np.asarray(impressions_30d) < cfg.low_impressions
+
+
+def mine_positives(s1_vectors: np.ndarray, category_id: np.ndarray, candidate: np.ndarray,
+                   num_similar: int = 15, index: str = "exact", nprobe: int = 32,
+                   anchors: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """P~ of every catalog row among the `candidate` [N] bool rows: (neighbour rows [N, K] int64,
+    -1 where there are fewer than K candidates; weights [N, K] float32, the cosine clipped at a
+    small positive floor, 0 where there is no neighbour). Rows of `s1_vectors` must be
+    L2-normalised.
 
     index: 'exact' (flat inner product) or 'ivf' (faiss IVF with about sqrt(candidates) lists
     per category, `nprobe` searched; a category too small to train one exactly). anchors: mine
@@ -49,7 +81,7 @@ def mine_positives(s1_vectors: np.ndarray, category_id: np.ndarray, impressions_
     n = len(category_id)
     rows = np.full([n, num_similar], -1, np.int64)
     weights = np.zeros([n, num_similar], np.float32)
-    low = np.asarray(impressions_30d) < low_impressions
+    low = np.asarray(candidate, bool)
     vectors = np.ascontiguousarray(s1_vectors, np.float32)
     wanted = np.ones(n, bool) if anchors is None else np.isin(np.arange(n), anchors)
     for cat in np.unique(category_id):
@@ -93,22 +125,24 @@ def _index(candidates: np.ndarray, kind: str, nprobe: int) -> faiss.Index:
     return index
 
 
-def mine(s1_vectors: np.ndarray, category_id: np.ndarray, impressions_30d: np.ndarray,
+def mine(s1_vectors: np.ndarray, category_id: np.ndarray, candidate: np.ndarray,
          cfg: DebiasConfig, seed: int = 0) -> tuple[tuple[np.ndarray, np.ndarray], dict]:
-    """`mine_positives` as `cfg` says, with a report: seconds, anchors with positives, and for
-    'ivf' its recall@K against exact search over `cfg.recall_sample` random anchors."""
+    """`mine_positives` as `cfg` says among the `candidate` rows (`candidates`), with a report:
+    seconds, candidates, anchors with positives, and for 'ivf' its recall@K against exact search
+    over `cfg.recall_sample` random anchors."""
     t0 = time.time()
-    positives = mine_positives(s1_vectors, category_id, impressions_30d, cfg.num_similar,
-                               cfg.low_impressions, cfg.index, cfg.nprobe)
+    positives = mine_positives(s1_vectors, category_id, candidate, cfg.num_similar, cfg.index,
+                               cfg.nprobe)
     report = {"index": cfg.index, "seconds": round(time.time() - t0, 2),
               "with_positives": int((positives[1] > 0).any(axis=1).sum()),
-              "items": len(category_id)}
+              "items": len(category_id), "candidates": int(np.sum(candidate)),
+              "pool": cfg.positives}
     if cfg.index != "exact" and cfg.recall_sample:
         anchors = np.random.default_rng(seed).choice(
             len(category_id), min(cfg.recall_sample, len(category_id)), replace=False)
         t0 = time.time()
-        exact, _ = mine_positives(s1_vectors, category_id, impressions_30d, cfg.num_similar,
-                                  cfg.low_impressions, "exact", anchors=anchors)
+        exact, _ = mine_positives(s1_vectors, category_id, candidate, cfg.num_similar,
+                                  "exact", anchors=anchors)
         report.update(recall=round(recall(positives[0][anchors], exact[anchors]), 4),
                       recall_anchors=len(anchors),
                       exact_seconds_on_anchors=round(time.time() - t0, 2))

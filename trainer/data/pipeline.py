@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -100,22 +100,29 @@ def shard_files(files: Sequence[str], input_context: Optional[tf.distribute.Inpu
     return list(files[i::n])
 
 
-def read_columns(pattern: str, kind: str | schema.RecordKind, columns: Sequence[str],
-                 skip_bad_records: bool = False) -> dict:
-    """One ordered pass over every record: {column: numpy array}, images left encoded. Only the
-    columns asked for are parsed (a list's `<name>_mask` comes with it); bad records fail named,
-    or are skipped (counted and logged) with `skip_bad_records`."""
+def iter_columns(pattern: str, kind: str | schema.RecordKind, columns: Sequence[str],
+                 skip_bad_records: bool = False, batch_size: int = 1024) -> Iterator[dict]:
+    """One ordered pass over every record in batches of {column: numpy array}, images left
+    encoded. Only the columns asked for are parsed (a list's `<name>_mask` comes with it); bad
+    records fail named, or are skipped (counted and logged) with `skip_bad_records`."""
     parsed = tuple(dict.fromkeys(c[:-len("_mask")] if c.endswith("_mask") else c
                                  for c in columns))
-    cfg = InputConfig(pattern, kind, global_batch_size=1024, decode_images=False,
+    cfg = InputConfig(pattern, kind, global_batch_size=batch_size, decode_images=False,
                       shuffle=False, repeat=False, drop_remainder=False, deterministic=True,
                       features=parsed, skip_bad_records=skip_bad_records)
     pipe = InputPipeline(cfg)
-    parts: dict = {c: [] for c in columns}
     with pipe.errors_named():
         for batch in pipe.dataset():
-            for c in columns:
-                parts[c].append(batch[c].numpy())
+            yield {c: batch[c].numpy() for c in columns}
+
+
+def read_columns(pattern: str, kind: str | schema.RecordKind, columns: Sequence[str],
+                 skip_bad_records: bool = False) -> dict:
+    """`iter_columns`' batches joined: {column: numpy array} of every record, in file order."""
+    parts: dict = {c: [] for c in columns}
+    for batch in iter_columns(pattern, kind, columns, skip_bad_records):
+        for c in columns:
+            parts[c].append(batch[c])
     return {c: np.concatenate(v) if v else np.zeros([0]) for c, v in parts.items()}
 
 

@@ -75,11 +75,14 @@ def run_ctr(cfg: configs.CtrStage) -> None:
         s1 = image_table(cfg.images, cfg.images.s1_model_dir, cfg.skip_bad_records)
         if not np.array_equal(s1.item_id, images.item_id):
             raise RuntimeError("the S1 and image-feature tables list the catalog differently")
-        positives, report = debias.mine(s1.item_vector, s1.category_id, s1.impressions_30d, d,
-                                        cfg.seed)
+        displayed = (debias.displayed_items(s1.item_id, cfg.ctr.train_pattern,
+                                            spec.record_kind(), spec.item, cfg.skip_bad_records)
+                     if d.positives == "not_displayed" else None)
+        positives, report = debias.mine(s1.item_vector, s1.category_id, debias.candidates(
+            d, s1.impressions_30d, displayed), d, cfg.seed)
         print(f"debias: {report['with_positives']} of {report['items']} catalog items have "
-              f"positives (K={d.num_similar} low-impression items of their category by S1 "
-              f"cosine, {d.index} search in {report['seconds']}s"
+              f"positives (K={d.num_similar} of the {report['candidates']} {d.positives} items "
+              f"by S1 cosine in their category, {d.index} search in {report['seconds']}s"
               + (f"; recall@{d.num_similar} {report['recall']:.3f} against exact search on "
                  f"{report['recall_anchors']} anchors)" if "recall" in report else ")"))
     if images is not None and cfg.ctr.image_feature_mode == "cluster_id":
