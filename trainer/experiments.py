@@ -64,6 +64,21 @@ _ENCODERS = (
                "contrastive user-intention reconstruction from S1's backbone (paper 002 Eq. 1-7)",
                (("encoder.init_checkpoint", "{s1}"), ("encoder.init_scope", "backbone"))),
 )
+# Paper 000 Table 2's other competitors: category classifiers on other backbones (§4.2: VGG [8],
+# ViT [2]), trained as ResNet-C. Not in the demo: VGG-16 costs about 20 times ResNet-10 x0.5 per
+# image, so VGG-C takes 200 steps of 32 images (a sixth of ResNet-C's 300 x 128), about 11
+# minutes a seed on 2 cores. ViT is ViT-Ti/16 (4 x 4 patches of a 64-pixel image) at Adam 5e-4
+# (a transformer from scratch; ResNet-C's 2e-3 overshoots in its first steps).
+COMPETITORS = (
+    Experiment("vgg_c", "VGG", "classify",
+               "VGG-16 trained as a category classifier (paper 000 Table 2 competitor)",
+               (("encoder.backbone", "vgg16"), ("train.global_batch_size", 32),
+                ("train.steps", 200))),
+    Experiment("vit_c", "ViT", "classify",
+               "ViT-Ti/16 trained as a category classifier (paper 000 Table 2 competitor)",
+               (("encoder.backbone", "vit"), ("encoder.vit_model", "vit-ti16"),
+                ("train.learning_rate", 5e-4))),
+)
 # Paper 002 Table 6 and Appendix D: (row, config flag).
 COURIER_ABLATIONS = (("w/o UCS", "no_ucs"), ("w/o Contrast", "no_contrast"),
                      ("w/o Reconstruction", "self_attention"), ("w/o Neg PV", "no_neg_pv"),
@@ -113,8 +128,8 @@ EVALUATIONS = (
                "faiss k-means over COURIER's catalog vectors (paper 002 App. B)",
                (("images.model_dir", "{courier}"),)),
 )
-REGISTRY: dict[str, Experiment] = {e.name: e for e in (*_ENCODERS, *_courier_ablations(),
-                                                        *EVALUATIONS)}
+REGISTRY: dict[str, Experiment] = {e.name: e for e in (*_ENCODERS, *COMPETITORS,
+                                                        *_courier_ablations(), *EVALUATIONS)}
 
 
 def get(name: str) -> Experiment:
