@@ -133,7 +133,7 @@ def findings(demo: str) -> str:
             paths = [os.path.join(demo, run, visual_search.PER_QUERY) for run in (a, b)]
             if all(os.path.exists(p) for p in paths):
                 c = significance.compare_search(_read(paths[0]), _read(paths[1]), metric)
-                out.append(f"- {claim}: {_verdict(c, metric)}")
+                out.append(f"- {claim}: {c.describe(metric)}")
             elif a in search and b in search:  # a run from before the per-query parts
                 out.append(f"- {claim}: not judged ({metric} {search[a][metric]:.3f} vs "
                            f"{search[b][metric]:.3f}; no {visual_search.PER_QUERY})")
@@ -170,14 +170,7 @@ def _judge(demo: str, a: str, b: str, metric: str) -> str | None:
     paths = [os.path.join(demo, "ctr", run, "predictions.npz") for run in (a, b)]
     if not all(os.path.exists(p) for p in paths):
         return None
-    return _verdict(significance.compare_ctr(_read(paths[0]), _read(paths[1]), metric),
-                    metric)
-
-
-def _verdict(c: significance.Comparison, metric: str) -> str:
-    d = c.difference
-    return (f"**{c.verdict}** ({metric} {c.a.value:.4f} vs {c.b.value:.4f}, difference "
-            f"{d.value:+.4f} [{d.low:+.4f}, {d.high:+.4f}])")
+    return significance.compare_ctr(_read(paths[0]), _read(paths[1]), metric).describe(metric)
 
 
 def plot_deciles(demo: str, path: str) -> list:

@@ -1,10 +1,12 @@
 """Reproduces paper 000's Table 2 (CTR prediction AUC) on a synthetic world.
 
 For each seed: takes the encoders of `repro_visual.py` from <visual_dir>/seed<N> (training any that
-are missing with that script), then trains and evaluates the CTR predictor with
-`python -m trainer.task --stage=ctr|debias` (the command lines a user runs) without image
-features, with ResNet-C, S1, S2 and S1+S2 features, and S1+S2 with D. Prints the table laid out
-like Table 2 (plus GAUC) and writes it as Markdown.
+are missing with that script) and trains the VGG and ViT competitors there if missing, then trains
+and evaluates the CTR predictor with `python -m trainer.task --stage=ctr|debias` (the command
+lines a user runs) without image features, with ResNet-C, VGG, ViT, S1, S2 and S1+S2 features,
+and S1+S2 with D. Prints the table laid out like Table 2 (plus GAUC), each cell with its 95%
+bootstrap interval over test pages, and judges each of the paper's orderings by a paired
+bootstrap (`trainer.eval.significance`); writes it as Markdown.
 
   python scripts/repro_ctr.py --data_dir=data/small --visual_dir=runs/visual --out_dir=runs/ctr \
       --seeds=0,1
@@ -22,20 +24,27 @@ import numpy as np
 
 import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
 from trainer import experiments
+from trainer.data import npz
+from trainer.eval import significance
 
-# Table 2's rows: the CTR model without image features, with each encoder's, and S1+S2 with D.
-RUNS = (experiments.ctr_experiment(None),
-        *(experiments.ctr_experiment(e) for e in ("resnet_c", "s1", "s2", "s1s2")),
-        experiments.ctr_experiment("s1s2", debias=True))
-METHODS = tuple(e.title for e in RUNS)  # no image, ResNet-C, S1, S2, S1+S2, S1+S2+D
+ENCODERS = ("resnet_c", "s1", "s2", "s1s2")  # trained by repro_visual.py
+COMPETITORS = tuple(e.name for e in experiments.COMPETITORS)  # VGG-C, ViT-C: trained here
+# Table 2's rows, in its order (competitors, then the ablation), and the CTR model without image
+# features as a reference.
+GROUPS = (("Competitors", [experiments.ctr_experiment(e) for e in ("resnet_c", *COMPETITORS)]),
+          ("Ablation", [*(experiments.ctr_experiment(e) for e in ("s1", "s2", "s1s2")),
+                        experiments.ctr_experiment("s1s2", debias=True)]),
+          ("Reference", [experiments.ctr_experiment(None)]))
+RUNS = tuple(e for _, runs in GROUPS for e in runs)
+METHODS = tuple(e.title for e in RUNS)  # ResNet-C, VGG, ViT, S1, S2, S1+S2, S1+S2+D, no image
 COLUMNS = (("Bottom10%", "AUC_bottom10"), ("Top10%", "AUC_top10"), ("Overall", "AUC"),
            ("GAUC", "GAUC"))
 PAPER = experiments.PAPER_TABLE_2
-ENCODERS = ("resnet_c", "s1", "s2", "s1s2")
 
 
 def ensure_encoders(data_dir: str, visual_dir: str, seed: int) -> str:
-    """<visual_dir>/seed<N> with every encoder trained (repro_visual.py trains what is missing)."""
+    """<visual_dir>/seed<N> with every encoder trained (repro_visual.py trains what is missing of
+    its own; the competitors are trained here)."""
     out = os.path.join(visual_dir, f"seed{seed}")
     missing = [e for e in ENCODERS if not os.path.isdir(os.path.join(out, e, "ckpt"))]
     if missing:
@@ -46,21 +55,32 @@ def ensure_encoders(data_dir: str, visual_dir: str, seed: int) -> str:
                                f"--seeds={seed}"])
         if proc.returncode:
             sys.exit("training the encoders failed")
+    for name in COMPETITORS:
+        t0 = time.time()
+        experiments.ensure(experiments.get(name), data_dir, os.path.join(out, name), {}, seed,
+                           os.path.join(out, "log.txt"))
+        if time.time() - t0 > 60:
+            print(f"  seed {seed}: trained {experiments.get(name).title} in "
+                  f"{time.time() - t0:.0f}s", flush=True)
     return out
 
 
 def run_seed(data_dir: str, encoders: str, out: str, seed: int, extra: list) -> dict:
     os.makedirs(out, exist_ok=True)
     log = os.path.join(out, "log.txt")
-    dirs = {e: os.path.join(encoders, e) for e in ENCODERS}
+    dirs = {e: os.path.join(encoders, e) for e in (*ENCODERS, *COMPETITORS)}
     results = {}
     for exp in RUNS:
         model_dir = os.path.join(out, exp.name)
-        seconds = experiments.run(experiments.command(exp, data_dir, model_dir, dirs, seed,
-                                                      flags=extra), log)
+        if os.path.exists(os.path.join(model_dir, "metrics.json")):  # a rerun only reports
+            seconds = 0.0
+        else:
+            seconds = experiments.run(experiments.command(exp, data_dir, model_dir, dirs, seed,
+                                                          flags=extra), log)
         with open(os.path.join(model_dir, "metrics.json")) as f:
             results[exp.title] = json.load(f)
         m = results[exp.title]
+        m["seconds"] = seconds or m.get("seconds", 0.0)
         print(f"  seed {seed}: {exp.title}: AUC {m['AUC']:.4f} bottom-10% {m['AUC_bottom10']:.4f} "
               f"top-10% {m['AUC_top10']:.4f} ({seconds:.0f}s)", flush=True)
     with open(os.path.join(out, "results.json"), "w") as f:
@@ -68,23 +88,33 @@ def run_seed(data_dir: str, encoders: str, out: str, seed: int, extra: list) -> 
     return results
 
 
-def table(per_seed: dict) -> str:
+def predictions(out_dir: str, seeds: list) -> dict:
+    """{seed: {method: predictions.npz}} of every run."""
+    return {s: {e.title: npz.read(os.path.join(out_dir, f"seed{s}", e.name, "predictions.npz"))
+                for e in RUNS} for s in seeds}
+
+
+def table(per_seed: dict, preds: dict) -> str:
     seeds = sorted(per_seed)
     lines = [f"CTR prediction AUC on the test day (paper 000 Table 2 layout, plus GAUC), seeds "
-             f"{', '.join(map(str, seeds))}: mean ± half-range over seeds; the paper's figures "
-             "in brackets.", "",
-             "| Method | " + " | ".join(c for c, _ in COLUMNS) + " |",
-             "| --- |" + " ---: |" * len(COLUMNS)]
-    for method in METHODS:
-        cells = []
-        for i, (_, key) in enumerate(COLUMNS):
-            vals = np.array([per_seed[s][method][key] for s in seeds])
-            cell = f"{vals.mean():.4f}" + (f" ± {(vals.max() - vals.min()) / 2:.4f}"
-                                           if len(vals) > 1 else "")
-            if method in PAPER and i < 3:
-                cell += f" [{PAPER[method][i]:.4f}]"
-            cells.append(cell)
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+             f"{', '.join(map(str, seeds))}: mean ± half-range over seeds, then (±) the half-width "
+             "of the 95% bootstrap interval over test pages (mean over seeds); the paper's "
+             "figures in brackets.", "",
+             "| | Method | " + " | ".join(c for c, _ in COLUMNS) + " |",
+             "| --- | --- |" + " ---: |" * len(COLUMNS)]
+    for group, runs in GROUPS:
+        for n, exp in enumerate(runs):
+            method, cells = exp.title, []
+            for i, (_, key) in enumerate(COLUMNS):
+                vals = np.array([per_seed[s][method][key] for s in seeds])
+                half = np.mean([(lambda iv: (iv.high - iv.low) / 2)(
+                    significance.interval_ctr(preds[s][method], key)) for s in seeds])
+                cell = f"{vals.mean():.4f}" + (f" ± {(vals.max() - vals.min()) / 2:.4f}"
+                                               if len(vals) > 1 else "") + f" (±{half:.4f})"
+                if method in PAPER and i < 3:
+                    cell += f" [{PAPER[method][i]:.4f}]"
+                cells.append(cell)
+            lines.append(f"| {group if n == 0 else ''} | {method} | " + " | ".join(cells) + " |")
     lines += ["", "| seed | " + " | ".join(f"{m} AUC" for m in METHODS) + " |",
               "| ---: |" + " ---: |" * len(METHODS)]
     for s in seeds:
@@ -99,27 +129,27 @@ def table(per_seed: dict) -> str:
     return "\n".join(lines)
 
 
-def checks(per_seed: dict) -> list[str]:
-    """The paper's orderings on the means, each marked as holding or not; 'within noise' is
-    within the larger of the two methods' seed half-ranges plus 0.002."""
-    def stat(method, key):
-        vals = np.array([per_seed[s][method][key] for s in per_seed])
-        return vals.mean(), (vals.max() - vals.min()) / 2
+# The paper's orderings (§4.2): (claim, a, b, metric, how a verdict reads). 'not_below' claims
+# hold unless a is below b beyond noise ("keeps the overall AUC").
+CLAIMS = (
+    *((f"S1+S2+D above the competitor {c} (overall AUC)", "S1+S2+D", c, "AUC", "above")
+      for c in ("ResNet-C", "VGG", "ViT")),
+    ("S1+S2 > S2 (overall AUC)", "S1+S2", "S2", "AUC", "above"),
+    ("S2 > S1 (overall AUC)", "S2", "S1", "AUC", "above"),
+    ("D raises the bottom-10% AUC (S1+S2+D > S1+S2)", "S1+S2+D", "S1+S2", "AUC_bottom10",
+     "above"),
+    ("D keeps the overall AUC (S1+S2+D not below S1+S2)", "S1+S2+D", "S1+S2", "AUC",
+     "not_below"),
+    ("image features help (S1+S2 > no image, overall AUC)", "S1+S2", "no image", "AUC", "above"),
+)
 
-    auc = {m: stat(m, "AUC") for m in METHODS}
-    bottom = {m: stat(m, "AUC_bottom10") for m in METHODS}
-    noise = max(auc["S1+S2"][1], auc["S1+S2+D"][1]) + 0.002
-    out = [
-        ("S1+S2 > S2 > S1 (overall AUC)", auc["S1+S2"][0] > auc["S2"][0] > auc["S1"][0]),
-        ("S1+S2 has the highest overall AUC without D",
-         max(METHODS[:5], key=lambda m: auc[m][0]) == "S1+S2"),
-        (f"S1+S2+D keeps S1+S2's overall AUC (within {noise:.4f})",
-         abs(auc["S1+S2+D"][0] - auc["S1+S2"][0]) <= noise),
-        ("S1+S2+D raises the bottom-10% AUC over S1+S2", bottom["S1+S2+D"][0] > bottom["S1+S2"][0]),
-        ("image features help: S1+S2 > no image (overall AUC)",
-         auc["S1+S2"][0] > auc["no image"][0]),
-    ]
-    return [f"- [{'x' if ok else ' '}] {text}" for text, ok in out]
+
+def checks(preds: dict) -> list[str]:
+    """Each ordering judged by a paired bootstrap over test pages on every seed, and over seeds
+    ('holds' or 'fails' when every seed agrees, else 'mixed' or 'within noise')."""
+    return [f"- {claim}: " + significance.judged_over_seeds(
+        {s: significance.compare_ctr(preds[s][a], preds[s][b], metric) for s in preds},
+        not_below=kind == "not_below") for claim, a, b, metric, kind in CLAIMS]
 
 
 def reference(data_dir: str) -> str:
@@ -176,7 +206,7 @@ def feature_diagnostics(data_dir: str, encoder_dirs: dict) -> str:
     queries = records.default_pattern(data_dir, "queries")
     lines = ["| encoder | seed | cos(v_q, v_p) AUC | cos(v_q, v_p) GAUC | popularity probe R^2 |",
              "| --- | ---: | ---: | ---: | ---: |"]
-    for name in ENCODERS:
+    for name in ("resnet_c", *COMPETITORS, "s1", "s2", "s1s2"):
         for seed, root in encoder_dirs.items():
             t = embeddings.for_encoder(os.path.join(root, name), catalog, queries)
             item_row = {int(i): r for r, i in enumerate(t.item_id)}
@@ -222,7 +252,10 @@ def main() -> None:
         t1 = time.time()
         per_seed[seed] = run_seed(a.data_dir, encoders, out, seed, a.extra.split())
         t_ctr += time.time() - t1
-    text = table(per_seed) + "\n\nThe paper's orderings:\n" + "\n".join(checks(per_seed))
+    preds = predictions(a.out_dir, seeds)
+    text = (table(per_seed, preds) + "\n\nThe paper's orderings, each judged by a paired bootstrap "
+            "over test pages (difference and its 95% interval per seed):\n"
+            + "\n".join(checks(preds)))
     text += ("\n\nWhat the image features carry, without the CTR model:\n\n" + feature_diagnostics(
         a.data_dir, {s: os.path.join(a.visual_dir, f"seed{s}") for s in seeds}))
     ref = reference(a.data_dir)

@@ -18,6 +18,8 @@ import numpy as np
 
 import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
 from trainer import experiments
+from trainer.data import npz
+from trainer.eval import significance, visual_search
 
 ENCODERS = ("resnet_c", "s1", "s2", "s1s2")
 METHODS = tuple(experiments.get(e).title for e in ENCODERS)  # ResNet-C, S1, S2, S1+S2
@@ -50,18 +52,30 @@ def run_seed(data_dir: str, out: str, seed: int, extra: list) -> dict:
     return results
 
 
-def table(per_seed: dict) -> str:
-    """Markdown laid out like Table 1: mean (and spread over seeds), the paper's figures beside."""
+def per_query(out_dir: str, seeds: list) -> dict:
+    """{seed: {method: per-query parts}} of every evaluation (`visual_search.PER_QUERY`)."""
+    names = {**{m: e for m, e in zip(METHODS, ENCODERS, strict=True)}, "random": "random"}
+    return {s: {m: npz.read(os.path.join(out_dir, f"seed{s}", name, visual_search.PER_QUERY))
+                for m, name in names.items()} for s in seeds}
+
+
+def table(per_seed: dict, parts: dict) -> str:
+    """Markdown laid out like Table 1: mean (and spread over seeds), the half-width of each
+    metric's 95% bootstrap interval over queries, the paper's figures beside."""
     seeds = sorted(per_seed)
     lines = [f"Visual search (paper 000 Table 1 layout), seeds {', '.join(map(str, seeds))}: "
-             "mean ± half-range over seeds; the paper's figures in brackets.", "",
+             "mean ± half-range over seeds, then (±) the half-width of the 95% bootstrap interval "
+             "over queries (mean over seeds); the paper's figures in brackets.", "",
              "| Method | " + " | ".join(COLUMNS) + " |", "| --- |" + " ---: |" * len(COLUMNS)]
     for method in METHODS + ("random",):
         cells = []
         for i, col in enumerate(COLUMNS):
             vals = np.array([per_seed[s][method][col] for s in seeds])
             spread = (vals.max() - vals.min()) / 2
-            cell = f"{vals.mean():.4f}" + (f" ± {spread:.4f}" if len(vals) > 1 else "")
+            half = np.mean([(lambda iv: (iv.high - iv.low) / 2)(
+                significance.interval_search(parts[s][method], col)) for s in seeds])
+            cell = (f"{vals.mean():.4f}" + (f" ± {spread:.4f}" if len(vals) > 1 else "")
+                    + f" (±{half:.4f})")
             if method in PAPER:
                 cell += f" [{PAPER[method][i]:.4f}]"
             cells.append(cell)
@@ -75,22 +89,22 @@ def table(per_seed: dict) -> str:
     return "\n".join(lines)
 
 
-def checks(per_seed: dict) -> list[str]:
-    """The paper's orderings, each marked as holding or not (on the means)."""
-    mean = {m: {c: float(np.mean([per_seed[s][m][c] for s in per_seed])) for c in COLUMNS}
-            for m in METHODS}
-    hr = {m: mean[m]["HR"] for m in METHODS}
-    cr = {m: (mean[m]["CR@10"], mean[m]["CR@100"]) for m in METHODS}
-    out = [
-        ("S1+S2 has the highest HR", max(hr, key=hr.get) == "S1+S2"),
-        ("ResNet-C has the lowest HR", min(hr, key=hr.get) == "ResNet-C"),
-        ("ResNet-C has the highest CR@10 and CR@100",
-         all(cr["ResNet-C"][i] >= max(cr[m][i] for m in METHODS) for i in (0, 1))),
-        ("S1+S2's LR@10 and LR@100 are not below S1's",
-         mean["S1+S2"]["LR@10"] >= mean["S1"]["LR@10"]
-         and mean["S1+S2"]["LR@100"] >= mean["S1"]["LR@100"]),
-    ]
-    return [f"- [{'x' if ok else ' '}] {text}" for text, ok in out]
+# The paper's orderings (§4.1, Table 1) as pairwise claims: (claim, a, b, metric, not_below).
+CLAIMS = (
+    *((f"S1+S2 has a higher HR than {m}", "S1+S2", m, "HR", False)
+      for m in ("S1", "S2", "ResNet-C")),
+    *((f"ResNet-C has a lower HR than {m}", m, "ResNet-C", "HR", False) for m in ("S1", "S2")),
+    *((f"ResNet-C has a higher {k} than {m}", "ResNet-C", m, k, False)
+      for k in ("CR@10", "CR@100") for m in ("S1", "S2", "S1+S2")),
+    *((f"S1+S2's {k} is not below S1's", "S1+S2", "S1", k, True) for k in ("LR@10", "LR@100")),
+)
+
+
+def checks(parts: dict) -> list[str]:
+    """Each ordering judged by a paired bootstrap over queries on every seed, and over seeds."""
+    return [f"- {claim}: " + significance.judged_over_seeds(
+        {s: significance.compare_search(parts[s][a], parts[s][b], metric) for s in parts},
+        not_below=not_below) for claim, a, b, metric, not_below in CLAIMS]
 
 
 def diagnostics(data_dir: str, seed_dirs: dict) -> str:
@@ -149,7 +163,10 @@ def main() -> None:
         print(f"seed {seed}:", flush=True)
         per_seed[seed] = run_seed(a.data_dir, os.path.join(a.out_dir, f"seed{seed}"), seed,
                                   a.extra.split())
-    text = table(per_seed) + "\n\nThe paper's orderings:\n" + "\n".join(checks(per_seed))
+    parts = per_query(a.out_dir, sorted(per_seed))
+    text = (table(per_seed, parts) + "\n\nThe paper's orderings, each judged by a paired "
+            "bootstrap over queries (difference and its 95% interval per seed):\n"
+            + "\n".join(checks(parts)))
     diag = diagnostics(a.data_dir, {s: os.path.join(a.out_dir, f"seed{s}") for s in per_seed})
     if diag:
         text += f"\n\nDiagnostics from the planted truth (evaluation only):\n\n{diag}"

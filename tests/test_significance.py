@@ -88,3 +88,23 @@ def test_compare_ctr_reads_predictions_of_the_same_test_set():
         significance.compare_ctr(good, dict(poor, label=1 - labels), "AUC")
     with pytest.raises(ValueError, match="not one of"):
         significance.compare_ctr(good, poor, "LogLoss")
+
+
+def test_one_models_interval_is_that_of_the_paired_comparison():
+    rng = np.random.default_rng(4)
+    labels, unit_of = _pages(rng, pages=200)
+    item = rng.integers(0, 50, len(labels))
+    pred = {"label": labels, "group": unit_of, "item": item, "impressions_30d": item,
+            "score": labels * 0.3 + rng.random(len(labels))}
+    for metric in significance.CTR_METRICS:
+        alone = significance.interval_ctr(pred, metric, resamples=200)
+        paired = significance.compare_ctr(pred, pred, metric, resamples=200).a
+        assert alone == paired, metric  # the same draws
+        assert alone.low < alone.value < alone.high
+    hits = {"query_item_id": np.arange(4), "HR:num": np.array([3, 2, 4, 5]),
+            "HR:den": np.array([5] * 4)}
+    iv = significance.interval_search(hits, "HR", resamples=200)
+    assert iv.value == 14 / 20 and iv.low <= iv.value <= iv.high
+    assert significance.over_seeds(["holds", "holds"]) == "holds"
+    assert significance.over_seeds(["holds", "within noise"]) == "mixed"
+    assert significance.over_seeds(["within noise"] * 2) == "within noise"

@@ -61,6 +61,32 @@ class Comparison:
         d = self.difference
         return f"{d.value:+.4f} [{d.low:+.4f}, {d.high:+.4f}]: {self.verdict}"
 
+    def describe(self, metric: str) -> str:
+        """'**verdict** (metric a vs b, difference d [95% interval])', as reports print it."""
+        d = self.difference
+        return (f"**{self.verdict}** ({metric} {self.a.value:.4f} vs {self.b.value:.4f}, "
+                f"difference {d.value:+.4f} [{d.low:+.4f}, {d.high:+.4f}])")
+
+
+def over_seeds(verdicts: list[str]) -> str:
+    """One verdict for a claim judged on several seeds: 'holds' or 'fails' when every seed
+    agrees, 'within noise' when every seed says so, else 'mixed'."""
+    kinds = set(verdicts)
+    return verdicts[0] if len(kinds) == 1 else "mixed"
+
+
+def judged_over_seeds(by_seed: dict, not_below: bool = False) -> str:
+    """'**verdict** (seed s: verdict, difference [95% interval]; ...)' for one claim from its
+    comparison on each seed {seed: Comparison}. `not_below`: the claim is that a is not below b
+    ("keeps the AUC"), which holds unless the interval lies below 0."""
+    verdicts, parts = [], []
+    for s, c in sorted(by_seed.items()):
+        v = ("fails" if c.verdict == "fails" else "holds") if not_below else c.verdict
+        verdicts.append(v)
+        d = c.difference
+        parts.append(f"seed {s}: {v}, {d.value:+.4f} [{d.low:+.4f}, {d.high:+.4f}]")
+    return f"**{over_seeds(verdicts)}** ({'; '.join(parts)})"
+
 
 def draws(units: int, resamples: int = 1000, seed: int = 0) -> np.ndarray:
     """[resamples, units] counts: each row draws `units` units with replacement."""
@@ -116,6 +142,15 @@ def compare(metric: Callable[[Any], Scorer], a: Any, b: Any, units: int,
         db[lo:lo + CHUNK] = fb(counts[lo:lo + CHUNK])
     return Comparison(_interval(va, da, level), _interval(vb, db, level),
                       _interval(va - vb, da - db, level))
+
+
+def bootstrap(metric: Callable[[Any], Scorer], a: Any, units: int, resamples: int = 1000,
+              seed: int = 0, level: float = 0.95) -> Interval:
+    """One model's metric with its bootstrap percentile interval over the units."""
+    fa = metric(a)
+    values = np.concatenate([fa(draws(units, resamples, seed)[lo:lo + CHUNK])
+                             for lo in range(0, resamples, CHUNK)])
+    return _interval(float(fa(np.ones([1, units]))[0]), values, level)
 
 
 def auc_metric(labels: np.ndarray, unit_of: np.ndarray, mask: np.ndarray | None = None
@@ -174,17 +209,26 @@ def compare_ctr(a: dict, b: dict, metric: str, resamples: int = 1000, seed: int 
         if not np.array_equal(a[k], b[k]):
             raise ValueError(f"the two predictions are not of the same test samples ('{k}' "
                              "differs)")
+    prepare, units = _ctr_metric(a, metric)
+    return compare(prepare, a["score"], b["score"], units, resamples, seed)
+
+
+def interval_ctr(a: dict, metric: str, resamples: int = 1000, seed: int = 0) -> Interval:
+    """One CTR model's `metric` (`CTR_METRICS`) with its 95% interval over test pages."""
+    prepare, units = _ctr_metric(a, metric)
+    return bootstrap(prepare, a["score"], units, resamples, seed)
+
+
+def _ctr_metric(a: dict, metric: str) -> tuple[Callable[[np.ndarray], Scorer], int]:
     _, unit_of = np.unique(a["group"], return_inverse=True)
     units = int(unit_of.max()) + 1
     if metric == "GAUC":
-        prepare = gauc_metric(a["label"], unit_of)
-    elif metric in CTR_METRICS:
+        return gauc_metric(a["label"], unit_of), units
+    if metric in CTR_METRICS:
         bottom, top = ctr_metrics.impression_slices(a["item"], a["impressions_30d"])
         mask = {"AUC": None, "AUC_bottom10": bottom, "AUC_top10": top}[metric]
-        prepare = auc_metric(a["label"], unit_of, mask)
-    else:
-        raise ValueError(f"metric '{metric}' is not one of {CTR_METRICS}")
-    return compare(prepare, a["score"], b["score"], units, resamples, seed)
+        return auc_metric(a["label"], unit_of, mask), units
+    raise ValueError(f"metric '{metric}' is not one of {CTR_METRICS}")
 
 
 def compare_search(a: dict, b: dict, metric: str, resamples: int = 1000, seed: int = 0
@@ -193,9 +237,18 @@ def compare_search(a: dict, b: dict, metric: str, resamples: int = 1000, seed: i
     two encoders, from their per-query parts (`visual_search.evaluate`'s per_query_path)."""
     if not np.array_equal(a["query_item_id"], b["query_item_id"]):
         raise ValueError("the two evaluations are not of the same queries")
+    return compare(ratio_metric, _parts(a, metric), _parts(b, metric),
+                   len(a["query_item_id"]), resamples, seed)
+
+
+def interval_search(a: dict, metric: str, resamples: int = 1000, seed: int = 0) -> Interval:
+    """One encoder's visual-search `metric` with its 95% interval over judged queries."""
+    return bootstrap(ratio_metric, _parts(a, metric), len(a["query_item_id"]), resamples, seed)
+
+
+def _parts(a: dict, metric: str) -> tuple[np.ndarray, np.ndarray]:
     num, den = f"{metric}:num", f"{metric}:den"
-    if num not in a or num not in b:
+    if num not in a:
         have = sorted(k.split(":")[0] for k in a if k.endswith(":num"))
         raise ValueError(f"no per-query parts of '{metric}' (have {have})")
-    return compare(ratio_metric, (a[num], a[den]), (b[num], b[den]), len(a["query_item_id"]),
-                   resamples, seed)
+    return a[num], a[den]
