@@ -89,8 +89,9 @@ repro-visual: $(VENV)/.installed $(DATA)/$(WORLD)/manifest.json
 	$(PY) scripts/repro_visual.py --data_dir=$(DATA)/$(WORLD) --out_dir=$(RUNS)/visual \
 	  --seeds=$(shell echo $(SEEDS) | tr ' ' ',')
 
-# Paper 000 Table 2: the CTR predictor without image features, with ResNet-C, S1, S2, S1+S2
-# features and S1+S2+D; reuses the encoders of repro-visual (training them if missing).
+# Paper 000 Table 2: the CTR predictor with the ResNet-C, VGG and ViT competitors' features, with
+# S1, S2, S1+S2 features and S1+S2+D, and without image features; reuses the encoders of
+# repro-visual (training them if missing) and trains VGG-C and ViT-C beside them.
 repro-ctr: $(VENV)/.installed $(DATA)/$(WORLD)/manifest.json
 	$(PY) scripts/repro_ctr.py --data_dir=$(DATA)/$(WORLD) --visual_dir=$(RUNS)/visual \
 	  --out_dir=$(RUNS)/ctr --seeds=$(shell echo $(SEEDS) | tr ' ' ',')
