@@ -130,6 +130,16 @@ def test_s2_negatives_are_the_same_on_one_and_two_replicas(tiny_world, mirrored)
         assert float(metrics["negatives_per_query"]) == float(negatives_2), step
         categories |= set(expected["clicked_category_id"].tolist())
     assert len(categories) > 1
+    # Two workers (an input pipeline each, as MultiWorkerMirrored runs them): each reads the
+    # whole stream and keeps its replica's rows and share of the pool.
+    for worker in (0, 1):
+        context = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=worker,
+                                             num_replicas_in_sync=2)
+        task = _tasks(tiny_world, ENC, train)["finetune"]()
+        for got, expected in zip(task.build_inputs(context).take(4), one, strict=True):
+            for key, n in (("query_id", 8), ("clicked_item_id", 8), ("pool_item_id", 16)):
+                np.testing.assert_array_equal(
+                    got[key].numpy(), expected[key][worker * n:(worker + 1) * n], err_msg=key)
 
 
 def test_s2_excludes_every_click_of_the_query_from_its_negatives():
