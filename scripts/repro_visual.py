@@ -156,13 +156,19 @@ def main() -> None:
     p.add_argument("--out_dir", default="runs/visual")
     p.add_argument("--seeds", default="0")
     p.add_argument("--extra", default="", help="Flags passed to every stage, space separated.")
+    p.add_argument("--report_only", action="store_true",
+                   help="Only print the table from the seeds' results.json (no training).")
     a = p.parse_args()
     t0 = time.time()
     per_seed = {}
     for seed in [int(s) for s in a.seeds.split(",")]:
+        out = os.path.join(a.out_dir, f"seed{seed}")
+        if a.report_only:
+            with open(os.path.join(out, "results.json")) as f:
+                per_seed[seed] = json.load(f)
+            continue
         print(f"seed {seed}:", flush=True)
-        per_seed[seed] = run_seed(a.data_dir, os.path.join(a.out_dir, f"seed{seed}"), seed,
-                                  a.extra.split())
+        per_seed[seed] = run_seed(a.data_dir, out, seed, a.extra.split())
     parts = per_query(a.out_dir, sorted(per_seed))
     text = (table(per_seed, parts) + "\n\nThe paper's orderings, each judged by a paired "
             "bootstrap over queries (difference and its 95% interval per seed):\n"
@@ -170,7 +176,8 @@ def main() -> None:
     diag = diagnostics(a.data_dir, {s: os.path.join(a.out_dir, f"seed{s}") for s in per_seed})
     if diag:
         text += f"\n\nDiagnostics from the planted truth (evaluation only):\n\n{diag}"
-    text += f"\n\nTotal time: {(time.time() - t0) / 60:.1f} min."
+    if not a.report_only:
+        text += f"\n\nTotal time: {(time.time() - t0) / 60:.1f} min."
     experiments.write_report(text, os.path.join(a.out_dir, "table1.md"))
 
 
