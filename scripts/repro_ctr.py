@@ -107,8 +107,8 @@ def table(per_seed: dict, preds: dict) -> str:
             method, cells = exp.title, []
             for i, (_, key) in enumerate(COLUMNS):
                 vals = np.array([per_seed[s][method][key] for s in seeds])
-                half = np.mean([(lambda iv: (iv.high - iv.low) / 2)(
-                    significance.interval_ctr(preds[s][method], key)) for s in seeds])
+                half = np.mean([significance.interval_ctr(preds[s][method], key).half_width
+                                for s in seeds])
                 cell = f"{vals.mean():.4f}" + (f" ± {(vals.max() - vals.min()) / 2:.4f}"
                                                if len(vals) > 1 else "") + f" (±{half:.4f})"
                 if method in PAPER and i < 3:

@@ -72,8 +72,8 @@ def table(per_seed: dict, parts: dict) -> str:
         for i, col in enumerate(COLUMNS):
             vals = np.array([per_seed[s][method][col] for s in seeds])
             spread = (vals.max() - vals.min()) / 2
-            half = np.mean([(lambda iv: (iv.high - iv.low) / 2)(
-                significance.interval_search(parts[s][method], col)) for s in seeds])
+            half = np.mean([significance.interval_search(parts[s][method], col).half_width
+                            for s in seeds])
             cell = (f"{vals.mean():.4f}" + (f" ± {spread:.4f}" if len(vals) > 1 else "")
                     + f" (±{half:.4f})")
             if method in PAPER:

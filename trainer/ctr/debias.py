@@ -81,12 +81,12 @@ def mine_positives(s1_vectors: np.ndarray, category_id: np.ndarray, candidate: n
     n = len(category_id)
     rows = np.full([n, num_similar], -1, np.int64)
     weights = np.zeros([n, num_similar], np.float32)
-    low = np.asarray(candidate, bool)
+    is_candidate = np.asarray(candidate, bool)
     vectors = np.ascontiguousarray(s1_vectors, np.float32)
     wanted = np.ones(n, bool) if anchors is None else np.isin(np.arange(n), anchors)
     for cat in np.unique(category_id):
         members = np.flatnonzero(category_id == cat)
-        candidates = members[low[members]]
+        candidates = members[is_candidate[members]]
         members = members[wanted[members]]
         if len(candidates) == 0 or len(members) == 0:
             continue

@@ -206,7 +206,7 @@ class InputPipeline:
         grouped = bool(cfg.group_by)
         # A grouped global batch is formed alike in every pipeline: same files, order and seeds.
         ordered = cfg.deterministic or grouped
-        by_batch = (cfg.deterministic or grouped) and pipelines > 1
+        by_batch = ordered and pipelines > 1
         files = self.files if by_batch else shard_files(self.files, input_context)
         batch_size = (input_context.get_per_replica_batch_size(cfg.global_batch_size)
                       if input_context else cfg.global_batch_size)

@@ -40,6 +40,10 @@ class Interval:
     def __str__(self) -> str:
         return f"{self.value:.4f} [{self.low:.4f}, {self.high:.4f}]"
 
+    @property
+    def half_width(self) -> float:
+        return (self.high - self.low) / 2
+
 
 @dataclasses.dataclass(frozen=True)
 class Comparison:
