@@ -55,6 +55,9 @@ def catalog_table(world: str, tmp_path) -> tuple[list, pa.Table, object]:
                                   pa.float32() if k == "price" else pa.int64())
                       for k in ("item_id", "category_id", "shop_id", "brand_id", "price",
                                 "impressions_30d")})
+    # Titles as Parquet strings (UTF-8), the usual type of a text column.
+    table = table.append_column("title", pa.array([r["title"][0].decode() for r in rows],
+                                                  pa.string()))
     return originals, table, img_dir
 
 

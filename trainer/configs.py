@@ -212,6 +212,63 @@ class PretrainConfig:
 
 
 @dataclasses.dataclass
+class SimsiamConfig:
+    """SimSiam, a paper 002 Table 5 baseline (`trainer.models.simsiam`).
+
+    Attributes:
+      catalog_pattern: Catalog TFRecords whose images are the training set (empty: the data dir's).
+      predictor_units: Hidden units of the predictor MLP h (SimSiam's bottleneck: D / 4).
+      augment: The augmentation family that makes the two views (S1's).
+    """
+
+    catalog_pattern: str = ""
+    predictor_units: int = 128
+    augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
+
+
+@dataclasses.dataclass
+class TextConfig:
+    """The text tower of the image-title stages (`trainer.models.text`): words hashed into
+    buckets (no vocabulary to build or ship), a small pre-norm Transformer, mean pooling, a
+    linear layer to D.
+
+    Attributes:
+      hash_buckets: Word buckets (collisions are rare below a tenth of this many distinct words).
+      max_words: Words of a title kept (the first ones).
+      width: Token width of the Transformer.
+      layers: Transformer layers (0: a bag of words).
+      heads: Attention heads.
+    """
+
+    hash_buckets: int = 1 << 16
+    max_words: int = 16
+    width: int = 128
+    layers: int = 2
+    heads: int = 4
+
+
+@dataclasses.dataclass
+class ClipConfig:
+    """CLIP, a paper 002 Table 5 baseline (`trainer.models.clip`): the item's cover image and its
+    title as a positive pair.
+
+    Attributes:
+      catalog_pattern: Catalog TFRecords with `title`s (empty: the data dir's).
+      temperature: tau's initial value (CLIP's 0.07).
+      learn_temperature: tau is trained, as CLIP's (its log, clipped at 1/100).
+      augment: Image augmentation (CLIP's: a random crop only).
+      text: The text tower.
+    """
+
+    catalog_pattern: str = ""
+    temperature: float = 0.07
+    learn_temperature: bool = True
+    augment: AugmentConfig = dataclasses.field(default_factory=lambda: AugmentConfig(
+        crop_area=(0.5, 1.0), flip_prob=0.0, jitter_prob=0.0, greyscale_prob=0.0))
+    text: TextConfig = dataclasses.field(default_factory=TextConfig)
+
+
+@dataclasses.dataclass
 class FinetuneConfig:
     """S2 (paper 000 Eq. 2, `trainer.models.finetune`).
 
@@ -563,6 +620,26 @@ class PretrainStage(EncoderStage):
 
 
 @dataclasses.dataclass
+class SimsiamStage(EncoderStage):
+    """`simsiam`: SimSiam, on S1's augmentations and budget."""
+
+    stage: str = "simsiam"
+    train: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(
+        steps=600, global_batch_size=128, learning_rate=2e-3, warmup_steps=50))
+    simsiam: SimsiamConfig = dataclasses.field(default_factory=SimsiamConfig)
+
+
+@dataclasses.dataclass
+class ClipStage(EncoderStage):
+    """`clip`: CLIP on the catalog's images and titles, on S1's budget."""
+
+    stage: str = "clip"
+    train: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(
+        steps=600, global_batch_size=128, learning_rate=2e-3, warmup_steps=50))
+    clip: ClipConfig = dataclasses.field(default_factory=ClipConfig)
+
+
+@dataclasses.dataclass
 class FinetuneStage(EncoderStage):
     """`finetune`: S2 (S1+S2 with `encoder.init_checkpoint` = S1's model dir)."""
 
@@ -650,8 +727,9 @@ class EmbedStage(StageConfig):
 
 
 STAGES: dict[str, type[StageConfig]] = {cls().stage: cls for cls in (
-    SynthStage, InspectStage, ValidateStage, PretrainStage, FinetuneStage, ClassifyStage,
-    EvalSearchStage, CtrStage, DebiasStage, CourierStage, ClusterStage, EmbedStage)}
+    SynthStage, InspectStage, ValidateStage, PretrainStage, SimsiamStage, ClipStage,
+    FinetuneStage, ClassifyStage, EvalSearchStage, CtrStage, DebiasStage, CourierStage,
+    ClusterStage, EmbedStage)}
 
 
 def for_stage(stage: str) -> StageConfig:
@@ -865,6 +943,10 @@ RULES: dict[str, dict[str, tuple[Any, Any]]] = {
                       "saturation": _NON_NEGATIVE, "hue": (0.0, 0.5),
                       "greyscale_prob": _PROBABILITY},
     "PretrainConfig": {"temperature": _POSITIVE},
+    "SimsiamConfig": {"predictor_units": _AT_LEAST_1},
+    "TextConfig": {"hash_buckets": _AT_LEAST_1, "max_words": _AT_LEAST_1,
+                   "width": _AT_LEAST_1, "layers": _NON_NEGATIVE, "heads": _AT_LEAST_1},
+    "ClipConfig": {"temperature": (0.01, None)},
     "FinetuneConfig": {"pool_size": _AT_LEAST_1, "temperature": _POSITIVE},
     "ClassifyConfig": {"label_smoothing": (0.0, 0.999)},
     "SearchEvalConfig": {"ks": _AT_LEAST_1, "low_impressions": _NON_NEGATIVE},

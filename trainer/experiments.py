@@ -79,6 +79,16 @@ COMPETITORS = (
                (("encoder.backbone", "vit"), ("encoder.vit_model", "vit-ti16"),
                 ("train.learning_rate", 5e-4))),
 )
+# Paper 002 Table 5's other pre-training baselines, on S1's catalog, batch and budget (its SimCLR
+# is S1).
+BASELINES = (
+    Experiment("simsiam", "SimSiam", "simsiam",
+               "SimSiam on S1's augmented views: predictor and stop-gradient, no negatives "
+               "(paper 002 Table 5)"),
+    Experiment("clip", "CLIP", "clip",
+               "CLIP on catalog images and titles, negatives across replicas (paper 002 "
+               "Table 5)"),
+)
 # Paper 002 Table 6 and Appendix D: (row, config flag).
 COURIER_ABLATIONS = (("w/o UCS", "no_ucs"), ("w/o Contrast", "no_contrast"),
                      ("w/o Reconstruction", "self_attention"), ("w/o Neg PV", "no_neg_pv"),
@@ -128,7 +138,7 @@ EVALUATIONS = (
                "faiss k-means over COURIER's catalog vectors (paper 002 App. B)",
                (("images.model_dir", "{courier}"),)),
 )
-REGISTRY: dict[str, Experiment] = {e.name: e for e in (*_ENCODERS, *COMPETITORS,
+REGISTRY: dict[str, Experiment] = {e.name: e for e in (*_ENCODERS, *COMPETITORS, *BASELINES,
                                                         *_courier_ablations(), *EVALUATIONS)}
 
 
@@ -222,6 +232,11 @@ PAPER_TABLE_2 = {
     "S2": (0.7340, 0.7240, 0.7293), "S1+S2": (0.7673, 0.7494, 0.7515),
     "S1+S2+D": (0.7681, 0.7495, 0.7518),
 }
+# Paper 002 Table 5: delta AUC (women's clothing), delta AUC, delta GAUC (%, all categories)
+# against the CTR model without image features.
+PAPER_TABLE_5 = {"Supervised": (0.06, -0.14, -0.06), "CLIP": (0.26, 0.04, -0.09),
+                 "SimCLR": (0.28, 0.05, -0.08), "SimSiam": (0.10, -0.10, -0.29),
+                 "MaskCLIP": (0.31, 0.03, -0.03), "COURIER": (0.46, 0.16, 0.19)}
 # Paper 002 Table B1 (a summary) and Table 6: delta AUC (women's clothing), delta AUC, delta GAUC.
 PAPER_TABLE_B1 = ("V1-V4: vector +0.06-0.09%, simscore +0.14-0.18%, cluster_id +0.22-0.28%")
 PAPER_TABLE_6 = {"w/o UCS": (0.06, -0.13, 0.11), "w/o Contrast": (0.23, 0.03, -0.11),

@@ -6,6 +6,8 @@ Stages (their config trees are in `trainer/configs.py`, their runners in `traine
   inspect      input-pipeline smoke run over every record kind; writes preview.png
   validate     scan records for bad ones (data_dir, or kind + file_pattern)
   pretrain     S1: self-supervised contrastive pretraining (paper 000 Eq. 1)
+  simsiam      SimSiam on S1's views (a paper 002 Table 5 baseline)
+  clip         CLIP on catalog images and titles (a paper 002 Table 5 baseline)
   finetune     S2: click-supervised contrastive fine-tuning with category negative pools (Eq. 2);
                S1+S2 with encoder.init_checkpoint = S1's model dir
   classify     ResNet-C: the encoder trained as a category classifier (the Table 1 baseline)
@@ -89,7 +91,7 @@ SHORTHANDS: dict[str, tuple[tuple[str, ...], str]] = {
     "init_checkpoint": (("encoder.init_checkpoint",), "Warm start: a model dir or checkpoint "
                         "(e.g. S1's for S1+S2); encoder.init_scope says what it restores."),
     "temperature": (("pretrain.temperature", "finetune.temperature", "courier.temperature",
-                     "ctr.debias.temperature"), "Contrastive temperature tau."),
+                     "clip.temperature", "ctr.debias.temperature"), "Contrastive temperature tau."),
     "pool_size": (("finetune.pool_size",), "finetune: category negative pool per global batch."),
     "courier_ablation": ((), "courier: Table 6 / App. D variants, any of "
                          f"{', '.join(configs.COURIER_ABLATIONS)}."),

@@ -10,7 +10,8 @@ Columns are named after the features of the kind (for `ctr`, the feature spec's 
   (paths relative to the image dir; a `list<string>` or space-separated for image lists); or, for
   `catalog` / `queries`, `<image_dir>/<id>.{jpg,jpeg,png}`. A path that leaves the image dir
   (`../x`, `/etc/x`) is refused unless absolute paths and URIs (gs://..., anything TensorFlow's
-  file system reads) are allowed.
+  file system reads) are allowed;
+- text (the catalog's `title`): a string (UTF-8) or binary column.
 """
 from __future__ import annotations
 
@@ -110,12 +111,17 @@ class Columns:
             t = t.value_type
             if f.image and (pa.types.is_binary(t) or pa.types.is_large_binary(t)):
                 return
+        if f.dtype == schema.BYTES and not f.image and (pa.types.is_string(t)
+                                                        or pa.types.is_large_string(t)):
+            return  # text, written as UTF-8
         want = {schema.INT64: pa.types.is_integer,
                 schema.FLOAT: lambda x: pa.types.is_floating(x) or pa.types.is_integer(x),
                 schema.BYTES: lambda x: pa.types.is_binary(x) or pa.types.is_large_binary(x)}
         if not want[f.dtype](t):
             kind = {schema.INT64: "integer", schema.FLOAT: "numeric",
                     schema.BYTES: "binary (encoded image)"}[f.dtype]
+            if f.dtype == schema.BYTES and not f.image:
+                kind = "string or binary"
             raise ValueError(f"{where} must hold {kind} values, not {t}")
 
     @property
@@ -165,6 +171,8 @@ class Columns:
                                  + ("; write [] for an empty list)" if f.is_list else ")"))
             return [] if f.is_list else None
         if not f.is_list:
+            if isinstance(v, str) and f.dtype == schema.BYTES:
+                return v.encode()
             return float(v) if f.dtype == schema.FLOAT else v
         cast = int if f.dtype == schema.INT64 else float
         if isinstance(v, (str, bytes)):

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from trainer.configs import EncoderConfig, PretrainConfig, TrainConfig
+from trainer.configs import AugmentConfig, EncoderConfig, PretrainConfig, TrainConfig
 from trainer.data import augment, pipeline
 from trainer.models import contrastive
 from trainer.models import encoder as encoder_lib
@@ -46,6 +46,17 @@ def s1_loss(view_1: tf.Tensor, view_2: tf.Tensor, temperature: float) -> tf.Tens
     return contrastive.global_mean(per_anchor)
 
 
+def views_pipeline(catalog_pattern: str, augment_cfg: AugmentConfig, encoder_cfg: EncoderConfig,
+                   train_cfg: TrainConfig, skip_bad_records: bool) -> pipeline.InputPipeline:
+    """Catalog images as two augmented views each (`view_1`, `view_2`): S1's input, and
+    SimSiam's."""
+    input_cfg = pipeline.InputConfig(
+        catalog_pattern, "catalog", global_batch_size=train_cfg.global_batch_size,
+        image_size=encoder_cfg.image_size, deterministic=train_cfg.deterministic,
+        skip_bad_records=skip_bad_records)
+    return pipeline.InputPipeline(input_cfg, transform=augment.s1_views_transform(augment_cfg))
+
+
 class PretrainTask(loop.Task):
     """S1 as a training-loop task."""
 
@@ -54,12 +65,8 @@ class PretrainTask(loop.Task):
     def __init__(self, cfg: PretrainConfig, encoder_cfg: EncoderConfig, train_cfg: TrainConfig,
                  skip_bad_records: bool = False):
         self.cfg, self.encoder_cfg, self.train_cfg = cfg, encoder_cfg, train_cfg
-        input_cfg = pipeline.InputConfig(
-            cfg.catalog_pattern, "catalog", global_batch_size=train_cfg.global_batch_size,
-            image_size=encoder_cfg.image_size, deterministic=train_cfg.deterministic,
-            skip_bad_records=skip_bad_records)
-        self.pipe = pipeline.InputPipeline(input_cfg,
-                                           transform=augment.s1_views_transform(cfg.augment))
+        self.pipe = views_pipeline(cfg.catalog_pattern, cfg.augment, encoder_cfg, train_cfg,
+                                   skip_bad_records)
         self.encoder: encoder_lib.Encoder | None = None
 
     def build_model(self):

@@ -1,5 +1,6 @@
-"""The encoder stages: `pretrain` (S1), `finetune` (S2, S1+S2), `classify` (ResNet-C) and `courier`
-(COURIER) train the visual encoder into a model dir; `eval_search` measures one (paper 000 Table 1).
+"""The encoder stages: `pretrain` (S1), `finetune` (S2, S1+S2), `classify` (ResNet-C), `courier`
+(COURIER) and paper 002 Table 5's baselines `simsiam` and `clip` train the visual encoder into a
+model dir; `eval_search` measures one (paper 000 Table 1).
 """
 from __future__ import annotations
 
@@ -16,14 +17,14 @@ from trainer import configs
 from trainer.data import pipeline
 from trainer.eval import projector, visual_search, write_metrics
 from trainer.features import embeddings
-from trainer.models import classify, courier, encoder, finetune, pretrain
+from trainer.models import classify, clip, courier, encoder, finetune, pretrain, simsiam
 from trainer.stages import common
 from trainer.train import loop
 
 
 @common.releases_lock
 def run_training(cfg: configs.EncoderStage) -> None:
-    """Trains the encoder of `pretrain`, `finetune`, `classify` or `courier` into model_dir."""
+    """Trains the encoder of an encoder stage into model_dir."""
     cfg, strategy = common.training(cfg)  # first: the strategy
     enc = common.encoder_config(cfg)
     encoder.set_precision_policy(enc.mixed_precision)
@@ -33,6 +34,13 @@ def run_training(cfg: configs.EncoderStage) -> None:
         cfg = dataclasses.replace(cfg, pretrain=dataclasses.replace(
             cfg.pretrain, catalog_pattern=catalog))
         task = pretrain.PretrainTask(cfg.pretrain, enc, cfg.train, cfg.skip_bad_records)
+    elif isinstance(cfg, configs.SimsiamStage):
+        cfg = dataclasses.replace(cfg, simsiam=dataclasses.replace(
+            cfg.simsiam, catalog_pattern=catalog))
+        task = simsiam.SimsiamTask(cfg.simsiam, enc, cfg.train, cfg.skip_bad_records)
+    elif isinstance(cfg, configs.ClipStage):
+        cfg = dataclasses.replace(cfg, clip=dataclasses.replace(cfg.clip, catalog_pattern=catalog))
+        task = clip.ClipTask(cfg.clip, enc, cfg.train, cfg.skip_bad_records)
     elif isinstance(cfg, configs.FinetuneStage):
         cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(
             cfg.finetune, catalog_pattern=catalog, sessions_pattern=common.pattern(

@@ -40,6 +40,29 @@ class ClickModel:
 
 
 @dataclasses.dataclass(frozen=True)
+class TitleConfig:
+    """How sellers write item titles (`titles.make_titles`).
+
+    Attributes:
+      category: Probability that the title names the item's category.
+      wrong_category: Probability that it (also) names another category.
+      pattern: Probability that it names the item's pattern.
+      palette: Probability that it names the item's colour.
+      wrong_style: Probability, per style word written, that it is another pattern's (colour's).
+      brand: Probability that it starts with the brand word.
+      generic: Inclusive range of generic words per title.
+    """
+
+    category: float = 0.85
+    wrong_category: float = 0.08
+    pattern: float = 0.5
+    palette: float = 0.6
+    wrong_style: float = 0.15
+    brand: float = 0.6
+    generic: tuple = (1, 4)
+
+
+@dataclasses.dataclass(frozen=True)
 class WorldConfig:
     """Sizes and parameters of one synthetic world. Same config and seed give the same bytes.
 
@@ -71,6 +94,7 @@ class WorldConfig:
       judgment_queries: Catalog items used as visual-search judgment queries.
       shards: Files per record kind (more shards than workers lets every worker read).
       click: Click model.
+      titles: How item titles are written (the catalog's `title`).
     """
 
     name: str
@@ -99,6 +123,7 @@ class WorldConfig:
     judgment_queries: int = 400
     shards: int = 4
     click: ClickModel = ClickModel()
+    titles: TitleConfig = TitleConfig()
 
     @property
     def num_styles(self) -> int:

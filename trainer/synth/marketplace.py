@@ -32,7 +32,7 @@ import time
 import numpy as np
 
 from trainer.data import records, schema
-from trainer.synth import render
+from trainer.synth import render, titles
 from trainer.synth.config import WorldConfig
 
 FORMAT_VERSION = 1
@@ -332,7 +332,10 @@ def write(world: World, data_dir: str, seed: int, workers: int = 1,
     emit(schema.CATALOG, "all", dict(
         item_id=it["item_id"], image=item_images, category_id=world.category_ids[it["category"]],
         shop_id=it["shop_id"], brand_id=it["brand_id"], price=it["price"],
-        impressions_30d=it["impressions_30d"]), cfg.shards)
+        impressions_30d=it["impressions_30d"],
+        title=titles.make_titles(it["category"], pats[it["pattern"]], pals[it["palette"]],
+                                 it["brand"], cfg.num_categories,
+                                 np.random.default_rng([seed, 5]), cfg.titles)), cfg.shards)
     emit(schema.QUERIES, "all", dict(
         query_id=qs["query_id"], image=query_images,
         category_id=world.category_ids[qs["category"]]), cfg.shards)

@@ -1,0 +1,98 @@
+"""Paper 002 Table 5's baselines as stages on the tiny world: the synthetic world's item titles,
+their tokenisation, and the SimSiam and CLIP stages training, checkpointing their heads and
+giving an encoder that restores and embeds like any other; CLIP refuses a catalog without
+titles, which every other stage still reads."""
+from __future__ import annotations
+
+import glob
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tests.conftest import read_all
+from trainer import configs
+from trainer.data import pipeline, records
+from trainer.features import embeddings
+from trainer.models import clip, encoder, text
+from trainer.stages import encoders as encoder_stages
+from trainer.synth import titles, truth
+
+ENC = configs.EncoderConfig(depth=10, width_multiplier=0.25, image_size=32, feature_dim=16)
+TRAIN = configs.TrainConfig(steps=2, global_batch_size=16, warmup_steps=0, log_interval=1)
+SMALL_TEXT = configs.TextConfig(hash_buckets=1024, max_words=8, width=16, layers=1, heads=2)
+
+
+def test_titles_name_some_of_what_the_image_shows(tiny_world):
+    catalog = read_all(tiny_world, "catalog")
+    t = truth.load(tiny_world)
+    cat = t["items"]["category"][truth.index_of(catalog["item_id"], t["items"]["item_id"])]
+    words = [title.decode().split() for title in catalog["title"]]
+    assert all(words)
+    named = np.mean([titles.CATEGORY_WORDS[c] in w for c, w in zip(cat, words, strict=True)])
+    assert 0.75 < named < 0.95  # most titles name the category, not all (config: 85%)
+    brands = np.mean([any(x.startswith("brand") for x in w) for w in words])
+    assert 0.45 < brands < 0.75  # the brand, which no image shows (60%)
+
+
+def test_tokenize_folds_case_drops_punctuation_and_truncates():
+    cfg = configs.TextConfig(hash_buckets=1000, max_words=4)
+    ids = text.tokenize(tf.constant(["Brand7, RED  dress!", "brand7 red dress", "",
+                                     "a b c d e f"]), cfg).numpy()
+    assert ids.shape == (4, 4)
+    np.testing.assert_array_equal(ids[0], ids[1])
+    assert (ids[0, :3] > 0).all() and ids[0, 3] == 0 and (ids[2] == 0).all()
+    assert (ids[3] > 0).all() and len(set(ids[3])) == 4  # the first 4 words of 6
+    assert ids.max() <= 1000
+
+
+def test_padding_does_not_change_a_title_vector():
+    tower = text.TextEncoder(SMALL_TEXT, 16)
+    ids = np.zeros([1, SMALL_TEXT.max_words], np.int64)
+    ids[0, :3] = [5, 9, 2]
+    longer = ids.copy()
+    longer[0, 3] = 7
+    a, b = tower(tf.constant(ids)).numpy(), tower(tf.constant(longer)).numpy()
+    assert not np.allclose(a, b)  # a fourth word counts; padding's embedding never does
+    table = tower.embedding.embeddings.numpy()
+    table[0] = np.random.default_rng(0).normal(0, 100, table.shape[1])
+    tower.embedding.embeddings.assign(table)
+    np.testing.assert_allclose(tower(tf.constant(ids)).numpy(), a, atol=1e-5)
+
+
+@pytest.mark.parametrize("stage", ["simsiam", "clip"])
+def test_baseline_stage_trains_and_gives_an_encoder(stage, tiny_world, tmp_path):
+    model_dir = str(tmp_path / stage)
+    extra = {"clip": configs.ClipConfig(text=SMALL_TEXT)} if stage == "clip" else {}
+    encoder_stages.run_training(configs.STAGES[stage](
+        data_dir=tiny_world, model_dir=model_dir, encoder=ENC, train=TRAIN, **extra))
+    saved = configs.load(model_dir)
+    assert saved.stage == stage and saved.encoder.architecture() == ENC.architecture()
+    names = [n for n, _ in tf.train.list_variables(os.path.join(model_dir, "ckpt"))]
+    head = {"simsiam": "predictor", "clip": "text"}[stage]
+    assert any(n.startswith(f"{head}/") for n in names), names[:20]
+    if stage == "clip":
+        assert any(n.startswith("logit_scale/") for n in names)
+    restored = encoder.restore(model_dir)
+    table = embeddings.for_encoder(model_dir, records.default_pattern(tiny_world, "catalog"), "")
+    v = table.catalog()["embedding"]
+    assert v.shape == (480, ENC.feature_dim) and np.isfinite(v).all()
+    assert restored.cfg.feature_dim == ENC.feature_dim
+
+
+def test_clip_refuses_a_catalog_without_titles_that_others_read(tiny_world, tmp_path):
+    out = tmp_path / "catalog"
+    out.mkdir()
+    for path in glob.glob(records.default_pattern(tiny_world, "catalog")):
+        with tf.io.TFRecordWriter(str(out / os.path.basename(path))) as w:
+            for raw in tf.data.TFRecordDataset(path):
+                ex = tf.train.Example.FromString(raw.numpy())
+                del ex.features.feature["title"]
+                w.write(ex.SerializeToString())
+    pattern = str(out / "*")
+    absent = pipeline.read_columns(pattern, "catalog", ("item_id", "title"))
+    assert len(absent["item_id"]) == 480 and (absent["title"] == b"").all()
+    with pytest.raises(ValueError, match="has no item titles") as err:
+        clip.require_titles(pattern)
+    assert pattern in str(err.value)
