@@ -1,7 +1,8 @@
 """Paper 002 Table 5's baselines as stages on the tiny world: the synthetic world's item titles,
-their tokenisation, and the SimSiam and CLIP stages training, checkpointing their heads and
-giving an encoder that restores and embeds like any other; CLIP refuses a catalog without
-titles, which every other stage still reads."""
+their tokenisation, and the SimSiam, CLIP and Supervised stages training, checkpointing their
+heads and giving an encoder that restores and embeds like any other; Supervised's click loss
+reaches the encoder; CLIP refuses a catalog without titles, which every other stage still
+reads."""
 from __future__ import annotations
 
 import glob
@@ -13,7 +14,9 @@ import tensorflow as tf
 
 from tests.conftest import read_all
 from trainer import configs
-from trainer.data import pipeline, records
+from trainer.ctr import supervised
+from trainer.ctr import task as ctr_task
+from trainer.data import ctr_spec, pipeline, records
 from trainer.features import embeddings
 from trainer.models import clip, encoder, text
 from trainer.stages import encoders as encoder_stages
@@ -61,7 +64,7 @@ def test_padding_does_not_change_a_title_vector():
     np.testing.assert_allclose(tower(tf.constant(ids)).numpy(), a, atol=1e-5)
 
 
-@pytest.mark.parametrize("stage", ["simsiam", "clip"])
+@pytest.mark.parametrize("stage", ["simsiam", "clip", "supervised"])
 def test_baseline_stage_trains_and_gives_an_encoder(stage, tiny_world, tmp_path):
     model_dir = str(tmp_path / stage)
     extra = {"clip": configs.ClipConfig(text=SMALL_TEXT)} if stage == "clip" else {}
@@ -70,7 +73,7 @@ def test_baseline_stage_trains_and_gives_an_encoder(stage, tiny_world, tmp_path)
     saved = configs.load(model_dir)
     assert saved.stage == stage and saved.encoder.architecture() == ENC.architecture()
     names = [n for n, _ in tf.train.list_variables(os.path.join(model_dir, "ckpt"))]
-    head = {"simsiam": "predictor", "clip": "text"}[stage]
+    head = {"simsiam": "predictor", "clip": "text", "supervised": "ctr"}[stage]
     assert any(n.startswith(f"{head}/") for n in names), names[:20]
     if stage == "clip":
         assert any(n.startswith("logit_scale/") for n in names)
@@ -96,3 +99,19 @@ def test_clip_refuses_a_catalog_without_titles_that_others_read(tiny_world, tmp_
     with pytest.raises(ValueError, match="has no item titles") as err:
         clip.require_titles(pattern)
     assert pattern in str(err.value)
+
+
+def test_supervised_click_loss_trains_the_encoder(tiny_world, tmp_path):
+    spec = ctr_spec.load("synthetic")
+    cfg = configs.CtrConfig(train_pattern=records.default_pattern(tiny_world, "ctr", "train"))
+    task = supervised.SupervisedTask(
+        cfg, spec, ctr_task.vocabularies_for(str(tmp_path), cfg, spec),
+        records.default_pattern(tiny_world, "catalog"), ENC, TRAIN)
+    enc = task.build_model()
+    batch = next(iter(task.build_inputs()))
+    assert batch["item_image"].shape == (16, 32, 32, 3)
+    with tf.GradientTape() as tape:
+        loss, _ = task.compute_loss(dict(batch))
+    grads = tape.gradient(loss, enc.trainable_variables)
+    assert all(g is not None for g in grads)
+    assert float(tf.linalg.global_norm(grads)) > 0

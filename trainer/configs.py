@@ -701,6 +701,31 @@ class CtrStage(TrainingStage):
 
 
 @dataclasses.dataclass
+class SupervisedConfig:
+    """Supervised, a paper 002 Table 5 baseline (`trainer.ctr.supervised`).
+
+    Attributes:
+      catalog_pattern: Catalog TFRecords: the displayed items' images, joined by item id (empty:
+        the data dir's).
+    """
+
+    catalog_pattern: str = ""
+
+
+@dataclasses.dataclass
+class SupervisedStage(EncoderStage):
+    """`supervised`: the image encoder trained end to end inside the CTR model on the train days'
+    click labels (`ctr` sets the model, as for the `ctr` stage); the encoder is what it keeps.
+    600 steps of 128 impressions: about the images per step and the budget of S1."""
+
+    stage: str = "supervised"
+    train: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(
+        steps=600, global_batch_size=128, learning_rate=1e-3, warmup_steps=50))
+    ctr: CtrConfig = dataclasses.field(default_factory=CtrConfig)
+    supervised: SupervisedConfig = dataclasses.field(default_factory=SupervisedConfig)
+
+
+@dataclasses.dataclass
 class DebiasStage(CtrStage):
     """`debias`: the CTR predictor with D and its gate (S1+S2+D)."""
 
@@ -728,8 +753,8 @@ class EmbedStage(StageConfig):
 
 STAGES: dict[str, type[StageConfig]] = {cls().stage: cls for cls in (
     SynthStage, InspectStage, ValidateStage, PretrainStage, SimsiamStage, ClipStage,
-    FinetuneStage, ClassifyStage, EvalSearchStage, CtrStage, DebiasStage, CourierStage,
-    ClusterStage, EmbedStage)}
+    FinetuneStage, ClassifyStage, SupervisedStage, EvalSearchStage, CtrStage, DebiasStage,
+    CourierStage, ClusterStage, EmbedStage)}
 
 
 def for_stage(stage: str) -> StageConfig:

@@ -79,9 +79,11 @@ COMPETITORS = (
                (("encoder.backbone", "vit"), ("encoder.vit_model", "vit-ti16"),
                 ("train.learning_rate", 5e-4))),
 )
-# Paper 002 Table 5's other pre-training baselines, on S1's catalog, batch and budget (its SimCLR
-# is S1).
+# Paper 002 Table 5's other pre-training baselines, on S1's batch and budget (its SimCLR is S1).
 BASELINES = (
+    Experiment("supervised", "Supervised", "supervised",
+               "the encoder trained end to end inside the CTR model on click labels (paper 002 "
+               "Table 5)"),
     Experiment("simsiam", "SimSiam", "simsiam",
                "SimSiam on S1's augmented views: predictor and stop-gradient, no negatives "
                "(paper 002 Table 5)"),

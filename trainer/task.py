@@ -8,6 +8,7 @@ Stages (their config trees are in `trainer/configs.py`, their runners in `traine
   pretrain     S1: self-supervised contrastive pretraining (paper 000 Eq. 1)
   simsiam      SimSiam on S1's views (a paper 002 Table 5 baseline)
   clip         CLIP on catalog images and titles (a paper 002 Table 5 baseline)
+  supervised   the encoder trained end to end inside the CTR model on clicks (Table 5 baseline)
   finetune     S2: click-supervised contrastive fine-tuning with category negative pools (Eq. 2);
                S1+S2 with encoder.init_checkpoint = S1's model dir
   classify     ResNet-C: the encoder trained as a category classifier (the Table 1 baseline)

@@ -359,11 +359,16 @@ class CtrModel(tfrs.Model):
                 parts.append(self._sequence(f, batch, item, training))
             elif self.image_features:
                 parts += self.image_inputs(f, batch, v_p)
-        x = tf.concat(parts, axis=-1)
+        x = tf.concat(parts + self.extra_inputs(batch), axis=-1)
         x0 = x
         for layer in self.cross:
             x = layer(x0, x)
         return x, {"v_d": v_d}
+
+    def extra_inputs(self, batch: dict) -> list[tf.Tensor]:
+        """More inputs of the tower, from the batch (`trainer.ctr.supervised`: an image vector
+        computed by an encoder trained with the model)."""
+        return []
 
     def call(self, batch: dict, training: bool = False) -> tf.Tensor:
         x, _ = self.features(batch, training)
@@ -402,8 +407,12 @@ class CtrModel(tfrs.Model):
     def build_variables(self) -> CtrModel:
         """Creates the variables (lookups and lazily built layers) outside any training function,
         from one all-zero example of the spec's records."""
-        self(schema_batch(self.record_kind), training=False)
+        self(self.extra_batch(schema_batch(self.record_kind)), training=False)
         return self
+
+    def extra_batch(self, batch: dict) -> dict:
+        """`batch` with what `extra_inputs` reads (none here)."""
+        return batch
 
 
 def training_records(cfg: CtrConfig, spec: ctr_spec.CtrSpec,

@@ -11,12 +11,14 @@ _RUNNERS = {
     "validate": ("data", "run_validate"),
     "pretrain": ("encoders", "run_training"), "simsiam": ("encoders", "run_training"),
     "clip": ("encoders", "run_training"), "finetune": ("encoders", "run_training"),
-    "classify": ("encoders", "run_training"), "courier": ("encoders", "run_training"),
+    "classify": ("encoders", "run_training"), "supervised": ("encoders", "run_training"),
+    "courier": ("encoders", "run_training"),
     "eval_search": ("encoders", "run_eval_search"),
     "ctr": ("ctr", "run_ctr"), "debias": ("ctr", "run_ctr"), "cluster": ("ctr", "run_cluster"),
     "embed": ("embed", "run_embed"),
 }
-TRAINING = ("pretrain", "simsiam", "clip", "finetune", "classify", "courier", "ctr", "debias")
+TRAINING = ("pretrain", "simsiam", "clip", "finetune", "classify", "supervised", "courier", "ctr",
+            "debias")
 
 
 def runner(stage: str) -> Callable:

@@ -1,6 +1,6 @@
 """The encoder stages: `pretrain` (S1), `finetune` (S2, S1+S2), `classify` (ResNet-C), `courier`
-(COURIER) and paper 002 Table 5's baselines `simsiam` and `clip` train the visual encoder into a
-model dir; `eval_search` measures one (paper 000 Table 1).
+(COURIER) and paper 002 Table 5's baselines `simsiam`, `clip` and `supervised` train the visual
+encoder into a model dir; `eval_search` measures one (paper 000 Table 1).
 """
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ import tensorflow as tf
 import tf_keras
 
 from trainer import configs
-from trainer.data import pipeline
+from trainer.ctr import supervised
+from trainer.ctr import task as ctr_task
+from trainer.data import ctr_spec, pipeline
 from trainer.eval import projector, visual_search, write_metrics
 from trainer.features import embeddings
 from trainer.models import classify, clip, courier, encoder, finetune, pretrain, simsiam
@@ -41,6 +43,20 @@ def run_training(cfg: configs.EncoderStage) -> None:
     elif isinstance(cfg, configs.ClipStage):
         cfg = dataclasses.replace(cfg, clip=dataclasses.replace(cfg.clip, catalog_pattern=catalog))
         task = clip.ClipTask(cfg.clip, enc, cfg.train, cfg.skip_bad_records)
+    elif isinstance(cfg, configs.SupervisedStage):
+        cfg = dataclasses.replace(
+            cfg, supervised=dataclasses.replace(cfg.supervised, catalog_pattern=catalog),
+            ctr=dataclasses.replace(cfg.ctr, train_pattern=common.pattern(
+                cfg, cfg.ctr.train_pattern, "ctr", "train")))
+        spec = ctr_spec.load(cfg.ctr.spec)
+        if cfg.ctr.hash_bins:
+            spec = spec.with_hash_bins(cfg.ctr.hash_bins)
+        spec.check_files(pipeline.list_files(cfg.ctr.train_pattern))
+        spec = ctr_task.spec_for(cfg.model_dir, spec)
+        task = supervised.SupervisedTask(
+            cfg.ctr, spec, ctr_task.vocabularies_for(cfg.model_dir, cfg.ctr, spec,
+                                                     cfg.skip_bad_records),
+            catalog, enc, cfg.train, cfg.skip_bad_records)
     elif isinstance(cfg, configs.FinetuneStage):
         cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(
             cfg.finetune, catalog_pattern=catalog, sessions_pattern=common.pattern(
