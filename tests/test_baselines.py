@@ -21,6 +21,7 @@ from trainer.features import embeddings
 from trainer.models import clip, encoder, text
 from trainer.stages import encoders as encoder_stages
 from trainer.synth import titles, truth
+from trainer.train import loop
 
 ENC = configs.EncoderConfig(depth=10, width_multiplier=0.25, image_size=32, feature_dim=16)
 TRAIN = configs.TrainConfig(steps=2, global_batch_size=16, warmup_steps=0, log_interval=1)
@@ -64,10 +65,12 @@ def test_padding_does_not_change_a_title_vector():
     np.testing.assert_allclose(tower(tf.constant(ids)).numpy(), a, atol=1e-5)
 
 
-@pytest.mark.parametrize("stage", ["simsiam", "clip", "supervised"])
+@pytest.mark.parametrize("stage", ["simsiam", "clip", "maskclip", "supervised"])
 def test_baseline_stage_trains_and_gives_an_encoder(stage, tiny_world, tmp_path):
     model_dir = str(tmp_path / stage)
-    extra = {"clip": configs.ClipConfig(text=SMALL_TEXT)} if stage == "clip" else {}
+    extra = {"clip": configs.ClipConfig(text=SMALL_TEXT, masked_distillation=stage == "maskclip")
+             } if "clip" in stage else {}
+    stage = "clip" if stage == "maskclip" else stage
     encoder_stages.run_training(configs.STAGES[stage](
         data_dir=tiny_world, model_dir=model_dir, encoder=ENC, train=TRAIN, **extra))
     saved = configs.load(model_dir)
@@ -77,6 +80,8 @@ def test_baseline_stage_trains_and_gives_an_encoder(stage, tiny_world, tmp_path)
     assert any(n.startswith(f"{head}/") for n in names), names[:20]
     if stage == "clip":
         assert any(n.startswith("logit_scale/") for n in names)
+        distilled = any(n.startswith("distillation/teacher/") for n in names)
+        assert distilled == saved.clip.masked_distillation
     restored = encoder.restore(model_dir)
     table = embeddings.for_encoder(model_dir, records.default_pattern(tiny_world, "catalog"), "")
     v = table.catalog()["embedding"]
@@ -115,3 +120,37 @@ def test_supervised_click_loss_trains_the_encoder(tiny_world, tmp_path):
     grads = tape.gradient(loss, enc.trainable_variables)
     assert all(g is not None for g in grads)
     assert float(tf.linalg.global_norm(grads)) > 0
+
+
+def test_maskclip_masks_patches_and_words_of_the_students_input(tiny_world):
+    cfg = configs.ClipConfig(catalog_pattern=records.default_pattern(tiny_world, "catalog"),
+                             text=SMALL_TEXT, masked_distillation=True, mask_patch=8,
+                             mask_ratio=0.5, word_mask_ratio=0.3)
+    train = configs.TrainConfig(global_batch_size=64)
+    batch = next(iter(clip.title_pipeline(cfg, ENC, train, False).dataset()))
+    patches = batch["patch_mask"].numpy()
+    assert patches.shape == (64, 4, 4) and 0.35 < patches.mean() < 0.65
+    pixels = np.repeat(np.repeat(patches, 8, 1), 8, 2)
+    masked, image = batch["masked_image"].numpy(), batch["image"].numpy()
+    np.testing.assert_allclose(masked[pixels], np.broadcast_to(
+        encoder.MEAN_RGB, masked.shape)[pixels], atol=1e-6)
+    np.testing.assert_array_equal(masked[~pixels], image[~pixels])
+    ids, student, words = (batch[k].numpy() for k in ("title_ids", "masked_title_ids",
+                                                     "word_mask"))
+    assert (ids[words] > 0).all() and 0.15 < words.sum() / (ids > 0).sum() < 0.45
+    assert (student[words] == text.mask_id(SMALL_TEXT)).all()
+    np.testing.assert_array_equal(student[~words], ids[~words])
+
+
+def test_moving_average_updates_each_variable_once_on_two_replicas(mirrored):
+    with mirrored.scope():
+        target = tf.Variable([1.0, 2.0])
+        source = tf.Variable([3.0, 6.0])
+
+    @tf.function
+    def step():
+        mirrored.run(lambda: loop.moving_average([target], [source], 0.75))
+
+    step()
+    for v in mirrored.experimental_local_results(target):
+        np.testing.assert_allclose(v.numpy(), [1.5, 3.0])

@@ -258,6 +258,13 @@ class ClipConfig:
       learn_temperature: tau is trained, as CLIP's (its log, clipped at 1/100).
       augment: Image augmentation (CLIP's: a random crop only).
       text: The text tower.
+      masked_distillation: MaskCLIP: CLIP plus masked self-distillation in both towers
+        (`trainer.models.clip`).
+      mask_patch: MaskCLIP: side in pixels of the square patches masked in the student's image.
+      mask_ratio: MaskCLIP: share of the image's patches masked.
+      word_mask_ratio: MaskCLIP: share of the title's words masked.
+      teacher_momentum: MaskCLIP: momentum of the moving-average teacher.
+      distillation_weight: MaskCLIP: weight of the two distillation losses beside CLIP's.
     """
 
     catalog_pattern: str = ""
@@ -266,6 +273,12 @@ class ClipConfig:
     augment: AugmentConfig = dataclasses.field(default_factory=lambda: AugmentConfig(
         crop_area=(0.5, 1.0), flip_prob=0.0, jitter_prob=0.0, greyscale_prob=0.0))
     text: TextConfig = dataclasses.field(default_factory=TextConfig)
+    masked_distillation: bool = False
+    mask_patch: int = 16
+    mask_ratio: float = 0.5
+    word_mask_ratio: float = 0.3
+    teacher_momentum: float = 0.996
+    distillation_weight: float = 1.0
 
 
 @dataclasses.dataclass
@@ -971,7 +984,9 @@ RULES: dict[str, dict[str, tuple[Any, Any]]] = {
     "SimsiamConfig": {"predictor_units": _AT_LEAST_1},
     "TextConfig": {"hash_buckets": _AT_LEAST_1, "max_words": _AT_LEAST_1,
                    "width": _AT_LEAST_1, "layers": _NON_NEGATIVE, "heads": _AT_LEAST_1},
-    "ClipConfig": {"temperature": (0.01, None)},
+    "ClipConfig": {"temperature": (0.01, None), "mask_patch": _AT_LEAST_1,
+                   "mask_ratio": (0.0, 1.0), "word_mask_ratio": (0.0, 1.0),
+                   "teacher_momentum": _PROBABILITY, "distillation_weight": _NON_NEGATIVE},
     "FinetuneConfig": {"pool_size": _AT_LEAST_1, "temperature": _POSITIVE},
     "ClassifyConfig": {"label_smoothing": (0.0, 0.999)},
     "SearchEvalConfig": {"ks": _AT_LEAST_1, "low_impressions": _NON_NEGATIVE},

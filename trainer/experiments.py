@@ -90,6 +90,9 @@ BASELINES = (
     Experiment("clip", "CLIP", "clip",
                "CLIP on catalog images and titles, negatives across replicas (paper 002 "
                "Table 5)"),
+    Experiment("maskclip", "MaskCLIP", "clip",
+               "CLIP plus masked self-distillation from a moving-average teacher in both "
+               "towers (paper 002 Table 5)", (("clip.masked_distillation", True),)),
 )
 # Paper 002 Table 6 and Appendix D: (row, config flag).
 COURIER_ABLATIONS = (("w/o UCS", "no_ucs"), ("w/o Contrast", "no_contrast"),

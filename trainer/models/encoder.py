@@ -30,8 +30,8 @@ from trainer.configs import EncoderConfig
 log = logging.getLogger(__name__)
 
 # Per-channel statistics the inputs are standardised with (ImageNet's, as tf-models-official uses).
-_MEAN_RGB = np.array([0.485, 0.456, 0.406], np.float32)
-_STDDEV_RGB = np.array([0.229, 0.224, 0.225], np.float32)
+MEAN_RGB = np.array([0.485, 0.456, 0.406], np.float32)
+STDDEV_RGB = np.array([0.229, 0.224, 0.225], np.float32)
 
 
 def set_precision_policy(mixed_precision: str) -> None:
@@ -44,7 +44,8 @@ def set_precision_policy(mixed_precision: str) -> None:
 
 
 class Encoder(tf_keras.Model):
-    """v = normalize(W pool(ResNet(x))). `call` gives v; `features` gives the pre-norm W pool(.)."""
+    """v = normalize(W pool(ResNet(x))). `call` gives v; `features` gives the pre-norm W pool(.);
+    `feature_map` the backbone's map before pooling."""
 
     def __init__(self, cfg: EncoderConfig, name: str = "encoder"):
         super().__init__(name=name)
@@ -65,17 +66,19 @@ class Encoder(tf_keras.Model):
             _momentum_for_recompute(self.backbone)
         self.build([None, size, size, 3])
 
-    def features(self, images: tf.Tensor, training: bool = False) -> tf.Tensor:
-        x = (tf.cast(images, tf.float32) - _MEAN_RGB) / _STDDEV_RGB
+    def feature_map(self, images: tf.Tensor, training: bool = False) -> tf.Tensor:
+        """The backbone's last feature map [B, h, w, C] (`_top`)."""
+        x = (tf.cast(images, tf.float32) - MEAN_RGB) / STDDEV_RGB
         x = tf.cast(x, self.compute_dtype)
         if self.cfg.gradient_checkpointing and training:
             # Segments are found at trace time, not kept: Keras would track them as layers.
             for segment in _block_groups(self.backbone):
                 x = tf.recompute_grad(functools.partial(_apply, segment, training=True))(x)
-            top = x
-        else:
-            top = _top(self.backbone(x, training=training))
-        return self.projection(self.pool(top))
+            return x
+        return _top(self.backbone(x, training=training))
+
+    def features(self, images: tf.Tensor, training: bool = False) -> tf.Tensor:
+        return self.projection(self.pool(self.feature_map(images, training=training)))
 
     def call(self, images: tf.Tensor, training: bool = False) -> tf.Tensor:
         return tf.math.l2_normalize(self.features(images, training=training), axis=-1)

@@ -30,6 +30,11 @@ def tokenize(titles: tf.Tensor, cfg: TextConfig) -> tf.Tensor:
     return ids.to_tensor(default_value=0, shape=[None, cfg.max_words])
 
 
+def mask_id(cfg: TextConfig) -> int:
+    """The id of a masked word (MaskCLIP's student input)."""
+    return cfg.hash_buckets + 1
+
+
 class TextEncoder(tf_keras.Model):
     """t = normalize(W mean_words(Transformer(E[ids] + P))). `words` gives the per-word outputs
     (MaskCLIP's targets); `call` the title's vector."""
@@ -37,7 +42,8 @@ class TextEncoder(tf_keras.Model):
     def __init__(self, cfg: TextConfig, feature_dim: int, name: str = "text_encoder"):
         super().__init__(name=name)
         self.cfg = cfg
-        self.embedding = tf_keras.layers.Embedding(cfg.hash_buckets + 1, cfg.width,
+        # Rows: padding (0), the buckets, and MaskCLIP's masked word (`mask_id`).
+        self.embedding = tf_keras.layers.Embedding(cfg.hash_buckets + 2, cfg.width,
                                                    name="words")
         self.position = tf_keras.layers.Embedding(cfg.max_words, cfg.width, name="positions")
         self.blocks = [nlp_layers.TransformerEncoderBlock(

@@ -157,6 +157,11 @@ class Task(abc.ABC):
     def compute_loss(self, batch: dict, training: bool = True) -> tuple[tf.Tensor, dict]:
         """(this replica's share of the global loss, {metric name: this replica's share})."""
 
+    def after_update(self) -> None:
+        """Runs in replica context after each optimizer update (e.g. a moving-average teacher's
+        update, `moving_average`); nothing by default."""
+        return None
+
     def errors_named(self):
         """Context manager that names the input's bad records."""
         return self.pipe.errors_named() if self.pipe else contextlib.nullcontext()
@@ -198,7 +203,20 @@ def train_step(task: Task, model: tf_keras.Model, optimizer, batch: dict) -> tup
     if scaling:
         grads = optimizer.get_unscaled_gradients(grads)
     optimizer.apply_gradients(zip(grads, variables, strict=True))
+    task.after_update()
     return loss, metrics
+
+
+def moving_average(targets: list, sources: list, momentum: float) -> None:
+    """targets <- momentum * targets + (1 - momentum) * sources, from replica context: once per
+    variable under a strategy (a merge call, as an optimizer's update), each device's copy
+    updated from its own copy of the source."""
+    def update(strategy):
+        for t, s in zip(targets, sources, strict=True):
+            strategy.extended.update(
+                t, lambda t_, s_: t_.assign(momentum * t_ + (1.0 - momentum) * s_), args=(s,))
+
+    tf.distribute.get_replica_context().merge_call(update)
 
 
 def one_step(task: Task, cfg: TrainConfig, strategy: tf.distribute.Strategy, batch: dict,
