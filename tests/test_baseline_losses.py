@@ -16,12 +16,14 @@ def numpy_simsiam(p1, p2, z1, z2):
     return float(np.mean(0.5 * d(p1, z2) + 0.5 * d(p2, z1)))
 
 
-def numpy_clip(v, t, ids, tau):
-    """Both directions, each row's positive its own pair, other copies of its item left out."""
+def numpy_clip(v, t, ids, tau, valid=None):
+    """Both directions, each row's positive its own pair, other copies of its item and rows that
+    are not pairs (`valid`) left out."""
     n, losses = len(v), []
+    valid = np.ones(n, bool) if valid is None else valid
     for a, b in ((v, t), (t, v)):
-        for i in range(n):
-            cols = [j for j in range(n) if j == i or ids[j] != ids[i]]
+        for i in np.flatnonzero(valid):
+            cols = [j for j in range(n) if j == i or (ids[j] != ids[i] and valid[j])]
             logits = np.array([a[i] @ b[j] / tau for j in cols])
             losses.append(-(logits[cols.index(i)] - np.log(np.sum(np.exp(logits)))))
     return float(np.mean(losses))
@@ -65,3 +67,9 @@ def test_simsiam_and_clip_losses_same_on_one_and_two_replicas(mirrored):
     one, two = (_on_strategy(s, lambda a, b: clip.clip_loss(a, b, 0.1), v, t)
                 for s in strategies)
     assert abs(one - two) < 1e-5 and abs(one - numpy_clip(v, t, np.arange(8), 0.1)) < 1e-5
+    # Rows that are not pairs (COURIER + CLIP: padded page items, items without a title).
+    valid = np.array([1, 1, 0, 1, 1, 0, 1, 1], bool)
+    one, two = (_on_strategy(s, lambda a, b, c, d: clip.clip_loss(a, b, 0.1, c, d), v, t, ids,
+                             valid) for s in strategies)
+    want = numpy_clip(v, t, ids, 0.1, valid)
+    assert abs(one - two) < 1e-5 and abs(one - want) < 1e-5

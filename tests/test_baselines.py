@@ -65,21 +65,26 @@ def test_padding_does_not_change_a_title_vector():
     np.testing.assert_allclose(tower(tf.constant(ids)).numpy(), a, atol=1e-5)
 
 
-@pytest.mark.parametrize("stage", ["simsiam", "clip", "maskclip", "supervised"])
+@pytest.mark.parametrize("stage", ["simsiam", "clip", "maskclip", "supervised", "courier_clip"])
 def test_baseline_stage_trains_and_gives_an_encoder(stage, tiny_world, tmp_path):
     model_dir = str(tmp_path / stage)
-    extra = {"clip": configs.ClipConfig(text=SMALL_TEXT, masked_distillation=stage == "maskclip")
-             } if "clip" in stage else {}
-    stage = "clip" if stage == "maskclip" else stage
+    extra: dict = {"maskclip": {"clip": configs.ClipConfig(text=SMALL_TEXT,
+                                                           masked_distillation=True)},
+                   "clip": {"clip": configs.ClipConfig(text=SMALL_TEXT)},
+                   "courier_clip": {"courier": configs.CourierConfig(clip_weight=1.0,
+                                                                     text=SMALL_TEXT)},
+                   }.get(stage, {})
+    stage = {"maskclip": "clip", "courier_clip": "courier"}.get(stage, stage)
     encoder_stages.run_training(configs.STAGES[stage](
         data_dir=tiny_world, model_dir=model_dir, encoder=ENC, train=TRAIN, **extra))
     saved = configs.load(model_dir)
     assert saved.stage == stage and saved.encoder.architecture() == ENC.architecture()
     names = [n for n, _ in tf.train.list_variables(os.path.join(model_dir, "ckpt"))]
-    head = {"simsiam": "predictor", "clip": "text", "supervised": "ctr"}[stage]
+    head = {"simsiam": "predictor", "clip": "text", "supervised": "ctr", "courier": "text"}[stage]
     assert any(n.startswith(f"{head}/") for n in names), names[:20]
-    if stage == "clip":
+    if stage in ("clip", "courier"):
         assert any(n.startswith("logit_scale/") for n in names)
+    if stage == "clip":
         distilled = any(n.startswith("distillation/teacher/") for n in names)
         assert distilled == saved.clip.masked_distillation
     restored = encoder.restore(model_dir)

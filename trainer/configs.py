@@ -331,6 +331,10 @@ class CourierConfig:
       heads: Attention heads of the reconstruction (the paper's is single-head).
       no_ucs, no_contrast, self_attention, no_neg_pv, projection_head: Table 6 / Appendix D
         ablations (the module's docstring).
+      clip_weight: Table 8's COURIER + CLIP: the weight of a CLIP loss between the page items'
+        images and their catalog titles beside COURIER's (0: none).
+      clip_temperature: That CLIP loss's initial tau (trained, as the `clip` stage's).
+      text: That CLIP loss's text tower.
     """
 
     pageviews_pattern: str = ""
@@ -342,6 +346,9 @@ class CourierConfig:
     self_attention: bool = False
     no_neg_pv: bool = False
     projection_head: bool = False
+    clip_weight: float = 0.0
+    clip_temperature: float = 0.07
+    text: TextConfig = dataclasses.field(default_factory=TextConfig)
 
 
 COURIER_ABLATIONS = ("no_ucs", "no_contrast", "self_attention", "no_neg_pv", "projection_head")
@@ -1003,7 +1010,8 @@ RULES: dict[str, dict[str, tuple[Any, Any]]] = {
                       "iterations": _AT_LEAST_1, "max_points_per_centroid": _AT_LEAST_1,
                       "restarts": _AT_LEAST_1, "seeding_rounds": _NON_NEGATIVE,
                       "oversampling": _POSITIVE, "seeding_trials": _NON_NEGATIVE},
-    "CourierConfig": {"temperature": _POSITIVE, "heads": _AT_LEAST_1},
+    "CourierConfig": {"temperature": _POSITIVE, "heads": _AT_LEAST_1,
+                      "clip_weight": _NON_NEGATIVE, "clip_temperature": (0.01, None)},
     "CatalogEmbedConfig": {"batch_size": _AT_LEAST_1, "num_shards": _NON_NEGATIVE,
                            "nprobe": _AT_LEAST_1, "index_sample": _AT_LEAST_1},
 }

@@ -104,7 +104,10 @@ MODES = ("vector", "simscore", "cluster_id")
 def _courier_ablations() -> list[Experiment]:
     base = next(e for e in _ENCODERS if e.name == "courier")
     return [base.derive(f"courier_{flag}", row, f"COURIER {row} (paper 002 Table 6 / App. D)",
-                        ((f"courier.{flag}", True),)) for row, flag in COURIER_ABLATIONS]
+                        ((f"courier.{flag}", True),)) for row, flag in COURIER_ABLATIONS] + [
+        base.derive("courier_clip", "COURIER+CLIP", "COURIER with a CLIP loss on the page "
+                    "items' titles, L = L_COURIER + L_CLIP (paper 002 Table 8)",
+                    (("courier.clip_weight", 1.0),))]
 
 
 def ctr_experiment(encoder: str | None, mode: str = "vector", debias: bool = False,

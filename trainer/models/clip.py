@@ -50,18 +50,38 @@ _TITLE_PROBE = 4096  # catalog records read to check that titles are there
 
 
 def clip_loss(images: tf.Tensor, texts: tf.Tensor, temperature: float | tf.Tensor,
-              item_ids: tf.Tensor | None = None) -> tf.Tensor:
+              item_ids: tf.Tensor | None = None, valid: tf.Tensor | None = None) -> tf.Tensor:
     """This replica's share of the global mean of L. images, texts: [b, D] L2-normalised
-    embeddings of the same b items in order; item_ids: [b] int64 (optional)."""
+    embeddings of the same b items in order; item_ids: [b] int64 (optional); valid: [b] bool,
+    the rows that are pairs (optional: all), the others neither anchors nor candidates."""
     b = tf.shape(images)[0]
     ids = item_ids if item_ids is not None else tf.range(b, dtype=tf.int64) + tf.cast(
         contrastive.replica_offset(b), tf.int64)  # distinct rows: every other row a negative
-    all_images, all_texts, all_ids = contrastive.gather((images, texts, ids))
+    ok = valid if valid is not None else tf.ones([b], tf.bool)
+    all_images, all_texts, all_ids, all_ok = contrastive.gather(
+        (images, texts, ids, tf.cast(ok, tf.int64)))
     own = contrastive.replica_offset(b) + tf.range(b)
-    valid = ids[:, None] != all_ids[None, :]  # the positive column is always kept
-    image_to_text = contrastive.info_nce(images, all_texts, own, valid, temperature)
-    text_to_image = contrastive.info_nce(texts, all_images, own, valid, temperature)
-    return contrastive.global_mean(0.5 * (image_to_text + text_to_image))
+    # The positive column is always kept.
+    candidates = (ids[:, None] != all_ids[None, :]) & (all_ok[None, :] > 0)
+    image_to_text = contrastive.info_nce(images, all_texts, own, candidates, temperature)
+    text_to_image = contrastive.info_nce(texts, all_images, own, candidates, temperature)
+    per_row = 0.5 * (image_to_text + text_to_image)
+    if valid is None:
+        return contrastive.global_mean(per_row)
+    pairs = tf.cast(tf.reduce_sum(all_ok), per_row.dtype)
+    return tf.reduce_sum(tf.where(ok, per_row, 0.0)) / tf.maximum(pairs, 1.0)
+
+
+def title_lookup(catalog_pattern: str, skip_bad_records: bool = False) -> tf.lookup.StaticHashTable:
+    """The catalog's titles by item id (b'' for an unknown id), for records that carry item ids
+    only (COURIER + CLIP's page views)."""
+    require_titles(catalog_pattern, skip_bad_records)
+    cols = pipeline.unique_rows(pipeline.read_columns(
+        catalog_pattern, "catalog", ("item_id", "title"), skip_bad_records), catalog_pattern,
+        "item_id", skip_bad_records)
+    return tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
+        tf.constant(cols["item_id"], tf.int64), tf.constant(cols["title"].tolist(), tf.string)),
+        default_value=b"")
 
 
 def require_titles(catalog_pattern: str, skip_bad_records: bool = False) -> None:

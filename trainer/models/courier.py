@@ -39,7 +39,7 @@ import tf_keras
 
 from trainer.configs import CourierConfig, EncoderConfig, TrainConfig
 from trainer.data import pipeline
-from trainer.models import contrastive
+from trainer.models import clip, contrastive, text
 from trainer.models import encoder as encoder_lib
 from trainer.train import loop
 
@@ -152,10 +152,13 @@ def courier_losses(e_pv: tf.Tensor, e_click: tf.Tensor, batch: dict,
 
 
 class CourierTask(loop.Task):
-    """COURIER as a training-loop task; the checkpointed `model` is the encoder."""
+    """COURIER as a training-loop task; the checkpointed `model` is the encoder. With
+    `clip_weight` (paper 002 Table 8, COURIER + CLIP) a CLIP loss (`trainer.models.clip`) between
+    the page items' image vectors and their catalog titles joins L, with its text tower and tau
+    checkpointed beside the encoder."""
 
     name = "courier"
-    metric_names = ("pv_loss", "ucs_loss", "pv_anchors")
+    metric_names: tuple[str, ...] = ("pv_loss", "ucs_loss", "pv_anchors")
 
     def __init__(self, cfg: CourierConfig, encoder_cfg: EncoderConfig, train_cfg: TrainConfig,
                  skip_bad_records: bool = False):
@@ -163,13 +166,28 @@ class CourierTask(loop.Task):
         store = None
         if cfg.catalog_pattern:
             store = pipeline.load_image_store(cfg.catalog_pattern, skip_bad_records)
+        transform = None
+        if cfg.clip_weight:
+            if not cfg.catalog_pattern:
+                raise ValueError("courier.clip_weight needs the catalog's titles: set "
+                                 "courier.catalog_pattern")
+            titles = clip.title_lookup(cfg.catalog_pattern, skip_bad_records)
+            self.metric_names = (*self.metric_names, "clip_loss")
+
+            def transform(seed, batch):
+                ids = batch["pv_item_ids"]
+                words = text.tokenize(titles.lookup(tf.reshape(ids, [-1])), cfg.text)
+                return {**batch, "pv_title_ids": tf.reshape(
+                    words, tf.concat([tf.shape(ids), [cfg.text.max_words]], 0))}
         # No augmentation: a recommender's images are shown as they are (§3.5).
         self.pipe = pipeline.InputPipeline(pipeline.InputConfig(
             cfg.pageviews_pattern, "pageviews", global_batch_size=train_cfg.global_batch_size,
             image_size=encoder_cfg.image_size, deterministic=train_cfg.deterministic,
-            skip_bad_records=skip_bad_records), image_store=store)
+            skip_bad_records=skip_bad_records), image_store=store, transform=transform)
         self.encoder: encoder_lib.Encoder | None = None
         self.head: tf_keras.Sequential | None = None
+        self.text: text.TextEncoder | None = None
+        self.scale: clip.LogitScale | None = None
 
     def build_model(self):
         self.encoder = encoder_lib.build(self.encoder_cfg)
@@ -179,10 +197,14 @@ class CourierTask(loop.Task):
                 [tf_keras.layers.Dense(d, activation="relu", dtype="float32"),
                  tf_keras.layers.Dense(d, dtype="float32")], name="projection_head")
             self.head.build([None, d])
+        if self.cfg.clip_weight:
+            self.text = text.TextEncoder(self.cfg.text, self.encoder_cfg.feature_dim)
+            self.scale = clip.LogitScale(self.cfg.clip_temperature, True)
         return self.encoder
 
     def extra_checkpoint_objects(self):
-        return {"head": self.head} if self.head is not None else {}
+        extra = {"head": self.head, "text": self.text, "logit_scale": self.scale}
+        return {k: v for k, v in extra.items() if v is not None}
 
     def build_inputs(self, input_context=None):
         return self.seeded_dataset(input_context)
@@ -194,10 +216,17 @@ class CourierTask(loop.Task):
         images = tf.concat([tf.reshape(pv, tf.concat([[b * P], tf.shape(pv)[2:]], 0)),
                             tf.reshape(click, tf.concat([[b * K], tf.shape(click)[2:]], 0))], 0)
         assert self.encoder is not None
-        e = tf.cast(self.encoder.features(images, training=training), tf.float32)
-        if self.head is not None:
-            e = self.head(e, training=training)
+        features = tf.cast(self.encoder.features(images, training=training), tf.float32)
+        e = self.head(features, training=training) if self.head is not None else features
         e_pv, e_click = tf.reshape(e[:b * P], [b, P, -1]), tf.reshape(e[b * P:], [b, K, -1])
         out = courier_losses(e_pv, e_click, batch, self.cfg)
         loss = out["pv_loss"] if self.cfg.no_ucs else out["pv_loss"] + out["ucs_loss"]
+        if self.text is not None:
+            assert self.scale is not None
+            words = tf.reshape(batch["pv_title_ids"], [b * P, self.cfg.text.max_words])
+            out["clip_loss"] = clip.clip_loss(
+                tf.math.l2_normalize(features[:b * P], axis=-1), self.text(words, training),
+                self.scale.temperature(), tf.reshape(batch["pv_item_ids"], [-1]),
+                tf.reshape(batch["pv_item_ids_mask"], [-1]) & tf.reduce_any(words > 0, -1))
+            loss += self.cfg.clip_weight * out["clip_loss"]
         return loss, {k: out[k] for k in self.metric_names}
