@@ -12,7 +12,7 @@ RUNS ?= runs
 # Test processes: a test file runs whole on one of them (its module fixtures are built once).
 TEST_WORKERS ?= 2
 
-.PHONY: demo test test-slow lint probe repro-visual repro-ctr repro-courier sweep-tau bench-input bench-convert bench-serving bench-embed bench-kmeans bench-export-vocab bench-train export validate docs lock clean
+.PHONY: demo test test-slow lint probe repro-visual repro-ctr repro-courier repro-batch repro-unseen sweep-tau bench-input bench-convert bench-serving bench-embed bench-kmeans bench-export-vocab bench-train export validate docs lock clean
 
 $(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -96,11 +96,23 @@ repro-ctr: $(VENV)/.installed $(DATA)/$(WORLD)/manifest.json
 	$(PY) scripts/repro_ctr.py --data_dir=$(DATA)/$(WORLD) --visual_dir=$(RUNS)/visual \
 	  --out_dir=$(RUNS)/ctr --seeds=$(shell echo $(SEEDS) | tr ' ' ',')
 
-# Paper 002 Tables 5, B1 and 6: COURIER (from repro-visual's S1, trained if missing) and its
-# ablations, S1 and COURIER features as vector / simscore / cluster_id in the CTR model.
+# Paper 002 Tables 5, 8, B1 and 6: COURIER (from repro-visual's S1, trained if missing), its
+# ablations, COURIER + CLIP and Table 5's baselines (Supervised, SimSiam, CLIP, MaskCLIP); S1 and
+# COURIER features as vector / simscore / cluster_id in the CTR model, the others as cluster_id.
 repro-courier: $(VENV)/.installed $(DATA)/$(WORLD)/manifest.json
 	$(PY) scripts/repro_courier.py --data_dir=$(DATA)/$(WORLD) --visual_dir=$(RUNS)/visual \
 	  --out_dir=$(RUNS)/courier --seeds=$(shell echo $(SEEDS) | tr ' ' ',')
+
+# Paper 002 Table 7: COURIER at global batch sizes 64 up (over 2 replicas, negatives gathered
+# across them) until one does not fit, each size's Cluster-ID features in the CTR model.
+repro-batch: $(VENV)/.installed $(DATA)/$(WORLD)/manifest.json
+	$(PY) scripts/repro_batch.py --data_dir=$(DATA)/$(WORLD) --visual_dir=$(RUNS)/visual \
+	  --out_dir=$(RUNS)/batch --seeds=$(shell echo $(SEEDS) | tr ' ' ',')
+
+# Paper 002 Fig. 4: COURIER pre-trained on half of the categories, its CTR gain per category.
+repro-unseen: $(VENV)/.installed $(DATA)/$(WORLD)/manifest.json
+	$(PY) scripts/repro_unseen.py --data_dir=$(DATA)/$(WORLD) --visual_dir=$(RUNS)/visual \
+	  --out_dir=$(RUNS)/unseen --seeds=$(shell echo $(SEEDS) | tr ' ' ',')
 
 # Paper 002 Fig. 3: downstream CTR gain against COURIER's temperature (reuses repro-courier's runs).
 sweep-tau: $(VENV)/.installed $(DATA)/$(WORLD)/manifest.json

@@ -1,12 +1,15 @@
-"""Reproduces paper 002's Tables 5, B1 and 6 (COURIER and the downstream image features) on a
-synthetic world.
+"""Reproduces paper 002's Tables 5, 8, B1 and 6 (COURIER, its pre-training baselines and the
+downstream image features) on a synthetic world.
 
 For each seed: takes the S1 encoder of `repro_visual.py` from <visual_dir>/seed<N>/s1 (training
-it if missing), trains COURIER from it and each Table 6 / Appendix D variant, then trains and
-evaluates the CTR predictor without image features (the baseline), with S1 (SimCLR-style) and
-COURIER features in the vector, simscore and cluster_id modes, and with each variant's features in
-one mode. Every step is a `python -m trainer.task` command line. Prints delta AUC and delta GAUC
-against the baseline (percentage points, raw values in parentheses) and writes table5.md.
+it if missing; S1 is Table 5's SimCLR), trains COURIER from it, each Table 6 / Appendix D variant
+and COURIER + CLIP (Table 8), and Table 5's other baselines (Supervised, SimSiam, CLIP,
+MaskCLIP) from scratch on S1's budget; then trains and evaluates the CTR predictor without image
+features (the baseline), with S1 and COURIER features in the vector, simscore and cluster_id
+modes, and with every other encoder's features in one mode (cluster_id, the paper's). Every step
+is a `python -m trainer.task` command line. Prints delta AUC and delta GAUC against the baseline
+(percentage points, raw values in parentheses), judges the paper's orderings by a paired
+bootstrap and writes table5.md. The world needs item titles (CLIP, MaskCLIP, COURIER + CLIP).
 
   python scripts/repro_courier.py --data_dir=data/small --visual_dir=runs/visual \
       --out_dir=runs/courier --seeds=0,1
@@ -28,19 +31,32 @@ from trainer.eval import significance
 
 MODES = experiments.MODES
 ABLATIONS = experiments.COURIER_ABLATIONS  # (Table 6 row, config flag)
+BASELINES = tuple(e.name for e in experiments.BASELINES)  # Table 5's, trained from scratch
+TABLE_5 = ("supervised", "clip", "s1", "simsiam", "maskclip", "courier")  # the paper's order
+TABLE_5_MODE = "cluster_id"  # the paper's Table 5 feature mode
+PAPER_5 = experiments.PAPER_TABLE_5
 PAPER_B1 = experiments.PAPER_TABLE_B1
 PAPER_6 = experiments.PAPER_TABLE_6
 
 
-def ctr_runs(ablations: list, ablation_mode: str) -> list:
-    """(result key, CTR experiment): the baseline, S1 and COURIER in every mode, and each trained
-    ablation in `ablation_mode`."""
+def title(name: str) -> str:
+    """An encoder's row label: S1 is Table 5's SimCLR."""
+    return "SimCLR (S1)" if name == "s1" else experiments.get(name).title
+
+
+def ctr_runs(encoders: list, ablation_mode: str) -> list:
+    """(result key, CTR experiment): the baseline, S1 and COURIER in every mode, each trained
+    Table 6 variant in `ablation_mode`, and each other trained encoder (Table 5's baselines,
+    COURIER + CLIP) in Table 5's mode."""
     runs = [("baseline", experiments.ctr_experiment(None))]
     runs += [(f"{experiments.get(enc).title}/{mode}", experiments.ctr_experiment(enc, mode))
              for enc in ("s1", "courier") for mode in MODES]
     runs += [(f"{row}/{ablation_mode}", experiments.ctr_experiment(f"courier_{flag}",
                                                                    ablation_mode))
-             for row, flag in ABLATIONS if f"courier_{flag}" in ablations]
+             for row, flag in ABLATIONS if f"courier_{flag}" in encoders]
+    runs += [(f"{experiments.get(e).title}/{TABLE_5_MODE}",
+              experiments.ctr_experiment(e, TABLE_5_MODE))
+             for e in (*BASELINES, "courier_clip") if e in encoders]
     return runs
 
 
@@ -50,21 +66,29 @@ def run_seed(data_dir: str, s1: str, out: str, seed: int, a) -> dict:
     dirs = {"s1": s1}
     variants = ["courier"] + ([] if a.skip_ablations else
                               [f"courier_{flag}" for _, flag in ABLATIONS])
+    variants += [] if a.skip_baselines else ["courier_clip"]
     seconds = {}
-    for name in variants:
+    for name in variants + ([] if a.skip_baselines else list(BASELINES)):
         exp = experiments.get(name)
         dirs[name] = os.path.join(out, name)
-        t = experiments.run(experiments.command(
-            exp, data_dir, dirs[name], dirs, seed, flags=[f"--train_steps={a.courier_steps}"]),
-            log)
+        steps = ([f"--train_steps={a.courier_steps}"] if exp.stage == "courier" else
+                 [f"--train_steps={a.encoder_steps}"] if a.encoder_steps else [])
+        if os.path.isdir(os.path.join(dirs[name], "ckpt")):  # a rerun keeps trained encoders
+            continue
+        t = experiments.run(experiments.command(exp, data_dir, dirs[name], dirs, seed,
+                                                flags=steps), log)
         seconds[exp.title] = t
         print(f"  seed {seed}: trained {exp.title} ({t:.0f}s)", flush=True)
     results = {}
-    for key, exp in ctr_runs(variants, a.ablation_mode):
+    for key, exp in ctr_runs([*variants, *BASELINES], a.ablation_mode):
+        if exp.needs and not all(os.path.isdir(dirs.get(n, "")) for n in exp.needs):
+            continue
         model_dir = os.path.join(out, exp.name)
-        t = experiments.run(experiments.command(
-            exp, data_dir, model_dir, dirs, seed,
-            flags=[f"--train_steps={a.ctr_steps}"] + a.extra.split()), log)
+        t = 0.0
+        if not os.path.exists(os.path.join(model_dir, "metrics.json")):  # a rerun only reports
+            t = experiments.run(experiments.command(
+                exp, data_dir, model_dir, dirs, seed,
+                flags=[f"--train_steps={a.ctr_steps}"] + a.extra.split()), log)
         with open(os.path.join(model_dir, "metrics.json")) as f:
             results[key] = json.load(f)
         m = results[key]
@@ -88,11 +112,32 @@ def tables(per_seed: dict, ablation_mode: str) -> str:
     seeds = sorted(per_seed)
     base = {m: np.mean([r["ctr"]["baseline"][m] for r in per_seed.values()])
             for m in ("AUC", "GAUC")}
+    first = per_seed[seeds[0]]["ctr"]
     lines = [f"Delta AUC and delta GAUC against the CTR model without image features "
              f"(percentage points, mean ± half-range over seeds {', '.join(map(str, seeds))}; "
              f"raw means in parentheses). Baseline AUC {base['AUC']:.4f}, GAUC "
-             f"{base['GAUC']:.4f}.", "",
-             "Table 5 / Table B1 layout:", "",
+             f"{base['GAUC']:.4f}.", ""]
+    rows5 = [e for e in TABLE_5 if f"{experiments.get(e).title}/{TABLE_5_MODE}" in first]
+    if len(rows5) > 2:
+        lines += [f"Table 5 layout ({TABLE_5_MODE} features); the paper's ΔAUC (women's "
+                  "clothing), ΔAUC, ΔGAUC (all categories) in brackets:", "",
+                  "| Method | ΔAUC | ΔGAUC | paper |", "| --- | ---: | ---: | --- |"]
+        for e in rows5:
+            key, label = f"{experiments.get(e).title}/{TABLE_5_MODE}", title(e)
+            paper = ", ".join(f"{v:+.2f}%" for v in PAPER_5[label.split(" ")[0]])
+            lines.append(f"| {label} | {_delta(per_seed, key, 'AUC')} | "
+                         f"{_delta(per_seed, key, 'GAUC')} | [{paper}] |")
+        lines.append("")
+    if f"COURIER+CLIP/{TABLE_5_MODE}" in first:
+        lines += [f"Table 8 layout ({TABLE_5_MODE} features):", "",
+                  "| Method | ΔAUC | ΔGAUC | paper |", "| --- | ---: | ---: | --- |"]
+        for label, paper in (("COURIER+CLIP", "+0.26%, +0.04%, -0.09%"),
+                             ("COURIER", "+0.46%, +0.16%, +0.19%")):
+            key = f"{label}/{TABLE_5_MODE}"
+            lines.append(f"| {label} | {_delta(per_seed, key, 'AUC')} | "
+                         f"{_delta(per_seed, key, 'GAUC')} | [{paper}] |")
+        lines.append("")
+    lines += ["Table B1 layout (S1 and COURIER in each mode):", "",
              "| Features | " + " | ".join(f"{m} ΔAUC | {m} ΔGAUC" for m in MODES) + " |",
              "| --- |" + " ---: |" * (2 * len(MODES))]
     for enc, label in (("S1", "SimCLR-style S1"), ("COURIER", "COURIER")):
@@ -121,7 +166,7 @@ def tables(per_seed: dict, ablation_mode: str) -> str:
 
 def predictions(out_dir: str, seeds: list, ablation_mode: str) -> dict:
     """{seed: {result key: predictions.npz}} of every CTR run the seeds hold."""
-    every = [f"courier_{flag}" for _, flag in ABLATIONS]
+    every = [f"courier_{flag}" for _, flag in ABLATIONS] + [*BASELINES, "courier_clip"]
     out: dict = {}
     for s in seeds:
         out[s] = {}
@@ -145,9 +190,28 @@ def checks(preds: dict, ablation_mode: str) -> list[str]:
     claims += [(f"COURIER beats {row} ({ablation_mode}, AUC)", f"COURIER/{ablation_mode}",
                 f"{row}/{ablation_mode}") for row, _ in ABLATIONS
                if f"{row}/{ablation_mode}" in first]
-    return [f"- {claim}: " + significance.judged_over_seeds(
-        {s: significance.compare_ctr(preds[s][a], preds[s][b], "AUC") for s in preds})
-        for claim, a, b in claims]
+    m5 = TABLE_5_MODE
+    # Table 5: COURIER best; CLIP, SimCLR and MaskCLIP above Supervised and SimSiam.
+    for metric in ("AUC", "GAUC"):
+        claims += [(f"Table 5: COURIER above {experiments.get(e).title} ({m5}, {metric})",
+                    f"COURIER/{m5}", f"{experiments.get(e).title}/{m5}", metric)
+                   for e in TABLE_5 if e != "courier"]
+    claims += [(f"Table 5: {title(hi)} above {title(lo)} ({m5}, AUC)",
+                f"{experiments.get(hi).title}/{m5}", f"{experiments.get(lo).title}/{m5}")
+               for hi in ("clip", "s1", "maskclip") for lo in ("supervised", "simsiam")]
+    lines = []
+    for claim, a, b, *metric in claims:
+        if a in first and b in first:
+            lines.append(f"- {claim}: " + significance.judged_over_seeds(
+                {s: significance.compare_ctr(preds[s][a], preds[s][b], (metric or ["AUC"])[0])
+                 for s in preds}))
+    a, b = f"COURIER/{m5}", f"COURIER+CLIP/{m5}"  # Table 8: adding CLIP does not help
+    if a in first and b in first:
+        lines.append("- Table 8: adding CLIP does not help COURIER (COURIER+CLIP not above "
+                     f"COURIER, {m5}, AUC): " + significance.judged_over_seeds(
+                         {s: significance.compare_ctr(preds[s][a], preds[s][b], "AUC")
+                          for s in preds}, not_below=True))
+    return lines
 
 
 def history_diagnostics(data_dir: str, encoders: dict) -> str:
@@ -240,6 +304,11 @@ def main() -> None:
     p.add_argument("--ablation_mode", default="cluster_id", choices=MODES,
                    help="Image feature mode of the Table 6 rows.")
     p.add_argument("--skip_ablations", action="store_true")
+    p.add_argument("--encoder_steps", type=int, default=0,
+                   help="Steps of Table 5's other baselines (0: their stages' defaults, S1's "
+                        "budget).")
+    p.add_argument("--skip_baselines", action="store_true",
+                   help="Leave out Table 5's other baselines and Table 8's COURIER + CLIP.")
     p.add_argument("--extra", default="", help="Flags passed to every CTR stage, space separated.")
     p.add_argument("--report_only", action="store_true",
                    help="Only print the tables from the seeds' results.json (no training).")

@@ -254,8 +254,9 @@ class ClipConfig:
 
     Attributes:
       catalog_pattern: Catalog TFRecords with `title`s (empty: the data dir's).
-      temperature: tau's initial value (CLIP's 0.07).
-      learn_temperature: tau is trained, as CLIP's (its log, clipped at 1/100).
+      temperature: tau (paper 002 App. E tuned it over 0.1, 0.2, 0.5: 0.1 was best).
+      learn_temperature: Train tau from that value, as CLIP's own paper does (its log, capped
+        at 1/tau = 100); off by default, as paper 002's baseline.
       augment: Image augmentation (CLIP's: a random crop only).
       text: The text tower.
       masked_distillation: MaskCLIP: CLIP plus masked self-distillation in both towers
@@ -268,8 +269,8 @@ class ClipConfig:
     """
 
     catalog_pattern: str = ""
-    temperature: float = 0.07
-    learn_temperature: bool = True
+    temperature: float = 0.1
+    learn_temperature: bool = False
     augment: AugmentConfig = dataclasses.field(default_factory=lambda: AugmentConfig(
         crop_area=(0.5, 1.0), flip_prob=0.0, jitter_prob=0.0, greyscale_prob=0.0))
     text: TextConfig = dataclasses.field(default_factory=TextConfig)
@@ -333,7 +334,7 @@ class CourierConfig:
         ablations (the module's docstring).
       clip_weight: Table 8's COURIER + CLIP: the weight of a CLIP loss between the page items'
         images and their catalog titles beside COURIER's (0: none).
-      clip_temperature: That CLIP loss's initial tau (trained, as the `clip` stage's).
+      clip_temperature: That CLIP loss's tau (the `clip` stage's).
       text: That CLIP loss's text tower.
     """
 
@@ -347,7 +348,7 @@ class CourierConfig:
     no_neg_pv: bool = False
     projection_head: bool = False
     clip_weight: float = 0.0
-    clip_temperature: float = 0.07
+    clip_temperature: float = 0.1
     text: TextConfig = dataclasses.field(default_factory=TextConfig)
 
 

@@ -7,8 +7,8 @@ other title (image) of the global batch a negative of the image (title).
 
 with g the cosine of the L2-normalised image and text embeddings, over the global batch (both
 sides gathered across replicas). A second copy of the same item in the batch is not a negative of
-the first (`item_ids`), as in S1 and S2. CLIP learns tau (as the log of 1/tau, capped at 100);
-`clip.learn_temperature` = false keeps it fixed.
+the first (`item_ids`), as in S1 and S2. tau is fixed at paper 002's tuned 0.1 (App. E);
+`clip.learn_temperature` trains it as CLIP's paper does (the log of 1/tau, capped at 100).
 
 MaskCLIP (Dong et al., "MaskCLIP: Masked Self-Distillation Advances Contrastive Language-Image
 Pretraining", CVPR 2023), `clip.masked_distillation`: CLIP's loss, plus masked self-distillation

@@ -199,7 +199,7 @@ class CourierTask(loop.Task):
             self.head.build([None, d])
         if self.cfg.clip_weight:
             self.text = text.TextEncoder(self.cfg.text, self.encoder_cfg.feature_dim)
-            self.scale = clip.LogitScale(self.cfg.clip_temperature, True)
+            self.scale = clip.LogitScale(self.cfg.clip_temperature, False)
         return self.encoder
 
     def extra_checkpoint_objects(self):
