@@ -193,7 +193,7 @@ def checks(preds: dict, ablation_mode: str) -> list[str]:
     m5 = TABLE_5_MODE
     # Table 5: COURIER best; CLIP, SimCLR and MaskCLIP above Supervised and SimSiam.
     for metric in ("AUC", "GAUC"):
-        claims += [(f"Table 5: COURIER above {experiments.get(e).title} ({m5}, {metric})",
+        claims += [(f"Table 5: COURIER above {title(e)} ({m5}, {metric})",
                     f"COURIER/{m5}", f"{experiments.get(e).title}/{m5}", metric)
                    for e in TABLE_5 if e != "courier"]
     claims += [(f"Table 5: {title(hi)} above {title(lo)} ({m5}, AUC)",
