@@ -121,7 +121,7 @@ sweep-tau: $(VENV)/.installed $(DATA)/$(WORLD)/manifest.json
 
 # The longest files first, so the two processes finish together (pytest collects a file once).
 LONG_TESTS := tests/test_visual_stages.py tests/test_export.py tests/test_distributed.py \
-  tests/test_backbones.py \
+  tests/test_backbones.py tests/test_baselines.py \
   tests/test_bring_your_own_data.py
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow" $(LONG_TESTS) tests
