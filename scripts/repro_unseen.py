@@ -148,14 +148,14 @@ def report(a, per_seed: dict) -> str:
                  "estimates per seed, pre-training vs held-out): " + "; ".join(
                      f"seed {s}: {p * 100:+.2f} vs {h * 100:+.2f}"
                      f" ({'holds' if h < p else 'fails'})" for s, (p, h) in diffs.items()))
-    fig, ax = plt.subplots(figsize=(max(4, 0.6 * len(cats)), 3))
+    fig, ax = plt.subplots(figsize=(max(5, 0.6 * len(cats)), 3))
     colours = ["#d62728" if c in held_everywhere else "#ff9896" if c in held_somewhere
                else "#1f77b4" for c in cats]
     ax.bar(range(len(cats)), [np.mean(gains[c]) for c in cats], color=colours)
     ax.set_xticks(range(len(cats)), [str(c) for c in cats], rotation=60, fontsize=7)
     ax.axhline(0, color="black", linewidth=0.6)
     ax.set_ylabel("ΔAUC (pp)")
-    ax.set_title("COURIER's gain per category (red: held out of pre-training)", fontsize=9)
+    ax.set_title("COURIER's gain per category (red: held out)", fontsize=9)
     fig.tight_layout()
     path = os.path.join(a.out_dir, "fig4.png")
     fig.savefig(path, dpi=120)
