@@ -45,9 +45,7 @@ def page_views(data_dir: str) -> int:
                                                                 ("user_id",)))
 
 
-def run_seed(a, seed: int) -> dict:
-    out = os.path.join(a.out_dir, f"seed{seed}")
-    os.makedirs(out, exist_ok=True)
+def run_seed(a, seed: int, out: str) -> None:
     log = os.path.join(out, "log.txt")
     s1 = experiments.ensure(experiments.get("s1"), a.data_dir,
                             os.path.join(a.visual_dir, f"seed{seed}", "s1"), {}, seed, log)
@@ -91,7 +89,6 @@ def run_seed(a, seed: int) -> dict:
         results["baseline"] = json.load(f)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
-    return results
 
 
 def report(a, per_seed: dict) -> str:
@@ -106,12 +103,9 @@ def report(a, per_seed: dict) -> str:
              "| ---: | ---: | ---: | ---: | ---: | --- |"]
     for bs in sizes:
         runs = [per_seed[s]["runs"][str(bs)] for s in seeds]
-        cells = []
-        for metric in ("AUC", "GAUC"):
-            d = np.array([(r[metric] - per_seed[s]["baseline"][metric]) * 100
-                          for r, s in zip(runs, seeds, strict=True)])
-            half = f" ± {(d.max() - d.min()) / 2:.2f}" if len(d) > 1 else ""
-            cells.append(f"{d.mean():+.2f}{half} ({np.mean([r[metric] for r in runs]):.4f})")
+        cells = [experiments.delta_cell([r[metric] for r in runs],
+                                        [per_seed[s]["baseline"][metric] for s in seeds])
+                 for metric in ("AUC", "GAUC")]
         paper = ", ".join(f"{v:+.2f}%" for v in PAPER_7[bs]) if bs in PAPER_7 else "-"
         lines.append(f"| {bs} | {runs[0]['steps']} | {np.mean([r['seconds'] for r in runs]):.0f}"
                      f" | {cells[0]} | {cells[1]} | [{paper}] |")
@@ -155,14 +149,8 @@ def main() -> None:
                    help="Only print the table from the seeds' results.json (no training).")
     a = p.parse_args()
     t0 = time.time()
-    per_seed = {}
-    for seed in [int(s) for s in a.seeds.split(",")]:
-        if a.report_only:
-            with open(os.path.join(a.out_dir, f"seed{seed}", "results.json")) as f:
-                per_seed[seed] = json.load(f)
-            continue
-        print(f"seed {seed}:", flush=True)
-        per_seed[seed] = json.loads(json.dumps(run_seed(a, seed)))  # str keys, as reread
+    per_seed = experiments.over_seeds(a.seeds, a.out_dir, a.report_only,
+                                      lambda seed, out: run_seed(a, seed, out))
     text = report(a, per_seed)
     if not a.report_only:
         text += f"\n\nTotal time: {(time.time() - t0) / 60:.1f} min."

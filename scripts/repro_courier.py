@@ -101,11 +101,8 @@ def run_seed(data_dir: str, s1: str, out: str, seed: int, a) -> dict:
 
 
 def _delta(per_seed: dict, key: str, metric: str) -> str:
-    d = np.array([(r["ctr"][key][metric] - r["ctr"]["baseline"][metric]) * 100
-                  for r in per_seed.values()])
-    raw = np.mean([r["ctr"][key][metric] for r in per_seed.values()])
-    half = f" ± {(d.max() - d.min()) / 2:.2f}" if len(d) > 1 else ""
-    return f"{d.mean():+.2f}{half} ({raw:.4f})"
+    return experiments.delta_cell([r["ctr"][key][metric] for r in per_seed.values()],
+                                  [r["ctr"]["baseline"][metric] for r in per_seed.values()])
 
 
 def tables(per_seed: dict, ablation_mode: str) -> str:

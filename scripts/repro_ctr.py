@@ -109,8 +109,7 @@ def table(per_seed: dict, preds: dict) -> str:
                 vals = np.array([per_seed[s][method][key] for s in seeds])
                 half = np.mean([significance.interval_ctr(preds[s][method], key).half_width
                                 for s in seeds])
-                cell = f"{vals.mean():.4f}" + (f" ± {(vals.max() - vals.min()) / 2:.4f}"
-                                               if len(vals) > 1 else "") + f" (±{half:.4f})"
+                cell = f"{experiments.spread(vals)} (±{half:.4f})"
                 if method in PAPER and i < 3:
                     cell += f" [{PAPER[method][i]:.4f}]"
                 cells.append(cell)

@@ -73,9 +73,7 @@ def rows(pred: dict, mask: np.ndarray) -> dict:
     return {k: v[mask] for k, v in pred.items()}
 
 
-def run_seed(a, seed: int) -> dict:
-    out = os.path.join(a.out_dir, f"seed{seed}")
-    os.makedirs(out, exist_ok=True)
+def run_seed(a, seed: int, out: str) -> None:
     log = os.path.join(out, "log.txt")
     cats = np.unique(pipeline.read_columns(records.default_pattern(a.data_dir, "catalog"),
                                            "catalog", ("category_id",))["category_id"])
@@ -100,7 +98,6 @@ def run_seed(a, seed: int) -> dict:
         results[name] = os.path.join(model_dir, "predictions.npz")
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
-    return results
 
 
 def report(a, per_seed: dict) -> str:
@@ -178,14 +175,8 @@ def main() -> None:
                    help="Only print the table and plot from the seeds' results.json.")
     a = p.parse_args()
     t0 = time.time()
-    per_seed = {}
-    for seed in [int(s) for s in a.seeds.split(",")]:
-        if a.report_only:
-            with open(os.path.join(a.out_dir, f"seed{seed}", "results.json")) as f:
-                per_seed[seed] = json.load(f)
-            continue
-        print(f"seed {seed}:", flush=True)
-        per_seed[seed] = run_seed(a, seed)
+    per_seed = experiments.over_seeds(a.seeds, a.out_dir, a.report_only,
+                                      lambda seed, out: run_seed(a, seed, out))
     text = report(a, per_seed)
     if not a.report_only:
         text += f"\n\nTotal time: {(time.time() - t0) / 60:.1f} min."

@@ -71,11 +71,9 @@ def table(per_seed: dict, parts: dict) -> str:
         cells = []
         for i, col in enumerate(COLUMNS):
             vals = np.array([per_seed[s][method][col] for s in seeds])
-            spread = (vals.max() - vals.min()) / 2
             half = np.mean([significance.interval_search(parts[s][method], col).half_width
                             for s in seeds])
-            cell = (f"{vals.mean():.4f}" + (f" ± {spread:.4f}" if len(vals) > 1 else "")
-                    + f" (±{half:.4f})")
+            cell = f"{experiments.spread(vals)} (±{half:.4f})"
             if method in PAPER:
                 cell += f" [{PAPER[method][i]:.4f}]"
             cells.append(cell)

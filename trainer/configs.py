@@ -630,13 +630,17 @@ class EncoderStage(TrainingStage):
     encoder: EncoderConfig = dataclasses.field(default_factory=EncoderConfig)
 
 
+def _s1_train() -> TrainConfig:
+    """S1's budget, which Table 5's other self-supervised baselines share."""
+    return TrainConfig(steps=600, global_batch_size=128, learning_rate=2e-3, warmup_steps=50)
+
+
 @dataclasses.dataclass
 class PretrainStage(EncoderStage):
     """`pretrain`: S1."""
 
     stage: str = "pretrain"
-    train: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(
-        steps=600, global_batch_size=128, learning_rate=2e-3, warmup_steps=50))
+    train: TrainConfig = dataclasses.field(default_factory=_s1_train)
     pretrain: PretrainConfig = dataclasses.field(default_factory=PretrainConfig)
 
 
@@ -645,8 +649,7 @@ class SimsiamStage(EncoderStage):
     """`simsiam`: SimSiam, on S1's augmentations and budget."""
 
     stage: str = "simsiam"
-    train: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(
-        steps=600, global_batch_size=128, learning_rate=2e-3, warmup_steps=50))
+    train: TrainConfig = dataclasses.field(default_factory=_s1_train)
     simsiam: SimsiamConfig = dataclasses.field(default_factory=SimsiamConfig)
 
 
@@ -655,8 +658,7 @@ class ClipStage(EncoderStage):
     """`clip`: CLIP on the catalog's images and titles, on S1's budget."""
 
     stage: str = "clip"
-    train: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(
-        steps=600, global_batch_size=128, learning_rate=2e-3, warmup_steps=50))
+    train: TrainConfig = dataclasses.field(default_factory=_s1_train)
     clip: ClipConfig = dataclasses.field(default_factory=ClipConfig)
 
 

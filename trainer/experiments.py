@@ -12,12 +12,15 @@ The papers' published figures that the reproductions print beside theirs are her
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
+
+import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,6 +218,37 @@ def ensure(exp: Experiment, data_dir: str, model_dir: str, dirs: dict[str, str],
         print(f"  training {exp.title} into {model_dir}", flush=True)
         run(command(exp, data_dir, model_dir, dirs, seed), log_path)
     return model_dir
+
+
+def spread(values: Sequence[float], fmt: str = ".4f") -> str:
+    """The seeds' mean ± half-range (the mean alone for one seed): a repro table's cell."""
+    v = np.asarray(values, dtype=float)
+    return f"{v.mean():{fmt}}" + (f" ± {(v.max() - v.min()) / 2:{fmt.lstrip('+')}}"
+                                  if len(v) > 1 else "")
+
+
+def delta_cell(runs: Sequence[float], bases: Sequence[float]) -> str:
+    """runs - bases per seed in percentage points (mean ± half-range), the runs' raw mean in
+    parentheses: a paper 002 table's cell."""
+    d = (np.asarray(runs, dtype=float) - np.asarray(bases, dtype=float)) * 100
+    return f"{spread(d, '+.2f')} ({np.mean(runs):.4f})"
+
+
+def over_seeds(seeds: str, out_dir: str, report_only: bool,
+               run_seed: Callable[[int, str], dict]) -> dict:
+    """{seed: results} for the comma-separated `seeds`: `run_seed(seed, <out_dir>/seed<N>)`, which
+    writes results.json there, or with `report_only` the results.json an earlier run wrote (as
+    JSON reads it back: string keys)."""
+    per_seed = {}
+    for seed in [int(s) for s in seeds.split(",")]:
+        out = os.path.join(out_dir, f"seed{seed}")
+        if not report_only:
+            print(f"seed {seed}:", flush=True)
+            os.makedirs(out, exist_ok=True)
+            run_seed(seed, out)
+        with open(os.path.join(out, "results.json")) as f:
+            per_seed[seed] = json.load(f)
+    return per_seed
 
 
 def write_report(text: str, path: str) -> None:
