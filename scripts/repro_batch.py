@@ -14,7 +14,6 @@ paper's, and judges "larger batches are better" by a paired bootstrap over test 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -131,30 +130,16 @@ def report(a, per_seed: dict) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data_dir", required=True)
-    p.add_argument("--visual_dir", default="runs/visual",
-                   help="Where repro_visual.py keeps the S1 encoders (trained here if missing).")
-    p.add_argument("--out_dir", default="runs/batch")
-    p.add_argument("--seeds", default="0")
+    p = experiments.repro_flags(__doc__, "runs/batch")
     p.add_argument("--batch_sizes", default="64,128,256,512",
                    help="Global batch sizes (page views), tried from the smallest up.")
     p.add_argument("--replicas", type=int, default=2,
                    help="Replicas (logical CPU devices) the global batch is split over.")
     p.add_argument("--epochs", type=float, default=1.0,
                    help="Passes over the train page views at every batch size.")
-    p.add_argument("--ctr_steps", type=int, default=470,
-                   help="CTR steps (one epoch of `small` at batch 512).")
-    p.add_argument("--report_only", action="store_true",
-                   help="Only print the table from the seeds' results.json (no training).")
     a = p.parse_args()
-    t0 = time.time()
-    per_seed = experiments.over_seeds(a.seeds, a.out_dir, a.report_only,
-                                      lambda seed, out: run_seed(a, seed, out))
-    text = report(a, per_seed)
-    if not a.report_only:
-        text += f"\n\nTotal time: {(time.time() - t0) / 60:.1f} min."
-    experiments.write_report(text, os.path.join(a.out_dir, "table7.md"))
+    experiments.reproduce(a, lambda seed, out: run_seed(a, seed, out),
+                          lambda per_seed: report(a, per_seed), "table7.md")
 
 
 if __name__ == "__main__":

@@ -16,10 +16,8 @@ in the held-out categories" and "smaller than in the pre-training ones".
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import time
 
 import matplotlib
 import numpy as np
@@ -161,26 +159,12 @@ def report(a, per_seed: dict) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data_dir", required=True)
-    p.add_argument("--visual_dir", default="runs/visual",
-                   help="Where repro_visual.py keeps the S1 encoders (trained here if missing).")
-    p.add_argument("--out_dir", default="runs/unseen")
-    p.add_argument("--seeds", default="0")
+    p = experiments.repro_flags(__doc__, "runs/unseen")
     p.add_argument("--pretrain_share", type=float, default=0.5,
                    help="Share of the categories COURIER is pre-trained on.")
-    p.add_argument("--ctr_steps", type=int, default=470,
-                   help="CTR steps (one epoch of `small` at batch 512).")
-    p.add_argument("--report_only", action="store_true",
-                   help="Only print the table and plot from the seeds' results.json.")
     a = p.parse_args()
-    t0 = time.time()
-    per_seed = experiments.over_seeds(a.seeds, a.out_dir, a.report_only,
-                                      lambda seed, out: run_seed(a, seed, out))
-    text = report(a, per_seed)
-    if not a.report_only:
-        text += f"\n\nTotal time: {(time.time() - t0) / 60:.1f} min."
-    experiments.write_report(text, os.path.join(a.out_dir, "fig4.md"))
+    experiments.reproduce(a, lambda seed, out: run_seed(a, seed, out),
+                          lambda per_seed: report(a, per_seed), "fig4.md")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ The papers' published figures that the reproductions print beside theirs are her
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -235,7 +236,7 @@ def delta_cell(runs: Sequence[float], bases: Sequence[float]) -> str:
 
 
 def over_seeds(seeds: str, out_dir: str, report_only: bool,
-               run_seed: Callable[[int, str], dict]) -> dict:
+               run_seed: Callable[[int, str], None]) -> dict:
     """{seed: results} for the comma-separated `seeds`: `run_seed(seed, <out_dir>/seed<N>)`, which
     writes results.json there, or with `report_only` the results.json an earlier run wrote (as
     JSON reads it back: string keys)."""
@@ -249,6 +250,33 @@ def over_seeds(seeds: str, out_dir: str, report_only: bool,
         with open(os.path.join(out, "results.json")) as f:
             per_seed[seed] = json.load(f)
     return per_seed
+
+
+def repro_flags(doc: str, out_dir: str) -> argparse.ArgumentParser:
+    """The flags every paper 002 repro script shares: --data_dir, --visual_dir (repro_visual.py's
+    S1 encoders), --out_dir, --seeds, --ctr_steps, --report_only."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--data_dir", required=True)
+    p.add_argument("--visual_dir", default="runs/visual",
+                   help="Where repro_visual.py keeps the S1 encoders (trained here if missing).")
+    p.add_argument("--out_dir", default=out_dir)
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--ctr_steps", type=int, default=470,
+                   help="CTR steps (one epoch of `small` at batch 512).")
+    p.add_argument("--report_only", action="store_true",
+                   help="Only write the report from the seeds' results.json (no training).")
+    return p
+
+
+def reproduce(a: argparse.Namespace, run_seed: Callable[[int, str], None],
+              report: Callable[[dict], str], filename: str) -> None:
+    """A repro script's body: every seed run (`over_seeds`), then its report with the total time
+    printed and written to <out_dir>/<filename>."""
+    t0 = time.time()
+    text = report(over_seeds(a.seeds, a.out_dir, a.report_only, run_seed))
+    if not a.report_only:
+        text += f"\n\nTotal time: {(time.time() - t0) / 60:.1f} min."
+    write_report(text, os.path.join(a.out_dir, filename))
 
 
 def write_report(text: str, path: str) -> None:
