@@ -178,20 +178,24 @@ class CtrServing(tf.Module):
                 flat[key] = tf.zeros_like(page)
         batch = self._parse(names, flat)
         if self.images is not None:
-            for f in spec.photos:
+            # The photos and the candidates' images, encoded in one batch.
+            parts = [(rows[f.name], page_names, f.name) for f in spec.photos]
+            if target is not None:
+                encoded = tf.gather_nd(rows[target.name], where)
+                given = tf.where(encoded != b"")
+                parts.append((tf.gather_nd(encoded, given), tf.gather_nd(names, given),
+                              target.name))
+            embedded = self.images.embed_parts(parts) if parts else []
+            for f, v in zip(spec.photos, embedded, strict=False):
                 vector, has = fresh_vectors(f.name)
-                batch[vector] = tf.gather(self.images.embed_images(
-                    rows[f.name], page_names, f.name), page)
+                batch[vector] = tf.gather(v, page)
                 batch[has] = tf.ones_like(page, tf.bool)
-        if target is not None and self.images is not None:
-            encoded = tf.gather_nd(rows[target.name], where)
-            vector, has = fresh_vectors(target.name)
-            batch[has] = encoded != b""
-            given = tf.where(batch[has])
-            fresh = self.images.embed_images(tf.gather_nd(encoded, given),
-                                             tf.gather_nd(names, given), target.name)
-            batch[vector] = tf.scatter_nd(given, fresh, tf.stack(
-                [tf.shape(page, out_type=tf.int64)[0], tf.shape(fresh, out_type=tf.int64)[1]]))
+            if target is not None:
+                fresh = embedded[-1]
+                vector, has = fresh_vectors(target.name)
+                batch[has] = encoded != b""
+                batch[vector] = tf.scatter_nd(given, fresh, tf.stack(
+                    [tf.shape(page, out_type=tf.int64)[0], tf.shape(fresh, out_type=tf.int64)[1]]))
         scores = self._predict(batch)["ctr"]
         return {"ctr": tf.scatter_nd(where, scores, tf.shape(item, out_type=tf.int64))}
 

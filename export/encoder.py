@@ -57,10 +57,21 @@ class EncoderServing(tf.Module):
     def embed_images(self, images: tf.Tensor, names: tf.Tensor, feature: str) -> tf.Tensor:
         """[N] encoded images of a request -> [N, D] embeddings; a bad image fails naming its
         row (`names`) and `feature`."""
-        checked = parse.checked_images(images, names, feature, self.max_image_pixels)
+        return self.embed_parts([(images, names, feature)])[0]
+
+    def embed_parts(self, parts: list[tuple[tf.Tensor, tf.Tensor, str]]) -> list[tf.Tensor]:
+        """`embed_images` of several (images, names, feature) parts of a request, through one
+        call of the encoder: one batch, and one copy of the encoder in the graph (with two,
+        TensorFlow 2.17's oneDNN graph rewrite on AVX-512 CPUs wires the second copy's first
+        convolution to the wrong input)."""
+        checked = [parse.checked_images(images, names, feature, self.max_image_pixels)
+                   for images, names, feature in parts]
         with tf.device("/cpu:0"):
-            pixels = parse.decode_images(checked, self.encoder.cfg.image_size)
-        return self.encoder(pixels, training=False)
+            pixels = parse.decode_images(tf.concat(checked, 0), self.encoder.cfg.image_size)
+        vectors = self.encoder(pixels, training=False)
+        if len(parts) == 1:
+            return [vectors]
+        return tf.split(vectors, tf.stack([tf.shape(c)[0] for c in checked]), num=len(parts))
 
     def _encode_pixels(self, pixels):
         size = self.encoder.cfg.image_size
