@@ -60,15 +60,13 @@ class EncoderServing(tf.Module):
         return self.embed_parts([(images, names, feature)])[0]
 
     def embed_parts(self, parts: list[tuple[tf.Tensor, tf.Tensor, str]]) -> list[tf.Tensor]:
-        """`embed_images` of several (images, names, feature) parts of a request, through one
-        call of the encoder: one batch, and one copy of the encoder in the graph (with two,
-        TensorFlow 2.17's oneDNN graph rewrite on AVX-512 CPUs wires the second copy's first
-        convolution to the wrong input)."""
+        """`embed_images` of several (images, names, feature) parts of a request, encoded as one
+        batch."""
         checked = [parse.checked_images(images, names, feature, self.max_image_pixels)
                    for images, names, feature in parts]
         with tf.device("/cpu:0"):
             pixels = parse.decode_images(tf.concat(checked, 0), self.encoder.cfg.image_size)
-        vectors = self.encoder(pixels, training=False)
+        vectors = self.encode(pixels)
         if len(parts) == 1:
             return [vectors]
         return tf.split(vectors, tf.stack([tf.shape(c)[0] for c in checked]), num=len(parts))
@@ -95,7 +93,14 @@ class EncoderServing(tf.Module):
             return self._embed(tf.reshape(flat, [n, size, size, 3]))
 
     def _embed(self, pixels):
-        return {"embedding": self.encoder(pixels, training=False)}
+        return {"embedding": self.encode(pixels)}
+
+    def encode(self, pixels: tf.Tensor) -> tf.Tensor:
+        """The encoder over [N, S, S, 3] pixels; an empty batch gives [0, D] without running it
+        (TensorFlow 2.17's oneDNN fused convolution fails on an empty batch: "input depth must be
+        evenly divisible by filter depth", seen on AVX-512 CPUs)."""
+        return tf.cond(tf.shape(pixels)[0] > 0, lambda: self.encoder(pixels, training=False),
+                       lambda: tf.zeros([0, self.encoder.cfg.feature_dim]))
 
     def signatures(self) -> dict:
         images = self.encode_images.get_concrete_function()
