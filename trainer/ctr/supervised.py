@@ -86,7 +86,8 @@ class SupervisedTask(loop.Task):
 
     def compute_loss(self, batch, training=True):
         assert self.encoder is not None and self.ctr is not None
-        batch = {**batch, VECTOR: self.encoder(batch.pop("item_image"), training=training)}
+        batch = dict(batch)
+        batch[VECTOR] = self.encoder(batch.pop("item_image"), training=training)
         out = self.ctr.losses_of(batch, training)
         return out.pop("loss"), out
 
