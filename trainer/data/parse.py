@@ -65,7 +65,27 @@ def bad_record_message(error_message: str) -> Optional[tuple[str, str, str]]:
     return None
 
 
-class ImageStore:
+class BytesStore:
+    """A bytes column of the catalog by item id, in a hash table: joined to records that carry
+    item ids only (images: `ImageStore`; titles: COURIER + CLIP's page views)."""
+
+    def __init__(self, item_ids: Sequence[int] | np.ndarray, values: Sequence[bytes]):
+        ids = np.asarray(item_ids, np.int64)
+        if len(np.unique(ids)) != len(ids):
+            dup = ids[np.flatnonzero(np.bincount(np.unique(ids, return_inverse=True)[1]) > 1)[0]]
+            raise ValueError(f"catalog has duplicate item_id {dup}")
+        self.size = len(ids)
+        self.table = tf.lookup.StaticHashTable(
+            tf.lookup.KeyValueTensorInitializer(tf.constant(ids), tf.constant(list(values),
+                                                                            tf.string)),
+            default_value=b"")
+
+    def lookup(self, item_ids: tf.Tensor) -> tf.Tensor:
+        """The value of each id; b'' for an unknown id."""
+        return self.table.lookup(item_ids)
+
+
+class ImageStore(BytesStore):
     """Encoded catalog images by item id: the join of the compact layout.
 
     The production layout of paper 002 carries images inline in each record; the compact layout
@@ -73,21 +93,6 @@ class ImageStore:
     keeps encoded bytes (a few KB per item) in a hash table, so it suits catalogs that fit in host
     memory; larger catalogs should use the inline layout.
     """
-
-    def __init__(self, item_ids: Sequence[int], images: Sequence[bytes]):
-        ids = np.asarray(item_ids, np.int64)
-        if len(np.unique(ids)) != len(ids):
-            dup = ids[np.flatnonzero(np.bincount(np.unique(ids, return_inverse=True)[1]) > 1)[0]]
-            raise ValueError(f"catalog has duplicate item_id {dup}")
-        self.size = len(ids)
-        self.table = tf.lookup.StaticHashTable(
-            tf.lookup.KeyValueTensorInitializer(tf.constant(ids), tf.constant(list(images),
-                                                                            tf.string)),
-            default_value=b"")
-
-    def lookup(self, item_ids: tf.Tensor) -> tf.Tensor:
-        """Encoded image of each id; b'' for an unknown id."""
-        return self.table.lookup(item_ids)
 
 
 def is_image(encoded: tf.Tensor) -> tf.Tensor:

@@ -135,13 +135,24 @@ def unique_rows(columns: dict, pattern: str, feature: str,
     return columns if keep.all() else {k: v[keep] for k, v in columns.items()}
 
 
-def load_image_store(catalog_pattern: str, skip_bad_records: bool = False) -> parse.ImageStore:
-    """Reads every catalog record's item id and encoded image into an `ImageStore` (bad catalog
-    records and repeated ids fail named, or are skipped with `skip_bad_records`)."""
-    cols = unique_rows(read_columns(catalog_pattern, "catalog", ("item_id", "image"),
+def _catalog_column(catalog_pattern: str, column: str, skip_bad_records: bool
+                    ) -> tuple[np.ndarray, list]:
+    """Every catalog record's item id and `column` (bad catalog records and repeated ids fail
+    named, or are skipped with `skip_bad_records`)."""
+    cols = unique_rows(read_columns(catalog_pattern, "catalog", ("item_id", column),
                                     skip_bad_records), catalog_pattern, "item_id", skip_bad_records)
-    log.info("image store: %d catalog images", len(cols["item_id"]))
-    return parse.ImageStore(cols["item_id"], cols["image"].tolist())
+    log.info("%s store: %d catalog items", column, len(cols["item_id"]))
+    return cols["item_id"], cols[column].tolist()
+
+
+def load_image_store(catalog_pattern: str, skip_bad_records: bool = False) -> parse.ImageStore:
+    """Every catalog record's encoded image by item id."""
+    return parse.ImageStore(*_catalog_column(catalog_pattern, "image", skip_bad_records))
+
+
+def load_title_store(catalog_pattern: str, skip_bad_records: bool = False) -> parse.BytesStore:
+    """Every catalog record's title by item id."""
+    return parse.BytesStore(*_catalog_column(catalog_pattern, "title", skip_bad_records))
 
 
 class InputPipeline:

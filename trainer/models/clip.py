@@ -40,7 +40,7 @@ import tensorflow as tf
 import tf_keras
 
 from trainer.configs import ClipConfig, EncoderConfig, TrainConfig
-from trainer.data import augment, pipeline
+from trainer.data import augment, parse, pipeline
 from trainer.models import contrastive, text
 from trainer.models import encoder as encoder_lib
 from trainer.train import loop
@@ -72,16 +72,11 @@ def clip_loss(images: tf.Tensor, texts: tf.Tensor, temperature: float | tf.Tenso
     return tf.reduce_sum(tf.where(ok, per_row, 0.0)) / tf.maximum(pairs, 1.0)
 
 
-def title_lookup(catalog_pattern: str, skip_bad_records: bool = False) -> tf.lookup.StaticHashTable:
+def title_lookup(catalog_pattern: str, skip_bad_records: bool = False) -> parse.BytesStore:
     """The catalog's titles by item id (b'' for an unknown id), for records that carry item ids
     only (COURIER + CLIP's page views)."""
     require_titles(catalog_pattern, skip_bad_records)
-    cols = pipeline.unique_rows(pipeline.read_columns(
-        catalog_pattern, "catalog", ("item_id", "title"), skip_bad_records), catalog_pattern,
-        "item_id", skip_bad_records)
-    return tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
-        tf.constant(cols["item_id"], tf.int64), tf.constant(cols["title"].tolist(), tf.string)),
-        default_value=b"")
+    return pipeline.load_title_store(catalog_pattern, skip_bad_records)
 
 
 def require_titles(catalog_pattern: str, skip_bad_records: bool = False) -> None:
