@@ -15,15 +15,18 @@ has more than the item's image.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import tensorflow as tf
 
 from trainer.configs import CtrConfig, EncoderConfig, TrainConfig
 from trainer.ctr.model import CtrModel
 from trainer.ctr.tables import Vocabularies
-from trainer.data import ctr_spec, parse, pipeline
+from trainer.data import ctr_spec, pipeline, schema
 from trainer.models import encoder as encoder_lib
 from trainer.train import loop
 
+IMAGE = "item_image"  # the displayed item's image, a feature added to the spec's records
 VECTOR = "item_image:vector"  # the batch key of v_p
 
 
@@ -53,22 +56,17 @@ class SupervisedTask(loop.Task):
                  skip_bad_records: bool = False):
         self.cfg, self.spec, self.vocabularies = cfg, spec, vocabularies
         self.encoder_cfg = encoder_cfg
-        store = pipeline.load_image_store(catalog_pattern, skip_bad_records)
-        item, size = spec.item, encoder_cfg.image_size
-
-        def join(seed, batch):
-            encoded = store.lookup(batch[item])
-            missing = tf.boolean_mask(batch[item], encoded == b"")
-            check = tf.debugging.Assert(tf.size(missing) == 0, [
-                f"ctr records' {item} not in the catalog '{catalog_pattern}', e.g.:",
-                missing[:5]], summarize=5)
-            with tf.control_dependencies([check]):
-                return {**batch, "item_image": parse.decode_images(encoded, size)}
-
+        # The spec's records with the displayed item's image, joined from the catalog by the
+        # parser (as S2's clicked image) when the record does not carry it.
+        base = spec.record_kind()
+        kind = dataclasses.replace(base, features=[*base.features, schema.FeatureSpec(
+            IMAGE, schema.BYTES, f"The image of `{spec.item}`; joined from the catalog when "
+            "absent.", image=True, required=False, default=b"")],
+            joinable_images={**base.joinable_images, IMAGE: spec.item})
         self.pipe = pipeline.InputPipeline(pipeline.InputConfig(
-            cfg.train_pattern, spec.record_kind(), global_batch_size=train_cfg.global_batch_size,
-            decode_images=False, deterministic=train_cfg.deterministic,
-            skip_bad_records=skip_bad_records), transform=join)
+            cfg.train_pattern, kind, global_batch_size=train_cfg.global_batch_size,
+            image_size=encoder_cfg.image_size, catalog_pattern=catalog_pattern,
+            deterministic=train_cfg.deterministic, skip_bad_records=skip_bad_records))
         self.encoder: encoder_lib.Encoder | None = None
         self.ctr: ImageCtrModel | None = None
 
@@ -87,7 +85,7 @@ class SupervisedTask(loop.Task):
     def compute_loss(self, batch, training=True):
         assert self.encoder is not None and self.ctr is not None
         batch = dict(batch)
-        batch[VECTOR] = self.encoder(batch.pop("item_image"), training=training)
+        batch[VECTOR] = self.encoder(batch.pop(IMAGE), training=training)
         out = self.ctr.losses_of(batch, training)
         return out.pop("loss"), out
 
