@@ -1,13 +1,15 @@
 """The whole chain of both papers on one world, sized to run in about 20 minutes on 2 CPU cores
 (`make demo`; then `make export` and `scripts/report.py`).
 
-  encoders: ResNet-C (classify), S1 (pretrain), S2 and S1+S2 (finetune), COURIER (from S1)
+  encoders: ResNet-C (classify), S1 (pretrain), S2 and S1+S2 (finetune), COURIER (from S1);
+            paper 002 Table 5's other pre-training baselines: Supervised, SimSiam, CLIP, MaskCLIP
   eval:     visual search of each encoder and of a random one (Table 1)
   cluster:  faiss k-means over COURIER's catalog embeddings (Cluster-ID)
   CTR:      no image features; each encoder's vectors (Table 2), with D for S1+S2 and COURIER;
             S1 and COURIER as SimScore and Cluster-ID (Tables 5 and B1); and paper 002's feed
             setting (the `feed` feature spec, on a world whose records lack the query photo,
-            demographics and preferred categories) without images and with COURIER's Cluster-ID
+            demographics and preferred categories) without images and with COURIER's Cluster-ID;
+            Table 5's baselines as Cluster-IDs
 
 Every run is a named experiment of `trainer.experiments`, run as its `python -m trainer.task`
 command line with its log in <out_dir>/logs/. Trained runs are kept (a rerun skips them), so an
@@ -30,8 +32,9 @@ from trainer import experiments
 
 # Steps per stage on `small` (the repro scripts use the stages' defaults: 300 / 600 / 800 / 200 /
 # 940).
+# Table 5's baselines get a third of S1's steps, to stay within 5 minutes together.
 STEPS = {"classify": 150, "pretrain": 300, "finetune": 200, "courier": 100, "ctr": 250,
-         "debias": 250}
+         "debias": 250, "supervised": 100, "simsiam": 100, "clip": 100}
 LOGGED = 20  # progress lines per run
 
 
@@ -50,7 +53,8 @@ def main() -> None:
     out = a.out_dir
     logs = os.path.join(out, "logs")
     seconds: dict = {}
-    dirs = {name: os.path.join(out, name) for name in experiments.ENCODERS}
+    baselines = tuple(e.name for e in experiments.BASELINES)
+    dirs = {name: os.path.join(out, name) for name in (*experiments.ENCODERS, *baselines)}
 
     def run(name: str, args: list) -> None:
         seconds[name] = experiments.run(args, os.path.join(logs, f"{name.replace('/', '_')}.txt"))
@@ -62,27 +66,28 @@ def main() -> None:
 
     t0 = time.time()
     print(f"demo: encoders into {out} (steps {STEPS})", flush=True)
-    for name in experiments.ENCODERS:
+    for name in (*experiments.ENCODERS, *baselines):
         exp = experiments.get(name)
         run(name, experiments.command(exp, a.data_dir, dirs[name], dirs, a.seed, flags=budget(
             exp.stage) + [f"--checkpoint_interval={max(STEPS[exp.stage] // 4, 1)}"]))
 
-    evals = [(f"eval_{name}", experiments.command(experiments.get("eval"), a.data_dir, d, dirs,
-                                                  a.seed)) for name, d in dirs.items()]
+    evals = [(f"eval_{name}", experiments.command(experiments.get("eval"), a.data_dir,
+                                                  dirs[name], dirs, a.seed))
+             for name in experiments.ENCODERS]
     evals.append(("eval_random", experiments.command(
         experiments.get("random"), a.data_dir, os.path.join(out, "random"), dirs, a.seed)))
-    # Evaluations first: they write the embedding tables the CTR runs read.
+    runs = [(exp, a.data_dir) for exp in (*experiments.DEMO_CTR, *experiments.DEMO_TABLE_5)]
+    if a.feed_data_dir:
+        runs += [(exp, a.feed_data_dir) for exp in experiments.DEMO_FEED]
     print(f"demo: {len(evals)} evaluations ({a.jobs} at a time), then clustering and "
-          f"{len(experiments.DEMO_CTR) + len(experiments.DEMO_FEED)} CTR runs", flush=True)
+          f"{len(runs)} CTR runs", flush=True)
+    # Evaluations first: they write the embedding tables the CTR runs read.
     with concurrent.futures.ThreadPoolExecutor(a.jobs) as pool:
         for f in [pool.submit(run, *job) for job in evals]:
             f.result()
     run("cluster_courier", experiments.command(experiments.get("cluster_courier"), a.data_dir,
                                                dirs["courier"], dirs, a.seed))
 
-    runs = [(exp, a.data_dir) for exp in experiments.DEMO_CTR]
-    if a.feed_data_dir:
-        runs += [(exp, a.feed_data_dir) for exp in experiments.DEMO_FEED]
     for exp, data_dir in runs:
         model_dir = os.path.join(out, exp.name)
         if exp.name.endswith("courier_cluster_id") and not os.path.exists(

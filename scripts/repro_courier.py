@@ -32,8 +32,7 @@ from trainer.eval import significance
 MODES = experiments.MODES
 ABLATIONS = experiments.COURIER_ABLATIONS  # (Table 6 row, config flag)
 BASELINES = tuple(e.name for e in experiments.BASELINES)  # Table 5's, trained from scratch
-TABLE_5 = ("supervised", "clip", "s1", "simsiam", "maskclip", "courier")  # the paper's order
-TABLE_5_MODE = "cluster_id"  # the paper's Table 5 feature mode
+TABLE_5, TABLE_5_MODE = experiments.TABLE_5, experiments.TABLE_5_MODE
 PAPER_5 = experiments.PAPER_TABLE_5
 PAPER_B1 = experiments.PAPER_TABLE_B1
 PAPER_6 = experiments.PAPER_TABLE_6

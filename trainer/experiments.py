@@ -168,7 +168,12 @@ DEMO_CTR = (ctr_experiment(None), *(ctr_experiment(e) for e in ENCODERS),
             *(ctr_experiment(e, m) for e in ("s1", "courier") for m in MODES[1:]))
 DEMO_FEED = (ctr_experiment(None, spec="feed"),
              ctr_experiment("courier", "cluster_id", spec="feed"))
-REGISTRY.update({e.name: e for e in (*DEMO_CTR, *DEMO_FEED)})
+# Paper 002 Table 5: its rows in the paper's order (its SimCLR is S1) and its feature mode; the
+# demo's CTR runs of the other rows (S1's and COURIER's Cluster-IDs are in DEMO_CTR).
+TABLE_5 = ("supervised", "clip", "s1", "simsiam", "maskclip", "courier")
+TABLE_5_MODE = "cluster_id"
+DEMO_TABLE_5 = tuple(ctr_experiment(e.name, TABLE_5_MODE) for e in BASELINES)
+REGISTRY.update({e.name: e for e in (*DEMO_CTR, *DEMO_FEED, *DEMO_TABLE_5)})
 REGISTRY.update({e.name: e for e in (ctr_experiment(x, m) for x in (
     "courier", *(f"courier_{f}" for _, f in COURIER_ABLATIONS)) for m in MODES)})
 
