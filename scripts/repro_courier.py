@@ -333,6 +333,9 @@ def main() -> None:
     encoders.update({row: os.path.join(a.out_dir, f"seed{first}", f"courier_{flag}")
                      for row, flag in ABLATIONS
                      if os.path.isdir(os.path.join(a.out_dir, f"seed{first}", f"courier_{flag}"))})
+    encoders.update({experiments.get(e).title: os.path.join(a.out_dir, f"seed{first}", e)
+                     for e in (*BASELINES, "courier_clip")
+                     if os.path.isdir(os.path.join(a.out_dir, f"seed{first}", e, "ckpt"))})
     text += (f"\n\nWhat the vectors carry about user intent, without the CTR model (seed {first}):"
              f"\n\n{history_diagnostics(a.data_dir, encoders)}")
     if os.path.exists(os.path.join(a.data_dir, "truth", "truth.json")):
