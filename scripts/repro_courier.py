@@ -210,20 +210,30 @@ def checks(preds: dict, ablation_mode: str) -> list[str]:
     return lines
 
 
-def history_diagnostics(data_dir: str, encoders: dict) -> str:
+def history_diagnostics(data_dir: str, encoders: dict, clusters_files: dict) -> str:
     """What each encoder's vectors carry about user intent, without the CTR model: the test-day
     AUC and GAUC of the displayed item's largest cosine to the user's click history (the
-    strongest SimScore feature), and of its cosine to the query photo."""
+    strongest SimScore feature), and of its cosine to the query photo. On a synthetic world
+    (evaluation only: the planted truth), what they separate: the share of each catalog item's
+    10 nearest catalog neighbours that share its category, its pattern and its palette, and the
+    purity of its Cluster-ID clusters (`clusters_files`, by encoder name; the share of items in
+    their cluster's most common category, style) that the CTR model was given."""
     from trainer.data import pipeline, records
-    from trainer.eval import ctr_metrics
-    from trainer.features import embeddings
+    from trainer.eval import ctr_metrics, visual_search
+    from trainer.features import clusters, embeddings
     test = pipeline.read_columns(records.default_pattern(data_dir, "ctr", "test"), "ctr",
                                  ("label", "item_id", "query_id", "page_id",
                                   "click_history_item_ids", "click_history_item_ids_mask"))
     catalog = records.default_pattern(data_dir, "catalog")
     queries = records.default_pattern(data_dir, "queries")
-    lines = ["| encoder | max cos(item, history) AUC | GAUC | cos(item, query) AUC | GAUC |",
-             "| --- | ---: | ---: | ---: | ---: |"]
+    planted = None
+    if os.path.exists(os.path.join(data_dir, "truth", "truth.json")):
+        from trainer.synth import truth
+        planted = truth.load(data_dir)["items"]
+    lines = ["| encoder | max cos(item, history) AUC | GAUC | cos(item, query) AUC | GAUC |"
+             + (" 10-NN category | pattern | palette | clusters: category | style |"
+                if planted else ""),
+             "| --- | ---: | ---: | ---: | ---: |" + (" ---: |" * 5 if planted else "")]
     for name, model_dir in encoders.items():
         t = embeddings.for_encoder(model_dir, catalog, queries)
         row = {int(i): r for r, i in enumerate(t.item_id)}
@@ -239,8 +249,24 @@ def history_diagnostics(data_dir: str, encoders: dict) -> str:
         for score in (sim, np.sum(vp * vq, axis=1)):
             g, _ = ctr_metrics.gauc(test["label"], score, test["page_id"])
             cells += [f"{ctr_metrics.auc(test['label'], score):.4f}", f"{g:.4f}"]
+        if planted is not None:
+            nn = visual_search.nearest_neighbours(t.item_vector, np.arange(len(t.item_id)), 10)
+            at = truth.index_of(t.item_id, planted["item_id"])
+            cells += [f"{np.mean(v[nn] == v[:, None]):.1%}" for v in
+                      (planted[k][at] for k in ("category", "pattern", "palette"))]
+            if os.path.exists(clusters_files.get(name, "")):
+                ids = clusters.Clusters.load(clusters_files[name]).assign(t.item_vector)
+                cells += [f"{_purity(ids, planted[k][at]):.1%}" for k in ("category", "style")]
+            else:
+                cells += ["", ""]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _purity(cluster_ids: np.ndarray, labels: np.ndarray) -> float:
+    """The share of items whose label is their cluster's most common one."""
+    return sum(np.bincount(labels[cluster_ids == c]).max()
+               for c in np.unique(cluster_ids)) / len(labels)
 
 
 def perfect_encoder(data_dir: str, out: str, seed: int, ctr_steps: int) -> dict:
@@ -329,15 +355,14 @@ def main() -> None:
              "(difference and its 95% interval per seed):\n"
              + "\n".join(checks(preds, a.ablation_mode)))
     first = min(per_seed)
-    encoders = {"S1": s1_dirs[first], "COURIER": os.path.join(a.out_dir, f"seed{first}", "courier")}
-    encoders.update({row: os.path.join(a.out_dir, f"seed{first}", f"courier_{flag}")
-                     for row, flag in ABLATIONS
-                     if os.path.isdir(os.path.join(a.out_dir, f"seed{first}", f"courier_{flag}"))})
-    encoders.update({experiments.get(e).title: os.path.join(a.out_dir, f"seed{first}", e)
-                     for e in (*BASELINES, "courier_clip")
-                     if os.path.isdir(os.path.join(a.out_dir, f"seed{first}", e, "ckpt"))})
-    text += (f"\n\nWhat the vectors carry about user intent, without the CTR model (seed {first}):"
-             f"\n\n{history_diagnostics(a.data_dir, encoders)}")
+    seed_dir = os.path.join(a.out_dir, f"seed{first}")
+    names = [e for e in ("courier", *(f"courier_{flag}" for _, flag in ABLATIONS), *BASELINES,
+                         "courier_clip") if os.path.isdir(os.path.join(seed_dir, e, "ckpt"))]
+    encoders = {title("s1"): s1_dirs[first]} | {title(e): os.path.join(seed_dir, e) for e in names}
+    clusters_files = {title(e): os.path.join(seed_dir, experiments.ctr_experiment(
+        e, "cluster_id").name, "clusters.npz") for e in ("s1", *names)}
+    text += (f"\n\nWhat the vectors carry, without the CTR model (seed {first}):"
+             f"\n\n{history_diagnostics(a.data_dir, encoders, clusters_files)}")
     if os.path.exists(os.path.join(a.data_dir, "truth", "truth.json")):
         out = os.path.join(a.out_dir, f"seed{first}")
         perfect = perfect_encoder(a.data_dir, out, first, a.ctr_steps)
