@@ -68,7 +68,11 @@ def run_seed(data_dir: str, s1: str, out: str, seed: int, a) -> dict:
     variants = ["courier"] + ([] if a.skip_ablations else
                               [f"courier_{flag}" for _, flag in ABLATIONS])
     variants += [] if a.skip_baselines else ["courier_clip"]
-    seconds = {}
+    previous = os.path.join(out, "results.json")
+    seconds = {}  # training times, kept from an earlier run of the seed for encoders it trained
+    if os.path.exists(previous):
+        with open(previous) as f:
+            seconds = json.load(f).get("courier_seconds", {})
     for name in variants + ([] if a.skip_baselines else list(BASELINES)):
         exp = experiments.get(name)
         dirs[name] = os.path.join(out, name)
