@@ -98,7 +98,8 @@ repro-ctr: $(VENV)/.installed $(DATA)/$(WORLD)/manifest.json
 
 # Paper 002 Tables 5, 8, B1 and 6: COURIER (from repro-visual's S1, trained if missing), its
 # ablations, COURIER + CLIP and Table 5's baselines (Supervised, SimSiam, CLIP, MaskCLIP); S1 and
-# COURIER features as vector / simscore / cluster_id in the CTR model, the others as cluster_id.
+# COURIER features as vector / simscore / cluster_id in the CTR model, the others as cluster_id
+# and vector.
 repro-courier: $(VENV)/.installed $(DATA)/$(WORLD)/manifest.json
 	$(PY) scripts/repro_courier.py --data_dir=$(DATA)/$(WORLD) --visual_dir=$(RUNS)/visual \
 	  --out_dir=$(RUNS)/courier --seeds=$(shell echo $(SEEDS) | tr ' ' ',')

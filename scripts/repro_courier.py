@@ -6,7 +6,8 @@ it if missing; S1 is Table 5's SimCLR), trains COURIER from it, each Table 6 / A
 and COURIER + CLIP (Table 8), and Table 5's other baselines (Supervised, SimSiam, CLIP,
 MaskCLIP) from scratch on S1's budget; then trains and evaluates the CTR predictor without image
 features (the baseline), with S1 and COURIER features in the vector, simscore and cluster_id
-modes, and with every other encoder's features in one mode (cluster_id, the paper's). Every step
+modes, with each Table 6 variant's in `--ablation_mode` (cluster_id), and with Table 5's other
+baselines' and COURIER + CLIP's as cluster_id (the paper's mode) and as vectors. Every step
 is a `python -m trainer.task` command line. Prints delta AUC and delta GAUC against the baseline
 (percentage points, raw values in parentheses), judges the paper's orderings by a paired
 bootstrap and writes table5.md. The world needs item titles (CLIP, MaskCLIP, COURIER + CLIP).
