@@ -32,7 +32,7 @@ from trainer import experiments
 
 # Steps per stage on `small` (the repro scripts use the stages' defaults: 300 / 600 / 800 / 200 /
 # 940).
-# Table 5's baselines get a sixth of S1's steps (two at a time), to add at most 5 minutes.
+# Table 5's baselines get a sixth of S1's steps, two at a time: they add 5.7 min (README).
 STEPS = {"classify": 150, "pretrain": 300, "finetune": 200, "courier": 100, "ctr": 250,
          "debias": 250, "supervised": 50, "simsiam": 50, "clip": 50}
 LOGGED = 20  # progress lines per run
@@ -66,6 +66,7 @@ def main() -> None:
 
     t0 = time.time()
     print(f"demo: encoders into {out} (steps {STEPS})", flush=True)
+
     def train(name: str) -> None:
         exp = experiments.get(name)
         run(name, experiments.command(exp, a.data_dir, dirs[name], dirs, a.seed, flags=budget(
