@@ -125,7 +125,7 @@ def table5_baselines(demo: str) -> str:
         m = _ctr(demo, f"{name}_{mode}")
         if m is None:
             continue
-        label = "SimCLR (S1)" if name == "s1" else experiments.get(name).title
+        label = experiments.table_5_title(name)
         paper = ", ".join(f"{v:+.2f}%" for v in experiments.PAPER_TABLE_5[label.split(" ")[0]])
         rows.append(f"| {label} | {(m['AUC'] - base['AUC']) * 100:+.2f} | "
                     f"{(m['GAUC'] - base['GAUC']) * 100:+.2f} | {paper} |")

@@ -29,6 +29,7 @@ import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
 from trainer import experiments
 from trainer.data import npz
 from trainer.eval import significance
+from trainer.synth import truth  # evaluation only
 
 MODES = experiments.MODES
 ABLATIONS = experiments.COURIER_ABLATIONS  # (Table 6 row, config flag)
@@ -40,11 +41,7 @@ TABLE_5_MODES = (TABLE_5_MODE, "vector")
 PAPER_5 = experiments.PAPER_TABLE_5
 PAPER_B1 = experiments.PAPER_TABLE_B1
 PAPER_6 = experiments.PAPER_TABLE_6
-
-
-def title(name: str) -> str:
-    """An encoder's row label: S1 is Table 5's SimCLR."""
-    return "SimCLR (S1)" if name == "s1" else experiments.get(name).title
+title = experiments.table_5_title
 
 
 def ctr_runs(encoders: list, ablation_mode: str) -> list:
@@ -243,8 +240,7 @@ def history_diagnostics(data_dir: str, encoders: dict, clusters_files: dict) -> 
     catalog = records.default_pattern(data_dir, "catalog")
     queries = records.default_pattern(data_dir, "queries")
     planted = None
-    if os.path.exists(os.path.join(data_dir, "truth", "truth.json")):
-        from trainer.synth import truth
+    if truth.exists(data_dir):
         planted = truth.load(data_dir)["items"]
     lines = ["| encoder | max cos(item, history) AUC | GAUC | cos(item, query) AUC | GAUC |"
              + (" 10-NN category | pattern | palette | clusters: category | style |"
@@ -298,7 +294,6 @@ def perfect_encoder(data_dir: str, out: str, seed: int, ctr_steps: int) -> dict:
     from trainer.ctr import task as ctr_task
     from trainer.data import ctr_spec, pipeline, records
     from trainer.features import clusters, embeddings
-    from trainer.synth import truth
     t = truth.load(data_dir)
     cat = pipeline.read_columns(records.default_pattern(data_dir, "catalog"), "catalog",
                                 ("item_id", "category_id", "impressions_30d"))
@@ -379,9 +374,8 @@ def main() -> None:
         e, "cluster_id").name, "clusters.npz") for e in ("s1", *names)}
     text += (f"\n\nWhat the vectors carry, without the CTR model (seed {first}):"
              f"\n\n{history_diagnostics(a.data_dir, encoders, clusters_files)}")
-    if os.path.exists(os.path.join(a.data_dir, "truth", "truth.json")):
-        out = os.path.join(a.out_dir, f"seed{first}")
-        perfect = perfect_encoder(a.data_dir, out, first, a.ctr_steps)
+    if truth.exists(a.data_dir):
+        perfect = perfect_encoder(a.data_dir, seed_dir, first, a.ctr_steps)
         base = per_seed[first]["ctr"]["baseline"]
         text += (f"\n\nThe same CTR model fed a perfect style encoder (evaluation only: each "
                  f"vector is the one-hot of the planted style, the clusters are the styles; "

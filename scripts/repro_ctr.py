@@ -26,6 +26,7 @@ import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
 from trainer import experiments
 from trainer.data import npz
 from trainer.eval import significance
+from trainer.synth import truth  # evaluation only
 
 ENCODERS = ("resnet_c", "s1", "s2", "s1s2")  # trained by repro_visual.py
 COMPETITORS = tuple(e.name for e in experiments.COMPETITORS)  # VGG-C, ViT-C: trained here
@@ -154,11 +155,11 @@ def checks(preds: dict) -> list[str]:
 def reference(data_dir: str) -> str:
     """The AUC of the planted click logit's observable-in-principle parts on the test day
     (evaluation only): how much there is to learn, and how much of it is visual."""
-    if not os.path.exists(os.path.join(data_dir, "truth", "truth.json")):
+    if not truth.exists(data_dir):
         return ""
     from trainer.data import pipeline, records
     from trainer.eval import ctr_metrics
-    from trainer.synth import marketplace, truth
+    from trainer.synth import marketplace
     t = truth.load(data_dir)
     cm = marketplace.load_manifest(data_dir)["world"]["click"]  # the world's own parameters
     test = pipeline.read_columns(records.default_pattern(data_dir, "ctr", "test"), "ctr",

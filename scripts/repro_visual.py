@@ -20,6 +20,7 @@ import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
 from trainer import experiments
 from trainer.data import npz
 from trainer.eval import significance, visual_search
+from trainer.synth import truth  # evaluation only
 
 ENCODERS = ("resnet_c", "s1", "s2", "s1s2")
 METHODS = tuple(experiments.get(e).title for e in ENCODERS)  # ResNet-C, S1, S2, S1+S2
@@ -109,12 +110,11 @@ def diagnostics(data_dir: str, seed_dirs: dict) -> str:
     """What the planted truth says about the data and the encoders (evaluation only): how often an
     S2 click pair shares the query's style, and HR when the queries are the users' photos (S2's
     own task) with relevance = same category and planted style."""
-    if not os.path.exists(os.path.join(data_dir, "truth", "truth.json")):
+    if not truth.exists(data_dir):
         return ""
     from trainer.data import pipeline, records
     from trainer.eval import visual_search
     from trainer.features import embeddings
-    from trainer.synth import truth
     t = truth.load(data_dir)
     items, queries = t["items"], t["queries"]
     pairs = pipeline.read_columns(records.default_pattern(data_dir, "search_sessions", "train"),

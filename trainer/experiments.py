@@ -172,6 +172,13 @@ DEMO_FEED = (ctr_experiment(None, spec="feed"),
 # demo's CTR runs of the other rows (S1's and COURIER's Cluster-IDs are in DEMO_CTR).
 TABLE_5 = ("supervised", "clip", "s1", "simsiam", "maskclip", "courier")
 TABLE_5_MODE = "cluster_id"
+
+
+def table_5_title(name: str) -> str:
+    """An encoder experiment's row label in Table 5's layout: S1 is its SimCLR."""
+    return "SimCLR (S1)" if name == "s1" else get(name).title
+
+
 DEMO_TABLE_5 = tuple(ctr_experiment(e.name, TABLE_5_MODE) for e in BASELINES)
 REGISTRY.update({e.name: e for e in (*DEMO_CTR, *DEMO_FEED, *DEMO_TABLE_5)})
 REGISTRY.update({e.name: e for e in (ctr_experiment(x, m) for x in (

@@ -20,9 +20,9 @@ from trainer.data import parse
 
 def style_labels(data_dir: str | None, item_ids: np.ndarray) -> np.ndarray | None:
     """The planted style of each item in a synthetic world; None for other data."""
-    if not data_dir or not os.path.exists(os.path.join(data_dir, "truth", "truth.json")):
-        return None
     from trainer.synth import truth
+    if not data_dir or not truth.exists(data_dir):
+        return None
     t = truth.load(data_dir)
     return t["items"]["style"][truth.index_of(item_ids, t["items"]["item_id"])]
 

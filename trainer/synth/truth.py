@@ -11,9 +11,18 @@ import os
 import numpy as np
 
 
+def _path(data_dir: str) -> str:
+    return os.path.join(data_dir, "truth", "truth.json")
+
+
+def exists(data_dir: str) -> bool:
+    """Whether the data dir is a synthetic world with its planted truth."""
+    return os.path.exists(_path(data_dir))
+
+
 def load(data_dir: str) -> dict:
     """Truth as numpy arrays: items/users/queries tables plus style metadata."""
-    path = os.path.join(data_dir, "truth", "truth.json")
+    path = _path(data_dir)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no planted truth (not a synthetic world?)")
     with open(path) as f:
