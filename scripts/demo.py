@@ -4,7 +4,9 @@
   encoders: ResNet-C (classify), S1 (pretrain), S2 and S1+S2 (finetune), COURIER (from S1);
             paper 002 Table 5's other pre-training baselines: Supervised, SimSiam, CLIP, MaskCLIP
   eval:     visual search of each encoder and of a random one (Table 1)
-  cluster:  faiss k-means over COURIER's catalog embeddings (Cluster-ID)
+  vocab:    the CTR vocabularies of each data set (the Beam vocab job), shared by its CTR runs
+  cluster:  faiss k-means over the catalog embeddings of S1, COURIER and Table 5's baselines
+            (Cluster-ID)
   CTR:      no image features; each encoder's vectors (Table 2), with D for S1+S2 and COURIER;
             S1 and COURIER as SimScore and Cluster-ID (Tables 5 and B1); and paper 002's feed
             setting (the `feed` feature spec, on a world whose records lack the query photo,
@@ -22,10 +24,13 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import functools
 import json
 import os
 import shutil
+import sys
 import time
+from collections.abc import Callable
 
 import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
 from trainer import experiments
@@ -47,8 +52,9 @@ def main() -> None:
     p.add_argument("--out_dir", default="runs/demo")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=int, default=2,
-                   help="Evaluation runs in parallel (CTR runs go one at a time: two at once "
-                   "took 117 s a pair on 2 cores against 45 s each alone).")
+                   help="Runs in parallel before the CTR runs (vocabularies, baselines, "
+                   "evaluations, k-means); CTR runs go one at a time: two at once took 117 s a "
+                   "pair on 2 cores against 45 s each alone.")
     a = p.parse_args()
     out = a.out_dir
     logs = os.path.join(out, "logs")
@@ -72,37 +78,82 @@ def main() -> None:
         run(name, experiments.command(exp, a.data_dir, dirs[name], dirs, a.seed, flags=budget(
             exp.stage) + [f"--checkpoint_interval={max(STEPS[exp.stage] // 4, 1)}"]))
 
+    # One vocabulary pass per data set, by the Beam vocab job as at scale, put in every CTR model
+    # dir before it trains: each of the ~20 runs would otherwise make the same pass itself.
+    specs = {a.data_dir: "synthetic", **({a.feed_data_dir: "feed"} if a.feed_data_dir else {})}
+    vocab = {d: os.path.join(out, "vocabularies", f"{spec}.npz") for d, spec in specs.items()}
+
+    def vocab_pass(data_dir: str) -> None:
+        if not os.path.exists(vocab[data_dir]):
+            run(f"vocab_{specs[data_dir]}", [
+                sys.executable, "-m", "trainer.pipelines.vocab",
+                f"--records={os.path.join(data_dir, 'ctr', 'train-*')}",
+                f"--ctr_spec={specs[data_dir]}", f"--output={vocab[data_dir]}"])
+
+    def provide(model_dir: str, data_dir: str, clusters_of: str | None = None) -> None:
+        """The shared vocabularies (and an encoder's Cluster-ID centroids) into a new model dir."""
+        os.makedirs(model_dir, exist_ok=True)
+        files = [vocab[data_dir]] + ([os.path.join(clusters_of, "clusters.npz")]
+                                     if clusters_of else [])
+        for path in files:
+            if not os.path.exists(os.path.join(model_dir, os.path.basename(path))):
+                shutil.copy(path, model_dir)
+
+    def chain(*steps: Callable[[], None]) -> Callable[[], None]:
+        def in_turn() -> None:
+            for step in steps:
+                step()
+        return in_turn
+
+    def in_pool(tasks: list) -> None:
+        with concurrent.futures.ThreadPoolExecutor(a.jobs) as pool:
+            for f in [pool.submit(task) for task in tasks]:
+                f.result()
+
+    in_pool([functools.partial(vocab_pass, d) for d in specs])
     for name in experiments.ENCODERS:
         train(name)
-    # The short baseline runs are mostly start-up (loading, tracing, the catalog pass): two at a
-    # time overlap it.
-    with concurrent.futures.ThreadPoolExecutor(a.jobs) as pool:
-        for f in [pool.submit(train, name) for name in baselines]:
-            f.result()
 
-    evals = [(f"eval_{name}", experiments.command(experiments.get("eval"), a.data_dir,
-                                                  dirs[name], dirs, a.seed))
-             for name in experiments.ENCODERS]
-    evals.append(("eval_random", experiments.command(
-        experiments.get("random"), a.data_dir, os.path.join(out, "random"), dirs, a.seed)))
+    def cluster(name: str) -> None:  # k-means beside the encoder's vectors
+        run(f"cluster_{name}", experiments.command(experiments.cluster_experiment(name),
+                                                   a.data_dir, dirs[name], dirs, a.seed))
+
+    def evaluate(name: str) -> None:
+        run(f"eval_{name}", experiments.command(experiments.get("eval"), a.data_dir, dirs[name],
+                                                dirs, a.seed))
+
     runs = [(exp, a.data_dir) for exp in (*experiments.DEMO_CTR, *experiments.DEMO_TABLE_5)]
-    if a.feed_data_dir:
-        runs += [(exp, a.feed_data_dir) for exp in experiments.DEMO_FEED]
-    print(f"demo: {len(evals)} evaluations ({a.jobs} at a time), then clustering and "
-          f"{len(runs)} CTR runs", flush=True)
-    # Evaluations first: they write the embedding tables the CTR runs read.
-    with concurrent.futures.ThreadPoolExecutor(a.jobs) as pool:
-        for f in [pool.submit(run, *job) for job in evals]:
-            f.result()
-    run("cluster_courier", experiments.command(experiments.get("cluster_courier"), a.data_dir,
-                                               dirs["courier"], dirs, a.seed))
+    runs += [(exp, a.feed_data_dir) for exp in experiments.DEMO_FEED if a.feed_data_dir]
+    clusters_of = {exp.name: dict(exp.sets)["images.model_dir"][1:-1] for exp, _ in runs
+                   if dict(exp.sets).get("ctr.image_feature_mode") == "cluster_id"}
+    clustered = set(clusters_of.values())
 
+    def prepare(name: str) -> Callable[[], None]:
+        """An encoder's visual search, then (if a CTR run takes its Cluster-IDs) its k-means:
+        after, as both write its embedding table."""
+        if name in clustered:
+            return chain(functools.partial(evaluate, name), functools.partial(cluster, name))
+        return functools.partial(evaluate, name)
+
+    # Then two at a time (short runs are mostly start-up, which two overlap), longest first:
+    # Table 5's baselines, each trained, then clustered, and the visual search of each encoder.
+    # They leave the embedding tables and centroids that the CTR runs read.
+    provide(dirs["supervised"], a.data_dir)
+    print(f"demo: {len(baselines)} baselines and {len(experiments.ENCODERS) + 1} evaluations "
+          f"({a.jobs} at a time)", flush=True)
+    in_pool([chain(functools.partial(train, name), functools.partial(cluster, name))
+             for name in baselines]
+            + [prepare(name) for name in experiments.ENCODERS if name in clustered]
+            + [prepare(name) for name in experiments.ENCODERS if name not in clustered]
+            + [functools.partial(run, "eval_random", experiments.command(
+                experiments.get("random"), a.data_dir, os.path.join(out, "random"), dirs,
+                a.seed))])
+
+    print(f"demo: {len(runs)} CTR runs", flush=True)
     for exp, data_dir in runs:
         model_dir = os.path.join(out, exp.name)
-        if exp.name.endswith("courier_cluster_id") and not os.path.exists(
-                os.path.join(model_dir, "clusters.npz")):
-            os.makedirs(model_dir, exist_ok=True)  # the cluster stage's centroids, not a refit
-            shutil.copy(os.path.join(dirs["courier"], "clusters.npz"), model_dir)
+        provide(model_dir, data_dir, dirs[clusters_of[exp.name]]  # the cluster stage's centroids,
+                if exp.name in clusters_of else None)  # not a refit
         run(exp.name, experiments.command(exp, data_dir, model_dir, dirs, a.seed,
                                           flags=budget(exp.stage)))
     total = time.time() - t0

@@ -126,7 +126,7 @@ def table5_baselines(demo: str) -> str:
         if m is None:
             continue
         label = experiments.table_5_title(name)
-        paper = ", ".join(f"{v:+.2f}%" for v in experiments.PAPER_TABLE_5[label.split(" ")[0]])
+        paper = ", ".join(f"{v:+.2f}%" for v in experiments.PAPER_TABLE_5[name])
         rows.append(f"| {label} | {(m['AUC'] - base['AUC']) * 100:+.2f} | "
                     f"{(m['GAUC'] - base['GAUC']) * 100:+.2f} | {paper} |")
     return "\n".join(rows) if len(rows) > 2 else ""
@@ -345,10 +345,12 @@ Every encoder is the same ResNet-10 (width ×0.5, D = 512) image tower, trained 
 {encoder_rows}
 
 Then the CTR predictor (TFRS-style id embeddings, click-history attention, MLP tower;
-{steps.get('ctr', '?')} steps of batch 512) was trained without image features, with each
+{steps.get('ctr', '?')} steps of batch 512; its vocabularies from one pass of the Beam vocab job
+over each data set, shared by the runs) was trained without image features, with each
 encoder's catalog vectors, with S1+S2's and COURIER's plus the debiasing network D (000 Eq. 3-4),
-with S1 and COURIER features as SimScore and Cluster-ID (002 App. B), and from the `feed` feature
-spec (paper 002's setting). The demo's steps are short; `make repro-visual`,
+with S1 and COURIER features as SimScore and Cluster-ID (002 App. B), with the four baselines
+as Cluster-IDs (Table 5; every Cluster-ID run with the centroids of the `cluster` stage), and
+from the `feed` feature spec (paper 002's setting). The demo's steps are short; `make repro-visual`,
 `make repro-ctr` and `make repro-courier` run the longer, multi-seed versions in the README.
 Total time of training and evaluation: {timings.get('total_seconds', 0) / 60:.1f} min.
 

@@ -124,7 +124,7 @@ def tables(per_seed: dict, ablation_mode: str) -> str:
                   "| Method | ΔAUC | ΔGAUC | paper |", "| --- | ---: | ---: | --- |"]
         for e in rows5:
             key, label = f"{experiments.get(e).title}/{TABLE_5_MODE}", title(e)
-            paper = ", ".join(f"{v:+.2f}%" for v in PAPER_5[label.split(" ")[0]])
+            paper = ", ".join(f"{v:+.2f}%" for v in PAPER_5[e])
             lines.append(f"| {label} | {_delta(per_seed, key, 'AUC')} | "
                          f"{_delta(per_seed, key, 'GAUC')} | [{paper}] |")
         lines.append("")

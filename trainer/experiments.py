@@ -138,20 +138,27 @@ def ctr_experiment(encoder: str | None, mode: str = "vector", debias: bool = Fal
                       f" ({spec} spec)", tuple(sets))
 
 
-# Evaluations: visual search of the encoder in the run's model dir, or of an untrained one;
-# Cluster-ID centroids of COURIER's catalog vectors, written beside them.
+# Evaluations: visual search of the encoder in the run's model dir, or of an untrained one.
 EVALUATIONS = (
     Experiment("eval", "visual search", "eval_search",
                "HR, LR@K, CR@K of the encoder in the model dir (paper 000 §4.1, Table 1)"),
     Experiment("random", "untrained encoder", "eval_search",
                "visual search with an untrained encoder (Table 1's reference)",
                (("random_init", True),)),
-    Experiment("cluster_courier", "Cluster-ID", "cluster",
-               "faiss k-means over COURIER's catalog vectors (paper 002 App. B)",
-               (("images.model_dir", "{courier}"),)),
 )
-REGISTRY: dict[str, Experiment] = {e.name: e for e in (*_ENCODERS, *COMPETITORS, *BASELINES,
-                                                        *_courier_ablations(), *EVALUATIONS)}
+
+
+def cluster_experiment(encoder: str) -> Experiment:
+    """faiss k-means over the catalog vectors of the encoder experiment `encoder`, its centroids
+    written beside them (`clusters.npz`, which a Cluster-ID CTR run copies instead of refitting)."""
+    return Experiment(f"cluster_{encoder}", "Cluster-ID", "cluster",
+                      f"faiss k-means over {encoder}'s catalog vectors (paper 002 App. B)",
+                      (("images.model_dir", f"{{{encoder}}}"),))
+
+
+REGISTRY: dict[str, Experiment] = {e.name: e for e in (
+    *_ENCODERS, *COMPETITORS, *BASELINES, *_courier_ablations(), *EVALUATIONS,
+    *(cluster_experiment(e.name) for e in (*_ENCODERS, *BASELINES)))}
 
 
 def get(name: str) -> Experiment:
@@ -315,10 +322,10 @@ PAPER_TABLE_2 = {
     "S1+S2+D": (0.7681, 0.7495, 0.7518),
 }
 # Paper 002 Table 5: delta AUC (women's clothing), delta AUC, delta GAUC (%, all categories)
-# against the CTR model without image features.
-PAPER_TABLE_5 = {"Supervised": (0.06, -0.14, -0.06), "CLIP": (0.26, 0.04, -0.09),
-                 "SimCLR": (0.28, 0.05, -0.08), "SimSiam": (0.10, -0.10, -0.29),
-                 "MaskCLIP": (0.31, 0.03, -0.03), "COURIER": (0.46, 0.16, 0.19)}
+# against the CTR model without image features, by the experiment of the row (SimCLR's is S1).
+PAPER_TABLE_5 = {"supervised": (0.06, -0.14, -0.06), "clip": (0.26, 0.04, -0.09),
+                 "s1": (0.28, 0.05, -0.08), "simsiam": (0.10, -0.10, -0.29),
+                 "maskclip": (0.31, 0.03, -0.03), "courier": (0.46, 0.16, 0.19)}
 # Paper 002 Table B1 (a summary) and Table 6: delta AUC (women's clothing), delta AUC, delta GAUC.
 PAPER_TABLE_B1 = ("V1-V4: vector +0.06-0.09%, simscore +0.14-0.18%, cluster_id +0.22-0.28%")
 PAPER_TABLE_6 = {"w/o UCS": (0.06, -0.13, 0.11), "w/o Contrast": (0.23, 0.03, -0.11),
