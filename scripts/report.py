@@ -142,22 +142,15 @@ def findings(demo: str) -> str:
         out.append(f"Visual search: {NAMES.get(best, best)} finds the most items of the query's "
                    f"fine-grained style (HR {search[best]['HR']:.3f}; an untrained encoder "
                    f"{search.get('random', {}).get('HR', float('nan')):.3f}).")
-        claims = [("s1s2", "s1", "HR", "S1+S2 finds more of the query's style than S1 "
-                   "(paper 000 Table 1)"),
-                  ("s1", "resnet_c", "HR", "S1 finds more of it than the category classifier "
-                   "ResNet-C (Table 1)"),
-                  ("resnet_c", "s1s2", "CR@10", "ResNet-C retrieves the query's category more "
-                   "often than S1+S2, as in the paper"),
-                  ("s1s2", "s1", "LR@10", "S1+S2 retrieves long-tail items more often than S1 "
-                   "(the paper: at least as often; within noise counts)")]
-        for a, b, metric, claim in claims:
-            paths = [os.path.join(demo, run, visual_search.PER_QUERY) for run in (a, b)]
+        for c in experiments.VISUAL_CLAIMS:
+            paths = [os.path.join(demo, run, visual_search.PER_QUERY) for run in (c.a, c.b)]
             if all(os.path.exists(p) for p in paths):
-                c = significance.compare_search(_read(paths[0]), _read(paths[1]), metric)
-                out.append(f"- {claim}: {c.describe(metric)}")
-            elif a in search and b in search:  # a run from before the per-query parts
-                out.append(f"- {claim}: not judged ({metric} {search[a][metric]:.3f} vs "
-                           f"{search[b][metric]:.3f}; no {visual_search.PER_QUERY})")
+                compared = significance.compare_search(_read(paths[0]), _read(paths[1]),
+                                                       c.metric)
+                out.append(f"- {c.text}: {compared.describe(c.metric, c.not_below)}")
+            elif c.a in search and c.b in search:  # a run from before the per-query parts
+                out.append(f"- {c.text}: not judged ({c.metric} {search[c.a][c.metric]:.3f} vs "
+                           f"{search[c.b][c.metric]:.3f}; no {visual_search.PER_QUERY})")
     base = _ctr(demo, "no_image")
     ctr = {n: _ctr(demo, n) for n in NAMES}
     ctr = {n: m for n, m in ctr.items() if m}
@@ -169,33 +162,22 @@ def findings(demo: str) -> str:
                    "the papers is judged by a paired bootstrap over the test pages (1,000 "
                    "draws): the difference, its 95% interval, and whether the claim holds, "
                    "fails or is within noise.")
-        claims = [("s1s2", "s1", "AUC", "S1+S2 features beat S1's (paper 000 Table 2)"),
-                  ("s1s2", "s2", "AUC", "S1+S2 features beat S2's (paper 000 Table 2)"),
-                  ("s1s2_d", "s1s2", "AUC_bottom10",
-                   "D raises the AUC of the least displayed items (bottom 10%)"),
-                  ("s1s2_d", "s1s2", "AUC",
-                   "D raises the overall AUC (paper 000: keeps it; within noise is kept)")]
-        claims += [("courier" if mode == "vector" else f"courier_{mode}",
-                    "s1" if mode == "vector" else f"s1_{mode}", "AUC",
-                    f"COURIER features beat S1's as {mode} (paper 002 Table 5)")
-                   for mode in ("vector", "simscore", "cluster_id")]
-        mode = experiments.TABLE_5_MODE
-        claims += [(f"courier_{mode}", f"{name}_{mode}", "AUC",
-                    f"COURIER features beat {title}'s as {mode} (paper 002 Table 5)")
-                   for name, title in BASELINES.items()]
-        for a, b, metric, claim in claims:
-            judged = _judge(demo, a, b, metric)
+        for c in (*experiments.CTR_CLAIMS, *experiments.COURIER_CLAIMS,
+                  *experiments.TABLE_5_CLAIMS, experiments.TABLE_8_CLAIM):
+            judged = _judge(demo, c)
             if judged:
-                out.append(f"- {claim}: {judged}")
+                out.append(f"- {c.text}: {judged}")
     return "\n".join(out)
 
 
-def _judge(demo: str, a: str, b: str, metric: str) -> str | None:
-    """'**verdict**: metric a vs b, difference [95% interval]' from the two runs' predictions."""
-    paths = [os.path.join(demo, "ctr", run, "predictions.npz") for run in (a, b)]
+def _judge(demo: str, claim: experiments.Claim) -> str | None:
+    """'**verdict** (metric a vs b, difference [95% interval])' from the two CTR runs'
+    predictions, if the demo has both."""
+    paths = [os.path.join(demo, run, "predictions.npz") for run in (claim.a, claim.b)]
     if not all(os.path.exists(p) for p in paths):
         return None
-    return significance.compare_ctr(_read(paths[0]), _read(paths[1]), metric).describe(metric)
+    return significance.compare_ctr(_read(paths[0]), _read(paths[1]), claim.metric).describe(
+        claim.metric, claim.not_below)
 
 
 def plot_deciles(demo: str, path: str) -> list:

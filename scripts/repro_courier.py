@@ -174,53 +174,36 @@ def tables(per_seed: dict, ablation_mode: str) -> str:
 
 
 def predictions(out_dir: str, seeds: list, ablation_mode: str) -> dict:
-    """{seed: {result key: predictions.npz}} of every CTR run the seeds hold."""
+    """{seed: {CTR experiment name: predictions.npz}} of every CTR run the seeds hold."""
     every = [f"courier_{flag}" for _, flag in ABLATIONS] + [*BASELINES, "courier_clip"]
     out: dict = {}
     for s in seeds:
         out[s] = {}
-        for key, exp in ctr_runs(every, ablation_mode):
+        for _, exp in ctr_runs(every, ablation_mode):
             path = os.path.join(out_dir, f"seed{s}", exp.name, "predictions.npz")
             if os.path.exists(path):
-                out[s][key] = npz.read(path)
+                out[s][exp.name] = npz.read(path)
     return out
 
 
 def checks(preds: dict, ablation_mode: str) -> list[str]:
-    """The paper's orderings (Tables 5, B1, 6), each judged by a paired bootstrap over test
+    """The paper's orderings (Tables 5, B1, 6 and 8), each judged by a paired bootstrap over test
     pages on every seed (`significance.judged_over_seeds`)."""
-    claims = [(f"COURIER beats S1 features ({m}, AUC)", f"COURIER/{m}", f"S1/{m}")
-              for m in MODES]
-    for enc in ("COURIER", "S1"):
-        claims += [(f"{enc}: cluster_id above simscore (AUC)", f"{enc}/cluster_id",
-                    f"{enc}/simscore"),
-                   (f"{enc}: simscore above vector (AUC)", f"{enc}/simscore", f"{enc}/vector")]
+    ctr = experiments.ctr_experiment
+    claims = list(experiments.COURIER_CLAIMS)
+    for enc in ("courier", "s1"):
+        claims += [experiments.Claim(f"{experiments.get(enc).title}: {hi} above {lo} (AUC)",
+                                     ctr(enc, hi).name, ctr(enc, lo).name, "AUC")
+                   for hi, lo in (("cluster_id", "simscore"), ("simscore", "vector"))]
+    claims += [experiments.Claim(f"COURIER beats {row} ({ablation_mode}, AUC)",
+                                 ctr("courier", ablation_mode).name,
+                                 ctr(f"courier_{flag}", ablation_mode).name, "AUC")
+               for row, flag in ABLATIONS]
+    claims += [*experiments.TABLE_5_CLAIMS, experiments.TABLE_8_CLAIM]
     first = preds[min(preds)]
-    claims += [(f"COURIER beats {row} ({ablation_mode}, AUC)", f"COURIER/{ablation_mode}",
-                f"{row}/{ablation_mode}") for row, _ in ABLATIONS
-               if f"{row}/{ablation_mode}" in first]
-    m5 = TABLE_5_MODE
-    # Table 5: COURIER best; CLIP, SimCLR and MaskCLIP above Supervised and SimSiam.
-    for metric in ("AUC", "GAUC"):
-        claims += [(f"Table 5: COURIER above {title(e)} ({m5}, {metric})",
-                    f"COURIER/{m5}", f"{experiments.get(e).title}/{m5}", metric)
-                   for e in TABLE_5 if e != "courier"]
-    claims += [(f"Table 5: {title(hi)} above {title(lo)} ({m5}, AUC)",
-                f"{experiments.get(hi).title}/{m5}", f"{experiments.get(lo).title}/{m5}")
-               for hi in ("clip", "s1", "maskclip") for lo in ("supervised", "simsiam")]
-    lines = []
-    for claim, a, b, *metric in claims:
-        if a in first and b in first:
-            lines.append(f"- {claim}: " + significance.judged_over_seeds(
-                {s: significance.compare_ctr(preds[s][a], preds[s][b], (metric or ["AUC"])[0])
-                 for s in preds}))
-    a, b = f"COURIER/{m5}", f"COURIER+CLIP/{m5}"  # Table 8: adding CLIP does not help
-    if a in first and b in first:
-        lines.append("- Table 8: adding CLIP does not help COURIER (COURIER+CLIP not above "
-                     f"COURIER, {m5}, AUC): " + significance.judged_over_seeds(
-                         {s: significance.compare_ctr(preds[s][a], preds[s][b], "AUC")
-                          for s in preds}, not_below=True))
-    return lines
+    return [f"- {c.text}: " + significance.judged_over_seeds(
+        {s: significance.compare_ctr(preds[s][c.a], preds[s][c.b], c.metric) for s in preds},
+        not_below=c.not_below) for c in claims if c.a in first and c.b in first]
 
 
 def history_diagnostics(data_dir: str, encoders: dict, clusters_files: dict) -> str:

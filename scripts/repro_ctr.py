@@ -129,27 +129,14 @@ def table(per_seed: dict, preds: dict) -> str:
     return "\n".join(lines)
 
 
-# The paper's orderings (§4.2): (claim, a, b, metric, how a verdict reads). 'not_below' claims
-# hold unless a is below b beyond noise ("keeps the overall AUC").
-CLAIMS = (
-    *((f"S1+S2+D above the competitor {c} (overall AUC)", "S1+S2+D", c, "AUC", "above")
-      for c in ("ResNet-C", "VGG", "ViT")),
-    ("S1+S2 > S2 (overall AUC)", "S1+S2", "S2", "AUC", "above"),
-    ("S2 > S1 (overall AUC)", "S2", "S1", "AUC", "above"),
-    ("D raises the bottom-10% AUC (S1+S2+D > S1+S2)", "S1+S2+D", "S1+S2", "AUC_bottom10",
-     "above"),
-    ("D keeps the overall AUC (S1+S2+D not below S1+S2)", "S1+S2+D", "S1+S2", "AUC",
-     "not_below"),
-    ("image features help (S1+S2 > no image, overall AUC)", "S1+S2", "no image", "AUC", "above"),
-)
-
-
 def checks(preds: dict) -> list[str]:
-    """Each ordering judged by a paired bootstrap over test pages on every seed, and over seeds
-    ('holds' or 'fails' when every seed agrees, else 'mixed' or 'within noise')."""
-    return [f"- {claim}: " + significance.judged_over_seeds(
-        {s: significance.compare_ctr(preds[s][a], preds[s][b], metric) for s in preds},
-        not_below=kind == "not_below") for claim, a, b, metric, kind in CLAIMS]
+    """The paper's orderings (§4.2, Table 2: `experiments.CTR_CLAIMS`), each judged by a paired
+    bootstrap over test pages on every seed, and over seeds ('holds' or 'fails' when every seed
+    agrees, else 'mixed' or 'within noise')."""
+    title = {e.name: e.title for e in RUNS}
+    return [f"- {c.text}: " + significance.judged_over_seeds(
+        {s: significance.compare_ctr(preds[s][title[c.a]], preds[s][title[c.b]], c.metric)
+         for s in preds}, not_below=c.not_below) for c in experiments.CTR_CLAIMS]
 
 
 def reference(data_dir: str) -> str:

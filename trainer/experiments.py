@@ -331,3 +331,68 @@ PAPER_TABLE_B1 = ("V1-V4: vector +0.06-0.09%, simscore +0.14-0.18%, cluster_id +
 PAPER_TABLE_6 = {"w/o UCS": (0.06, -0.13, 0.11), "w/o Contrast": (0.23, 0.03, -0.11),
                  "w/o Reconstruction": (0.25, 0.02, -0.11), "w/o Neg PV": (0.30, 0.07, -0.06),
                  "w projection": (0.29, 0.06, -0.04), "COURIER": (0.46, 0.16, 0.19)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Claim:
+    """One of the papers' orderings, judged by a paired bootstrap (`trainer.eval.significance`):
+    run `a` above run `b` in `metric`, or with `not_below`, `a` not below `b` beyond noise
+    ("keeps the AUC"). `a` and `b` are experiment names: encoders for visual search, CTR
+    experiments (e.g. 'ctr/s1s2_d') for the CTR model; the demo's report and the reproductions
+    judge the same claims on their own runs."""
+
+    text: str
+    a: str
+    b: str
+    metric: str
+    not_below: bool = False
+
+
+def _title(name: str) -> str:
+    return get(name).title
+
+
+def _ctr(encoder: str | None, mode: str = "vector", debias: bool = False) -> str:
+    return ctr_experiment(encoder, mode, debias).name
+
+
+# Paper 000 §4.1, Table 1: visual search.
+VISUAL_CLAIMS = (
+    *(Claim(f"S1+S2 has a higher HR than {_title(e)}", "s1s2", e, "HR")
+      for e in ("s1", "s2", "resnet_c")),
+    *(Claim(f"ResNet-C has a lower HR than {_title(e)}", e, "resnet_c", "HR")
+      for e in ("s1", "s2")),
+    *(Claim(f"ResNet-C has a higher {k} than {_title(e)}", "resnet_c", e, k)
+      for k in ("CR@10", "CR@100") for e in ("s1", "s2", "s1s2")),
+    *(Claim(f"S1+S2's {k} is not below S1's", "s1s2", "s1", k, not_below=True)
+      for k in ("LR@10", "LR@100")),
+)
+# Paper 000 §4.2, Table 2: the CTR model with each encoder's vectors, and D.
+CTR_CLAIMS = (
+    *(Claim(f"S1+S2+D above the competitor {_title(c)} (overall AUC)", _ctr("s1s2", debias=True),
+            _ctr(c), "AUC") for c in ("resnet_c", *(e.name for e in COMPETITORS))),
+    Claim("S1+S2 > S2 (overall AUC)", _ctr("s1s2"), _ctr("s2"), "AUC"),
+    Claim("S2 > S1 (overall AUC)", _ctr("s2"), _ctr("s1"), "AUC"),
+    Claim("D raises the bottom-10% AUC (S1+S2+D > S1+S2)", _ctr("s1s2", debias=True),
+          _ctr("s1s2"), "AUC_bottom10"),
+    Claim("D keeps the overall AUC (S1+S2+D not below S1+S2)", _ctr("s1s2", debias=True),
+          _ctr("s1s2"), "AUC", not_below=True),
+    Claim("image features help (S1+S2 > no image, overall AUC)", _ctr("s1s2"), _ctr(None),
+          "AUC"),
+)
+# Paper 002 Tables 5 and B1: COURIER's features above S1's (SimCLR's) in every mode.
+COURIER_CLAIMS = tuple(Claim(f"COURIER beats S1 features ({m}, AUC)", _ctr("courier", m),
+                             _ctr("s1", m), "AUC") for m in MODES)
+# Paper 002 Table 5: COURIER best; CLIP, SimCLR and MaskCLIP above Supervised and SimSiam.
+TABLE_5_CLAIMS = (
+    *(Claim(f"Table 5: COURIER above {table_5_title(e)} ({TABLE_5_MODE}, {metric})",
+            _ctr("courier", TABLE_5_MODE), _ctr(e, TABLE_5_MODE), metric)
+      for metric in ("AUC", "GAUC") for e in TABLE_5 if e != "courier"),
+    *(Claim(f"Table 5: {table_5_title(hi)} above {table_5_title(lo)} ({TABLE_5_MODE}, AUC)",
+            _ctr(hi, TABLE_5_MODE), _ctr(lo, TABLE_5_MODE), "AUC")
+      for hi in ("clip", "s1", "maskclip") for lo in ("supervised", "simsiam")),
+)
+# Paper 002 Table 8: adding CLIP does not help COURIER.
+TABLE_8_CLAIM = Claim("Table 8: adding CLIP does not help COURIER (COURIER+CLIP not above "
+                      f"COURIER, {TABLE_5_MODE}, AUC)", _ctr("courier", TABLE_5_MODE),
+                      _ctr("courier_clip", TABLE_5_MODE), "AUC", not_below=True)

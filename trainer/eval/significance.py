@@ -61,14 +61,22 @@ class Comparison:
             return "fails"
         return "within noise"
 
+    def judged(self, not_below: bool = False) -> str:
+        """The verdict; `not_below`: on the claim that a is not below b ("keeps the AUC"), which
+        holds unless the interval lies below 0."""
+        if not_below:
+            return "fails" if self.verdict == "fails" else "holds"
+        return self.verdict
+
     def __str__(self) -> str:
         d = self.difference
         return f"{d.value:+.4f} [{d.low:+.4f}, {d.high:+.4f}]: {self.verdict}"
 
-    def describe(self, metric: str) -> str:
+    def describe(self, metric: str, not_below: bool = False) -> str:
         """'**verdict** (metric a vs b, difference d [95% interval])', as reports print it."""
         d = self.difference
-        return (f"**{self.verdict}** ({metric} {self.a.value:.4f} vs {self.b.value:.4f}, "
+        return (f"**{self.judged(not_below)}** ({metric} {self.a.value:.4f} vs "
+                f"{self.b.value:.4f}, "
                 f"difference {d.value:+.4f} [{d.low:+.4f}, {d.high:+.4f}])")
 
 
@@ -85,7 +93,7 @@ def judged_over_seeds(by_seed: dict, not_below: bool = False) -> str:
     ("keeps the AUC"), which holds unless the interval lies below 0."""
     verdicts, parts = [], []
     for s, c in sorted(by_seed.items()):
-        v = ("fails" if c.verdict == "fails" else "holds") if not_below else c.verdict
+        v = c.judged(not_below)
         verdicts.append(v)
         d = c.difference
         parts.append(f"seed {s}: {v}, {d.value:+.4f} [{d.low:+.4f}, {d.high:+.4f}]")
