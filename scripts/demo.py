@@ -34,6 +34,7 @@ from collections.abc import Callable
 
 import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
 from trainer import experiments
+from trainer.ctr.task import CLUSTERS, VOCABULARIES
 
 # Steps per stage on `small` (the repro scripts use the stages' defaults: 300 / 600 / 800 / 200 /
 # 940).
@@ -91,13 +92,15 @@ def main() -> None:
                 f"--ctr_spec={specs[data_dir]}", f"--output={vocab[data_dir]}"])
 
     def provide(model_dir: str, data_dir: str, clusters_of: str | None = None) -> None:
-        """The shared vocabularies (and an encoder's Cluster-ID centroids) into a new model dir."""
+        """The shared vocabularies (and an encoder's Cluster-ID centroids) into a new model dir,
+        under the names the stages look for."""
         os.makedirs(model_dir, exist_ok=True)
-        files = [vocab[data_dir]] + ([os.path.join(clusters_of, "clusters.npz")]
-                                     if clusters_of else [])
-        for path in files:
-            if not os.path.exists(os.path.join(model_dir, os.path.basename(path))):
-                shutil.copy(path, model_dir)
+        files = {VOCABULARIES: vocab[data_dir]}
+        if clusters_of:
+            files[CLUSTERS] = os.path.join(clusters_of, CLUSTERS)
+        for name, path in files.items():
+            if not os.path.exists(os.path.join(model_dir, name)):
+                shutil.copy(path, os.path.join(model_dir, name))
 
     def chain(*steps: Callable[[], None]) -> Callable[[], None]:
         def in_turn() -> None:
