@@ -30,10 +30,11 @@ $(DATA)/$(WORLD)_feed/manifest.json: | $(VENV)/.installed
 	$(PY) -m trainer.task --stage=synth --world=$(WORLD) --seed=$(SEED) --ctr_spec=feed \
 	  --data_dir=$(DATA)/$(WORLD)_feed
 
-# The whole chain on the default world in about 20 minutes on 2 cores: encoders (ResNet-C, S1, S2,
-# S1+S2, COURIER), visual search, clustering, the CTR model with and without D and each image
-# feature, the feed spec's CTR model, the TF Serving exports and the catalog embedding; then
-# report/index.md with its plots.
+# The whole chain on the default world in about 25 minutes on 2 cores: encoders (ResNet-C, S1, S2,
+# S1+S2, COURIER, and Table 5's Supervised, SimSiam, CLIP, MaskCLIP), visual search, the
+# vocabularies (Beam), clustering, the CTR model with and without D and each image feature, the
+# feed spec's CTR model, the TF Serving exports and the catalog embedding; then report/index.md
+# with its plots.
 DEMO := $(RUNS)/demo
 demo: $(VENV)/.installed $(DATA)/$(WORLD)/manifest.json $(DATA)/$(WORLD)_feed/manifest.json
 	$(PY) -m trainer.task --stage=inspect --data_dir=$(DATA)/$(WORLD) --model_dir=$(DEMO)

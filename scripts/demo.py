@@ -1,4 +1,4 @@
-"""The whole chain of both papers on one world, sized to run in about 20 minutes on 2 CPU cores
+"""The whole chain of both papers on one world, sized to run in about 25 minutes on 2 CPU cores
 (`make demo`; then `make export` and `scripts/report.py`).
 
   encoders: ResNet-C (classify), S1 (pretrain), S2 and S1+S2 (finetune), COURIER (from S1);
@@ -38,7 +38,7 @@ from trainer.ctr.task import CLUSTERS, VOCABULARIES
 
 # Steps per stage on `small` (the repro scripts use the stages' defaults: 300 / 600 / 800 / 200 /
 # 940).
-# Table 5's baselines get a sixth of S1's steps, two at a time: they add 5.7 min (README).
+# Table 5's baselines get a sixth of S1's steps, two at a time: they add about 5.2 min (README).
 STEPS = {"classify": 150, "pretrain": 300, "finetune": 200, "courier": 100, "ctr": 250,
          "debias": 250, "supervised": 50, "simsiam": 50, "clip": 50}
 LOGGED = 20  # progress lines per run
