@@ -141,7 +141,9 @@ def main() -> None:
     # Then two at a time (short runs are mostly start-up, which two overlap), longest first:
     # Table 5's baselines, each trained, then clustered, and the visual search of each encoder.
     # They leave the embedding tables and centroids that the CTR runs read.
-    provide(dirs["supervised"], a.data_dir)
+    for name in baselines:  # Supervised trains inside the CTR model: its vocabularies too
+        if experiments.get(name).stage == "supervised":
+            provide(dirs[name], a.data_dir)
     print(f"demo: {len(baselines)} baselines and {len(experiments.ENCODERS) + 1} evaluations "
           f"({a.jobs} at a time)", flush=True)
     in_pool([chain(functools.partial(train, name), functools.partial(cluster, name))

@@ -108,3 +108,32 @@ def test_one_models_interval_is_that_of_the_paired_comparison():
     assert significance.over_seeds(["holds", "holds"]) == "holds"
     assert significance.over_seeds(["holds", "within noise"]) == "mixed"
     assert significance.over_seeds(["within noise"] * 2) == "within noise"
+
+
+def _comparison(low: float, high: float) -> significance.Comparison:
+    point = significance.Interval(0.5, 0.5, 0.5)
+    return significance.Comparison(point, point, significance.Interval((low + high) / 2, low, high))
+
+
+def test_a_not_below_claim_fails_only_when_the_interval_lies_below_zero():
+    above, level = _comparison(0.01, 0.03), _comparison(-0.01, 0.01)
+    below = _comparison(-0.03, -0.01)
+    assert [c.judged() for c in (above, level, below)] == ["holds", "within noise", "fails"]
+    assert [c.judged(not_below=True) for c in (above, level, below)] == ["holds", "holds", "fails"]
+    assert significance.judged_over_seeds({0: level, 1: above}, not_below=True).startswith(
+        "**holds**")
+    assert significance.judged_over_seeds({0: level, 1: above}).startswith("**mixed**")
+    assert below.describe("AUC", not_below=True).startswith("**fails** (AUC 0.5000 vs 0.5000")
+
+
+def test_the_papers_claims_compare_two_different_runs_the_demo_or_repros_make():
+    from trainer import experiments
+    claims = (*experiments.VISUAL_CLAIMS, *experiments.CTR_CLAIMS, *experiments.COURIER_CLAIMS,
+              *experiments.TABLE_5_CLAIMS, experiments.TABLE_8_CLAIM)
+    ctr_runs = {e.name for e in (*experiments.DEMO_CTR, *experiments.DEMO_TABLE_5)} | {
+        experiments.ctr_experiment(e).name for e in ("vgg_c", "vit_c")} | {
+        experiments.ctr_experiment("courier_clip", experiments.TABLE_5_MODE).name}
+    for c in claims:
+        assert c.a != c.b, c
+        for run in (c.a, c.b):
+            assert run in experiments.ENCODERS or run in ctr_runs, (c, run)
