@@ -35,6 +35,7 @@ from collections.abc import Callable
 import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
 from trainer import experiments
 from trainer.ctr.task import CLUSTERS, VOCABULARIES
+from trainer.data import records
 
 # Steps per stage on `small` (the repro scripts use the stages' defaults: 300 / 600 / 800 / 200 /
 # 940).
@@ -88,7 +89,7 @@ def main() -> None:
         if not os.path.exists(vocab[data_dir]):
             run(f"vocab_{specs[data_dir]}", [
                 sys.executable, "-m", "trainer.pipelines.vocab",
-                f"--records={os.path.join(data_dir, 'ctr', 'train-*')}",
+                f"--records={records.default_pattern(data_dir, 'ctr', 'train')}",
                 f"--ctr_spec={specs[data_dir]}", f"--output={vocab[data_dir]}"])
 
     def provide(model_dir: str, data_dir: str, clusters_of: str | None = None) -> None:
