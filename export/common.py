@@ -16,6 +16,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 
+from trainer import console
 from trainer.features import versions
 
 WARMUP_FILE = "tf_serving_warmup_requests"
@@ -100,7 +101,7 @@ def main(export_fn: Callable[..., str], what: str, model_name: str, model_dir_he
     """The command line of `python -m export.encoder` / `export.ctr`: `export_fn(model_dir,
     export_dir, version, model_name, **options)` from flags; `options` are the export's own
     flags (name -> (default, help)): integers, or strings where the default is None."""
-    from absl import app, flags
+    from absl import flags
     flags.DEFINE_string("model_dir", None, model_dir_help)
     flags.DEFINE_string("export_dir", None, "Model base path; the export is its next version.")
     flags.DEFINE_integer("version", None, "Version number (default: latest + 1).")
@@ -120,4 +121,4 @@ def main(export_fn: Callable[..., str], what: str, model_name: str, model_dir_he
                          **{name: getattr(f, name) for name in options or {}})
         print(f"exported {what} of {f.model_dir} to {path} (signatures: {signatures})")
 
-    app.run(run)
+    console.absl_run(run)

@@ -97,8 +97,10 @@ class EncoderServing(tf.Module):
 
     def encode(self, pixels: tf.Tensor) -> tf.Tensor:
         """The encoder over [N, S, S, 3] pixels; an empty batch gives [0, D] without running it
-        (TensorFlow 2.17's oneDNN fused convolution fails on an empty batch: "input depth must be
-        evenly divisible by filter depth", seen on AVX-512 CPUs)."""
+        (oneDNN's fused convolution fails on an empty batch: "input depth must be evenly
+        divisible by filter depth: 3 vs 32", on AVX-512 CPUs with TensorFlow 2.17 and again with
+        2.20, through both the TF1 session loader and `tf.saved_model.load`; with
+        TF_ENABLE_ONEDNN_OPTS=0 the same graph returns [0, D])."""
         return tf.cond(tf.shape(pixels)[0] > 0, lambda: self.encoder(pixels, training=False),
                        lambda: tf.zeros([0, self.encoder.cfg.feature_dim]))
 

@@ -56,6 +56,7 @@ from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 from tensorflow_serving.config import model_server_config_pb2
 
 from export import common, serving_protos
+from trainer import console
 from trainer.features import versions
 
 
@@ -299,8 +300,9 @@ class Servables:
             path = os.path.join(self.configs[name].base_path, str(v))
             t0 = time.time()
             try:
-                version = Version(path, self.session_config)
-                n = version.warm_up()
+                with console.cpp_noise_dropped():  # TF1 sessions log through absl's C++ logging
+                    version = Version(path, self.session_config)
+                    n = version.warm_up()
             except Exception:
                 self.failed[name].add(v)  # not retried every poll (a new version number is)
                 raise
@@ -643,7 +645,7 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
     flags.DEFINE_multi_string("model", [], "NAME=BASE_PATH of an exported model (its latest "
                               "version), besides --model_config_file's.")
     flags.DEFINE_string("model_config_file", "", "A ModelServerConfig text proto (base paths, "
@@ -659,4 +661,4 @@ if __name__ == "__main__":
     flags.DEFINE_integer("file_system_poll_wait_seconds", 1, "How often new versions are "
                          "looked for (0: never).")
     flags.DEFINE_integer("grpc_threads", 8, "gRPC request threads.")
-    app.run(main)
+    console.absl_run(main)

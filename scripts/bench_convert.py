@@ -10,7 +10,6 @@ batch, not the table).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
@@ -20,6 +19,8 @@ import time
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from trainer import console
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # Runs a command and prints its peak resident memory (KiB): the child's alone.
@@ -62,7 +63,7 @@ def convert(table: str, out: str) -> tuple[int, float]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = console.CommandLine(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=int, default=100_000, help="N: the smaller table's rows.")
     a = p.parse_args()
     results = {}

@@ -15,7 +15,6 @@ separately.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
 import time
@@ -26,7 +25,7 @@ import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
 import numpy as np
 import tensorflow as tf
 
-from trainer import configs
+from trainer import configs, console
 from trainer.data import parse, pipeline, records, schema, validate
 from trainer.features import versions
 from trainer.pipelines import embed as embed_pipeline
@@ -51,7 +50,7 @@ def loop(pattern: str, export: str, batch_size: int) -> tuple[dict, float]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = console.CommandLine(description=__doc__.split("\n\n")[0])
     p.add_argument("--data_dir", default="data/small")
     p.add_argument("--export_dir", default="runs/demo/models/encoder")
     p.add_argument("--batch_size", type=int, default=256)

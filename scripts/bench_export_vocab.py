@@ -12,7 +12,6 @@ vocabulary; `--constants` builds them as graph constants, as before, for compari
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import os
@@ -28,7 +27,7 @@ import tensorflow as tf
 
 from export import ctr as export_ctr
 from export import stand_in_server
-from trainer import configs
+from trainer import configs, console
 from trainer.ctr import task as ctr_task
 from trainer.ctr.model import CtrModel
 from trainer.ctr.tables import Vocabularies
@@ -68,7 +67,7 @@ def du(path: str) -> int:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = console.CommandLine(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     p.add_argument("--constants", action="store_true",
                    help="Vocabularies as graph constants (the layout before the asset files).")

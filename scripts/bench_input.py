@@ -10,11 +10,11 @@ in images/s (source images; stage 3 produces two views of each), and the ratio o
 """
 from __future__ import annotations
 
-import argparse
 import os
 import time
 
 import trainer  # noqa: F401
+from trainer import console
 
 # isort: split
 import tensorflow as tf
@@ -36,7 +36,7 @@ def images_per_second(ds: tf.data.Dataset, batch_size: int, seconds: float,
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = console.CommandLine(description=__doc__.split("\n\n")[0])
     p.add_argument("--data_dir", required=True)
     p.add_argument("--batch_size", type=int, default=256)
     p.add_argument("--image_size", type=int, default=None,

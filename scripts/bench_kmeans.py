@@ -26,7 +26,6 @@ measured scaling (Lloyd and seeding are linear in sample size x k, assignment in
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import time
 from collections.abc import Callable
@@ -34,7 +33,7 @@ from collections.abc import Callable
 import faiss
 import numpy as np
 
-from trainer import configs
+from trainer import configs, console
 from trainer.features import clusters
 from trainer.synth import vectors
 
@@ -49,7 +48,7 @@ def objective(x: np.ndarray, centroids: np.ndarray) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = console.CommandLine(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", nargs="+", default=["200000:1000", "1000000:10000"],
                    help="N:k pairs")
     p.add_argument("--dim", type=int, default=64)

@@ -16,7 +16,6 @@ the range (goal: under 1.5x).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
@@ -24,6 +23,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from trainer import console
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, BATCH, SAMPLES = 30, 256, 20_000
@@ -118,7 +119,7 @@ def measure(size: int, root: str) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = console.CommandLine(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     p.add_argument("--role", default="main", choices=["main", "table", "chief", "server"])
     p.add_argument("--world", default="")

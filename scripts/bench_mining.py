@@ -11,19 +11,18 @@ exact neighbours over all items, and the estimate `debias.mine` prints from a sa
 """
 from __future__ import annotations
 
-import argparse
 import time
 
 import faiss
 import numpy as np
 
-from trainer import configs
+from trainer import configs, console
 from trainer.ctr import debias
 from trainer.synth import vectors
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = console.CommandLine(description=__doc__.split("\n\n")[0])
     p.add_argument("--items", type=int, default=1_000_000)
     p.add_argument("--categories", type=int, default=32)
     p.add_argument("--dim", type=int, default=64)

@@ -23,6 +23,7 @@ import tempfile
 import time
 
 import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
+from trainer import console
 
 # isort: split
 import numpy as np
@@ -60,7 +61,7 @@ def _latencies(fn, repeats: int) -> np.ndarray:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
+    ap = console.CommandLine(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--encoder_dir", required=True, help="trained encoder model dir")
     ap.add_argument("--ctr_dir", required=True, help="trained ctr/debias model dir")

@@ -11,7 +11,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import time
 
@@ -21,7 +20,7 @@ import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
 import tensorflow as tf
 from bench_input import images_per_second
 
-from trainer import configs
+from trainer import configs, console
 from trainer.data import records
 from trainer.models import courier, encoder, pretrain
 from trainer.synth import marketplace
@@ -77,7 +76,7 @@ def bench(task: loop.Task, train: configs.TrainConfig, images_per_example: int, 
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = console.CommandLine(description=__doc__.split("\n\n")[0])
     p.add_argument("--data_dir", required=True)
     p.add_argument("--batch_size", type=int, default=64,
                    help="S1 images (two views each) and COURIER pages per step.")

@@ -31,13 +31,13 @@ Then check the result: python -m trainer.task --stage=validate --data_dir=DATA
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
 from collections.abc import Sequence
 
 import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
+from trainer import console
 
 # isort: split
 import numpy as np
@@ -112,7 +112,7 @@ def _write(record_kind: schema.RecordKind, files: list[str], readers: list, tota
 
 def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = console.CommandLine(description=__doc__.split("\n\n")[0])
     parquet_lib.add_flags(p)
     p.add_argument("--num_shards", type=int, default=4)
     args = p.parse_args(argv)

@@ -22,7 +22,6 @@ records them and what each run took.
 """
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import functools
 import json
@@ -33,7 +32,7 @@ import time
 from collections.abc import Callable
 
 import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
-from trainer import experiments
+from trainer import console, experiments
 from trainer.ctr.task import CLUSTERS, VOCABULARIES
 from trainer.data import records
 
@@ -46,7 +45,7 @@ LOGGED = 20  # progress lines per run
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = console.CommandLine(description=__doc__.split("\n\n")[0])
     p.add_argument("--data_dir", required=True)
     p.add_argument("--feed_data_dir", default="",
                    help="The same world written with the feed spec's `ctr` columns (synth "

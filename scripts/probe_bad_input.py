@@ -16,7 +16,6 @@ script exits 1.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import glob
@@ -36,7 +35,7 @@ import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
 import tensorflow as tf
 from tensorflow.core.example import example_pb2
 
-from trainer import configs
+from trainer import configs, console
 from trainer.data import records, schema
 from trainer.stages import ctr as ctr_stage
 from trainer.stages import data as data_stage
@@ -292,7 +291,7 @@ def probe_one(base: str, work: str, stage: str, kind: str, s1_dir: str) -> tuple
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = console.CommandLine(description=__doc__.split("\n\n")[0])
     p.add_argument("--stages", default=",".join(STAGES))
     p.add_argument("--kinds", default=",".join(KINDS))
     p.add_argument("--work_dir", default="", help="Scratch dir (default: a temporary one).")

@@ -6,7 +6,6 @@ category and by style, loss curves), from the runs of `scripts/demo.py` and `mak
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import os
@@ -19,7 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from trainer import experiments  # noqa: E402
+from trainer import console, experiments
 from trainer.data import npz  # noqa: E402
 from trainer.eval import ctr_metrics, projector, significance, visual_search  # noqa: E402
 from trainer.synth import marketplace  # noqa: E402
@@ -275,7 +274,7 @@ def _decile_table(bins: list) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = console.CommandLine(description=__doc__.split("\n\n")[0])
     p.add_argument("--data_dir", required=True)
     p.add_argument("--demo_dir", default="runs/demo")
     p.add_argument("--out_dir", default="report")

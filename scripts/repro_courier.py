@@ -17,7 +17,6 @@ bootstrap and writes table5.md. The world needs item titles (CLIP, MaskCLIP, COU
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -26,7 +25,7 @@ import time
 import numpy as np
 
 import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
-from trainer import experiments
+from trainer import console, experiments
 from trainer.data import npz
 from trainer.eval import significance
 from trainer.synth import truth  # evaluation only
@@ -308,7 +307,7 @@ def perfect_encoder(data_dir: str, out: str, seed: int, ctr_steps: int) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = console.CommandLine(description=__doc__.splitlines()[0])
     p.add_argument("--data_dir", required=True)
     p.add_argument("--visual_dir", default="runs/visual",
                    help="Where repro_visual.py keeps the S1 encoders (trained here if missing).")

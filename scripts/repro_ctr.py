@@ -13,7 +13,6 @@ bootstrap (`trainer.eval.significance`); writes it as Markdown.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -23,7 +22,7 @@ import time
 import numpy as np
 
 import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
-from trainer import experiments
+from trainer import console, experiments
 from trainer.data import npz
 from trainer.eval import significance
 from trainer.synth import truth  # evaluation only
@@ -215,7 +214,7 @@ def feature_diagnostics(data_dir: str, encoder_dirs: dict) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = console.CommandLine(description=__doc__.splitlines()[0])
     p.add_argument("--data_dir", required=True)
     p.add_argument("--visual_dir", default="runs/visual",
                    help="Where repro_visual.py keeps (or will train) the encoders.")

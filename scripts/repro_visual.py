@@ -9,7 +9,6 @@ like Table 1; the table is also written as Markdown.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -17,7 +16,7 @@ import time
 import numpy as np
 
 import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
-from trainer import experiments
+from trainer import console, experiments
 from trainer.data import npz
 from trainer.eval import significance, visual_search
 from trainer.synth import truth  # evaluation only
@@ -140,7 +139,7 @@ def diagnostics(data_dir: str, seed_dirs: dict) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = console.CommandLine(description=__doc__.splitlines()[0])
     p.add_argument("--data_dir", required=True)
     p.add_argument("--out_dir", default="runs/visual")
     p.add_argument("--seeds", default="0")

@@ -20,6 +20,7 @@ import numpy as np
 
 import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
 from export import client as client_lib
+from trainer import console
 
 
 def _read(path: str) -> bytes:
@@ -28,7 +29,7 @@ def _read(path: str) -> bytes:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
+    ap = console.CommandLine(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     where = ap.add_mutually_exclusive_group(required=True)
     where.add_argument("--grpc", help="host:port of the gRPC API (TF Serving: 8500)")

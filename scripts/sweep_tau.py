@@ -12,7 +12,6 @@ error bar. Prints the table, draws fig3.png and writes fig3.md.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -20,7 +19,7 @@ import time
 import numpy as np
 
 import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
-from trainer import experiments
+from trainer import console, experiments
 
 DEFAULT_TAU = 0.05
 
@@ -66,7 +65,7 @@ def sweep_seed(a, seed: int) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = console.CommandLine(description=__doc__.splitlines()[0])
     p.add_argument("--data_dir", required=True)
     p.add_argument("--visual_dir", default="runs/visual")
     p.add_argument("--out_dir", default="runs/courier",

@@ -17,7 +17,8 @@ def run(*args, timeout=300):
 
 def test_import_prints_no_traceback():
     # Importing the package and the whole stack through it: no traceback, no ImportError.
-    r = run("-c", "import trainer, tensorflow, tensorflow_recommenders, tensorflow_io, faiss, "
+    r = run("-c", "import trainer, tensorflow, tensorflow_recommenders, faiss, pyarrow, "
+                  "apache_beam, google_crc32c, "
                   "tensorflow_datasets, official.vision.modeling.backbones.resnet, "
                   "tensorflow_serving.apis.prediction_log_pb2; "
                   "import tensorflow as tf; assert 'tf_keras' in tf.keras.__name__")

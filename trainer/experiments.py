@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from trainer import console
+
 
 @dataclasses.dataclass(frozen=True)
 class Experiment:
@@ -274,7 +276,7 @@ def over_seeds(seeds: str, out_dir: str, report_only: bool,
 def repro_flags(doc: str, out_dir: str) -> argparse.ArgumentParser:
     """The flags every paper 002 repro script shares: --data_dir, --visual_dir (repro_visual.py's
     S1 encoders), --out_dir, --seeds, --ctr_steps, --report_only."""
-    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p = console.CommandLine(description=doc.splitlines()[0])
     p.add_argument("--data_dir", required=True)
     p.add_argument("--visual_dir", default="runs/visual",
                    help="Where repro_visual.py keeps the S1 encoders (trained here if missing).")

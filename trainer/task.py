@@ -29,14 +29,13 @@ Serving: python -m export.encoder / python -m export.ctr.
 """
 from __future__ import annotations
 
-import logging
 import sys
 
 import yaml
-from absl import app, flags
+from absl import flags
 
 import trainer  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
-from trainer import configs, stages
+from trainer import configs, console, stages
 from trainer.data import ctr_spec, validate
 from trainer.stages import common
 from trainer.train import lock
@@ -210,9 +209,6 @@ def main(argv) -> None:
     if FLAGS.print_config:
         print(yaml.safe_dump(configs.to_dict(cfg), sort_keys=False), end="")
         return
-    # Orbit prints its own progress lines; its INFO logs would repeat them.
-    logging.getLogger().setLevel(logging.WARNING if cfg.stage in stages.TRAINING
-                                 else logging.INFO)
     if cfg.logical_cpus:
         import tensorflow as tf
         cpu = tf.config.list_physical_devices("CPU")[0]
@@ -226,4 +222,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    console.absl_run(main)

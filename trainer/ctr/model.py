@@ -34,6 +34,8 @@ Loss: `tfrs.tasks.Ranking` with binary cross-entropy (L_pred of Eq. 4), plus L_D
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
@@ -369,6 +371,11 @@ class CtrModel(tfrs.Model):
         """More inputs of the tower, from the batch (`trainer.ctr.supervised`: an image vector
         computed by an encoder trained with the model)."""
         return []
+
+    def get_config(self) -> dict:
+        """The model's config tree and feature spec (SavedModels record it as metadata); its
+        tables come from the training data, not from a config."""
+        return {"cfg": dataclasses.asdict(self.cfg), "spec": self.spec.source}
 
     def call(self, batch: dict, training: bool = False) -> tf.Tensor:
         x, _ = self.features(batch, training)

@@ -178,8 +178,10 @@ def decode_images(encoded: tf.Tensor, image_size: int) -> tf.Tensor:
                       lambda: tf.image.resize(img, [image_size, image_size], antialias=True))
         return tf.ensure_shape(img, [image_size, image_size, 3])
 
+    # Decodes run 16 at a time in a graph (tf.data, tf.function); eagerly, map_fn runs one by one.
     return tf.map_fn(one, encoded, fn_output_signature=tf.TensorSpec(
-        [image_size, image_size, 3], tf.float32), parallel_iterations=16)
+        [image_size, image_size, 3], tf.float32),
+        parallel_iterations=None if tf.executing_eagerly() else 16)
 
 
 class RecordParser:

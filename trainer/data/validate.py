@@ -21,6 +21,7 @@ import logging
 import struct
 from typing import Iterator, Optional, Sequence
 
+import google_crc32c
 import numpy as np
 import tensorflow as tf
 from google.protobuf.message import DecodeError
@@ -218,25 +219,10 @@ def read_batches(path: str, start: int = 0, batch: int = 1
         index += len(recs)
 
 
-def _crc32c_table() -> list:
-    table = []
-    for n in range(256):
-        c = n
-        for _ in range(8):
-            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1  # Castagnoli, reflected
-        table.append(c)
-    return table
-
-
-_CRC32C = _crc32c_table()
-
-
 def _masked_crc32c(data: bytes) -> int:
-    """The TFRecord framing checksum: CRC-32C, rotated right by 15 and offset."""
-    c = 0xFFFFFFFF
-    for b in data:
-        c = _CRC32C[(c ^ b) & 0xFF] ^ (c >> 8)
-    c ^= 0xFFFFFFFF
+    """The TFRecord framing checksum: CRC-32C (native, google-crc32c), rotated right by 15 and
+    offset."""
+    c = google_crc32c.value(data)
     return (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 

@@ -80,6 +80,10 @@ class Encoder(tf_keras.Model):
     def features(self, images: tf.Tensor, training: bool = False) -> tf.Tensor:
         return self.projection(self.pool(self.feature_map(images, training=training)))
 
+    def get_config(self) -> dict:
+        """The encoder's config tree: what builds it (SavedModels record it as metadata)."""
+        return {"cfg": dataclasses.asdict(self.cfg)}
+
     def call(self, images: tf.Tensor, training: bool = False) -> tf.Tensor:
         return tf.math.l2_normalize(self.features(images, training=training), axis=-1)
 

@@ -12,6 +12,8 @@ handful of words, and two small layers are enough to relate them.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import tensorflow as tf
 import tensorflow_text as tf_text
 import tf_keras
@@ -61,6 +63,10 @@ class TextEncoder(tf_keras.Model):
         for block in self.blocks:
             x = block([x, mask], training=training)
         return self.norm(x)
+
+    def get_config(self) -> dict:
+        """The text tower's config tree (SavedModels record it as metadata)."""
+        return {"cfg": dataclasses.asdict(self.cfg)}
 
     def call(self, ids: tf.Tensor, training: bool = False) -> tf.Tensor:
         x = self.words(ids, training=training)

@@ -17,6 +17,7 @@ from apache_beam.metrics.metric import Metrics, MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.runners.portability.fn_api_runner import fn_runner
 
+from trainer import console
 from trainer.data import parse, pipeline, validate
 from trainer.features import clusters as clusters_lib
 
@@ -26,6 +27,12 @@ log = logging.getLogger(__name__)
 NUM_SHARDS_HELP = ("Output files; 0: the runner's choice, written as the records stream (one "
                    "file per bundle on the DirectRunner). A fixed count shuffles every record "
                    "to its file, in memory on the DirectRunner.")
+
+
+def command_line(doc: str) -> console.CommandLine:
+    """A pipeline command's parser (the module docstring's first paragraph as its description);
+    what it does not know are Beam's pipeline options (`parse_known_args`)."""
+    return console.CommandLine(description=doc.split("\n\n")[0])
 
 
 def _runner(opts: PipelineOptions):

@@ -19,9 +19,7 @@ The distributed form of `scripts/convert_parquet.py`, with the same column mappi
 """
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -189,8 +187,7 @@ def read_dead_letters(paths: Sequence[str]) -> list[dict]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = common.command_line(__doc__)
     parquet.add_flags(p)
     p.add_argument("--num_shards", type=int, default=0, help=common.NUM_SHARDS_HELP)
     p.add_argument("--dead_letter_dir", default=None,

@@ -19,8 +19,6 @@ catalog.faiss and manifest.json from the table.
 """
 from __future__ import annotations
 
-import argparse
-import logging
 import os
 import sys
 import time
@@ -132,9 +130,8 @@ def run(cfg: configs.CatalogEmbedConfig, kind: str = "catalog",
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     defaults = configs.CatalogEmbedConfig()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = common.command_line(__doc__)
     p.add_argument("--catalog", required=True,
                    help="TFRecord files (glob, comma-separated globs) of the records to encode.")
     p.add_argument("--kind", default="catalog", choices=sorted(schema.IMAGE_ID))

@@ -26,9 +26,7 @@ memory, an embeddings.npz (an encoder's `EmbeddingTable` or `--stage=embed`'s).
 """
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -326,8 +324,7 @@ def run(records_pattern: str, spec: ctr_spec.CtrSpec, mode: str, item_embeddings
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = common.command_line(__doc__)
     p.add_argument("--records", required=True, help="The `ctr` records (globs).")
     p.add_argument("--ctr_spec", default=ctr_spec.DEFAULT)
     p.add_argument("--mode", default="vector", choices=MODES,

@@ -18,8 +18,6 @@ reading the training data itself.
 """
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
 from collections.abc import Iterator, Sequence
 
@@ -106,8 +104,7 @@ def run(records: str, spec: ctr_spec.CtrSpec, output: str, min_count: int = 1,
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = common.command_line(__doc__)
     p.add_argument("--records", required=True, help="The `ctr` training records (globs).")
     p.add_argument("--ctr_spec", default=ctr_spec.DEFAULT)
     p.add_argument("--output", required=True, help="The vocabularies.npz to write.")

@@ -20,7 +20,6 @@ Memory is the catalog's columns and vectors plus one chunk of samples, whatever 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
@@ -29,6 +28,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
+from trainer import console
 from trainer.features import embeddings as embeddings_lib
 from trainer.synth import vectors
 
@@ -132,7 +132,7 @@ def generate(out: str, items: int, users: int, samples: int, test_samples: int =
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = console.CommandLine(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True)
     p.add_argument("--items", type=int, default=1_000_000)
     p.add_argument("--users", type=int, default=1_000_000)

@@ -26,7 +26,7 @@ import tf_keras
 from official.modeling.optimization import optimizer_factory
 from official.modeling.optimization.configs import optimization_config
 
-from trainer import configs
+from trainer import configs, console
 from trainer.configs import TrainConfig
 from trainer.data import pipeline
 
@@ -378,12 +378,13 @@ def run(task: Task, cfg: TrainConfig, model_dir: str,
     progress = _Progress(task.name, cfg, start, global_step, per_replica, replicas)
     # Orbit saves and logs between loops: loops of gcd(log, checkpoint interval) steps let it do
     # both at their own intervals (a checkpoint interval of 10 with logs every 50 stays 10).
-    controller = orbit.Controller(
-        strategy=strategy, trainer=trainer, global_step=global_step,
-        steps_per_loop=math.gcd(cfg.log_interval, cfg.checkpoint_interval),
-        checkpoint_manager=manager,
-        summary_dir=os.path.join(out_dir, "train"), summary_interval=cfg.log_interval,
-        train_actions=[progress])
+    with console.library_prints("orbit"):  # "restoring or initializing model..."
+        controller = orbit.Controller(
+            strategy=strategy, trainer=trainer, global_step=global_step,
+            steps_per_loop=math.gcd(cfg.log_interval, cfg.checkpoint_interval),
+            checkpoint_manager=manager,
+            summary_dir=os.path.join(out_dir, "train"), summary_interval=cfg.log_interval,
+            train_actions=[progress])
     if start:
         print(f"{task.name}: resumed from step {start} ({manager.latest_checkpoint})")
     with _stops_on_non_finite_loss(task, model_dir, global_step, manager):
@@ -482,7 +483,9 @@ def _train(task: Task, cfg: TrainConfig, controller: orbit.Controller, out_dir: 
         for stop, trace in _phases(cfg, start):
             if trace:
                 tf.profiler.experimental.start(os.path.join(out_dir, "train"))
-            controller.train(steps=stop, checkpoint_at_completion=stop == cfg.steps)
+            # Orbit prints a line per loop and checkpoint; the project's _Progress says it once.
+            with console.library_prints("orbit"):
+                controller.train(steps=stop, checkpoint_at_completion=stop == cfg.steps)
             if trace:
                 tf.profiler.experimental.stop()
                 first = (cfg.profile_steps or (0,))[0]
