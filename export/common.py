@@ -38,6 +38,14 @@ def warmup_logs(requests: Iterable[predict_pb2.PredictRequest]) -> list:
         predict_log=prediction_log_pb2.PredictLog(request=r)) for r in requests]
 
 
+def min_model_server(tensorflow: str) -> str:
+    """The oldest TF Serving that runs a SavedModel written by TensorFlow `tensorflow`: the same
+    minor release (a model exported by TF 2.x runs on TF Serving 2.y for y >= x,
+    tensorflow/serving#2168)."""
+    major, minor = tensorflow.split(".")[:2]
+    return f"{major}.{minor}.0"
+
+
 def save(module: tf.Module, signatures: dict, export_dir: str, warmup: list, info: dict,
          version: int | None = None, extra_files: dict | None = None) -> str:
     """Saves `module` with `signatures` as version `version` (default: latest + 1) of
@@ -63,7 +71,8 @@ def save(module: tf.Module, signatures: dict, export_dir: str, warmup: list, inf
             w.write(log.SerializeToString())
     with tf.io.gfile.GFile(os.path.join(extra, "export_info.json"), "w") as f:
         json.dump({**info, "version": version, "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                   "tensorflow": tf.__version__}, f, indent=2)
+                   "tensorflow": tf.__version__,
+                   "min_model_server": min_model_server(tf.__version__)}, f, indent=2)
     for name, text in (extra_files or {}).items():
         with tf.io.gfile.GFile(os.path.join(extra, name), "w") as f:
             f.write(text)

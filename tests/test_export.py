@@ -630,6 +630,8 @@ def test_refreshed_export_serves_new_items_while_the_old_version_serves(
         assert f"{base}/2" in out
         info = json.load(open(os.path.join(base, "2", "assets.extra", "export_info.json")))
         assert info["item_embeddings"]["new_items"] == 4
+        assert info["tensorflow"] == tf.__version__
+        assert info["min_model_server"] == ".".join(tf.__version__.split(".")[:2]) + ".0"
         _wait_for_versions(rest_port, "ctr", ["1", "2"])
         assert "loaded ctr version 2 (9 warmup requests replayed" in "".join(server.log)
 
