@@ -66,8 +66,8 @@ def test_the_quiet_filter_keeps_the_run_and_drops_listed_noise_only():
     keep = console._Quiet().filter
     assert keep(_record("trainer.ctr.tables", logging.INFO, "vocabularies from 10 records"))
     assert not keep(_record("absl", logging.INFO, "train | step: 10"))
-    assert not keep(_record("tensorflow", logging.WARNING, "Skipping full serialization of "
-                            "TF-Keras layer <tensorflow_recommenders.tasks.ranking.Ranking at 0x1>"))
+    assert not keep(_record("tensorflow", logging.WARNING, "Skipping full serialization of TF-"
+                            "Keras layer <tensorflow_recommenders.tasks.ranking.Ranking at 0x1>"))
     # A library's warning about the run itself stays.
     assert keep(_record("tensorflow", logging.WARNING, "Detecting that an object or model or "
                         "tf.train.Checkpoint is being deleted with unrestored values."))
