@@ -12,7 +12,7 @@ RUNS ?= runs
 # Test processes: a test file runs whole on one of them (its module fixtures are built once).
 TEST_WORKERS ?= 2
 
-.PHONY: demo test test-slow lint probe repro-visual repro-ctr repro-courier repro-batch repro-unseen sweep-tau bench-input bench-convert bench-serving bench-embed bench-kmeans bench-export-vocab bench-train export validate docs lock clean
+.PHONY: demo test test-slow lint probe repro-visual repro-ctr repro-courier repro-batch repro-unseen sweep-tau bench-input bench-convert bench-crc bench-serving bench-embed bench-kmeans bench-export-vocab bench-train export validate docs lock clean
 
 $(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -137,6 +137,12 @@ test-slow: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check trainer export scripts tests
 	$(VENV)/bin/mypy
+
+# Where TFRecord checksums cost time: validate (a clean data dir, a corrupt frame) and the Beam
+# convert of a 100,000-row table; INSTALLS="new=.venv/bin/python old=../old/.venv/bin/python:../old"
+# times several installs side by side.
+bench-crc: $(VENV)/.installed $(DATA)/$(WORLD)/manifest.json
+	$(PY) scripts/bench_crc.py --data_dir=$(DATA)/$(WORLD) $(foreach i,$(INSTALLS),--install=$(i))
 
 # Peak memory of the Parquet converter on N and 4N rows (their ratio: 1.0 = it does not grow).
 bench-convert: $(VENV)/.installed

@@ -7,8 +7,8 @@ Library noise reaches the console by four routes, each quietened where it arises
   TF_CPP_MIN_LOG_LEVEL=2 (`trainer/__init__` sets it before TensorFlow loads, unless the command
   line asks for verbosity). Its ERROR lines stay, except those in `CPP_NOISE`, which say nothing
   true about the run (the CUDA probe failing on a machine without a GPU driver: TensorFlow then
-  runs on the CPU, as intended); `setup` initialises the devices with file descriptor 2
-  captured, so that those lines can be dropped and every other line is printed.
+  runs on the CPU, as intended); a command probes the devices with file descriptor 2 captured
+  (`absl_run`, `setup`), so that those lines can be dropped and every other line is printed.
 - Python logging: the project's loggers (`trainer.*`, `export.*`, `__main__`) print at INFO as
   bare messages, warnings as 'warning: ...'; every other logger prints from WARNING, except the
   messages in `LOG_NOISE`.
@@ -141,11 +141,10 @@ class _Quiet(logging.Filter):
     """INFO of the project's loggers; WARNING and above of the others, less `LOG_NOISE`."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        own = record.name.split(".")[0] in _OWN
-        if not own and record.levelno < logging.WARNING:
-            return False
-        if own:
+        if record.name.split(".")[0] in _OWN:
             return True
+        if record.levelno < logging.WARNING:
+            return False
         message = record.getMessage()
         return not any(record.name.startswith(prefix) and pattern.search(message)
                        for prefix, pattern in LOG_NOISE)
