@@ -25,6 +25,7 @@ import tensorflow as tf
 import tf_keras
 from official.modeling.optimization import optimizer_factory
 from official.modeling.optimization.configs import optimization_config
+from tensorflow.core.util import event_pb2
 
 from trainer import configs, console
 from trainer.configs import TrainConfig
@@ -311,7 +312,8 @@ def logged_scalars(log_dir: str, tag: str) -> dict[int, float]:
     a step logged again by a resumed run keeps its latest value."""
     out = {}
     for path in sorted(tf.io.gfile.glob(os.path.join(log_dir, "events.out.tfevents.*"))):
-        for event in tf.compat.v1.train.summary_iterator(path):
+        for raw in tf.data.TFRecordDataset(path).as_numpy_iterator():
+            event = event_pb2.Event.FromString(raw)
             for v in event.summary.value:
                 if v.tag == tag:
                     out[event.step] = float(tf.make_ndarray(v.tensor))
