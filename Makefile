@@ -122,20 +122,25 @@ sweep-tau: $(VENV)/.installed $(DATA)/$(WORLD)/manifest.json
 	  --out_dir=$(RUNS)/courier --seeds=$(shell echo $(SEEDS) | tr ' ' ',')
 
 # The longest files first, so the two processes finish together (pytest collects a file once).
-LONG_TESTS := tests/test_visual_stages.py tests/test_export.py tests/test_distributed.py \
-  tests/test_backbones.py tests/test_baselines.py \
+# The trained tiny-world models that several files use are built once per run, by whichever
+# worker asks first (tests/conftest.py: shared_dir).
+LONG_TESTS := tests/test_visual_stages.py tests/test_export_ctr.py tests/test_distributed.py \
+  tests/test_backbones.py tests/test_export_encoder.py tests/test_baselines.py \
   tests/test_bring_your_own_data.py
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow" $(LONG_TESTS) tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow" --durations=10 \
+	  $(LONG_TESTS) tests
 
 # The learning-quality reproductions among the tests (S1 and S1+S2 beat a random encoder on the
 # tiny world's visual search: about 3 minutes).
 test-slow: $(VENV)/.installed
 	$(PY) -m pytest -q -m slow tests
 
-# ruff (E, F, I, B, UP; line length 100) over the code, mypy (check_untyped_defs) over trainer/.
+# ruff (E, F, I, B, UP; line length 100) over the code, mypy (check_untyped_defs; every def typed
+# in the new and moved modules) over trainer/, export/, serving/ and scripts/. The same two run
+# before each commit with `pre-commit install` (.pre-commit-config.yaml).
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check trainer export scripts tests
+	$(VENV)/bin/ruff check trainer export serving scripts tests
 	$(VENV)/bin/mypy
 
 # Where TFRecord checksums cost time: validate (a clean data dir, a corrupt frame) and the Beam
@@ -158,9 +163,11 @@ bench-input: $(VENV)/.installed $(DATA)/$(WORLD)/manifest.json
 validate: $(VENV)/.installed $(DATA)/$(WORLD)/manifest.json
 	$(PY) -m trainer.task --stage=validate --data_dir=$(DATA)/$(WORLD)
 
-# Regenerates the schema tables in docs/data_format.md.
+# The documentation site (docs/ -> site/, MkDocs + Material, the API reference from docstrings;
+# strict: a broken link or anchor fails), after regenerating docs/data_format.md's tables.
 docs: $(VENV)/.installed
-	$(PY) -m trainer.data.docs docs/data_format.md
+	$(PY) -m trainer.data_format docs/data_format.md
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 # Re-resolves the lock from requirements.txt (then verify with `make test`).
 lock:

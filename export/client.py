@@ -11,7 +11,7 @@ REST API (port 8501), with the same calls:
 
 `user` holds the request-level features (those of the user and the page) and each candidate the
 item-level ones; together they are the input columns of the model's feature spec
-(`trainer.data.ctr_spec`), which the export carries (`spec_of_export`).
+(`trainer.ctr.spec`), which the export carries (`spec_of_export`).
 """
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from trainer.data import ctr_spec, schema
+from trainer.ctr import spec as ctr_spec
+from trainer.data import schema
 
 
 def spec_of_export(path: str) -> ctr_spec.CtrSpec:
@@ -53,7 +54,7 @@ def candidate_inputs(spec: ctr_spec.CtrSpec, user: dict, candidates: Sequence[di
             rows = [list(user[f.name]) if f.name in user else list(c.get(f.name, []))
                     for c in candidates]
             # Full width at least: server-side batching cannot pad ids with -1.
-            width = max(f.max_len, max(len(r) for r in rows))
+            width = max(f.max_len or 0, max(len(r) for r in rows))
             arr = np.full([n, width], f.pad, dtype)
             for i, r in enumerate(rows):
                 arr[i, :len(r)] = r

@@ -5,7 +5,7 @@ App. A) as version N+1 of E, self-contained: the id vocabularies and numeric sta
 frozen catalog image-feature table (or the cluster-id table and its centroids), D with its gate,
 and the image encoder the table came from are all inside, so a request carries only raw feature
 values and images; unknown ids fall into the out-of-vocabulary rows. The inputs are the model's
-feature spec's (`trainer.data.ctr_spec`), which travels in the export as
+feature spec's (`trainer.ctr.spec`), which travels in the export as
 `assets.extra/feature_spec.yaml`.
 
 Signatures:
@@ -44,10 +44,11 @@ import tensorflow as tf
 from export import client, common
 from export import encoder as export_encoder
 from export.encoder import request_names
+from trainer.ctr import spec as ctr_spec
 from trainer.ctr import task as ctr_task
 from trainer.ctr.model import CtrModel, fresh_vectors
 from trainer.ctr.tables import Vocabularies
-from trainer.data import ctr_spec, parse, schema
+from trainer.data import parse, schema
 from trainer.models import encoder as encoder_lib
 
 WARMUP_BATCH_SIZES = (1, 10, 100)
@@ -78,8 +79,8 @@ def rank_input_specs(spec: ctr_spec.CtrSpec, images: bool) -> dict:
             request = spec.scope(f.name) == "request"
             out[f.name] = _column_spec(f, [None] if request else [None, None])
     if images:
-        for f in spec.photos:
-            out[f.name] = tf.TensorSpec([None], tf.string, name=f.name)
+        for photo in spec.photos:
+            out[photo.name] = tf.TensorSpec([None], tf.string, name=photo.name)
         if spec.target_image is not None:
             name = spec.target_image.name
             out[name] = tf.TensorSpec([None, None], tf.string, name=name)
@@ -226,21 +227,23 @@ def sample_requests(spec: ctr_spec.CtrSpec, vocabularies: Vocabularies, n: int,
 
     out = {}
     for c in spec.record_kind(serving=True).features:
-        f = declared.get(c.name)
+        feature = declared.get(c.name)
         if c.dtype == schema.INT64 and not c.is_list:
             out[c.name] = ids(c.name, n)
         elif c.dtype == schema.INT64:  # an id sequence: a third of it, padded with -1
-            row = np.full([c.max_len], -1, np.int64)
-            k = max(1, c.max_len // 3)
+            length = c.max_len or 1
+            row = np.full([length], -1, np.int64)
+            k = max(1, length // 3)
             row[:k] = ids(c.name, k)
             out[c.name] = np.repeat(row[None], n, axis=0)
-        elif f is not None and f.name in vocabularies.boundaries:
-            bounds = vocabularies.boundaries[f.name]
+        elif feature is not None and feature.name in vocabularies.boundaries:
+            bounds = vocabularies.boundaries[feature.name]
             out[c.name] = rng.choice(bounds if len(bounds) else np.array([1.0]), n).astype(
                 np.float32)
         else:
-            mean = vocabularies.moments[c.name][0] if c.name in vocabularies.moments else 0.0
-            shape = [n, c.max_len] if c.is_list else [n]
+            mean = np.asarray(vocabularies.moments[c.name][0] if c.name in vocabularies.moments
+                              else 0.0)  # a value, or one per element of a dense vector
+            shape = [n, c.max_len or 1] if c.is_list else [n]
             out[c.name] = (np.broadcast_to(mean, shape) + rng.normal(0, 0.1, shape)).astype(
                 np.float32)
     return out

@@ -51,7 +51,8 @@ def corrupt_copy(data_dir: str, out_dir: str) -> tuple[str, int]:
     return path, len(offsets)
 
 
-def timed(python: str, cwd: str, args: list[str], repeats: int, ok=(0,)) -> float:
+def timed(python: str, cwd: str, args: list[str], repeats: int,
+          ok: tuple[int, ...] = (0,)) -> float:
     """The median seconds of `python args` run in `cwd` (its own install's package)."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     times = []
@@ -99,9 +100,9 @@ def main() -> None:
             for name, python, repo in installs:
                 if "convert" in job and "--help" not in args:
                     shutil.rmtree(os.path.join(tmp, "out"), ignore_errors=True)
-                seconds = timed(python, repo, args, a.repeats, ok)
-                results[job].append(seconds)
-                print(f"{job}: {name} {seconds:.2f} s", file=sys.stderr, flush=True)
+                took = timed(python, repo, args, a.repeats, ok)
+                results[job].append(took)
+                print(f"{job}: {name} {took:.2f} s", file=sys.stderr, flush=True)
     names = [n for n, _, _ in installs]
     print("| | " + " | ".join(f"{n} (s)" for n in names)
           + "".join(f" | {n} / {names[0]}" for n in names[1:]) + " |")

@@ -38,7 +38,7 @@ def loop(pattern: str, export: str, batch_size: int) -> tuple[dict, float]:
     parser = tf.function(parse.RecordParser(schema.CATALOG, features=("item_id", "category_id",
                                                                       "image"), decode=False))
     files = pipeline.list_files(pattern)
-    out = {}
+    out: dict = {}
     for path in files:
         ds = tf.data.TFRecordDataset(path, validate.compression_of(path)).enumerate().batch(
             batch_size)

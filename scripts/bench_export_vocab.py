@@ -26,12 +26,12 @@ import numpy as np
 import tensorflow as tf
 
 from export import ctr as export_ctr
-from export import stand_in_server
+from serving import stand_in_server
 from trainer import configs, console
+from trainer.ctr import spec as ctr_spec
 from trainer.ctr import task as ctr_task
 from trainer.ctr.model import CtrModel
 from trainer.ctr.tables import Vocabularies
-from trainer.data import ctr_spec
 
 PAGE, REQUESTS = 100, 200
 LOAD = Vocabularies.load

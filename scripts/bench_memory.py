@@ -32,8 +32,9 @@ STEPS, BATCH, SAMPLES = 30, 256, 20_000
 
 def _train(world: str, model_dir: str, spec_path: str, train_pattern: str, strategy) -> None:
     from trainer import configs
+    from trainer.ctr import spec as ctr_spec
     from trainer.ctr import task as ctr_task
-    from trainer.data import ctr_spec, records
+    from trainer.data import records
     from trainer.features import embeddings
 
     table = embeddings.load(os.path.join(world, embeddings.FILE))
@@ -70,7 +71,8 @@ def _finish(proc: subprocess.Popen) -> tuple[float, str]:
 
 
 def measure(size: int, root: str) -> dict:
-    from trainer.data import ctr_spec, records
+    from trainer.ctr import spec as ctr_spec
+    from trainer.data import records
     from trainer.features import embeddings
     from trainer.pipelines import join
     from trainer.synth import scale

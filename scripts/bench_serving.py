@@ -18,9 +18,12 @@ machine's CPU, over the loopback interface.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import tempfile
 import time
+from collections.abc import Callable
+from typing import Any
 
 import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
 from trainer import console
@@ -30,9 +33,10 @@ import numpy as np
 import tensorflow as tf
 
 from export import client as client_lib
-from export import common, stand_in_server
+from export import common
 from export import ctr as export_ctr
 from export import encoder as export_encoder
+from serving import stand_in_server
 from trainer.ctr import task as ctr_task
 from trainer.data import parse
 from trainer.models import encoder as encoder_lib
@@ -47,6 +51,11 @@ def _rate(fn, n_items: int, seconds: float) -> float:
         fn()
         count += 1
     return count * n_items / (time.perf_counter() - t0)
+
+
+def _scores(fn: Callable[..., dict], inputs: dict) -> np.ndarray:
+    """The `ctr` output of a signature or a model's serving function on `inputs`."""
+    return fn(**inputs)["ctr"].numpy()
 
 
 def _latencies(fn, repeats: int) -> np.ndarray:
@@ -151,13 +160,12 @@ def ctr_latency(args, ctr_path: str, enc_path: str) -> None:
         for label, sig in (("(a) ids only", "serving_default"),
                            ("(b) photo + candidates", "rank")):
             t = as_tensors[sig]
-            paths = {
-                "stand-in server, gRPC Predict": lambda s=sig: grpc.predict(
-                    "ctr", s, as_numpy[s]),
-                "SavedModel, direct call": lambda s=sig, t=t: loaded.signatures[s](
-                    **t)["ctr"].numpy(),
-                "Keras model, in process": lambda s=sig, t=t: getattr(
-                    keras, "serve" if s == "serving_default" else "rank")(**t)["ctr"].numpy(),
+            paths: dict[str, Callable[[], Any]] = {
+                "stand-in server, gRPC Predict": functools.partial(
+                    grpc.predict, "ctr", sig, as_numpy[sig]),
+                "SavedModel, direct call": functools.partial(_scores, loaded.signatures[sig], t),
+                "Keras model, in process": functools.partial(_scores, getattr(
+                    keras, "serve" if sig == "serving_default" else "rank"), t),
             }
             for name, fn in paths.items():
                 ms = _latencies(fn, args.repeats)
@@ -165,7 +173,7 @@ def ctr_latency(args, ctr_path: str, enc_path: str) -> None:
                 print(f"| {label} | {name} | {p50:.2f} | {p99:.2f} |")
         # Where (b)'s time goes: the photo through the encoder alone, the CTR model alone.
         enc = tf.saved_model.load(enc_path).signatures["encode_images"]
-        parts = {
+        parts: dict[str, Callable[[], Any]] = {
             "the photo alone (encoder SavedModel encode_images)": lambda: enc(
                 images=tf.constant([photo]))["embedding"].numpy(),
             f"the CTR model alone ({CANDIDATES} rows, serving_default)": lambda: loaded.signatures[

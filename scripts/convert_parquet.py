@@ -31,96 +31,26 @@ Then check the result: python -m trainer.task --stage=validate --data_dir=DATA
 """
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from collections.abc import Sequence
 
 import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
 from trainer import console
-
-# isort: split
-import numpy as np
-import pyarrow.parquet as pq
-import tensorflow as tf
-
-from trainer.data import parquet as parquet_lib
-from trainer.data import records, schema
-
-log = logging.getLogger("convert_parquet")
-BATCH_ROWS = 8192
-
-
-def convert(kind: str | schema.RecordKind, parquet: str, output_dir: str, split: str,
-            num_shards: int, image_dir: str | None = None,
-            batch_rows: int = BATCH_ROWS, allow_absolute_image_paths: bool = False) -> list[str]:
-    """Converts the Parquet files of `parquet` (a file, a directory or globs) into `num_shards`
-    TFRecord files of contiguous rows, replacing the kind's files of `split`; returns their
-    paths."""
-    record_kind = schema.get(kind)
-    files = parquet_lib.parquet_files(parquet)
-    readers = [pq.ParquetFile(f) for f in files]
-    total = sum(r.metadata.num_rows for r in readers)
-    num_shards = max(1, min(num_shards, total))
-    scratch = os.path.join(output_dir, record_kind.name, f".converting-{split}-{os.getpid()}")
-    if tf.io.gfile.exists(scratch):
-        tf.io.gfile.rmtree(scratch)
-    try:
-        written = _write(record_kind, files, readers, total, scratch, split, num_shards,
-                         image_dir, batch_rows, allow_absolute_image_paths, parquet)
-        return records.replace_split(output_dir, record_kind.name, split, written)
-    finally:
-        if tf.io.gfile.exists(scratch):
-            tf.io.gfile.rmtree(scratch)
-
-
-def _write(record_kind: schema.RecordKind, files: list[str], readers: list, total: int,
-           out_dir: str, split: str, num_shards: int, image_dir: str | None, batch_rows: int,
-           allow_absolute: bool, parquet: str) -> list[str]:
-    """Writes the tables' records as `num_shards` files of `split` into `out_dir`."""
-    paths = [os.path.join(out_dir, os.path.basename(p))
-             for p in records.shard_paths(out_dir, record_kind.name, split, num_shards)]
-    tf.io.gfile.makedirs(out_dir)
-    bounds = np.linspace(0, total, num_shards + 1).round().astype(int)
-    shard, written, writer = 0, 0, tf.io.TFRecordWriter(paths[0])
-    unknown: set = set()
-    try:
-        for path, reader in zip(files, readers, strict=True):
-            columns = parquet_lib.Columns(record_kind, reader.schema_arrow.names,
-                                          reader.schema_arrow, path, image_dir, allow_absolute)
-            unknown |= set(columns.unknown)
-            needed = columns.needed
-            row = 0
-            for batch in reader.iter_batches(batch_size=batch_rows, columns=needed):
-                for record in columns.rows(batch, row):
-                    while written >= bounds[shard + 1]:
-                        writer.close()
-                        shard += 1
-                        writer = tf.io.TFRecordWriter(paths[shard])
-                    writer.write(record)
-                    written += 1
-                row += batch.num_rows
-    finally:
-        writer.close()
-    for rest in paths[shard + 1:]:  # only for an empty table
-        tf.io.TFRecordWriter(rest).close()
-    if unknown:
-        log.warning("%s: column(s) %s are not features of the record kind '%s' and were left "
-                    "out", parquet, sorted(unknown), record_kind.name)
-    return paths
+from trainer.ctr import spec as ctr_spec
+from trainer.data import parquet
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     p = console.CommandLine(description=__doc__.split("\n\n")[0])
-    parquet_lib.add_flags(p)
+    parquet.add_flags(p)
     p.add_argument("--num_shards", type=int, default=4)
     args = p.parse_args(argv)
     try:
-        kind, split = parquet_lib.kind_and_split(args)
-        paths = convert(kind, args.parquet, args.output_dir, split, args.num_shards,
-                        args.image_dir,
-                        allow_absolute_image_paths=args.allow_absolute_image_paths)
+        paths = parquet.convert(ctr_spec.record_kind(args.kind, args.ctr_spec), args.parquet,
+                                args.output_dir, parquet.split_of(args), args.num_shards,
+                                args.image_dir,
+                                allow_absolute_image_paths=args.allow_absolute_image_paths)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     print(f"wrote {len(paths)} files of '{args.kind}' records under "

@@ -38,7 +38,8 @@ from trainer.data import records
 
 # Steps per stage on `small` (the repro scripts use the stages' defaults: 300 / 600 / 800 / 200 /
 # 940).
-# Table 5's baselines get a sixth of S1's steps, two at a time: they add about 5.2 min (README).
+# Table 5's baselines get a sixth of S1's steps, two at a time: they add about 5.2 min
+# (docs/results.md).
 STEPS = {"classify": 150, "pretrain": 300, "finetune": 200, "courier": 100, "ctr": 250,
          "debias": 250, "supervised": 50, "simsiam": 50, "clip": 50}
 LOGGED = 20  # progress lines per run

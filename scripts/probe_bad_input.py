@@ -35,11 +35,11 @@ import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
 import tensorflow as tf
 from tensorflow.core.example import example_pb2
 
-from trainer import configs, console
-from trainer.data import records, schema
+from trainer import configs, console, registry
+from trainer.ctr import spec as ctr_spec
+from trainer.data import records
 from trainer.stages import ctr as ctr_stage
 from trainer.stages import data as data_stage
-from trainer.stages import encoders as encoder_stages
 from trainer.synth import config as world_config
 from trainer.synth import marketplace
 
@@ -51,8 +51,9 @@ MAIN = {"validate": "catalog", "pretrain": "catalog", "classify": "catalog",
         "finetune": "search_sessions", "courier": "pageviews", "ctr": "ctr", "debias": "ctr"}
 SPLIT = {"catalog": "all", "search_sessions": "train", "pageviews": "train", "ctr": "train"}
 # Per record kind: (feature, bad value) breaking a rule, and a required feature to delete.
-RULE = {"catalog": ("price", [-1.0]), "search_sessions": ("clicked_category_id", [-1]),
-        "pageviews": ("pv_labels", [2]), "ctr": ("label", [2])}
+RULE: dict[str, tuple[str, list]] = {
+    "catalog": ("price", [-1.0]), "search_sessions": ("clicked_category_id", [-1]),
+    "pageviews": ("pv_labels", [2]), "ctr": ("label", [2])}
 MISSING = {"catalog": "shop_id", "search_sessions": "query_id", "pageviews": "user_id",
            "ctr": "label"}
 INLINE_IMAGE = {"catalog": "image", "search_sessions": "query_image"}
@@ -111,14 +112,15 @@ def _ints(rec: bytes, feature: str) -> list[int]:
 
 def _referencing(world: str, kind: str, item: int) -> list:
     """(file, index) of the records of `kind` that join `item`'s catalog image."""
-    k = schema.get(kind)
+    k = ctr_spec.record_kind(kind)
     out = []
     for path in sorted(glob.glob(records.default_pattern(world, kind, SPLIT[kind]))):
         for i, rec in enumerate(_read(path)):
             for ids in k.joinable_images.values():
                 f = k.feature(ids)
                 values = _ints(rec, ids)
-                values = values[-f.max_len:] if f.keep == "tail" else values[:f.max_len]
+                keep = f.max_len or len(values)
+                values = values[-keep:] if f.keep == "tail" else values[:keep]
                 if item in values:
                     out.append((path, i))
                     break
@@ -205,7 +207,7 @@ def run_stage(cfg) -> None:
     elif cfg.stage in ("ctr", "debias"):
         ctr_stage.run_ctr(cfg)
     else:
-        encoder_stages.run_training(cfg)
+        registry.run(cfg)
 
 
 def _counts(text: str) -> list[tuple[int, int]]:
@@ -304,12 +306,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger().setLevel(logging.WARNING)
     work = args.work_dir or tempfile.mkdtemp(prefix="probe_bad_input-")
     base = os.path.join(work, "world")
-    if not os.path.exists(os.path.join(base, "manifest.json")):
-        marketplace.generate(world_config.get_world("tiny"), base, seed=0)
+    if not marketplace.load_manifest(base):
+        marketplace.generate(world_config.get_world("tiny"), base, seed=0,
+                             ctr_kind=ctr_spec.record_kind("ctr"))
     s1_dir = os.path.join(work, "s1")
     if {"ctr", "debias"} & set(stages):
         cfg = _config("pretrain", base, s1_dir, "", False)
-        encoder_stages.run_training(dataclasses.replace(cfg, train=dataclasses.replace(
+        registry.run(dataclasses.replace(cfg, train=dataclasses.replace(
             cfg.train, steps=2, log_interval=2, checkpoint_interval=2)))
     rows = []
     t0 = time.time()

@@ -25,7 +25,8 @@ import numpy as np
 import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
 from trainer import experiments
 from trainer.data import npz, pipeline, records
-from trainer.eval import significance
+from trainer.eval import read_metrics, significance
+from trainer.synth import marketplace
 
 # Paper 002 Table 7: batch size -> (delta AUC women's clothing, delta AUC, delta GAUC), %.
 PAPER_7 = {64: (0.15, -0.06, -0.08), 256: (0.23, 0.04, 0.02), 512: (0.36, 0.09, 0.10),
@@ -35,10 +36,9 @@ MODE = "cluster_id"
 
 def page_views(data_dir: str) -> int:
     """Train page views of the data dir (its manifest's count, else counted)."""
-    manifest = os.path.join(data_dir, "manifest.json")
-    if os.path.exists(manifest):
-        with open(manifest) as f:
-            return int(json.load(f)["files"]["pageviews"]["train"]["records"])
+    manifest = marketplace.load_manifest(data_dir)
+    if manifest:
+        return int(manifest["files"]["pageviews"]["train"]["records"])
     pattern = records.default_pattern(data_dir, "pageviews", "train")
     return sum(len(b["user_id"]) for b in pipeline.iter_columns(pattern, "pageviews",
                                                                 ("user_id",)))
@@ -52,7 +52,7 @@ def run_seed(a, seed: int, out: str) -> None:
     courier = experiments.get("courier")
     results: dict = {"runs": {}, "does_not_fit": None}
     base_dir = os.path.join(out, "ctr", "no_image")
-    if not os.path.exists(os.path.join(base_dir, "metrics.json")):
+    if not read_metrics(base_dir):
         experiments.run(experiments.command(experiments.ctr_experiment(None), a.data_dir,
                                             base_dir, {}, seed,
                                             flags=[f"--train_steps={a.ctr_steps}"]), log)
@@ -75,17 +75,15 @@ def run_seed(a, seed: int, out: str) -> None:
                 break
         seconds = time.time() - t0
         ctr_dir = os.path.join(out, "ctr", f"courier_bs{bs}_{MODE}")
-        if not os.path.exists(os.path.join(ctr_dir, "metrics.json")):
+        if not read_metrics(ctr_dir):
             experiments.run(experiments.command(
                 experiments.ctr_experiment("courier", MODE), a.data_dir, ctr_dir,
                 {"courier": enc_dir}, seed, flags=[f"--train_steps={a.ctr_steps}"]), log)
-        with open(os.path.join(ctr_dir, "metrics.json")) as f:
-            results["runs"][bs] = {"steps": steps, "seconds": seconds, **json.load(f)}
+        results["runs"][bs] = {"steps": steps, "seconds": seconds, **(read_metrics(ctr_dir) or {})}
         m = results["runs"][bs]
         print(f"  seed {seed}: batch {bs} ({steps} steps, {seconds:.0f}s): AUC {m['AUC']:.4f} "
               f"GAUC {m['GAUC']:.4f}", flush=True)
-    with open(os.path.join(base_dir, "metrics.json")) as f:
-        results["baseline"] = json.load(f)
+    results["baseline"] = read_metrics(base_dir)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
 

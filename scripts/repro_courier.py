@@ -17,17 +17,15 @@ bootstrap and writes table5.md. The world needs item titles (CLIP, MaskCLIP, COU
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-import time
 
 import numpy as np
 
 import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
-from trainer import console, experiments
+from trainer import diagnostics, experiments
 from trainer.data import npz
-from trainer.eval import significance
+from trainer.eval import read_metrics, significance
 from trainer.synth import truth  # evaluation only
 
 MODES = experiments.MODES
@@ -35,7 +33,7 @@ ABLATIONS = experiments.COURIER_ABLATIONS  # (Table 6 row, config flag)
 BASELINES = tuple(e.name for e in experiments.BASELINES)  # Table 5's, trained from scratch
 TABLE_5, TABLE_5_MODE = experiments.TABLE_5, experiments.TABLE_5_MODE
 # Table 5's other rows are also run as Vectors: what k-means keeps of a representation depends
-# on which axis dominates it (the README's Table 5 discussion).
+# on which axis dominates it (docs/results.md, Table 5's discussion).
 TABLE_5_MODES = (TABLE_5_MODE, "vector")
 PAPER_5 = experiments.PAPER_TABLE_5
 PAPER_B1 = experiments.PAPER_TABLE_B1
@@ -87,13 +85,11 @@ def run_seed(data_dir: str, s1: str, out: str, seed: int, a) -> dict:
             continue
         model_dir = os.path.join(out, exp.name)
         t = 0.0
-        if not os.path.exists(os.path.join(model_dir, "metrics.json")):  # a rerun only reports
+        if not read_metrics(model_dir):  # a rerun only reports
             t = experiments.run(experiments.command(
                 exp, data_dir, model_dir, dirs, seed,
                 flags=[f"--train_steps={a.ctr_steps}"] + a.extra.split()), log)
-        with open(os.path.join(model_dir, "metrics.json")) as f:
-            results[key] = json.load(f)
-        m = results[key]
+        m = results[key] = read_metrics(model_dir) or {}
         print(f"  seed {seed}: {key}: AUC {m['AUC']:.4f} GAUC {m['GAUC']:.4f} ({t:.0f}s)",
               flush=True)
     out_results = {"ctr": results, "courier_seconds": seconds}
@@ -205,143 +201,7 @@ def checks(preds: dict, ablation_mode: str) -> list[str]:
         not_below=c.not_below) for c in claims if c.a in first and c.b in first]
 
 
-def history_diagnostics(data_dir: str, encoders: dict, clusters_files: dict) -> str:
-    """What each encoder's vectors carry about user intent, without the CTR model: the test-day
-    AUC and GAUC of the displayed item's largest cosine to the user's click history (the
-    strongest SimScore feature), and of its cosine to the query photo. On a synthetic world
-    (evaluation only: the planted truth), what they separate: the share of each catalog item's
-    10 nearest catalog neighbours that share its category, its pattern and its palette, and the
-    purity of its Cluster-ID clusters (`clusters_files`, by encoder name; the share of items in
-    their cluster's most common category, style) that the CTR model was given."""
-    from trainer.data import pipeline, records
-    from trainer.eval import ctr_metrics, visual_search
-    from trainer.features import clusters, embeddings
-    test = pipeline.read_columns(records.default_pattern(data_dir, "ctr", "test"), "ctr",
-                                 ("label", "item_id", "query_id", "page_id",
-                                  "click_history_item_ids", "click_history_item_ids_mask"))
-    catalog = records.default_pattern(data_dir, "catalog")
-    queries = records.default_pattern(data_dir, "queries")
-    planted = None
-    if truth.exists(data_dir):
-        planted = truth.load(data_dir)["items"]
-    lines = ["| encoder | max cos(item, history) AUC | GAUC | cos(item, query) AUC | GAUC |"
-             + (" 10-NN category | pattern | palette | clusters: category | style |"
-                if planted else ""),
-             "| --- | ---: | ---: | ---: | ---: |" + (" ---: |" * 5 if planted else "")]
-    for name, model_dir in encoders.items():
-        t = embeddings.for_encoder(model_dir, catalog, queries)
-        row = {int(i): r for r, i in enumerate(t.item_id)}
-        qrow = {int(i): r for r, i in enumerate(t.query_id)}
-        vp = t.item_vector[[row[int(i)] for i in test["item_id"]]]
-        vq = t.query_vector[[qrow[int(i)] for i in test["query_id"]]]
-        hist = test["click_history_item_ids"]
-        mask = test["click_history_item_ids_mask"] & np.isin(hist, t.item_id)
-        vh = t.item_vector[np.vectorize(lambda i, rows=row: rows.get(int(i), 0))(hist)]
-        sim = np.where(mask, np.einsum("nd,nkd->nk", vp, vh), -2.0).max(axis=1)
-        sim = np.where(mask.any(axis=1), sim, 0.0)
-        cells = []
-        for score in (sim, np.sum(vp * vq, axis=1)):
-            g, _ = ctr_metrics.gauc(test["label"], score, test["page_id"])
-            cells += [f"{ctr_metrics.auc(test['label'], score):.4f}", f"{g:.4f}"]
-        if planted is not None:
-            nn = visual_search.nearest_neighbours(t.item_vector, np.arange(len(t.item_id)), 10)
-            at = truth.index_of(t.item_id, planted["item_id"])
-            cells += [f"{np.mean(v[nn] == v[:, None]):.1%}" for v in
-                      (planted[k][at] for k in ("category", "pattern", "palette"))]
-            if os.path.exists(clusters_files.get(name, "")):
-                ids = clusters.Clusters.load(clusters_files[name]).assign(t.item_vector)
-                cells += [f"{_purity(ids, planted[k][at]):.1%}" for k in ("category", "style")]
-            else:
-                cells += ["", ""]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def _purity(cluster_ids: np.ndarray, labels: np.ndarray) -> float:
-    """The share of items whose label is their cluster's most common one."""
-    return sum(np.bincount(labels[cluster_ids == c]).max()
-               for c in np.unique(cluster_ids)) / len(labels)
-
-
-def perfect_encoder(data_dir: str, out: str, seed: int, ctr_steps: int) -> dict:
-    """The CTR model in each mode fed a perfect style encoder (evaluation only: reads the planted
-    truth): every item's and query photo's vector is the one-hot of its planted style, and the
-    Cluster-ID clusters are the styles. What each mode can make of this world's image signal.
-    Returns {mode: metrics}, cached in <out>/perfect_encoder.json."""
-    path = os.path.join(out, "perfect_encoder.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
-    from trainer import configs
-    from trainer.ctr import task as ctr_task
-    from trainer.data import ctr_spec, pipeline, records
-    from trainer.features import clusters, embeddings
-    t = truth.load(data_dir)
-    cat = pipeline.read_columns(records.default_pattern(data_dir, "catalog"), "catalog",
-                                ("item_id", "category_id", "impressions_30d"))
-    q = pipeline.read_columns(records.default_pattern(data_dir, "queries"), "queries",
-                              ("query_id",))
-    one_hot = np.eye(t["num_styles"], dtype=np.float32)
-    table = embeddings.EmbeddingTable(
-        cat["item_id"], cat["category_id"], cat["impressions_30d"],
-        one_hot[t["items"]["style"][truth.index_of(cat["item_id"], t["items"]["item_id"])]],
-        q["query_id"],
-        one_hot[t["queries"]["style"][truth.index_of(q["query_id"], t["queries"]["query_id"])]])
-    stage = configs.override(configs.for_stage("ctr"), "train.steps", ctr_steps)
-    results = {}
-    for mode in MODES:
-        cfg = dataclasses.replace(
-            stage.ctr, train_pattern=records.default_pattern(data_dir, "ctr", "train"),
-            test_pattern=records.default_pattern(data_dir, "ctr", "test"),
-            image_feature_mode=mode)
-        results[mode] = ctr_task.train_and_evaluate(
-            cfg, ctr_spec.load(cfg.spec), stage.train,
-            os.path.join(out, "ctr", f"perfect_encoder_{mode}"), cat["item_id"],
-            cat["impressions_30d"], table,
-            clusters=clusters.Clusters(one_hot) if mode == "cluster_id" else None, seed=seed)
-        print(f"  seed {seed}: perfect style encoder/{mode}: AUC {results[mode]['AUC']:.4f}",
-              flush=True)
-    with open(path, "w") as f:
-        json.dump(results, f, indent=2)
-    return results
-
-
-def main() -> None:
-    p = console.CommandLine(description=__doc__.splitlines()[0])
-    p.add_argument("--data_dir", required=True)
-    p.add_argument("--visual_dir", default="runs/visual",
-                   help="Where repro_visual.py keeps the S1 encoders (trained here if missing).")
-    p.add_argument("--out_dir", default="runs/courier")
-    p.add_argument("--seeds", default="0")
-    p.add_argument("--courier_steps", type=int, default=200, help="COURIER steps (one epoch).")
-    p.add_argument("--ctr_steps", type=int, default=470,
-                   help="CTR steps (one epoch of `small` at batch 512).")
-    p.add_argument("--ablation_mode", default="cluster_id", choices=MODES,
-                   help="Image feature mode of the Table 6 rows.")
-    p.add_argument("--skip_ablations", action="store_true")
-    p.add_argument("--encoder_steps", type=int, default=0,
-                   help="Steps of Table 5's other baselines (0: their stages' defaults, S1's "
-                        "budget).")
-    p.add_argument("--skip_baselines", action="store_true",
-                   help="Leave out Table 5's other baselines and Table 8's COURIER + CLIP.")
-    p.add_argument("--extra", default="", help="Flags passed to every CTR stage, space separated.")
-    p.add_argument("--report_only", action="store_true",
-                   help="Only print the tables from the seeds' results.json (no training).")
-    a = p.parse_args()
-    t0 = time.time()
-    per_seed, s1_dirs = {}, {}
-    for seed in [int(s) for s in a.seeds.split(",")]:
-        out = os.path.join(a.out_dir, f"seed{seed}")
-        s1_dirs[seed] = os.path.join(a.visual_dir, f"seed{seed}", "s1")
-        if a.report_only:
-            with open(os.path.join(out, "results.json")) as f:
-                per_seed[seed] = json.load(f)
-            continue
-        print(f"seed {seed}:", flush=True)
-        os.makedirs(out, exist_ok=True)
-        s1 = experiments.ensure(experiments.get("s1"), a.data_dir, s1_dirs[seed], {}, seed,
-                                os.path.join(out, "log.txt"))
-        per_seed[seed] = run_seed(a.data_dir, s1, out, seed, a)
+def report(a, per_seed: dict) -> str:
     text = tables(per_seed, a.ablation_mode)
     preds = predictions(a.out_dir, sorted(per_seed), a.ablation_mode)
     text += ("\n\nThe paper's orderings, each judged by a paired bootstrap over test pages "
@@ -351,13 +211,14 @@ def main() -> None:
     seed_dir = os.path.join(a.out_dir, f"seed{first}")
     names = [e for e in ("courier", *(f"courier_{flag}" for _, flag in ABLATIONS), *BASELINES,
                          "courier_clip") if os.path.isdir(os.path.join(seed_dir, e, "ckpt"))]
-    encoders = {title("s1"): s1_dirs[first]} | {title(e): os.path.join(seed_dir, e) for e in names}
+    encoders = ({title("s1"): s1_dir(a, first)}
+                | {title(e): os.path.join(seed_dir, e) for e in names})
     clusters_files = {title(e): os.path.join(seed_dir, experiments.ctr_experiment(
         e, "cluster_id").name, "clusters.npz") for e in ("s1", *names)}
     text += (f"\n\nWhat the vectors carry, without the CTR model (seed {first}):"
-             f"\n\n{history_diagnostics(a.data_dir, encoders, clusters_files)}")
+             f"\n\n{diagnostics.user_intent(a.data_dir, encoders, clusters_files)}")
     if truth.exists(a.data_dir):
-        perfect = perfect_encoder(a.data_dir, seed_dir, first, a.ctr_steps)
+        perfect = diagnostics.perfect_style_encoder(a.data_dir, seed_dir, first, a.ctr_steps)
         base = per_seed[first]["ctr"]["baseline"]
         text += (f"\n\nThe same CTR model fed a perfect style encoder (evaluation only: each "
                  f"vector is the one-hot of the planted style, the clusters are the styles; "
@@ -370,9 +231,32 @@ def main() -> None:
              for k in per_seed[first]["courier_seconds"]}
     text += ("\n\nCOURIER training time per run (s): " +
              ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
-    if not a.report_only:
-        text += f"\n\nTotal time: {(time.time() - t0) / 60:.1f} min."
-    experiments.write_report(text, os.path.join(a.out_dir, "table5.md"))
+    return text
+
+
+def s1_dir(a, seed: int) -> str:
+    return os.path.join(a.visual_dir, f"seed{seed}", "s1")
+
+
+def main() -> None:
+    p = experiments.repro_flags(__doc__, "runs/courier", extra=True)
+    p.add_argument("--courier_steps", type=int, default=200, help="COURIER steps (one epoch).")
+    p.add_argument("--ablation_mode", default="cluster_id", choices=MODES,
+                   help="Image feature mode of the Table 6 rows.")
+    p.add_argument("--skip_ablations", action="store_true")
+    p.add_argument("--encoder_steps", type=int, default=0,
+                   help="Steps of Table 5's other baselines (0: their stages' defaults, S1's "
+                        "budget).")
+    p.add_argument("--skip_baselines", action="store_true",
+                   help="Leave out Table 5's other baselines and Table 8's COURIER + CLIP.")
+    a = p.parse_args()
+
+    def seed_run(seed: int, out: str) -> None:
+        s1 = experiments.ensure(experiments.get("s1"), a.data_dir, s1_dir(a, seed), {}, seed,
+                                os.path.join(out, "log.txt"))
+        run_seed(a.data_dir, s1, out, seed, a)
+
+    experiments.reproduce(a, seed_run, lambda per_seed: report(a, per_seed), "table5.md")
 
 
 if __name__ == "__main__":

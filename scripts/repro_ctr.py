@@ -22,10 +22,9 @@ import time
 import numpy as np
 
 import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
-from trainer import console, experiments
+from trainer import diagnostics, experiments
 from trainer.data import npz
-from trainer.eval import significance
-from trainer.synth import truth  # evaluation only
+from trainer.eval import read_metrics, significance
 
 ENCODERS = ("resnet_c", "s1", "s2", "s1s2")  # trained by repro_visual.py
 COMPETITORS = tuple(e.name for e in experiments.COMPETITORS)  # VGG-C, ViT-C: trained here
@@ -72,14 +71,12 @@ def run_seed(data_dir: str, encoders: str, out: str, seed: int, extra: list) -> 
     results = {}
     for exp in RUNS:
         model_dir = os.path.join(out, exp.name)
-        if os.path.exists(os.path.join(model_dir, "metrics.json")):  # a rerun only reports
+        if read_metrics(model_dir):  # a rerun only reports
             seconds = 0.0
         else:
             seconds = experiments.run(experiments.command(exp, data_dir, model_dir, dirs, seed,
                                                           flags=extra), log)
-        with open(os.path.join(model_dir, "metrics.json")) as f:
-            results[exp.title] = json.load(f)
-        m = results[exp.title]
+        m = results[exp.title] = read_metrics(model_dir) or {}
         m["seconds"] = seconds or m.get("seconds", 0.0)
         print(f"  seed {seed}: {exp.title}: AUC {m['AUC']:.4f} bottom-10% {m['AUC_bottom10']:.4f} "
               f"top-10% {m['AUC_top10']:.4f} ({seconds:.0f}s)", flush=True)
@@ -138,121 +135,31 @@ def checks(preds: dict) -> list[str]:
          for s in preds}, not_below=c.not_below) for c in experiments.CTR_CLAIMS]
 
 
-def reference(data_dir: str) -> str:
-    """The AUC of the planted click logit's observable-in-principle parts on the test day
-    (evaluation only): how much there is to learn, and how much of it is visual."""
-    if not truth.exists(data_dir):
-        return ""
-    from trainer.data import pipeline, records
-    from trainer.eval import ctr_metrics
-    from trainer.synth import marketplace
-    t = truth.load(data_dir)
-    cm = marketplace.load_manifest(data_dir)["world"]["click"]  # the world's own parameters
-    test = pipeline.read_columns(records.default_pattern(data_dir, "ctr", "test"), "ctr",
-                                 ("label", "user_id", "item_id", "query_id", "position",
-                                  "page_id"))
-    cat = pipeline.read_columns(records.default_pattern(data_dir, "catalog"), "catalog",
-                                ("item_id", "impressions_30d"))
-    items, users, queries = t["items"], t["users"], t["queries"]
-    it = truth.index_of(test["item_id"], items["item_id"])
-    us = truth.index_of(test["user_id"], users["user_id"])
-    qs = truth.index_of(test["query_id"], queries["query_id"])
-    sim = t["style_similarity"]
-    style, interests = items["style"][it], users["interests"][us]
-    user_sim = np.where(interests >= 0, sim[style[:, None], np.maximum(interests, 0)], 0).max(1)
-    visual = np.where(users["visual"][us], 1.0, cm["non_visual_factor"])
-    style_part = visual * (cm["query_style"] * sim[style, queries["style"][qs]]
-                           + cm["user_style"] * user_sim)
-    rest = cm["quality"] * items["quality"][it] - cm["position_decay"] * test["position"]
-    imps = cat["impressions_30d"][truth.index_of(test["item_id"], cat["item_id"])]
-    lines = ["| planted score | Bottom10% | Top10% | Overall | GAUC |",
-             "| --- | ---: | ---: | ---: | ---: |"]
-    jitter = np.random.default_rng(0).random(len(it)) * 1e-9  # break exact ties at random
-    for name, score in (("style terms + item quality + position", style_part + rest),
-                        ("style terms only (what images can carry)", style_part),
-                        ("item quality + position only", rest)):
-        m = ctr_metrics.ctr_metrics(test["label"], score + jitter, test["page_id"],
-                                    test["item_id"], imps)
-        lines.append(f"| {name} | {m['AUC_bottom10']:.4f} | {m['AUC_top10']:.4f} | "
-                     f"{m['AUC']:.4f} | {m['GAUC']:.4f} |")
-    return "\n".join(lines)
-
-
-def feature_diagnostics(data_dir: str, encoder_dirs: dict) -> str:
-    """What each encoder's vectors carry, measured without the CTR model (no planted truth): the
-    test-day AUC and GAUC of cos(v_q, v_p) alone (how well query-item similarity ranks clicks),
-    and the R^2 of a ridge probe of log(1 + 30-day impressions) from the item vector (popularity
-    baked into the features: S2's selection bias)."""
-    from trainer.data import pipeline, records
-    from trainer.eval import ctr_metrics
-    from trainer.features import embeddings
-    test = pipeline.read_columns(records.default_pattern(data_dir, "ctr", "test"), "ctr",
-                                 ("label", "item_id", "query_id", "page_id"))
-    catalog = records.default_pattern(data_dir, "catalog")
-    queries = records.default_pattern(data_dir, "queries")
-    lines = ["| encoder | seed | cos(v_q, v_p) AUC | cos(v_q, v_p) GAUC | popularity probe R^2 |",
-             "| --- | ---: | ---: | ---: | ---: |"]
-    for name in ("resnet_c", *COMPETITORS, "s1", "s2", "s1s2"):
-        for seed, root in encoder_dirs.items():
-            t = embeddings.for_encoder(os.path.join(root, name), catalog, queries)
-            item_row = {int(i): r for r, i in enumerate(t.item_id)}
-            query_row = {int(i): r for r, i in enumerate(t.query_id)}
-            vp = t.item_vector[[item_row[int(i)] for i in test["item_id"]]]
-            vq = t.query_vector[[query_row[int(i)] for i in test["query_id"]]]
-            cos = np.sum(vp * vq, axis=1)
-            g, _ = ctr_metrics.gauc(test["label"], cos, test["page_id"])
-            y = np.log1p(t.impressions_30d.astype(np.float64))
-            x = np.concatenate([t.item_vector, np.ones([len(y), 1])], axis=1)
-            half = len(y) // 2  # fit on one half of the catalog, score on the other
-            w = np.linalg.solve(x[:half].T @ x[:half] + 1e-2 * np.eye(x.shape[1]),
-                                x[:half].T @ y[:half])
-            resid = y[half:] - x[half:] @ w
-            r2 = 1 - resid.var() / y[half:].var()
-            lines.append(f"| {name} | {seed} | {ctr_metrics.auc(test['label'], cos):.4f} | "
-                         f"{g:.4f} | {r2:.3f} |")
-    return "\n".join(lines)
-
-
-def main() -> None:
-    p = console.CommandLine(description=__doc__.splitlines()[0])
-    p.add_argument("--data_dir", required=True)
-    p.add_argument("--visual_dir", default="runs/visual",
-                   help="Where repro_visual.py keeps (or will train) the encoders.")
-    p.add_argument("--out_dir", default="runs/ctr")
-    p.add_argument("--seeds", default="0")
-    p.add_argument("--extra", default="", help="Flags passed to every CTR stage, space separated.")
-    p.add_argument("--report_only", action="store_true",
-                   help="Only print the table from the seeds' results.json (no training).")
-    a = p.parse_args()
-    t0 = time.time()
-    per_seed, t_ctr = {}, 0.0
-    seeds = [int(s) for s in a.seeds.split(",")]
-    for seed in seeds:
-        out = os.path.join(a.out_dir, f"seed{seed}")
-        if a.report_only:
-            with open(os.path.join(out, "results.json")) as f:
-                per_seed[seed] = json.load(f)
-            continue
-        print(f"seed {seed}:", flush=True)
-        encoders = ensure_encoders(a.data_dir, a.visual_dir, seed)
-        t1 = time.time()
-        per_seed[seed] = run_seed(a.data_dir, encoders, out, seed, a.extra.split())
-        t_ctr += time.time() - t1
+def report(a, per_seed: dict) -> str:
+    seeds = sorted(per_seed)
     preds = predictions(a.out_dir, seeds)
     text = (table(per_seed, preds) + "\n\nThe paper's orderings, each judged by a paired bootstrap "
             "over test pages (difference and its 95% interval per seed):\n"
             + "\n".join(checks(preds)))
-    text += ("\n\nWhat the image features carry, without the CTR model:\n\n" + feature_diagnostics(
-        a.data_dir, {s: os.path.join(a.visual_dir, f"seed{s}") for s in seeds}))
-    ref = reference(a.data_dir)
+    text += ("\n\nWhat the image features carry, without the CTR model:\n\n"
+             + diagnostics.query_similarity_and_popularity(
+                 a.data_dir, {s: os.path.join(a.visual_dir, f"seed{s}") for s in seeds},
+                 ("resnet_c", *COMPETITORS, "s1", "s2", "s1s2")))
+    ref = diagnostics.planted_click_scores(a.data_dir)
     if ref:
         text += ("\n\nReference from the planted truth (evaluation only): the AUC of parts of the "
                  "simulator's click logit (user price sensitivity, shop quality, device and the "
                  f"logit noise left out):\n\n{ref}")
-    if not a.report_only:
-        text += (f"\n\nTotal time: {(time.time() - t0) / 60:.1f} min ({t_ctr / 60:.1f} min of "
-                 "CTR training and evaluation).")
-    experiments.write_report(text, os.path.join(a.out_dir, "table2.md"))
+    return text
+
+
+def main() -> None:
+    p = experiments.repro_flags(__doc__, "runs/ctr", ctr_steps=False, extra=True)
+    a = p.parse_args()
+    experiments.reproduce(
+        a, lambda seed, out: run_seed(a.data_dir, ensure_encoders(a.data_dir, a.visual_dir, seed),
+                                      out, seed, a.extra.split()),
+        lambda per_seed: report(a, per_seed), "table2.md")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import tensorflow as tf
 import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
 from trainer import experiments
 from trainer.data import npz, pipeline, records
-from trainer.eval import ctr_metrics, significance
+from trainer.eval import ctr_metrics, read_metrics, significance
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -90,7 +90,7 @@ def run_seed(a, seed: int, out: str) -> None:
     for name, exp in (("baseline", experiments.ctr_experiment(None)),
                       ("courier", experiments.ctr_experiment("courier", MODE))):
         model_dir = os.path.join(out, exp.name)
-        if not os.path.exists(os.path.join(model_dir, "metrics.json")):
+        if not read_metrics(model_dir):
             experiments.run(experiments.command(exp, a.data_dir, model_dir, dirs, seed,
                                                 flags=[f"--train_steps={a.ctr_steps}"]), log)
         results[name] = os.path.join(model_dir, "predictions.npz")

@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import time
 
 import numpy as np
 
 import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
-from trainer import console, experiments
+from trainer import diagnostics, experiments
 from trainer.data import npz
-from trainer.eval import significance, visual_search
-from trainer.synth import truth  # evaluation only
+from trainer.eval import read_metrics, significance, visual_search
 
 ENCODERS = ("resnet_c", "s1", "s2", "s1s2")
 METHODS = tuple(experiments.get(e).title for e in ENCODERS)  # ResNet-C, S1, S2, S1+S2
@@ -44,8 +42,7 @@ def run_seed(data_dir: str, out: str, seed: int, extra: list) -> dict:
         evaluation = experiments.get("random" if name == "random" else "eval")
         experiments.run(experiments.command(evaluation, data_dir, dirs[name], dirs, seed,
                                             flags=extra), log)
-        with open(os.path.join(dirs[name], "metrics.json")) as f:
-            results[method] = json.load(f)
+        results[method] = read_metrics(dirs[name]) or {}
         results[method]["train_seconds"] = times.get(method, 0.0)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
@@ -96,77 +93,24 @@ def checks(parts: dict) -> list[str]:
          for s in parts}, not_below=c.not_below) for c in experiments.VISUAL_CLAIMS]
 
 
-def diagnostics(data_dir: str, seed_dirs: dict) -> str:
-    """What the planted truth says about the data and the encoders (evaluation only): how often an
-    S2 click pair shares the query's style, and HR when the queries are the users' photos (S2's
-    own task) with relevance = same category and planted style."""
-    if not truth.exists(data_dir):
-        return ""
-    from trainer.data import pipeline, records
-    from trainer.eval import visual_search
-    from trainer.features import embeddings
-    t = truth.load(data_dir)
-    items, queries = t["items"], t["queries"]
-    pairs = pipeline.read_columns(records.default_pattern(data_dir, "search_sessions", "train"),
-                                  "search_sessions", ("query_id", "clicked_item_id"))
-    clicked = items["style"][truth.index_of(pairs["clicked_item_id"], items["item_id"])]
-    asked = queries["style"][truth.index_of(pairs["query_id"], queries["query_id"])]
-    sim = t["style_similarity"][clicked, asked]
-    queries_pattern = records.default_pattern(data_dir, "queries")
-    catalog_pattern = records.default_pattern(data_dir, "catalog")
-    lines = [f"S2 click pairs: {len(sim)}; the clicked item has the query's style in "
-             f"{np.mean(sim == 1):.1%}, a shared pattern or palette in {np.mean(sim == 0.3):.1%}, "
-             f"neither in {np.mean(sim == 0):.1%}.", "",
-             "HR with the users' query photos as queries (S2's own task; relevant = catalog items "
-             "of the photo's category and planted style):", "",
-             "| Method | " + " | ".join(f"seed {s}" for s in seed_dirs) + " |",
-             "| --- |" + " ---: |" * len(seed_dirs)]
-    for method, sub in (("ResNet-C", "resnet_c"), ("S1", "s1"), ("S2", "s2"), ("S1+S2", "s1s2")):
-        cells = []
-        for out in seed_dirs.values():
-            table = embeddings.for_encoder(os.path.join(out, sub), catalog_pattern,
-                                           queries_pattern)
-            qi = truth.index_of(table.query_id, queries["query_id"])
-            ci = truth.index_of(table.item_id, items["item_id"])
-            key_items = items["category"][ci] * 1000 + items["style"][ci]
-            key_q = queries["category"][qi] * 1000 + queries["style"][qi]
-            relevant = [np.flatnonzero(key_items == k) for k in key_q]
-            found = visual_search.search(table.item_vector, table.query_vector,
-                                         max(len(r) for r in relevant))
-            cells.append(f"{visual_search.hit_ratio(found, relevant):.4f}")
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def main() -> None:
-    p = console.CommandLine(description=__doc__.splitlines()[0])
-    p.add_argument("--data_dir", required=True)
-    p.add_argument("--out_dir", default="runs/visual")
-    p.add_argument("--seeds", default="0")
-    p.add_argument("--extra", default="", help="Flags passed to every stage, space separated.")
-    p.add_argument("--report_only", action="store_true",
-                   help="Only print the table from the seeds' results.json (no training).")
-    a = p.parse_args()
-    t0 = time.time()
-    per_seed = {}
-    for seed in [int(s) for s in a.seeds.split(",")]:
-        out = os.path.join(a.out_dir, f"seed{seed}")
-        if a.report_only:
-            with open(os.path.join(out, "results.json")) as f:
-                per_seed[seed] = json.load(f)
-            continue
-        print(f"seed {seed}:", flush=True)
-        per_seed[seed] = run_seed(a.data_dir, out, seed, a.extra.split())
-    parts = per_query(a.out_dir, sorted(per_seed))
+def report(out_dir: str, data_dir: str, per_seed: dict) -> str:
+    parts = per_query(out_dir, sorted(per_seed))
     text = (table(per_seed, parts) + "\n\nThe paper's orderings, each judged by a paired "
             "bootstrap over queries (difference and its 95% interval per seed):\n"
             + "\n".join(checks(parts)))
-    diag = diagnostics(a.data_dir, {s: os.path.join(a.out_dir, f"seed{s}") for s in per_seed})
+    diag = diagnostics.search_on_photos(data_dir, {s: os.path.join(out_dir, f"seed{s}")
+                                                   for s in per_seed})
     if diag:
         text += f"\n\nDiagnostics from the planted truth (evaluation only):\n\n{diag}"
-    if not a.report_only:
-        text += f"\n\nTotal time: {(time.time() - t0) / 60:.1f} min."
-    experiments.write_report(text, os.path.join(a.out_dir, "table1.md"))
+    return text
+
+
+def main() -> None:
+    p = experiments.repro_flags(__doc__, "runs/visual", visual_dir=False, ctr_steps=False,
+                                extra=True)
+    a = p.parse_args()
+    experiments.reproduce(a, lambda seed, out: run_seed(a.data_dir, out, seed, a.extra.split()),
+                          lambda per_seed: report(a.out_dir, a.data_dir, per_seed), "table1.md")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@
 ordered by predicted click probability: by ids only (`serving_default`), or, with `--photo`, for
 the photo the user has just taken (`rank`: the model encodes it; a candidate with an "image"
 path, such as an item added since the export, is sent with its image). The request format is in
-serving_config/README.md.
+docs/serving.md.
 """
 from __future__ import annotations
 

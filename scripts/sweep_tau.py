@@ -12,7 +12,6 @@ error bar. Prints the table, draws fig3.png and writes fig3.md.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -20,18 +19,17 @@ import numpy as np
 
 import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
 from trainer import console, experiments
+from trainer.eval import read_metrics
 
 DEFAULT_TAU = 0.05
 
 
 def _ctr(exp: experiments.Experiment, data_dir: str, model_dir: str, dirs: dict, seed: int,
          flags: list, log: str) -> dict:
-    path = os.path.join(model_dir, "metrics.json")
-    if not os.path.exists(path):
+    if not read_metrics(model_dir):
         experiments.run(experiments.command(exp, data_dir, model_dir, dirs, seed, flags=flags),
                         log)
-    with open(path) as f:
-        return json.load(f)
+    return read_metrics(model_dir) or {}
 
 
 def sweep_seed(a, seed: int) -> dict:

@@ -18,8 +18,9 @@ import tf_keras
 
 from trainer import configs
 from trainer.ctr import debias
+from trainer.ctr import spec as ctr_spec
 from trainer.ctr import task as ctr_task
-from trainer.data import ctr_spec, records
+from trainer.data import records
 from trainer.features import embeddings
 from trainer.train import loop
 

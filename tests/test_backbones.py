@@ -11,12 +11,11 @@ import pytest
 import tensorflow as tf
 
 from export import encoder as export_encoder
-from trainer import configs
+from trainer import configs, registry
 from trainer.data import records
 from trainer.features import embeddings
 from trainer.models import encoder
 from trainer.stages import common
-from trainer.stages import encoders as encoder_stages
 
 BACKBONES = {
     "resnet": configs.EncoderConfig(backbone="resnet", depth=10, width_multiplier=0.25,
@@ -30,7 +29,7 @@ TRAIN = configs.TrainConfig(steps=1, global_batch_size=8, warmup_steps=0, log_in
 
 
 def _stage(cls, world, model_dir, enc, **kw):
-    encoder_stages.run_training(cls(data_dir=world, model_dir=model_dir, encoder=enc,
+    registry.run(cls(data_dir=world, model_dir=model_dir, encoder=enc,
                                     train=TRAIN, **kw))
 
 

@@ -10,6 +10,7 @@ import pytest
 from tensorflow.core.example import example_pb2
 
 from conftest import raw_records, write_records
+from trainer.ctr import spec as ctr_spec
 from trainer.data import parse, pipeline, records, validate
 
 BAD = 3
@@ -92,7 +93,8 @@ def _pipe(path, kind, tiny_world, skip=False):
     if tiny_world not in _STORES:
         _STORES[tiny_world] = pipeline.load_image_store(
             records.default_pattern(tiny_world, "catalog"))
-    cfg = pipeline.InputConfig(path, kind, global_batch_size=4, image_size=32, shuffle=False,
+    cfg = pipeline.InputConfig(path, ctr_spec.record_kind(kind), global_batch_size=4,
+                               image_size=32, shuffle=False,
                                repeat=False, drop_remainder=False, deterministic=True,
                                skip_bad_records=skip)
     return pipeline.InputPipeline(cfg, image_store=_STORES[tiny_world])

@@ -13,13 +13,13 @@ import pytest
 import tensorflow as tf
 
 from tests.conftest import read_all
-from trainer import configs
+from trainer import configs, registry
+from trainer.ctr import spec as ctr_spec
 from trainer.ctr import supervised
 from trainer.ctr import task as ctr_task
-from trainer.data import ctr_spec, pipeline, records
+from trainer.data import pipeline, records
 from trainer.features import embeddings
 from trainer.models import clip, encoder, text
-from trainer.stages import encoders as encoder_stages
 from trainer.synth import titles, truth
 from trainer.train import loop
 
@@ -75,7 +75,7 @@ def test_baseline_stage_trains_and_gives_an_encoder(stage, tiny_world, tmp_path)
                                                                      text=SMALL_TEXT)},
                    }.get(stage, {})
     stage = {"maskclip": "clip", "courier_clip": "courier"}.get(stage, stage)
-    encoder_stages.run_training(configs.STAGES[stage](
+    registry.run(configs.STAGES[stage](
         data_dir=tiny_world, model_dir=model_dir, encoder=ENC, train=TRAIN, **extra))
     saved = configs.load(model_dir)
     assert saved.stage == stage and saved.encoder.architecture() == ENC.architecture()

@@ -1,7 +1,7 @@
-"""README, "Bring your own data", run as it is: its spec and every line of its command block, on
-Parquet tables made from the tiny world the way a marketplace without demographics or query photos
-would log them (list columns, a user statistic of its own, some of it null). Small step counts are
-appended to the training commands; nothing else is changed."""
+"""docs/data.md, "Bring your own data", run as it is: its spec and every line of its command
+block, on Parquet tables made from the tiny world the way a marketplace without demographics or
+query photos would log them (list columns, a user statistic of its own, some of it null). Small
+step counts are appended to the training commands; nothing else is changed."""
 from __future__ import annotations
 
 import glob
@@ -19,8 +19,8 @@ import yaml
 
 from conftest import REPO, read_all
 from trainer import configs
+from trainer.ctr import spec as ctr_spec
 from trainer.ctr import tables as ctr_tables
-from trainer.data import ctr_spec
 
 BUDGETS = {  # appended to `python -m trainer.task --stage=...` lines
     "pretrain": ["--train_steps=2", "--batch_size=16", "--log_interval=1", "--image_size=32",
@@ -31,14 +31,15 @@ BUDGETS = {  # appended to `python -m trainer.task --stage=...` lines
 }
 
 
-def readme_block(name: str) -> str:
-    text = open(os.path.join(REPO, "README.md")).read()
+def doc_block(name: str) -> str:
+    """The code block between the markers `BYO <name>` of docs/data.md."""
+    text = open(os.path.join(REPO, "docs", "data.md")).read()
     block = text.split(f"<!-- BEGIN BYO {name} -->", 1)[1].split(f"<!-- END BYO {name} -->")[0]
     return re.search(r"```\w*\n(.*?)```", block, re.S).group(1)
 
 
 def _tables(world: str, raw: str) -> None:
-    """The tiny world as the README's Parquet tables and image folder."""
+    """The tiny world as docs/data.md's Parquet tables and image folder."""
     os.makedirs(os.path.join(raw, "images"))
     cat = read_all(world, "catalog", decode_images=False)
     for item, image in zip(cat["item_id"], cat["image"], strict=True):
@@ -67,31 +68,30 @@ def _tables(world: str, raw: str) -> None:
 
 
 def test_the_beam_section_shows_commands_that_this_test_runs():
-    """README, "Batch jobs on Apache Beam": each pipeline's local command is a line of the
-    command block below, run as written."""
-    text = open(os.path.join(REPO, "README.md")).read()
-    section = text.split("## Batch jobs on Apache Beam", 1)[1].split("\n## ", 1)[0]
+    """docs/beam.md: each pipeline's local command is a line of docs/data.md's command block,
+    run as written below."""
+    section = open(os.path.join(REPO, "docs", "beam.md")).read()
     shown = re.findall(r"^python -m trainer\.pipelines\.\w+ .*$", section, re.M)
     assert {re.match(r"python -m trainer\.pipelines\.(\w+)", c).group(1) for c in shown} == {
         "convert", "embed", "join", "vocab"}
-    block = readme_block("COMMANDS").splitlines()
+    block = doc_block("COMMANDS").splitlines()
     for command in shown:
         assert command in block, command
 
 
-def test_the_readme_section_runs_as_written(tiny_world, tmp_path):
+def test_the_bring_your_own_data_section_runs_as_written(tiny_world, tmp_path):
     raw = str(tmp_path / "raw")
     _tables(tiny_world, raw)
-    spec_text = readme_block("SPEC")
+    spec_text = doc_block("SPEC")
     with open(os.path.join(raw, "spec.yaml"), "w") as f:
         f.write(spec_text)
-    spec = ctr_spec.parse(yaml.safe_load(spec_text), "README")
+    spec = ctr_spec.parse(yaml.safe_load(spec_text), "docs/data.md")
     assert not {"age_bucket", "gender", "preferred_category_ids", "query_id"} & set(spec.inputs)
 
     venv_bin = os.path.dirname(sys.executable)
     env = {**os.environ, "RAW": raw, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "2",
            "PATH": f"{venv_bin}{os.pathsep}{os.environ['PATH']}"}
-    setup, *commands = [line for line in readme_block("COMMANDS").splitlines()
+    setup, *commands = [line for line in doc_block("COMMANDS").splitlines()
                         if line.strip() and not line.startswith("#")]
     assert setup.startswith("DATA=") and len(commands) == 14
     for line in commands:

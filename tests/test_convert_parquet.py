@@ -1,4 +1,5 @@
-"""scripts/convert_parquet.py: Parquet (read with pyarrow, batch by batch) + images -> the same
+"""The single-process Parquet conversion (`trainer.data.parquet.convert`, the command
+scripts/convert_parquet.py): Parquet (read with pyarrow, batch by batch) + images -> the same
 records as the generator writes; list columns and space-separated strings give equal records."""
 import glob
 import logging
@@ -12,11 +13,13 @@ import pytest
 from tensorflow.core.example import example_pb2
 
 from conftest import REPO, raw_records
-from trainer.data import ctr_spec, records
+from trainer.ctr import spec as ctr_spec
+from trainer.data import parquet, records
 
 sys.path.insert(0, os.path.join(REPO, "scripts"))
 import convert_parquet  # noqa: E402
 
+CTR = ctr_spec.record_kind("ctr")
 LISTS = ("preferred_category_ids", "click_history_item_ids")
 
 
@@ -74,7 +77,7 @@ def test_catalog_round_trip(tiny_world, tmp_path):
     # Inline images: a binary column named after the feature gives the same records.
     inline = table.append_column("image", pa.array([r["image"][0] for r in rows], pa.binary()))
     pq.write_table(inline, str(tmp_path / "inline.parquet"))
-    paths = convert_parquet.convert("catalog", str(tmp_path / "inline.parquet"),
+    paths = parquet.convert("catalog", str(tmp_path / "inline.parquet"),
                                     str(tmp_path / "inline"), "all", 2)
     assert [r for p in paths for r in raw_records(p)] == originals
 
@@ -89,7 +92,7 @@ def test_list_columns_equal_space_separated_strings(tiny_world, tmp_path):
         folder.mkdir()
         for i, part in enumerate((rows[:300], rows[300:])):
             pq.write_table(_ctr_table(part, lists_as), str(folder / f"part-{i}.parquet"))
-        paths = convert_parquet.convert("ctr", str(folder), str(tmp_path / f"out_{lists_as}"),
+        paths = parquet.convert(CTR, str(folder), str(tmp_path / f"out_{lists_as}"),
                                         "test", 3, batch_rows=64)
         assert len(paths) == 3
         converted[lists_as] = [r for p in paths for r in raw_records(p)]
@@ -126,9 +129,9 @@ def test_float_and_image_path_lists(tmp_path):
     for form in ("lists", "strings"):
         pq.write_table(tables[form], str(tmp_path / f"ctr_{form}.parquet"))
         pq.write_table(pvs[form], str(tmp_path / f"pv_{form}.parquet"))
-        ctr = convert_parquet.convert(spec.record_kind(), str(tmp_path / f"ctr_{form}.parquet"),
+        ctr = parquet.convert(spec.record_kind(), str(tmp_path / f"ctr_{form}.parquet"),
                                       str(tmp_path / form), "train", 1)
-        pv = convert_parquet.convert("pageviews", str(tmp_path / f"pv_{form}.parquet"),
+        pv = parquet.convert("pageviews", str(tmp_path / f"pv_{form}.parquet"),
                                      str(tmp_path / form), "train", 1, image_dir=str(tmp_path))
         got[form] = (raw_records(ctr[0]), raw_records(pv[0]))
     assert got["lists"] == got["strings"]
@@ -143,7 +146,7 @@ def test_unknown_columns_are_left_out_with_a_warning(tmp_path, caplog):
                   "annotator": pa.array(["x"]), "notes": pa.array(["y"])})
     pq.write_table(t, str(tmp_path / "j.parquet"))
     with caplog.at_level(logging.WARNING):
-        paths = convert_parquet.convert("judgments", str(tmp_path / "j.parquet"),
+        paths = parquet.convert("judgments", str(tmp_path / "j.parquet"),
                                         str(tmp_path / "o"), "all", 1)
     assert "['annotator', 'notes']" in caplog.text and "judgments" in caplog.text
     assert _values(raw_records(paths[0])[0]) == {"query_item_id": [1],
@@ -157,7 +160,7 @@ def test_missing_column_missing_image_and_bad_values_are_named(tmp_path):
     (tmp_path / "5.png").write_bytes(b"\x89PNG fake")
     with pytest.raises(ValueError, match=rf"{path}: column 'shop_id' \(a required feature of the "
                                          r"record kind 'catalog'\) is missing"):
-        convert_parquet.convert("catalog", path, str(tmp_path / "o"), "all", 1,
+        parquet.convert("catalog", path, str(tmp_path / "o"), "all", 1,
                                 image_dir=str(tmp_path))
     # A ctr column the feature spec requires, missing from a log: file, column and kind named.
     feed_like = pa.table({"label": pa.array([1], pa.int64()), "page_id": pa.array([2], pa.int64()),
@@ -165,25 +168,25 @@ def test_missing_column_missing_image_and_bad_values_are_named(tmp_path):
     pq.write_table(feed_like, str(tmp_path / "ctr.parquet"))
     with pytest.raises(ValueError, match=r"ctr.parquet: column 'shop_id' \(a required feature of "
                                          r"the record kind 'ctr'\)"):
-        convert_parquet.convert("ctr", str(tmp_path / "ctr.parquet"), str(tmp_path / "o"), "x", 1)
+        parquet.convert(CTR, str(tmp_path / "ctr.parquet"), str(tmp_path / "o"), "x", 1)
     full = t.append_column("shop_id", pa.array([1], pa.int64())).append_column(
         "brand_id", pa.array([1], pa.int64())).append_column(
         "price", pa.array([2.5])).append_column("impressions_30d", pa.array([0], pa.int64()))
     pq.write_table(full, path)
     with pytest.raises(ValueError, match=r"row 0: no image file for id 5"):
-        convert_parquet.convert("catalog", path, str(tmp_path / "o"), "all", 1,
+        parquet.convert("catalog", path, str(tmp_path / "o"), "all", 1,
                                 image_dir=str(tmp_path / "elsewhere"))
     t = pa.table({"query_item_id": pa.array([1, 2], pa.int64()),
                   "relevant_item_ids": pa.array(["4 5", "6 x"])})
     pq.write_table(t, str(tmp_path / "j.parquet"))
     with pytest.raises(ValueError, match=r"row 1: column 'relevant_item_ids'.*'6 x'"):
-        convert_parquet.convert("judgments", str(tmp_path / "j.parquet"), str(tmp_path / "o"),
+        parquet.convert("judgments", str(tmp_path / "j.parquet"), str(tmp_path / "o"),
                                 "all", 1)
     t = pa.table({"query_item_id": pa.array([1.5], pa.float64()),
                   "relevant_item_ids": pa.array(["4"])})
     pq.write_table(t, str(tmp_path / "f.parquet"))
     with pytest.raises(ValueError, match=r"column 'query_item_id' must hold integer values"):
-        convert_parquet.convert("judgments", str(tmp_path / "f.parquet"), str(tmp_path / "o"),
+        parquet.convert("judgments", str(tmp_path / "f.parquet"), str(tmp_path / "o"),
                                 "all", 1)
 
 
@@ -211,13 +214,13 @@ def test_image_paths_outside_the_image_dir_are_refused(tmp_path):
                                                       r"absolute.*--allow_absolute_image_paths")):
         pq.write_table(_pageviews(["sub/a.png", bad]), str(tmp_path / "pv.parquet"))
         with pytest.raises(ValueError, match=words):
-            convert_parquet.convert("pageviews", str(tmp_path / "pv.parquet"),
+            parquet.convert("pageviews", str(tmp_path / "pv.parquet"),
                                     str(tmp_path / "out"), "train", 1, image_dir=str(images))
     assert not os.path.exists(tmp_path / "out" / "pageviews" / "train-00000-of-00001.tfrecord")
     # Inside the dir, also through '..' that stays inside; absolute paths when allowed.
     pq.write_table(_pageviews(["sub/../sub/a.png", str(tmp_path / "secret.txt")]),
                    str(tmp_path / "pv.parquet"))
-    paths = convert_parquet.convert("pageviews", str(tmp_path / "pv.parquet"),
+    paths = parquet.convert("pageviews", str(tmp_path / "pv.parquet"),
                                     str(tmp_path / "out"), "train", 1, image_dir=str(images),
                                     allow_absolute_image_paths=True)
     got = [_values(r)["pv_images"] for r in raw_records(paths[0])]
@@ -239,7 +242,7 @@ def test_nulls_are_bad_rows_named_by_row_and_column(tmp_path):
                                  pa.array([t[column][0].as_py(), None], typ))
         pq.write_table(table, str(tmp_path / "t.parquet"))
         with pytest.raises(ValueError, match=rf"t.parquet: row 1: column '{column}' is null"):
-            convert_parquet.convert(kind, str(tmp_path / "t.parquet"), str(tmp_path / "out"),
+            parquet.convert(kind, str(tmp_path / "t.parquet"), str(tmp_path / "out"),
                                     "train", 1, image_dir=str(tmp_path))
 
 
@@ -248,9 +251,9 @@ def test_a_rerun_with_other_shards_replaces_the_kinds_files(tmp_path):
                   "relevant_item_ids": pa.array([[1, 2]] * 10, pa.list_(pa.int64()))})
     pq.write_table(t, str(tmp_path / "j.parquet"))
     out = str(tmp_path / "out")
-    first = convert_parquet.convert("judgments", str(tmp_path / "j.parquet"), out, "all", 4)
-    other = convert_parquet.convert("judgments", str(tmp_path / "j.parquet"), out, "test", 1)
-    second = convert_parquet.convert("judgments", str(tmp_path / "j.parquet"), out, "all", 3)
+    first = parquet.convert("judgments", str(tmp_path / "j.parquet"), out, "all", 4)
+    other = parquet.convert("judgments", str(tmp_path / "j.parquet"), out, "test", 1)
+    second = parquet.convert("judgments", str(tmp_path / "j.parquet"), out, "all", 3)
     assert len(first) == 4 and len(second) == 3
     pattern = records.default_pattern(out, "judgments", "all")
     assert sorted(glob.glob(pattern)) == sorted(second)
@@ -263,5 +266,5 @@ def test_a_rerun_with_other_shards_replaces_the_kinds_files(tmp_path):
                     "relevant_item_ids": pa.array([[1], [2]], pa.list_(pa.int64()))})
     pq.write_table(bad, str(tmp_path / "bad.parquet"))
     with pytest.raises(ValueError, match="row 1: column 'query_item_id' is null"):
-        convert_parquet.convert("judgments", str(tmp_path / "bad.parquet"), out, "all", 2)
+        parquet.convert("judgments", str(tmp_path / "bad.parquet"), out, "all", 2)
     assert sorted(glob.glob(pattern)) == sorted(second) and len(raw_records(pattern)) == 10

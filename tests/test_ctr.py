@@ -16,10 +16,11 @@ import tensorflow as tf
 from conftest import REPO, one_step_on_one_and_two_replicas, read_all
 from trainer import configs
 from trainer.ctr import debias
+from trainer.ctr import spec as ctr_spec
 from trainer.ctr import task as ctr_task
 from trainer.ctr.model import CtrModel
 from trainer.ctr.tables import ClusterTable, Vocabularies
-from trainer.data import ctr_spec, records
+from trainer.data import records
 from trainer.features import clusters, embeddings
 from trainer.train import loop
 

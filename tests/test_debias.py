@@ -158,7 +158,8 @@ def test_mismatched_mlp_config_is_refused():
 
 def test_not_displayed_pool_is_the_items_without_an_impression_in_the_logs(tiny_world):
     from conftest import read_all
-    from trainer.data import ctr_spec, records
+    from trainer.ctr import spec as ctr_spec
+    from trainer.data import records
     spec = ctr_spec.load("synthetic")
     catalog = read_all(tiny_world, "catalog")["item_id"]
     ids = np.concatenate([catalog, [10 ** 12]])  # an item the logs never show

@@ -16,10 +16,10 @@ import yaml
 
 from conftest import REPO, raw_records, read_all
 from export import ctr as export_ctr
-from trainer import configs, task
+from trainer import configs, registry, task
+from trainer.ctr import spec as ctr_spec
 from trainer.ctr import task as ctr_task
-from trainer.data import ctr_spec, records
-from trainer.stages import encoders as encoder_stages
+from trainer.data import records
 from trainer.synth import config as worlds
 from trainer.synth import marketplace
 
@@ -64,7 +64,7 @@ def test_feed_spec_trains_evaluates_and_exports_end_to_end(feed_world, tmp_path)
     assert present == {"label", "page_id", *ctr_spec.load("feed").inputs}
     assert not set(ABSENT) & present  # the columns are absent from the records
     enc_dir = str(tmp_path / "s1")
-    encoder_stages.run_training(configs.PretrainStage(
+    registry.run(configs.PretrainStage(
         data_dir=feed_world, model_dir=enc_dir, encoder=ENC, train=configs.TrainConfig(
             steps=2, global_batch_size=16, log_interval=2, warmup_steps=0)))
     model_dir = str(tmp_path / "ctr")

@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from conftest import REPO
 from export import ctr as export_ctr
-from export import stand_in_server
+from serving import stand_in_server
 from trainer import configs
 from trainer.ctr import task as ctr_task
 from trainer.data import parse, records

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import raw_records, read_all
+from conftest import generate_tiny, raw_records, read_all
+from trainer.ctr import spec as ctr_spec
 from trainer.data import augment, pipeline, records, schema
-from trainer.synth import config, marketplace
+from trainer.synth import config
 
 L_PV, L_CLICK = schema.L_PV, schema.L_CLICK
 
@@ -17,7 +18,8 @@ L_PV, L_CLICK = schema.L_PV, schema.L_CLICK
 def _pipe(d, kind, split="*", **kw):
     kw.setdefault("global_batch_size", 8)
     kw.setdefault("image_size", 32)
-    cfg = pipeline.InputConfig(records.default_pattern(d, kind, split), kind,
+    cfg = pipeline.InputConfig(records.default_pattern(d, kind, split),
+                               ctr_spec.record_kind(kind),
                                catalog_pattern=records.default_pattern(d, "catalog"), **kw)
     return pipeline.InputPipeline(cfg)
 
@@ -102,7 +104,7 @@ def test_deterministic_mode_repeats_exactly(tiny_world):
 
 def test_inline_layout_reads_like_the_compact_layout(tiny_world, tmp_path):
     inline = str(tmp_path / "inline")
-    marketplace.generate(config.get_world("tiny"), inline, seed=0, inline_images=True)
+    generate_tiny(inline, seed=0, inline_images=True)
     a = read_all(tiny_world, "pageviews")
     # Inline records need no catalog: read them without one.
     cfg = pipeline.InputConfig(records.default_pattern(inline, "pageviews"), "pageviews",

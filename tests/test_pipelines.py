@@ -1,5 +1,5 @@
 """The Beam pipelines (`trainer.pipelines`) on the in-process DirectRunner: convert equals
-scripts/convert_parquet.py record for record and dead-letters bad rows with their reasons; embed
+the single-process conversion record for record and dead-letters bad rows with their reasons; embed
 equals the in-process encoder; vocab equals the in-memory vocabularies; join carries exactly what
 the in-model tables look up."""
 import os
@@ -15,8 +15,9 @@ from tensorflow.core.example import example_pb2
 from conftest import REPO, raw_records, read_all, write_records
 from trainer import configs
 from trainer.ctr import model as ctr_model
+from trainer.ctr import spec as ctr_spec
 from trainer.ctr import tables as ctr_tables
-from trainer.data import ctr_spec, parse, records, validate
+from trainer.data import parquet, parse, records, validate
 from trainer.features import clusters as clusters_lib
 from trainer.features import embeddings as embeddings_lib
 from trainer.pipelines import convert as convert_pipeline
@@ -24,7 +25,6 @@ from trainer.pipelines import join as join_pipeline
 from trainer.pipelines import vocab as vocab_pipeline
 
 sys.path.insert(0, os.path.join(REPO, "scripts"))
-import convert_parquet  # noqa: E402
 from test_convert_parquet import _ctr_table, _values, catalog_table  # noqa: E402
 
 
@@ -39,8 +39,9 @@ def test_convert_equals_convert_parquet_record_for_record(tiny_world, tmp_path):
     for i, part in enumerate((rows[:300], rows[300:])):
         pq.write_table(_ctr_table(part, "lists"), str(folder / f"part-{i}.parquet"),
                        row_group_size=128)
-    script = convert_parquet.convert("ctr", str(folder), str(tmp_path / "script"), "test", 3)
-    beam = convert_pipeline.convert("ctr", str(folder), str(tmp_path / "beam"), "test", 3)
+    ctr = ctr_spec.record_kind("ctr")
+    script = parquet.convert(ctr, str(folder), str(tmp_path / "script"), "test", 3)
+    beam = convert_pipeline.convert(ctr, str(folder), str(tmp_path / "beam"), "test", 3)
     assert [os.path.basename(p) for p in beam["paths"]] == [os.path.basename(p) for p in script]
     got = [r for p in beam["paths"] for r in raw_records(p)]
     want = [r for p in script for r in raw_records(p)]

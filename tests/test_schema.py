@@ -7,7 +7,9 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, write_records
-from trainer.data import docs, parse, pipeline, records, schema
+from trainer import data_format as docs
+from trainer.ctr import spec as ctr_spec
+from trainer.data import parse, pipeline, records, schema
 
 
 def png(seed: int, size: int = 16) -> tuple[bytes, np.ndarray]:
@@ -51,12 +53,12 @@ def test_lists_pad_truncate_and_mask(tmp_path):
     long_hist = list(range(100, 130))  # 30 > max_length 20: the latest 20 are kept
     base = dict(label=1, user_id=5, age_bucket=2, gender=1, item_id=9, shop_id=1, brand_id=1,
                 category_id=3, price=1.0, query_id=4, device=0, position=2, page_id=77)
-    ctr = schema.get("ctr")  # the synthetic feature spec's records
+    ctr = ctr_spec.record_kind("ctr")  # the synthetic feature spec's records
     recs = [records.to_example(ctr, dict(base, preferred_category_ids=[3, 4],
                                          click_history_item_ids=long_hist)),
             records.to_example(ctr, dict(base, preferred_category_ids=[],
                                          click_history_item_ids=[1, 2]))]
-    out = read(write_records(str(tmp_path / "ctr.tfrecord"), recs), "ctr")
+    out = read(write_records(str(tmp_path / "ctr.tfrecord"), recs), ctr)
     L = ctr.feature("click_history_item_ids").max_len
     np.testing.assert_array_equal(out["click_history_item_ids"][0], long_hist[-L:])
     np.testing.assert_array_equal(out["click_history_item_ids"][1], [1, 2] + [-1] * (L - 2))
@@ -120,5 +122,5 @@ def test_data_format_doc_is_in_sync_with_schema():
     generated = text.split(docs.BEGIN, 1)[1].split(docs.END, 1)[0]
     assert generated.strip() == docs.render_tables().strip(), "run `make docs`"
     for name in schema.KIND_NAMES:
-        for feature in schema.get(name).features:
+        for feature in ctr_spec.record_kind(name).features:
             assert f"`{feature.name}`" in generated

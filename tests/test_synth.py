@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from conftest import REPO, raw_records, read_all
+from conftest import REPO, generate_tiny, raw_records, read_all
 from trainer.data import records
 from trainer.synth import config, marketplace, truth
 
@@ -26,7 +26,7 @@ def _all_files(d):
 
 def test_same_seed_same_bytes_regardless_of_workers(tiny_world, tmp_path):
     other = str(tmp_path / "again")
-    marketplace.generate(config.get_world("tiny"), other, seed=0, workers=2)
+    generate_tiny(other, seed=0, workers=2)
     files = _all_files(tiny_world)
     assert files == _all_files(other)
     _, mismatch, errors = filecmp.cmpfiles(tiny_world, other, files, shallow=False)
@@ -35,22 +35,22 @@ def test_same_seed_same_bytes_regardless_of_workers(tiny_world, tmp_path):
 
 def test_different_seed_different_world(tiny_world, tmp_path):
     other = str(tmp_path / "seed1")
-    marketplace.generate(config.get_world("tiny"), other, seed=1)
+    generate_tiny(other, seed=1)
     assert raw_records(records.default_pattern(other, "catalog")) != \
         raw_records(records.default_pattern(tiny_world, "catalog"))
 
 
 def test_refuses_to_overwrite_without_flag(tiny_world):
     with pytest.raises(FileExistsError, match="overwrite"):
-        marketplace.generate(config.get_world("tiny"), tiny_world, seed=0)
+        generate_tiny(tiny_world, seed=0)
 
 
 def test_overwrite_leaves_no_stale_shards(tmp_path):
     d = str(tmp_path / "w")
-    marketplace.generate(config.get_world("tiny"), d, seed=0)
+    generate_tiny(d, seed=0)
     stale = os.path.join(d, "catalog", "all-00007-of-00008.tfrecord")
     open(stale, "wb").write(b"old world")
-    marketplace.generate(config.get_world("tiny"), d, seed=1, overwrite=True)
+    generate_tiny(d, seed=1, overwrite=True)
     assert not os.path.exists(stale)
     assert marketplace.load_manifest(d)["seed"] == 1
 
@@ -191,7 +191,8 @@ def test_training_code_never_reads_the_planted_truth():
 
 
 def test_scale_world_streams_valid_records_in_chunks(tmp_path, monkeypatch):
-    from trainer.data import ctr_spec, parse, pipeline, validate
+    from trainer.ctr import spec as ctr_spec
+    from trainer.data import parse, pipeline, validate
     from trainer.features import embeddings
     from trainer.synth import scale
 

@@ -9,9 +9,9 @@ Library noise reaches the console by four routes, each quietened where it arises
   true about the run (the CUDA probe failing on a machine without a GPU driver: TensorFlow then
   runs on the CPU, as intended); a command probes the devices with file descriptor 2 captured
   (`absl_run`, `setup`), so that those lines can be dropped and every other line is printed.
-- Python logging: the project's loggers (`trainer.*`, `export.*`, `__main__`) print at INFO as
-  bare messages, warnings as 'warning: ...'; every other logger prints from WARNING, except the
-  messages in `LOG_NOISE`.
+- Python logging: the project's loggers (`trainer.*`, `export.*`, `serving.*`, `__main__`) print
+  at INFO as bare messages, warnings as 'warning: ...'; every other logger prints from WARNING,
+  except the messages in `LOG_NOISE`.
 - `print` of libraries: Orbit prints a line per training loop and checkpoint (duplicating the
   project's own progress line); `library_prints` sends them to the 'orbit' logger at INFO.
 - Python warnings: google.api_core's FutureWarning about Python versions (`trainer/__init__`).
@@ -31,6 +31,7 @@ import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 QUIET = -1  # absl's default verbosity: the libraries' logs off
 _quiet = False  # set by a command's `setup`: library code imported elsewhere prints as it would
@@ -64,7 +65,7 @@ LOG_NOISE: tuple[tuple[str, re.Pattern], ...] = (
     ("", re.compile(r"Resource module is not available for current platform")),
 )
 
-_OWN = ("trainer", "export", "__main__", "scripts")
+_OWN = ("trainer", "export", "serving", "__main__", "scripts")
 
 
 def verbosity_in(argv: Sequence[str]) -> int:
@@ -88,19 +89,20 @@ class CommandLine(argparse.ArgumentParser):
     """An argparse parser for a command: with `--verbosity` / `-v` (as absl defines it for absl
     commands), and the console set up as soon as the flags are parsed."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.add_argument("-v", "--verbosity", type=int, default=QUIET,
                           help="-1 (default): the command's own output, warnings and errors; 0: "
                                "also the libraries' INFO logs (TensorFlow, absl, Beam, Orbit); "
                                "1: DEBUG too.")
 
-    def parse_known_args(self, args=None, namespace=None):  # parse_args calls it
+    def parse_known_args(self, args: Any = None, namespace: Any = None
+                         ) -> tuple[Any, list[str]]:  # parse_args calls it
         parsed, rest = super().parse_known_args(args, namespace)
         setup(parsed.verbosity)
         return parsed, rest
 
-    def add_subparsers(self, **kwargs):
+    def add_subparsers(self, **kwargs: Any) -> Any:
         kwargs.setdefault("parser_class", argparse.ArgumentParser)  # one --verbosity, the main's
         return super().add_subparsers(**kwargs)
 

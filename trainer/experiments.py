@@ -2,8 +2,8 @@
 defined once, as a stage and the config overrides that make the method what it is, e.g.
 "S1+S2 = finetune initialised from S1". Budgets (steps), seeds and paths are the caller's.
 
-`command` turns an experiment into the `python -m trainer.task` command line a user would type
-(so every logged run can be rerun by hand); `run` runs one with its output in a log. A value
+`python -m trainer.task --experiment=NAME` runs one; `command` writes that command line (so
+every logged run can be rerun by hand) and `run` runs it with its output in a log. A value
 "{name}" in an experiment's overrides is the model dir of the experiment `name` of the same
 run set, e.g. S1+S2's `encoder.init_checkpoint` is "{s1}".
 
@@ -18,7 +18,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -36,6 +36,7 @@ class Experiment:
       stage: The `trainer.task` stage it runs.
       doc: What it is, in a line.
       sets: (config path, value) overrides; '{other}' values are other experiments' model dirs.
+      parent: For a variant (`derive`), the experiment it adds overrides to.
     """
 
     name: str
@@ -43,6 +44,7 @@ class Experiment:
     stage: str
     doc: str
     sets: tuple[tuple[str, Any], ...] = ()
+    parent: str = ""
 
     @property
     def needs(self) -> list[str]:
@@ -53,7 +55,7 @@ class Experiment:
     def derive(self, name: str, title: str, doc: str,
                sets: Sequence[tuple[str, Any]]) -> Experiment:
         """A variant: this experiment with more overrides."""
-        return Experiment(name, title, self.stage, doc, self.sets + tuple(sets))
+        return Experiment(name, title, self.stage, doc, self.sets + tuple(sets), self.name)
 
 
 _ENCODERS = (
@@ -158,9 +160,9 @@ def cluster_experiment(encoder: str) -> Experiment:
                       (("images.model_dir", f"{{{encoder}}}"),))
 
 
+_TRAINED = (*_ENCODERS, *COMPETITORS, *BASELINES, *_courier_ablations())
 REGISTRY: dict[str, Experiment] = {e.name: e for e in (
-    *_ENCODERS, *COMPETITORS, *BASELINES, *_courier_ablations(), *EVALUATIONS,
-    *(cluster_experiment(e.name) for e in (*_ENCODERS, *BASELINES)))}
+    *_TRAINED, *EVALUATIONS, *(cluster_experiment(e.name) for e in _TRAINED))}
 
 
 def get(name: str) -> Experiment:
@@ -189,24 +191,49 @@ def table_5_title(name: str) -> str:
 
 
 DEMO_TABLE_5 = tuple(ctr_experiment(e.name, TABLE_5_MODE) for e in BASELINES)
-REGISTRY.update({e.name: e for e in (*DEMO_CTR, *DEMO_FEED, *DEMO_TABLE_5)})
-REGISTRY.update({e.name: e for e in (ctr_experiment(x, m) for x in (
-    "courier", *(f"courier_{f}" for _, f in COURIER_ABLATIONS)) for m in MODES)})
+# Every CTR run on every trained encoder's features, by name (e.g. 'ctr/vgg_c',
+# 'ctr_feed/courier_cluster_id', 'ctr/s1s2_d').
+REGISTRY.update({e.name: e for spec in ("synthetic", "feed") for e in (
+    ctr_experiment(None, spec=spec),
+    *(ctr_experiment(x.name, m, spec=spec) for x in _TRAINED for m in MODES),
+    *(ctr_experiment(x.name, debias=True, spec=spec) for x in _TRAINED))})
 
 
-def command(exp: Experiment, data_dir: str, model_dir: str, dirs: dict[str, str],
-            seed: int = 0, sets: Sequence[tuple[str, Any]] = (),
-            flags: Sequence[str] = ()) -> list[str]:
-    """The `python -m trainer.task` command line of `exp`: its overrides (with '{name}' values
-    taken from `dirs`, experiment name -> model dir), then the caller's `sets` and `flags`."""
-    args = [sys.executable, "-m", "trainer.task", f"--stage={exp.stage}",
-            f"--data_dir={data_dir}", f"--model_dir={model_dir}", f"--seed={seed}"]
-    for path, value in (*exp.sets, *sets):
+def resolved(exp: Experiment, dirs: Mapping[str, str],
+             sets: Sequence[tuple[str, Any]] | None = None) -> list[tuple[str, Any]]:
+    """`exp`'s overrides (or `sets`) with each '{name}' value replaced by `dirs[name]`, the model
+    dir of the experiment `name`."""
+    out = []
+    for path, value in exp.sets if sets is None else sets:
         if isinstance(value, str) and value.startswith("{") and value.endswith("}"):
             if value[1:-1] not in dirs:
                 raise KeyError(f"experiment '{exp.name}' needs the model dir of "
                                f"'{value[1:-1]}' for {path}")
             value = dirs[value[1:-1]]
+        out.append((path, value))
+    return out
+
+
+def command(exp: Experiment, data_dir: str, model_dir: str, dirs: dict[str, str],
+            seed: int = 0, sets: Sequence[tuple[str, Any]] = (),
+            flags: Sequence[str] = ()) -> list[str]:
+    """The `python -m trainer.task --experiment=NAME` command line of `exp` (a variant that is
+    not registered: its registered parent, then its own overrides), the model dirs of the
+    experiments it builds on taken from `dirs` (name -> model dir), then the caller's `sets` and
+    `flags`."""
+    base = exp
+    while base.name not in REGISTRY or REGISTRY[base.name] != base:
+        if not base.parent:
+            raise KeyError(f"experiment '{exp.name}' is not registered, nor is a parent of it")
+        base = get(base.parent)
+    args = [sys.executable, "-m", "trainer.task", f"--experiment={base.name}",
+            f"--data_dir={data_dir}", f"--model_dir={model_dir}", f"--seed={seed}"]
+    for need in base.needs:
+        if need not in dirs:
+            raise KeyError(f"experiment '{exp.name}' needs the model dir of '{need}'")
+        args.append(f"--experiment_dir={need}={dirs[need]}")
+    own = exp.sets[len(base.sets):]  # a variant's overrides come after its parent's
+    for path, value in (*resolved(exp, dirs, own), *sets):
         args.append(f"--set={path}={_text(value)}")
     return args + list(flags)
 
@@ -242,7 +269,7 @@ def ensure(exp: Experiment, data_dir: str, model_dir: str, dirs: dict[str, str],
     return model_dir
 
 
-def spread(values: Sequence[float], fmt: str = ".4f") -> str:
+def spread(values: Sequence[float] | np.ndarray, fmt: str = ".4f") -> str:
     """The seeds' mean ± half-range (the mean alone for one seed): a repro table's cell."""
     v = np.asarray(values, dtype=float)
     return f"{v.mean():{fmt}}" + (f" ± {(v.max() - v.min()) / 2:{fmt.lstrip('+')}}"
@@ -257,7 +284,7 @@ def delta_cell(runs: Sequence[float], bases: Sequence[float]) -> str:
 
 
 def over_seeds(seeds: str, out_dir: str, report_only: bool,
-               run_seed: Callable[[int, str], None]) -> dict:
+               run_seed: Callable[[int, str], object]) -> dict:
     """{seed: results} for the comma-separated `seeds`: `run_seed(seed, <out_dir>/seed<N>)`, which
     writes results.json there, or with `report_only` the results.json an earlier run wrote (as
     JSON reads it back: string keys)."""
@@ -273,23 +300,30 @@ def over_seeds(seeds: str, out_dir: str, report_only: bool,
     return per_seed
 
 
-def repro_flags(doc: str, out_dir: str) -> argparse.ArgumentParser:
-    """The flags every paper 002 repro script shares: --data_dir, --visual_dir (repro_visual.py's
-    S1 encoders), --out_dir, --seeds, --ctr_steps, --report_only."""
+def repro_flags(doc: str, out_dir: str, visual_dir: bool = True, ctr_steps: bool = True,
+                extra: bool = False) -> argparse.ArgumentParser:
+    """The flags the repro scripts share: --data_dir, --out_dir, --seeds, --report_only; and
+    --visual_dir (repro_visual.py's encoders, which the later tables build on), --ctr_steps,
+    --extra (flags for every stage run) where the script takes them."""
     p = console.CommandLine(description=doc.splitlines()[0])
     p.add_argument("--data_dir", required=True)
-    p.add_argument("--visual_dir", default="runs/visual",
-                   help="Where repro_visual.py keeps the S1 encoders (trained here if missing).")
+    if visual_dir:
+        p.add_argument("--visual_dir", default="runs/visual",
+                       help="Where repro_visual.py keeps the encoders (trained here if missing).")
     p.add_argument("--out_dir", default=out_dir)
     p.add_argument("--seeds", default="0")
-    p.add_argument("--ctr_steps", type=int, default=470,
-                   help="CTR steps (one epoch of `small` at batch 512).")
+    if ctr_steps:
+        p.add_argument("--ctr_steps", type=int, default=470,
+                       help="CTR steps (one epoch of `small` at batch 512).")
+    if extra:
+        p.add_argument("--extra", default="", help="Flags passed to every stage run, space "
+                       "separated.")
     p.add_argument("--report_only", action="store_true",
                    help="Only write the report from the seeds' results.json (no training).")
     return p
 
 
-def reproduce(a: argparse.Namespace, run_seed: Callable[[int, str], None],
+def reproduce(a: argparse.Namespace, run_seed: Callable[[int, str], object],
               report: Callable[[dict], str], filename: str) -> None:
     """A repro script's body: every seed run (`over_seeds`), then its report with the total time
     printed and written to <out_dir>/<filename>."""

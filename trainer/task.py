@@ -1,47 +1,47 @@
 """Command-line entry point: `python -m trainer.task --stage=NAME [--config=FILE] [--set path=value]
-[shorthand flags]`.
+[shorthand flags]`, or `--experiment=NAME` for a named run of `trainer/experiments.py`.
 
-Stages (their config trees are in `trainer/configs.py`, their runners in `trainer/stages/`):
-  synth        a synthetic marketplace into data_dir (`ctr` records with a feature spec's columns)
-  inspect      input-pipeline smoke run over every record kind; writes preview.png
-  validate     scan records for bad ones (data_dir, or kind + file_pattern)
-  pretrain     S1: self-supervised contrastive pretraining (paper 000 Eq. 1)
-  simsiam      SimSiam on S1's views (a paper 002 Table 5 baseline)
-  clip         CLIP on catalog images and titles (a paper 002 Table 5 baseline)
-  supervised   the encoder trained end to end inside the CTR model on clicks (Table 5 baseline)
-  finetune     S2: click-supervised contrastive fine-tuning with category negative pools (Eq. 2);
-               S1+S2 with encoder.init_checkpoint = S1's model dir
-  classify     ResNet-C: the encoder trained as a category classifier (the Table 1 baseline)
-  courier      COURIER: contrastive user-intention reconstruction (paper 002 Eq. 1-7)
-  eval_search  visual search with an encoder: HR, LR@K, CR@K (paper 000 §4.1), its embedding table
-  ctr          the CTR predictor, features from a feature spec (ctr.spec) and an encoder's images
-  debias       the same with the debiasing network D and its gate (Eq. 3-4): S1+S2+D
-  cluster      faiss k-means over an encoder's catalog embeddings (paper 002 App. B)
-  embed        the exported encoder over the catalog (the Beam embed pipeline): embeddings,
-               faiss index, cluster ids
+Stages (declared in `trainer/registry.py`: their config trees are in `trainer/configs/`, their
+runners in `trainer/stages/`):
+{stages}
 
-A stage's configuration is its config tree: the defaults, then `--config=FILE` (YAML or JSON, a
-partial tree; a model dir's config.json reruns that run), then the shorthand flags, then each
-`--set path=value` (e.g. `--set train.learning_rate=5e-4`). An unknown key or a value of the
+A stage's configuration is its config tree: the defaults, then a named experiment's overrides
+(`--experiment=s1s2`: S2 initialised from S1; its model dir is RUNS_DIR/s1s2 and S1's is
+RUNS_DIR/s1 unless `--experiment_dir=s1=PATH` says otherwise), then `--config=FILE` (YAML or
+JSON, a partial tree; a model dir's config.json reruns that run), then the shorthand flags, then
+each `--set path=value` (e.g. `--set train.learning_rate=5e-4`). An unknown key or a value of the
 wrong type fails naming its path (a shorthand flag that does not apply to the stage is ignored
-with a warning, as before); `--print_config` prints the tree and exits. Exports for TF
-Serving: python -m export.encoder / python -m export.ctr.
+with a warning); `--print_config` prints the tree and exits. `--verbosity=0` brings the
+libraries' logs back (`trainer/console.py`). Exports for TF Serving: python -m export.encoder /
+python -m export.ctr.
 """
 from __future__ import annotations
 
+import os
 import sys
 
 import yaml
 from absl import flags
 
 import trainer  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
-from trainer import configs, console, stages
-from trainer.data import ctr_spec, validate
+from trainer import configs, console, experiments, registry
+from trainer.ctr import spec as ctr_spec
+from trainer.data import validate
 from trainer.stages import common
 from trainer.train import lock
 
+__doc__ = __doc__.format(stages=registry.describe())
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("stage", None, list(configs.STAGES), "What to run.")
+flags.DEFINE_enum("stage", None, list(registry.BY_NAME), "What to run.")
+flags.DEFINE_string("experiment", None, "A named experiment of trainer/experiments.py (e.g. "
+                    "s1s2, courier, ctr/s1s2_d): its stage and overrides, under --config, the "
+                    "shorthand flags and --set.")
+flags.DEFINE_string("runs_dir", "runs/experiments", "--experiment: the run set's root. The "
+                    "experiment's model dir is RUNS_DIR/NAME (unless --model_dir), and those of "
+                    "the experiments it builds on are looked for there.")
+flags.DEFINE_multi_string("experiment_dir", [], "--experiment: NAME=MODEL_DIR of an experiment "
+                          "it builds on, where it is not RUNS_DIR/NAME (e.g. "
+                          "s1=runs/visual/seed0/s1; repeatable).")
 flags.DEFINE_string("config", None, "YAML or JSON file with (part of) the stage's config tree.")
 flags.DEFINE_multi_string("set", [], "path=value overrides of the config tree, e.g. "
                           "train.learning_rate=5e-4 (repeatable; applied last).")
@@ -113,7 +113,7 @@ SHORTHANDS: dict[str, tuple[tuple[str, ...], str]] = {
     "debias_weight": (("ctr.debias.loss_weight",), "debias: weight of L_D in Eq. 4."),
     "export_dir": (("embed.encoder_export",), "embed: the encoder export."),
     "centroids": (("embed.centroids",), "embed: clusters.npz to assign cluster ids with."),
-    "index_type": (("embed.index",), "embed: flat or ivf."),
+    "index_type": (("embed.index",), "embed: exact or ivf."),
     "beam_options": (("embed.beam_options",), "embed: Beam pipeline options (default: the "
                      "in-process DirectRunner)."),
 }
@@ -170,16 +170,43 @@ def shorthand(cfg: configs.StageConfig, name: str, value: object) -> configs.Sta
     return configs.override(cfg, path, value)
 
 
+def _experiment(cfg: configs.StageConfig, exp: experiments.Experiment) -> configs.StageConfig:
+    """`cfg` with the experiment's overrides, the model dirs it names resolved."""
+    dirs = {}
+    for item in FLAGS.experiment_dir:
+        name, sep, path = item.partition("=")
+        if not sep:
+            raise common.UsageError(f"--experiment_dir {item}: expected NAME=MODEL_DIR")
+        dirs[name.strip()] = path.strip()
+    for need in exp.needs:
+        dirs.setdefault(need, os.path.join(FLAGS.runs_dir, need))
+    cfg = configs.override(cfg, "model_dir", os.path.join(FLAGS.runs_dir, exp.name))
+    for path, value in experiments.resolved(exp, dirs):
+        cfg = configs.override(cfg, path, value)
+    return cfg
+
+
 def build_config() -> configs.StageConfig:
-    """The stage's config tree: defaults, --config, shorthand flags, --set."""
+    """The stage's config tree: defaults, --experiment, --config, shorthand flags, --set."""
     tree = configs.read_file(FLAGS.config) if FLAGS.config else {}
-    stage = FLAGS.stage or tree.get("stage")
+    exp = None
+    if FLAGS.experiment:
+        try:
+            exp = experiments.get(FLAGS.experiment)
+        except KeyError as e:
+            raise common.UsageError(e.args[0]) from None
+    stage = FLAGS.stage or (exp.stage if exp else None) or tree.get("stage")
     if not stage:
-        raise common.UsageError("pass --stage (or a --config file that names its stage)")
-    if tree.get("stage", stage) != stage:
-        raise common.UsageError(f"--stage={stage}, but {FLAGS.config} is a '{tree['stage']}' "
-                                "config")
-    cfg = configs.apply(configs.for_stage(stage), tree, source=FLAGS.config or "")
+        raise common.UsageError("pass --stage or --experiment (or a --config file that names "
+                                "its stage)")
+    for what, other in (("--experiment", exp.stage if exp else None),
+                        (FLAGS.config, tree.get("stage"))):
+        if other not in (None, stage):
+            raise common.UsageError(f"--stage={stage}, but {what} is a '{other}' run")
+    cfg = registry.get(stage).config()
+    if exp is not None:
+        cfg = _experiment(cfg, exp)
+    cfg = configs.apply(cfg, tree, source=FLAGS.config or "")
     if FLAGS["batch_size"].present and FLAGS["per_replica_batch_size"].present:
         raise common.UsageError("pass --batch_size (global) or --per_replica_batch_size, not "
                                 "both")
@@ -215,7 +242,7 @@ def main(argv) -> None:
         tf.config.set_logical_device_configuration(
             cpu, [tf.config.LogicalDeviceConfiguration()] * cfg.logical_cpus)
     try:
-        stages.runner(cfg.stage)(cfg)
+        registry.run(cfg)
     except ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -29,13 +29,13 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import faiss
 import numpy as np
 import tensorflow as tf
 import tf_keras
 
 from trainer.configs import DebiasConfig
 from trainer.data import pipeline
+from trainer.features import index as index_lib
 from trainer.models import contrastive
 
 
@@ -90,7 +90,8 @@ def mine_positives(s1_vectors: np.ndarray, category_id: np.ndarray, candidate: n
         members = members[wanted[members]]
         if len(candidates) == 0 or len(members) == 0:
             continue
-        search = _index(vectors[candidates], index, nprobe)
+        search = index_lib.build(vectors[candidates], index,
+                                 lists=int(np.sqrt(len(candidates))), nprobe=nprobe)
         k = min(num_similar + 1, len(candidates))  # one more: the anchor may be a candidate
         for lo in range(0, len(members), 65536):  # batched: bounded memory per category
             batch = members[lo:lo + 65536]
@@ -105,24 +106,6 @@ def mine_positives(s1_vectors: np.ndarray, category_id: np.ndarray, candidate: n
             weights[batch, :order.shape[1]] = np.where(
                 kept, np.maximum(np.take_along_axis(sims, order, 1), 1e-6), 0)
     return rows, weights
-
-
-def _index(candidates: np.ndarray, kind: str, nprobe: int) -> faiss.Index:
-    """An inner-product index over one category's candidates."""
-    dim = candidates.shape[1]
-    lists = int(np.sqrt(len(candidates)))
-    index: faiss.Index
-    if kind == "exact" or lists < 2 or len(candidates) < 39 * lists:  # faiss's training minimum
-        index = faiss.IndexFlatIP(dim)
-    elif kind == "ivf":
-        ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, lists, faiss.METRIC_INNER_PRODUCT)
-        ivf.train(candidates)
-        ivf.nprobe = min(nprobe, lists)
-        index = ivf
-    else:
-        raise ValueError(f"index must be 'exact' or 'ivf', got '{kind}'")
-    index.add(candidates)
-    return index
 
 
 def mine(s1_vectors: np.ndarray, category_id: np.ndarray, candidate: np.ndarray,

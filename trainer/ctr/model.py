@@ -1,5 +1,5 @@
 """The CTR predictor (paper 000 §3.2; the model of paper 002 Appendix A), built on TFRS from a
-declared feature spec (`trainer.data.ctr_spec`): the spec says which inputs exist, this module
+declared feature spec (`trainer.ctr.spec`): the spec says which inputs exist, this module
 how each kind enters the model.
 
     categorical  id -> Keras lookup (a vocabulary of the training data, or hashing) -> embedding;
@@ -43,6 +43,7 @@ import tf_keras
 
 from trainer.configs import CtrConfig
 from trainer.ctr import debias as debias_lib
+from trainer.ctr import spec as ctr_spec
 from trainer.ctr.tables import (
     ClusterTable,
     Embedding,
@@ -51,7 +52,7 @@ from trainer.ctr.tables import (
     gather_rows,
     id_lookup,
 )
-from trainer.data import ctr_spec, schema
+from trainer.data import schema
 from trainer.features import clusters as clusters_lib
 from trainer.features import embeddings as embeddings_lib
 from trainer.models import contrastive
@@ -178,7 +179,7 @@ class CtrModel(tfrs.Model):
             dim = self.cfg.cluster_embedding_dim or self.cfg.embedding_dim
             # Unit expected norm, as the image vector a cluster id stands for: at Keras' default
             # (+-0.05) the item-query and item-history matches were not learned in a run's epoch,
-            # even with the planted style as the cluster id (README, Table B1).
+            # even with the planted style as the cluster id (docs/results.md, Table B1).
             self.cluster_embedding = Embedding(
                 clusters.num_clusters + 1, dim, name="cluster_embedding",
                 embeddings_initializer=tf_keras.initializers.RandomNormal(stddev=dim ** -0.5))

@@ -20,9 +20,10 @@ import dataclasses
 import tensorflow as tf
 
 from trainer.configs import CtrConfig, EncoderConfig, TrainConfig
+from trainer.ctr import spec as ctr_spec
 from trainer.ctr.model import CtrModel
 from trainer.ctr.tables import Vocabularies
-from trainer.data import ctr_spec, pipeline, schema
+from trainer.data import pipeline, schema
 from trainer.models import encoder as encoder_lib
 from trainer.train import loop
 

@@ -23,7 +23,8 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
-from trainer.data import ctr_spec, npz, pipeline
+from trainer.ctr import spec as ctr_spec
+from trainer.data import npz, pipeline
 from trainer.features import clusters as clusters_lib
 
 log = logging.getLogger(__name__)

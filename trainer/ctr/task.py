@@ -17,9 +17,10 @@ import tensorflow as tf
 
 from trainer import configs
 from trainer.configs import CtrConfig, TrainConfig
+from trainer.ctr import spec as ctr_spec
 from trainer.ctr.model import CtrModel, training_records
 from trainer.ctr.tables import ClusterTable, ImageTable, Vocabularies
-from trainer.data import ctr_spec, npz, pipeline
+from trainer.data import npz, pipeline
 from trainer.eval import ctr_metrics
 from trainer.features import clusters as clusters_lib
 from trainer.features import embeddings as embeddings_lib

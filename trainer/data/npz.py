@@ -17,9 +17,10 @@ def write(path: str, **arrays) -> None:
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     tf.io.gfile.makedirs(os.path.dirname(path) or ".")
-    with tf.io.gfile.GFile(path + ".tmp", "wb") as f:
+    tmp = f"{path}.tmp-{os.getpid()}"  # processes writing one cache do not share a scratch file
+    with tf.io.gfile.GFile(tmp, "wb") as f:
         f.write(buf.getvalue())
-    tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
+    tf.io.gfile.rename(tmp, path, overwrite=True)
 
 
 def read(path: str) -> dict:

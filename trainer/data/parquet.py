@@ -17,14 +17,20 @@ from __future__ import annotations
 
 import argparse
 import glob
+import logging
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import tensorflow as tf
 
-from trainer.data import ctr_spec, records, schema
+from trainer.data import records, schema
+
+log = logging.getLogger(__name__)
+BATCH_ROWS = 8192  # rows read at a time by the single-process conversion (`convert`)
 
 _EXTENSIONS = (".jpg", ".jpeg", ".png")
 
@@ -187,14 +193,73 @@ class Columns:
         return [cast(x) for x in v] if f.dtype == schema.FLOAT else list(v)
 
 
+def convert(kind: str | schema.RecordKind, parquet: str, output_dir: str, split: str,
+            num_shards: int, image_dir: str | None = None,
+            batch_rows: int = BATCH_ROWS, allow_absolute_image_paths: bool = False) -> list[str]:
+    """Converts the Parquet files of `parquet` (a file, a directory or globs) into `num_shards`
+    TFRecord files of contiguous rows, replacing the kind's files of `split`; returns their
+    paths."""
+    record_kind = schema.get(kind)
+    files = parquet_files(parquet)
+    readers = [pq.ParquetFile(f) for f in files]
+    total = sum(r.metadata.num_rows for r in readers)
+    num_shards = max(1, min(num_shards, total))
+    scratch = os.path.join(output_dir, record_kind.name, f".converting-{split}-{os.getpid()}")
+    if tf.io.gfile.exists(scratch):
+        tf.io.gfile.rmtree(scratch)
+    try:
+        written = _write(record_kind, files, readers, total, scratch, split, num_shards,
+                         image_dir, batch_rows, allow_absolute_image_paths, parquet)
+        return records.replace_split(output_dir, record_kind.name, split, written)
+    finally:
+        if tf.io.gfile.exists(scratch):
+            tf.io.gfile.rmtree(scratch)
+
+
+def _write(record_kind: schema.RecordKind, files: list[str], readers: list, total: int,
+           out_dir: str, split: str, num_shards: int, image_dir: str | None, batch_rows: int,
+           allow_absolute: bool, parquet: str) -> list[str]:
+    """Writes the tables' records as `num_shards` files of `split` into `out_dir`."""
+    paths = [os.path.join(out_dir, os.path.basename(p))
+             for p in records.shard_paths(out_dir, record_kind.name, split, num_shards)]
+    tf.io.gfile.makedirs(out_dir)
+    bounds = np.linspace(0, total, num_shards + 1).round().astype(int)
+    shard, written, writer = 0, 0, tf.io.TFRecordWriter(paths[0])
+    unknown: set = set()
+    try:
+        for path, reader in zip(files, readers, strict=True):
+            columns = Columns(record_kind, reader.schema_arrow.names,
+                                          reader.schema_arrow, path, image_dir, allow_absolute)
+            unknown |= set(columns.unknown)
+            needed = columns.needed
+            row = 0
+            for batch in reader.iter_batches(batch_size=batch_rows, columns=needed):
+                for record in columns.rows(batch, row):
+                    while written >= bounds[shard + 1]:
+                        writer.close()
+                        shard += 1
+                        writer = tf.io.TFRecordWriter(paths[shard])
+                    writer.write(record)
+                    written += 1
+                row += batch.num_rows
+    finally:
+        writer.close()
+    for rest in paths[shard + 1:]:  # only for an empty table
+        tf.io.TFRecordWriter(rest).close()
+    if unknown:
+        log.warning("%s: column(s) %s are not features of the record kind '%s' and were left "
+                    "out", parquet, sorted(unknown), record_kind.name)
+    return paths
+
+
 def add_flags(p: argparse.ArgumentParser) -> None:
     """The flags of a converter (`scripts/convert_parquet.py`, `trainer.pipelines.convert`)."""
     p.add_argument("--kind", required=True, choices=schema.KIND_NAMES)
     p.add_argument("--parquet", required=True,
                    help="Parquet file, directory or glob(s) (comma-separated) to convert.")
-    p.add_argument("--ctr_spec", default=ctr_spec.DEFAULT,
+    p.add_argument("--ctr_spec", default=None,
                    help="kind=ctr: the feature spec whose columns the records hold (a built-in "
-                        "name or a YAML/JSON file).")
+                        "name or a YAML/JSON file; default: synthetic).")
     p.add_argument("--image_dir", default=None, help="Folder the image paths are relative to.")
     p.add_argument("--allow_absolute_image_paths", action="store_true",
                    help="Read image paths that are absolute or URIs (gs://...) as they are; "
@@ -205,9 +270,7 @@ def add_flags(p: argparse.ArgumentParser) -> None:
                         "judgments, else 'train').")
 
 
-def kind_and_split(args: argparse.Namespace) -> tuple[schema.RecordKind, str]:
-    """The record kind (a `ctr` kind from the spec) and the split the flags name."""
-    split = args.split or ("all" if args.kind in ("catalog", "queries", "judgments") else "train")
-    kind = (ctr_spec.load(args.ctr_spec).record_kind() if args.kind == "ctr"
-            else schema.get(args.kind))
-    return kind, split
+def split_of(args: argparse.Namespace) -> str:
+    """The split the flags name (default: 'all' for catalog, queries and judgments, else
+    'train')."""
+    return args.split or ("all" if args.kind in ("catalog", "queries", "judgments") else "train")

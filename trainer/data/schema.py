@@ -11,7 +11,7 @@ Record kinds and the papers' data they stand for:
 - `pageviews`: COURIER samples (paper 002 §3.1, §4.2.1): a page of `l_pv` items with click labels and
   the user's latest `l_click` clicks in click-time order (oldest first, latest last).
 - `ctr`: one displayed item with its click label (paper 000 §3.2, paper 002 Appendix A); its
-  columns are declared by a CTR feature spec (`trainer.data.ctr_spec`).
+  columns are declared by a CTR feature spec (`trainer.ctr.spec`).
 - `judgments`: visual-search relevance judgments (paper 000 §4.1).
 """
 from __future__ import annotations
@@ -185,19 +185,20 @@ IMAGE_ID = {"catalog": "item_id", "queries": "query_id"}
 
 FIXED_KINDS: dict[str, RecordKind] = {k.name: k for k in
                                       (CATALOG, QUERIES, SEARCH_SESSIONS, PAGEVIEWS, JUDGMENTS)}
-# Every record kind's name. `ctr` records are declared by a feature spec (`trainer.data.ctr_spec`):
+# Every record kind's name. `ctr` records are declared by a feature spec (`trainer.ctr.spec`):
 # which columns they hold is the data set's, not this module's.
 KIND_NAMES = ("catalog", "queries", "search_sessions", "pageviews", "ctr", "judgments")
 
 
 def get(kind: str | RecordKind) -> RecordKind:
-    """A record kind by name (`ctr`: the default feature spec's, the synthetic world's), or the
-    given kind itself (e.g. another spec's `ctr` kind)."""
+    """A record kind by name, or the given kind itself (e.g. a feature spec's `ctr` kind). `ctr`
+    has no kind of its own here: its columns are a feature spec's, and the data layer takes the
+    spec's `RecordKind` from the caller (`trainer.ctr.spec.record_kind('ctr', SPEC)`)."""
     if isinstance(kind, RecordKind):
         return kind
     if kind in FIXED_KINDS:
         return FIXED_KINDS[kind]
     if kind == "ctr":
-        from trainer.data import ctr_spec  # it builds on this module's classes
-        return ctr_spec.load(ctr_spec.DEFAULT).record_kind()
+        raise ValueError("`ctr` records are declared by a CTR feature spec: pass its record "
+                         "kind, trainer.ctr.spec.record_kind('ctr', SPEC)")
     raise ValueError(f"unknown record kind '{kind}'; known: {', '.join(KIND_NAMES)}")

@@ -1,11 +1,13 @@
-"""Evaluations: visual search (paper 000 Table 1), CTR metrics (Table 2), the projector; and the
-one writer of a stage's metrics.json."""
+"""Evaluations: visual search (paper 000 Table 1), CTR metrics (Table 2), significance, the
+projector; and the one writer and reader of a run's metrics.json."""
 import json
 import logging
 import math
 import os
 
 import tensorflow as tf
+
+from trainer.data import jsonfile
 
 FILE = "metrics.json"
 
@@ -22,3 +24,8 @@ def write_metrics(model_dir: str, metrics: dict) -> str:
     with tf.io.gfile.GFile(path, "w") as f:
         json.dump(clean, f, indent=2, allow_nan=False)
     return path
+
+
+def read_metrics(model_dir: str) -> dict | None:
+    """A run's metrics (`model_dir/metrics.json`), or None if it has none yet."""
+    return jsonfile.read(os.path.join(model_dir, FILE))

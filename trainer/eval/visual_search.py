@@ -13,11 +13,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-import faiss
 import numpy as np
 
 from trainer.configs import SearchEvalConfig
 from trainer.data import npz, pipeline
+from trainer.features import index
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +36,7 @@ def load_judgments(pattern: str, skip_bad_records: bool = False) -> tuple[np.nda
 
 def search(embeddings: np.ndarray, query_vectors: np.ndarray, k: int) -> np.ndarray:
     """[Q, k] catalog rows by descending cosine: faiss exact inner-product search."""
-    index = faiss.IndexFlatIP(embeddings.shape[1])
-    index.add(np.ascontiguousarray(embeddings, np.float32))
-    _, found = index.search(np.ascontiguousarray(query_vectors, np.float32), k)
-    return found
+    return index.search(embeddings, query_vectors, k)
 
 
 def nearest_neighbours(embeddings: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:

@@ -7,7 +7,7 @@ From the pipeline's sharded embedding table, `finish` writes in `out_dir`:
                    with centroids, cluster_id: each item's nearest k-means centroid (paper 002
                    App. B's Cluster-ID for items the clustering never saw)
   catalog.faiss    a faiss inner-product index over the embeddings (row i = the i-th id) for
-                   visual search: exact ('flat') or inverted lists ('ivf', trained on the
+                   visual search: 'exact' or inverted lists ('ivf', trained on the
                    pipeline's sample, for large catalogs)
   manifest.json    what was encoded with what, and how fast
 """
@@ -24,11 +24,13 @@ import numpy as np
 import tensorflow as tf
 
 from trainer.configs import CatalogEmbedConfig
-from trainer.data import npz, pipeline, schema, validate
+from trainer.data import jsonfile, npz, pipeline, schema, validate
+from trainer.features import index as index_lib
 
 log = logging.getLogger(__name__)
 # What the embed pipeline (`trainer.pipelines.embed`) leaves in out_dir for `finish`.
 TABLE_DIR = "table"  # the embedding table: embeddings-*.tfrecord
+MANIFEST = "manifest.json"  # what was encoded with what, and how fast
 SAMPLE = "index_sample.npz"  # 'sample': the vectors an 'ivf' index trains on
 
 
@@ -44,27 +46,6 @@ def export_fingerprint(version_dir: str) -> str:
             if tf.io.gfile.exists(path):
                 digest.update(tf.io.gfile.GFile(path, "rb").read())
         return digest.hexdigest()[:32]
-
-
-def build_index(embeddings: np.ndarray, kind: str = "flat", nprobe: int = 16,
-                sample: np.ndarray | None = None) -> faiss.Index:
-    """An inner-product (cosine, on unit vectors) faiss index over `embeddings`; an 'ivf' index
-    is trained on `sample` (default: the embeddings themselves)."""
-    x = np.ascontiguousarray(embeddings, np.float32)
-    d = x.shape[1]
-    index: faiss.Index
-    if kind == "flat":
-        index = faiss.IndexFlatIP(d)
-    elif kind == "ivf":
-        train = x if sample is None else np.ascontiguousarray(sample, np.float32)
-        nlist = max(1, min(len(train) // 39, int(4 * np.sqrt(len(x)))))  # >= 39 per list
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
-        index.train(train)
-        index.nprobe = min(nprobe, nlist)
-    else:
-        raise ValueError(f"index must be 'flat' or 'ivf', got '{kind}'")
-    index.add(x)
-    return index
 
 
 def load_index(path: str) -> faiss.Index:
@@ -99,7 +80,7 @@ def finish(cfg: CatalogEmbedConfig, version_dir: str, kind: str, stats: dict) ->
     validate.unique_ids(table[id_name], files, id_name)
     t0 = time.time()
     sample = npz.read(os.path.join(cfg.out_dir, SAMPLE))["sample"] if cfg.index == "ivf" else None
-    index = build_index(table["embedding"], cfg.index, cfg.nprobe, sample)
+    index = index_lib.build(table["embedding"], cfg.index, nprobe=cfg.nprobe, sample=sample)
     index_seconds = time.time() - t0
     npz.write(os.path.join(cfg.out_dir, "embeddings.npz"), **table)
     with tf.io.gfile.GFile(os.path.join(cfg.out_dir, "catalog.faiss"), "wb") as f:
@@ -114,6 +95,11 @@ def finish(cfg: CatalogEmbedConfig, version_dir: str, kind: str, stats: dict) ->
                 "pipeline_seconds": round(seconds, 2),
                 "images_per_second": round(len(table[id_name]) / max(seconds, 1e-9), 1),
                 "counters": stats.get("counters", {})}
-    with tf.io.gfile.GFile(os.path.join(cfg.out_dir, "manifest.json"), "w") as f:
+    with tf.io.gfile.GFile(os.path.join(cfg.out_dir, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=2)
     return manifest
+
+
+def load_manifest(out_dir: str) -> dict | None:
+    """The manifest of a catalog embedding in `out_dir`, or None if there is none."""
+    return jsonfile.read(os.path.join(out_dir, MANIFEST))

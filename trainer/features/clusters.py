@@ -13,7 +13,7 @@ k defaults to one cluster per `items_per_cluster` catalog items. Paper 002 §5 c
 into 1e5 clusters (600 per cluster): a cluster id is shared by many items, which is what lets it
 generalise like an id feature (App. B). A fixed k that is large for the catalog makes the ids
 nearly as sparse as item ids: on the `small` world (8,000 items) k = 256 gave the CTR model no
-gain, k = 16 did (README, Table B1).
+gain, k = 16 did (docs/results.md, Table B1).
 """
 from __future__ import annotations
 

@@ -34,6 +34,7 @@ from apache_beam.io import parquetio
 from apache_beam.metrics.metric import Metrics
 from tensorflow.core.example import example_pb2
 
+from trainer.ctr import spec as ctr_spec
 from trainer.data import parquet, parse, records, schema
 from trainer.pipelines import common
 
@@ -194,8 +195,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                    help="Where rows that fail go (default: OUTPUT_DIR/dead_letter).")
     args, beam_args = p.parse_known_args(argv)
     try:
-        kind, split = parquet.kind_and_split(args)
-        out = convert(kind, args.parquet, args.output_dir, split, args.num_shards,
+        out = convert(ctr_spec.record_kind(args.kind, args.ctr_spec), args.parquet,
+                      args.output_dir, parquet.split_of(args), args.num_shards,
                       args.image_dir, args.allow_absolute_image_paths, args.dead_letter_dir,
                       beam_args)
     except (ValueError, FileNotFoundError) as e:

@@ -37,6 +37,7 @@ from apache_beam.ml.inference.base import ModelHandler, RunInference
 from trainer import configs
 from trainer.data import npz, parse, schema
 from trainer.features import catalog_embed, versions
+from trainer.features import index as index_lib
 from trainer.pipelines import common
 
 NAMESPACE = "embed"
@@ -141,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--batch_size", type=int, default=defaults.batch_size)
     p.add_argument("--num_shards", type=int, default=defaults.num_shards,
                    help=common.NUM_SHARDS_HELP)
-    p.add_argument("--index", default=defaults.index, choices=("flat", "ivf"))
+    p.add_argument("--index", default=defaults.index, choices=index_lib.KINDS)
     args, beam_args = p.parse_known_args(argv)
     cfg = configs.CatalogEmbedConfig(
         catalog_pattern=args.catalog, encoder_export=args.export_dir, out_dir=args.out_dir,

@@ -16,13 +16,13 @@ the table's entries (`CoGroupByKey`), then the entries are grouped back by recor
 has to fit in a worker's memory (on a cluster runner, whose shuffles spill to disk; the
 DirectRunner holds them in memory). With `--table_in_memory` the tables are a side input that
 every worker holds, and the records stream past it: for tables that fit, much faster and lighter
-(README: 21 s and 0.8 GB against 101 s and 9.1 GB on the DirectRunner). The tables are the embed
-pipeline's TFRecords (`<embed out>/table/embeddings-*.tfrecord`) or, for tables that fit in
+(docs/beam.md: 21 s and 0.8 GB against 101 s and 9.1 GB on the DirectRunner). The tables are the
+embed pipeline's TFRecords (`<embed out>/table/embeddings-*.tfrecord`) or, for tables that fit in
 memory, an embeddings.npz (an encoder's `EmbeddingTable` or `--stage=embed`'s).
 
   python -m trainer.pipelines.join --records='DATA/ctr/train-*' --ctr_spec=synthetic \\
       --item_embeddings='catalog/table/*.tfrecord' --query_embeddings='queries/table/*' \\
-      --mode=vector --output_dir=JOINED --split=train [Beam options]
+      --mode=vector --output_dir=JOINED --split=train BEAM_OPTIONS...
 """
 from __future__ import annotations
 
@@ -39,7 +39,8 @@ import numpy as np
 import tensorflow as tf
 from apache_beam.metrics.metric import Metrics
 
-from trainer.data import ctr_spec, npz, parse, pipeline, records
+from trainer.ctr import spec as ctr_spec
+from trainer.data import npz, parse, pipeline, records
 from trainer.pipelines import common
 
 NAMESPACE = "join"

@@ -14,7 +14,7 @@ model dir before training (`<model_dir>/vocabularies.npz`) and the `ctr` stage u
 reading the training data itself.
 
   python -m trainer.pipelines.vocab --records='DATA/ctr/train-*' --ctr_spec=synthetic \\
-      --output=MODEL_DIR/vocabularies.npz [--min_count=1] [Beam options]
+      --output=MODEL_DIR/vocabularies.npz [--min_count=1] BEAM_OPTIONS...
 """
 from __future__ import annotations
 
@@ -28,8 +28,9 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.metrics.metric import Metrics
 
+from trainer.ctr import spec as ctr_spec
 from trainer.ctr import tables
-from trainer.data import ctr_spec, parse
+from trainer.data import parse
 from trainer.pipelines import common
 
 NAMESPACE = "vocab"

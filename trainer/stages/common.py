@@ -6,7 +6,7 @@ import dataclasses
 import functools
 import os
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import tensorflow as tf
 
@@ -16,6 +16,7 @@ from trainer.synth import marketplace
 from trainer.train import lock, loop
 
 S = TypeVar("S", bound=configs.StageConfig)
+P = ParamSpec("P")
 
 
 class UsageError(ValueError):
@@ -53,13 +54,13 @@ def encoder_config(cfg: Any) -> configs.EncoderConfig:
                                sync_batch_norm=cfg.train.strategy != "one_device")
 
 
-def releases_lock(run: Callable[[S], None]) -> Callable[[S], None]:
-    """Wraps a training stage's runner: the model dir's lock (taken by `training`) is released
-    when it returns or fails, not only at exit."""
+def releases_lock(run: Callable[Concatenate[S, P], None]) -> Callable[Concatenate[S, P], None]:
+    """Wraps a training stage's runner (its config tree first): the model dir's lock (taken by
+    `training`) is released when it returns or fails, not only at exit."""
     @functools.wraps(run)
-    def wrapped(cfg: S) -> None:
+    def wrapped(cfg: S, *args: P.args, **kwargs: P.kwargs) -> None:
         try:
-            run(cfg)
+            run(cfg, *args, **kwargs)
         finally:
             if cfg.model_dir:
                 lock.release(cfg.model_dir)

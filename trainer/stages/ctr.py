@@ -13,8 +13,9 @@ import tensorflow as tf
 
 from trainer import configs
 from trainer.ctr import debias
+from trainer.ctr import spec as ctr_spec
 from trainer.ctr import task as ctr_task
-from trainer.data import ctr_spec, pipeline
+from trainer.data import pipeline
 from trainer.eval import write_metrics
 from trainer.features import clusters, embeddings
 from trainer.stages import common

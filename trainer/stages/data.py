@@ -10,7 +10,8 @@ import numpy as np
 import tensorflow as tf
 
 from trainer import configs
-from trainer.data import augment, ctr_spec, parse, pipeline, records, schema, validate
+from trainer.ctr import spec as ctr_spec
+from trainer.data import augment, parse, pipeline, records, schema, validate
 from trainer.stages import common
 from trainer.synth import config as worlds
 from trainer.synth import marketplace
@@ -54,9 +55,7 @@ def present_kinds(data_dir: str, spec_name: str) -> list[tuple[schema.RecordKind
     for name in schema.KIND_NAMES:
         file_pattern = records.default_pattern(data_dir, name)
         if common.has_files(file_pattern):
-            kind = (ctr_spec.load(spec_name).record_kind() if name == "ctr"
-                    else schema.get(name))
-            out.append((kind, file_pattern))
+            out.append((ctr_spec.record_kind(name, spec_name), file_pattern))
     if not out:
         raise FileNotFoundError(f"no records in the standard layout under {data_dir} "
                                 f"(<data_dir>/<kind>/<split>-*.tfrecord)")
@@ -114,8 +113,7 @@ def run_validate(cfg: configs.ValidateStage) -> None:
     if cfg.file_pattern:
         if not cfg.kind:
             raise common.UsageError("--file_pattern needs --kind")
-        kind = (ctr_spec.load(cfg.ctr_spec).record_kind() if cfg.kind == "ctr"
-                else schema.get(cfg.kind))
+        kind = ctr_spec.record_kind(cfg.kind, cfg.ctr_spec)
         targets = [(kind, cfg.file_pattern)]
         size = cfg.image_size or 64
         data_dir = ""

@@ -8,42 +8,77 @@ import dataclasses
 import json
 import os
 import time
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
 import tf_keras
 
 from trainer import configs
+from trainer.ctr import spec as ctr_spec
 from trainer.ctr import supervised
 from trainer.ctr import task as ctr_task
-from trainer.data import ctr_spec, pipeline
+from trainer.data import pipeline
 from trainer.eval import projector, visual_search, write_metrics
 from trainer.features import embeddings
 from trainer.models import classify, clip, courier, encoder, finetune, pretrain, simsiam
 from trainer.stages import common
 from trainer.train import loop
 
+# An encoder stage's task: (the stage's tree with its input patterns filled in, the task).
+TaskOf = Callable[[Any, configs.EncoderConfig, str], tuple[Any, loop.Task]]
+
 
 @common.releases_lock
-def run_training(cfg: configs.EncoderStage) -> None:
-    """Trains the encoder of an encoder stage into model_dir."""
+def _train(cfg: configs.EncoderStage, task_of: TaskOf) -> None:
+    """Trains the encoder of an encoder stage into model_dir; `task_of(cfg, encoder config,
+    catalog pattern)` builds the stage's task."""
     cfg, strategy = common.training(cfg)  # first: the strategy
     enc = common.encoder_config(cfg)
     encoder.set_precision_policy(enc.mixed_precision)
     catalog = common.pattern(cfg, getattr(cfg, cfg.stage).catalog_pattern, "catalog")
-    task: loop.Task
-    if isinstance(cfg, configs.PretrainStage):
-        cfg = dataclasses.replace(cfg, pretrain=dataclasses.replace(
-            cfg.pretrain, catalog_pattern=catalog))
-        task = pretrain.PretrainTask(cfg.pretrain, enc, cfg.train, cfg.skip_bad_records)
-    elif isinstance(cfg, configs.SimsiamStage):
-        cfg = dataclasses.replace(cfg, simsiam=dataclasses.replace(
-            cfg.simsiam, catalog_pattern=catalog))
-        task = simsiam.SimsiamTask(cfg.simsiam, enc, cfg.train, cfg.skip_bad_records)
-    elif isinstance(cfg, configs.ClipStage):
-        cfg = dataclasses.replace(cfg, clip=dataclasses.replace(cfg.clip, catalog_pattern=catalog))
-        task = clip.ClipTask(cfg.clip, enc, cfg.train, cfg.skip_bad_records)
-    elif isinstance(cfg, configs.SupervisedStage):
+    cfg, task = task_of(cfg, enc, catalog)
+    cfg = dataclasses.replace(cfg, encoder=enc)
+    common.start(cfg, strategy)
+    t0 = time.time()
+    last = loop.run(task, cfg.train, cfg.model_dir, strategy, cfg.seed)
+    print(f"{cfg.stage}: trained to step {cfg.train.steps} in {cfg.model_dir} "
+          f"({time.time() - t0:.0f}s); last: " + ", ".join(f"{k}={v:.4g}" for k, v in last.items()))
+
+
+def _task(task_class: Callable[..., loop.Task], **inputs: tuple[str, str]) -> TaskOf:
+    """`task_class(section, encoder, train, skip_bad_records)` on the stage's own section (named
+    after the stage), its catalog pattern filled in and each of `inputs` (a pattern field ->
+    (record kind, split)) too, where unset: the data dir's files of that kind."""
+    def task_of(cfg, enc, catalog):
+        section = getattr(cfg, cfg.stage)
+        section = dataclasses.replace(section, catalog_pattern=catalog, **{
+            field: common.pattern(cfg, getattr(section, field), kind, split)
+            for field, (kind, split) in inputs.items()})
+        cfg = dataclasses.replace(cfg, **{cfg.stage: section})
+        return cfg, task_class(section, enc, cfg.train, cfg.skip_bad_records)
+    return task_of
+
+
+def run_pretrain(cfg: configs.PretrainStage) -> None:
+    """S1 (paper 000 Eq. 1)."""
+    _train(cfg, _task(pretrain.PretrainTask))
+
+
+def run_simsiam(cfg: configs.SimsiamStage) -> None:
+    """SimSiam on S1's views (paper 002 Table 5)."""
+    _train(cfg, _task(simsiam.SimsiamTask))
+
+
+def run_clip(cfg: configs.ClipStage) -> None:
+    """CLIP and MaskCLIP on catalog images and titles (paper 002 Table 5)."""
+    _train(cfg, _task(clip.ClipTask))
+
+
+def run_supervised(cfg: configs.SupervisedStage) -> None:
+    """The encoder trained inside the CTR model on clicks (paper 002 Table 5)."""
+    def task_of(cfg, enc, catalog):
         cfg = dataclasses.replace(
             cfg, supervised=dataclasses.replace(cfg.supervised, catalog_pattern=catalog),
             ctr=dataclasses.replace(cfg.ctr, train_pattern=common.pattern(
@@ -53,33 +88,31 @@ def run_training(cfg: configs.EncoderStage) -> None:
             spec = spec.with_hash_bins(cfg.ctr.hash_bins)
         spec.check_files(pipeline.list_files(cfg.ctr.train_pattern))
         spec = ctr_task.spec_for(cfg.model_dir, spec)
-        task = supervised.SupervisedTask(
+        return cfg, supervised.SupervisedTask(
             cfg.ctr, spec, ctr_task.vocabularies_for(cfg.model_dir, cfg.ctr, spec,
                                                      cfg.skip_bad_records),
             catalog, enc, cfg.train, cfg.skip_bad_records)
-    elif isinstance(cfg, configs.FinetuneStage):
-        cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(
-            cfg.finetune, catalog_pattern=catalog, sessions_pattern=common.pattern(
-                cfg, cfg.finetune.sessions_pattern, "search_sessions", "train")))
-        task = finetune.FinetuneTask(cfg.finetune, enc, cfg.train, cfg.skip_bad_records)
-    elif isinstance(cfg, configs.CourierStage):
-        cfg = dataclasses.replace(cfg, courier=dataclasses.replace(
-            cfg.courier, catalog_pattern=catalog, pageviews_pattern=common.pattern(
-                cfg, cfg.courier.pageviews_pattern, "pageviews", "train")))
-        task = courier.CourierTask(cfg.courier, enc, cfg.train, cfg.skip_bad_records)
-    elif isinstance(cfg, configs.ClassifyStage):
+    _train(cfg, task_of)
+
+
+def run_finetune(cfg: configs.FinetuneStage) -> None:
+    """S2, and S1+S2 from S1's weights (paper 000 Eq. 2)."""
+    _train(cfg, _task(finetune.FinetuneTask, sessions_pattern=("search_sessions", "train")))
+
+
+def run_courier(cfg: configs.CourierStage) -> None:
+    """COURIER (paper 002 Eq. 1-7)."""
+    _train(cfg, _task(courier.CourierTask, pageviews_pattern=("pageviews", "train")))
+
+
+def run_classify(cfg: configs.ClassifyStage) -> None:
+    """ResNet-C, the category classifier (paper 000 Table 1)."""
+    def task_of(cfg, enc, catalog):
         classify_cfg = dataclasses.replace(cfg.classify, catalog_pattern=catalog)
         task = classify.ClassifyTask(classify_cfg, enc, cfg.train, cfg.skip_bad_records)
-        cfg = dataclasses.replace(cfg, classify=dataclasses.replace(
-            classify_cfg, categories=tuple(int(c) for c in task.categories)))
-    else:
-        raise common.UsageError(f"--stage={cfg.stage} does not train an encoder")
-    cfg = dataclasses.replace(cfg, encoder=enc)
-    common.start(cfg, strategy)
-    t0 = time.time()
-    last = loop.run(task, cfg.train, cfg.model_dir, strategy, cfg.seed)
-    print(f"{cfg.stage}: trained to step {cfg.train.steps} in {cfg.model_dir} "
-          f"({time.time() - t0:.0f}s); last: " + ", ".join(f"{k}={v:.4g}" for k, v in last.items()))
+        return dataclasses.replace(cfg, classify=dataclasses.replace(
+            classify_cfg, categories=tuple(int(c) for c in task.categories))), task
+    _train(cfg, task_of)
 
 
 def run_eval_search(cfg: configs.EvalSearchStage) -> None:

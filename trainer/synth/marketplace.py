@@ -31,7 +31,7 @@ import time
 
 import numpy as np
 
-from trainer.data import records, schema
+from trainer.data import jsonfile, records, schema
 from trainer.synth import render, titles
 from trainer.synth.config import WorldConfig
 
@@ -40,6 +40,7 @@ BLOCKS_PER_DAY = 8  # click histories are refreshed between blocks of a day's se
 LOW_IMPRESSIONS = 5  # paper 000 §4.1
 MAX_PREFERRED_CATEGORIES = 3  # a user's preferred categories (a demographic-style feature)
 log = logging.getLogger(__name__)
+MANIFEST = "manifest.json"  # what the world is: its config, seed, files and statistics
 
 
 def _unique_ids(rng: np.random.Generator, n: int, low: int, high: int) -> np.ndarray:
@@ -302,11 +303,10 @@ def _pattern_ids(cfg: WorldConfig, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def write(world: World, data_dir: str, seed: int, workers: int = 1,
-          inline_images: bool = False, ctr_kind: schema.RecordKind | None = None) -> dict:
+          inline_images: bool = False, *, ctr_kind: schema.RecordKind) -> dict:
     """Writes every record kind, the planted truth and `manifest.json`; returns the manifest.
-    `ctr` records hold the columns of `ctr_kind` (default: the synthetic feature spec's) of those
+    `ctr` records hold the columns of `ctr_kind` (a feature spec's, `trainer.ctr.spec`) of those
     the world logs, so a spec without e.g. demographics gives records without them."""
-    ctr_kind = schema.get(ctr_kind or "ctr")
     cfg, it, us, qs = world.cfg, world.items, world.users, world.queries
     ss, im = world.sessions, world.impressions
     t0 = time.time()
@@ -414,7 +414,7 @@ def write(world: World, data_dir: str, seed: int, workers: int = 1,
         world=dataclasses.asdict(cfg), layout="inline" if inline_images else "join",
         days=dict(train=train_days, test=test_days), files=files, ctr_columns=ctr_kind.names,
         stats=observable_stats(world))
-    with open(os.path.join(data_dir, "manifest.json"), "w") as f:
+    with open(os.path.join(data_dir, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=1, sort_keys=True, default=_json_default)
     return manifest
 
@@ -472,10 +472,10 @@ def _write_truth(world: World, data_dir: str, shapes: np.ndarray) -> None:
 
 
 def generate(cfg: WorldConfig, data_dir: str, seed: int, workers: int = 1,
-             inline_images: bool = False, overwrite: bool = False,
-             ctr_kind: schema.RecordKind | None = None) -> dict:
+             inline_images: bool = False, overwrite: bool = False, *,
+             ctr_kind: schema.RecordKind) -> dict:
     """Builds and writes a world into `data_dir` (which must be empty unless `overwrite`)."""
-    ours = [os.path.join(data_dir, d) for d in (*schema.KIND_NAMES, "truth", "manifest.json")]
+    ours = [os.path.join(data_dir, d) for d in (*schema.KIND_NAMES, "truth", MANIFEST)]
     existing = [p for p in ours if os.path.exists(p)]
     if existing and not overwrite:
         names = ", ".join(map(os.path.basename, existing))
@@ -495,11 +495,8 @@ def generate(cfg: WorldConfig, data_dir: str, seed: int, workers: int = 1,
 
 
 def load_manifest(data_dir: str) -> dict | None:
-    path = os.path.join(data_dir, "manifest.json")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
+    """The manifest of the world in `data_dir`, or None (other data)."""
+    return jsonfile.read(os.path.join(data_dir, MANIFEST))
 
 
 def image_size(data_dir: str, default: int = 64) -> int:

@@ -1,13 +1,14 @@
 """Renders the schema tables of docs/data_format.md from `schema.py` and, for `ctr`, the default
-feature spec (`trainer/data/specs/synthetic.yaml`) (`make docs`).
+feature spec (`trainer/ctr/specs/synthetic.yaml`) (`make docs`).
 
-Usage: python -m trainer.data.docs docs/data_format.md
+Usage: python -m trainer.data_format docs/data_format.md
 The text between the BEGIN/END markers is replaced; a test fails when it is out of date.
 """
 from __future__ import annotations
 
 import sys
 
+from trainer.ctr import spec as ctr_spec
 from trainer.data import schema
 
 BEGIN = "<!-- BEGIN GENERATED SCHEMA (make docs) -->"
@@ -41,7 +42,7 @@ def _rules(f: schema.FeatureSpec) -> str:
 
 def render_tables() -> str:
     out = []
-    for kind in map(schema.get, schema.KIND_NAMES):
+    for kind in map(ctr_spec.record_kind, schema.KIND_NAMES):
         out.append(f"### `{kind.name}`\n\n{kind.doc}\n")
         out.append("| feature | type | values | rules | meaning |")
         out.append("| --- | --- | --- | --- | --- |")

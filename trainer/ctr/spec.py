@@ -1,9 +1,9 @@
-"""The declared CTR feature spec: which columns a `ctr` record holds and how the CTR model uses each.
+"""The declared CTR feature spec: which columns a `ctr` record holds, how the CTR model uses each.
 
 A spec is a YAML or JSON file. The CTR model (`trainer.ctr`), the checks applied to `ctr` records,
 the vocabularies, the exported serving signature and its warmup requests are all derived from it;
 no other code names a CTR feature. It is copied into every CTR model dir and export, so a model is
-served with the features it was trained with. Built-in specs (`trainer/data/specs/`):
+served with the features it was trained with. Built-in specs (`trainer/ctr/specs/`):
 `synthetic` (the synthetic marketplace's visual-search setting, paper 000 §3.2) and `feed`
 (paper 002's feed: no query photo, no demographics, no preferred categories).
 
@@ -60,9 +60,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import typing
-from typing import Any, Optional
+from typing import Any
 
-import numpy as np
 import tensorflow as tf
 import yaml
 from tensorflow.core.example import example_pb2
@@ -115,13 +114,13 @@ class CtrFeature:
     embedding_dim: int = 0
     hash_bins: int = 0
     shared_table: str = ""
-    default: Optional[float] = None
+    default: float | None = None
     transform: str = "bucketize"
     buckets: int = 16
     log: bool = False
     length: int = 1
-    min_value: Optional[float] = None
-    max_value: Optional[float] = None
+    min_value: float | None = None
+    max_value: float | None = None
     max_length: int = 0
     order: str = "oldest_first"
     pooling: str = "mean"
@@ -181,12 +180,12 @@ class CtrSpec:
         """The id features looked up in `table` (its owner first)."""
         return [f for f in self.features if f.is_id and f.table_name == table]
 
-    def image_of(self, column: str) -> Optional[CtrFeature]:
+    def image_of(self, column: str) -> CtrFeature | None:
         """The image feature keyed by `column`, if any."""
         return next((f for f in self.of_kind("image") if f.ids == column), None)
 
     @property
-    def target_image(self) -> Optional[CtrFeature]:
+    def target_image(self) -> CtrFeature | None:
         """The displayed item's image feature (v_p), if the spec has one."""
         f = self.image_of(self.item)
         return f if f is not None and f.table == "items" else None
@@ -382,6 +381,12 @@ def load(name_or_path: str) -> CtrSpec:
         return parse(configs.read_file(path, "feature spec"), path)
     except configs.ConfigError as e:  # not YAML, or not a mapping
         raise SpecError(str(e)) from None
+
+
+def record_kind(kind: str, spec: str | None = None) -> schema.RecordKind:
+    """A record kind by name: `ctr` as the spec `spec` (a built-in name or a file; default:
+    DEFAULT) declares it, the others as `schema` fixes them."""
+    return load(spec or DEFAULT).record_kind() if kind == "ctr" else schema.get(kind)
 
 
 def parse(d: Any, source: str = "<spec>") -> CtrSpec:

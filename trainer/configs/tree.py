@@ -1,62 +1,30 @@
-"""Typed configuration: one config tree per stage, every default defined once, here.
+"""The config trees: one per stage, every default defined once, here, and each value's rules
+beside its field (`setting`).
 
 A stage's configuration is a tree of dataclasses, as in Model Garden's experiment configs
 (`official/core/config_definitions.py`): the paths every stage shares at the top (`data_dir`,
 `model_dir`, `seed`), then the training loop (`train`), the image tower (`encoder`) and the
 stage's own settings (`pretrain`, `ctr`, ...). Library code takes these dataclasses; only
-`trainer/task.py` turns flags into overrides.
+`trainer/task.py` turns flags into overrides (`trainer.configs.engine`).
 
 - Defaults: the field defaults below, and each stage tree's own factory where stages differ
   (S1 trains 600 steps of 128 images, the CTR model 940 steps of 512 samples). They are sized for
   the `small` synthetic world on 2 CPU cores; the papers' scale is an override
   (`--set encoder.depth=50 --set encoder.width_multiplier=1 --set encoder.image_size=224`).
-- `to_dict` / `from_dict` round-trip a tree through JSON or YAML; `save` writes a model dir's
-  `config.json` and `load` is the one reader of it.
-- `apply` (a partial tree from `--config=FILE`) and `override` (`--set path=value`) check what
-  they are given against the tree: an unknown key or a value of the wrong type fails with the
-  key's path.
-
-Model Garden's own `hyperparams.Config` is not the base: with tf-models-official 2.17 it accepted
-the string 'abc' for an int field, named an unknown key without its path, and could not hold a
-dict field (the CTR model's hash bins). These dataclasses keep its design with those checks.
+- `save` writes a model dir's `config.json` and `load` is the one reader of it.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
-import types
-import typing
-from typing import Any, TypeVar
+from typing import Any
 
 import tensorflow as tf
-import yaml
+
+from trainer.configs.engine import ConfigError, apply, check, setting, to_dict
 
 FILE = "config.json"
-T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A configuration that does not fit its tree; the message names the key's path."""
-
-
-def _is_optional(hint: Any) -> bool:
-    """`Optional[X]` or `X | None`."""
-    return (typing.get_origin(hint) in (typing.Union, types.UnionType)
-            and type(None) in typing.get_args(hint))
-
-
-def _strip_optional(hint: Any) -> Any:
-    return next(a for a in typing.get_args(hint) if a is not type(None))
-
-
-def _choices(*values: str, default: str) -> Any:
-    return dataclasses.field(default=default, metadata={"choices": values})
-
-
-# ---------------------------------------------------------------------------------------------
-# The library's settings.
 
 
 @dataclasses.dataclass
@@ -88,22 +56,22 @@ class TrainConfig:
         `model_dir/train/plugins/profile`; None for no trace.
     """
 
-    steps: int = 1000
-    global_batch_size: int = 128
-    per_replica_batch_size: int = 0
-    optimizer: str = _choices("adam", "adamw", "sgd", "lars", "adagrad", default="adam")
-    learning_rate: float = 1e-3
-    lr_schedule: str = _choices("cosine", "constant", default="cosine")
-    warmup_steps: int = 50
-    weight_decay: float = 0.0
-    momentum: float = 0.9
-    checkpoint_interval: int = 200
-    log_interval: int = 50
-    strategy: str = _choices("one_device", "mirrored", "multi_worker_mirrored",
-                             "parameter_server", default="one_device")
+    steps: int = setting(1000, low=1)
+    global_batch_size: int = setting(128, low=1)
+    per_replica_batch_size: int = setting(0, low=0)
+    optimizer: str = setting("adam", choices=("adam", "adamw", "sgd", "lars", "adagrad"))
+    learning_rate: float = setting(1e-3, positive=True)
+    lr_schedule: str = setting("cosine", choices=("cosine", "constant"))
+    warmup_steps: int = setting(50, low=0)
+    weight_decay: float = setting(0.0, low=0)
+    momentum: float = setting(0.9, low=0.0, high=1.0)
+    checkpoint_interval: int = setting(200, low=1)
+    log_interval: int = setting(50, low=1)
+    strategy: str = setting("one_device", choices=(
+        "one_device", "mirrored", "multi_worker_mirrored", "parameter_server"))
     shard_bytes: int = 1 << 20
     deterministic: bool = False
-    profile_steps: tuple[int, int] | None = None
+    profile_steps: tuple[int, int] | None = setting(None, low=0)
 
     def replica_batch_size(self, replicas: int) -> int:
         """Each replica's share of the global batch; the global batch must split evenly."""
@@ -121,7 +89,8 @@ class EncoderConfig:
       backbone: 'resnet' (tf-models-official's ResNet; the papers' encoder), 'vit'
         (tf-models-official's Vision Transformer; paper 000 Table 2's ViT competitor) or 'vgg16'
         (Keras applications' VGG-16, randomly initialised; the VGG competitor). Swin (paper 002
-        §5) has no TensorFlow implementation that builds on this stack's tf_keras (README).
+        §5) has no TensorFlow implementation that builds on this stack's tf_keras
+        (docs/visual_encoder.md).
       depth: ResNet depth (tf-models-official's `RESNET_SPECS`: 10, 18, 26, 34, 50, ...). The
         papers use 50; the default is sized for CPU runs.
       width_multiplier: Scales every ResNet layer's channels; 0.5 quarters the FLOPs.
@@ -147,20 +116,20 @@ class EncoderConfig:
         linear layer (COURIER's start from S1).
     """
 
-    backbone: str = _choices("resnet", "vit", "vgg16", default="resnet")
+    backbone: str = setting("resnet", choices=("resnet", "vit", "vgg16"))
     depth: int = 10
-    width_multiplier: float = 0.5
+    width_multiplier: float = setting(0.5, positive=True)
     vit_model: str = "vit-ti16"
     vit_patch_size: int = 0
     vit_layers: int = 0
-    image_size: int = 0
-    feature_dim: int = 512
-    mixed_precision: str = _choices("none", "float16", "bfloat16", default="none")
-    batch_norm_momentum: float = 0.99
+    image_size: int = setting(0, low=0)
+    feature_dim: int = setting(512, low=1)
+    mixed_precision: str = setting("none", choices=("none", "float16", "bfloat16"))
+    batch_norm_momentum: float = setting(0.99, low=0.0, high=1.0)
     sync_batch_norm: bool = False
     gradient_checkpointing: bool = False
     init_checkpoint: str = ""
-    init_scope: str = _choices("encoder", "backbone", default="encoder")
+    init_scope: str = setting("encoder", choices=("encoder", "backbone"))
 
     def architecture(self) -> dict[str, Any]:
         """The settings that decide the backbone's variables: a checkpoint restores only into an
@@ -185,15 +154,15 @@ class AugmentConfig:
       greyscale_prob: Probability of converting an image to greyscale.
     """
 
-    crop_area: tuple[float, float] = (0.08, 1.0)
-    crop_aspect: tuple[float, float] = (3 / 4, 4 / 3)
-    flip_prob: float = 0.5
-    jitter_prob: float = 0.8
-    brightness: float = 0.8
-    contrast: float = 0.8
-    saturation: float = 0.8
-    hue: float = 0.2
-    greyscale_prob: float = 0.2
+    crop_area: tuple[float, float] = setting((0.08, 1.0), low=1e-06, high=1.0)
+    crop_aspect: tuple[float, float] = setting((3 / 4, 4 / 3), positive=True)
+    flip_prob: float = setting(0.5, low=0.0, high=1.0)
+    jitter_prob: float = setting(0.8, low=0.0, high=1.0)
+    brightness: float = setting(0.8, low=0)
+    contrast: float = setting(0.8, low=0)
+    saturation: float = setting(0.8, low=0)
+    hue: float = setting(0.2, low=0.0, high=0.5)
+    greyscale_prob: float = setting(0.2, low=0.0, high=1.0)
 
 
 @dataclasses.dataclass
@@ -207,7 +176,7 @@ class PretrainConfig:
     """
 
     catalog_pattern: str = ""
-    temperature: float = 0.1
+    temperature: float = setting(0.1, positive=True)
     augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
 
 
@@ -222,7 +191,7 @@ class SimsiamConfig:
     """
 
     catalog_pattern: str = ""
-    predictor_units: int = 128
+    predictor_units: int = setting(128, low=1)
     augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
 
 
@@ -240,11 +209,11 @@ class TextConfig:
       heads: Attention heads.
     """
 
-    hash_buckets: int = 1 << 16
-    max_words: int = 16
-    width: int = 128
-    layers: int = 2
-    heads: int = 4
+    hash_buckets: int = setting(1 << 16, low=1)
+    max_words: int = setting(16, low=1)
+    width: int = setting(128, low=1)
+    layers: int = setting(2, low=0)
+    heads: int = setting(4, low=1)
 
 
 @dataclasses.dataclass
@@ -269,17 +238,17 @@ class ClipConfig:
     """
 
     catalog_pattern: str = ""
-    temperature: float = 0.1
+    temperature: float = setting(0.1, low=0.01)
     learn_temperature: bool = False
     augment: AugmentConfig = dataclasses.field(default_factory=lambda: AugmentConfig(
         crop_area=(0.5, 1.0), flip_prob=0.0, jitter_prob=0.0, greyscale_prob=0.0))
     text: TextConfig = dataclasses.field(default_factory=TextConfig)
     masked_distillation: bool = False
-    mask_patch: int = 16
-    mask_ratio: float = 0.5
-    word_mask_ratio: float = 0.3
-    teacher_momentum: float = 0.996
-    distillation_weight: float = 1.0
+    mask_patch: int = setting(16, low=1)
+    mask_ratio: float = setting(0.5, low=0.0, high=1.0)
+    word_mask_ratio: float = setting(0.3, low=0.0, high=1.0)
+    teacher_momentum: float = setting(0.996, low=0.0, high=1.0)
+    distillation_weight: float = setting(1.0, low=0)
 
 
 @dataclasses.dataclass
@@ -297,9 +266,9 @@ class FinetuneConfig:
 
     sessions_pattern: str = ""
     catalog_pattern: str = ""
-    pool_size: int = 128
+    pool_size: int = setting(128, low=1)
     in_batch_negatives: bool = True
-    temperature: float = 0.1
+    temperature: float = setting(0.1, positive=True)
 
 
 @dataclasses.dataclass
@@ -317,7 +286,7 @@ class ClassifyConfig:
     catalog_pattern: str = ""
     augment: AugmentConfig = dataclasses.field(default_factory=lambda: AugmentConfig(
         crop_area=(0.25, 1.0), jitter_prob=0.0, greyscale_prob=0.0))
-    label_smoothing: float = 0.0
+    label_smoothing: float = setting(0.0, low=0.0, high=0.999)
     categories: tuple[int, ...] = ()
 
 
@@ -340,15 +309,15 @@ class CourierConfig:
 
     pageviews_pattern: str = ""
     catalog_pattern: str = ""
-    temperature: float = 0.05
-    heads: int = 1
+    temperature: float = setting(0.05, positive=True)
+    heads: int = setting(1, low=1)
     no_ucs: bool = False
     no_contrast: bool = False
     self_attention: bool = False
     no_neg_pv: bool = False
     projection_head: bool = False
-    clip_weight: float = 0.0
-    clip_temperature: float = 0.1
+    clip_weight: float = setting(0.0, low=0)
+    clip_temperature: float = setting(0.1, low=0.01)
     text: TextConfig = dataclasses.field(default_factory=TextConfig)
 
 
@@ -368,8 +337,8 @@ class SearchEvalConfig:
 
     catalog_pattern: str = ""
     judgments_pattern: str = ""
-    ks: tuple[int, ...] = (10, 100)
-    low_impressions: int = 5
+    ks: tuple[int, ...] = setting((10, 100), low=1)
+    low_impressions: int = setting(5, low=0)
 
 
 @dataclasses.dataclass
@@ -398,22 +367,22 @@ class DebiasConfig:
       recall_sample: Anchors whose exact neighbours are searched to measure the IVF recall.
     """
 
-    num_similar: int = 15
-    positives: str = _choices("low_impression", "not_displayed", default="low_impression")
-    low_impressions: int = 5
-    index: str = _choices("exact", "ivf", default="exact")
-    nprobe: int = 32
-    recall_sample: int = 2000
-    hidden_units: tuple[int, ...] = (128, 16, 128)
+    num_similar: int = setting(15, low=1)
+    positives: str = setting("low_impression", choices=("low_impression", "not_displayed"))
+    low_impressions: int = setting(5, low=0)
+    index: str = setting("exact", choices=("exact", "ivf"))
+    nprobe: int = setting(32, low=1)
+    recall_sample: int = setting(2000, low=0)
+    hidden_units: tuple[int, ...] = setting((128, 16, 128), low=1)
     activations: tuple[str, ...] = ("relu", "tanh", "relu")
-    temperature: float = 0.1
-    loss_weight: float = 1.0
+    temperature: float = setting(0.1, positive=True)
+    loss_weight: float = setting(1.0, low=0)
 
 
 @dataclasses.dataclass
 class CtrConfig:
     """The CTR predictor (paper 000 §3.2, paper 002 App. A, `trainer.ctr.model`). Its features
-    are declared in a feature spec (`trainer.data.ctr_spec`); these settings shape the model.
+    are declared in a feature spec (`trainer.ctr.spec`); these settings shape the model.
 
     Attributes:
       spec: The feature spec: a built-in name ('synthetic', 'feed') or a YAML/JSON file.
@@ -438,17 +407,17 @@ class CtrConfig:
     spec: str = "synthetic"
     train_pattern: str = ""
     test_pattern: str = ""
-    embedding_dim: int = 16
-    hash_bins: dict[str, int] = dataclasses.field(default_factory=dict)
-    min_count: int = 1
-    history_dim: int = 64
-    attention_heads: int = 2
-    history_pooling: str = _choices("mean", "target", default="mean")
-    cross_layers: int = 0
-    cross_projection_dim: int = 64
-    tower_units: tuple[int, ...] = (512, 256, 128)
-    image_feature_mode: str = _choices("vector", "simscore", "cluster_id", default="vector")
-    cluster_embedding_dim: int = 0
+    embedding_dim: int = setting(16, low=1)
+    hash_bins: dict[str, int] = setting(factory=dict, low=1)
+    min_count: int = setting(1, low=1)
+    history_dim: int = setting(64, low=1)
+    attention_heads: int = setting(2, low=1)
+    history_pooling: str = setting("mean", choices=("mean", "target"))
+    cross_layers: int = setting(0, low=0)
+    cross_projection_dim: int = setting(64, low=1)
+    tower_units: tuple[int, ...] = setting((512, 256, 128), low=1)
+    image_feature_mode: str = setting("vector", choices=("vector", "simscore", "cluster_id"))
+    cluster_embedding_dim: int = setting(0, low=0)
     debias: DebiasConfig | None = None
 
 
@@ -498,14 +467,14 @@ class ClusterConfig:
         clustered vectors for that many times the cost of picking the seeds.
     """
 
-    num_clusters: int = 0
-    items_per_cluster: int = 500
-    iterations: int = 25
-    max_points_per_centroid: int = 256
-    restarts: int = 1
-    seeding_rounds: int = 5
-    oversampling: float = 1.0
-    seeding_trials: int = 0
+    num_clusters: int = setting(0, low=0)
+    items_per_cluster: int = setting(500, low=1)
+    iterations: int = setting(25, low=1)
+    max_points_per_centroid: int = setting(256, low=1)
+    restarts: int = setting(1, low=1)
+    seeding_rounds: int = setting(5, low=0)
+    oversampling: float = setting(1.0, positive=True)
+    seeding_trials: int = setting(0, low=0)
 
 
 @dataclasses.dataclass
@@ -520,7 +489,8 @@ class CatalogEmbedConfig:
       batch_size: Images per call of the SavedModel (RunInference's batch).
       num_shards: Files of the embedding table (0: the Beam runner's choice).
       centroids: A `clusters.npz` to assign cluster ids with; empty for none.
-      index: 'flat' (exact) or 'ivf' (IndexIVFFlat, nlist about 4 sqrt(N)).
+      index: 'exact' (every vector compared) or 'ivf' (inverted lists, about 4 sqrt(N) of them;
+        `trainer.features.index`).
       nprobe: Inverted lists searched per query of an 'ivf' index.
       index_sample: Vectors sampled (uniformly, by the pipeline) to train an 'ivf' index on.
       beam_options: Beam pipeline options for the stage's pipeline, e.g. '--runner=FlinkRunner
@@ -530,12 +500,12 @@ class CatalogEmbedConfig:
     catalog_pattern: str = ""
     encoder_export: str = ""
     out_dir: str = ""
-    batch_size: int = 256
-    num_shards: int = 0
+    batch_size: int = setting(256, low=1)
+    num_shards: int = setting(0, low=0)
     centroids: str = ""
-    index: str = _choices("flat", "ivf", default="flat")
-    nprobe: int = 16
-    index_sample: int = 1_000_000
+    index: str = setting("exact", choices=("exact", "ivf"))
+    nprobe: int = setting(16, low=1)
+    index_sample: int = setting(1_000_000, low=1)
     beam_options: str = ""
 
 
@@ -563,7 +533,7 @@ class StageConfig:
     model_dir: str = ""
     seed: int = 0
     skip_bad_records: bool = False
-    logical_cpus: int = 0
+    logical_cpus: int = setting(0, low=0)
 
 
 @dataclasses.dataclass
@@ -591,7 +561,7 @@ class SynthStage(StageConfig):
 
     stage: str = "synth"
     world: str = "small"
-    workers: int = 0
+    workers: int = setting(0, low=0)
     inline_images: bool = False
     overwrite: bool = False
     ctr_spec: str = "synthetic"
@@ -602,8 +572,8 @@ class InspectStage(StageConfig):
     """`inspect`: an input-pipeline smoke run over every record kind (`ctr` per `ctr_spec`)."""
 
     stage: str = "inspect"
-    batch_size: int = 64
-    image_size: int = 0
+    batch_size: int = setting(64, low=1)
+    image_size: int = setting(0, low=0)
     ctr_spec: str = "synthetic"
 
 
@@ -615,7 +585,7 @@ class ValidateStage(StageConfig):
     stage: str = "validate"
     kind: str = ""
     file_pattern: str = ""
-    image_size: int = 0
+    image_size: int = setting(0, low=0)
     ctr_spec: str = "synthetic"
 
 
@@ -707,7 +677,8 @@ class EvalSearchStage(StageConfig):
 
 def _ctr_train() -> TrainConfig:
     # Two epochs of `small`. Paper 000 §4 uses Adagrad at 0.05 on a billion samples; at this
-    # scale that leaves the model far from converged (README, Table 2), so Adam is the default.
+    # scale that leaves the model far from converged (docs/results.md, Table 2), so Adam is the
+    # default.
     return TrainConfig(steps=940, global_batch_size=512, learning_rate=1e-3,
                        lr_schedule="constant", warmup_steps=0)
 
@@ -774,10 +745,19 @@ class EmbedStage(StageConfig):
     embed: CatalogEmbedConfig = dataclasses.field(default_factory=CatalogEmbedConfig)
 
 
-STAGES: dict[str, type[StageConfig]] = {cls().stage: cls for cls in (
-    SynthStage, InspectStage, ValidateStage, PretrainStage, SimsiamStage, ClipStage,
-    FinetuneStage, ClassifyStage, SupervisedStage, EvalSearchStage, CtrStage, DebiasStage,
-    CourierStage, ClusterStage, EmbedStage)}
+def _stage_trees() -> dict[str, type[StageConfig]]:
+    """Every stage's tree by its name: the subclasses of StageConfig that name a stage."""
+    out: dict[str, type[StageConfig]] = {}
+    todo = list(StageConfig.__subclasses__())
+    while todo:
+        cls = todo.pop(0)
+        todo += cls.__subclasses__()
+        if cls().stage:
+            out[cls().stage] = cls
+    return out
+
+
+STAGES = _stage_trees()
 
 
 def for_stage(stage: str) -> StageConfig:
@@ -785,274 +765,6 @@ def for_stage(stage: str) -> StageConfig:
     if stage not in STAGES:
         raise ConfigError(f"unknown stage '{stage}'; known: {', '.join(STAGES)}")
     return STAGES[stage]()
-
-
-# ---------------------------------------------------------------------------------------------
-# JSON / YAML round trip, overrides.
-
-
-def to_dict(cfg: Any) -> dict:
-    """The tree as plain JSON/YAML values (tuples become lists)."""
-    out = {}
-    for f in dataclasses.fields(cfg):
-        out[f.name] = _plain(getattr(cfg, f.name))
-    return out
-
-
-def _plain(v: Any) -> Any:
-    if dataclasses.is_dataclass(v) and not isinstance(v, type):
-        return to_dict(v)
-    if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
-    if isinstance(v, dict):
-        return {k: _plain(x) for k, x in v.items()}
-    return v
-
-
-def from_dict(cls: type[T], d: Any, path: str = "") -> T:
-    """A `cls` tree from plain values; unset keys keep their defaults."""
-    return apply(cls(), d, path)
-
-
-def apply(cfg: T, d: Any, path: str = "", source: str = "") -> T:
-    """`cfg` with the (partial) tree `d` laid over it; `source` (a file) prefixes errors."""
-    where = f"{source}: " if source else ""
-    if not isinstance(d, dict):
-        raise ConfigError(f"{where}{path or 'the config'} must be a mapping, got "
-                          f"{type(d).__name__}")
-    hints = typing.get_type_hints(type(cfg))
-    fields = {f.name: f for f in dataclasses.fields(cfg)}  # type: ignore[arg-type]
-    changes = {}
-    for key, value in d.items():
-        full = f"{path}.{key}" if path else str(key)
-        if key not in fields:
-            raise ConfigError(f"{where}unknown key '{full}'; {path or 'the top level'} has: "
-                              f"{', '.join(fields)}")
-        current = getattr(cfg, key)
-        changes[key] = _value(hints[key], value, current, full, fields[key], where)
-    return dataclasses.replace(cfg, **changes)  # type: ignore[type-var]
-
-
-def _value(hint: Any, value: Any, current: Any, path: str, field: Any, where: str) -> Any:
-    """`value` checked against `hint` (and the field's choices)."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if _is_optional(hint):
-        if value is None:
-            return None
-        hint = _strip_optional(hint)
-        origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if dataclasses.is_dataclass(hint):
-        section: Any = hint
-        return apply(current if current is not None else section(), value, path,
-                     where.rstrip(": "))
-    if origin in (tuple, list):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}{path}: expected a list, got {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            items = [_scalar(args[0], v, f"{path}[{i}]", where) for i, v in enumerate(value)]
-        elif args:
-            if len(value) != len(args):
-                raise ConfigError(f"{where}{path}: expected {len(args)} values, got {value!r}")
-            items = [_scalar(a, v, f"{path}[{i}]", where) for i, (a, v) in
-                     enumerate(zip(args, value, strict=True))]
-        else:
-            items = list(value)
-        return tuple(items)
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}{path}: expected a mapping, got {value!r}")
-        kt, vt = args or (str, Any)
-        return {_scalar(kt, k, f"{path}.{k}", where): _scalar(vt, v, f"{path}.{k}", where)
-                for k, v in value.items()}
-    out = _scalar(hint, value, path, where)
-    choices = field.metadata.get("choices") if field is not None else None
-    if choices and out not in choices:
-        raise ConfigError(f"{where}{path}: '{out}' is not one of {', '.join(choices)}")
-    return out
-
-
-def _scalar(hint: Any, value: Any, path: str, where: str) -> Any:
-    def bad() -> ConfigError:
-        return ConfigError(f"{where}{path}: expected {getattr(hint, '__name__', hint)}, got "
-                           f"{value!r} ({type(value).__name__})")
-
-    if hint is Any:
-        return value
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise bad()
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad()
-        return value
-    if hint is float:
-        # YAML 1.1 reads '1e-3' as a string: accept what parses as a number.
-        if isinstance(value, bool):
-            raise bad()
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                raise bad() from None
-        raise bad()
-    if hint is str:
-        if not isinstance(value, str):
-            raise bad()
-        return value
-    raise ConfigError(f"{where}{path}: unsupported config type {hint}")
-
-
-def _parse_text(text: str) -> Any:
-    """A `--set` value: YAML scalars, lists and mappings ('5e-4', 'true', '[1, 2]',
-    '{user_id: 97}'); comma-separated values are a list."""
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-    if isinstance(value, str) and "," in value and not text.lstrip().startswith(("'", '"')):
-        return [yaml.safe_load(x) for x in value.split(",")]
-    return value
-
-
-def override(cfg: T, path: str, value: Any) -> T:
-    """`cfg` with the key at `path` ('train.learning_rate') set; a string `value` is parsed as
-    `--set` gives it."""
-    if isinstance(value, str):
-        parsed = _parse_text(value)
-        leaf = _leaf_hint(cfg, path)
-        if leaf is str or (_is_optional(leaf) and _strip_optional(leaf) is str):
-            parsed = value  # a string field takes the text as it is
-        elif leaf in (tuple, list) or typing.get_origin(leaf) in (tuple, list):
-            parsed = parsed if isinstance(parsed, list) else [parsed]
-        value = parsed
-    tree: Any = value
-    for key in reversed(path.split(".")):
-        tree = {key: tree}
-    return apply(cfg, tree)
-
-
-def _leaf_hint(cfg: Any, path: str) -> Any:
-    """The type hint of the key at `path`, None where the path does not exist (apply says so)."""
-    node_type: Any = type(cfg)
-    hint: Any = None
-    for key in path.split("."):
-        if not dataclasses.is_dataclass(node_type):
-            return None
-        hints = typing.get_type_hints(node_type)
-        if key not in hints:
-            return None
-        hint = hints[key]
-        node_type = hint
-        if _is_optional(hint):
-            node_type = _strip_optional(hint)
-    return hint
-
-
-def read_file(path: str, what: str = "config") -> dict:
-    """A YAML or JSON file (YAML is a superset of JSON) holding a mapping; `what` it is names it
-    in errors."""
-    if not tf.io.gfile.exists(path):
-        raise FileNotFoundError(f"{what} file {path} does not exist")
-    with tf.io.gfile.GFile(path) as f:
-        try:
-            d = yaml.safe_load(f.read())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not YAML or JSON: {e}") from None
-    if not isinstance(d, dict):
-        raise ConfigError(f"{path}: a {what} file holds a mapping at the top level")
-    return d
-
-
-# Value rules, checked on every tree a run starts from or a model dir holds (`check`): every
-# float is finite, and these fields lie in their ranges. (low, high): inclusive bounds, None for
-# none; a field holding a tuple has each element checked.
-_AT_LEAST_1 = (1, None)
-_NON_NEGATIVE = (0, None)
-_PROBABILITY = (0.0, 1.0)
-_POSITIVE = (1e-12, None)
-RULES: dict[str, dict[str, tuple[Any, Any]]] = {
-    "StageConfig": {"logical_cpus": _NON_NEGATIVE},
-    "SynthStage": {"workers": _NON_NEGATIVE},
-    "InspectStage": {"batch_size": _AT_LEAST_1, "image_size": _NON_NEGATIVE},
-    "ValidateStage": {"image_size": _NON_NEGATIVE},
-    "TrainConfig": {"steps": _AT_LEAST_1, "global_batch_size": _AT_LEAST_1,
-                    "per_replica_batch_size": _NON_NEGATIVE, "learning_rate": _POSITIVE,
-                    "warmup_steps": _NON_NEGATIVE, "weight_decay": _NON_NEGATIVE,
-                    "momentum": (0.0, 1.0), "checkpoint_interval": _AT_LEAST_1,
-                    "log_interval": _AT_LEAST_1, "profile_steps": _NON_NEGATIVE},
-    "EncoderConfig": {"width_multiplier": _POSITIVE, "image_size": _NON_NEGATIVE,
-                      "feature_dim": _AT_LEAST_1, "batch_norm_momentum": _PROBABILITY},
-    "AugmentConfig": {"crop_area": (1e-6, 1.0), "crop_aspect": _POSITIVE,
-                      "flip_prob": _PROBABILITY, "jitter_prob": _PROBABILITY,
-                      "brightness": _NON_NEGATIVE, "contrast": _NON_NEGATIVE,
-                      "saturation": _NON_NEGATIVE, "hue": (0.0, 0.5),
-                      "greyscale_prob": _PROBABILITY},
-    "PretrainConfig": {"temperature": _POSITIVE},
-    "SimsiamConfig": {"predictor_units": _AT_LEAST_1},
-    "TextConfig": {"hash_buckets": _AT_LEAST_1, "max_words": _AT_LEAST_1,
-                   "width": _AT_LEAST_1, "layers": _NON_NEGATIVE, "heads": _AT_LEAST_1},
-    "ClipConfig": {"temperature": (0.01, None), "mask_patch": _AT_LEAST_1,
-                   "mask_ratio": (0.0, 1.0), "word_mask_ratio": (0.0, 1.0),
-                   "teacher_momentum": _PROBABILITY, "distillation_weight": _NON_NEGATIVE},
-    "FinetuneConfig": {"pool_size": _AT_LEAST_1, "temperature": _POSITIVE},
-    "ClassifyConfig": {"label_smoothing": (0.0, 0.999)},
-    "SearchEvalConfig": {"ks": _AT_LEAST_1, "low_impressions": _NON_NEGATIVE},
-    "DebiasConfig": {"num_similar": _AT_LEAST_1, "low_impressions": _NON_NEGATIVE,
-                     "nprobe": _AT_LEAST_1, "recall_sample": _NON_NEGATIVE,
-                     "hidden_units": _AT_LEAST_1, "temperature": _POSITIVE,
-                     "loss_weight": _NON_NEGATIVE},
-    "CtrConfig": {"embedding_dim": _AT_LEAST_1, "hash_bins": _AT_LEAST_1,
-                  "min_count": _AT_LEAST_1, "history_dim": _AT_LEAST_1,
-                  "attention_heads": _AT_LEAST_1, "cross_layers": _NON_NEGATIVE,
-                  "cross_projection_dim": _AT_LEAST_1, "tower_units": _AT_LEAST_1,
-                  "cluster_embedding_dim": _NON_NEGATIVE},
-    "ClusterConfig": {"num_clusters": _NON_NEGATIVE, "items_per_cluster": _AT_LEAST_1,
-                      "iterations": _AT_LEAST_1, "max_points_per_centroid": _AT_LEAST_1,
-                      "restarts": _AT_LEAST_1, "seeding_rounds": _NON_NEGATIVE,
-                      "oversampling": _POSITIVE, "seeding_trials": _NON_NEGATIVE},
-    "CourierConfig": {"temperature": _POSITIVE, "heads": _AT_LEAST_1,
-                      "clip_weight": _NON_NEGATIVE, "clip_temperature": (0.01, None)},
-    "CatalogEmbedConfig": {"batch_size": _AT_LEAST_1, "num_shards": _NON_NEGATIVE,
-                           "nprobe": _AT_LEAST_1, "index_sample": _AT_LEAST_1},
-}
-
-
-def _rules_of(cfg: Any) -> dict:
-    out: dict = {}
-    for cls in reversed(type(cfg).__mro__):
-        out.update(RULES.get(cls.__name__, {}))
-    return out
-
-
-def check(cfg: T, path: str = "", source: str = "") -> T:
-    """`cfg` if every value in the tree is allowed (finite floats, the ranges of `RULES`), else a
-    `ConfigError` naming the first offending key's path; returns `cfg`."""
-    where = f"{source}: " if source else ""
-    rules = _rules_of(cfg)
-    for f in dataclasses.fields(cfg):  # type: ignore[arg-type]
-        full = f"{path}.{f.name}" if path else f.name
-        value = getattr(cfg, f.name)
-        if dataclasses.is_dataclass(value):
-            check(value, full, source)
-            continue
-        values = (list(value.values()) if isinstance(value, dict) else list(value)
-                  if isinstance(value, (tuple, list)) else [value])
-        for v in values:
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                continue
-            if not math.isfinite(v):
-                raise ConfigError(f"{where}{full}: {v} is not a finite number")
-            low, high = rules.get(f.name, (None, None))
-            if (low is not None and v < low) or (high is not None and v > high):
-                bound = (f"at least {low}" if high is None else f"at most {high}"
-                         if low is None else f"between {low} and {high}")
-                if low == _POSITIVE[0] and high is None:
-                    bound = "greater than 0"
-                raise ConfigError(f"{where}{full}: {v} is out of range (must be {bound})")
-    return cfg
 
 
 def save(model_dir: str, cfg: StageConfig) -> str:

@@ -9,6 +9,7 @@ are declared here and the files parsed strictly: an unknown or misspelled field 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from google.protobuf import (
     descriptor_pb2,
@@ -65,7 +66,7 @@ def _messages() -> dict:
         for n in ("BatchingParameters", "MonitoringConfig")}
 
 
-def _parse(path: str, message):
+def _parse(path: str, message: Any) -> Any:
     with open(path) as fh:
         text = fh.read()
     try:
@@ -78,11 +79,11 @@ def parse_models_config(path: str) -> model_server_config_pb2.ModelServerConfig:
     return _parse(path, model_server_config_pb2.ModelServerConfig())
 
 
-def parse_batching_config(path: str):
+def parse_batching_config(path: str) -> Any:
     return _parse(path, _messages()["BatchingParameters"]())
 
 
-def parse_monitoring_config(path: str):
+def parse_monitoring_config(path: str) -> Any:
     return _parse(path, _messages()["MonitoringConfig"]())
 
 

@@ -1,10 +1,10 @@
 """A STAND-IN for TF Serving's model server, for tests, benchmarks and local trials only.
 
-`tensorflow_model_server` is not installable from the package registries (README, "Serving"), so
+`tensorflow_model_server` is not installable from the package registries (docs/serving.md), so
 this module serves the exports as the model server does, as closely as Python allows, so that the
 exports, clients and requests are checked against its behaviour:
 
-- it runs as its own process (`python -m export.stand_in_server`, or `launch`);
+- it runs as its own process (`python -m serving.stand_in_server`, or `launch`);
 - each version is loaded as TF Serving loads it: the SavedModel's MetaGraph through the TF1
   session loader (`tf.compat.v1.saved_model.loader.load`, as `saved_model_cli run` does), and its
   SignatureDefs run by feeding and fetching their tensor names in that session, with the
@@ -33,7 +33,7 @@ tasks is rerun alone, so one bad request does not fail the others batched with i
 names its own rows (TF Serving returns the batch's error to every task); an empty request runs
 unbatched; there is no monitoring endpoint, no model-config reload, no Classify/Regress APIs.
 
-    python -m export.stand_in_server --model=encoder=models/encoder --model=ctr=models/ctr \
+    python -m serving.stand_in_server --model=encoder=models/encoder --model=ctr=models/ctr \
         [--model_config_file=F] [--enable_batching --batching_parameters_file=F]
 """
 from __future__ import annotations
@@ -46,16 +46,18 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent import futures
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 from tensorflow_serving.config import model_server_config_pb2
 
-from export import common, serving_protos
+from export import common
+from serving import protos as serving_protos
 from trainer import console
 from trainer.features import versions
 
@@ -72,7 +74,7 @@ class Version:
                 self.session, [tf.saved_model.SERVING], path)
         self.signatures = dict(meta.signature_def)
 
-    def signature(self, name: str):
+    def signature(self, name: str) -> Any:
         name = name or "serving_default"
         if name not in self.signatures:
             raise ValueError(f"Serving signature name: \"{name}\" not found in signature def "
@@ -146,7 +148,7 @@ class _Task:
 class Batcher:
     """TF Serving's server-side batching over one version (module docstring)."""
 
-    def __init__(self, version: Version, params):
+    def __init__(self, version: Version, params: Any) -> None:
         self.version = version
         self.max_batch_size = params.max_batch_size.value or 1000
         self.timeout = (params.batch_timeout_micros.value or 0) / 1e6
@@ -243,7 +245,7 @@ class Batcher:
             self.cond.notify_all()
 
 
-def _policy(config) -> tuple[str, list]:
+def _policy(config: Any) -> tuple[str, list]:
     """('latest', [n]) / ('specific', [versions]) / ('all', []) of a model's config."""
     p = config.model_version_policy
     which = p.WhichOneof("policy_choice")
@@ -260,8 +262,8 @@ class Servables:
     models: a ModelServerConfig, or {name: base path} (latest version only).
     """
 
-    def __init__(self, models, session_config: tf.compat.v1.ConfigProto | None = None,
-                 batching=None, log=print):
+    def __init__(self, models: Any, session_config: tf.compat.v1.ConfigProto | None = None,
+                 batching: Any = None, log: Callable[[str], None] = print) -> None:
         if isinstance(models, Mapping):
             config = model_server_config_pb2.ModelServerConfig()
             for name, base in models.items():
@@ -323,7 +325,7 @@ class Servables:
 
     def poll(self, seconds: float) -> None:
         """Picks up new versions every `seconds`, in a daemon thread."""
-        def loop():
+        def loop() -> None:
             while True:
                 time.sleep(seconds)
                 for name in self.configs:
@@ -382,7 +384,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
     def __init__(self, servables: Servables):
         self.servables = servables
 
-    def Predict(self, request, context):  # noqa: N802  (the gRPC method's name)
+    def Predict(self, request: Any, context: Any) -> Any:  # noqa: N802  (the gRPC method's name)
         import grpc
         try:
             version, outputs = self.servables.run(request)
@@ -412,11 +414,11 @@ def start_grpc(servables: Servables, port: int = 0, threads: int = 8) -> tuple:
     return server, port
 
 
-def _is_b64(value) -> bool:
+def _is_b64(value: Any) -> bool:
     return isinstance(value, dict) and set(value) == {"b64"}
 
 
-def _from_json(value):
+def _from_json(value: Any) -> Any:
     """A JSON value of the REST API as numpy ({"b64": ...} -> bytes)."""
     if _is_b64(value):
         try:
@@ -443,7 +445,7 @@ def _ragged(rows: list) -> str | None:
     return None
 
 
-def _to_json(value: np.ndarray):
+def _to_json(value: np.ndarray) -> Any:
     if value.dtype == object:
         return [{"b64": base64.b64encode(b).decode()} for b in value.tolist()]
     return value.tolist()
@@ -453,7 +455,7 @@ class _BadRequest(ValueError):
     """A REST request the server answers with 400 and this reason."""
 
 
-def _inputs_of(body, dtypes: Mapping) -> dict:
+def _inputs_of(body: Any, dtypes: Mapping) -> dict:
     """{input name: numpy value} of a REST predict body, in the columnar ("inputs") or the row
     ("instances") format, with the signature's dtypes (JSON numbers carry none)."""
     if not isinstance(body, dict):
@@ -502,14 +504,15 @@ def _inputs_of(body, dtypes: Mapping) -> dict:
 _PATH = re.compile(r"^/v1/models/([^/:]+)(?:/versions/(\d+)|/labels/([^/:]+))?(:predict)?$")
 
 
-def _rest_handler(servables: Servables, timeout_seconds: float):
+def _rest_handler(servables: Servables, timeout_seconds: float
+                  ) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         timeout = timeout_seconds  # a client that stops sending mid-request is dropped
 
-        def log_message(self, *args):  # quiet
+        def log_message(self, *args: Any) -> None:  # quiet
             pass
 
-        def _reply(self, code: int, body: dict):
+        def _reply(self, code: int, body: dict) -> None:
             data = json.dumps(body).encode()
             self.send_response(code)
             self.send_header("Content-Type", "application/json")
@@ -517,13 +520,13 @@ def _rest_handler(servables: Servables, timeout_seconds: float):
             self.end_headers()
             self.wfile.write(data)
 
-        def _target(self, predict: bool):
+        def _target(self, predict: bool) -> tuple[str, int | None, str] | None:
             m = _PATH.match(self.path)
             if m is None or bool(m.group(4)) != predict:
                 return None
             return m.group(1), int(m.group(2)) if m.group(2) else None, m.group(3) or ""
 
-        def do_GET(self):  # noqa: N802  (model status, as TF Serving's REST API)
+        def do_GET(self) -> None:  # noqa: N802  (model status, as TF Serving's REST API)
             target = self._target(predict=False)
             if target is None:
                 return self._reply(404, {"error": f"unknown path {self.path}"})
@@ -536,7 +539,7 @@ def _rest_handler(servables: Servables, timeout_seconds: float):
                 "status": {"error_code": "OK", "error_message": ""}}
                 for v in reversed(loaded) if version in (None, v)]})
 
-        def do_POST(self):  # noqa: N802
+        def do_POST(self) -> None:  # noqa: N802
             target = self._target(predict=True)
             if target is None:
                 return self._reply(404, {"error": f"unknown path {self.path}"})
@@ -592,7 +595,7 @@ def launch(args: Sequence[str], env: Mapping[str, str] | None = None,
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
     flags = ["--port=0", "--rest_api_port=0", *args]
-    proc = subprocess.Popen([sys.executable, "-m", "export.stand_in_server", *flags], cwd=repo,
+    proc = subprocess.Popen([sys.executable, "-m", "serving.stand_in_server", *flags], cwd=repo,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, bufsize=1)
     lines: list[str] = []
@@ -614,7 +617,7 @@ def launch(args: Sequence[str], env: Mapping[str, str] | None = None,
     raise RuntimeError("the stand-in server did not start:\n" + "".join(lines[-40:]))
 
 
-def main(argv) -> None:
+def main(argv: list[str]) -> None:
     del argv
     from absl import flags
     f = flags.FLAGS
