@@ -83,3 +83,38 @@ def test_bench_input_prints_the_three_rates_and_ratio(tiny_world):
     rates = [float(line.split(":")[1].split()[0]) for line in lines.splitlines()
              if line[:2] in ("1.", "2.", "3.")]
     assert len(rates) == 3 and all(r > 0 for r in rates)
+
+
+def test_a_named_experiment_resolves_to_its_stage_and_overrides(tmp_path):
+    import yaml
+    r = run("-m", "trainer.task", "--experiment=s1s2", f"--runs_dir={tmp_path}", "--print_config")
+    assert r.returncode == 0, r.stderr
+    tree = yaml.safe_load(r.stdout)
+    assert tree["stage"] == "finetune" and tree["model_dir"] == str(tmp_path / "s1s2")
+    assert tree["encoder"]["init_checkpoint"] == str(tmp_path / "s1")
+    r = run("-m", "trainer.task", "--experiment=ctr/courier_cluster_id",
+            "--experiment_dir=courier=X", "--set=train.steps=7", "--print_config")
+    tree = yaml.safe_load(r.stdout)
+    assert tree["images"]["model_dir"] == "X" and tree["train"]["steps"] == 7
+    assert tree["ctr"]["image_feature_mode"] == "cluster_id" and tree["stage"] == "ctr"
+    r = run("-m", "trainer.task", "--experiment=ctr/s1s2_dd", "--print_config")
+    assert r.returncode == 2 and "did you mean ctr/s1s2_d" in r.stderr
+
+
+def test_every_experiment_command_line_builds_its_config():
+    """What the scripts run: each registered experiment's command line, as experiments.command
+    writes it, gives a config tree with its stage and its overrides."""
+    from absl import flags
+
+    from trainer import configs, experiments, task
+    dirs = {name: f"/runs/{name}" for name in experiments.REGISTRY}
+    for name, exp in experiments.REGISTRY.items():
+        argv = experiments.command(exp, "/data", f"/runs/{name}", dirs, seed=3)
+        flags.FLAGS.unparse_flags()
+        flags.FLAGS(["trainer.task", *argv[3:]])
+        cfg = task.build_config()
+        assert cfg.stage == exp.stage and cfg.model_dir == f"/runs/{name}" and cfg.seed == 3
+        for path, value in experiments.resolved(exp, dirs):
+            assert configs.to_dict(cfg) == configs.to_dict(configs.override(cfg, path, value)), \
+                (name, path)
+    flags.FLAGS.unparse_flags()

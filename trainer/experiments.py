@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import os
 import subprocess
@@ -168,7 +169,12 @@ REGISTRY: dict[str, Experiment] = {e.name: e for e in (
 def get(name: str) -> Experiment:
     if name in REGISTRY:
         return REGISTRY[name]
-    raise KeyError(f"no experiment '{name}'; known: {', '.join(sorted(REGISTRY))}")
+    close = difflib.get_close_matches(name, REGISTRY, n=3)
+    raise KeyError(f"no experiment '{name}'" + (f" (did you mean {', '.join(close)}?)" if close
+                                                else "")
+                   + f"; the encoders are {', '.join(e.name for e in _TRAINED)}, and each has "
+                   "cluster_<encoder> and ctr/<encoder>[_simscore|_cluster_id|_d] (ctr_feed/ on "
+                   "the feed spec); ctr/no_image, eval and random too")
 
 
 ENCODERS = tuple(e.name for e in _ENCODERS)
