@@ -12,7 +12,7 @@ RUNS ?= runs
 # Test processes: a test file runs whole on one of them (its module fixtures are built once).
 TEST_WORKERS ?= 2
 
-.PHONY: demo test test-slow lint probe repro-visual repro-ctr repro-courier repro-batch repro-unseen sweep-tau bench-input bench-convert bench-crc bench-serving bench-embed bench-kmeans bench-export-vocab bench-train export validate docs lock clean
+.PHONY: demo test test-slow lint probe daily repro-visual repro-ctr repro-courier repro-batch repro-unseen sweep-tau bench-input bench-convert bench-crc bench-serving bench-embed bench-kmeans bench-export-vocab bench-train export validate docs lock clean
 
 $(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -84,6 +84,16 @@ bench-export-vocab: $(VENV)/.installed
 bench-train: $(VENV)/.installed $(DATA)/$(WORLD)/manifest.json
 	$(PY) scripts/bench_train.py --data_dir=$(DATA)/$(WORLD)
 
+# The daily cycle over two weeks of the `moving` world (docs/daily.md): S1 and the CTR model on
+# day 0, then each day (a) the daily cycle, (b) a model from scratch on every day so far, (c) day
+# 0's model frozen, scored on the day's held-out pages: report/daily/index.md and daily.png.
+daily: $(VENV)/.installed $(DATA)/moving/manifest.json
+	$(PY) scripts/daily.py --data_dir=$(DATA)/moving --out_dir=$(RUNS)/daily \
+	  --report_dir=report/daily --seed=$(SEED)
+
+$(DATA)/moving/manifest.json: | $(VENV)/.installed
+	$(PY) -m trainer.task --stage=synth --world=moving --seed=$(SEED) --data_dir=$(DATA)/moving
+
 # Paper 000 Table 1: ResNet-C, S1, S2, S1+S2 and visual search; about 15 min per seed on 2 cores.
 # Trained stages are kept (a rerun only evaluates); SEEDS="0 1" runs two seeds.
 repro-visual: $(VENV)/.installed $(DATA)/$(WORLD)/manifest.json
@@ -124,8 +134,8 @@ sweep-tau: $(VENV)/.installed $(DATA)/$(WORLD)/manifest.json
 # The longest files first, so the two processes finish together (pytest collects a file once).
 # The trained tiny-world models that several files use are built once per run, by whichever
 # worker asks first (tests/conftest.py: shared_dir).
-LONG_TESTS := tests/test_visual_stages.py tests/test_export_ctr.py tests/test_distributed.py \
-  tests/test_backbones.py tests/test_export_encoder.py tests/test_baselines.py \
+LONG_TESTS := tests/test_visual_stages.py tests/test_export_ctr.py tests/test_daily.py \
+  tests/test_distributed.py tests/test_backbones.py tests/test_export_encoder.py tests/test_baselines.py \
   tests/test_bring_your_own_data.py
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow" --durations=10 \

@@ -17,10 +17,12 @@ import tensorflow as tf
 from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 
 from trainer import console
+from trainer.data import jsonfile
 from trainer.features import versions
 
 WARMUP_FILE = "tf_serving_warmup_requests"
 MAX_WARMUP_RECORDS = 1000  # TF Serving reads at most this many
+EXPORT_INFO = "export_info.json"  # in assets.extra: where a version comes from
 
 
 def predict_request(model_name: str, signature: str,
@@ -36,6 +38,15 @@ def predict_request(model_name: str, signature: str,
 def warmup_logs(requests: Iterable[predict_pb2.PredictRequest]) -> list:
     return [prediction_log_pb2.PredictionLog(
         predict_log=prediction_log_pb2.PredictLog(request=r)) for r in requests]
+
+
+def export_info(version_dir: str) -> dict:
+    """What an export version records of itself (`assets.extra/export_info.json`)."""
+    info = jsonfile.read(os.path.join(version_dir, "assets.extra", EXPORT_INFO))
+    if info is None:
+        raise FileNotFoundError(f"{version_dir} has no assets.extra/{EXPORT_INFO}: not an "
+                                "export of this project")
+    return info
 
 
 def min_model_server(tensorflow: str) -> str:
@@ -69,7 +80,7 @@ def save(module: tf.Module, signatures: dict, export_dir: str, warmup: list, inf
     with tf.io.TFRecordWriter(os.path.join(extra, WARMUP_FILE)) as w:
         for log in warmup:
             w.write(log.SerializeToString())
-    with tf.io.gfile.GFile(os.path.join(extra, "export_info.json"), "w") as f:
+    with tf.io.gfile.GFile(os.path.join(extra, EXPORT_INFO), "w") as f:
         json.dump({**info, "version": version, "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
                    "tensorflow": tf.__version__,
                    "min_model_server": min_model_server(tf.__version__)}, f, indent=2)

@@ -294,9 +294,11 @@ def warmup_requests(spec: ctr_spec.CtrSpec, vocabularies: Vocabularies,
 def export(model_dir: str, export_dir: str, version: int | None = None,
            model_name: str = "ctr", item_embeddings: str | None = None,
            max_candidates: int = MAX_CANDIDATES,
-           max_image_pixels: int = export_encoder.MAX_IMAGE_PIXELS) -> str:
+           max_image_pixels: int = export_encoder.MAX_IMAGE_PIXELS,
+           extra_info: dict | None = None) -> str:
     """Exports the trained CTR model of `model_dir` (with `item_embeddings`, an embeddings.npz
-    of `--stage=embed`, as its item table); returns the version directory."""
+    of `--stage=embed`, as its item table); returns the version directory. `extra_info` joins
+    the export's `export_info.json` (the daily cycle's parent version, data day, gate)."""
     model = ctr_task.load_trained(model_dir)
     refreshed = (ctr_task.refresh_items(model, model_dir, item_embeddings) if item_embeddings
                  else None)
@@ -316,7 +318,7 @@ def export(model_dir: str, export_dir: str, version: int | None = None,
             "max_image_pixels": max_image_pixels,
             "inputs": {k: f"{s.dtype.name} {s.shape}" for k, s in input_specs(spec).items()},
             "rank_inputs": {k: f"{s.dtype.name} {s.shape}" for k, s in rank_input_specs(
-                spec, encoder is not None).items()}}
+                spec, encoder is not None).items()}, **(extra_info or {})}
     warmup = warmup_requests(spec, model.vocabularies, model_name,
                              encoder.cfg.image_size if encoder is not None else None)
     return common.save(module, module.signatures(), export_dir, common.warmup_logs(warmup),

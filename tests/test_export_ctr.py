@@ -15,6 +15,7 @@ import tensorflow as tf
 
 from conftest import REPO, read_all
 from export import client as client_lib
+from export import common
 from export import ctr as export_ctr
 from export import encoder as export_encoder
 from export_helpers import (
@@ -190,7 +191,7 @@ def test_refreshed_export_serves_new_items_while_the_old_version_serves(
         out = run_ok([sys.executable, "-m", "export.ctr", f"--model_dir={model_dir}",
                     f"--export_dir={base}", f"--item_embeddings={embed_dir}/embeddings.npz"])
         assert f"{base}/2" in out
-        info = json.load(open(os.path.join(base, "2", "assets.extra", "export_info.json")))
+        info = common.export_info(os.path.join(base, "2"))
         assert info["item_embeddings"]["new_items"] == 4
         assert info["tensorflow"] == tf.__version__
         assert info["min_model_server"] == ".".join(tf.__version__.split(".")[:2]) + ".0"

@@ -122,5 +122,5 @@ def test_parameter_server_strategy_needs_workers_and_servers_and_a_ctr_stage(mon
         loop.make_strategy("parameter_server")
     cfg = configs.PretrainStage(data_dir=str(tmp_path), model_dir=str(tmp_path / "m"),
                                 train=configs.TrainConfig(strategy="parameter_server"))
-    with pytest.raises(common.UsageError, match="trains the ctr and debias stages"):
+    with pytest.raises(common.UsageError, match="trains the CTR stages"):
         common.training(cfg)

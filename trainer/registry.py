@@ -1,7 +1,9 @@
 """Every stage of `python -m trainer.task`, declared once: its config tree (whose `stage` field is
 its name), its runner and a one-line doc. The entry point's stage list, help and dispatch come
 from here. Runners live in `trainer.stages` and are imported when their stage runs, so that a
-stage loads only what it runs.
+stage loads only what it runs. The daily cycle's runner is `export.daily`'s: the cycle ends with
+an export, and the training package never imports the export one (it is named here, not
+imported).
 """
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ from trainer import configs
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
-    """A stage: `config`, its tree; `runner`, 'module:function' under `trainer.stages`; `doc`."""
+    """A stage: `config`, its tree; `runner`, 'module:function' (a module under
+    `trainer.stages`, or a dotted path); `doc`."""
 
     config: type[configs.StageConfig]
     runner: str
@@ -31,7 +34,8 @@ class Stage:
 
     def run_function(self) -> Callable[[configs.StageConfig], None]:
         module, function = self.runner.split(":")
-        return getattr(importlib.import_module(f"trainer.stages.{module}"), function)
+        path = module if "." in module else f"trainer.stages.{module}"
+        return getattr(importlib.import_module(path), function)
 
 
 STAGES = (
@@ -62,6 +66,10 @@ STAGES = (
           "the CTR predictor, features from a feature spec (ctr.spec) and an encoder's images"),
     Stage(configs.DebiasStage, "ctr:run_ctr",
           "the same with the debiasing network D and its gate (Eq. 3-4): S1+S2+D"),
+    Stage(configs.DailyStage, "export.daily:run_daily",
+          "the daily cycle: yesterday's CTR model trained on today's data with grown "
+          "vocabularies and image table, gated against the serving one, exported as the next "
+          "version"),
     Stage(configs.ClusterStage, "ctr:run_cluster",
           "faiss k-means over an encoder's catalog embeddings (paper 002 App. B)"),
     Stage(configs.EmbedStage, "embed:run_embed",

@@ -111,14 +111,25 @@ SHORTHANDS: dict[str, tuple[tuple[str, ...], str]] = {
     "hash_bins": ((), "FEATURE:BINS pairs hashed instead of looked up in a vocabulary."),
     "num_similar": (("ctr.debias.num_similar",), "debias: K, similar items per anchor."),
     "debias_weight": (("ctr.debias.loss_weight",), "debias: weight of L_D in Eq. 4."),
-    "export_dir": (("embed.encoder_export",), "embed: the encoder export."),
+    "export_dir": (("embed.encoder_export", "daily.export_dir"), "embed: the encoder export; "
+                   "daily: the CTR model's serving base path (gated against, exported to)."),
+    "previous": (("daily.previous",), "daily: yesterday's CTR model dir."),
+    "day": (("daily.day",), "daily: today's day number (default: yesterday's + 1)."),
+    "encoder_export": (("daily.encoder_export",), "daily: the image-feature encoder's export, "
+                       "which embeds the new items."),
+    "s1_export": (("daily.s1_export",), "daily with D: S1's export, for the new items' "
+                  "positives."),
+    "margin": (("daily.margin",), "daily: the gate's margin on the AUC difference."),
+    "force": (("daily.force",), "daily: export even if the gate refuses."),
+    "evict_after_days": (("daily.evict_after_days",), "daily: evict ids unseen this many days "
+                         "(0: never)."),
     "centroids": (("embed.centroids",), "embed: clusters.npz to assign cluster ids with."),
     "index_type": (("embed.index",), "embed: exact or ivf."),
-    "beam_options": (("embed.beam_options",), "embed: Beam pipeline options (default: the "
-                     "in-process DirectRunner)."),
+    "beam_options": (("embed.beam_options", "daily.beam_options"), "embed, daily: Beam "
+                     "pipeline options (default: the in-process DirectRunner)."),
 }
 _BOOLS = ("skip_bad_records", "overwrite", "inline_images", "deterministic",
-          "gradient_checkpointing", "random_init")
+          "gradient_checkpointing", "random_init", "force")
 _LISTS = ("profile_steps", "courier_ablation", "hash_bins")
 for _name, (_paths, _help) in SHORTHANDS.items():
     if _name in _BOOLS:

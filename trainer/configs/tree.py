@@ -495,6 +495,8 @@ class CatalogEmbedConfig:
       index_sample: Vectors sampled (uniformly, by the pipeline) to train an 'ivf' index on.
       beam_options: Beam pipeline options for the stage's pipeline, e.g. '--runner=FlinkRunner
         --flink_master=host:8081' (empty: the in-process DirectRunner).
+      known_ids: An .npz whose `ids` array lists ids embedded already: their records are
+        skipped (the daily cycle embeds only the items new today; empty: none skipped).
     """
 
     catalog_pattern: str = ""
@@ -507,6 +509,7 @@ class CatalogEmbedConfig:
     nprobe: int = setting(16, low=1)
     index_sample: int = setting(1_000_000, low=1)
     beam_options: str = ""
+    known_ids: str = ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -692,6 +695,72 @@ class CtrStage(TrainingStage):
     ctr: CtrConfig = dataclasses.field(default_factory=CtrConfig)
     images: ImageSourceConfig = dataclasses.field(default_factory=ImageSourceConfig)
     cluster: ClusterConfig = dataclasses.field(default_factory=ClusterConfig)
+
+
+@dataclasses.dataclass
+class DailyConfig:
+    """The daily cycle (`trainer.ctr.daily`, run by `export/daily.py`; docs/daily.md).
+
+    Attributes:
+      previous: Yesterday's CTR model dir (a `ctr` or `debias` run, or yesterday's cycle): the
+        model today's trains on from. Its config gives today's model settings and features.
+      day: Today's day number, what ids' last-seen days and eviction count in (0: yesterday's
+        + 1, or 1 after a model trained before the cycle).
+      train_pattern, holdout_pattern: Today's `ctr` records to train on, and the held-out pages
+        the gate scores (empty: DATA_DIR/ctr/train-* and DATA_DIR/ctr/holdout-*).
+      catalog_pattern: Today's catalog records, the items new today among them (empty:
+        DATA_DIR/catalog/*).
+      encoder_export: The export of the image-feature encoder (the one the model was trained
+        on): it embeds the new items, by the Beam embed job.
+      s1_export: With D: S1's export, which embeds the new items for mining their positives.
+      export_dir: The model server's base path of the CTR model: the gate compares today's
+        model with its latest version, and today's model becomes its next version.
+      margin: The gate: today's model is exported if the 95% interval of its AUC minus the
+        serving model's, over today's held-out pages, lies above -margin.
+      metric: The gate's metric (AUC, GAUC).
+      force: Export today's model even if the gate refuses it.
+      evict_after_days: Ids unseen for more than this many days leave the vocabularies (0:
+        never).
+      volume_ratio, click_rate_ratio: A day whose samples or click rate differ from yesterday's
+        by more than these ratios (either way) is reported before training.
+      unknown_share: A day on which more than this share of the samples show items or users new
+        to the model is reported before training.
+      beam_options: Beam pipeline options of the vocab and embed jobs (empty: in process).
+    """
+
+    previous: str = ""
+    day: int = setting(0, low=0)
+    train_pattern: str = ""
+    holdout_pattern: str = ""
+    catalog_pattern: str = ""
+    encoder_export: str = ""
+    s1_export: str = ""
+    export_dir: str = ""
+    margin: float = setting(0.005, low=0)
+    metric: str = setting("AUC", choices=("AUC", "GAUC"))
+    force: bool = False
+    evict_after_days: int = setting(0, low=0)
+    volume_ratio: float = setting(2.0, low=1.0)
+    click_rate_ratio: float = setting(1.5, low=1.0)
+    unknown_share: float = setting(0.25, low=0.0, high=1.0)
+    beam_options: str = ""
+
+
+def _daily_train() -> TrainConfig:
+    # One day of the `moving` world at batch 512 is about 55 steps: a few passes over it.
+    return TrainConfig(steps=100, global_batch_size=512, learning_rate=1e-3,
+                       lr_schedule="constant", warmup_steps=0, checkpoint_interval=50)
+
+
+@dataclasses.dataclass
+class DailyStage(TrainingStage):
+    """`daily`: yesterday's CTR model trained on with today's data, checked against the serving
+    one and exported as the next version. The model's settings and features are yesterday's
+    (`daily.previous`); `train` is today's budget."""
+
+    stage: str = "daily"
+    train: TrainConfig = dataclasses.field(default_factory=_daily_train)
+    daily: DailyConfig = dataclasses.field(default_factory=DailyConfig)
 
 
 @dataclasses.dataclass

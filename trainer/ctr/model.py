@@ -58,27 +58,47 @@ from trainer.features import embeddings as embeddings_lib
 from trainer.models import contrastive
 
 
+def image_statistics(images: embeddings_lib.EmbeddingTable, mode: str) -> dict:
+    """How a model normalises its image vectors, from the catalog it is trained on: Vector
+    mode centres every table on the catalog's mean vector; SimScore standardises the cosines by
+    their mean and spread over random catalog pairs (App. B: input normalisation matters: an
+    encoder whose vectors fill a narrow cone gives cosines in a narrow band that the tower would
+    otherwise barely see)."""
+    if mode == "vector":
+        return {"center": images.item_vector.mean(axis=0)}
+    if mode == "simscore":
+        rng = np.random.default_rng(0)
+        v = images.item_vector
+        i, j = rng.integers(0, len(v), [2, 20000])
+        cos = np.sum(v[i] * v[j], axis=1)
+        return {"score_shift": np.float64(cos.mean()), "score_scale": np.float64(cos.std() + 1e-6)}
+    return {}
+
+
 class CtrModel(tfrs.Model):
     """The CTR predictor; `call` returns logits [B]."""
 
     def __init__(self, cfg: CtrConfig, spec: ctr_spec.CtrSpec, vocabularies: Vocabularies,
                  images: embeddings_lib.EmbeddingTable | None = None,
                  positives: tuple[np.ndarray, np.ndarray] | None = None,
-                 clusters: clusters_lib.Clusters | None = None):
+                 clusters: clusters_lib.Clusters | None = None,
+                 image_stats: dict | None = None):
         """images: the encoder's table (None: no image features, whatever the spec declares).
         positives: D's (neighbour rows, weights) over `images.item_id` rows
         (`debias.mine_positives`), needed to train with D. clusters: the k-means centroids,
-        needed in the 'cluster_id' mode. The spec's `layout: joined` image features come from
-        the records' joined columns and get no table (training); `look_up_joined` builds their
-        tables, to look ids up (evaluation and serving)."""
+        needed in the 'cluster_id' mode. image_stats: how image vectors are normalised
+        (`image_statistics`; default: from `images`), fixed by the daily cycle as the table
+        grows. The spec's `layout: joined` image features come from the records' joined
+        columns and get no table (training); `look_up_joined` builds their tables, to look ids
+        up (evaluation and serving)."""
         super().__init__()
         self.cfg, self.spec, self.vocabularies = cfg, spec, vocabularies
         mode = cfg.image_feature_mode
         self.joined = {f.name for f in spec.joined} if images is not None else set()
         self._images, self._clusters = images, clusters  # for `look_up_joined`
-        # Vector mode centres every table on the catalog's mean vector: computed once.
-        self._center = (images.item_vector.mean(axis=0)
-                        if images is not None and mode == "vector" else None)
+        self.image_stats: dict = (image_stats if image_stats is not None else
+                                  image_statistics(images, mode) if images is not None else {})
+        self._center = self.image_stats.get("center")
         self.image_features = spec.of_kind("image") if images is not None else []
         self.target = spec.target_image if images is not None else None
         if cfg.debias is not None and (self.target is None or mode != "vector"):
@@ -184,14 +204,8 @@ class CtrModel(tfrs.Model):
                 clusters.num_clusters + 1, dim, name="cluster_embedding",
                 embeddings_initializer=tf_keras.initializers.RandomNormal(stddev=dim ** -0.5))
         if mode == "simscore":
-            # Standardise the cosines by their spread over random catalog pairs (App. B: input
-            # normalisation matters): an encoder whose vectors fill a narrow cone gives cosines
-            # in a narrow band that the tower would otherwise barely see.
-            rng = np.random.default_rng(0)
-            v = images.item_vector
-            i, j = rng.integers(0, len(v), [2, 20000])
-            cos = np.sum(v[i] * v[j], axis=1)
-            self.score_shift, self.score_scale = float(cos.mean()), float(cos.std() + 1e-6)
+            self.score_shift = float(self.image_stats["score_shift"])
+            self.score_scale = float(self.image_stats["score_scale"])
 
     def _image_table(self, table: str) -> ImageTable | ClusterTable:
         images, clusters = self._images, self._clusters

@@ -95,6 +95,8 @@ class Vocabularies:
     boundaries: dict
     moments: dict
     counts: dict = dataclasses.field(default_factory=dict)
+    # The day each id was last seen (the daily cycle's, `trainer.ctr.daily`); empty otherwise.
+    last_seen: dict = dataclasses.field(default_factory=dict)
     # Where the lookups' id files go (`id_lookup`); None: the ids are constants of the graph.
     files_dir: str | None = None
 
@@ -192,13 +194,14 @@ class Vocabularies:
     def save(self, path: str) -> None:
         npz.write(path, **{f"ids/{k}": v for k, v in self.ids.items()},
                   **{f"counts/{k}": v for k, v in self.counts.items()},
+                  **{f"last_seen/{k}": v for k, v in self.last_seen.items()},
                   **{f"boundaries/{k}": v for k, v in self.boundaries.items()},
                   **{f"moments/{k}": v for k, v in self.moments.items()})
 
     @classmethod
     def load(cls, path: str, files_dir: str | None = None) -> Vocabularies:
         data = npz.read(path)
-        parts: dict = {"ids": {}, "boundaries": {}, "moments": {}, "counts": {}}
+        parts: dict = {"ids": {}, "boundaries": {}, "moments": {}, "counts": {}, "last_seen": {}}
         for key, value in data.items():
             group, _, name = key.partition("/")
             parts[group][name] = value

@@ -29,6 +29,9 @@ from trainer.train import loop
 VOCABULARIES = "vocabularies.npz"
 LOOKUP_FILES = "lookups"  # the lookups' id files (`tables.id_lookup`), assets of an export
 CLUSTERS = "clusters.npz"
+IMAGE_STATISTICS = "image_statistics.npz"  # a model's image normalisation, where it is fixed
+POSITIVES = "positives.npz"  # D's mined positives (rows, weights), where they are kept
+S1_TABLE = "s1_embeddings.npz"  # with D: the S1 table the positives were mined on
 
 
 class CtrTask(loop.Task):
@@ -39,9 +42,11 @@ class CtrTask(loop.Task):
                  images: embeddings_lib.EmbeddingTable | None = None,
                  positives: tuple[np.ndarray, np.ndarray] | None = None,
                  skip_bad_records: bool = False,
-                 clusters: clusters_lib.Clusters | None = None):
+                 clusters: clusters_lib.Clusters | None = None,
+                 image_stats: dict | None = None):
         self.cfg, self.spec, self.vocabularies = cfg, spec, vocabularies
         self.images, self.positives, self.clusters = images, positives, clusters
+        self.image_stats = image_stats
         self.name = "debias" if cfg.debias is not None else "ctr"
         self.metric_names = (("pred_loss", "debias_loss") if cfg.debias is not None
                              else ("pred_loss",))
@@ -54,7 +59,7 @@ class CtrTask(loop.Task):
 
     def build_model(self) -> CtrModel:
         self.model = CtrModel(self.cfg, self.spec, self.vocabularies, self.images,
-                              self.positives, self.clusters).build_variables()
+                              self.positives, self.clusters, self.image_stats).build_variables()
         return self.model
 
     def build_inputs(self, input_context=None):
@@ -156,15 +161,17 @@ def train_and_evaluate(cfg: CtrConfig, spec: ctr_spec.CtrSpec, train_cfg: TrainC
                        clusters: clusters_lib.Clusters | None = None,
                        skip_bad_records: bool = False,
                        strategy: tf.distribute.Strategy | None = None,
-                       seed: int = 0) -> dict:
+                       seed: int = 0, image_stats: dict | None = None,
+                       evaluate_on: str | None = None) -> dict:
     """Trains the CTR model into `model_dir` (resuming from its checkpoint; the spec and the
     vocabularies are written there first) and evaluates its latest checkpoint on the test
-    records: `evaluate`'s metrics plus `train_seconds`."""
+    records (`evaluate_on`, default `cfg.test_pattern`): `evaluate`'s metrics plus
+    `train_seconds`."""
     strategy = strategy or loop.make_strategy(train_cfg.strategy, train_cfg.shard_bytes)
     spec = spec_for(model_dir, spec)
     vocabularies = vocabularies_for(model_dir, cfg, spec, skip_bad_records)
     task = CtrTask(cfg, spec, vocabularies, train_cfg, images, positives, skip_bad_records,
-                   clusters)
+                   clusters, image_stats)
     t0 = time.time()
     last = loop.run(task, train_cfg, model_dir, strategy, seed)
     seconds = time.time() - t0
@@ -173,9 +180,10 @@ def train_and_evaluate(cfg: CtrConfig, spec: ctr_spec.CtrSpec, train_cfg: TrainC
     if not loop.is_chief(strategy):  # the chief evaluates
         return {"train_seconds": seconds}
     model = restore(model_dir, CtrModel(cfg, spec, vocabularies, images, positives,
-                                        clusters).build_variables()).look_up_joined()
-    metrics = evaluate(model, cfg.test_pattern, catalog_item_id, catalog_impressions,
-                       skip_bad_records, os.path.join(model_dir, "predictions.npz"))
+                                        clusters, image_stats).build_variables()).look_up_joined()
+    metrics = evaluate(model, evaluate_on or cfg.test_pattern, catalog_item_id,
+                       catalog_impressions, skip_bad_records,
+                       os.path.join(model_dir, "predictions.npz"))
     return {**metrics, "train_seconds": seconds}
 
 
@@ -209,7 +217,7 @@ def refresh_items(model: CtrModel, model_dir: str, embeddings_path: str) -> dict
     if len(np.unique(ids)) != len(ids):
         raise ValueError(f"{embeddings_path}: repeated item ids")
     encoder = encoder_dir(model_dir)
-    training = embeddings_lib.load(os.path.join(encoder, embeddings_lib.FILE))
+    training = image_table_of(model_dir)
     if vectors.shape[1] != training.dim:
         raise ValueError(f"{embeddings_path}: vectors of dimension {vectors.shape[1]}; the "
                          f"model was trained on dimension {training.dim}")
@@ -237,15 +245,31 @@ def refresh_items(model: CtrModel, model_dir: str, embeddings_path: str) -> dict
             "median_cosine": round(cosine, 6)}
 
 
+def image_table_of(model_dir: str) -> embeddings_lib.EmbeddingTable:
+    """The image table a trained CTR model looks its ids up in: the model dir's own
+    (`embeddings.npz`: the `ctr` stage keeps a copy, the daily cycle grows it), else (a model dir
+    written before) its encoder's (`images.model_dir`)."""
+    own = os.path.join(model_dir, embeddings_lib.FILE)
+    if tf.io.gfile.exists(own):
+        return embeddings_lib.load(own)
+    return embeddings_lib.load(os.path.join(encoder_dir(model_dir), embeddings_lib.FILE))
+
+
+def image_statistics_of(model_dir: str) -> dict | None:
+    """How the model normalises image vectors, where its dir records it (the daily cycle keeps
+    the first day's as the table grows), else None: computed from the table."""
+    path = os.path.join(model_dir, IMAGE_STATISTICS)
+    return npz.read(path) if tf.io.gfile.exists(path) else None
+
+
 def load_trained(model_dir: str) -> CtrModel:
     """The trained CTR model of a `ctr`/`debias` stage's model dir, rebuilt from what the dir
     records: config.json, the feature spec, vocabularies.npz, clusters.npz (Cluster-ID) and the
-    image-feature encoder's embedding table (`images.model_dir` in config.json), then its latest
-    checkpoint.
+    image table (`image_table_of`), then its latest checkpoint.
 
     The checkpoint holds the image and cluster tables the model was trained with; they must equal
-    the ones rebuilt from the encoder's table, or that table has changed since (a retrained
-    encoder, other data) and the ids would map to other vectors: that raises.
+    the ones rebuilt from the image table, or that table has changed since (a retrained encoder,
+    other data) and the ids would map to other vectors: that raises.
     """
     config = configs.load(model_dir)
     if not isinstance(config, configs.CtrStage):
@@ -254,21 +278,20 @@ def load_trained(model_dir: str) -> CtrModel:
     spec = ctr_spec.load(os.path.join(model_dir, ctr_spec.FILE))
     vocabularies = Vocabularies.load(os.path.join(model_dir, VOCABULARIES),
                                      os.path.join(model_dir, LOOKUP_FILES))
-    images = clusters = None
-    encoder_dir = config.images.model_dir
+    images = clusters = images_from = None
     if config.images.encoder != "none":
-        if not encoder_dir:
-            raise ValueError(f"{model_dir}/config.json names no image-feature encoder dir")
-        images = embeddings_lib.load(os.path.join(encoder_dir, embeddings_lib.FILE))
+        images = image_table_of(model_dir)
+        images_from = images.source[:200]
         if config.ctr.image_feature_mode == "cluster_id":
             clusters = clusters_lib.Clusters.load(os.path.join(model_dir, CLUSTERS))
-    model = CtrModel(config.ctr, spec, vocabularies, images, None, clusters).build_variables()
+    model = CtrModel(config.ctr, spec, vocabularies, images, None, clusters,
+                     image_statistics_of(model_dir)).build_variables()
     tables = list(model.image_tables.values())
     built = [t.table.numpy() for t in tables]
     restore(model_dir, model)
     for t, before in zip(tables, built, strict=True):
         if not np.allclose(t.table.numpy(), before, atol=1e-5):
             raise ValueError(f"{model_dir}: the '{t.name}' table in the checkpoint differs from "
-                             f"the one rebuilt from {encoder_dir}/{embeddings_lib.FILE}: that "
-                             "encoder's embeddings changed after this model was trained")
+                             f"the one rebuilt from its image table ({images_from}): those "
+                             "embeddings changed after this model was trained")
     return model.look_up_joined()

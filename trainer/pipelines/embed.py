@@ -76,6 +76,30 @@ class EncoderModelHandler(ModelHandler[tuple, dict, Any]):
         return NAMESPACE
 
 
+class SkipKnown(beam.DoFn):
+    """Drops the named records whose id is in `known_ids` (an .npz's `ids`, loaded once per
+    worker and searched sorted: 8 bytes an id)."""
+
+    def __init__(self, known_ids: str, id_name: str):
+        self.known_ids, self.id_name = known_ids, id_name
+        self.ids = np.zeros([0], np.int64)
+        self.skipped = Metrics.counter(NAMESPACE, "known records skipped")
+
+    def setup(self) -> None:
+        self.ids = np.sort(np.asarray(npz.read(self.known_ids)["ids"], np.int64))
+
+    def process(self, named: tuple[str, bytes]) -> Iterable[tuple[str, bytes]]:
+        feature = tf.train.Example.FromString(named[1]).features.feature
+        value = feature[self.id_name].int64_list.value if self.id_name in feature else []
+        # A record without its id is not dropped here: the parser names it.
+        if len(value) == 1 and len(self.ids):
+            pos = int(np.searchsorted(self.ids, value[0]))
+            if pos < len(self.ids) and self.ids[pos] == value[0]:
+                self.skipped.inc()
+                return
+        yield named
+
+
 def to_example(row: dict) -> bytes:
     """A table row as a `tf.train.Example` (ids as int64, the embedding as a float list)."""
     example = tf.train.Example()
@@ -105,9 +129,12 @@ def run(cfg: configs.CatalogEmbedConfig, kind: str = "catalog",
     images = Metrics.counter(NAMESPACE, "images")
 
     def build(p: beam.Pipeline) -> None:
-        rows = (p | "Read" >> common.ReadNamedRecords(cfg.catalog_pattern)
-                | "Progress" >> beam.ParDo(common.Progress(NAMESPACE, "records read"))
-                | "Encode" >> RunInference(handler))
+        named = (p | "Read" >> common.ReadNamedRecords(cfg.catalog_pattern)
+                 | "Progress" >> beam.ParDo(common.Progress(NAMESPACE, "records read")))
+        if cfg.known_ids:
+            named = named | "SkipKnown" >> beam.ParDo(SkipKnown(cfg.known_ids,
+                                                                schema.IMAGE_ID[kind]))
+        rows = named | "Encode" >> RunInference(handler)
         if cfg.centroids:
             rows = (rows | "ByVector" >> beam.Map(lambda row: (row, row["embedding"]))
                     | "Clusters" >> common.NearestCentroids(cfg.centroids, cfg.batch_size)

@@ -73,8 +73,8 @@ def training(cfg: S) -> tuple[S, tf.distribute.Strategy]:
     model dir's lock (`trainer.train.lock`)."""
     assert isinstance(cfg, configs.TrainingStage)
     require(cfg, "data_dir", "model_dir")
-    if cfg.train.strategy == "parameter_server" and cfg.stage not in ("ctr", "debias"):
-        raise UsageError(f"--strategy=parameter_server trains the ctr and debias stages, not "
+    if cfg.train.strategy == "parameter_server" and cfg.stage not in ("ctr", "debias", "daily"):
+        raise UsageError(f"--strategy=parameter_server trains the CTR stages, not "
                          f"'{cfg.stage}' (its variables are small enough to mirror: use "
                          "multi_worker_mirrored)")
     loop.serve_if_not_coordinator(cfg.train.strategy)  # a worker or ps process stops here

@@ -15,7 +15,7 @@ from trainer import configs
 from trainer.ctr import debias
 from trainer.ctr import spec as ctr_spec
 from trainer.ctr import task as ctr_task
-from trainer.data import pipeline
+from trainer.data import npz, pipeline
 from trainer.eval import write_metrics
 from trainer.features import clusters, embeddings
 from trainer.stages import common
@@ -65,6 +65,10 @@ def run_ctr(cfg: configs.CtrStage) -> None:
     if cfg.images.encoder != "none":
         images = image_table(cfg.images, cfg.images.model_dir, cfg.skip_bad_records)
         item_id, impressions = images.item_id, images.impressions_30d
+        if loop.is_chief(strategy):
+            # The model's own copy: the encoder's cache follows the last catalog it embedded,
+            # and the daily cycle grows this one.
+            embeddings.save(images, os.path.join(cfg.model_dir, embeddings.FILE))
     else:
         cols = pipeline.unique_rows(pipeline.read_columns(
             cfg.images.catalog_pattern, "catalog", ("item_id", "impressions_30d"),
@@ -86,6 +90,11 @@ def run_ctr(cfg: configs.CtrStage) -> None:
               f"by S1 cosine in their category, {d.index} search in {report['seconds']}s"
               + (f"; recall@{d.num_similar} {report['recall']:.3f} against exact search on "
                  f"{report['recall_anchors']} anchors)" if "recall" in report else ")"))
+        # Kept for the daily cycle, which carries them over and mines only the new items'.
+        if loop.is_chief(strategy):
+            npz.write(os.path.join(cfg.model_dir, ctr_task.POSITIVES), rows=positives[0],
+                      weights=positives[1])
+            embeddings.save(s1, os.path.join(cfg.model_dir, ctr_task.S1_TABLE))
     if images is not None and cfg.ctr.image_feature_mode == "cluster_id":
         centroids = clusters.load_or_fit(os.path.join(cfg.model_dir, ctr_task.CLUSTERS),
                                          images.item_vector, cfg.cluster, cfg.seed)

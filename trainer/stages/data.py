@@ -29,13 +29,27 @@ def run_synth(cfg: configs.SynthStage) -> None:
     print(f"\nSynthetic world '{world.name}' (seed {cfg.seed}) written to {cfg.data_dir} "
           f"in {time.time() - t0:.1f}s; `ctr` records hold the columns of the feature spec "
           f"'{spec.name}'")
-    print(files_table(manifest))
+    if world.movement.days:
+        print(days_table(manifest["days"]))
+    else:
+        print(files_table(manifest["files"]))
     print(stats_table(manifest["stats"]))
 
 
-def files_table(manifest: dict) -> str:
+def days_table(days: dict) -> str:
+    """A moving world's days: each day dir's samples, click rate and newcomers."""
+    rows = ["| day | catalog | new items | new users | ctr samples (train + holdout) | "
+            "click rate |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for name, day in days.items():
+        s = day["stats"]
+        rows.append(f"| {name} | {s['catalog']} | {s['new_items']} | {s['new_users']} | "
+                    f"{s['samples']} | {s['click_rate']:.4f} |")
+    return "\n".join(rows)
+
+
+def files_table(files: dict) -> str:
     rows = ["| record kind | split | files | records |", "| --- | --- | ---: | ---: |"]
-    for kind, splits in manifest["files"].items():
+    for kind, splits in files.items():
         for split, entry in splits.items():
             rows.append(f"| {kind} | {split} | {len(entry['files'])} | {entry['records']} |")
     return "\n".join(rows)

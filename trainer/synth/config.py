@@ -1,4 +1,5 @@
-"""Configuration of the synthetic marketplace and the named worlds (`tiny`, `small`, `medium`)."""
+"""Configuration of the synthetic marketplace and the named worlds (`tiny`, `small`, `medium`;
+`tiny_moving`, `moving`: worlds whose catalog, users and tastes move day by day)."""
 from __future__ import annotations
 
 import dataclasses
@@ -63,6 +64,35 @@ class TitleConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class Movement:
+    """How a world moves from one day to the next (the daily cycle's data: docs/daily.md).
+    `days` = 0 is a world that does not move (its train and test days are one data set).
+
+    Attributes:
+      days: Emitted days, each written as its own data dir `day=NN/` (after the warm-up days).
+      new_item_share: Items added to the catalog each day after the first, as a share of the
+        initial catalog, with their images.
+      new_user_share: Users who arrive each day after the first, as a share of the initial users.
+      taste_drift: Probability per user and day that one of their style interests is replaced
+        by another (tastes drift slowly).
+      popularity_drift: Std of a daily random walk of each item's popularity latent (popularity
+        shifts); the display ranks follow it.
+      cold_start: How far below an established item's popularity latent a new item's starts, in
+        standard deviations (a new item is shown little until its latent drifts up).
+      holdout_share: Share of each day's pages written as the day's `holdout` split instead of
+        `train` (what a day's model is checked on before it is served).
+    """
+
+    days: int = 0
+    new_item_share: float = 0.03
+    new_user_share: float = 0.02
+    taste_drift: float = 0.02
+    popularity_drift: float = 0.15
+    cold_start: float = 1.0
+    holdout_share: float = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
 class WorldConfig:
     """Sizes and parameters of one synthetic world. Same config and seed give the same bytes.
 
@@ -95,6 +125,7 @@ class WorldConfig:
       shards: Files per record kind (more shards than workers lets every worker read).
       click: Click model.
       titles: How item titles are written (the catalog's `title`).
+      movement: How the world moves day by day (`days` > 0: written one data dir per day).
     """
 
     name: str
@@ -124,10 +155,32 @@ class WorldConfig:
     shards: int = 4
     click: ClickModel = ClickModel()
     titles: TitleConfig = TitleConfig()
+    movement: Movement = Movement()
 
     @property
     def num_styles(self) -> int:
         return self.num_patterns * self.num_palettes
+
+    @property
+    def emitted_days(self) -> int:
+        """Days written as samples: the train and test days, or a moving world's days."""
+        return self.movement.days or self.train_days + self.test_days
+
+    def added_per_day(self) -> tuple[int, int]:
+        """(items, users) that a moving world adds on each day after the first."""
+        m = self.movement
+        if not m.days:
+            return 0, 0
+        return round(m.new_item_share * self.num_items), round(m.new_user_share * self.num_users)
+
+    @property
+    def total_items(self) -> int:
+        """The catalog at the end: the initial items and every day's additions."""
+        return self.num_items + self.added_per_day()[0] * max(self.movement.days - 1, 0)
+
+    @property
+    def total_users(self) -> int:
+        return self.num_users + self.added_per_day()[1] * max(self.movement.days - 1, 0)
 
     def validate(self) -> None:
         if not 1 <= self.num_categories <= 12:
@@ -153,6 +206,20 @@ WORLDS: dict[str, WorldConfig] = {
         num_shops=200, num_brands=120, num_users=4000, num_queries=2400, image_size=64,
         history_days=14, train_days=6, test_days=1, sessions_per_day=4000,
         judgment_queries=400, shards=4),
+    # The daily cycle's tests: 6 days of 400 sessions.
+    "tiny_moving": WorldConfig(
+        name="tiny_moving", num_categories=4, num_patterns=2, num_palettes=2, num_items=480,
+        num_shops=24, num_brands=16, num_users=240, num_queries=160, image_size=32,
+        history_days=4, train_days=1, test_days=1, sessions_per_day=400,
+        impressions_per_item_30d=20.0, judgment_queries=60, shards=2,
+        movement=Movement(days=6, new_item_share=0.05, new_user_share=0.05)),
+    # `make daily`: two weeks of a `small`-sized marketplace that moves (about 3% new items a
+    # day).
+    "moving": WorldConfig(
+        name="moving", num_categories=8, num_patterns=4, num_palettes=4, num_items=6000,
+        num_shops=200, num_brands=120, num_users=4000, num_queries=2400, image_size=64,
+        history_days=14, train_days=1, test_days=1, sessions_per_day=3000,
+        judgment_queries=400, shards=2, movement=Movement(days=14)),
     # Reproductions.
     "medium": WorldConfig(
         name="medium", num_categories=12, num_patterns=6, num_palettes=6, num_items=48000,

@@ -23,9 +23,11 @@ ranks go only to `<data_dir>/truth/`, for evaluation and tests.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import logging
 import os
+import re
 import shutil
 import time
 
@@ -80,7 +82,7 @@ def style_similarity(cfg: WorldConfig) -> np.ndarray:
 
 
 def make_items(cfg: WorldConfig, rng: np.random.Generator) -> dict:
-    n, c = cfg.num_items, cfg.num_categories
+    n, c = cfg.total_items, cfg.num_categories
     cat_share = rng.dirichlet(np.full(c, 20.0))
     category = rng.choice(c, size=n, p=cat_share)
     pattern = rng.integers(0, cfg.num_patterns, n)
@@ -112,11 +114,11 @@ def make_items(cfg: WorldConfig, rng: np.random.Generator) -> dict:
         brand_id=_unique_ids(rng, cfg.num_brands, 10**4, 10**6)[brand],
         price=np.round(price, 2).astype(np.float32), quality=quality,
         shop_quality=rng.normal(0, 1, cfg.num_shops)[shop], popularity_rank=rank,
-        popularity=popularity, z_price=z_price)
+        popularity=popularity, z_price=z_price, popularity_latent=latent)
 
 
 def make_users(cfg: WorldConfig, rng: np.random.Generator) -> dict:
-    n, c, s = cfg.num_users, cfg.num_categories, cfg.num_styles
+    n, c, s = cfg.total_users, cfg.num_categories, cfg.num_styles
     gender = rng.choice(3, size=n, p=[0.1, 0.55, 0.35])
     age = rng.choice(7, size=n, p=[0.05, 0.2, 0.28, 0.22, 0.13, 0.08, 0.04])
     gender_base = rng.dirichlet(np.ones(c), size=3)
@@ -131,7 +133,8 @@ def make_users(cfg: WorldConfig, rng: np.random.Generator) -> dict:
         user_id=_unique_ids(rng, n, 10**8, 10**11), gender=gender, age_bucket=age,
         category_pref=cat_pref, interests=interests, num_interests=k, visual=visual,
         price_sensitivity=rng.normal(0.6, 0.4, n) + 0.1 * (3 - age) / 3,
-        activity=rng.lognormal(0, 0.8, n), device=rng.choice(3, size=n, p=[0.45, 0.45, 0.1]))
+        activity=rng.lognormal(0, 0.8, n), device=rng.choice(3, size=n, p=[0.45, 0.45, 0.1]),
+        style_popularity=style_pop)
 
 
 def make_queries(cfg: WorldConfig, rng: np.random.Generator) -> dict:
@@ -170,11 +173,43 @@ def click_logits(cfg: WorldConfig, world: World, user: np.ndarray, item: np.ndar
             + np.asarray(cm.device)[device] + rng.normal(0, cm.noise, len(item)))
 
 
-def simulate(world: World, rng: np.random.Generator) -> None:
+def _moving_day(world: World, day: int, rng: np.random.Generator
+                ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """A moving world's state on emitted day `day` (the warm-up days are day 0's): (the items on
+    display by category, their display weights, the users' activity weights). Moves the world
+    first: the popularity latents take a random-walk step and users' tastes drift (emitted days
+    after the first only)."""
+    cfg, it, us, m = world.cfg, world.items, world.users, world.cfg.movement
+    if day > 0:
+        it["popularity_latent"] = it["popularity_latent"] + rng.normal(
+            0, m.popularity_drift, len(it["item_id"]))
+        drifting = np.flatnonzero((us["arrival_day"] <= day)
+                                  & (rng.random(len(us["user_id"])) < m.taste_drift))
+        slot = (rng.random(len(drifting)) * us["num_interests"][drifting]).astype(int)
+        us["interests"][drifting, slot] = rng.choice(
+            cfg.num_styles, size=len(drifting), p=us["style_popularity"])
+    alive = it["added_day"] <= day
+    rank = np.zeros(len(alive), np.int64)
+    by_cat = []
+    for k in range(cfg.num_categories):
+        idx = np.flatnonzero(alive & (it["category"] == k))
+        rank[idx[np.argsort(-it["popularity_latent"][idx])]] = np.arange(1, len(idx) + 1)
+        by_cat.append(idx)
+    it["popularity_rank"] = rank
+    popularity = np.where(alive, np.maximum(rank, 1).astype(np.float64) ** -cfg.zipf_exponent, 0)
+    act = np.where(us["arrival_day"] <= day, us["activity"], 0.0)
+    return by_cat, popularity ** cfg.display_popularity_power, act / act.sum()
+
+
+def simulate(world: World, rng: np.random.Generator,
+             move_rng: np.random.Generator | None = None) -> None:
     """Simulates all days; fills `world.sessions` and `world.impressions` (emitted days only)
-    and each user's preferred categories from the warm-up days."""
+    and each user's preferred categories from the warm-up days. A moving world moves each day
+    with `move_rng` (`_moving_day`)."""
     cfg, it, us, qs = world.cfg, world.items, world.users, world.queries
-    n_days = cfg.history_days + cfg.train_days + cfg.test_days
+    moving = cfg.movement.days > 0
+    move_rng = move_rng if move_rng is not None else np.random.default_rng(0)
+    n_days = cfg.history_days + cfg.emitted_days
     by_cat = [np.flatnonzero(it["category"] == k) for k in range(cfg.num_categories)]
     w_display = it["popularity"] ** cfg.display_popularity_power
     # Queries are sorted by (category, style) combo: a combo's photos are a contiguous run.
@@ -182,8 +217,11 @@ def simulate(world: World, rng: np.random.Generator) -> None:
     combo_start = np.concatenate([[0], np.cumsum(combo_count)[:-1]])
     cat_cdf = np.cumsum(us["category_pref"], axis=1)
     act = us["activity"] / us["activity"].sum()
-    history: list[list[int]] = [[] for _ in range(cfg.num_users)]
-    warmup_cat_counts = np.zeros((cfg.num_users, cfg.num_categories), np.int64)
+    if moving:
+        by_cat, w_display, act = _moving_day(world, 0, move_rng)
+    by_cat_0, w_display_0 = by_cat, w_display  # the platform's 30-day view: as of the first day
+    history: list[list[int]] = [[] for _ in range(len(us["user_id"]))]
+    warmup_cat_counts = np.zeros((len(us["user_id"]), cfg.num_categories), np.int64)
     sess_cols: dict[str, list] = {k: [] for k in
                                   ("day", "block", "user", "query", "query_style", "device",
                                    "history")}
@@ -193,8 +231,10 @@ def simulate(world: World, rng: np.random.Generator) -> None:
 
     for day in range(n_days):
         emitted = day >= cfg.history_days
+        if moving and day > cfg.history_days:
+            by_cat, w_display, act = _moving_day(world, day - cfg.history_days, move_rng)
         n = cfg.sessions_per_day
-        user = rng.choice(cfg.num_users, size=n, p=act)  # i.i.d. draws: already in random order
+        user = rng.choice(len(act), size=n, p=act)  # i.i.d. draws: already in random order
         cat = (cat_cdf[user] < rng.random(n)[:, None]).sum(1).clip(max=cfg.num_categories - 1)
         from_interest = rng.random(n) < cfg.query_from_interest
         pick = (rng.random(n) * us["num_interests"][user]).astype(int)
@@ -255,7 +295,7 @@ def simulate(world: World, rng: np.random.Generator) -> None:
     world.impressions = {k: np.concatenate(v) for k, v in imp_cols.items()}
     # Preferred categories: the user's top categories by warm-up searches (observable behaviour).
     prefs = []
-    for u in range(cfg.num_users):
+    for u in range(len(us["user_id"])):
         counts = warmup_cat_counts[u]
         top = np.argsort(-counts, kind="stable")[:MAX_PREFERRED_CATEGORIES]
         prefs.append(top[counts[top] > 0])
@@ -263,9 +303,10 @@ def simulate(world: World, rng: np.random.Generator) -> None:
     us["category_traffic"] = cat_sessions / cat_sessions.sum()
     # Platform impressions over 30 days: the emitted logs sample this traffic. Expected exposure
     # follows the display policy (popularity^power within the category, plus exploration).
-    expo = np.zeros(cfg.num_items)
-    for k, idx in enumerate(by_cat):
-        w = w_display[idx]
+    # A moving world's later items enter with none.
+    expo = np.zeros(len(it["item_id"]))
+    for k, idx in enumerate(by_cat_0):
+        w = w_display_0[idx]
         expo[idx] = us["category_traffic"][k] * (
             (1 - cfg.exploration) * w / w.sum() + cfg.exploration / len(idx))
     total = cfg.impressions_per_item_30d * cfg.num_items
@@ -273,16 +314,33 @@ def simulate(world: World, rng: np.random.Generator) -> None:
 
 
 def build(cfg: WorldConfig, seed: int) -> World:
-    """Entities and simulated log of a world; deterministic in (cfg, seed)."""
+    """Entities and simulated log of a world; deterministic in (cfg, seed). A moving world's
+    later items and users get the day they arrive (`added_day`, `arrival_day`; 0 for the
+    initial ones), and its new items start `cold_start` below in popularity."""
     cfg.validate()
-    streams = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(5)]
+    # Children of a SeedSequence do not depend on how many are spawned: a world that does not
+    # move draws exactly what it drew before the sixth stream (the movement's) existed.
+    streams = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(6)]
     items = make_items(cfg, streams[0])
     users = make_users(cfg, streams[1])
+    new_items, new_users = cfg.added_per_day()
+    items["added_day"] = _arrivals(cfg.num_items, new_items, cfg.movement.days)
+    users["arrival_day"] = _arrivals(cfg.num_users, new_users, cfg.movement.days)
+    items["popularity_latent"] = np.where(items["added_day"] > 0, items["popularity_latent"]
+                                          - cfg.movement.cold_start,
+                                          items["popularity_latent"])
     queries = make_queries(cfg, streams[2])
     category_ids = _unique_ids(streams[3], cfg.num_categories, 1000, 60000)
     world = World(cfg, items, users, queries, category_ids, style_similarity(cfg))
-    simulate(world, streams[4])
+    simulate(world, streams[4], streams[5])
     return world
+
+
+def _arrivals(initial: int, per_day: int, days: int) -> np.ndarray:
+    """The day each of `initial` + `per_day` x (days - 1) entities arrives: 0 for the first
+    `initial`, then `per_day` a day from day 1."""
+    return np.concatenate([np.zeros(initial, np.int64),
+                           np.repeat(np.arange(1, max(days, 1), dtype=np.int64), per_day)])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,10 +364,58 @@ def write(world: World, data_dir: str, seed: int, workers: int = 1,
           inline_images: bool = False, *, ctr_kind: schema.RecordKind) -> dict:
     """Writes every record kind, the planted truth and `manifest.json`; returns the manifest.
     `ctr` records hold the columns of `ctr_kind` (a feature spec's, `trainer.ctr.spec`) of those
-    the world logs, so a spec without e.g. demographics gives records without them."""
-    cfg, it, us, qs = world.cfg, world.items, world.users, world.queries
-    ss, im = world.sessions, world.impressions
+    the world logs, so a spec without e.g. demographics gives records without them.
+
+    A world that does not move is one data dir: the catalog, the query photos, the train days'
+    `ctr` records (`train`) and the test day's (`test`), the train days' page views and S2
+    pairs, the judgments. A moving world writes one data dir per day, `day=NN/`: the items added
+    that day (day 0: the initial catalog), the day's `ctr` records split by page into `train`
+    and `holdout`, its page views and S2 pairs; the query photos and judgments in day 0's."""
+    cfg = world.cfg
     t0 = time.time()
+    images = _render(world, seed, workers)
+    log.info("rendered %d item and %d query images in %.1fs", len(images[0]), len(images[1]),
+             time.time() - t0)
+    ss, it = world.sessions, world.items
+    manifest = dict(format_version=FORMAT_VERSION, generator="trainer.synth.marketplace",
+                    seed=seed, world=dataclasses.asdict(cfg),
+                    layout="inline" if inline_images else "join", ctr_columns=ctr_kind.names)
+    if not cfg.movement.days:
+        train = ss["day"] < cfg.train_days
+        files = _write_data_dir(world, data_dir, seed, images, inline_images, ctr_kind,
+                                np.arange(len(it["item_id"])),
+                                {"train": train, "test": ~train}, train, first=True)
+        manifest.update(days=dict(train=list(range(cfg.train_days)),
+                                  test=list(range(cfg.train_days, cfg.emitted_days))),
+                        files=files, stats=observable_stats(world))
+    else:
+        holdout = np.random.default_rng([seed, 6]).random(len(ss["day"])) < \
+            cfg.movement.holdout_share
+        per_day = {}
+        for day in range(cfg.movement.days):
+            today = ss["day"] == day
+            per_day[day_dir_name(day)] = dict(
+                files=_write_data_dir(
+                    world, os.path.join(data_dir, day_dir_name(day)), seed, images,
+                    inline_images, ctr_kind, np.flatnonzero(it["added_day"] == day),
+                    {"train": today & ~holdout, "holdout": today & holdout}, today,
+                    first=day == 0),
+                stats=day_stats(world, day))
+        manifest.update(days=per_day, stats=observable_stats(world))
+    _write_truth(world, data_dir, _shape_of_category(cfg, seed))
+    with open(os.path.join(data_dir, MANIFEST), "w") as f:
+        json.dump(manifest, f, indent=1, sort_keys=True, default=_json_default)
+    return manifest
+
+
+def day_dir_name(day: int) -> str:
+    """A moving world's data dir of one day, under the world's dir: `day=NN`."""
+    return f"day={day:02d}"
+
+
+def _render(world: World, seed: int, workers: int) -> tuple[list[bytes], list[bytes]]:
+    """(every item's image, every query photo) as encoded bytes."""
+    cfg, it, qs = world.cfg, world.items, world.queries
     shapes = _shape_of_category(cfg, seed)
     pats, pals = _pattern_ids(cfg, seed)
     item_images = render.render_encoded(shapes[it["category"]], pats[it["pattern"]],
@@ -318,9 +424,21 @@ def write(world: World, data_dir: str, seed: int, workers: int = 1,
     q_pattern, q_palette = qs["style"] // cfg.num_palettes, qs["style"] % cfg.num_palettes
     query_images = render.render_encoded(shapes[qs["category"]], pats[q_pattern], pals[q_palette],
                                          cfg.image_size, (seed, 2), photo=True, workers=workers)
-    log.info("rendered %d item and %d query images in %.1fs", len(item_images),
-             len(query_images), time.time() - t0)
+    return item_images, query_images
 
+
+def _write_data_dir(world: World, data_dir: str, seed: int,
+                    images: tuple[list[bytes], list[bytes]], inline_images: bool,
+                    ctr_kind: schema.RecordKind, catalog_rows: np.ndarray,
+                    ctr_splits: dict[str, np.ndarray], behaviour: np.ndarray, first: bool
+                    ) -> dict:
+    """One data dir: the catalog records of `catalog_rows`, the `ctr` records of each split's
+    sessions (a mask over `world.sessions`), the page views and S2 pairs of the `behaviour`
+    sessions, and with `first` the query photos and the judgments. Returns its files."""
+    cfg, it, us, qs = world.cfg, world.items, world.users, world.queries
+    ss, im = world.sessions, world.impressions
+    item_images, query_images = images
+    pats, pals = _pattern_ids(cfg, seed)
     files: dict = {}
 
     def emit(kind: schema.RecordKind, split: str, columns: dict, num_shards: int) -> None:
@@ -329,28 +447,29 @@ def write(world: World, data_dir: str, seed: int, workers: int = 1,
         files.setdefault(kind.name, {})[split] = {
             "files": [os.path.relpath(p, data_dir) for p in paths], "records": len(recs)}
 
+    title = titles.make_titles(it["category"], pats[it["pattern"]], pals[it["palette"]],
+                               it["brand"], cfg.num_categories, np.random.default_rng([seed, 5]),
+                               cfg.titles)
+    c = catalog_rows
     emit(schema.CATALOG, "all", dict(
-        item_id=it["item_id"], image=item_images, category_id=world.category_ids[it["category"]],
-        shop_id=it["shop_id"], brand_id=it["brand_id"], price=it["price"],
-        impressions_30d=it["impressions_30d"],
-        title=titles.make_titles(it["category"], pats[it["pattern"]], pals[it["palette"]],
-                                 it["brand"], cfg.num_categories,
-                                 np.random.default_rng([seed, 5]), cfg.titles)), cfg.shards)
-    emit(schema.QUERIES, "all", dict(
-        query_id=qs["query_id"], image=query_images,
-        category_id=world.category_ids[qs["category"]]), cfg.shards)
+        item_id=it["item_id"][c], image=[item_images[i] for i in c],
+        category_id=world.category_ids[it["category"][c]], shop_id=it["shop_id"][c],
+        brand_id=it["brand_id"][c], price=it["price"][c],
+        impressions_30d=it["impressions_30d"][c], title=[title[i] for i in c]), cfg.shards)
+    if first:
+        emit(schema.QUERIES, "all", dict(
+            query_id=qs["query_id"], image=query_images,
+            category_id=world.category_ids[qs["category"]]), cfg.shards)
 
     sess_item = im["item"]
     session = im["session"]
     s_user = ss["user"][session]
     day = ss["day"][session]
-    train_days = list(range(cfg.train_days))
-    test_days = list(range(cfg.train_days, cfg.train_days + cfg.test_days))
     page_ids = _unique_ids(np.random.default_rng([seed, 3]), len(ss["day"]), 10**10, 10**13)
     prefs = [world.category_ids[p] for p in us["preferred_categories"]]
     history_ids = [it["item_id"][h] for h in ss["history"]]
-    for split, days in (("train", train_days), ("test", test_days)):
-        rows = np.flatnonzero(np.isin(day, days))
+    for split, sessions in ctr_splits.items():
+        rows = np.flatnonzero(sessions[session])
         emit(ctr_kind, split, dict(
             label=im["label"][rows], user_id=us["user_id"][s_user[rows]],
             age_bucket=us["age_bucket"][s_user[rows]], gender=us["gender"][s_user[rows]],
@@ -364,7 +483,7 @@ def write(world: World, data_dir: str, seed: int, workers: int = 1,
             page_id=page_ids[session[rows]], day=day[rows]),
             cfg.shards * (2 if split == "train" else 1))
 
-    # COURIER page views (train days): clicked pages of users with a history; clicked items first.
+    # COURIER page views: clicked pages of users with a history; clicked items first.
     pv: dict[str, list] = dict(user_id=[], pv_item_ids=[], pv_labels=[], click_item_ids=[],
                                day=[])
     if inline_images:
@@ -372,7 +491,7 @@ def write(world: World, data_dir: str, seed: int, workers: int = 1,
     ps = cfg.page_size
     lab = im["label"].reshape(-1, ps)
     items_2d = im["item"].reshape(-1, ps)
-    for s in np.flatnonzero(ss["day"] < cfg.train_days):
+    for s in np.flatnonzero(behaviour):
         h = ss["history"][s][-schema.L_CLICK:]
         if not lab[s].any() or not len(h):
             continue
@@ -387,8 +506,8 @@ def write(world: World, data_dir: str, seed: int, workers: int = 1,
             pv["click_images"].append([item_images[i] for i in h])
     emit(schema.PAGEVIEWS, "train", pv, cfg.shards)
 
-    # S2 pairs (train days): every click of a visual-search page, with the query photo inline.
-    clicks = np.flatnonzero((im["label"] == 1) & (day < cfg.train_days))
+    # S2 pairs: every click of a visual-search page, with the query photo inline.
+    clicks = np.flatnonzero((im["label"] == 1) & behaviour[session])
     emit(schema.SEARCH_SESSIONS, "train", dict(
         query_id=qs["query_id"][ss["query"][session[clicks]]],
         query_image=[query_images[q] for q in ss["query"][session[clicks]]],
@@ -396,27 +515,30 @@ def write(world: World, data_dir: str, seed: int, workers: int = 1,
         clicked_category_id=world.category_ids[it["category"][sess_item[clicks]]],
         day=day[clicks]), cfg.shards)
 
-    # Visual-search judgments: relevant = same category and same style (the annotators' view).
-    jrng = np.random.default_rng([seed, 4])
-    key = it["category"] * cfg.num_styles + it["style"]
-    jq, jrel = [], []
-    for q in jrng.choice(cfg.num_items, size=min(cfg.judgment_queries, cfg.num_items),
-                         replace=False):
-        rel = np.flatnonzero((key == key[q]) & (np.arange(cfg.num_items) != q))
-        if len(rel):
-            jq.append(it["item_id"][q])
-            jrel.append(it["item_id"][rel])
-    emit(schema.JUDGMENTS, "all", dict(query_item_id=jq, relevant_item_ids=jrel), 1)
+    if first:  # judgments: relevant = same category and style (the annotators' view), among
+        # the initial catalog
+        jrng = np.random.default_rng([seed, 4])
+        key = it["category"] * cfg.num_styles + it["style"]
+        n = cfg.num_items
+        jq, jrel = [], []
+        for q in jrng.choice(n, size=min(cfg.judgment_queries, n), replace=False):
+            rel = np.flatnonzero((key[:n] == key[q]) & (np.arange(n) != q))
+            if len(rel):
+                jq.append(it["item_id"][q])
+                jrel.append(it["item_id"][rel])
+        emit(schema.JUDGMENTS, "all", dict(query_item_id=jq, relevant_item_ids=jrel), 1)
+    return files
 
-    _write_truth(world, data_dir, shapes)
-    manifest = dict(
-        format_version=FORMAT_VERSION, generator="trainer.synth.marketplace", seed=seed,
-        world=dataclasses.asdict(cfg), layout="inline" if inline_images else "join",
-        days=dict(train=train_days, test=test_days), files=files, ctr_columns=ctr_kind.names,
-        stats=observable_stats(world))
-    with open(os.path.join(data_dir, MANIFEST), "w") as f:
-        json.dump(manifest, f, indent=1, sort_keys=True, default=_json_default)
-    return manifest
+
+def day_stats(world: World, day: int) -> dict:
+    """What a moving world's day holds, as its logs show it: samples, click rate, and the items
+    and users that are new that day."""
+    ss, im, it, us = world.sessions, world.impressions, world.items, world.users
+    rows = ss["day"][im["session"]] == day
+    return dict(samples=int(rows.sum()), click_rate=float(im["label"][rows].mean()),
+                new_items=int((it["added_day"] == day).sum()) if day else 0,
+                new_users=int((us["arrival_day"] == day).sum()) if day else 0,
+                catalog=int((it["added_day"] <= day).sum()))
 
 
 def _json_default(o):
@@ -476,6 +598,7 @@ def generate(cfg: WorldConfig, data_dir: str, seed: int, workers: int = 1,
              ctr_kind: schema.RecordKind) -> dict:
     """Builds and writes a world into `data_dir` (which must be empty unless `overwrite`)."""
     ours = [os.path.join(data_dir, d) for d in (*schema.KIND_NAMES, "truth", MANIFEST)]
+    ours += sorted(glob.glob(os.path.join(data_dir, day_dir_name(0).replace("00", "*"))))
     existing = [p for p in ours if os.path.exists(p)]
     if existing and not overwrite:
         names = ", ".join(map(os.path.basename, existing))
@@ -486,8 +609,7 @@ def generate(cfg: WorldConfig, data_dir: str, seed: int, workers: int = 1,
     os.makedirs(data_dir, exist_ok=True)
     t0 = time.time()
     world = build(cfg, seed)
-    log.info("simulated %d days in %.1fs", cfg.history_days + cfg.train_days + cfg.test_days,
-             time.time() - t0)
+    log.info("simulated %d days in %.1fs", cfg.history_days + cfg.emitted_days, time.time() - t0)
     manifest = write(world, data_dir, seed, workers=workers, inline_images=inline_images,
                      ctr_kind=ctr_kind)
     log.info("wrote world '%s' to %s in %.1fs", cfg.name, data_dir, time.time() - t0)
@@ -495,8 +617,13 @@ def generate(cfg: WorldConfig, data_dir: str, seed: int, workers: int = 1,
 
 
 def load_manifest(data_dir: str) -> dict | None:
-    """The manifest of the world in `data_dir`, or None (other data)."""
-    return jsonfile.read(os.path.join(data_dir, MANIFEST))
+    """The manifest of the world in `data_dir` (for a moving world's day dir, `day=NN`, its
+    world's), or None (other data)."""
+    manifest = jsonfile.read(os.path.join(data_dir, MANIFEST))
+    parent, name = os.path.split(os.path.normpath(data_dir))
+    if manifest is None and re.fullmatch(r"day=\d+", name):
+        manifest = jsonfile.read(os.path.join(parent, MANIFEST))
+    return manifest
 
 
 def image_size(data_dir: str, default: int = 64) -> int:
