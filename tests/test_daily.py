@@ -214,6 +214,20 @@ def test_a_sharply_different_day_is_reported():
     assert out[1].startswith("click rate 0.2 against 0.1 yesterday (2.00x")
 
 
+def test_a_refusal_says_when_the_holdout_cannot_resolve_the_margin():
+    def decision(low: float, high: float) -> daily.GateDecision:
+        return daily.GateDecision(passed=low > -0.005, forced=False, metric="AUC", margin=0.005,
+                                  candidate=0.7, serving=0.7, difference=(low + high) / 2,
+                                  low=low, high=high, samples=3000)
+
+    wide = str(decision(-0.035, 0.037))
+    assert wide.startswith("gate refused") and "too few to resolve that margin" in wide
+    assert "half-width is 0.0360" in wide
+    worse = str(decision(-0.012, -0.008))  # resolved, and worse: no excuse
+    assert worse.startswith("gate refused") and "too few" not in worse
+    assert "too few" not in str(decision(-0.004, 0.03))  # passes
+
+
 def shuffled_day(moving: dict, day: int, out: str) -> str:
     """A copy of a day's data dir whose training records' labels are permuted."""
     src = os.path.join(moving["world"], f"day={day:02d}")

@@ -173,10 +173,16 @@ class GateDecision:
     def __str__(self) -> str:
         verdict = ("passes" if self.passed else "forced through" if self.forced
                    else "refused")
-        return (f"gate {verdict}: {self.metric} {self.candidate:.4f} vs serving "
+        text = (f"gate {verdict}: {self.metric} {self.candidate:.4f} vs serving "
                 f"{self.serving:.4f}, difference {self.difference:+.4f} [{self.low:+.4f}, "
                 f"{self.high:+.4f}] over {self.samples} held-out samples; a new version needs "
                 f"the interval's low end above -{self.margin}")
+        half = (self.high - self.low) / 2
+        if not self.passed and half > self.margin:
+            # Not evidence that the model is worse: the holdout cannot show it is not.
+            text += (f" (the held-out pages are too few to resolve that margin: the interval's "
+                     f"half-width is {half:.4f}; hold out more pages or widen --margin)")
+        return text
 
 
 def gate(candidate: dict, serving: dict, margin: float, metric: str = "AUC",
