@@ -180,9 +180,13 @@ def test_the_next_version_records_its_parent_and_scores_a_new_item_as_the_model(
     # The new items have their image vectors: the grown table holds them, not the OOV row.
     table = model.image_tables["items"]
     assert (table.rows(tf.constant(inputs[spec.item], tf.int64)).numpy() > 0).all()
-    # The lookups are assets that grew; the graph did not.
-    served_ids = os.listdir(os.path.join(day1["serving"], "2", "assets"))
-    assert served_ids, "the vocabularies are no assets"
+    # The lookups are assets that grew with the vocabularies; the graph did not.
+    v1, v2 = (os.path.join(day1["serving"], v) for v in ("1", "2"))
+    ids = open(os.path.join(v2, "assets", "item_id_lookup.txt")).read().split()
+    assert len(ids) == len(model.vocabularies.ids["item_id"])
+    assert len(ids) > len(open(os.path.join(v1, "assets", "item_id_lookup.txt")).read().split())
+    pb = [os.path.getsize(os.path.join(v, "saved_model.pb")) for v in (v1, v2)]
+    assert abs(pb[1] - pb[0]) < 0.01 * pb[0], pb
 
 
 def test_vocabularies_grow_by_id_and_evict_ids_unseen_for_n_days():
