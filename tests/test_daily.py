@@ -272,6 +272,39 @@ def test_the_gate_keeps_the_serving_version_against_a_worse_model(moving, tmp_pa
     assert common.export_info(os.path.join(serving, "2"))["gate"]["forced"]
 
 
+def test_a_model_with_d_keeps_its_positives_and_mines_the_new_items(moving, tmp_path):
+    day0_data = os.path.join(moving["world"], "day=00")
+    enc = os.path.join(moving["root"], "s1")
+    day0 = str(tmp_path / "day0")
+    registry.run(ctr_config(day0_data, day0, stage="debias", images__encoder="s1",
+                            images__model_dir=enc, images__s1_model_dir=enc,
+                            ctr__test_pattern=os.path.join(day0_data, "ctr", "holdout-*")))
+    model_dir, serving = str(tmp_path / "model"), str(tmp_path / "serving")
+    # A first export under an empty base path: no serving version to gate against.
+    s1_export = f"--s1_export={moving['encoder_export']}"  # the fixture's encoder is S1
+    out = run_ok(daily_args(moving, 1, model_dir, serving, s1_export, previous=day0))
+    assert "daily: exported version 1" in out and versions.versions(serving) == [1]
+    old, new = (np.load(os.path.join(d, ctr_task.POSITIVES)) for d in (day0, model_dir))
+    s1 = np.load(os.path.join(model_dir, ctr_task.S1_TABLE))
+    table = np.load(os.path.join(model_dir, "embeddings.npz"))
+    np.testing.assert_array_equal(s1["item_id"], table["item_id"])
+    n_old = len(old["rows"])
+    assert len(new["rows"]) == len(table["item_id"]) > n_old
+    # The old items' positives carry over as they were; the new items get theirs, mined among
+    # the candidates of their own category.
+    np.testing.assert_array_equal(new["rows"][:n_old], old["rows"])
+    np.testing.assert_array_equal(new["weights"][:n_old], old["weights"])
+    mined = new["rows"][n_old:]
+    assert (mined >= 0).any(), "no positives mined for the new items"
+    anchors = np.repeat(np.arange(n_old, len(new["rows"]))[:, None], mined.shape[1], 1)
+    found = mined >= 0
+    np.testing.assert_array_equal(s1["category_id"][mined[found]],
+                                  s1["category_id"][anchors[found]])
+    assert (new["weights"][n_old:][found] > 0).all()
+    model = ctr_task.load_trained(model_dir)  # the grown model with D loads and scores
+    assert model.cfg.debias is not None
+
+
 def test_a_missing_day_stops_the_cycle_and_the_serving_version_stays(moving, tmp_path):
     serving = serving_copy(moving, str(tmp_path / "serving"))
     empty = tmp_path / "day=09"

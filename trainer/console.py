@@ -63,6 +63,10 @@ LOG_NOISE: tuple[tuple[str, re.Pattern], ...] = (
     # Beam 2.77's RunInference imports `resource` in one try with its torch-only ModelManager, so
     # without torch it says `resource` is missing (it is not, on Linux) for a metric of its own.
     ("", re.compile(r"Resource module is not available for current platform")),
+    # TensorFlow's own profiler (the FLOP count of scripts/bench_train.py) calls a TF1 helper it
+    # deprecates; nothing the caller can change.
+    ("tensorflow", re.compile(r"tensor_shape_from_node_def_name \(from tensorflow\.python\."
+                              r"framework\.graph_util_impl\) is deprecated")),
 )
 
 _OWN = ("trainer", "export", "serving", "__main__", "scripts")
