@@ -32,6 +32,36 @@ def run_ok(args, **kw):
     return out.stdout
 
 
+def run_local_cluster(args: list, workers: int = 2, ps: int = 2, timeout: float = 900
+                      ) -> tuple[str, list[str], bool]:
+    """Runs the command `args` as the chief of a cluster of `workers` workers and `ps` parameter
+    servers, each a local process on 127.0.0.1 told its task by TF_CONFIG. Returns the chief's
+    output (it must exit 0), the servers' outputs (ps first, then the workers) and whether every
+    server was still serving when the chief finished (they serve until stopped)."""
+    from trainer.train import loop
+    ports = loop.local_ports(1 + workers + ps)
+    cluster = {"chief": [f"127.0.0.1:{ports[0]}"],
+               "worker": [f"127.0.0.1:{p}" for p in ports[1:1 + workers]],
+               "ps": [f"127.0.0.1:{p}" for p in ports[1 + workers:]]}
+
+    def start(task_type: str, index: int) -> subprocess.Popen:
+        env = {**ENV, "TF_CONFIG": json.dumps({"cluster": cluster,
+                                               "task": {"type": task_type, "index": index}})}
+        return subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+
+    servers = [start("ps", i) for i in range(ps)] + [start("worker", i) for i in range(workers)]
+    try:
+        chief = start("chief", 0)
+        log, _ = chief.communicate(timeout=timeout)
+        assert chief.returncode == 0, log[-5000:]
+        serving = all(p.poll() is None for p in servers)
+    finally:
+        for p in servers:
+            p.kill()
+    return log, [p.communicate()[0] for p in servers], serving
+
+
 def ctr_config(world: str, model_dir: str, stage: str = "ctr", **sets) -> configs.CtrStage:
     """A brief CTR run's config; `sets` are config paths with '__' for '.'."""
     cfg = configs.apply(configs.for_stage(stage), {

@@ -19,7 +19,7 @@ import tensorflow as tf
 from conftest import REPO, read_all, shared_dir
 from export import common
 from export import ctr as export_ctr
-from export_helpers import ENC, ENV, ctr_config, model_batch, page_rows, run_ok
+from export_helpers import ENC, ENV, ctr_config, model_batch, page_rows, run_local_cluster, run_ok
 from trainer import configs, registry
 from trainer.ctr import daily
 from trainer.ctr import spec as ctr_spec
@@ -27,7 +27,7 @@ from trainer.ctr import task as ctr_task
 from trainer.ctr.tables import Vocabularies
 from trainer.features import versions
 from trainer.synth import config, marketplace
-from trainer.train import lock, loop
+from trainer.train import lock
 
 # A day's budget; the gate's margin is wide because a tiny day's ~470 held-out samples give the
 # AUC difference an interval of about +-0.05 (the default margin suits a real day's holdout).
@@ -365,28 +365,8 @@ def test_a_killed_cycle_reruns_to_the_same_weights_and_a_second_is_refused(movin
 def test_the_cycle_with_two_workers_and_two_parameter_servers(moving, day1, tmp_path):
     serving = serving_copy(moving, str(tmp_path / "serving"))
     model_dir = str(tmp_path / "model")
-    ports = loop.local_ports(5)
-    cluster = {"chief": [f"127.0.0.1:{ports[0]}"],
-               "worker": [f"127.0.0.1:{p}" for p in ports[1:3]],
-               "ps": [f"127.0.0.1:{p}" for p in ports[3:]]}
     args = [a for a in daily_args(moving, 1, model_dir, serving) if a != "--deterministic"]
-    args.append("--strategy=parameter_server")
-
-    def start(task_type: str, index: int) -> subprocess.Popen:
-        env = {**ENV, "TF_CONFIG": json.dumps({"cluster": cluster,
-                                               "task": {"type": task_type, "index": index}})}
-        return subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
-
-    servers = [start("ps", i) for i in range(2)] + [start("worker", i) for i in range(2)]
-    try:
-        chief = start("chief", 0)
-        log, _ = chief.communicate(timeout=900)
-        assert chief.returncode == 0, log[-5000:]
-    finally:
-        for p in servers:
-            p.kill()
-            p.communicate()
+    log, _, _ = run_local_cluster([*args, "--strategy=parameter_server"])
     assert "daily: warm-started from" in log and "ctr: trained to step 20" in log
     # The same grown vocabularies and image table as one process (the steps before training
     # are deterministic), and an outcome within noise of it.

@@ -16,6 +16,7 @@ import tensorflow as tf
 
 from conftest import REPO
 from export import ctr as export_ctr
+from export_helpers import run_local_cluster
 from serving import stand_in_server
 from trainer import configs
 from trainer.ctr import task as ctr_task
@@ -80,31 +81,11 @@ def test_ctr_with_d_learns_resumes_and_exports_on_an_in_process_cluster(
 
 def test_worker_ps_and_chief_processes_from_tf_config_train(tiny_world, tmp_path):
     model_dir = str(tmp_path / "tf_config")
-    ports = loop.local_ports(5)
-    cluster = {"chief": [f"127.0.0.1:{ports[0]}"],
-               "worker": [f"127.0.0.1:{p}" for p in ports[1:3]],
-               "ps": [f"127.0.0.1:{p}" for p in ports[3:]]}
     args = [sys.executable, "-m", "trainer.task", "--stage=ctr", f"--data_dir={tiny_world}",
             f"--model_dir={model_dir}", "--strategy=parameter_server", "--train_steps=10",
             "--batch_size=64", "--log_interval=5", "--checkpoint_interval=5"]
-
-    def start(task_type: str, index: int) -> subprocess.Popen:
-        env = {**ENV, "TF_CONFIG": json.dumps({"cluster": cluster,
-                                               "task": {"type": task_type, "index": index}})}
-        return subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
-
-    servers = [start("ps", i) for i in range(2)] + [start("worker", i) for i in range(2)]
-    try:
-        chief = start("chief", 0)
-        log, _ = chief.communicate(timeout=600)
-        assert chief.returncode == 0, log[-5000:]
-        # The servers serve until stopped: none of them exited on its own.
-        assert all(p.poll() is None for p in servers)
-    finally:
-        for p in servers:
-            p.kill()
-        served = [p.communicate()[0] for p in servers]
+    log, served, serving = run_local_cluster(args, timeout=600)
+    assert serving, "a server exited on its own"
     assert "ctr: step 10/10" in log and "ctr: trained to step 10" in log
     assert loop.restored_step(model_dir) == 10
     metrics = json.load(open(os.path.join(model_dir, "metrics.json")))
