@@ -161,12 +161,10 @@ def train_and_evaluate(cfg: CtrConfig, spec: ctr_spec.CtrSpec, train_cfg: TrainC
                        clusters: clusters_lib.Clusters | None = None,
                        skip_bad_records: bool = False,
                        strategy: tf.distribute.Strategy | None = None,
-                       seed: int = 0, image_stats: dict | None = None,
-                       evaluate_on: str | None = None) -> dict:
+                       seed: int = 0, image_stats: dict | None = None) -> dict:
     """Trains the CTR model into `model_dir` (resuming from its checkpoint; the spec and the
     vocabularies are written there first) and evaluates its latest checkpoint on the test
-    records (`evaluate_on`, default `cfg.test_pattern`): `evaluate`'s metrics plus
-    `train_seconds`."""
+    records (`cfg.test_pattern`): `evaluate`'s metrics plus `train_seconds`."""
     strategy = strategy or loop.make_strategy(train_cfg.strategy, train_cfg.shard_bytes)
     spec = spec_for(model_dir, spec)
     vocabularies = vocabularies_for(model_dir, cfg, spec, skip_bad_records)
@@ -181,7 +179,7 @@ def train_and_evaluate(cfg: CtrConfig, spec: ctr_spec.CtrSpec, train_cfg: TrainC
         return {"train_seconds": seconds}
     model = restore(model_dir, CtrModel(cfg, spec, vocabularies, images, positives,
                                         clusters, image_stats).build_variables()).look_up_joined()
-    metrics = evaluate(model, evaluate_on or cfg.test_pattern, catalog_item_id,
+    metrics = evaluate(model, cfg.test_pattern, catalog_item_id,
                        catalog_impressions, skip_bad_records,
                        os.path.join(model_dir, "predictions.npz"))
     return {**metrics, "train_seconds": seconds}
