@@ -103,15 +103,17 @@ def run_daily(cfg: configs.DailyStage) -> None:
     table, new_items = _grow_tables(cfg, yesterday, spec, patterns["catalog"], patterns["train"])
     configs.save(cfg.model_dir, today_cfg)
     spec = ctr_task.spec_for(cfg.model_dir, spec)
-    _warm_start(cfg, today_cfg, spec, strategy)
+    # What the model is built on besides the table, as today's dir now holds it.
+    features = ModelFeatures(_positives(cfg.model_dir), _clusters(cfg.model_dir),
+                             ctr_task.image_statistics_of(cfg.model_dir))
+    _warm_start(cfg, today_cfg, spec, strategy, table, features)
     vocabularies = ctr_task.vocabularies_for(cfg.model_dir, today_cfg.ctr, spec)
     impressions = _impressions(table, vocabularies, spec)
     metrics = ctr_task.train_and_evaluate(
         today_cfg.ctr, spec, cfg.train, cfg.model_dir, table.item_id, impressions, table,
-        _positives(cfg.model_dir), _clusters(cfg.model_dir), cfg.skip_bad_records, strategy,
-        cfg.seed, ctr_task.image_statistics_of(cfg.model_dir))
-    decision, version = _gate_and_export(cfg, day, patterns["holdout"], table.item_id,
-                                         impressions)
+        features.positives, features.clusters, cfg.skip_bad_records, strategy, cfg.seed,
+        features.image_statistics)
+    decision, version = _gate_and_export(cfg, day, patterns["holdout"])
     out = {"day": day, "previous": os.path.abspath(d.previous),
            "data_dir": os.path.abspath(cfg.data_dir),
            "statistics": dataclasses.asdict(stats), "warnings": warnings,
@@ -259,20 +261,31 @@ def _s1_table(previous: str, config: configs.CtrStage) -> embeddings_lib.Embeddi
 
 def _previous_positives(previous: str) -> tuple[np.ndarray, np.ndarray]:
     """Yesterday's D positives, which the `ctr` stage and the cycle keep in the model dir."""
-    path = os.path.join(previous, ctr_task.POSITIVES)
-    if not tf.io.gfile.exists(path):
-        raise FileNotFoundError(f"{path} is missing: the cycle carries D's positives over from "
-                                "the previous model dir (train it again with --stage=ctr)")
-    data = npz.read(path)
-    return data["rows"], data["weights"]
+    positives = _positives(previous)
+    if positives is None:
+        raise FileNotFoundError(f"{os.path.join(previous, ctr_task.POSITIVES)} is missing: the "
+                                "cycle carries D's positives over from the previous model dir "
+                                "(train it again with --stage=ctr)")
+    return positives
 
 
 def _positives(model_dir: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """D's positives kept in a model dir (rows, weights), or None (a model without D)."""
     path = os.path.join(model_dir, ctr_task.POSITIVES)
     if not tf.io.gfile.exists(path):
         return None
     data = npz.read(path)
     return data["rows"], data["weights"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFeatures:
+    """What today's model is built on besides its vocabularies and image table, read once from
+    today's dir: D's positives, the Cluster-ID centroids, the image normalisation."""
+
+    positives: tuple[np.ndarray, np.ndarray] | None
+    clusters: clusters_lib.Clusters | None
+    image_statistics: dict | None
 
 
 def _clusters(model_dir: str) -> clusters_lib.Clusters | None:
@@ -281,7 +294,8 @@ def _clusters(model_dir: str) -> clusters_lib.Clusters | None:
 
 
 def _warm_start(cfg: configs.DailyStage, today: configs.CtrStage, spec: ctr_spec.CtrSpec,
-                strategy: tf.distribute.Strategy) -> None:
+                strategy: tf.distribute.Strategy, table: embeddings_lib.EmbeddingTable,
+                features: ModelFeatures) -> None:
     """Today's step-0 checkpoint: today's model (grown vocabularies and tables) with yesterday's
     weights, by id, and a fresh optimizer; skipped when today's model dir has a checkpoint (a
     rerun). New ids' rows are the seeded initialiser's, so a rerun makes the same ones."""
@@ -291,10 +305,8 @@ def _warm_start(cfg: configs.DailyStage, today: configs.CtrStage, spec: ctr_spec
     vocabularies = ctr_task.vocabularies_for(cfg.model_dir, today.ctr, spec)
     tf_keras.utils.set_random_seed(cfg.seed)
     with strategy.scope():
-        new = CtrModel(today.ctr, spec, vocabularies, embeddings_lib.load(
-            os.path.join(cfg.model_dir, embeddings_lib.FILE)), _positives(cfg.model_dir),
-            _clusters(cfg.model_dir), ctr_task.image_statistics_of(cfg.model_dir)
-            ).build_variables()
+        new = CtrModel(today.ctr, spec, vocabularies, table, features.positives,
+                       features.clusters, features.image_statistics).build_variables()
         carried = daily.warm_start(new, old)
         optimizer = loop.build_optimizer(cfg.train)
         global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
@@ -322,8 +334,8 @@ def _impressions(table: embeddings_lib.EmbeddingTable, vocabularies: Vocabularie
     return np.where(known, counts[pos] if len(ids) else 0, 0).astype(np.int64)
 
 
-def _gate_and_export(cfg: configs.DailyStage, day: int, holdout: str, item_id: np.ndarray,
-                     impressions: np.ndarray) -> tuple[daily.GateDecision | None, int | None]:
+def _gate_and_export(cfg: configs.DailyStage, day: int, holdout: str
+                     ) -> tuple[daily.GateDecision | None, int | None]:
     """The gate against the serving version (none on the first export) and, if it passes or is
     forced, the export of the next version; a rerun after the export finds it."""
     d = cfg.daily
@@ -341,8 +353,9 @@ def _gate_and_export(cfg: configs.DailyStage, day: int, holdout: str, item_id: n
         candidate = npz.read(os.path.join(cfg.model_dir, "predictions.npz"))
         serving = ctr_task.predict(ctr_task.load_trained(serving_dir), holdout,
                                    skip_bad_records=cfg.skip_bad_records)
-        pos = np.clip(np.searchsorted(np.sort(item_id), serving["item"]), 0, len(item_id) - 1)
-        serving["impressions_30d"] = impressions[np.argsort(item_id)][pos]
+        # The same samples in the same order (the gate checks): the impressions the candidate's
+        # evaluation looked up for them serve both.
+        serving["impressions_30d"] = candidate["impressions_30d"]
         decision = daily.gate(candidate, serving, d.margin, d.metric, d.force, cfg.seed)
         with tf.io.gfile.GFile(os.path.join(cfg.model_dir, "gate.json"), "w") as f:
             json.dump(dataclasses.asdict(decision), f, indent=2)
