@@ -9,6 +9,16 @@ REST API (port 8501), with the same calls:
                                      the same with the query photo (and new items' images) as
                                      encoded bytes (model 'ctr', signature 'rank': one page)
 
+and of the visual search export (model 'search', `export.search`):
+
+    search(images, category, k)      photos -> (item_id [B, k], similarity [B, k]) ('search')
+    request(photo, user, spec, category, k, n)
+                                     one photo and its user -> the top n ads of the k items
+                                     retrieved, by pCTR x bid: {item_id, similarity, ctr, bid,
+                                     ecpm} [n] ('request')
+    ShardedSearch                    `search` over a catalog sharded by category: a category's
+                                     request goes to its shard, category -1 to all, merged
+
 `user` holds the request-level features (those of the user and the page) and each candidate the
 item-level ones; together they are the input columns of the model's feature spec
 (`trainer.ctr.spec`), which the export carries (`spec_of_export`).
@@ -89,6 +99,50 @@ def page_inputs(spec: ctr_spec.CtrSpec, rows: dict, photos: Mapping[str, bytes] 
     return out
 
 
+def request_inputs(spec: ctr_spec.CtrSpec, user: dict, photo: bytes, category: int = -1,
+                   k: int = 100, n: int = 10) -> dict:
+    """The `request` signature's inputs for one photo and its user's request features."""
+    from export import search  # TensorFlow: only where a request is made
+    out: dict = {"photo": np.array([photo], dtype=object),
+                 "category": np.array([category], np.int64), "k": np.array([k], np.int32),
+                 "n": np.array([n], np.int32)}
+    declared = {f.name: f for f in spec.record_kind(serving=True).features}
+    for name in search.request_input_specs(spec):
+        if name in out:
+            continue
+        if name not in user:
+            raise ValueError(f"request lacks the user feature '{name}' of the feature spec "
+                             f"'{spec.name}'")
+        f = declared[name]
+        dtype = np.float32 if f.dtype == schema.FLOAT else np.int64
+        if f.is_list:
+            values = list(user[name])
+            row = np.full([max(f.max_len or 0, len(values), 1)], f.pad, dtype)
+            row[:len(values)] = values
+            out[name] = row[None]
+        else:
+            out[name] = np.array([user[name]], dtype)
+    return out
+
+
+def merge_top_k(parts: Sequence[tuple[np.ndarray, np.ndarray]], k: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """The top `k` by similarity of several shards' (item_id [B, k_s], similarity [B, k_s])
+    results (-1: no item), padded as one shard pads: item_id -1, similarity 0. Equal
+    similarities keep the shards' order."""
+    ids = np.concatenate([p[0] for p in parts], axis=1)
+    sims = np.concatenate([p[1] for p in parts], axis=1).astype(np.float32)
+    key = np.where(ids >= 0, sims, -np.inf)
+    best = np.argsort(-key, axis=1, kind="stable")[:, :k]
+    out_ids = np.take_along_axis(ids, best, 1)
+    out_sims = np.where(out_ids >= 0, np.take_along_axis(sims, best, 1), 0).astype(np.float32)
+    pad = k - out_ids.shape[1]
+    if pad > 0:
+        out_ids = np.pad(out_ids, [(0, 0), (0, pad)], constant_values=-1)
+        out_sims = np.pad(out_sims, [(0, 0), (0, pad)])
+    return out_ids, out_sims
+
+
 class _Calls:
     """The model calls both clients make through their `predict`: {output name: array} (the
     REST API returns a single output bare, so each call takes its one output)."""
@@ -118,6 +172,57 @@ class _Calls:
             return np.zeros([0], np.float32)
         rows = candidate_inputs(spec, user, candidates)
         return self._only(model, "rank", page_inputs(spec, rows, photos, item_images)).reshape(-1)
+
+
+    def search(self, images: Sequence[bytes], category: int | Sequence[int] = -1, k: int = 100,
+               model: str = "search") -> tuple[np.ndarray, np.ndarray]:
+        """(item_id [B, k] int64, similarity [B, k]) of each photo's k most similar catalog
+        items (within `category`, one for all or one per photo; -1: any)."""
+        b = len(images)
+        out = self.predict(model, "search", {
+            "images": np.array(list(images), dtype=object),
+            "category": np.broadcast_to(np.asarray(category, np.int64), [b]).copy(),
+            "k": np.full([b], k, np.int32)})
+        return (np.asarray(out["item_id"], np.int64).reshape(b, -1),
+                np.asarray(out["similarity"], np.float32).reshape(b, -1))
+
+    def request(self, photo: bytes, user: dict, spec: ctr_spec.CtrSpec, category: int = -1,
+                k: int = 100, n: int = 10, model: str = "search") -> dict:
+        """One visual search ad request: the top `n` of the `k` items most similar to `photo`
+        by pCTR x bid, {item_id, similarity, ctr, bid, ecpm: [n]}, best first (fewer where the
+        category holds fewer items)."""
+        out = self.predict(model, "request", request_inputs(spec, user, photo, category, k, n))
+        ids = np.asarray(out["item_id"], np.int64).reshape(-1)
+        keep = ids >= 0
+        return {name: np.asarray(v).reshape(-1)[keep] for name, v in out.items()}
+
+
+class ShardedSearch:
+    """`search` over a catalog exported as shards by category (`export.search --categories`):
+    `shards` maps each shard's model name to its categories (its export_info.json's
+    `categories`), all served by `client`. A category's photos go to the shard holding it (paper
+    000 searches within the photo's category); category -1 asks every shard for its top k and
+    keeps the best k of their union, which equals one unsharded search."""
+
+    def __init__(self, client: _Calls, shards: Mapping[str, Sequence[int]]):
+        self.client = client
+        self.shard_of: dict[int, str] = {}
+        for model, categories in shards.items():
+            for c in categories:
+                if int(c) in self.shard_of:
+                    raise ValueError(f"category {c} is in shards {self.shard_of[int(c)]} and "
+                                     f"{model}")
+                self.shard_of[int(c)] = model
+        self.models = list(shards)
+
+    def search(self, images: Sequence[bytes], category: int = -1, k: int = 100
+               ) -> tuple[np.ndarray, np.ndarray]:
+        if category >= 0:
+            if category not in self.shard_of:
+                raise KeyError(f"no shard holds category {category}")
+            return self.client.search(images, category, k, model=self.shard_of[category])
+        parts = [self.client.search(images, -1, k, model=m) for m in self.models]
+        return merge_top_k(parts, k)
 
 
 class GrpcClient(_Calls):

@@ -117,10 +117,11 @@ def run_request(loaded, request: predict_pb2.PredictRequest) -> dict:
 
 
 def main(export_fn: Callable[..., str], what: str, model_name: str, model_dir_help: str,
-         signatures: str, options: Mapping[str, tuple[int | None, str]] | None = None) -> None:
+         signatures: str, options: Mapping[str, tuple[int | str | None, str]] | None = None
+         ) -> None:
     """The command line of `python -m export.encoder` / `export.ctr`: `export_fn(model_dir,
     export_dir, version, model_name, **options)` from flags; `options` are the export's own
-    flags (name -> (default, help)): integers, or strings where the default is None."""
+    flags (name -> (default, help)): integers where the default is one, else strings."""
     from absl import flags
     flags.DEFINE_string("model_dir", None, model_dir_help)
     flags.DEFINE_string("export_dir", None, "Model base path; the export is its next version.")
@@ -128,10 +129,10 @@ def main(export_fn: Callable[..., str], what: str, model_name: str, model_dir_he
     flags.DEFINE_string("model_name", model_name, "Model name in the warmup requests (as in "
                         "serving_config/models.config).")
     for name, (default, help_) in (options or {}).items():
-        if default is None:
-            flags.DEFINE_string(name, None, help_)
-        else:
+        if isinstance(default, int):
             flags.DEFINE_integer(name, default, help_)
+        else:
+            flags.DEFINE_string(name, default, help_)
     flags.mark_flags_as_required(["model_dir", "export_dir"])
 
     def run(argv) -> None:

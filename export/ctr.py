@@ -87,7 +87,7 @@ def rank_input_specs(spec: ctr_spec.CtrSpec, images: bool) -> dict:
     return out
 
 
-def _same_size(features: dict, axis: int, what: str) -> dict:
+def same_size(features: dict, axis: int, what: str) -> dict:
     """`features` once each has the first one's size along `axis`; a different one is named (not
     a ConcatOp error deep in the model)."""
     first = next(iter(features))
@@ -142,22 +142,31 @@ class CtrServing(tf.Module):
 
     def _serve(self, **features):
         # Every input has one row per candidate.
-        features = _same_size(features, 0, "rows")
+        features = same_size(features, 0, "rows")
         n = tf.shape(next(iter(features.values())))[0]
         return self._predict(self._parse(request_names(n), features))
 
     def _rank(self, **inputs):
+        return {"ctr": self.score_pages(inputs)}
+
+    def score_pages(self, inputs: dict, photo_vectors: dict | None = None) -> tf.Tensor:
+        """[B, N] click probabilities of `rank`'s inputs (0 where the item id is -1). The query
+        photos are encoded bytes among `inputs`, or, with `photo_vectors` ({image feature:
+        [B, D]}), vectors the caller has encoded already (the served search request encodes its
+        photo once, for retrieval and ranking)."""
         spec = self.model.spec
         image_names = {f.name for f in spec.of_kind("image")}
         images = {k: v for k, v in inputs.items() if k in image_names}
         columns = {k: v for k, v in inputs.items() if k not in image_names}
         target = spec.target_image if self.images is not None else None
+        if target is not None and target.name not in images:  # the item table's vectors
+            target = None
         candidate = {spec.item: columns[spec.item]}
         candidate.update({k: v for k, v in columns.items() if spec.scope(k) == "candidate"})
         if target is not None:  # the candidates' images: one per candidate
             candidate[target.name] = images[target.name]
-        candidate = _same_size(candidate, 1, "candidates")
-        rows = _same_size({spec.item: candidate[spec.item], **columns, **images, **candidate}, 0,
+        candidate = same_size(candidate, 1, "candidates")
+        rows = same_size({spec.item: candidate[spec.item], **columns, **images, **candidate}, 0,
                           "rows")
         item = rows[spec.item]
         pages = tf.shape(item, out_type=tf.int64)[0]
@@ -180,16 +189,19 @@ class CtrServing(tf.Module):
         batch = self._parse(names, flat)
         if self.images is not None:
             # The photos and the candidates' images, encoded in one batch.
-            parts = [(rows[f.name], page_names, f.name) for f in spec.photos]
+            parts = ([] if photo_vectors is not None else
+                     [(rows[f.name], page_names, f.name) for f in spec.photos])
             if target is not None:
                 encoded = tf.gather_nd(rows[target.name], where)
                 given = tf.where(encoded != b"")
                 parts.append((tf.gather_nd(encoded, given), tf.gather_nd(names, given),
                               target.name))
             embedded = self.images.embed_parts(parts) if parts else []
-            for f, v in zip(spec.photos, embedded, strict=False):
+            photos = (photo_vectors if photo_vectors is not None else
+                      {f.name: v for f, v in zip(spec.photos, embedded, strict=False)})
+            for f in spec.photos:
                 vector, has = fresh_vectors(f.name)
-                batch[vector] = tf.gather(v, page)
+                batch[vector] = tf.gather(photos[f.name], page)
                 batch[has] = tf.ones_like(page, tf.bool)
             if target is not None:
                 fresh = embedded[-1]
@@ -198,7 +210,7 @@ class CtrServing(tf.Module):
                 batch[vector] = tf.scatter_nd(given, fresh, tf.stack(
                     [tf.shape(page, out_type=tf.int64)[0], tf.shape(fresh, out_type=tf.int64)[1]]))
         scores = self._predict(batch)["ctr"]
-        return {"ctr": tf.scatter_nd(where, scores, tf.shape(item, out_type=tf.int64))}
+        return tf.scatter_nd(where, scores, tf.shape(item, out_type=tf.int64))
 
     def _predict_examples(self, examples):
         return self._predict(self._parser(request_names(tf.shape(examples)[0]), examples))

@@ -114,6 +114,10 @@ CATALOG = RecordKind(
         FeatureSpec("price", FLOAT, "Price in currency units.", min_value=0.0),
         _id("impressions_30d", "Times the item was displayed in the last 30 days (paper 000 §4.1: "
             "'low impression' means fewer than 5)."),
+        FeatureSpec("bid", FLOAT, "The advertiser's bid per click, in currency units (optional: "
+                    "only the served search request reads it, ranking its ads by pCTR x bid; "
+                    "absent means 1.0, ranking by pCTR alone).", required=False, default=1.0,
+                    min_value=0.0),
         FeatureSpec("title", BYTES, "The item's title, UTF-8 text (optional: only the CLIP-style "
                     "stages read it, paper 002 Tables 5 and 8; absent means empty).",
                     required=False, default=b""),

@@ -427,6 +427,14 @@ def _render(world: World, seed: int, workers: int) -> tuple[list[bytes], list[by
     return item_images, query_images
 
 
+def _bids(price: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Each item's bid per click: log-normal around 2% of its price (dearer items earn more per
+    sale, so their sellers bid more), at least 0.01. Clicks do not depend on it; a stream of its
+    own, so the rest of the world is what it was before bids existed."""
+    bid = 0.02 * price * np.exp(rng.normal(0.0, 0.5, len(price)))
+    return np.maximum(np.round(bid, 2), 0.01).astype(np.float32)
+
+
 def _write_data_dir(world: World, data_dir: str, seed: int,
                     images: tuple[list[bytes], list[bytes]], inline_images: bool,
                     ctr_kind: schema.RecordKind, catalog_rows: np.ndarray,
@@ -450,12 +458,14 @@ def _write_data_dir(world: World, data_dir: str, seed: int,
     title = titles.make_titles(it["category"], pats[it["pattern"]], pals[it["palette"]],
                                it["brand"], cfg.num_categories, np.random.default_rng([seed, 5]),
                                cfg.titles)
+    bid = _bids(it["price"], np.random.default_rng([seed, 7]))
     c = catalog_rows
     emit(schema.CATALOG, "all", dict(
         item_id=it["item_id"][c], image=[item_images[i] for i in c],
         category_id=world.category_ids[it["category"][c]], shop_id=it["shop_id"][c],
         brand_id=it["brand_id"][c], price=it["price"][c],
-        impressions_30d=it["impressions_30d"][c], title=[title[i] for i in c]), cfg.shards)
+        impressions_30d=it["impressions_30d"][c], bid=bid[c], title=[title[i] for i in c]),
+        cfg.shards)
     if first:
         emit(schema.QUERIES, "all", dict(
             query_id=qs["query_id"], image=query_images,
