@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import shared_dir
+from conftest import REPO, shared_dir
 from export import client as client_lib
 from export import common
 from export import search as export_search
@@ -249,3 +249,84 @@ def test_search_exports_hold_core_ops_and_run_in_saved_model_cli(searches, catal
     warmup = common.read_warmup(searches["request"])
     assert {log.predict_log.request.model_spec.signature_name for log in warmup} == {
         "search", "request"}
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    """Headless Chromium through its chromedriver (Debian's packages; installed by
+    scripts/install_browser.sh when missing)."""
+    if not (os.path.exists("/usr/bin/chromium") and os.path.exists("/usr/bin/chromedriver")):
+        run_ok(["sh", os.path.join(REPO, "scripts", "install_browser.sh")])
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--disable-background-networking", "--disable-component-update",
+                "--disable-sync", "--no-first-run", "--window-size=1280,1500",
+                f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+    yield driver
+    driver.quit()
+
+
+def test_the_search_page_shows_a_photos_ads_by_ecpm_in_chromium(
+        searches, tiny_world, catalog, browser, tmp_path):
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from serving import search_page
+    servables = stand_in_server.Servables({"search": os.path.dirname(searches["request"])})
+    rest, rest_port = stand_in_server.start_rest(servables)
+    spec = client_lib.spec_of_export(searches["request"])
+    page = search_page.SearchPage(search_page.PageData(tiny_world, spec), spec,
+                                  f"http://127.0.0.1:{rest_port}").start()
+    try:
+        browser.get(page.url)
+        wait = WebDriverWait(browser, 60)
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#user option")) > 0)
+
+        def results(count: int) -> list:
+            wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".result")) == count
+                       and all(d.execute_script("return arguments[0].complete && arguments[0]"
+                                                ".naturalWidth > 0", i)
+                               for i in d.find_elements(By.CSS_SELECTOR, ".result img")))
+            return browser.find_elements(By.CSS_SELECTOR, ".result")
+
+        # Upload a photo: the grid holds the model server's top 10 by eCPM for it.
+        photo = tmp_path / "photo.png"
+        photo.write_bytes(catalog["image"][7])
+        browser.find_element(By.ID, "upload").send_keys(str(photo))
+        cards = results(10)
+        ecpm = [float(c.get_attribute("data-ecpm")) for c in cards]
+        assert ecpm == sorted(ecpm, reverse=True)
+        direct = client_lib.RestClient(f"http://127.0.0.1:{rest_port}").request(
+            catalog["image"][7], page.data.users[0], spec, -1, 100, 10)
+        assert [int(c.get_attribute("data-item-id")) for c in cards] == direct["item_id"].tolist()
+        np.testing.assert_allclose(ecpm, direct["ecpm"], rtol=1e-5)
+        shot = tmp_path / "search_page.png"
+        browser.save_screenshot(str(shot))
+        grid = tmp_path / "grid.png"
+        browser.find_element(By.ID, "results").screenshot(str(grid))
+        image = np.asarray(Image.open(grid).convert("RGB"), np.float32)
+        # Ten 150-px cards fill at least one row of the grid, and it is not blank.
+        assert image.shape[1] >= 4 * 150 and image.shape[0] >= 150 and image.std() > 10
+        print(f"search page screenshot: {shot}")
+
+        # Pick a query photo: its category is set and every ad is of that category.
+        first = browser.find_elements(By.CSS_SELECTOR, "#queries img")[0]
+        category = int(first.get_attribute("title").rsplit(" ", 1)[1])
+        first.click()
+        wait.until(lambda d: d.find_element(By.ID, "category").get_attribute("value")
+                   == str(category))
+        wait.until(lambda d: "ads in" in d.find_element(By.ID, "status").text)
+        cards = browser.find_elements(By.CSS_SELECTOR, ".result")
+        category_of = dict(zip(catalog["item_id"].tolist(), catalog["category_id"].tolist(),
+                               strict=True))
+        assert cards and {category_of[int(c.get_attribute("data-item-id"))]
+                          for c in cards} == {category}
+    finally:
+        page.stop()
+        rest.shutdown()
