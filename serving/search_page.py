@@ -106,7 +106,7 @@ class SearchPage:
         page = self
 
         class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args) -> None:  # the page's own log stays quiet
+            def log_message(self, *args: object) -> None:  # the page's own log stays quiet
                 pass
 
             def _send(self, code: int, body: bytes, kind: str) -> None:
@@ -116,7 +116,7 @@ class SearchPage:
                 self.end_headers()
                 self.wfile.write(body)
 
-            def _json(self, code: int, obj) -> None:
+            def _json(self, code: int, obj: object) -> None:
                 self._send(code, json.dumps(obj).encode(), "application/json")
 
             def do_GET(self) -> None:  # noqa: N802  (http.server's name)
