@@ -12,7 +12,7 @@ RUNS ?= runs
 # Test processes: a test file runs whole on one of them (its module fixtures are built once).
 TEST_WORKERS ?= 2
 
-.PHONY: demo test test-slow lint probe daily repro-visual repro-ctr repro-courier repro-batch repro-unseen sweep-tau bench-input bench-convert bench-crc bench-serving bench-embed bench-kmeans bench-export-vocab bench-train export validate docs lock clean
+.PHONY: demo test test-slow lint probe daily search-page browser repro-visual repro-ctr repro-courier repro-batch repro-unseen sweep-tau bench-input bench-convert bench-crc bench-serving bench-embed bench-kmeans bench-export-vocab bench-train export validate docs lock clean
 
 $(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,7 +46,8 @@ demo: $(VENV)/.installed $(DATA)/$(WORLD)/manifest.json $(DATA)/$(WORLD)_feed/ma
 # TF Serving exports of the demo's S1+S2 encoder, its S1+S2 CTR model and the feed spec's COURIER
 # Cluster-ID CTR model into $(DEMO)/models (version 1, replacing an earlier demo's), their
 # signatures, the catalog encoded with the exported encoder (embeddings, faiss index, cluster
-# ids), and the daily refresh: the CTR model as version 2 with that catalog embedding's items.
+# ids), the daily refresh: the CTR model as version 2 with that catalog embedding's items, and
+# the visual search ad request over that catalog (export.search).
 MODELS := $(DEMO)/models
 export: $(VENV)/.installed
 	rm -rf $(MODELS) $(DEMO)/catalog_embeddings
@@ -62,6 +63,23 @@ export: $(VENV)/.installed
 	  --model_dir=$(DEMO)/catalog_embeddings
 	$(PY) -m export.ctr --model_dir=$(DEMO)/ctr/s1s2 --export_dir=$(MODELS)/ctr --version=2 \
 	  --item_embeddings=$(DEMO)/catalog_embeddings/embeddings.npz
+	$(PY) -m export.search --model_dir=$(DEMO)/ctr/s1s2 --export_dir=$(MODELS)/search --version=1 \
+	  --item_embeddings=$(DEMO)/catalog_embeddings/embeddings.npz
+	$(VENV)/bin/saved_model_cli show --dir $(MODELS)/search/1 --tag_set serve \
+	  --signature_def request
+
+# The served search on a web page: the stand-in model server with make export's search model,
+# and the page at http://127.0.0.1:8080 (Ctrl-C stops both).
+search-page: $(VENV)/.installed
+	$(PY) -m serving.stand_in_server --model=search=$(MODELS)/search --port=8500 \
+	  --rest_api_port=8501 & trap "kill $$!" EXIT; \
+	  $(PY) -m serving.search_page --data_dir=$(DATA)/$(WORLD) --export_dir=$(MODELS)/search \
+	  --model_server=http://127.0.0.1:8501
+
+# Debian's chromium and chromedriver, for the search page's browser test (the test installs them
+# itself when missing).
+browser:
+	sh scripts/install_browser.sh
 
 # Encoder images/s through the SavedModel vs. Keras; CTR p50/p99 latency (needs make demo's runs).
 bench-serving: $(VENV)/.installed

@@ -16,7 +16,9 @@ at any point reruns to the same result; with `train.deterministic` the same weig
 5. training on today's records only, resumable (the training loop);
 6. the gate: today's and the serving model's AUC on today's held-out pages, paired bootstrap;
 7. the export of the next version (its `export_info.json` records the parent version, the data
-   day and the gate's figures), unless the gate refuses it (`daily.force` exports anyway).
+   day and the gate's figures), unless the gate refuses it (`daily.force` exports anyway); with
+   `daily.search_export_dir`, the visual search request (`export.search`) over today's grown
+   catalog as that model's next version too.
 
 This module sits above the training package because its last step is an export; the registry
 names it as the `daily` stage's runner.
@@ -34,6 +36,7 @@ import tf_keras
 
 from export import common
 from export import ctr as export_ctr
+from export import search as export_search
 from trainer import configs
 from trainer.ctr import daily, debias
 from trainer.ctr import spec as ctr_spec
@@ -101,6 +104,7 @@ def run_daily(cfg: configs.DailyStage) -> None:
         print(f"warning: daily: day {day} differs sharply from the day before: {w}")
     vocab_report = _grow_vocabularies(cfg, spec, previous_vocab, patterns["train"], day)
     table, new_items = _grow_tables(cfg, yesterday, spec, patterns["catalog"], patterns["train"])
+    _grow_item_features(cfg, yesterday, patterns["catalog"])
     configs.save(cfg.model_dir, today_cfg)
     spec = ctr_task.spec_for(cfg.model_dir, spec)
     # What the model is built on besides the table, as today's dir now holds it.
@@ -229,6 +233,22 @@ def _grow_tables(cfg: configs.DailyStage, yesterday: configs.CtrStage, spec: ctr
         embeddings_lib.save(s1, os.path.join(out, ctr_task.S1_TABLE))
     embeddings_lib.save(table, path)  # last: its presence says the step is done
     return table, len(rows)
+
+
+def _grow_item_features(cfg: configs.DailyStage, yesterday: configs.CtrStage,
+                        catalog_pattern: str) -> None:
+    """Today's item feature table (`item_features.npz`: every item's catalog columns and bid, for
+    the served search request): yesterday's with today's catalog rows (new items, and today's
+    prices and bids); yesterday's is its own table, or (a model trained by the `ctr` stage) its
+    data dir's catalog."""
+    path = os.path.join(cfg.model_dir, export_search.ITEM_FEATURES)
+    if tf.io.gfile.exists(path):
+        return
+    own = os.path.join(cfg.daily.previous, export_search.ITEM_FEATURES)
+    old = (npz.read(own) if tf.io.gfile.exists(own) else export_search.read_item_features(
+        stage_common.pattern(yesterday, "", "catalog"), cfg.skip_bad_records))
+    npz.write(path, **export_search.merge_item_features(
+        old, export_search.read_item_features(catalog_pattern, cfg.skip_bad_records)))
 
 
 def _embed(export_dir: str, catalog_pattern: str, known: np.ndarray, item_id: np.ndarray,
@@ -361,8 +381,19 @@ def _gate_and_export(cfg: configs.DailyStage, day: int, holdout: str
             json.dump(dataclasses.asdict(decision), f, indent=2)
         if not (decision.passed or decision.forced):
             return decision, None
-    path = export_ctr.export(cfg.model_dir, d.export_dir, extra_info={
-        "parent_version": served[-1] if served else None, "data_day": day,
-        "data_dir": os.path.abspath(cfg.data_dir),
-        "gate": dataclasses.asdict(decision) if decision else None})
+    lineage = {"parent_version": served[-1] if served else None, "data_day": day,
+               "data_dir": os.path.abspath(cfg.data_dir),
+               "gate": dataclasses.asdict(decision) if decision else None}
+    searched = (versions.versions(d.search_export_dir)
+                if tf.io.gfile.isdir(d.search_export_dir or "/nonexistent") else [])
+    done = searched and common.export_info(os.path.join(
+        d.search_export_dir, str(searched[-1]))).get("model_dir") == os.path.abspath(cfg.model_dir)
+    if d.search_export_dir and not done:  # first: the CTR version marks the day exported
+        search = export_search.export(
+            cfg.model_dir, d.search_export_dir, skip_bad_records=cfg.skip_bad_records,
+            extra_info=lineage, item_features=npz.read(os.path.join(
+                cfg.model_dir, export_search.ITEM_FEATURES)))
+        print(f"daily: exported the visual search request over "
+              f"{common.export_info(search)['items']} items to {search}")
+    path = export_ctr.export(cfg.model_dir, d.export_dir, extra_info=lineage)
     return decision, int(os.path.basename(path))

@@ -59,6 +59,10 @@ from trainer.models import encoder as encoder_lib
 log = logging.getLogger(__name__)
 
 MAX_K = 1000  # items retrieved per request at most: the CTR model ranks them all
+ITEM_FEATURES = "item_features.npz"  # the daily cycle's grown catalog columns, in its model dir
+# The catalog columns an item feature table can take (the numeric ones).
+CATALOG_COLUMNS = ("item_id", "category_id", "shop_id", "brand_id", "price", "impressions_30d",
+                   "bid")
 WARMUP_BATCH_SIZES = (1, 8)
 TABLE_DTYPES = ("float32", "float16")
 BID = "bid"  # the catalog column of an item's bid per click (schema.CATALOG)
@@ -144,7 +148,7 @@ class SearchServing(tf.Module):
                  max_k: int = MAX_K,
                  max_image_pixels: int = export_encoder.MAX_IMAGE_PIXELS):
         super().__init__(name="search_serving")
-        if not 1 <= max_k:
+        if max_k < 1:
             raise ValueError(f"max_k must be at least 1, got {max_k}")
         self.images = export_encoder.EncoderServing(encoder, max_image_pixels)
         self.index = index
@@ -265,11 +269,12 @@ def parse_values(text: str | None) -> dict[str, float]:
 
 
 def item_feature_table(spec: ctr_spec.CtrSpec, catalog_pattern: str, item_id: np.ndarray,
-                       values: dict[str, float], skip_bad_records: bool = False) -> dict:
+                       values: dict[str, float], skip_bad_records: bool = False,
+                       columns: dict | None = None) -> dict:
     """{column: [N] values aligned with `item_id`}: the spec's candidate columns that the catalog
-    holds, read from its records, the others from `values` (a column in neither raises, naming
-    it), and the catalog's bid (1.0 where a catalog has none). A table item missing from the
-    catalog raises, naming it."""
+    holds, read from its records (or given as `columns`: item_id and those columns), the others
+    from `values` (a column in neither raises, naming it), and the catalog's bid (1.0 where a
+    catalog has none). A table item missing from the catalog raises, naming it."""
     kind = spec.record_kind(serving=True)
     wanted = candidate_columns(spec)
     from_catalog = [c for c in wanted if c in schema.CATALOG.names and c not in values]
@@ -278,15 +283,19 @@ def item_feature_table(spec: ctr_spec.CtrSpec, catalog_pattern: str, item_id: np
         raise ValueError(f"the feature spec '{spec.name}' has candidate features {missing} that "
                          "are no catalog column: give the value to serve them with, e.g. "
                          f"--candidate_values={missing[0]}=0")
-    cols = pipeline.unique_rows(pipeline.read_columns(
+    cols = columns if columns is not None else pipeline.unique_rows(pipeline.read_columns(
         catalog_pattern, "catalog", ("item_id", *from_catalog, BID), skip_bad_records),
         catalog_pattern, "item_id", skip_bad_records)
-    row_of = {int(i): r for r, i in enumerate(cols["item_id"])}
-    absent = [int(i) for i in item_id if int(i) not in row_of]
-    if absent:
+    item_id = np.asarray(item_id, np.int64)
+    known = np.asarray(cols["item_id"], np.int64)
+    order = np.argsort(known, kind="stable")
+    pos = np.clip(np.searchsorted(known, item_id, sorter=order), 0, max(len(known) - 1, 0))
+    rows = order[pos] if len(known) else pos
+    absent = item_id[known[rows] != item_id] if len(known) else item_id
+    if len(absent):
         raise ValueError(f"{catalog_pattern}: {len(absent)} items of the search table are not in "
-                         f"the catalog (first {absent[:5]}): their features and bids are unknown")
-    rows = np.array([row_of[int(i)] for i in item_id], np.int64)
+                         f"the catalog (first {absent[:5].tolist()}): their features and bids "
+                         "are unknown")
     out = {}
     for c in wanted:
         dtype = np.float32 if kind.feature(c).dtype == schema.FLOAT else np.int64
@@ -294,6 +303,23 @@ def item_feature_table(spec: ctr_spec.CtrSpec, catalog_pattern: str, item_id: np
                   ).astype(dtype)
     out[BID] = cols[BID][rows].astype(np.float32)
     return out
+
+
+def read_item_features(catalog_pattern: str, skip_bad_records: bool = False) -> dict:
+    """The catalog's `CATALOG_COLUMNS` ({column: [M]}, one row per item id)."""
+    return pipeline.unique_rows(pipeline.read_columns(
+        catalog_pattern, "catalog", CATALOG_COLUMNS, skip_bad_records), catalog_pattern,
+        "item_id", skip_bad_records)
+
+
+def merge_item_features(old: dict, new: dict) -> dict:
+    """`old`'s items and `new`'s, `new`'s values where both hold an item (today's price and
+    bid), sorted by item id."""
+    keep = ~np.isin(old["item_id"], new["item_id"])
+    merged = {c: np.concatenate([np.asarray(old[c])[keep], np.asarray(new[c])])
+              for c in CATALOG_COLUMNS}
+    order = np.argsort(merged["item_id"], kind="stable")
+    return {c: v[order] for c, v in merged.items()}
 
 
 def _catalog_vectors(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -333,11 +359,13 @@ def export(model_dir: str, export_dir: str, version: int | None = None,
            table_dtype: str = "float32", max_k: int = MAX_K,
            candidate_values: str | None = "position=0",
            max_image_pixels: int = export_encoder.MAX_IMAGE_PIXELS,
-           skip_bad_records: bool = False, extra_info: dict | None = None) -> str:
+           skip_bad_records: bool = False, extra_info: dict | None = None,
+           item_features: dict | None = None) -> str:
     """Exports the search of `model_dir` (a CTR model dir: `search` and `request`; an encoder's:
     `search`) over `item_embeddings` or the model's own table; `catalog` (a catalog file
-    pattern, default the model's data dir's) gives a CTR model's item features and bids.
-    Returns the version directory."""
+    pattern, default the model's data dir's) gives a CTR model's item features and bids, or
+    `item_features` ({item_id, column: [M]}, e.g. a benchmark's synthetic catalog). Returns the
+    version directory."""
     config = configs.load(model_dir)
     is_ctr = isinstance(config, configs.CtrStage)
     data_dir = getattr(config, "data_dir", "") or ""
@@ -380,13 +408,14 @@ def export(model_dir: str, export_dir: str, version: int | None = None,
     index = CatalogIndex(ids, cats, vectors, table_dtype)
     ctr = features = None
     if model is not None:
-        if not catalog:
+        if not catalog and item_features is None:
             raise ValueError(f"{model_dir} names no data dir: give --catalog (the item features "
                              "and bids)")
         ctr = export_ctr.CtrServing(model, encoder if model.image_features else None,
                                     max_candidates=max_k, max_image_pixels=max_image_pixels)
-        features = item_feature_table(model.spec, catalog, ids, parse_values(candidate_values),
-                                      skip_bad_records)
+        features = item_feature_table(model.spec, catalog or "item_features", ids,
+                                      parse_values(candidate_values), skip_bad_records,
+                                      item_features)
     module = SearchServing(encoder, index, ctr, features, max_k, max_image_pixels)
     size = encoder.cfg.image_size
     warmup = []

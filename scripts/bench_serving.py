@@ -6,7 +6,12 @@
   and (b) with the query photo as JPEG bytes (`rank`: the photo encoded in the graph), each
   through the stand-in model server's gRPC `Predict` (its own process, TF1 session loader, no
   batching), as a direct call of the loaded SavedModel, and with the in-process Keras model on
-  the same inputs; then where the time of (b) goes (the photo's encoding, the CTR model).
+  the same inputs; then where the time of (b) goes (the photo's encoding, the CTR model);
+- the visual search ad request (`export.search`'s `request`): photo -> top 100 retrieved ->
+  ranked by the CTR model -> top 10 by eCPM, p50 / p99 through the stand-in and as a direct
+  call, over the whole catalog and within the photo's category, with catalogs of 1e4, 1e5 and
+  1e6 items (the model's own catalog, grown with random unit vectors and copies of its items'
+  features), and the stand-in process's resident memory with that model loaded.
 
     python scripts/bench_serving.py --encoder_dir=runs/visual/seed0/s1s2 \
         --ctr_dir=runs/ctr/seed0/s1s2 [--export_dir=/tmp/bench_models]
@@ -36,9 +41,11 @@ from export import client as client_lib
 from export import common
 from export import ctr as export_ctr
 from export import encoder as export_encoder
+from export import search as export_search
 from serving import stand_in_server
+from trainer import configs
 from trainer.ctr import task as ctr_task
-from trainer.data import parse
+from trainer.data import npz, parse, pipeline, records
 from trainer.models import encoder as encoder_lib
 
 CANDIDATES = 100
@@ -84,6 +91,10 @@ def main() -> None:
     ap.add_argument("--inter_op", type=int, default=2, help="inter-op threads (all processes)")
     ap.add_argument("--profile_dir", default="", help="also write a TensorBoard profile of "
                     "(b) through the SavedModel here")
+    ap.add_argument("--catalog_sizes", default="10000,100000,1000000",
+                    help="catalog sizes of the search request's rows")
+    ap.add_argument("--search_repeats", type=int, default=200,
+                    help="requests per search latency measurement")
     args = ap.parse_args()
     tf.config.threading.set_intra_op_parallelism_threads(args.intra_op)
     tf.config.threading.set_inter_op_parallelism_threads(args.inter_op)
@@ -116,6 +127,7 @@ def main() -> None:
         print(f"| {name} | {r:.0f} | {r / base:.2f} |")
 
     ctr_latency(args, ctr_path, enc_path)
+    search_latency(args, root)
     print(f"\nexports in {root}; warmup records: "
           f"{len(common.read_warmup(enc_path))} (encoder), {len(common.read_warmup(ctr_path))} "
           "(ctr)")
@@ -195,6 +207,99 @@ def ctr_latency(args, ctr_path: str, enc_path: str) -> None:
     finally:
         grpc.close()
         server.terminate()
+
+
+def _grown_catalog(args, n: int, rng: np.random.Generator) -> tuple[str, dict]:
+    """The CTR model's catalog grown to `n` items: (an embeddings.npz of it, its item features)
+    — new items get random unit vectors in the real categories and a random real item's
+    features and bid."""
+    table = ctr_task.image_table_of(args.ctr_dir)
+    config = configs.load(args.ctr_dir)
+    cols = pipeline.read_columns(records.default_pattern(config.data_dir, "catalog"), "catalog",
+                                 ("item_id", "shop_id", "brand_id", "category_id", "price", "bid"))
+    real = len(table.item_id)
+    extra = max(n - real, 0)
+    keep = np.arange(min(n, real))
+    new_ids = table.item_id.max() + 1 + np.arange(extra)
+    vectors = rng.standard_normal([extra, table.dim]).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    copies = rng.integers(0, len(cols["item_id"]), extra)
+    cats = cols["category_id"][copies]
+    path = os.path.join(args.search_root, f"catalog_{n}.npz")
+    npz.write(path, item_id=np.concatenate([table.item_id[keep], new_ids]),
+              category_id=np.concatenate([table.category_id[keep], cats]),
+              embedding=np.concatenate([table.item_vector[keep], vectors]))
+    features = {k: np.concatenate([v, v[copies]]) for k, v in cols.items() if k != "item_id"}
+    features["item_id"] = np.concatenate([cols["item_id"], new_ids])
+    return path, features
+
+
+def _ecpm(signature, inputs: dict) -> np.ndarray:
+    return signature(**inputs)["ecpm"].numpy()
+
+
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def search_latency(args, root: str) -> None:
+    """The whole visual search ad request at each catalog size (module docstring)."""
+    import gc
+    args.search_root = os.path.join(root, "search")
+    os.makedirs(args.search_root, exist_ok=True)
+    model = ctr_task.load_trained(args.ctr_dir)
+    spec = model.spec
+    rows = export_ctr.sample_requests(spec, model.vocabularies, 1, seed=3)
+    user = {k: (v[0][v[0] != -1].tolist() if np.asarray(v).ndim > 1 else v[0].item())
+            for k, v in rows.items()}
+    photo = _photo(args.photo_size)
+    rng = np.random.default_rng(0)
+    print(f"\nThe visual search ad request (export.search, `request`): a {args.photo_size}x"
+          f"{args.photo_size} JPEG -> top 100 retrieved (exact) -> ranked by the CTR model -> "
+          f"top 10 by pCTR x bid; {args.search_repeats} requests each, {args.intra_op} intra / "
+          f"{args.inter_op} inter-op threads; D={model.image_tables['items'].dim}:\n")
+    print("| catalog items | search table MB | stand-in RSS MB | category | stand-in p50 ms | "
+          "stand-in p99 ms | direct p50 ms | direct p99 ms |\n"
+          "| ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |")
+    for n in (int(x) for x in args.catalog_sizes.split(",")):
+        embeddings, features = _grown_catalog(args, n, rng)
+        t0 = time.perf_counter()
+        path = export_search.export(args.ctr_dir, os.path.join(args.search_root, str(n)),
+                                    item_embeddings=embeddings, item_features=features)
+        export_s = time.perf_counter() - t0
+        info = common.export_info(path)
+        server, port, _ = stand_in_server.launch([
+            f"--model=search={os.path.dirname(path)}",
+            f"--tensorflow_intra_op_parallelism={args.intra_op}",
+            f"--tensorflow_inter_op_parallelism={args.inter_op}",
+            "--file_system_poll_wait_seconds=0"])
+        grpc = client_lib.GrpcClient(f"127.0.0.1:{port}", timeout=120)
+        loaded = tf.saved_model.load(path)
+        sig = loaded.signatures["request"]
+        category = int(np.bincount(features["category_id"]).argmax())
+        try:
+            rss = _rss_mb(server.pid)
+            for label, c in (("any", -1), ("the photo's", category)):
+                inputs = client_lib.request_inputs(spec, user, photo, c, 100, 10)
+                tensors = {k: tf.constant(v) for k, v in inputs.items()}
+                stand_in = _latencies(functools.partial(grpc.predict, "search", "request",
+                                                        inputs), args.search_repeats)
+                direct = _latencies(functools.partial(_ecpm, sig, tensors),
+                                    args.search_repeats)
+                (s50, s99), (d50, d99) = (np.percentile(x, [50, 99]) for x in (stand_in, direct))
+                print(f"| {n:,} | {info['table_bytes'] / 2**20:.0f} | {rss:.0f} | {label} | "
+                      f"{s50:.2f} | {s99:.2f} | {d50:.2f} | {d99:.2f} |", flush=True)
+        finally:
+            grpc.close()
+            server.terminate()
+            server.wait()
+            sig = loaded = None
+            gc.collect()
+        print(f"(the search export of {n:,} items took {export_s:.0f} s)", flush=True)
 
 
 if __name__ == "__main__":

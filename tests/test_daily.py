@@ -88,13 +88,15 @@ def day1(moving, tmp_path_factory) -> dict:
     base path it added version 2 to, and what it printed."""
     def build(root: str) -> None:
         out = run_ok(daily_args(moving, 1, os.path.join(root, "model"),
-                                serving_copy(moving, os.path.join(root, "serving"))))
+                                serving_copy(moving, os.path.join(root, "serving")),
+                                f"--search_export_dir={os.path.join(root, 'search')}"))
         with open(os.path.join(root, "stdout.txt"), "w") as f:
             f.write(out)
 
     root = shared_dir(tmp_path_factory, "day1", {"moving": moving["root"], "train": DAY_TRAIN},
                       build)
     return {"model": os.path.join(root, "model"), "serving": os.path.join(root, "serving"),
+            "search": os.path.join(root, "search"),
             "stdout": open(os.path.join(root, "stdout.txt")).read()}
 
 
@@ -189,6 +191,29 @@ def test_the_next_version_records_its_parent_and_scores_a_new_item_as_the_model(
     assert len(ids) > len(open(os.path.join(v1, "assets", "item_id_lookup.txt")).read().split())
     pb = [os.path.getsize(os.path.join(v, "saved_model.pb")) for v in (v1, v2)]
     assert abs(pb[1] - pb[0]) < 0.01 * pb[0], pb
+
+
+def test_the_days_search_export_finds_the_items_added_today(moving, day1):
+    assert versions.versions(day1["search"]) == [1]
+    version = os.path.join(day1["search"], "1")
+    info = common.export_info(version)
+    assert info["data_day"] == 1 and info["model_dir"] == os.path.abspath(day1["model"])
+    columns = ("item_id", "image", "category_id")
+    today = read_columns(os.path.join(moving["world"], "day=01"), columns)
+    yesterday = read_columns(os.path.join(moving["world"], "day=00"), columns)
+    # A day's catalog lists the items added that day; the search holds every day's.
+    new = ~np.isin(today["item_id"], yesterday["item_id"])
+    assert new.any() and info["items"] == len(yesterday["item_id"]) + new.sum()
+    found = tf.saved_model.load(version).signatures["search"](
+        images=tf.constant(today["image"][new]),
+        category=tf.constant(today["category_id"][new]),
+        k=tf.fill([int(new.sum())], 5))["item_id"].numpy()
+    np.testing.assert_array_equal(found[:, 0], today["item_id"][new])
+
+
+def read_columns(data_dir: str, columns: tuple) -> dict:
+    from trainer.data import pipeline, records
+    return pipeline.read_columns(records.default_pattern(data_dir, "catalog"), "catalog", columns)
 
 
 def test_vocabularies_grow_by_id_and_evict_ids_unseen_for_n_days():

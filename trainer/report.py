@@ -6,6 +6,7 @@ style, loss curves), from the runs of `scripts/demo.py` and `make export` (`scri
 from __future__ import annotations
 
 import functools
+import io
 import json
 import os
 
@@ -257,6 +258,61 @@ def plot_losses(demo: str, path: str) -> None:
     plt.close(fig)
 
 
+def plot_search_rows(demo: str, data_dir: str, path: str, queries: int = 4, k: int = 10
+                     ) -> list[str]:
+    """For `queries` judged query items (of different categories), each encoder's top `k`
+    results as a row of pictures beside the query, the judged-relevant ones framed green: what
+    HR counts. Returns the encoders shown."""
+    from PIL import Image
+
+    from trainer.data import pipeline, records
+    encoders = [n for n in NAMES if os.path.exists(os.path.join(demo, n, "embeddings.npz"))]
+    judgments = records.default_pattern(data_dir, "judgments")
+    if not encoders or not pipeline.list_files(judgments):
+        return []
+    query_ids, relevant = visual_search.load_judgments(judgments)
+    catalog = pipeline.read_columns(records.default_pattern(data_dir, "catalog"), "catalog",
+                                    ("item_id", "image", "category_id"))
+    image_of = dict(zip(catalog["item_id"].tolist(), catalog["image"], strict=True))
+    category_of = dict(zip(catalog["item_id"].tolist(), catalog["category_id"].tolist(),
+                           strict=True))
+    picked, seen = [], set()
+    for i, q in enumerate(query_ids):
+        if category_of[int(q)] not in seen:
+            picked.append(i)
+            seen.add(category_of[int(q)])
+        if len(picked) == queries:
+            break
+    fig, axes = plt.subplots(len(picked) * len(encoders), k + 1,
+                             figsize=(1.05 * (k + 1), 1.15 * len(picked) * len(encoders)),
+                             squeeze=False)
+    for e, name in enumerate(encoders):
+        t = _read(os.path.join(demo, name, "embeddings.npz"))
+        row_of = {int(i): r for r, i in enumerate(t["item_id"])}
+        rows = np.array([row_of[int(query_ids[i])] for i in picked])
+        found = visual_search.nearest_neighbours(t["item_vector"], rows, k)
+        for j, i in enumerate(picked):
+            line = axes[j * len(encoders) + e]
+            hits = np.isin(t["item_id"][found[j]], relevant[i])
+            for c, item in enumerate([int(query_ids[i])] + t["item_id"][found[j]].tolist()):
+                ax = line[c]
+                ax.imshow(Image.open(io.BytesIO(image_of[item])).convert("RGB"))
+                ax.set_xticks([])
+                ax.set_yticks([])
+                colour = "black" if c == 0 else "#2a2" if hits[c - 1] else "#ccc"
+                for spine in ax.spines.values():
+                    spine.set_edgecolor(colour)
+                    spine.set_linewidth(3 if c == 0 or hits[c - 1] else 1)
+            line[0].set_ylabel(f"{NAMES[name]}\n{int(hits.sum())}/{k}", fontsize=8,
+                               rotation=0, ha="right", va="center")
+            if e == 0:
+                line[0].set_title(f"query {j + 1}", fontsize=8)
+    fig.tight_layout(h_pad=0.2, w_pad=0.2)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return [NAMES[n] for n in encoders]
+
+
 def _decile_table(bins: list) -> str:
     if not bins:
         return ""
@@ -279,6 +335,7 @@ def write(data_dir: str, demo: str, out: str, models_dir: str | None = None) -> 
     deciles = plot_deciles(demo, os.path.join(out, "auc_by_impression_decile.png"))
     projected = plot_projection(demo, data_dir, os.path.join(out, "embeddings_2d.png"))
     plot_losses(demo, os.path.join(out, "loss_curves.png"))
+    shown = plot_search_rows(demo, data_dir, os.path.join(out, "search_rows.png"))
     models = models_dir or os.path.join(demo, "models")
     embedded = catalog_embed.load_manifest(os.path.join(demo, "catalog_embeddings"))
     world = manifest.get("world", {})
@@ -343,6 +400,8 @@ CR@K: the share of the query's category among the top K.
 
 {table1(demo)}
 
+SEARCH_ROWS
+
 ## Table 2 analogue: CTR prediction with image features, with and without D
 
 Test-day AUC overall, on the 10% of samples whose items have the fewest and the most
@@ -403,9 +462,18 @@ Cluster-ID CTR model as TF Serving SavedModels to `{models}` (signatures `encode
 `encode_pixels`; `rank`, which takes the query photo and the candidates' images as bytes and
 encodes them in the graph, `serving_default`, `predict_examples`, whose inputs are each model's
 feature spec's columns), with warmup requests, then the CTR model's daily refresh as version 2
-(the catalog embedding's item table); `serving_config/` serves them.
+(the catalog embedding's item table), and the whole visual search ad request (`export.search`:
+the photo -> its most similar catalog items -> ranked by the CTR model -> the top ads by
+pCTR x bid, in one SavedModel, over that catalog embedding); `serving_config/` serves them, and
+`python -m serving.search_page` shows the request on a web page (docs/serving.md).
 """
     text = text.replace("FINDINGS", findings(demo))
+    text = text.replace("SEARCH_ROWS", f"""What HR counts, in pictures: for four judged query items
+of different categories (the black frame), the top 10 of each encoder ({", ".join(shown)}), best
+first. A green frame marks an item judged relevant to the query (same fine-grained style); the
+count beside each row is how many of the ten are.
+
+![top 10 per encoder](search_rows.png)""" if shown else "")
     if embedded:
         rate = embedded.get("images_per_second")
         text += (f"The exported encoder embedded the catalog ({embedded.get('items', '?')} items) "

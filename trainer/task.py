@@ -113,6 +113,8 @@ SHORTHANDS: dict[str, tuple[tuple[str, ...], str]] = {
     "debias_weight": (("ctr.debias.loss_weight",), "debias: weight of L_D in Eq. 4."),
     "export_dir": (("embed.encoder_export", "daily.export_dir"), "embed: the encoder export; "
                    "daily: the CTR model's serving base path (gated against, exported to)."),
+    "search_export_dir": (("daily.search_export_dir",), "daily: the visual search "
+                          "request's serving base path (exported to with the CTR model)."),
     "previous": (("daily.previous",), "daily: yesterday's CTR model dir."),
     "day": (("daily.day",), "daily: today's day number (default: yesterday's + 1)."),
     "encoder_export": (("daily.encoder_export",), "daily: the image-feature encoder's export, "

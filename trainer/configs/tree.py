@@ -715,6 +715,9 @@ class DailyConfig:
       s1_export: With D: S1's export, which embeds the new items for mining their positives.
       export_dir: The model server's base path of the CTR model: the gate compares today's
         model with its latest version, and today's model becomes its next version.
+      search_export_dir: The model server's base path of the visual search ad request
+        (`export.search`): when set, a passing day also exports it from today's model over
+        today's grown catalog, as its next version (empty: not exported).
       margin: The gate: today's model is exported if the 95% interval of its AUC minus the
         serving model's, over today's held-out pages, lies above -margin.
       metric: The gate's metric (AUC, GAUC).
@@ -736,6 +739,7 @@ class DailyConfig:
     encoder_export: str = ""
     s1_export: str = ""
     export_dir: str = ""
+    search_export_dir: str = ""
     margin: float = setting(0.005, low=0)
     metric: str = setting("AUC", choices=("AUC", "GAUC"))
     force: bool = False
