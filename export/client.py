@@ -31,6 +31,7 @@ import os
 import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
+from concurrent import futures
 
 import numpy as np
 
@@ -221,7 +222,9 @@ class ShardedSearch:
             if category not in self.shard_of:
                 raise KeyError(f"no shard holds category {category}")
             return self.client.search(images, category, k, model=self.shard_of[category])
-        parts = [self.client.search(images, -1, k, model=m) for m in self.models]
+        with futures.ThreadPoolExecutor(len(self.models)) as pool:  # the shards at once
+            parts = list(pool.map(lambda m: self.client.search(images, -1, k, model=m),
+                                  self.models))
         return merge_top_k(parts, k)
 
 

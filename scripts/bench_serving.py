@@ -140,6 +140,17 @@ def _photo(size: int) -> bytes:
     return tf.io.encode_jpeg(image, quality=90).numpy()
 
 
+def _stand_in(args, name: str, version_dir: str) -> tuple[Any, client_lib.GrpcClient]:
+    """The stand-in server in its own process serving `version_dir`'s model as `name`, with the
+    benchmark's thread counts and no batching, and a gRPC client of it."""
+    server, port, _ = stand_in_server.launch([
+        f"--model={name}={os.path.dirname(version_dir)}",
+        f"--tensorflow_intra_op_parallelism={args.intra_op}",
+        f"--tensorflow_inter_op_parallelism={args.inter_op}",
+        "--file_system_poll_wait_seconds=0"])
+    return server, client_lib.GrpcClient(f"127.0.0.1:{port}", timeout=120)
+
+
 def ctr_latency(args, ctr_path: str, enc_path: str) -> None:
     model = ctr_task.load_trained(args.ctr_dir)
     keras_encoder = encoder_lib.restore(ctr_task.encoder_dir(args.ctr_dir))
@@ -155,12 +166,7 @@ def ctr_latency(args, ctr_path: str, enc_path: str) -> None:
     as_numpy = {"serving_default": rows, "rank": page}
     keras = export_ctr.CtrServing(model, keras_encoder)  # in process, not loaded from disk
     loaded = tf.saved_model.load(ctr_path)
-    server, port, _ = stand_in_server.launch([
-        f"--model=ctr={os.path.dirname(ctr_path)}",
-        f"--tensorflow_intra_op_parallelism={args.intra_op}",
-        f"--tensorflow_inter_op_parallelism={args.inter_op}",
-        "--file_system_poll_wait_seconds=0"])
-    grpc = client_lib.GrpcClient(f"127.0.0.1:{port}", timeout=60)
+    server, grpc = _stand_in(args, "ctr", ctr_path)
     try:
         print(f"\nCTR model ({ctr_path}; image features "
               f"{model.cfg.image_feature_mode if model.image_tables else 'none'}, "
@@ -272,12 +278,7 @@ def search_latency(args, root: str) -> None:
                                     item_embeddings=embeddings, item_features=features)
         export_s = time.perf_counter() - t0
         info = common.export_info(path)
-        server, port, _ = stand_in_server.launch([
-            f"--model=search={os.path.dirname(path)}",
-            f"--tensorflow_intra_op_parallelism={args.intra_op}",
-            f"--tensorflow_inter_op_parallelism={args.inter_op}",
-            "--file_system_poll_wait_seconds=0"])
-        grpc = client_lib.GrpcClient(f"127.0.0.1:{port}", timeout=120)
+        server, grpc = _stand_in(args, "search", path)
         loaded = tf.saved_model.load(path)
         sig = loaded.signatures["request"]
         category = int(np.bincount(features["category_id"]).argmax())
