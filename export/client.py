@@ -174,7 +174,6 @@ class _Calls:
         rows = candidate_inputs(spec, user, candidates)
         return self._only(model, "rank", page_inputs(spec, rows, photos, item_images)).reshape(-1)
 
-
     def search(self, images: Sequence[bytes], category: int | Sequence[int] = -1, k: int = 100,
                model: str = "search") -> tuple[np.ndarray, np.ndarray]:
         """(item_id [B, k] int64, similarity [B, k]) of each photo's k most similar catalog
