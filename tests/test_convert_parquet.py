@@ -55,9 +55,9 @@ def catalog_table(world: str, tmp_path) -> tuple[list, pa.Table, object]:
     for r in rows:
         (img_dir / f"{r['item_id'][0]}.jpg").write_bytes(r["image"][0])
     table = pa.table({k: pa.array([r[k][0] for r in rows],
-                                  pa.float32() if k == "price" else pa.int64())
+                                  pa.float32() if k in ("price", "bid") else pa.int64())
                       for k in ("item_id", "category_id", "shop_id", "brand_id", "price",
-                                "impressions_30d")})
+                                "impressions_30d", "bid")})
     # Titles as Parquet strings (UTF-8), the usual type of a text column.
     table = table.append_column("title", pa.array([r["title"][0].decode() for r in rows],
                                                   pa.string()))

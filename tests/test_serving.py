@@ -26,7 +26,8 @@ from serving import stand_in_server
 def test_serving_config_parses_against_the_protos(tmp_path):
     out = serving_protos.check_config_dir(os.path.join(REPO, "serving_config"))
     models = {c.name: c for c in out["models"].model_config_list.config}
-    assert set(models) == {"encoder", "ctr"}
+    assert set(models) == {"encoder", "ctr", "search"}
+    assert models["search"].model_version_policy.latest.num_versions == 1
     assert models["ctr"].version_labels["stable"] == 1
     assert out["batching"].max_batch_size.value == out["batching"].allowed_batch_sizes[-1]
     assert out["monitoring"].prometheus_config.enable
