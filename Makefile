@@ -152,7 +152,7 @@ sweep-tau: $(VENV)/.installed $(DATA)/$(WORLD)/manifest.json
 # The longest files first, so the two processes finish together (pytest collects a file once).
 # The trained tiny-world models that several files use are built once per run, by whichever
 # worker asks first (tests/conftest.py: shared_dir).
-LONG_TESTS := tests/test_visual_stages.py tests/test_export_ctr.py tests/test_daily.py \
+LONG_TESTS := tests/test_visual_stages.py tests/test_export_ctr.py tests/test_daily.py tests/test_search.py \
   tests/test_distributed.py tests/test_backbones.py tests/test_export_encoder.py tests/test_baselines.py \
   tests/test_bring_your_own_data.py
 test: $(VENV)/.installed
