@@ -404,7 +404,10 @@ def export(model_dir: str, export_dir: str, version: int | None = None,
         raise ValueError(f"the catalog vectors have dimension {vectors.shape[1]}; the encoder "
                          f"of {encoder_from} gives {encoder.cfg.feature_dim}")
     order = catalog_order(ids, cats)
-    ids, cats, vectors = ids[order], cats[order], vectors[order]
+    # Unit vectors (the encoders' already are): the product is the cosine.
+    vectors = vectors[order] / np.maximum(np.linalg.norm(vectors[order], axis=1, keepdims=True),
+                                          1e-12)
+    ids, cats = ids[order], cats[order]
     index = CatalogIndex(ids, cats, vectors, table_dtype)
     ctr = features = None
     if model is not None:

@@ -161,6 +161,9 @@ class SearchPage:
                                               model=page.model_name)
                 except RuntimeError as e:  # the model server's reason (HTTP 400)
                     return self._json(400, {"error": str(e)})
+                except OSError as e:  # not reachable, or timed out
+                    return self._json(502, {"error": f"the model server at "
+                                                     f"{page.client.base_url}: {e}"})
                 ms = (time.perf_counter() - t0) * 1e3
                 self._json(200, {"milliseconds": round(ms, 1), "ads": [
                     {"item_id": int(ads["item_id"][i]),
