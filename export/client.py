@@ -62,19 +62,23 @@ def candidate_inputs(spec: ctr_spec.CtrSpec, user: dict, candidates: Sequence[di
     for f in columns:
         dtype = np.float32 if f.dtype == schema.FLOAT else np.int64
         if f.is_list:
-            rows = [list(user[f.name]) if f.name in user else list(c.get(f.name, []))
-                    for c in candidates]
-            # Full width at least: server-side batching cannot pad ids with -1.
-            width = max(f.max_len or 0, max(len(r) for r in rows))
-            arr = np.full([n, width], f.pad, dtype)
-            for i, r in enumerate(rows):
-                arr[i, :len(r)] = r
-            out[f.name] = arr
+            out[f.name] = _padded(f, dtype, [list(user[f.name]) if f.name in user
+                                             else list(c.get(f.name, [])) for c in candidates])
         elif f.name in user:
             out[f.name] = np.full([n], user[f.name], dtype)
         else:
             out[f.name] = np.array([c[f.name] for c in candidates], dtype)
     return out
+
+
+def _padded(f: schema.FeatureSpec, dtype, rows: list[list]) -> np.ndarray:
+    """[len(rows), width] of a list column, padded with the feature's pad value; full width at
+    least (server-side batching cannot pad ids with -1)."""
+    width = max(f.max_len or 0, max((len(r) for r in rows), default=0))
+    arr = np.full([len(rows), width], f.pad, dtype)
+    for i, r in enumerate(rows):
+        arr[i, :len(r)] = r
+    return arr
 
 
 def page_inputs(spec: ctr_spec.CtrSpec, rows: dict, photos: Mapping[str, bytes] | None = None,
@@ -117,10 +121,7 @@ def request_inputs(spec: ctr_spec.CtrSpec, user: dict, photo: bytes, category: i
         f = declared[name]
         dtype = np.float32 if f.dtype == schema.FLOAT else np.int64
         if f.is_list:
-            values = list(user[name])
-            row = np.full([max(f.max_len or 0, len(values), 1)], f.pad, dtype)
-            row[:len(values)] = values
-            out[name] = row[None]
+            out[name] = _padded(f, dtype, [list(user[name])])
         else:
             out[name] = np.array([user[name]], dtype)
     return out

@@ -385,7 +385,7 @@ def _gate_and_export(cfg: configs.DailyStage, day: int, holdout: str
                "data_dir": os.path.abspath(cfg.data_dir),
                "gate": dataclasses.asdict(decision) if decision else None}
     searched = (versions.versions(d.search_export_dir)
-                if tf.io.gfile.isdir(d.search_export_dir or "/nonexistent") else [])
+                if d.search_export_dir and tf.io.gfile.isdir(d.search_export_dir) else [])
     done = searched and common.export_info(os.path.join(
         d.search_export_dir, str(searched[-1]))).get("model_dir") == os.path.abspath(cfg.model_dir)
     if d.search_export_dir and not done:  # first: the CTR version marks the day exported

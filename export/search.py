@@ -39,7 +39,6 @@ top k for category -1.
 """
 from __future__ import annotations
 
-import logging
 import os
 
 import numpy as np
@@ -55,8 +54,7 @@ from trainer.ctr import task as ctr_task
 from trainer.data import npz, parse, pipeline, records, schema
 from trainer.features import embeddings as embeddings_lib
 from trainer.models import encoder as encoder_lib
-
-log = logging.getLogger(__name__)
+from trainer.stages.common import has_files
 
 MAX_K = 1000  # items retrieved per request at most: the CTR model ranks them all
 ITEM_FEATURES = "item_features.npz"  # the daily cycle's grown catalog columns, in its model dir
@@ -277,15 +275,14 @@ def item_feature_table(spec: ctr_spec.CtrSpec, catalog_pattern: str, item_id: np
     catalog has none). A table item missing from the catalog raises, naming it."""
     kind = spec.record_kind(serving=True)
     wanted = candidate_columns(spec)
-    from_catalog = [c for c in wanted if c in schema.CATALOG.names and c not in values]
+    from_catalog = [c for c in wanted if c in CATALOG_COLUMNS and c not in values]
     missing = [c for c in wanted if c not in from_catalog and c not in values]
     if missing:
         raise ValueError(f"the feature spec '{spec.name}' has candidate features {missing} that "
                          "are no catalog column: give the value to serve them with, e.g. "
                          f"--candidate_values={missing[0]}=0")
-    cols = columns if columns is not None else pipeline.unique_rows(pipeline.read_columns(
-        catalog_pattern, "catalog", ("item_id", *from_catalog, BID), skip_bad_records),
-        catalog_pattern, "item_id", skip_bad_records)
+    cols = (columns if columns is not None
+            else read_item_features(catalog_pattern, skip_bad_records))
     item_id = np.asarray(item_id, np.int64)
     known = np.asarray(cols["item_id"], np.int64)
     order = np.argsort(known, kind="stable")
@@ -322,10 +319,9 @@ def merge_item_features(old: dict, new: dict) -> dict:
     return {c: v[order] for c, v in merged.items()}
 
 
-def _catalog_vectors(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(item_id, category_id, unit vectors) of an embeddings.npz: `--stage=embed`'s or an
-    `EmbeddingTable`'s (the CTR stages' and the daily cycle's)."""
-    data = npz.read(path)
+def _catalog_vectors(path: str, data: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(item_id, category_id, vectors) of an embeddings.npz (`path`, read as `data`):
+    `--stage=embed`'s or an `EmbeddingTable`'s (the CTR stages' and the daily cycle's)."""
     if "embedding" in data:
         keys = ("item_id", "category_id", "embedding")
     elif "item_vector" in data:
@@ -371,15 +367,16 @@ def export(model_dir: str, export_dir: str, version: int | None = None,
     data_dir = getattr(config, "data_dir", "") or ""
     catalog = catalog or (records.default_pattern(data_dir, "catalog") if data_dir else None)
     model = refreshed = None
+    given = npz.read(item_embeddings) if item_embeddings else None  # read once: it can be GBs
     if is_ctr:
         model = ctr_task.load_trained(model_dir)
         encoder_from = ctr_task.encoder_dir(model_dir)
         if item_embeddings:
-            refreshed = ctr_task.refresh_items(model, model_dir, item_embeddings)
+            refreshed = ctr_task.refresh_items(model, model_dir, item_embeddings, given)
     else:
         encoder_from = model_dir
-    if item_embeddings:
-        ids, cats, vectors = _catalog_vectors(item_embeddings)
+    if given is not None:
+        ids, cats, vectors = _catalog_vectors(str(item_embeddings), given)
     elif is_ctr:
         table = ctr_task.image_table_of(model_dir)
         ids, cats, vectors = table.item_id, table.category_id, table.item_vector
@@ -388,8 +385,8 @@ def export(model_dir: str, export_dir: str, version: int | None = None,
             raise ValueError(f"{model_dir} names no data dir: give --catalog or "
                              "--item_embeddings")
         queries = records.default_pattern(data_dir, "queries") if data_dir else ""
-        has_queries = bool(queries) and bool(tf.io.gfile.glob(queries))
-        table = embeddings_lib.for_encoder(model_dir, catalog, queries if has_queries else None,
+        table = embeddings_lib.for_encoder(model_dir, catalog,
+                                           queries if queries and has_files(queries) else None,
                                            skip_bad_records=skip_bad_records)
         ids, cats, vectors = table.item_id, table.category_id, table.item_vector
     shard = None
@@ -404,10 +401,9 @@ def export(model_dir: str, export_dir: str, version: int | None = None,
         raise ValueError(f"the catalog vectors have dimension {vectors.shape[1]}; the encoder "
                          f"of {encoder_from} gives {encoder.cfg.feature_dim}")
     order = catalog_order(ids, cats)
+    ids, cats, vectors = ids[order], cats[order], vectors[order]
     # Unit vectors (the encoders' already are): the product is the cosine.
-    vectors = vectors[order] / np.maximum(np.linalg.norm(vectors[order], axis=1, keepdims=True),
-                                          1e-12)
-    ids, cats = ids[order], cats[order]
+    vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
     index = CatalogIndex(ids, cats, vectors, table_dtype)
     ctr = features = None
     if model is not None:

@@ -45,7 +45,7 @@ from export import search as export_search
 from serving import stand_in_server
 from trainer import configs
 from trainer.ctr import task as ctr_task
-from trainer.data import npz, parse, pipeline, records
+from trainer.data import npz, parse, records
 from trainer.models import encoder as encoder_lib
 
 CANDIDATES = 100
@@ -221,8 +221,7 @@ def _grown_catalog(args, n: int, rng: np.random.Generator) -> tuple[str, dict]:
     features and bid."""
     table = ctr_task.image_table_of(args.ctr_dir)
     config = configs.load(args.ctr_dir)
-    cols = pipeline.read_columns(records.default_pattern(config.data_dir, "catalog"), "catalog",
-                                 ("item_id", "shop_id", "brand_id", "category_id", "price", "bid"))
+    cols = export_search.read_item_features(records.default_pattern(config.data_dir, "catalog"))
     real = len(table.item_id)
     extra = max(n - real, 0)
     keep = np.arange(min(n, real))

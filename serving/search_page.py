@@ -27,14 +27,10 @@ from export import client as client_lib
 from trainer import console
 from trainer.ctr import spec as ctr_spec
 from trainer.data import pipeline, records
+from trainer.stages.common import has_files
 
 USERS = 12  # users offered on the page
 QUERIES = 24  # query photos offered on the page
-
-
-def _has_files(pattern: str) -> bool:
-    import tensorflow as tf
-    return bool(tf.io.gfile.glob(pattern))
 
 
 def _image_type(data: bytes) -> str:
@@ -61,7 +57,7 @@ class PageData:
         self.queries: dict[int, bytes] = {}
         self.query_category: dict[int, int] = {}
         query_files = records.default_pattern(data_dir, "queries")
-        if _has_files(query_files):
+        if has_files(query_files):
             q = pipeline.read_columns(query_files, "queries", ("query_id", "image",
                                                                "category_id"))
             for i in range(min(queries, len(q["query_id"]))):
@@ -71,7 +67,7 @@ class PageData:
                  if n not in ("photo", "category", "k", "n")]
         self.users: list[dict] = []
         ctr_files = records.default_pattern(data_dir, "ctr", "test")
-        if not _has_files(ctr_files):
+        if not has_files(ctr_files):
             ctr_files = records.default_pattern(data_dir, "ctr")
         kind = spec.record_kind()
         lists = [n for n in names if kind.feature(n).is_list]

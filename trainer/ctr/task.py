@@ -195,17 +195,19 @@ def encoder_dir(model_dir: str) -> str:
     return config.images.model_dir
 
 
-def refresh_items(model: CtrModel, model_dir: str, embeddings_path: str) -> dict:
+def refresh_items(model: CtrModel, model_dir: str, embeddings_path: str,
+                  data: dict | None = None) -> dict:
     """Replaces `model`'s item image table (trained from `model_dir`) with the catalog embedding
     at `embeddings_path` (`--stage=embed`'s embeddings.npz), as the trained model would have
     built it: centred on the training catalog's mean (vector), assigned to the trained centroids
     (cluster_id). Items added to the catalog since training get their image features; the
     weights are unchanged. The embedding must come from the model's encoder: the vectors of the
-    items both tables hold must agree (median cosine >= 0.999), else this raises. Returns what
-    was done, for the export's record."""
+    items both tables hold must agree (median cosine >= 0.999), else this raises. `data`: the
+    file's arrays, when the caller has read them already. Returns what was done, for the
+    export's record."""
     if "items" not in model.image_tables:
         raise ValueError(f"{model_dir}: the model has no item image table to refresh")
-    data = npz.read(embeddings_path)
+    data = data if data is not None else npz.read(embeddings_path)
     for key in ("item_id", "embedding"):
         if key not in data:
             raise ValueError(f"{embeddings_path}: no '{key}' array (is it --stage=embed's "
