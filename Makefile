@@ -141,7 +141,7 @@ repro-batch: $(VENV)/.installed $(DATA)/$(WORLD)/manifest.json
 
 # Paper 002 Fig. 4: COURIER pre-trained on half of the categories, its CTR gain per category.
 repro-unseen: $(VENV)/.installed $(DATA)/$(WORLD)/manifest.json
-	$(PY) scripts/repro_unseen.py --data_dir=$(DATA)/$(WORLD) --visual_dir=$(RUNS)/visual \
+	$(PY) scripts/repro_unseen.py --data_dir=$(DATA)/$(WORLD) \
 	  --out_dir=$(RUNS)/unseen --seeds=$(shell echo $(SEEDS) | tr ' ' ',')
 
 # Paper 002 Fig. 3: downstream CTR gain against COURIER's temperature (reuses repro-courier's runs).

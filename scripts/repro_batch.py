@@ -113,17 +113,17 @@ def report(a, per_seed: dict) -> str:
         preds = {s: {bs: npz.read(os.path.join(a.out_dir, f"seed{s}", "ctr",
                                                f"courier_bs{bs}_{MODE}", "predictions.npz"))
                      for bs in sizes} for s in seeds}
-        lines += ["", "The paper's ordering (larger batches better), each pair judged by a paired "
-                  "bootstrap over test pages (difference and its 95% interval per seed):"]
+        lines += ["", "The paper's ordering (larger batches better), each pair judged by a "
+                  "bootstrap over the training seeds and the test pages together:"]
         pairs = [(hi, lo) for lo, hi in zip(sizes, sizes[1:], strict=False)]
         if (sizes[-1], sizes[0]) not in pairs:
             pairs.append((sizes[-1], sizes[0]))
         for hi, lo in pairs:
             for metric in ("AUC", "GAUC"):
                 lines.append(f"- batch {hi} above batch {lo} ({metric}): "
-                             + significance.judged_over_seeds(
-                                 {s: significance.compare_ctr(preds[s][hi], preds[s][lo], metric)
-                                  for s in seeds}))
+                             + significance.compare_ctr_seeds(
+                                 {s: (preds[s][hi], preds[s][lo]) for s in seeds},
+                                 metric).describe(metric))
     return "\n".join(lines)
 
 

@@ -2,17 +2,19 @@
 synthetic world.
 
 Paper 002 pre-trains COURIER on women's clothing only and plots the CTR model's AUC gain in
-every category. Here, for each seed: a seeded random `--pretrain_share` of the categories are
-the pre-training ones; the train page views whose items are all of those categories are written
-to <out_dir>/seed<N>/subset (the others dropped), COURIER is trained on them from the S1 encoder
-of `repro_visual.py` (trained if missing), and the CTR model, trained on every category's logs as
-usual, is evaluated with its Cluster-ID features against the model without image features. The
-test-day AUC of each category's impressions gives the gain per category; fig4.png plots them
-sorted, held-out categories marked, and the paired bootstrap over test pages judges "positive
-in the held-out categories" and "smaller than in the pre-training ones".
+every category. Here a random `--pretrain_share` of the categories (drawn once from
+`--category_seed`, the same for every training seed, so every seed is judged on the same test
+pages) are the pre-training ones, and the held-out categories are absent from pre-training
+entirely: the catalog images S1 is trained on, and the train page views COURIER is trained on
+(every page item and every item of the click history of a kept page view is of a pre-training
+category), are written to <out_dir>/subset. For each seed: S1 on that catalog, COURIER on those
+page views from that S1, and the CTR model (trained on every category's logs as usual) with each
+one's Cluster-ID features and without image features. The test-day AUC of each category's
+impressions gives the gain per category; fig4.png plots COURIER's and S1's, sorted by COURIER's,
+held-out categories marked; a bootstrap over the training seeds and the test pages judges
+"COURIER's gain is positive in the held-out categories" and "above S1's there".
 
-  python scripts/repro_unseen.py --data_dir=data/small --visual_dir=runs/visual \
-      --out_dir=runs/unseen --seeds=0,1
+  python scripts/repro_unseen.py --data_dir=data/small --out_dir=runs/unseen --seeds=0,1,2
 """
 from __future__ import annotations
 
@@ -34,31 +36,59 @@ import matplotlib.pyplot as plt  # noqa: E402
 MODE = "cluster_id"
 
 
-def write_subset(data_dir: str, categories: np.ndarray, out: str) -> tuple[str, int, int]:
-    """The train page views whose page items are all of `categories`, written under `out` in
-    the data dir layout; returns (their file pattern, pages kept, pages read)."""
-    catalog = pipeline.read_columns(records.default_pattern(data_dir, "catalog"), "catalog",
-                                    ("item_id", "category_id"))
+def write_subset(data_dir: str, categories: np.ndarray, out: str) -> dict:
+    """The catalog records and the train page views of `categories` only (a page view is kept
+    when every page item and every clicked item of its history is of them), written under `out`
+    in the data dir layout; returns {'catalog': pattern, 'pageviews': pattern, counts}. Kept
+    from an earlier run of the same categories."""
+    done = os.path.join(out, "subset.json")
+    if os.path.exists(done):
+        with open(done) as f:
+            info = json.load(f)
+        if info["categories"] == categories.tolist():
+            return info
+    catalog_pattern = records.default_pattern(data_dir, "catalog")
+    catalog = pipeline.read_columns(catalog_pattern, "catalog", ("item_id", "category_id"))
+    allowed = set(categories.tolist())
+    keep_item = [c in allowed for c in catalog["category_id"].tolist()]
     category = dict(zip(catalog["item_id"].tolist(), catalog["category_id"].tolist(),
                         strict=True))
-    allowed = set(categories.tolist())
     pattern = records.default_pattern(data_dir, "pageviews", "train")
-    keep = []
-    for batch in pipeline.iter_columns(pattern, "pageviews", ("pv_item_ids", "pv_item_ids_mask")):
-        for ids, mask in zip(batch["pv_item_ids"], batch["pv_item_ids_mask"], strict=True):
-            keep.append(all(category.get(int(i)) in allowed for i in ids[mask]))
-    files = pipeline.list_files(pattern)  # the order iter_columns read them in
-    os.makedirs(os.path.join(out, "pageviews"), exist_ok=True)
-    path = os.path.join(out, "pageviews", "train-00000-of-00001.tfrecord")
-    n = 0
-    with tf.io.TFRecordWriter(path) as w:
-        for raw in tf.data.TFRecordDataset(files):
-            if keep[n]:
-                w.write(raw.numpy())
-            n += 1
-    if n != len(keep):
-        raise RuntimeError(f"{pattern}: read {n} records, parsed {len(keep)}")
-    return path, int(sum(keep)), n
+    keep_page = []
+    for batch in pipeline.iter_columns(pattern, "pageviews", (
+            "pv_item_ids", "pv_item_ids_mask", "click_item_ids", "click_item_ids_mask")):
+        for ids, mask, clicks, cmask in zip(batch["pv_item_ids"], batch["pv_item_ids_mask"],
+                                            batch["click_item_ids"],
+                                            batch["click_item_ids_mask"], strict=True):
+            keep_page.append(all(category.get(int(i)) in allowed
+                                 for i in (*ids[mask], *clicks[cmask])))
+    info = {"categories": categories.tolist()}
+    for kind, source, keep in (("catalog", catalog_pattern, keep_item),
+                               ("pageviews", pattern, keep_page)):
+        files = pipeline.list_files(source)  # the order iter_columns read them in
+        os.makedirs(os.path.join(out, kind), exist_ok=True)
+        path = os.path.join(out, kind, "train-00000-of-00001.tfrecord")
+        n = 0
+        with tf.io.TFRecordWriter(path) as w:
+            for raw in tf.data.TFRecordDataset(files):
+                if keep[n]:
+                    w.write(raw.numpy())
+                n += 1
+        if n != len(keep):
+            raise RuntimeError(f"{source}: read {n} records, parsed {len(keep)}")
+        info[kind] = path
+        info[f"{kind}_kept"], info[f"{kind}_read"] = int(sum(keep)), n
+    with open(done, "w") as f:
+        json.dump(info, f)
+    return info
+
+
+def pretrain_categories(data_dir: str, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(every category, the pre-training ones): a random `share` of them drawn from `seed`."""
+    cats = np.unique(pipeline.read_columns(records.default_pattern(data_dir, "catalog"),
+                                           "catalog", ("category_id",))["category_id"])
+    k = max(1, min(len(cats) - 1, round(share * len(cats))))
+    return cats, np.sort(np.random.default_rng([seed, 4]).permutation(cats)[:k])
 
 
 def per_category(pred: dict, category: np.ndarray) -> dict:
@@ -73,22 +103,26 @@ def rows(pred: dict, mask: np.ndarray) -> dict:
 
 def run_seed(a, seed: int, out: str) -> None:
     log = os.path.join(out, "log.txt")
-    cats = np.unique(pipeline.read_columns(records.default_pattern(a.data_dir, "catalog"),
-                                           "catalog", ("category_id",))["category_id"])
-    k = max(1, min(len(cats) - 1, round(a.pretrain_share * len(cats))))
-    pretrain = np.sort(np.random.default_rng([seed, 4]).permutation(cats)[:k])
-    subset, kept, read = write_subset(a.data_dir, pretrain, os.path.join(out, "subset"))
+    cats, pretrain = pretrain_categories(a.data_dir, a.pretrain_share, a.category_seed)
+    subset = write_subset(a.data_dir, pretrain, os.path.join(a.out_dir, "subset"))
     print(f"  seed {seed}: pre-training categories {pretrain.tolist()} of {len(cats)}: "
-          f"{kept} of {read} page views", flush=True)
-    s1 = experiments.ensure(experiments.get("s1"), a.data_dir,
-                            os.path.join(a.visual_dir, f"seed{seed}", "s1"), {}, seed, log)
-    dirs = {"s1": s1, "courier": os.path.join(out, "courier_subset")}
-    experiments.ensure(experiments.get("courier").derive(
+          f"{subset['catalog_kept']} of {subset['catalog_read']} catalog images, "
+          f"{subset['pageviews_kept']} of {subset['pageviews_read']} page views", flush=True)
+    dirs = {"s1": os.path.join(out, "s1_subset"), "courier": os.path.join(out, "courier_subset")}
+    s1 = experiments.get("s1").derive("s1_subset", "S1 (subset)", "S1 on the pre-training "
+                                      "categories' catalog images",
+                                      (("pretrain.catalog_pattern", subset["catalog"]),))
+    experiments.ensure(s1, a.data_dir, dirs["s1"], dirs, seed, log)
+    courier = experiments.get("courier").derive(
         "courier_subset", "COURIER (subset)", "COURIER on the pre-training categories' pages",
-        (("courier.pageviews_pattern", subset),)), a.data_dir, dirs["courier"], dirs, seed, log)
-    results = {"pretrain": pretrain.tolist(), "categories": cats.tolist(), "pages": [kept, read]}
+        (("courier.pageviews_pattern", subset["pageviews"]),))
+    experiments.ensure(courier, a.data_dir, dirs["courier"], dirs, seed, log)
+    results = {"pretrain": pretrain.tolist(), "categories": cats.tolist(),
+               "pages": [subset["pageviews_kept"], subset["pageviews_read"]],
+               "images": [subset["catalog_kept"], subset["catalog_read"]]}
     for name, exp in (("baseline", experiments.ctr_experiment(None)),
-                      ("courier", experiments.ctr_experiment("courier", MODE))):
+                      ("courier", experiments.ctr_experiment("courier", MODE)),
+                      ("s1", experiments.ctr_experiment("s1", MODE))):
         model_dir = os.path.join(out, exp.name)
         if not read_metrics(model_dir):
             experiments.run(experiments.command(exp, a.data_dir, model_dir, dirs, seed,
@@ -103,54 +137,62 @@ def report(a, per_seed: dict) -> str:
     catalog = pipeline.read_columns(records.default_pattern(a.data_dir, "catalog"), "catalog",
                                     ("item_id", "category_id"))
     order = np.argsort(catalog["item_id"])
-    gains: dict = {}  # category -> [delta AUC per seed]
-    held_by_seed: dict = {}
-    judged: dict = {"held-out": {}, "pre-training": {}}
+    pretrain = per_seed[seeds[0]]["pretrain"]
+    if any(per_seed[s]["pretrain"] != pretrain for s in seeds):
+        raise ValueError("the seeds were pre-trained on different categories; rerun them with "
+                         "one --category_seed")
+    preds = {s: {k: npz.read(per_seed[s][k]) for k in ("baseline", "courier", "s1")}
+             for s in seeds}
+    first = preds[seeds[0]]["baseline"]
+    pos = np.searchsorted(catalog["item_id"][order], first["item"])
+    category = catalog["category_id"][order][pos]
+    seen = np.isin(category, pretrain)
+    gains: dict = {"courier": {}, "s1": {}}  # encoder -> category -> [delta AUC per seed]
     for s in seeds:
-        r = per_seed[s]
-        base, cour = npz.read(r["baseline"]), npz.read(r["courier"])
-        pos = np.searchsorted(catalog["item_id"][order], base["item"])
-        category = catalog["category_id"][order][pos]
-        auc_b, auc_c = per_category(base, category), per_category(cour, category)
-        for c in auc_b:
-            gains.setdefault(c, []).append((auc_c[c] - auc_b[c]) * 100)
-        seen = np.isin(category, r["pretrain"])
-        held_by_seed[s] = set(np.unique(category[~seen]).tolist())
-        for name, mask in (("held-out", ~seen), ("pre-training", seen)):
-            judged[name][s] = significance.compare_ctr(rows(cour, mask), rows(base, mask), "AUC")
-    cats = sorted(gains, key=lambda c: -np.mean(gains[c]))
-    held_everywhere = set.intersection(*held_by_seed.values())
-    held_somewhere = set.union(*held_by_seed.values())
-    subsets = "; ".join(f"seed {s}: {per_seed[s]['pretrain']}" for s in seeds)
-    lines = [f"COURIER pre-trained on a random {a.pretrain_share:.0%} of the categories' page "
-             f"views (per seed: {subsets}), its {MODE} features in the CTR model trained on "
-             "every category; the test-day AUC gain over the model without image features per "
-             f"category (percentage points, mean over seeds {', '.join(map(str, seeds))}), "
-             "sorted as paper 002's Fig. 4.", "",
-             "| category | ΔAUC | held out on seeds |", "| ---: | ---: | --- |"]
+        auc_b = per_category(preds[s]["baseline"], category)
+        for enc in gains:
+            auc = per_category(preds[s][enc], category)
+            for c in auc_b:
+                gains[enc].setdefault(c, []).append((auc[c] - auc_b[c]) * 100)
+    cats = sorted(gains["courier"], key=lambda c: -np.mean(gains["courier"][c]))
+    r0 = per_seed[seeds[0]]
+    lines = [f"COURIER and S1 pre-trained on {len(pretrain)} of {len(r0['categories'])} "
+             f"categories ({pretrain}; {r0['images'][0]} of {r0['images'][1]} catalog images, "
+             f"{r0['pages'][0]} of {r0['pages'][1]} train page views: the held-out categories "
+             "appear in neither), their Cluster-ID features in the CTR model trained on every "
+             "category; the test-day AUC gain over the model without image features per category "
+             f"(percentage points, mean over seeds {', '.join(map(str, seeds))}), sorted by "
+             "COURIER's as paper 002's Fig. 4.", "",
+             "| category | held out | COURIER ΔAUC | S1 ΔAUC |", "| ---: | --- | ---: | ---: |"]
     for c in cats:
-        held = [str(s) for s in seeds if c in held_by_seed[s]]
-        lines.append(f"| {c} | {np.mean(gains[c]):+.2f} | {', '.join(held) or '-'} |")
-    lines += ["", "Over the impressions of each group (paired bootstrap over test pages, "
-              "difference and its 95% interval per seed):"]
-    lines.append("- COURIER's gain is positive in the held-out categories: "
-                 + significance.judged_over_seeds(judged["held-out"]))
-    lines.append("- ... and in the pre-training categories: "
-                 + significance.judged_over_seeds(judged["pre-training"]))
-    diffs = {s: (judged["pre-training"][s].difference.value,
-                 judged["held-out"][s].difference.value) for s in seeds}
-    lines.append("- smaller in the held-out than in the pre-training categories (point "
-                 "estimates per seed, pre-training vs held-out): " + "; ".join(
-                     f"seed {s}: {p * 100:+.2f} vs {h * 100:+.2f}"
-                     f" ({'holds' if h < p else 'fails'})" for s, (p, h) in diffs.items()))
-    fig, ax = plt.subplots(figsize=(max(5, 0.6 * len(cats)), 3))
-    colours = ["#d62728" if c in held_everywhere else "#ff9896" if c in held_somewhere
-               else "#1f77b4" for c in cats]
-    ax.bar(range(len(cats)), [np.mean(gains[c]) for c in cats], color=colours)
-    ax.set_xticks(range(len(cats)), [str(c) for c in cats], rotation=60, fontsize=7)
+        lines.append(f"| {c} | {'yes' if c not in pretrain else ''} | "
+                     f"{experiments.spread(gains['courier'][c], '+.2f')} | "
+                     f"{experiments.spread(gains['s1'][c], '+.2f')} |")
+    lines += ["", "Over the impressions of each group, judged by a bootstrap over the training "
+              "seeds and the test pages together:"]
+    for group, mask in (("held-out", ~seen), ("pre-training", seen)):
+        pick = {s: {k: rows(v, mask) for k, v in preds[s].items()} for s in seeds}
+        for hi, lo, text in (("courier", "baseline", "COURIER's gain is positive"),
+                             ("s1", "baseline", "S1's gain is positive"),
+                             ("courier", "s1", "COURIER's features beat S1's")):
+            judged = significance.compare_ctr_seeds({s: (pick[s][hi], pick[s][lo])
+                                                     for s in seeds}, "AUC")
+            lines.append(f"- {text} in the {group} categories: {judged.describe('AUC')}")
+    fig, ax = plt.subplots(figsize=(max(5, 0.7 * len(cats)), 3.2))
+    x = np.arange(len(cats))
+    for offset, enc, colour in ((-0.2, "courier", "#d62728"), (0.2, "s1", "#1f77b4")):
+        means = [np.mean(gains[enc][c]) for c in cats]
+        errs = [(max(gains[enc][c]) - min(gains[enc][c])) / 2 for c in cats]
+        ax.bar(x + offset, means, width=0.4, yerr=errs, color=colour, alpha=0.85,
+               label={"courier": "COURIER", "s1": "S1"}[enc], capsize=2)
+    for i, c in enumerate(cats):
+        if c not in pretrain:
+            ax.axvspan(i - 0.5, i + 0.5, color="#dddddd", zorder=0)
+    ax.set_xticks(x, [str(c) for c in cats], rotation=60, fontsize=7)
     ax.axhline(0, color="black", linewidth=0.6)
-    ax.set_ylabel("ΔAUC (pp)")
-    ax.set_title("COURIER's gain per category (red: held out)", fontsize=9)
+    ax.set_ylabel("ΔAUC (pp), ± half-range over seeds")
+    ax.set_title("Gain per category (grey: held out of pre-training)", fontsize=9)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     path = os.path.join(a.out_dir, "fig4.png")
     fig.savefig(path, dpi=120)
@@ -159,9 +201,12 @@ def report(a, per_seed: dict) -> str:
 
 
 def main() -> None:
-    p = experiments.repro_flags(__doc__, "runs/unseen")
+    p = experiments.repro_flags(__doc__, "runs/unseen", visual_dir=False)
     p.add_argument("--pretrain_share", type=float, default=0.5,
-                   help="Share of the categories COURIER is pre-trained on.")
+                   help="Share of the categories S1 and COURIER are pre-trained on.")
+    p.add_argument("--category_seed", type=int, default=0,
+                   help="Seed of the draw of the pre-training categories (one for every "
+                        "training seed).")
     a = p.parse_args()
     experiments.reproduce(a, lambda seed, out: run_seed(a, seed, out),
                           lambda per_seed: report(a, per_seed), "fig4.md")

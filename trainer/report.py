@@ -9,6 +9,7 @@ import functools
 import io
 import json
 import os
+from collections.abc import Sequence
 
 import matplotlib
 
@@ -130,9 +131,12 @@ def table5_baselines(demo: str) -> str:
     return "\n".join(rows) if len(rows) > 2 else ""
 
 
-def findings(demo: str) -> str:
-    """What this run shows, as sentences computed from its metrics (the papers' claims checked)."""
+def findings(demo: str, repro_claims: Sequence[str] = ()) -> str:
+    """What this run shows, as sentences computed from its metrics (the papers' claims checked):
+    each claim's verdict from this one run's bootstrap over its test set, and beside it what the
+    reproductions measured across training seeds (`repro_claims`: their claims.json files)."""
     out = []
+    repro = experiments.read_claims(repro_claims)
     search = {n: m for n in ["random"] + list(NAMES) if (m := read_metrics(os.path.join(demo, n)))}
     if search:
         best = max(search, key=lambda n: search[n]["HR"])
@@ -144,7 +148,9 @@ def findings(demo: str) -> str:
             if all(os.path.exists(p) for p in paths):
                 compared = significance.compare_search(_read(paths[0]), _read(paths[1]),
                                                        c.metric)
-                out.append(f"- {c.text}: {compared.describe(c.metric, c.not_below)}")
+                out.append(f"- {c.text}: one run: "
+                           f"{compared.describe(c.metric, c.not_below, c.margin)}"
+                           + _across_seeds(c, repro))
             elif c.a in search and c.b in search:  # a run from before the per-query parts
                 out.append(f"- {c.text}: not judged ({c.metric} {search[c.a][c.metric]:.3f} vs "
                            f"{search[c.b][c.metric]:.3f}; no {visual_search.PER_QUERY})")
@@ -155,14 +161,14 @@ def findings(demo: str) -> str:
         out.append(f"\nCTR: every encoder's image vectors are compared with none (AUC "
                    f"{base['AUC']:.4f}); the best, {NAMES[best]}, adds "
                    f"{(ctr[best]['AUC'] - base['AUC']) * 100:+.2f} points. Each ordering of "
-                   "the papers is judged by a paired bootstrap over the test pages (1,000 "
-                   "draws): the difference, its 95% interval, and whether the claim holds, "
-                   "fails or is within noise.")
+                   "the papers is judged on this one run by a paired bootstrap over the test "
+                   "pages (1,000 draws): the difference, its 95% interval, and whether the claim "
+                   "holds, fails or is within noise.")
         for c in (*experiments.CTR_CLAIMS, *experiments.COURIER_CLAIMS,
                   *experiments.TABLE_5_CLAIMS, experiments.TABLE_8_CLAIM):
             judged = _judge(demo, c)
             if judged:
-                out.append(f"- {c.text}: {judged}")
+                out.append(f"- {c.text}: one run: {judged}" + _across_seeds(c, repro))
     return "\n".join(out)
 
 
@@ -173,27 +179,49 @@ def _judge(demo: str, claim: experiments.Claim) -> str | None:
     if not all(os.path.exists(p) for p in paths):
         return None
     return significance.compare_ctr(_read(paths[0]), _read(paths[1]), claim.metric).describe(
-        claim.metric, claim.not_below)
+        claim.metric, claim.not_below, claim.margin)
 
 
-def plot_deciles(demo: str, path: str) -> list:
-    """AUC per impression decile of every vector-mode run (and no image features)."""
+def _across_seeds(claim: experiments.Claim, repro: dict) -> str:
+    """'; across N seeds (the repros): verdict, difference d, seed sd s' for a claim the
+    reproductions judged, else a note that none did."""
+    r = repro.get(claim.key)
+    if r is None:
+        return "; not judged across seeds by a reproduction yet"
+    seeds = len(r["by_seed"])
+    return (f"; across {seeds} training seeds (longer runs, `make repro-*`): **{r['verdict']}**, "
+            f"difference {r['difference']:+.4f} [{r['low']:+.4f}, {r['high']:+.4f}], "
+            f"run-to-run sd {r['seed_sd']:.4f}")
+
+
+def plot_deciles(demo: str, path: str, resamples: int = 200) -> list:
+    """AUC per impression decile of every vector-mode run (and no image features), each point
+    with its 95% interval over the test pages (`significance`'s page bootstrap)."""
     runs = [("no image", "no_image")] + [(NAMES[n], n) for n in NAMES] + [("S1+S2+D", "s1s2_d")]
     fig, ax = plt.subplots(figsize=(8, 4.5))
     table = []
-    for label, run in runs:
-        f = os.path.join(demo, "ctr", run, "predictions.npz")
-        if not os.path.exists(f):
-            continue
-        p = npz.read(f)
+    shown = [r for r in runs if os.path.exists(os.path.join(demo, "ctr", r[1], "predictions.npz"))]
+    for i, (label, run) in enumerate(shown):
+        p = npz.read(os.path.join(demo, "ctr", run, "predictions.npz"))
         bins = ctr_metrics.auc_by_impression_decile(p["label"], p["score"], p["item"],
                                                     p["impressions_30d"])
-        ax.plot(range(1, len(bins) + 1), [b["AUC"] for b in bins], marker="o", label=label,
-                linestyle="--" if label.endswith("+D") else "-")
+        _, unit_of = np.unique(p["group"], return_inverse=True)
+        decile = ctr_metrics.impression_deciles(p["item"], p["impressions_30d"])
+        lows, highs = [], []
+        for d in range(len(bins)):
+            iv = significance.bootstrap(significance.auc_metric(p["label"], unit_of,
+                                                                decile == d),
+                                        p["score"], int(unit_of.max()) + 1, resamples)
+            lows.append(iv.value - iv.low)
+            highs.append(iv.high - iv.value)
+        x = np.arange(1, len(bins) + 1) + (i - (len(shown) - 1) / 2) * 0.06  # side by side
+        ax.errorbar(x, [b["AUC"] for b in bins], yerr=[lows, highs], marker="o", markersize=3,
+                    capsize=2, elinewidth=0.8, label=label,
+                    linestyle="--" if label.endswith("+D") else "-")
         table.append((label, bins))
     ax.set_xlabel("impression decile of the displayed item (1 = least displayed)")
     ax.set_ylabel("test-day AUC")
-    ax.set_title("CTR AUC by item popularity")
+    ax.set_title("CTR AUC by item popularity (bars: 95% interval over test pages, one run)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
@@ -325,9 +353,19 @@ def _decile_table(bins: list) -> str:
     return "\n".join(rows)
 
 
-def write(data_dir: str, demo: str, out: str, models_dir: str | None = None) -> str:
+# The reproductions' judged claims across training seeds, as committed (docs/repro/, copied from
+# `make repro-*` runs' claims.json) and as a local run of them writes them (which wins).
+_DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")
+REPRO_CLAIMS = tuple(os.path.join(_DOCS, "repro", f"{name}_claims.json")
+                     for name in ("visual", "ctr", "courier")) + tuple(
+    os.path.join("runs", name, experiments.CLAIMS_FILE) for name in ("visual", "ctr", "courier"))
+
+
+def write(data_dir: str, demo: str, out: str, models_dir: str | None = None,
+          repro_claims: Sequence[str] = REPRO_CLAIMS) -> str:
     """Writes `out`/index.md and its plots from the demo's runs in `demo` (on the world in
-    `data_dir`); returns the report's text."""
+    `data_dir`); returns the report's text. `repro_claims`: the reproductions' claims.json files
+    whose across-seed verdicts and run-to-run spread are printed beside this run's."""
     os.makedirs(out, exist_ok=True)
     manifest = marketplace.load_manifest(data_dir) or {}
     stats = manifest.get("stats", {})
@@ -386,8 +424,12 @@ Total time of training and evaluation: {timings.get('total_seconds', 0) / 60:.1f
 
 Computed from this run's metrics: each of the papers' orderings is judged by a paired bootstrap
 (over the judged queries for visual search, over the test pages for CTR) and said to hold, fail
-or be within noise, with the difference and its 95% interval. docs/results.md
-discusses, with multi-seed runs, where and why this world departs from the papers.
+or be within noise, with the difference and its 95% interval. That is **one training run's
+verdict**: its interval holds the test set's noise, not the training run's, and two trainings of
+one method differ by as much. Beside each, where a reproduction judged the same claim across
+training seeds (`make repro-visual`, `repro-ctr`, `repro-courier`; longer runs than the demo's),
+its verdict over seeds and test units together and the run-to-run standard deviation of the
+difference. docs/results.md discusses where and why this world departs from the papers.
 
 FINDINGS
 
@@ -467,7 +509,7 @@ the photo -> its most similar catalog items -> ranked by the CTR model -> the to
 pCTR x bid, in one SavedModel, over that catalog embedding); `serving_config/` serves them, and
 `python -m serving.search_page` shows the request on a web page (docs/serving.md).
 """
-    text = text.replace("FINDINGS", findings(demo))
+    text = text.replace("FINDINGS", findings(demo, repro_claims))
     text = text.replace("SEARCH_ROWS", f"""What HR counts, in pictures: for four judged query items
 of different categories (the black frame), the top 10 of each encoder ({", ".join(shown)}), best
 first. A green frame marks an item judged relevant to the query (same fine-grained style); the

@@ -59,15 +59,27 @@ def impression_slices(item_ids: np.ndarray, impressions: np.ndarray,
     return masks[0], masks[1]
 
 
+def impression_deciles(item_ids: np.ndarray, impressions: np.ndarray, bins: int = 10
+                       ) -> np.ndarray:
+    """Each sample's tenth (0 = least displayed) of the samples ranked by their item's
+    impressions (ties by item id, so an item straddles two bins at most)."""
+    order = np.lexsort((item_ids, impressions))
+    out = np.empty(len(order), np.int64)
+    for b, part in enumerate(np.array_split(order, bins)):
+        out[part] = b
+    return out
+
+
 def auc_by_impression_decile(labels: np.ndarray, scores: np.ndarray, item_ids: np.ndarray,
                              impressions: np.ndarray, bins: int = 10) -> list[dict]:
-    """AUC within each tenth of the samples ranked by their item's impressions (least displayed
-    first; ties by item id, so an item straddles two bins at most): Table 2's bottom/top-10%
-    columns extended to the whole range. [{"max_impressions", "samples", "clicks", "AUC"}]."""
-    order = np.lexsort((item_ids, impressions))
+    """AUC within each tenth of the samples ranked by their item's impressions
+    (`impression_deciles`): Table 2's bottom/top-10% columns extended to the whole range.
+    [{"max_impressions", "samples", "clicks", "AUC"}]."""
+    decile = impression_deciles(item_ids, impressions, bins)
     out = []
-    for part in np.array_split(order, bins):
-        out.append({"max_impressions": int(impressions[part].max()), "samples": int(len(part)),
+    for b in range(bins):
+        part = decile == b
+        out.append({"max_impressions": int(impressions[part].max()), "samples": int(part.sum()),
                     "clicks": int(labels[part].sum()), "AUC": auc(labels[part], scores[part])})
     return out
 

@@ -15,11 +15,24 @@ m(a) - m(b) says
 A draw is a count per unit (multinomial), so every metric is a weighted sum over the original
 samples: AUC from one sort per model (`weighted_auc`), GAUC from the per-page AUCs (a page is
 drawn whole, its AUC does not change), HR / LR / CR as ratios of per-query sums.
+
+That interval is the test set's noise only: two trainings of one method differ too (the
+initialisation, the order of the data, thread scheduling), and on this project's worlds by as much
+as the test set's interval. A claim about a method is judged across training seeds
+(`compare_seeds`): each draw takes S of the S seeds with replacement and one draw of the test
+units shared by every seed (the test set is the same for every seed), and averages the drawn
+seeds' differences on it; the interval of that average holds both noises. With S = 3 a plain
+bootstrap of seeds understates their spread (its variance is (S-1)/S of the unbiased one), so each
+draw's seed deviations from their mean are scaled by sqrt(S / (S - 1)) first.
+
+A claim that a is not below b ("D keeps the overall AUC") carries a margin m it states: it holds
+when the interval's low end is above -m, fails when its high end is below -m, and is within noise
+otherwise.
 """
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -55,49 +68,86 @@ class Comparison:
 
     @property
     def verdict(self) -> str:
-        if self.difference.low > 0:
-            return "holds"
-        if self.difference.high < 0:
-            return "fails"
-        return "within noise"
+        return judge(self.difference)
 
-    def judged(self, not_below: bool = False) -> str:
-        """The verdict; `not_below`: on the claim that a is not below b ("keeps the AUC"), which
-        holds unless the interval lies below 0."""
-        if not_below:
-            return "fails" if self.verdict == "fails" else "holds"
-        return self.verdict
+    def judged(self, not_below: bool = False, margin: float = 0.0) -> str:
+        """The verdict on the claim a > b, or with `not_below` on the claim that a is not below
+        b by more than `margin` (`judge`)."""
+        return judge(self.difference, not_below, margin)
 
     def __str__(self) -> str:
         d = self.difference
         return f"{d.value:+.4f} [{d.low:+.4f}, {d.high:+.4f}]: {self.verdict}"
 
-    def describe(self, metric: str, not_below: bool = False) -> str:
+    def describe(self, metric: str, not_below: bool = False, margin: float = 0.0) -> str:
         """'**verdict** (metric a vs b, difference d [95% interval])', as reports print it."""
         d = self.difference
-        return (f"**{self.judged(not_below)}** ({metric} {self.a.value:.4f} vs "
+        return (f"**{self.judged(not_below, margin)}** ({metric} {self.a.value:.4f} vs "
                 f"{self.b.value:.4f}, "
                 f"difference {d.value:+.4f} [{d.low:+.4f}, {d.high:+.4f}])")
 
 
-def over_seeds(verdicts: list[str]) -> str:
-    """One verdict for a claim judged on several seeds: 'holds' or 'fails' when every seed
-    agrees, 'within noise' when every seed says so, else 'mixed'."""
-    kinds = set(verdicts)
-    return verdicts[0] if len(kinds) == 1 else "mixed"
+def judge(difference: Interval, not_below: bool = False, margin: float = 0.0) -> str:
+    """holds / fails / within noise for the claim a > b from the interval of m(a) - m(b); with
+    `not_below`, for the claim that a is not below b by more than `margin` (> 0): holds when
+    the interval lies above -margin, fails when it lies below."""
+    if not_below and margin <= 0:
+        raise ValueError("a claim that a is not below b needs a margin > 0 (how far below "
+                         "still counts as 'not below')")
+    edge = -margin if not_below else 0.0
+    if difference.low > edge:
+        return "holds"
+    if difference.high < edge:
+        return "fails"
+    return "within noise"
 
 
-def judged_over_seeds(by_seed: dict, not_below: bool = False) -> str:
-    """'**verdict** (seed s: verdict, difference [95% interval]; ...)' for one claim from its
-    comparison on each seed {seed: Comparison}. `not_below`: the claim is that a is not below b
-    ("keeps the AUC"), which holds unless the interval lies below 0."""
-    verdicts, parts = [], []
-    for s, c in sorted(by_seed.items()):
-        v = c.judged(not_below)
-        verdicts.append(v)
-        d = c.difference
-        parts.append(f"seed {s}: {v}, {d.value:+.4f} [{d.low:+.4f}, {d.high:+.4f}]")
-    return f"**{over_seeds(verdicts)}** ({'; '.join(parts)})"
+@dataclasses.dataclass(frozen=True)
+class SeedComparison:
+    """m(a) - m(b) judged across training seeds and test units together (`compare_seeds`).
+
+    Attributes:
+      a, b: Each model's metric, mean over seeds, with its interval over seeds x units.
+      difference: The mean over seeds of m(a) - m(b), with its interval over seeds x units.
+      by_seed: {seed: Comparison}, each seed's own bootstrap over the test units.
+    """
+
+    a: Interval
+    b: Interval
+    difference: Interval
+    by_seed: dict[int, Comparison]
+
+    @property
+    def seeds(self) -> list[int]:
+        return sorted(self.by_seed)
+
+    @property
+    def seed_sd(self) -> float:
+        """The standard deviation of m(a) - m(b) over the seeds (on the whole test set): the
+        training runs' own spread, NaN for one seed."""
+        d = [c.difference.value for c in self.by_seed.values()]
+        return float(np.std(d, ddof=1)) if len(d) > 1 else float("nan")
+
+    def judged(self, not_below: bool = False, margin: float = 0.0) -> str:
+        return judge(self.difference, not_below, margin)
+
+    def describe(self, metric: str, not_below: bool = False, margin: float = 0.0) -> str:
+        """'**verdict** (metric a vs b over N seeds, difference d [95% interval over seeds x
+        units]; seed sd; per seed: difference, its own verdict)', as the repro tables print it."""
+        d = self.difference
+        per = "; ".join(f"seed {s}: {c.difference.value:+.4f} ({c.judged(not_below, margin)} "
+                        "on its own)" for s, c in sorted(self.by_seed.items()))
+        sd = f", seed sd {self.seed_sd:.4f}" if len(self.by_seed) > 1 else ""
+        return (f"**{self.judged(not_below, margin)}** ({metric} {self.a.value:.4f} vs "
+                f"{self.b.value:.4f} over {len(self.by_seed)} seed(s), difference "
+                f"{d.value:+.4f} [{d.low:+.4f}, {d.high:+.4f}]{sd}; {per})")
+
+    def record(self) -> dict:
+        """The comparison as JSON-ready numbers (a repro's claims.json)."""
+        d = self.difference
+        return {"a": self.a.value, "b": self.b.value, "difference": d.value, "low": d.low,
+                "high": d.high, "seed_sd": self.seed_sd,
+                "by_seed": {str(s): c.difference.value for s, c in sorted(self.by_seed.items())}}
 
 
 def draws(units: int, resamples: int = 1000, seed: int = 0) -> np.ndarray:
@@ -154,6 +204,48 @@ def compare(metric: Callable[[Any], Scorer], a: Any, b: Any, units: int,
         db[lo:lo + CHUNK] = fb(counts[lo:lo + CHUNK])
     return Comparison(_interval(va, da, level), _interval(vb, db, level),
                       _interval(va - vb, da - db, level))
+
+
+def compare_seeds(metric: Callable[[Any], Scorer], runs: Mapping[int, tuple[Any, Any]],
+                  units: int, resamples: int = 1000, seed: int = 0, level: float = 0.95
+                  ) -> SeedComparison:
+    """Bootstrap of mean_s [metric(a_s) - metric(b_s)] over training seeds and test units
+    together. `runs` {seed: (a's outputs, b's outputs)} are of the same test set (its `units`
+    units). Each of the `resamples` draws shares one multinomial draw of the units among every
+    seed (paired, as the test set is shared), takes S of the S seeds with replacement and
+    averages their differences; the seeds' deviations from each draw's mean are first scaled by
+    sqrt(S / (S - 1)) (see the module docstring). Each seed's own page bootstrap, from the same
+    unit draws, comes with it."""
+    seeds = sorted(runs)
+    n = len(seeds)
+    if not n:
+        raise ValueError("no seeds to compare")
+    prepared = [(metric(runs[s][0]), metric(runs[s][1])) for s in seeds]
+    counts = draws(units, resamples, seed)
+    ones = np.ones([1, units])
+    full = np.array([[float(fa(ones)[0]), float(fb(ones)[0])] for fa, fb in prepared])  # [S, 2]
+    drawn = np.empty([n, 2, resamples])
+    for lo in range(0, resamples, CHUNK):
+        for i, (fa, fb) in enumerate(prepared):
+            drawn[i, 0, lo:lo + CHUNK] = fa(counts[lo:lo + CHUNK])
+            drawn[i, 1, lo:lo + CHUNK] = fb(counts[lo:lo + CHUNK])
+    by_seed = {s: Comparison(_interval(full[i, 0], drawn[i, 0], level),
+                             _interval(full[i, 1], drawn[i, 1], level),
+                             _interval(full[i, 0] - full[i, 1], drawn[i, 0] - drawn[i, 1], level))
+               for i, s in enumerate(seeds)}
+    pick = np.random.default_rng([seed, 1]).integers(0, n, size=[n, resamples])
+    scale = np.sqrt(n / (n - 1)) if n > 1 else 1.0
+
+    def over_seeds(values: np.ndarray) -> np.ndarray:  # [S, R] -> [R]
+        centre = values.mean(0)
+        scaled = centre + scale * (values - centre)
+        return scaled[pick, np.arange(resamples)].mean(0)
+
+    mean = full.mean(0)
+    return SeedComparison(_interval(mean[0], over_seeds(drawn[:, 0]), level),
+                          _interval(mean[1], over_seeds(drawn[:, 1]), level),
+                          _interval(mean[0] - mean[1], over_seeds(drawn[:, 0] - drawn[:, 1]),
+                                    level), by_seed)
 
 
 def bootstrap(metric: Callable[[Any], Scorer], a: Any, units: int, resamples: int = 1000,
@@ -225,6 +317,22 @@ def compare_ctr(a: dict, b: dict, metric: str, resamples: int = 1000, seed: int 
     return compare(prepare, a["score"], b["score"], units, resamples, seed)
 
 
+def compare_ctr_seeds(runs: Mapping[int, tuple[dict, dict]], metric: str,
+                      resamples: int = 1000, seed: int = 0) -> SeedComparison:
+    """`compare_ctr` across training seeds: {seed: (a's predictions, b's predictions)}, every
+    seed's of the same test samples (`compare_seeds`)."""
+    first = runs[min(runs)][0]
+    for s, pair in runs.items():
+        for p in pair:
+            for k in ("label", "group", "item"):
+                if not np.array_equal(first[k], p[k]):
+                    raise ValueError(f"seed {s}'s predictions are not of the same test samples "
+                                     f"as seed {min(runs)}'s ('{k}' differs)")
+    prepare, units = _ctr_metric(first, metric)
+    return compare_seeds(prepare, {s: (a["score"], b["score"]) for s, (a, b) in runs.items()},
+                         units, resamples, seed)
+
+
 def interval_ctr(a: dict, metric: str, resamples: int = 1000, seed: int = 0) -> Interval:
     """One CTR model's `metric` (`CTR_METRICS`) with its 95% interval over test pages."""
     prepare, units = _ctr_metric(a, metric)
@@ -251,6 +359,20 @@ def compare_search(a: dict, b: dict, metric: str, resamples: int = 1000, seed: i
         raise ValueError("the two evaluations are not of the same queries")
     return compare(ratio_metric, _parts(a, metric), _parts(b, metric),
                    len(a["query_item_id"]), resamples, seed)
+
+
+def compare_search_seeds(runs: Mapping[int, tuple[dict, dict]], metric: str,
+                         resamples: int = 1000, seed: int = 0) -> SeedComparison:
+    """`compare_search` across training seeds: {seed: (a's per-query parts, b's)}, every
+    seed's of the same judged queries (`compare_seeds`)."""
+    first = runs[min(runs)][0]["query_item_id"]
+    for s, pair in runs.items():
+        if not all(np.array_equal(first, p["query_item_id"]) for p in pair):
+            raise ValueError(f"seed {s}'s evaluations are not of the same queries as seed "
+                             f"{min(runs)}'s")
+    return compare_seeds(ratio_metric, {s: (_parts(a, metric), _parts(b, metric))
+                                        for s, (a, b) in runs.items()}, len(first),
+                         resamples, seed)
 
 
 def interval_search(a: dict, metric: str, resamples: int = 1000, seed: int = 0) -> Interval:
