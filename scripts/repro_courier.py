@@ -2,18 +2,23 @@
 downstream image features) on a synthetic world.
 
 For each seed: takes the S1 encoder of `repro_visual.py` from <visual_dir>/seed<N>/s1 (training
-it if missing; S1 is Table 5's SimCLR), trains COURIER from it, each Table 6 / Appendix D variant
-and COURIER + CLIP (Table 8), and Table 5's other baselines (Supervised, SimSiam, CLIP,
-MaskCLIP) from scratch on S1's budget; then trains and evaluates the CTR predictor without image
-features (the baseline), with S1 and COURIER features in the vector, simscore and cluster_id
-modes, with each Table 6 variant's in `--ablation_mode` (cluster_id), and with Table 5's other
-baselines' and COURIER + CLIP's as cluster_id (the paper's mode) and as vectors. Every step
-is a `python -m trainer.task` command line. Prints delta AUC and delta GAUC against the baseline
-(percentage points, raw values in parentheses), judges the paper's orderings by a paired
-bootstrap and writes table5.md. The world needs item titles (CLIP, MaskCLIP, COURIER + CLIP).
+it if missing), trains COURIER from its backbone, each Table 6 / Appendix D variant and COURIER +
+CLIP (Table 8); then the CTR predictor without image features (the baseline), with S1 and
+COURIER features in the vector, simscore and cluster_id modes, with each Table 6 variant's in
+`--ablation_mode` (cluster_id) and with COURIER + CLIP's as cluster_id.
+
+Table 5 is run twice (`experiments.TABLE_5_PROTOCOLS`): as App. E runs it, every method from the
+same pre-trained weights (S1's backbone standing in for ImageNet's) on the same number of images
+(`experiments.TABLE_5_IMAGES`), and every method from random weights; SimCLR at App. E's tuned
+tau = 0.2, Supervised on the world's early train days. Each row's Cluster-ID features go into a
+CTR model trained on the late train days only (after Supervised's), beside a baseline on the
+same days. Every step is a `python -m trainer.task` command line. Prints delta AUC and delta GAUC
+against the baseline (percentage points, raw values in parentheses), judges the paper's
+orderings across the seeds and writes table5.md and claims.json. The world needs item titles
+(CLIP, MaskCLIP, COURIER + CLIP) and early / late splits (`early_days`).
 
   python scripts/repro_courier.py --data_dir=data/small --visual_dir=runs/visual \
-      --out_dir=runs/courier --seeds=0,1
+      --out_dir=runs/courier --seeds=0,1,2
 """
 from __future__ import annotations
 
@@ -30,30 +35,41 @@ from trainer.synth import truth  # evaluation only
 
 MODES = experiments.MODES
 ABLATIONS = experiments.COURIER_ABLATIONS  # (Table 6 row, config flag)
-BASELINES = tuple(e.name for e in experiments.BASELINES)  # Table 5's, trained from scratch
-TABLE_5, TABLE_5_MODE = experiments.TABLE_5, experiments.TABLE_5_MODE
-# Table 5's other rows are also run as Vectors: what k-means keeps of a representation depends
-# on which axis dominates it (docs/results.md, Table 5's discussion).
-TABLE_5_MODES = (TABLE_5_MODE, "vector")
-PAPER_5 = experiments.PAPER_TABLE_5
+TABLE_5_MODE = experiments.TABLE_5_MODE
+PROTOCOLS = experiments.TABLE_5_PROTOCOLS  # {protocol: Table 5's rows in the paper's order}
+TABLE_5_DIR = "table5"  # the Table 5 CTR runs (on the late train days) under a seed's dir
+# The paper's Table 5 figures, by row position (Supervised, CLIP, SimCLR, SimSiam, MaskCLIP,
+# COURIER).
+PAPER_5 = [experiments.PAPER_TABLE_5[e] for e in experiments.TABLE_5]
 PAPER_B1 = experiments.PAPER_TABLE_B1
 PAPER_6 = experiments.PAPER_TABLE_6
-title = experiments.table_5_title
+
+
+def row_title(name: str) -> str:
+    return experiments.get(name).title
 
 
 def ctr_runs(encoders: list, ablation_mode: str) -> list:
-    """(result key, CTR experiment): the baseline, S1 and COURIER in every mode, each trained
-    Table 6 variant in `ablation_mode`, and each other trained encoder (Table 5's baselines,
-    COURIER + CLIP) in Table 5's mode."""
+    """(result key, CTR experiment) on every train day: the baseline, S1 and COURIER in every
+    mode, each trained Table 6 variant in `ablation_mode`, COURIER + CLIP in Table 5's mode."""
     runs = [("baseline", experiments.ctr_experiment(None))]
-    runs += [(f"{experiments.get(enc).title}/{mode}", experiments.ctr_experiment(enc, mode))
+    runs += [(f"{row_title(enc)}/{mode}", experiments.ctr_experiment(enc, mode))
              for enc in ("s1", "courier") for mode in MODES]
     runs += [(f"{row}/{ablation_mode}", experiments.ctr_experiment(f"courier_{flag}",
                                                                    ablation_mode))
              for row, flag in ABLATIONS if f"courier_{flag}" in encoders]
-    runs += [(f"{experiments.get(e).title}/{mode}", experiments.ctr_experiment(e, mode))
-             for mode in TABLE_5_MODES for e in (*BASELINES, "courier_clip") if e in encoders]
+    if "courier_clip" in encoders:
+        runs.append((f"COURIER+CLIP/{TABLE_5_MODE}",
+                     experiments.ctr_experiment("courier_clip", TABLE_5_MODE)))
     return runs
+
+
+def table_5_runs() -> list:
+    """(result key, CTR experiment) of both Table 5 protocols: the baseline and each row's
+    Cluster-ID features, keyed by experiment name (trained on the late train days)."""
+    rows = dict.fromkeys(e for p in PROTOCOLS.values() for e in p)
+    return [("baseline", experiments.ctr_experiment(None))] + [
+        (e, experiments.ctr_experiment(e, TABLE_5_MODE)) for e in rows]
 
 
 def run_seed(data_dir: str, s1: str, out: str, seed: int, a) -> dict:
@@ -62,45 +78,58 @@ def run_seed(data_dir: str, s1: str, out: str, seed: int, a) -> dict:
     dirs = {"s1": s1}
     variants = ["courier"] + ([] if a.skip_ablations else
                               [f"courier_{flag}" for _, flag in ABLATIONS])
+    table_5 = [] if a.skip_baselines else [
+        e for e in dict.fromkeys(e for p in PROTOCOLS.values() for e in p)
+        if e not in ("courier", "s1")]
     variants += [] if a.skip_baselines else ["courier_clip"]
     previous = os.path.join(out, "results.json")
     seconds = {}  # training times, kept from an earlier run of the seed for encoders it trained
     if os.path.exists(previous):
         with open(previous) as f:
             seconds = json.load(f).get("courier_seconds", {})
-    for name in variants + ([] if a.skip_baselines else list(BASELINES)):
+    for name in variants + table_5:
         exp = experiments.get(name)
         dirs[name] = os.path.join(out, name)
-        steps = ([f"--train_steps={a.courier_steps}"] if exp.stage == "courier" else
+        # The equal-protocol rows carry their own steps (`experiments.TABLE_5_IMAGES`).
+        own_steps = any(path == "train.steps" for path, _ in exp.sets)
+        steps = ([] if own_steps else
+                 [f"--train_steps={a.courier_steps}"] if exp.stage == "courier" else
                  [f"--train_steps={a.encoder_steps}"] if a.encoder_steps else [])
         if os.path.isdir(os.path.join(dirs[name], "ckpt")):  # a rerun keeps trained encoders
             continue
         t = experiments.run(experiments.command(exp, data_dir, dirs[name], dirs, seed,
                                                 flags=steps), log)
-        seconds[exp.title] = t
-        print(f"  seed {seed}: trained {exp.title} ({t:.0f}s)", flush=True)
-    results = {}
-    for key, exp in ctr_runs([*variants, *BASELINES], a.ablation_mode):
-        if exp.needs and not all(os.path.isdir(dirs.get(n, "")) for n in exp.needs):
-            continue
-        model_dir = os.path.join(out, exp.name)
-        t = 0.0
-        if not read_metrics(model_dir):  # a rerun only reports
-            t = experiments.run(experiments.command(
-                exp, data_dir, model_dir, dirs, seed,
-                flags=[f"--train_steps={a.ctr_steps}"] + a.extra.split()), log)
-        m = results[key] = read_metrics(model_dir) or {}
-        print(f"  seed {seed}: {key}: AUC {m['AUC']:.4f} GAUC {m['GAUC']:.4f} ({t:.0f}s)",
-              flush=True)
-    out_results = {"ctr": results, "courier_seconds": seconds}
+        seconds[name] = t
+        print(f"  seed {seed}: trained {name} ({t:.0f}s)", flush=True)
+
+    def ctr(runs: list, root: str, sets: tuple = ()) -> dict:
+        results = {}
+        for key, exp in runs:
+            if exp.needs and not all(os.path.isdir(dirs.get(n, "")) for n in exp.needs):
+                continue
+            model_dir = os.path.join(root, exp.name)
+            t = 0.0
+            if not read_metrics(model_dir):  # a rerun only reports
+                t = experiments.run(experiments.command(
+                    exp, data_dir, model_dir, dirs, seed, sets=sets,
+                    flags=[f"--train_steps={a.ctr_steps}"] + a.extra.split()), log)
+            m = results[key] = read_metrics(model_dir) or {}
+            print(f"  seed {seed}: {os.path.relpath(model_dir, out)}: AUC {m['AUC']:.4f} GAUC "
+                  f"{m['GAUC']:.4f} ({t:.0f}s)", flush=True)
+        return results
+
+    out_results = {"ctr": ctr(ctr_runs(variants, a.ablation_mode), out),
+                   "table5": ctr(table_5_runs(), os.path.join(out, TABLE_5_DIR),
+                                 (("ctr.train_split", "late"),)) if table_5 else {},
+                   "courier_seconds": seconds}
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(out_results, f, indent=2)
     return out_results
 
 
-def _delta(per_seed: dict, key: str, metric: str) -> str:
-    return experiments.delta_cell([r["ctr"][key][metric] for r in per_seed.values()],
-                                  [r["ctr"]["baseline"][metric] for r in per_seed.values()])
+def _delta(per_seed: dict, key: str, metric: str, table: str = "ctr") -> str:
+    return experiments.delta_cell([r[table][key][metric] for r in per_seed.values()],
+                                  [r[table]["baseline"][metric] for r in per_seed.values()])
 
 
 def tables(per_seed: dict, ablation_mode: str) -> str:
@@ -112,25 +141,21 @@ def tables(per_seed: dict, ablation_mode: str) -> str:
              f"(percentage points, mean ± half-range over seeds {', '.join(map(str, seeds))}; "
              f"raw means in parentheses). Baseline AUC {base['AUC']:.4f}, GAUC "
              f"{base['GAUC']:.4f}.", ""]
-    rows5 = [e for e in TABLE_5 if f"{experiments.get(e).title}/{TABLE_5_MODE}" in first]
-    if len(rows5) > 2:
-        lines += [f"Table 5 layout ({TABLE_5_MODE} features); the paper's ΔAUC (women's "
+    five = per_seed[seeds[0]].get("table5", {})
+    for protocol, rows in PROTOCOLS.items():
+        if not all(e in five for e in rows):
+            continue
+        b5 = {m: np.mean([r["table5"]["baseline"][m] for r in per_seed.values()])
+              for m in ("AUC", "GAUC")}
+        lines += [f"Table 5 layout, every method {protocol} ({TABLE_5_MODE} features; the CTR "
+                  "model and its baseline trained on the late train days, baseline AUC "
+                  f"{b5['AUC']:.4f}, GAUC {b5['GAUC']:.4f}); the paper's ΔAUC (women's "
                   "clothing), ΔAUC, ΔGAUC (all categories) in brackets:", "",
                   "| Method | ΔAUC | ΔGAUC | paper |", "| --- | ---: | ---: | --- |"]
-        for e in rows5:
-            key, label = f"{experiments.get(e).title}/{TABLE_5_MODE}", title(e)
-            paper = ", ".join(f"{v:+.2f}%" for v in PAPER_5[e])
-            lines.append(f"| {label} | {_delta(per_seed, key, 'AUC')} | "
-                         f"{_delta(per_seed, key, 'GAUC')} | [{paper}] |")
-        lines.append("")
-    if "CLIP/vector" in first:
-        lines += ["Table 5's methods with their features as Vectors (not a table of the paper):",
-                  "", "| Method | ΔAUC | ΔGAUC |", "| --- | ---: | ---: |"]
-        for e in (*TABLE_5, "courier_clip"):
-            key = f"{experiments.get(e).title}/vector"
-            if key in first:
-                lines.append(f"| {title(e)} | {_delta(per_seed, key, 'AUC')} | "
-                             f"{_delta(per_seed, key, 'GAUC')} |")
+        for i, e in enumerate(rows):
+            paper = ", ".join(f"{v:+.2f}%" for v in PAPER_5[i])
+            lines.append(f"| {row_title(e)} | {_delta(per_seed, e, 'AUC', 'table5')} | "
+                         f"{_delta(per_seed, e, 'GAUC', 'table5')} | [{paper}] |")
         lines.append("")
     if f"COURIER+CLIP/{TABLE_5_MODE}" in first:
         lines += [f"Table 8 layout ({TABLE_5_MODE} features):", "",
@@ -150,12 +175,13 @@ def tables(per_seed: dict, ablation_mode: str) -> str:
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", f"Paper (Table B1, COURIER versions {PAPER_B1}; Table 5 with cluster_id: "
               "SimCLR +0.28% women's / +0.05% all AUC, COURIER +0.46% / +0.16%)."]
-    rows = [row for row, _ in ABLATIONS if f"{row}/{ablation_mode}" in per_seed[seeds[0]]["ctr"]]
-    if rows:
+    variants = [row for row, _ in ABLATIONS
+                if f"{row}/{ablation_mode}" in per_seed[seeds[0]]["ctr"]]
+    if variants:
         lines += ["", f"Table 6 layout ({ablation_mode} features); the paper's ΔAUC (women's "
                   "clothing), ΔAUC, ΔGAUC in brackets:", "",
                   "| Variant | ΔAUC | ΔGAUC | paper |", "| --- | ---: | ---: | --- |"]
-        for row in rows + ["COURIER"]:
+        for row in variants + ["COURIER"]:
             key = f"{row}/{ablation_mode}"
             paper = ", ".join(f"{v:+.2f}%" for v in PAPER_6[row])
             lines.append(f"| {row} | {_delta(per_seed, key, 'AUC')} | "
@@ -169,15 +195,18 @@ def tables(per_seed: dict, ablation_mode: str) -> str:
 
 
 def predictions(out_dir: str, seeds: list, ablation_mode: str) -> dict:
-    """{seed: {CTR experiment name: predictions.npz}} of every CTR run the seeds hold."""
-    every = [f"courier_{flag}" for _, flag in ABLATIONS] + [*BASELINES, "courier_clip"]
+    """{seed: {run: predictions.npz}} of every CTR run the seeds hold, by CTR experiment name
+    (the Table 5 runs as 'table5/' + it)."""
+    every = [f"courier_{flag}" for _, flag in ABLATIONS] + ["courier_clip"]
+    runs = [exp.name for _, exp in ctr_runs(every, ablation_mode)]
+    runs += [f"{TABLE_5_DIR}/{exp.name}" for _, exp in table_5_runs()]
     out: dict = {}
     for s in seeds:
         out[s] = {}
-        for _, exp in ctr_runs(every, ablation_mode):
-            path = os.path.join(out_dir, f"seed{s}", exp.name, "predictions.npz")
+        for name in runs:
+            path = os.path.join(out_dir, f"seed{s}", name, "predictions.npz")
             if os.path.exists(path):
-                out[s][exp.name] = npz.read(path)
+                out[s][name] = npz.read(path)
     return out
 
 
@@ -197,7 +226,9 @@ def checks(out_dir: str, preds: dict, ablation_mode: str) -> list[str]:
                                  ctr(f"courier_{flag}", ablation_mode).name, "AUC",
                                  paper="paper 002 Table 6 and App. D")
                for row, flag in ABLATIONS]
-    claims += [*experiments.TABLE_5_CLAIMS, experiments.TABLE_8_CLAIM]
+    claims.append(experiments.TABLE_8_CLAIM)
+    for protocol, rows in PROTOCOLS.items():
+        claims += experiments.table_5_claims(rows, f"{TABLE_5_DIR}/", protocol)
     lines, records = experiments.judge_claims(claims, preds, significance.compare_ctr_seeds)
     experiments.write_claims(records, out_dir)
     return lines
@@ -212,12 +243,20 @@ def report(a, per_seed: dict) -> str:
              "pages alone):\n" + "\n".join(checks(a.out_dir, preds, a.ablation_mode)))
     first = min(per_seed)
     seed_dir = os.path.join(a.out_dir, f"seed{first}")
-    names = [e for e in ("courier", *(f"courier_{flag}" for _, flag in ABLATIONS), *BASELINES,
-                         "courier_clip") if os.path.isdir(os.path.join(seed_dir, e, "ckpt"))]
-    encoders = ({title("s1"): s1_dir(a, first)}
-                | {title(e): os.path.join(seed_dir, e) for e in names})
-    clusters_files = {title(e): os.path.join(seed_dir, experiments.ctr_experiment(
-        e, "cluster_id").name, "clusters.npz") for e in ("s1", *names)}
+    main = [e for e in ("courier", *(f"courier_{flag}" for _, flag in ABLATIONS),
+                        "courier_clip") if os.path.isdir(os.path.join(seed_dir, e, "ckpt"))]
+    five = [e for e in dict.fromkeys(e for p in PROTOCOLS.values() for e in p)
+            if e != "courier" and os.path.isdir(os.path.join(seed_dir, e, "ckpt"))]
+
+    def label(e: str) -> str:
+        return f"{row_title(e)} ({e})"
+
+    encoders = ({label("s1"): s1_dir(a, first)}
+                | {label(e): os.path.join(seed_dir, e) for e in (*main, *five)})
+    clusters_files = {label(e): os.path.join(seed_dir, experiments.ctr_experiment(
+        e, "cluster_id").name, "clusters.npz") for e in ("s1", *main)} | {
+        label(e): os.path.join(seed_dir, TABLE_5_DIR, experiments.ctr_experiment(
+            e, "cluster_id").name, "clusters.npz") for e in five}
     text += (f"\n\nWhat the vectors carry, without the CTR model (seed {first}):"
              f"\n\n{diagnostics.user_intent(a.data_dir, encoders, clusters_files)}")
     if truth.exists(a.data_dir):

@@ -60,13 +60,57 @@ def test_manifest_matches_files(tiny_world):
     assert m["seed"] == 0 and m["world"]["name"] == "tiny"
     cfg = config.get_world("tiny")
     assert m["days"] == {"train": list(range(cfg.train_days)),
-                         "test": [cfg.train_days + i for i in range(cfg.test_days)]}
+                         "test": [cfg.train_days + i for i in range(cfg.test_days)],
+                         "early": list(range(cfg.early_days))}
     for kind, splits in m["files"].items():
         for split, entry in splits.items():
             recs = raw_records(",".join(os.path.join(tiny_world, f) for f in entry["files"]))
             assert len(recs) == entry["records"], (kind, split)
     assert m["files"]["catalog"]["all"]["records"] == cfg.num_items
     assert m["files"]["ctr"]["test"]["records"] == cfg.sessions_per_day * cfg.page_size
+
+
+def test_the_early_and_late_splits_partition_the_train_days(tiny_world):
+    """Supervised pre-trains on the early train days, the equal-protocol Table 5's CTR models
+    on the late ones: together they are the train split, record for record, and apart."""
+    def recs(split: str) -> list[bytes]:
+        return raw_records(records.default_pattern(tiny_world, "ctr", split))
+    early, late, train = recs("early"), recs("late"), recs("train")
+    assert early and late and len(early) + len(late) == len(train)
+    assert sorted(early + late) == sorted(train)
+    assert not set(early) & set(late)
+
+
+def test_a_dosed_world_keeps_the_catalog_and_scales_one_property(tmp_path):
+    """The dose-response study's worlds: the same items and images at every strength, only the
+    named property of the behaviour scaled (0: absent)."""
+    tiny = config.get_world("tiny")
+    none = config.dosed(tiny, "style", 0.0)
+    assert none.click.query_style == 0 and none.click.user_style == 0
+    assert none.click.quality == tiny.click.quality and none.name == "tiny-style0"
+    assert config.dosed(tiny, "popularity", 0.5).display_popularity_power == pytest.approx(
+        0.5 * tiny.display_popularity_power)
+    half = config.dosed(tiny, "intention", 0.5)
+    assert half.query_from_interest == pytest.approx(0.5 * tiny.query_from_interest)
+    assert half.click.user_style == pytest.approx(0.5 * tiny.click.user_style)
+    assert half.click.query_style == tiny.click.query_style
+    with pytest.raises(ValueError, match="unknown dose"):
+        config.dosed(tiny, "colour", 1.0)
+    with pytest.raises(ValueError, match="strength"):
+        config.dosed(tiny, "style", 1.5)
+    kind = marketplace.schema.CATALOG.name
+    base, dosed = str(tmp_path / "base"), str(tmp_path / "dosed")
+    from trainer.ctr import spec as ctr_spec
+    for world, d in ((tiny, base), (config.dosed(tiny, "popularity", 0.0), dosed)):
+        marketplace.generate(world, d, seed=0, ctr_kind=ctr_spec.record_kind("ctr"))
+    from trainer.data import pipeline
+    columns = ("item_id", "image", "category_id", "title", "price")  # impressions_30d follows
+    same = [pipeline.read_columns(records.default_pattern(d, kind), kind, columns)  # the display
+            for d in (base, dosed)]
+    for c in columns:
+        assert np.array_equal(same[0][c], same[1][c]), c
+    assert raw_records(records.default_pattern(base, "ctr", "test")) != raw_records(
+        records.default_pattern(dosed, "ctr", "test"))
 
 
 @pytest.fixture(scope="module")

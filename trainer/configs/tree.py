@@ -388,6 +388,10 @@ class CtrConfig:
       spec: The feature spec: a built-in name ('synthetic', 'feed') or a YAML/JSON file.
       train_pattern, test_pattern: `ctr` TFRecords of the train days and of the test day (empty:
         the data dir's).
+      train_split: The data dir's `ctr` split trained on when `train_pattern` is empty: 'train'
+        (every train day), or a synthetic world's 'early' / 'late' train days (paper 002
+        §4.2.1 pre-trains on days before the CTR model's window: Supervised on 'early', the CTR
+        models of the equal-protocol Table 5 on 'late').
       embedding_dim: Size of an id embedding whose feature sets none in the spec.
       hash_bins: Features hashed into this many bins instead of looked up in a vocabulary from
         the training data, over the spec's, e.g. {"user_id": 1000000}.
@@ -406,6 +410,7 @@ class CtrConfig:
 
     spec: str = "synthetic"
     train_pattern: str = ""
+    train_split: str = setting("train", choices=("train", "early", "late"))
     test_pattern: str = ""
     embedding_dim: int = setting(16, low=1)
     hash_bins: dict[str, int] = setting(factory=dict, low=1)
@@ -560,10 +565,15 @@ class SynthStage(StageConfig):
       overwrite: Replace an existing world in `data_dir`.
       ctr_spec: The feature spec whose columns the `ctr` records hold (the others are left out,
         as in a data set that lacks them).
+      dose, strength: One property of the world (`trainer.synth.config.DOSES`: 'style',
+        'popularity', 'intention') scaled by `strength` in [0, 1], for the dose-response study
+        (empty: the world as named).
     """
 
     stage: str = "synth"
     world: str = "small"
+    dose: str = setting("", choices=("", "style", "popularity", "intention"))
+    strength: float = setting(1.0, low=0.0, high=1.0)
     workers: int = setting(0, low=0)
     inline_images: bool = False
     overwrite: bool = False

@@ -38,6 +38,19 @@ def pattern(cfg: configs.StageConfig, given: str, kind: str, split: str = "*") -
     return records.default_pattern(cfg.data_dir, kind, split)
 
 
+def ctr_train_pattern(cfg: configs.StageConfig, ctr: configs.CtrConfig) -> str:
+    """`ctr.train_pattern`, else the data dir's `ctr` records of `ctr.train_split`; a split other
+    than 'train' that the data dir lacks fails naming what writes it."""
+    found = pattern(cfg, ctr.train_pattern, "ctr", ctr.train_split)
+    if not ctr.train_pattern and ctr.train_split != "train" and not has_files(found):
+        raise FileNotFoundError(
+            f"no `ctr` records of the split '{ctr.train_split}' ({found}): a synthetic world "
+            "writes the 'early' and 'late' train days when its `early_days` > 0 (`small` and "
+            "`tiny` do since the equal-protocol Table 5: generate the world again), or give "
+            "ctr.train_pattern")
+    return found
+
+
 def has_files(file_pattern: str) -> bool:
     return any(tf.io.gfile.glob(p.strip()) for p in file_pattern.split(",") if p.strip())
 

@@ -54,7 +54,7 @@ def run_ctr(cfg: configs.CtrStage) -> None:
         raise common.UsageError(f"--stage={cfg.stage} needs image features: --image_features "
                                 "(images.encoder), e.g. s1s2")
     cfg = dataclasses.replace(cfg, images=resolve_images(cfg), ctr=dataclasses.replace(
-        cfg.ctr, train_pattern=common.pattern(cfg, cfg.ctr.train_pattern, "ctr", "train"),
+        cfg.ctr, train_pattern=common.ctr_train_pattern(cfg, cfg.ctr),
         test_pattern=common.pattern(cfg, cfg.ctr.test_pattern, "ctr", "test")))
     spec = ctr_spec.load(cfg.ctr.spec)
     if cfg.ctr.hash_bins:

@@ -20,6 +20,8 @@ from trainer.synth import marketplace
 def run_synth(cfg: configs.SynthStage) -> None:
     common.require(cfg, "data_dir")
     world = worlds.get_world(cfg.world)
+    if cfg.dose:
+        world = worlds.dosed(world, cfg.dose, cfg.strength)
     spec = ctr_spec.load(cfg.ctr_spec)
     t0 = time.time()
     manifest = marketplace.generate(world, cfg.data_dir, cfg.seed,

@@ -81,8 +81,8 @@ def run_supervised(cfg: configs.SupervisedStage) -> None:
     def task_of(cfg, enc, catalog):
         cfg = dataclasses.replace(
             cfg, supervised=dataclasses.replace(cfg.supervised, catalog_pattern=catalog),
-            ctr=dataclasses.replace(cfg.ctr, train_pattern=common.pattern(
-                cfg, cfg.ctr.train_pattern, "ctr", "train")))
+            ctr=dataclasses.replace(cfg.ctr, train_pattern=common.ctr_train_pattern(
+                cfg, cfg.ctr)))
         spec = ctr_spec.load(cfg.ctr.spec)
         if cfg.ctr.hash_bins:
             spec = spec.with_hash_bins(cfg.ctr.hash_bins)

@@ -109,6 +109,9 @@ class WorldConfig:
       history_days: Simulated warm-up days that build click histories and preferred categories
         but are not emitted as samples.
       train_days, test_days: Emitted days; the test day follows the train days.
+      early_days: The first this many train days' `ctr` records are also written as the split
+        `early`, the other train days' as `late` (a pre-training window before the CTR model's,
+        as paper 002 §4.2.1 keeps them apart; 0: neither split is written).
       sessions_per_day: Visual-search page views per day.
       page_size: Items displayed per page view (CTR samples per page).
       styles_per_user: (min, max) number of style interests of a user.
@@ -142,6 +145,7 @@ class WorldConfig:
     train_days: int
     test_days: int
     sessions_per_day: int
+    early_days: int = 0
     page_size: int = 10
     styles_per_user: tuple = (2, 3)
     query_from_interest: float = 0.7
@@ -191,6 +195,8 @@ class WorldConfig:
             raise ValueError(f"page_size must be >= l_pv={schema.L_PV}")
         if self.image_size < 16:
             raise ValueError("image_size must be >= 16")
+        if not 0 <= self.early_days < max(self.train_days, 1):
+            raise ValueError(f"early_days must be in [0, train_days), got {self.early_days}")
 
 
 WORLDS: dict[str, WorldConfig] = {
@@ -198,13 +204,13 @@ WORLDS: dict[str, WorldConfig] = {
     "tiny": WorldConfig(
         name="tiny", num_categories=4, num_patterns=2, num_palettes=2, num_items=480,
         num_shops=24, num_brands=16, num_users=240, num_queries=160, image_size=32,
-        history_days=4, train_days=3, test_days=1, sessions_per_day=400,
+        history_days=4, train_days=3, test_days=1, sessions_per_day=400, early_days=1,
         impressions_per_item_30d=20.0, judgment_queries=60, shards=2),
     # `make demo`: under a minute to generate on 2 cores.
     "small": WorldConfig(
         name="small", num_categories=8, num_patterns=4, num_palettes=4, num_items=8000,
         num_shops=200, num_brands=120, num_users=4000, num_queries=2400, image_size=64,
-        history_days=14, train_days=6, test_days=1, sessions_per_day=4000,
+        history_days=14, train_days=6, test_days=1, sessions_per_day=4000, early_days=3,
         judgment_queries=400, shards=4),
     # The daily cycle's tests: 6 days of 400 sessions.
     "tiny_moving": WorldConfig(
@@ -224,9 +230,53 @@ WORLDS: dict[str, WorldConfig] = {
     "medium": WorldConfig(
         name="medium", num_categories=12, num_patterns=6, num_palettes=6, num_items=48000,
         num_shops=1000, num_brands=600, num_users=30000, num_queries=12000, image_size=64,
-        history_days=14, train_days=13, test_days=1, sessions_per_day=20000,
+        history_days=14, train_days=13, test_days=1, sessions_per_day=20000, early_days=6,
         impressions_per_item_30d=36.0, judgment_queries=1000, shards=16),
+    # The dose-response study (`DOSES`, `make repro-dose`): half of `small`'s catalog and
+    # users, four train days.
+    "dose": WorldConfig(
+        name="dose", num_categories=8, num_patterns=4, num_palettes=4, num_items=4000,
+        num_shops=100, num_brands=60, num_users=2000, num_queries=1200, image_size=64,
+        history_days=14, train_days=4, test_days=1, sessions_per_day=3000,
+        judgment_queries=200, shards=4),
 }
+
+
+# The dose-response study (`scripts/repro_dose.py`, docs/results.md): each of the three
+# properties of the data that the papers' claims rest on, scaled by a strength in [0, 1] (1: the
+# world as named, 0: the property absent). The catalog (items, styles, images) is the same at
+# every strength; only the users' behaviour changes.
+DOSES = {
+    # Fine-grained visual style drives clicks (why learned image features help: S1, S2,
+    # COURIER): the click logit's style terms, towards the query's and the user's own styles.
+    "style": "click.query_style and click.user_style x strength",
+    # Impressions are biased by popularity (why D helps the long tail): the display policy's
+    # popularity exponent (0: items shown uniformly within their category).
+    "popularity": "display_popularity_power x strength",
+    # The user's intention is visible in their history's images (why COURIER beats S1): how
+    # often a search is for one of the user's own styles, and how much their own styles drive
+    # their clicks (0: the history's styles say nothing of the next page's clicks).
+    "intention": "query_from_interest and click.user_style x strength",
+}
+
+
+def dosed(world: WorldConfig, dose: str, strength: float) -> WorldConfig:
+    """`world` with the property `dose` (`DOSES`) scaled by `strength` in [0, 1]."""
+    if dose not in DOSES:
+        raise ValueError(f"unknown dose '{dose}'; known: {sorted(DOSES)}")
+    if not 0 <= strength <= 1:
+        raise ValueError(f"strength must be in [0, 1], got {strength}")
+    c = world.click
+    if dose == "style":
+        out = dataclasses.replace(world, click=dataclasses.replace(
+            c, query_style=c.query_style * strength, user_style=c.user_style * strength))
+    elif dose == "popularity":
+        out = dataclasses.replace(
+            world, display_popularity_power=world.display_popularity_power * strength)
+    else:
+        out = dataclasses.replace(world, query_from_interest=world.query_from_interest * strength,
+                                  click=dataclasses.replace(c, user_style=c.user_style * strength))
+    return dataclasses.replace(out, name=f"{world.name}-{dose}{strength:g}")
 
 
 def get_world(name: str) -> WorldConfig:

@@ -382,11 +382,15 @@ def write(world: World, data_dir: str, seed: int, workers: int = 1,
                     layout="inline" if inline_images else "join", ctr_columns=ctr_kind.names)
     if not cfg.movement.days:
         train = ss["day"] < cfg.train_days
+        splits = {"train": train, "test": ~train}
+        if cfg.early_days:
+            splits.update(early=ss["day"] < cfg.early_days,
+                          late=train & (ss["day"] >= cfg.early_days))
         files = _write_data_dir(world, data_dir, seed, images, inline_images, ctr_kind,
-                                np.arange(len(it["item_id"])),
-                                {"train": train, "test": ~train}, train, first=True)
+                                np.arange(len(it["item_id"])), splits, train, first=True)
         manifest.update(days=dict(train=list(range(cfg.train_days)),
-                                  test=list(range(cfg.train_days, cfg.emitted_days))),
+                                  test=list(range(cfg.train_days, cfg.emitted_days)),
+                                  early=list(range(cfg.early_days))),
                         files=files, stats=observable_stats(world))
     else:
         holdout = np.random.default_rng([seed, 6]).random(len(ss["day"])) < \
