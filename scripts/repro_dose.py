@@ -120,6 +120,17 @@ def report(a, per_seed: dict) -> str:
              f"seeds {', '.join(map(str, seeds))}; each gain is the mean over seeds of the "
              "difference between the pair's test-day metrics, with its 95% interval over the "
              "seeds and the test pages together, and the verdict on 'the first is better'.", ""]
+    lines += ["The worlds, by what their logs show (`manifest.json`'s statistics; the same "
+              "shares can be counted on any impression log):", "",
+              "| dose | strength | click rate | impressions on the top 10% of items | items "
+              "under 5 impressions |", "| --- | ---: | ---: | ---: | ---: |"]
+    for dose in STUDIES:
+        for strength in a.strengths:
+            st = (marketplace.load_manifest(world_dir(a, dose, strength)) or {}).get("stats", {})
+            lines.append(f"| {dose} | {strength:g} | {st.get('click_rate', float('nan')):.4f} | "
+                         f"{st.get('share_impressions_30d_on_top10pct_items', float('nan')):.3f}"
+                         f" | {st.get('share_items_under_5_impressions_30d', float('nan')):.3f} |")
+    lines.append("")
     curves: dict = {}
     for dose, (what, (hi, lo), metrics) in STUDIES.items():
         lines += [f"**{dose}** ({worlds.DOSES[dose]}): {what}", "",

@@ -253,3 +253,17 @@ def test_scale_world_streams_valid_records_in_chunks(tmp_path, monkeypatch):
     report = validate.scan(pipeline.list_files(records.default_pattern(out, "ctr")),
                            parse.RecordParser(kind, decode=False))
     assert report.bad == [] and report.records == 2800
+
+
+def test_a_missing_early_or_late_split_fails_naming_what_writes_it(tmp_path):
+    from trainer import configs
+    from trainer.stages import common
+    os.makedirs(tmp_path / "ctr")
+    (tmp_path / "ctr" / "train-00000-of-00001.tfrecord").write_bytes(b"")
+    cfg = configs.CtrStage(data_dir=str(tmp_path))
+    assert common.ctr_train_pattern(cfg, cfg.ctr).endswith("train-*.tfrecord*")
+    late = configs.CtrConfig(train_split="late")
+    with pytest.raises(FileNotFoundError, match="'late'.*early_days"):
+        common.ctr_train_pattern(cfg, late)
+    given = configs.CtrConfig(train_split="late", train_pattern="mine-*.tfrecord")
+    assert common.ctr_train_pattern(cfg, given) == "mine-*.tfrecord"
