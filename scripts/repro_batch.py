@@ -60,7 +60,7 @@ def run_seed(a, seed: int, out: str) -> None:
         enc_dir = os.path.join(out, f"courier_bs{bs}")
         steps = max(1, math.ceil(pages / bs))
         t0 = time.time()
-        if not os.path.isdir(os.path.join(enc_dir, "ckpt")):
+        if not experiments.trained(enc_dir):
             args = experiments.command(courier, a.data_dir, enc_dir, {"s1": s1}, seed, flags=[
                 f"--batch_size={bs}", f"--train_steps={steps}", "--strategy=mirrored",
                 f"--logical_cpus={a.replicas}", f"--checkpoint_interval={steps}"])

@@ -95,7 +95,7 @@ def run_seed(data_dir: str, s1: str, out: str, seed: int, a) -> dict:
         steps = ([] if own_steps else
                  [f"--train_steps={a.courier_steps}"] if exp.stage == "courier" else
                  [f"--train_steps={a.encoder_steps}"] if a.encoder_steps else [])
-        if os.path.isdir(os.path.join(dirs[name], "ckpt")):  # a rerun keeps trained encoders
+        if experiments.trained(dirs[name]):  # a rerun keeps trained encoders
             continue
         t = experiments.run(experiments.command(exp, data_dir, dirs[name], dirs, seed,
                                                 flags=steps), log)

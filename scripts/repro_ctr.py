@@ -45,7 +45,7 @@ def ensure_encoders(data_dir: str, visual_dir: str, seed: int) -> str:
     """<visual_dir>/seed<N> with every encoder trained (repro_visual.py trains what is missing of
     its own; the competitors are trained here)."""
     out = os.path.join(visual_dir, f"seed{seed}")
-    missing = [e for e in ENCODERS if not os.path.isdir(os.path.join(out, e, "ckpt"))]
+    missing = [e for e in ENCODERS if not experiments.trained(os.path.join(out, e))]
     if missing:
         print(f"  seed {seed}: training encoders {missing} (scripts/repro_visual.py)", flush=True)
         proc = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__),

@@ -77,7 +77,7 @@ def run_seed(a, seed: int, out: str) -> dict:
     seconds: dict = {}
 
     def train(exp: experiments.Experiment, data_dir: str, model_dir: str, dirs: dict) -> None:
-        if os.path.isdir(os.path.join(model_dir, "ckpt")):
+        if experiments.trained(model_dir):
             return
         t = experiments.run(experiments.command(exp, data_dir, model_dir, dirs, seed,
                                                 flags=[f"--train_steps={steps[exp.stage]}"]),

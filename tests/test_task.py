@@ -118,3 +118,19 @@ def test_every_experiment_command_line_builds_its_config():
             assert configs.to_dict(cfg) == configs.to_dict(configs.override(cfg, path, value)), \
                 (name, path)
     flags.FLAGS.unparse_flags()
+
+
+def test_a_run_counts_as_trained_only_at_its_configured_steps(tmp_path):
+    """The repro scripts skip trained encoders; an interrupted run (checkpoints short of its
+    steps) is rerun, which resumes it."""
+    import json
+
+    from trainer import experiments
+    d = tmp_path / "s1"
+    assert not experiments.trained(str(d))
+    os.makedirs(d / "ckpt")
+    (d / "config.json").write_text(json.dumps({"train": {"steps": 600}}))
+    (d / "ckpt" / "ckpt-450.index").write_bytes(b"")
+    assert not experiments.trained(str(d))
+    (d / "ckpt" / "ckpt-600.index").write_bytes(b"")
+    assert experiments.trained(str(d))

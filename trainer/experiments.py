@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -306,10 +307,25 @@ def run(args: Sequence[str], log_path: str) -> float:
     return time.time() - t0
 
 
+def trained(model_dir: str) -> bool:
+    """Whether `model_dir` holds a finished training run: a checkpoint at the steps its
+    config.json asked for (an interrupted run's earlier checkpoints do not count: rerunning its
+    command resumes it)."""
+    config = os.path.join(model_dir, "config.json")
+    ckpt = os.path.join(model_dir, "ckpt")
+    if not (os.path.exists(config) and os.path.isdir(ckpt)):
+        return False
+    with open(config) as f:
+        steps = json.load(f).get("train", {}).get("steps")
+    steps_done = [int(m.group(1)) for name in os.listdir(ckpt)
+                  if (m := re.fullmatch(r"ckpt-(\d+)\.index", name))]
+    return steps is not None and bool(steps_done) and max(steps_done) >= steps
+
+
 def ensure(exp: Experiment, data_dir: str, model_dir: str, dirs: dict[str, str], seed: int,
            log_path: str) -> str:
-    """`model_dir`, trained as `exp` with its stage's defaults if it holds no checkpoint yet."""
-    if not os.path.isdir(os.path.join(model_dir, "ckpt")):
+    """`model_dir`, trained as `exp` with its stage's defaults unless it is `trained`."""
+    if not trained(model_dir):
         print(f"  training {exp.title} into {model_dir}", flush=True)
         run(command(exp, data_dir, model_dir, dirs, seed), log_path)
     return model_dir
