@@ -10,6 +10,7 @@ import io
 import json
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import matplotlib
 
@@ -182,12 +183,32 @@ def _judge(demo: str, claim: experiments.Claim) -> str | None:
         claim.metric, claim.not_below, claim.margin)
 
 
+def _not_as_registered(exp: experiments.Experiment, model_dir: str) -> str:
+    """' (this run: path=value, ...)' for each of `exp`'s fixed overrides that the run in
+    `model_dir` (its config.json) was not trained with: a run made before the experiment
+    changed is described as it ran."""
+    config = _json(os.path.join(model_dir, "config.json"))
+    if config is None:
+        return ""
+    differs = []
+    for path, value in exp.sets:
+        if isinstance(value, str) and value.startswith("{"):
+            continue  # another run's model dir
+        node: Any = config
+        for key in path.split("."):
+            node = node.get(key) if isinstance(node, dict) else None
+        if node != value:
+            differs.append(f"{path}={node}" if node is not None else
+                           f"no {path} (the run predates the setting)")
+    return f" (this run: {', '.join(differs)})" if differs else ""
+
+
 def _across_seeds(claim: experiments.Claim, repro: dict) -> str:
     """'; across N seeds (the repros): verdict, difference d, seed sd s' for a claim the
     reproductions judged, else a note that none did."""
     r = repro.get(claim.key)
     if r is None:
-        return "; not judged across seeds by a reproduction yet"
+        return "; no reproduction's claims.json (docs/repro/) holds this claim"
     seeds = len(r["by_seed"])
     return (f"; across {seeds} training seeds (longer runs, `make repro-*`): **{r['verdict']}**, "
             f"difference {r['difference']:+.4f} [{r['low']:+.4f}, {r['high']:+.4f}], "
@@ -380,7 +401,8 @@ def write(data_dir: str, demo: str, out: str, models_dir: str | None = None,
     secs = timings.get("seconds", {})
     steps = timings.get("steps", {})
     encoder_rows = "\n".join(
-        f"| {exp.title} | {exp.doc} | {steps.get(exp.stage, '?')} | {secs.get(exp.name, 0):.0f} |"
+        f"| {exp.title} | {exp.doc}{_not_as_registered(exp, os.path.join(demo, exp.name))} | "
+        f"{steps.get(exp.stage, '?')} | {secs.get(exp.name, 0):.0f} |"
         for exp in map(experiments.get, (*experiments.ENCODERS, *BASELINES))
         if exp.name in NAMES or exp.name in secs)
     text = f"""# What the demo trained, and what it shows
