@@ -39,13 +39,23 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 ctr = experiments.ctr_experiment
-# Each property: (what is compared, the pair's CTR runs (better, other), the metrics judged).
-STUDIES = {
-    "style": ("S1 vectors vs no image features", (ctr("s1"), ctr(None)), ("AUC",)),
-    "popularity": ("S1+S2+D vs S1+S2", (ctr("s1s2", debias=True), ctr("s1s2")),
-                   ("AUC_bottom10", "AUC")),
-    "intention": ("COURIER vs S1 as Cluster-IDs", (ctr("courier", "cluster_id"),
-                                                    ctr("s1", "cluster_id")), ("AUC",)),
+D = ctr("s1s2", debias=True)
+# D's architecture without its loss (Eq. 4 with L_D's weight 0: the gate and the MLP on v^S2
+# trained by the click loss alone), which separates what L_D gives from what the extra branch
+# gives.
+D_NO_LOSS = D.derive(f"{D.name}_noloss", "S1+S2+D without L_D", "S1+S2+D with L_D's weight 0",
+                     (("ctr.debias.loss_weight", 0.0),))
+# Each property: what it tests, and its comparisons (label, the better run, the other, metrics).
+Comparison = tuple[str, experiments.Experiment, experiments.Experiment, tuple[str, ...]]
+STUDIES: dict[str, tuple[str, list[Comparison]]] = {
+    "style": ("learned image features", [
+        ("S1 vectors vs no image features", ctr("s1"), ctr(None), ("AUC",))]),
+    "popularity": ("D", [
+        ("S1+S2+D vs S1+S2", D, ctr("s1s2"), ("AUC_bottom10", "AUC")),
+        ("S1+S2+D vs the same without L_D", D, D_NO_LOSS, ("AUC_bottom10", "AUC"))]),
+    "intention": ("COURIER", [
+        ("COURIER vs S1 as Cluster-IDs", ctr("courier", "cluster_id"), ctr("s1", "cluster_id"),
+         ("AUC",))]),
 }
 # The encoders each study trains on its world (S1 is the seed's, from the strength-1 world).
 ENCODERS = {"style": (), "popularity": ("s1s2",), "intention": ("courier",)}
@@ -74,7 +84,11 @@ def run_seed(a, seed: int, out: str) -> dict:
     steps = {"pretrain": a.s1_steps, "finetune": a.s2_steps, "courier": a.courier_steps}
     base = ensure_world(a, "style", 1.0)
     s1 = os.path.join(out, "s1")
-    seconds: dict = {}
+    seconds: dict = {}  # the runs' times, kept from earlier invocations for the runs they made
+    previous = os.path.join(out, "results.json")
+    if os.path.exists(previous):
+        with open(previous) as f:
+            seconds = json.load(f).get("seconds", {})
 
     def train(exp: experiments.Experiment, data_dir: str, model_dir: str, dirs: dict) -> None:
         if experiments.trained(model_dir):
@@ -87,7 +101,8 @@ def run_seed(a, seed: int, out: str) -> dict:
 
     train(experiments.get("s1"), base, s1, {})
     results: dict = {}
-    for dose, (_, pair, _) in STUDIES.items():
+    for dose, (_, comparisons) in STUDIES.items():
+        pair = list({e.name: e for _, hi, lo, _ in comparisons for e in (hi, lo)}.values())
         for strength in a.strengths:
             data_dir = ensure_world(a, dose, strength)
             root = os.path.join(out, os.path.basename(data_dir))
@@ -110,8 +125,12 @@ def run_seed(a, seed: int, out: str) -> dict:
     return results
 
 
+def _prediction_path(a, seed: int, world: str, exp: experiments.Experiment) -> str:
+    return os.path.join(a.out_dir, f"seed{seed}", world, exp.name, "predictions.npz")
+
+
 def _predictions(a, seed: int, world: str, exp: experiments.Experiment) -> dict:
-    return npz.read(os.path.join(a.out_dir, f"seed{seed}", world, exp.name, "predictions.npz"))
+    return npz.read(_prediction_path(a, seed, world, exp))
 
 
 def report(a, per_seed: dict) -> str:
@@ -132,36 +151,48 @@ def report(a, per_seed: dict) -> str:
                          f" | {st.get('share_items_under_5_impressions_30d', float('nan')):.3f} |")
     lines.append("")
     curves: dict = {}
-    for dose, (what, (hi, lo), metrics) in STUDIES.items():
+    for dose, (what, comparisons) in STUDIES.items():
         lines += [f"**{dose}** ({worlds.DOSES[dose]}): {what}", "",
-                  "| strength | metric | gain | 95% interval | seed sd | verdict |",
-                  "| ---: | --- | ---: | --- | ---: | --- |"]
+                  "| strength | comparison | metric | gain | 95% interval | seed sd | verdict |",
+                  "| ---: | --- | --- | ---: | --- | ---: | --- |"]
         for strength in a.strengths:
             world = os.path.basename(world_dir(a, dose, strength))
-            preds = {s: (_predictions(a, s, world, hi), _predictions(a, s, world, lo))
-                     for s in seeds}
-            for metric in metrics:
-                c = significance.compare_ctr_seeds(preds, metric)
-                d = c.difference
-                curves.setdefault((dose, metric), []).append((strength, d))
-                lines.append(f"| {strength:g} | {metric} | {d.value:+.4f} | [{d.low:+.4f}, "
-                             f"{d.high:+.4f}] | {c.seed_sd:.4f} | {c.judged()} |")
+            for label, hi, lo, metrics in comparisons:
+                missing = [f"seed {s} {e.name}" for s in seeds for e in (hi, lo)
+                           if not os.path.exists(_prediction_path(a, s, world, e))]
+                if missing:
+                    lines.append(f"| {strength:g} | {label} | | | not run yet: "
+                                 f"{', '.join(missing)} | | |")
+                    continue
+                preds = {s: (_predictions(a, s, world, hi), _predictions(a, s, world, lo))
+                         for s in seeds}
+                for metric in metrics:
+                    c = significance.compare_ctr_seeds(preds, metric)
+                    d = c.difference
+                    curves.setdefault((dose, label, metric), []).append((strength, d))
+                    lines.append(f"| {strength:g} | {label} | {metric} | {d.value:+.4f} | "
+                                 f"[{d.low:+.4f}, {d.high:+.4f}] | {c.seed_sd:.4f} | "
+                                 f"{c.judged()} |")
         lines.append("")
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for ax, (dose, (what, _, metrics)) in zip(axes, STUDIES.items(), strict=True):
-        for metric, colour in zip(metrics, ("#d62728", "#1f77b4"), strict=False):
-            pts = curves[(dose, metric)]
-            x = np.array([p[0] for p in pts])
-            y = np.array([p[1].value for p in pts])
-            err = np.array([[p[1].value - p[1].low for p in pts],
-                            [p[1].high - p[1].value for p in pts]])
-            ax.errorbar(x, y * 100, yerr=err * 100, marker="o", capsize=3, color=colour,
-                        label=metric)
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    colours = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"])
+    for ax, (dose, (what, comparisons)) in zip(axes, STUDIES.items(), strict=True):
+        for label, _, _, metrics in comparisons:
+            for metric in metrics:
+                pts = curves.get((dose, label, metric), [])
+                if not pts:
+                    continue
+                x = np.array([p[0] for p in pts])
+                y = np.array([p[1].value for p in pts])
+                err = np.array([[p[1].value - p[1].low for p in pts],
+                                [p[1].high - p[1].value for p in pts]])
+                ax.errorbar(x, y * 100, yerr=err * 100, marker="o", capsize=3,
+                            color=next(colours), label=f"{label}: {metric}")
         ax.axhline(0, color="black", linewidth=0.6)
         ax.set_xlabel(f"strength of '{dose}'")
         ax.set_ylabel("gain (AUC points)")
         ax.set_title(what, fontsize=9)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6)
         ax.grid(alpha=0.3)
     fig.suptitle(f"Gain against the strength of each property (mean over {len(seeds)} seeds, "
                  "95% interval over seeds x test pages)", fontsize=9)
