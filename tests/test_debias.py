@@ -174,3 +174,17 @@ def test_not_displayed_pool_is_the_items_without_an_impression_in_the_logs(tiny_
         debias.candidates(cfg, np.zeros(len(ids)))
     low = debias.candidates(configs.DebiasConfig(), np.array([0, 4, 5, 9]))
     np.testing.assert_array_equal(low, [True, True, False, False])
+
+
+def test_d_without_a_long_tail_says_its_loss_is_zero(trained, tiny_world, tmp_path, capsys):
+    """With no item under `low_impressions` impressions D has no positives: L_D is 0 and only
+    its gated branch trains, which the stage says rather than train on silently."""
+    from export_helpers import ctr_config
+    from trainer import registry
+    registry.run(ctr_config(tiny_world, str(tmp_path / "d"), "debias", images__encoder="s1",
+                            images__model_dir=trained["encoder"],
+                            images__s1_model_dir=trained["encoder"],
+                            ctr__debias__low_impressions=0, train__steps=2))
+    out = capsys.readouterr().out
+    assert "debias: 0 of 480 catalog items have positives" in out
+    assert "WARNING: no item has a positive, so D's loss is zero" in out

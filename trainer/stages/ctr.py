@@ -90,6 +90,14 @@ def run_ctr(cfg: configs.CtrStage) -> None:
               f"by S1 cosine in their category, {d.index} search in {report['seconds']}s"
               + (f"; recall@{d.num_similar} {report['recall']:.3f} against exact search on "
                  f"{report['recall_anchors']} anchors)" if "recall" in report else ")"))
+        if not report["with_positives"]:
+            # L_D (Eq. 3) is then 0 on every step: what remains is the gated MLP branch on v^S2,
+            # trained by the click loss alone (docs/results.md: when does D help).
+            print(f"debias: WARNING: no item has a positive, so D's loss is zero and D is only "
+                  f"its gate and MLP; the data has no long tail by ctr.debias.positives="
+                  f"'{d.positives}' (low_impressions={d.low_impressions}): D's tail gain needs "
+                  "items with few impressions (or positives='not_displayed' with items the "
+                  "training logs never show)")
         # Kept for the daily cycle, which carries them over and mines only the new items'.
         if loop.is_chief(strategy):
             npz.write(os.path.join(cfg.model_dir, ctr_task.POSITIVES), rows=positives[0],
