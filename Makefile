@@ -128,9 +128,10 @@ repro-ctr: $(VENV)/.installed $(DATA)/$(WORLD)/manifest.json
 	  --out_dir=$(RUNS)/ctr --seeds=$(shell echo $(SEEDS) | tr ' ' ',')
 
 # Paper 002 Tables 5, 8, B1 and 6: COURIER (from repro-visual's S1, trained if missing), its
-# ablations, COURIER + CLIP and Table 5's baselines (Supervised, SimSiam, CLIP, MaskCLIP); S1 and
-# COURIER features as vector / simscore / cluster_id in the CTR model, the others as cluster_id
-# and vector.
+# ablations and COURIER + CLIP, S1 and COURIER features as vector / simscore / cluster_id in the
+# CTR model; Table 5 twice, every method from S1's backbone on the same images and every method
+# from random weights (SimCLR at tau 0.2, Supervised on the early train days, the CTR models on
+# the late ones).
 repro-courier: $(VENV)/.installed $(DATA)/$(WORLD)/manifest.json
 	$(PY) scripts/repro_courier.py --data_dir=$(DATA)/$(WORLD) --visual_dir=$(RUNS)/visual \
 	  --out_dir=$(RUNS)/courier --seeds=$(shell echo $(SEEDS) | tr ' ' ',')
