@@ -194,16 +194,21 @@ def compare(metric: Callable[[Any], Scorer], a: Any, b: Any, units: int,
     """Paired bootstrap of metric(a) - metric(b): `metric(model)` prepares a model's outputs
     (its scores, or its per-query hits) into a `Scorer` of unit counts; both models are scored
     under the same `resamples` draws of the `units` units (a row of ones is the test set)."""
-    fa, fb = metric(a), metric(b)
-    counts = draws(units, resamples, seed)
-    ones = np.ones([1, units])
+    return _paired(metric(a), metric(b), draws(units, resamples, seed), level)[0]
+
+
+def _paired(fa: Scorer, fb: Scorer, counts: np.ndarray, level: float
+            ) -> tuple[Comparison, np.ndarray]:
+    """Two models scored under the same rows of unit `counts` [R, units]: their Comparison,
+    and the draws' values [2, R] (a's, b's)."""
+    ones = np.ones([1, counts.shape[1]])
     va, vb = float(fa(ones)[0]), float(fb(ones)[0])
-    da, db = np.empty(resamples), np.empty(resamples)
-    for lo in range(0, resamples, CHUNK):
-        da[lo:lo + CHUNK] = fa(counts[lo:lo + CHUNK])
-        db[lo:lo + CHUNK] = fb(counts[lo:lo + CHUNK])
-    return Comparison(_interval(va, da, level), _interval(vb, db, level),
-                      _interval(va - vb, da - db, level))
+    drawn = np.empty([2, len(counts)])
+    for lo in range(0, len(counts), CHUNK):
+        drawn[0, lo:lo + CHUNK] = fa(counts[lo:lo + CHUNK])
+        drawn[1, lo:lo + CHUNK] = fb(counts[lo:lo + CHUNK])
+    return Comparison(_interval(va, drawn[0], level), _interval(vb, drawn[1], level),
+                      _interval(va - vb, drawn[0] - drawn[1], level)), drawn
 
 
 def compare_seeds(metric: Callable[[Any], Scorer], runs: Mapping[int, tuple[Any, Any]],
@@ -220,19 +225,10 @@ def compare_seeds(metric: Callable[[Any], Scorer], runs: Mapping[int, tuple[Any,
     n = len(seeds)
     if not n:
         raise ValueError("no seeds to compare")
-    prepared = [(metric(runs[s][0]), metric(runs[s][1])) for s in seeds]
     counts = draws(units, resamples, seed)
-    ones = np.ones([1, units])
-    full = np.array([[float(fa(ones)[0]), float(fb(ones)[0])] for fa, fb in prepared])  # [S, 2]
-    drawn = np.empty([n, 2, resamples])
-    for lo in range(0, resamples, CHUNK):
-        for i, (fa, fb) in enumerate(prepared):
-            drawn[i, 0, lo:lo + CHUNK] = fa(counts[lo:lo + CHUNK])
-            drawn[i, 1, lo:lo + CHUNK] = fb(counts[lo:lo + CHUNK])
-    by_seed = {s: Comparison(_interval(full[i, 0], drawn[i, 0], level),
-                             _interval(full[i, 1], drawn[i, 1], level),
-                             _interval(full[i, 0] - full[i, 1], drawn[i, 0] - drawn[i, 1], level))
-               for i, s in enumerate(seeds)}
+    paired = [_paired(metric(runs[s][0]), metric(runs[s][1]), counts, level) for s in seeds]
+    by_seed = {s: c for s, (c, _) in zip(seeds, paired, strict=True)}
+    drawn = np.stack([d for _, d in paired])  # [S, 2, R]
     pick = np.random.default_rng([seed, 1]).integers(0, n, size=[n, resamples])
     scale = np.sqrt(n / (n - 1)) if n > 1 else 1.0
 
@@ -241,11 +237,12 @@ def compare_seeds(metric: Callable[[Any], Scorer], runs: Mapping[int, tuple[Any,
         scaled = centre + scale * (values - centre)
         return scaled[pick, np.arange(resamples)].mean(0)
 
-    mean = full.mean(0)
-    return SeedComparison(_interval(mean[0], over_seeds(drawn[:, 0]), level),
-                          _interval(mean[1], over_seeds(drawn[:, 1]), level),
-                          _interval(mean[0] - mean[1], over_seeds(drawn[:, 0] - drawn[:, 1]),
-                                    level), by_seed)
+    va = float(np.mean([c.a.value for c in by_seed.values()]))
+    vb = float(np.mean([c.b.value for c in by_seed.values()]))
+    return SeedComparison(_interval(va, over_seeds(drawn[:, 0]), level),
+                          _interval(vb, over_seeds(drawn[:, 1]), level),
+                          _interval(va - vb, over_seeds(drawn[:, 0] - drawn[:, 1]), level),
+                          by_seed)
 
 
 def bootstrap(metric: Callable[[Any], Scorer], a: Any, units: int, resamples: int = 1000,
