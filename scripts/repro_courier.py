@@ -37,6 +37,8 @@ MODES = experiments.MODES
 ABLATIONS = experiments.COURIER_ABLATIONS  # (Table 6 row, config flag)
 TABLE_5_MODE = experiments.TABLE_5_MODE
 PROTOCOLS = experiments.TABLE_5_PROTOCOLS  # {protocol: Table 5's rows in the paper's order}
+# Every encoder of the two Table 5s (COURIER from S1 is in both).
+TABLE_5_ROWS = tuple(dict.fromkeys(e for rows in PROTOCOLS.values() for e in rows))
 TABLE_5_DIR = "table5"  # the Table 5 CTR runs (on the late train days) under a seed's dir
 # The paper's Table 5 figures, by row position (Supervised, CLIP, SimCLR, SimSiam, MaskCLIP,
 # COURIER).
@@ -67,9 +69,8 @@ def ctr_runs(encoders: list, ablation_mode: str) -> list:
 def table_5_runs() -> list:
     """(result key, CTR experiment) of both Table 5 protocols: the baseline and each row's
     Cluster-ID features, keyed by experiment name (trained on the late train days)."""
-    rows = dict.fromkeys(e for p in PROTOCOLS.values() for e in p)
     return [("baseline", experiments.ctr_experiment(None))] + [
-        (e, experiments.ctr_experiment(e, TABLE_5_MODE)) for e in rows]
+        (e, experiments.ctr_experiment(e, TABLE_5_MODE)) for e in TABLE_5_ROWS]
 
 
 def run_seed(data_dir: str, s1: str, out: str, seed: int, a) -> dict:
@@ -78,9 +79,7 @@ def run_seed(data_dir: str, s1: str, out: str, seed: int, a) -> dict:
     dirs = {"s1": s1}
     variants = ["courier"] + ([] if a.skip_ablations else
                               [f"courier_{flag}" for _, flag in ABLATIONS])
-    table_5 = [] if a.skip_baselines else [
-        e for e in dict.fromkeys(e for p in PROTOCOLS.values() for e in p)
-        if e not in ("courier", "s1")]
+    table_5 = [] if a.skip_baselines else [e for e in TABLE_5_ROWS if e != "courier"]
     variants += [] if a.skip_baselines else ["courier_clip"]
     previous = os.path.join(out, "results.json")
     seconds = {}  # training times, kept from an earlier run of the seed for encoders it trained
@@ -245,7 +244,7 @@ def report(a, per_seed: dict) -> str:
     seed_dir = os.path.join(a.out_dir, f"seed{first}")
     main = [e for e in ("courier", *(f"courier_{flag}" for _, flag in ABLATIONS),
                         "courier_clip") if os.path.isdir(os.path.join(seed_dir, e, "ckpt"))]
-    five = [e for e in dict.fromkeys(e for p in PROTOCOLS.values() for e in p)
+    five = [e for e in TABLE_5_ROWS
             if e != "courier" and os.path.isdir(os.path.join(seed_dir, e, "ckpt"))]
 
     def label(e: str) -> str:
