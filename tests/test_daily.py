@@ -396,7 +396,8 @@ def test_the_cycle_with_two_workers_and_two_parameter_servers(moving, day1, tmp_
     log, _, _ = run_local_cluster([*args, "--strategy=parameter_server"])
     assert "daily: warm-started from" in log and "ctr: trained to step 20" in log
     # The same grown vocabularies and image table as one process (the steps before training
-    # are deterministic), and an outcome within noise of it.
+    # are deterministic), and an outcome not worse than it beyond the holdout's noise (the
+    # asynchronous updates make a different model, better on some runs: one-sided).
     for name in (ctr_task.VOCABULARIES, "embeddings.npz"):
         a, b = (np.load(os.path.join(d, name)) for d in (model_dir, day1["model"]))
         for k in a.files:
@@ -404,7 +405,7 @@ def test_the_cycle_with_two_workers_and_two_parameter_servers(moving, day1, tmp_
                 np.testing.assert_array_equal(a[k], b[k], err_msg=f"{name} {k}")
     ps, one = (json.load(open(os.path.join(d, "daily.json"))) for d in (model_dir, day1["model"]))
     gate = one["gate"]
-    assert abs(ps["holdout"]["AUC"] - one["holdout"]["AUC"]) < gate["high"] - gate["low"], (
+    assert ps["holdout"]["AUC"] > one["holdout"]["AUC"] - (gate["high"] - gate["low"]), (
         ps["holdout"]["AUC"], one["holdout"]["AUC"], gate)
     assert ps["exported"] == 2 and versions.versions(serving) == [1, 2]
     info = common.export_info(os.path.join(serving, "2"))
