@@ -21,11 +21,13 @@ from __future__ import annotations
 import json
 import os
 
+import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS and quiet logs before TensorFlow loads)
+
+# isort: split
 import matplotlib
 import numpy as np
 import tensorflow as tf
 
-import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
 from trainer import experiments
 from trainer.data import npz, pipeline, records
 from trainer.eval import ctr_metrics, read_metrics, significance
