@@ -67,6 +67,9 @@ LOG_NOISE: tuple[tuple[str, re.Pattern], ...] = (
     # deprecates; nothing the caller can change.
     ("tensorflow", re.compile(r"tensor_shape_from_node_def_name \(from tensorflow\.python\."
                               r"framework\.graph_util_impl\) is deprecated")),
+    # A Beam job's own local Dask cluster, stopped after the job's results are in: a worker
+    # that loaded TensorFlow takes longer to exit than the nanny waits, and the nanny ends it.
+    ("distributed.nanny", re.compile(r"Worker process still alive after .* seconds, killing")),
 )
 
 _OWN = ("trainer", "export", "serving", "__main__", "scripts")
@@ -179,6 +182,11 @@ def setup(verbosity: int = QUIET) -> None:
     root.setLevel(logging.INFO)
     if "tensorflow" in sys.modules:  # a command that does not load TensorFlow stays light
         _probe_devices_quietly()
+
+
+def is_quiet() -> bool:
+    """Whether this process's command set the console quiet (`setup`)."""
+    return _quiet
 
 
 def _prints(handler: logging.Handler) -> bool:

@@ -39,9 +39,11 @@ def _runner(opts: PipelineOptions):
     """The runner `--runner` names, else the in-process one: the FnApiRunner, which is where
     Beam's DirectRunner ends up here, without its first try of the Prism runner (it downloads a
     binary at run time, not reachable from every machine, and runs the pipeline out of
-    process)."""
-    if opts.view_as(StandardOptions).runner:
-        return None
+    process). `--runner=dask` is the project's Dask runner (`dask_runner`)."""
+    runner = opts.view_as(StandardOptions).runner
+    if runner:
+        from trainer.pipelines import dask_runner  # dask is imported only when asked for
+        return dask_runner.DaskRunner() if dask_runner.is_dask(runner) else None
     return fn_runner.FnApiRunner()
 
 
@@ -50,7 +52,8 @@ def run(name: str, build: Callable[[beam.Pipeline], None], beam_args: Sequence[s
     """Builds the pipeline with `build`, runs it to the end and returns (and prints) its counters
     of namespace `name`. `beam_args` are Beam's standard pipeline options (`--runner=
     DataflowRunner --project=...`, `--runner=FlinkRunner --flink_master=...`, `--runner=
-    SparkRunner ...`, `--direct_num_workers=N`)."""
+    SparkRunner ...`, `--direct_num_workers=N`) or the Dask runner's (`--runner=dask
+    --dask_client_address=HOST:8786`, `--runner=dask --dask_workers=N`)."""
     t0 = time.time()
     opts = PipelineOptions(list(beam_args))
     p = beam.Pipeline(runner=_runner(opts), options=opts)
