@@ -174,6 +174,8 @@ def test_embed_stage_on_dask_equals_in_process(trained, exports, tiny_world, tmp
     assert manifests["dask"]["items"] == len(trained["table"].item_id)
 
 
+# A second local cluster's scheduler serves its HTTP endpoints (health, metrics) on another port.
+@pytest.mark.filterwarnings("ignore:Port 8787 is already in use")
 def test_a_worker_killed_during_embed_is_replaced_and_the_table_is_whole(
         trained, exports, tiny_world, tmp_path):
     """SIGKILL to a worker process while it runs a bundle of the embed job: the nanny starts a
