@@ -75,10 +75,9 @@ def main() -> None:
     for label, beam_args, workers in runs:
         cluster, started = None, ""
         if workers:
-            from dask import distributed
+            from trainer.pipelines import dask_runner
             t0 = time.time()
-            cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=1,
-                                               processes=True, dashboard_address=None)
+            cluster = dask_runner.local_cluster(workers)
             beam_args = [*beam_args, f"--dask_client_address={cluster.scheduler_address}"]
             started = f", cluster start-up {time.time() - t0:.1f}s apart"
         try:

@@ -306,13 +306,19 @@ def start(options: PipelineOptions) -> tuple[Any, Any]:
         return distributed.Client(address=dask_opts.address,
                                   scheduler_file=dask_opts.scheduler_file,
                                   set_as_default=False, **timeout), None
-    workers = options.view_as(ClusterOptions).dask_workers or os.cpu_count() or 1
+    cluster = local_cluster(options.view_as(ClusterOptions).dask_workers or os.cpu_count() or 1)
+    return distributed.Client(cluster, set_as_default=False), cluster
+
+
+def local_cluster(workers: int) -> distributed.LocalCluster:
+    """A dask.distributed cluster of `workers` processes on this machine, one thread each; in a
+    quiet command, its workers print as the command does (`_QuietWorker`)."""
     cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                        dashboard_address=None)
-    client = distributed.Client(cluster, set_as_default=False)
-    if console.is_quiet():  # the job's own workers print as the command does
-        client.register_plugin(_QuietWorker())
-    return client, cluster
+    if console.is_quiet():
+        with distributed.Client(cluster, set_as_default=False) as client:
+            client.register_plugin(_QuietWorker())  # kept by the scheduler for new workers too
+    return cluster
 
 
 class _QuietWorker(distributed.WorkerPlugin):
