@@ -15,7 +15,8 @@ gives wrong results for these pipelines, so the translation to Dask bags is the 
   the records). Here a bag carries (tag, value) pairs and each consumer takes its own tag.
 - it drops what a DoFn emits in `finish_bundle`: `BatchElements`' last batch, and the results of
   every file sink's writer, whose finaliser then commits an empty file. Here `DoFnRunner` (what
-  Beam's own bundle runner uses) runs start, process, finish and teardown and keeps every output.
+  Beam's own bundle runner uses) runs start, process and finish for each bundle and keeps every
+  output; a DoFn is set up once per worker process and job, as on Beam's own workers.
 - it reads a side input by computing the side input's bag again inside each task, which repeats
   the upstream work (a sink's writes among it). Here a side input is one node of the graph that
   every consumer task depends on.
