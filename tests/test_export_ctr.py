@@ -217,9 +217,15 @@ def test_refreshed_export_serves_new_items_while_the_old_version_serves(
         assert (np.linalg.norm(got_rows, axis=1) > 0.5).all()
         want = tf.sigmoid(model(model_batch(spec, rows))).numpy()
         np.testing.assert_allclose(v2, want, atol=1e-5)
-        # Version 1 still serves: the new items get no image feature there, the others agree;
-        # given the new items' images, its rank signature scores them as version 2 does.
-        assert np.abs(v1[:4] - v2[:4]).min() > 1e-5
+        # Version 1 still serves: the new items get no image feature there (its scores are the
+        # model's with the table it was trained with), the others agree with version 2; given the
+        # new items' images, its rank signature scores them as version 2 does. (How far a new
+        # item's score moves with its image depends on the briefly trained weights: by 4e-6 for
+        # one item on one CI run, so a per-item gap is not the check.)
+        before = ctr_task.load_trained(model_dir)
+        np.testing.assert_allclose(v1, tf.sigmoid(before(model_batch(spec, rows))).numpy(),
+                                   atol=1e-5)
+        assert np.abs(v1[:4] - v2[:4]).max() > 1e-4
         np.testing.assert_allclose(v1[4:], v2[4:], atol=1e-4)
         photo = export_encoder.sample_images(1, 32, seed=5)[0]
         page = client_lib.page_inputs(spec, rows, {"query_image": photo})
