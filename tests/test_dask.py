@@ -29,6 +29,7 @@ from trainer.features import catalog_embed
 from trainer.features import clusters as clusters_lib
 from trainer.features import embeddings as embeddings_lib
 from trainer.pipelines import convert as convert_pipeline
+from trainer.pipelines import dask_runner
 from trainer.pipelines import join as join_pipeline
 from trainer.pipelines import vocab as vocab_pipeline
 
@@ -38,15 +39,10 @@ from test_convert_parquet import catalog_table  # noqa: E402
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
 
 
-def start_cluster(workers: int = 2) -> distributed.LocalCluster:
-    return distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                    dashboard_address=None)
-
-
 @pytest.fixture(scope="module")
 def dask_args():
     """Beam options for a local cluster of 2 worker processes, started once for the module."""
-    cluster = start_cluster()
+    cluster = dask_runner.local_cluster(2)
     with distributed.Client(cluster) as client:
         pids = client.run(os.getpid)
     assert len(set(pids.values())) == 2 and os.getpid() not in pids.values()
@@ -200,7 +196,7 @@ def test_a_worker_killed_during_embed_is_replaced_and_the_table_is_whole(
     centroids = os.path.join(trained["cluster"][0], "clusters.npz")
     export_dir = os.path.dirname(exports["encoder"])
     registry.run(_embed_stage(tiny_world, export_dir, centroids, str(tmp_path / "direct")))
-    cluster = start_cluster()
+    cluster = dask_runner.local_cluster(2)
     client = distributed.Client(cluster)
     try:
         pids = client.run(os.getpid)
