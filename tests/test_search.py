@@ -96,7 +96,12 @@ def test_search_gives_each_judged_query_eval_searchs_top_k_and_hr(trained, tiny_
     for q, j in zip(*np.nonzero(swapped), strict=True):
         assert offline[q, j] in served[q] or j == k - 1 or abs(want[q, j] - want[q, -1]) < 1e-5
     assert sims[:, 0] == pytest.approx(1.0, abs=1e-5)  # the query's own image first
-    assert visual_search.hit_ratio(served, relevant) == metrics["HR"]
+    # eval_search's HR is the offline top k's; the served one may differ only where a tied pair
+    # traded places across a query's cut-off n_q, one hit per such swap.
+    total = sum(len(r) for r in relevant)
+    assert visual_search.hit_ratio(offline, relevant) == pytest.approx(metrics["HR"], abs=1e-4)
+    assert abs(visual_search.hit_ratio(served, relevant) - metrics["HR"]) \
+        <= swapped.sum() / total + 1e-4
 
 
 def test_the_category_filter_searches_that_category_only(trained, searches, catalog):
