@@ -79,3 +79,41 @@ def test_auc_by_impression_decile_splits_samples_by_their_items_popularity():
     first = np.argsort(impressions, kind="stable")[:600]
     assert bins[0]["AUC"] == pytest.approx(roc_auc_score(y[first], s[first]), abs=1e-12)
     assert min(b["AUC"] for b in bins[:4]) > 0.75 and max(b["AUC"] for b in bins[6:]) < 0.65
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_histogram_auc_is_within_its_bound_of_the_exact_auc(seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.random(5000) < 0.1
+    # CTR-like scores over decades, some tied exactly, one at 1.0 and one at 0.
+    scores = np.clip(np.exp(rng.normal(-4, 1.5, 5000) + labels * 0.5), 0, 1).astype(np.float32)
+    scores[:50], scores[50], scores[51] = scores[100], 1.0, 0.0
+    exact = ctr_metrics.auc(labels, scores)
+    for bits in (4, 8, 12):
+        b = ctr_metrics.score_bins(scores, bits)
+        assert np.all(np.diff(b[np.argsort(scores)]) >= 0)  # the grid keeps the order
+        bins = ctr_metrics.num_score_bins(bits)
+        pos = np.bincount(b[labels], minlength=bins)
+        neg = np.bincount(b[~labels], minlength=bins)
+        value, bound = ctr_metrics.histogram_auc(pos, neg)
+        assert abs(value - exact) <= bound + 1e-12
+    assert bound < 1e-3  # 12 bits: the bound is small against any difference worth reporting
+    with pytest.raises(ValueError, match="probabilities"):
+        ctr_metrics.score_bins(np.array([0.5, np.nan], np.float32))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_slices_from_level_counts_equal_impression_slices(seed):
+    rng = np.random.default_rng(seed)
+    items = rng.integers(0, 300, 4000)
+    item_impressions = rng.integers(0, 12, 300)  # few levels: many ties at the cut
+    impressions = item_impressions[items]
+    bottom, top = ctr_metrics.impression_slices(items, impressions)
+    levels, samples = np.unique(impressions, return_counts=True)
+    for most, want in ((False, bottom), (True, top)):
+        level, wanted = ctr_metrics.slice_cutoff(levels, samples, 0.1, most=most)
+        at = impressions == level
+        ids, n = np.unique(items[at], return_counts=True)
+        taken = ctr_metrics.take_items(ids, n, wanted)
+        beyond = impressions > level if most else impressions < level
+        np.testing.assert_array_equal(beyond | (at & np.isin(items, taken)), want)

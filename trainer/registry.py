@@ -75,6 +75,9 @@ STAGES = (
     Stage(configs.EmbedStage, "embed:run_embed",
           "the exported encoder over the catalog (the Beam embed pipeline): embeddings, faiss "
           "index, cluster ids"),
+    Stage(configs.EvaluateStage, "evaluate:run_evaluate",
+          "an exported CTR model judged on a day's records by the Beam evaluate job: AUC, GAUC, "
+          "slice AUCs, sharded predictions"),
 )
 BY_NAME = {s.name: s for s in STAGES}
 assert set(BY_NAME) == set(configs.STAGES), "every config tree of a stage is registered"

@@ -66,7 +66,8 @@ SHORTHANDS: dict[str, tuple[tuple[str, ...], str]] = {
     "kind": (("kind",), "validate: the record kind of --file_pattern."),
     "file_pattern": (("file_pattern",), "validate: files to check."),
     "image_size": (("encoder.image_size", "image_size"), "Image side (default: the data's)."),
-    "batch_size": (("train.global_batch_size", "batch_size", "embed.batch_size"),
+    "batch_size": (("train.global_batch_size", "batch_size", "embed.batch_size",
+                    "evaluate.batch_size"),
                    "Global batch size over all replicas."),
     "per_replica_batch_size": (("train.per_replica_batch_size",),
                                "Batch size per replica; the global batch is this times the "
@@ -111,8 +112,9 @@ SHORTHANDS: dict[str, tuple[tuple[str, ...], str]] = {
     "hash_bins": ((), "FEATURE:BINS pairs hashed instead of looked up in a vocabulary."),
     "num_similar": (("ctr.debias.num_similar",), "debias: K, similar items per anchor."),
     "debias_weight": (("ctr.debias.loss_weight",), "debias: weight of L_D in Eq. 4."),
-    "export_dir": (("embed.encoder_export", "daily.export_dir"), "embed: the encoder export; "
-                   "daily: the CTR model's serving base path (gated against, exported to)."),
+    "export_dir": (("embed.encoder_export", "daily.export_dir", "evaluate.model_export"),
+                   "embed: the encoder export; daily: the CTR model's serving base path (gated "
+                   "against, exported to); evaluate: the CTR export judged."),
     "search_export_dir": (("daily.search_export_dir",), "daily: the visual search "
                           "request's serving base path (exported to with the CTR model)."),
     "previous": (("daily.previous",), "daily: yesterday's CTR model dir."),
@@ -127,8 +129,9 @@ SHORTHANDS: dict[str, tuple[tuple[str, ...], str]] = {
                          "(0: never)."),
     "centroids": (("embed.centroids",), "embed: clusters.npz to assign cluster ids with."),
     "index_type": (("embed.index",), "embed: exact or ivf."),
-    "beam_options": (("embed.beam_options", "daily.beam_options"), "embed, daily: Beam "
-                     "pipeline options (default: the in-process DirectRunner)."),
+    "beam_options": (("embed.beam_options", "daily.beam_options", "evaluate.beam_options"),
+                     "embed, daily, evaluate: Beam pipeline options (default: the in-process "
+                     "DirectRunner)."),
 }
 _BOOLS = ("skip_bad_records", "overwrite", "inline_images", "deterministic",
           "gradient_checkpointing", "random_init", "force")

@@ -35,6 +35,8 @@ from trainer.configs.tree import (
     EncoderConfig,
     EncoderStage,
     EvalSearchStage,
+    EvaluateConfig,
+    EvaluateStage,
     FinetuneConfig,
     FinetuneStage,
     ImageSourceConfig,
@@ -69,5 +71,6 @@ __all__ = [
     "PretrainStage", "SimsiamStage", "ClipStage", "FinetuneStage", "ClassifyStage",
     "CourierStage", "EvalSearchStage", "CtrStage", "DailyConfig", "DailyStage",
     "SupervisedConfig", "SupervisedStage", "DebiasStage", "ClusterStage", "EmbedStage",
+    "EvaluateConfig", "EvaluateStage",
     "STAGES", "for_stage", "save", "load", "exists",
 ]

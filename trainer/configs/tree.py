@@ -517,6 +517,39 @@ class CatalogEmbedConfig:
     known_ids: str = ""
 
 
+@dataclasses.dataclass
+class EvaluateConfig:
+    """The CTR model judged by a batch job (`--stage=evaluate`, `trainer.pipelines.evaluate`).
+
+    Attributes:
+      records_pattern: The day's `ctr` records (empty: DATA_DIR/ctr/test-*).
+      catalog_pattern: The catalog records, for the items' 30-day impressions (empty: the data
+        dir's).
+      model_export: The CTR export judged: its base path (the latest version) or a version dir.
+      out_dir: Where metrics.json, the statistics and the sharded predictions go (empty: the
+        stage's model dir).
+      batch_size: Records per call of the SavedModel (RunInference's batch).
+      num_shards: Files of the predictions and of the pages (0: the Beam runner's choice).
+      fraction: The impression slices' share of the samples (Table 2's bottom / top 10%).
+      low_impressions: Items with fewer 30-day impressions than this make the low-impression
+        slice.
+      mantissa_bits: The AUC histograms' resolution: 2^-bits relative bin width (12: 0.024%);
+        each AUC's error bound is reported beside it.
+      beam_options: Beam pipeline options (empty: the in-process DirectRunner).
+    """
+
+    records_pattern: str = ""
+    catalog_pattern: str = ""
+    model_export: str = ""
+    out_dir: str = ""
+    batch_size: int = setting(1024, low=1)
+    num_shards: int = setting(0, low=0)
+    fraction: float = setting(0.1, positive=True)
+    low_impressions: int = setting(5, low=0)
+    mantissa_bits: int = setting(12, low=0, high=23)
+    beam_options: str = ""
+
+
 # ---------------------------------------------------------------------------------------------
 # One tree per stage.
 
@@ -826,6 +859,14 @@ class EmbedStage(StageConfig):
 
     stage: str = "embed"
     embed: CatalogEmbedConfig = dataclasses.field(default_factory=CatalogEmbedConfig)
+
+
+@dataclasses.dataclass
+class EvaluateStage(StageConfig):
+    """`evaluate`: an exported CTR model judged on a day's records by the Beam evaluate job."""
+
+    stage: str = "evaluate"
+    evaluate: EvaluateConfig = dataclasses.field(default_factory=EvaluateConfig)
 
 
 def _stage_trees() -> dict[str, type[StageConfig]]:

@@ -7,6 +7,12 @@
     AUC bottom / top 10%   AUC on the test impressions of the least / most displayed items: items
                  ordered by 30-day impressions (ties by item id) are taken whole from the bottom
                  (top) until they hold at least 10% of the test impressions.
+
+At a scale no process holds (`trainer.pipelines.evaluate`), the same metrics come from sufficient
+statistics: AUC from per-label histograms of the scores on a log-linear grid (`score_bins`),
+whose error is bounded by the pairs that share a bin (`histogram_auc`); the impression slices
+from the samples per impression level and, at the one level that straddles 10%, per item
+(`slice_cutoff`, `take_items`); GAUC from each page's own AUC.
 """
 from __future__ import annotations
 
@@ -102,3 +108,63 @@ def ctr_metrics(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray,
         out["AUC_low_impression"] = auc(labels[low], scores[low])
         out["low_impression_samples"] = int(low.sum())
     return out
+
+
+# The score grid: the top `mantissa_bits` of the float32 mantissa within each power of two from
+# 2^-SCORE_OCTAVES to 1 (a relative bin width of 2^-mantissa_bits at every scale, as CTR scores
+# span decades), bin 0 below it; the float32 bit pattern of a non-negative number orders as the
+# number does.
+SCORE_OCTAVES = 40
+SCORE_MANTISSA_BITS = 12
+
+
+def num_score_bins(mantissa_bits: int = SCORE_MANTISSA_BITS) -> int:
+    return ((SCORE_OCTAVES + 1) << mantissa_bits) + 1
+
+
+def score_bins(scores: np.ndarray, mantissa_bits: int = SCORE_MANTISSA_BITS) -> np.ndarray:
+    """Each score's bin on the log-linear grid (int64); scores are probabilities in [0, 1]."""
+    scores = np.asarray(scores, np.float32)
+    if scores.size and not (np.all(scores >= 0) and np.all(scores <= 1)):  # NaN fails too
+        raise ValueError("scores must be probabilities in [0, 1]")
+    key = (scores.view(np.uint32) >> np.uint32(23 - mantissa_bits)).astype(np.int64)
+    lowest = (127 - SCORE_OCTAVES) << mantissa_bits
+    return np.clip(key - lowest + 1, 0, num_score_bins(mantissa_bits) - 1)
+
+
+def histogram_auc(positives: np.ndarray, negatives: np.ndarray) -> tuple[float, float]:
+    """(AUC, bound) from the click and non-click counts per score bin [..., bins] (ordered by
+    score): pairs in one bin count 1/2, as ties do, so the exact AUC lies within `bound` = 1/2
+    x the share of click / non-click pairs that share a bin (NaN, NaN with one class only)."""
+    pos, neg = np.asarray(positives, np.float64), np.asarray(negatives, np.float64)
+    total = pos.sum(-1) * neg.sum(-1)
+    below = np.cumsum(neg, -1) - neg
+    wins = (pos * (below + 0.5 * neg)).sum(-1)
+    tied = 0.5 * (pos * neg).sum(-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        auc_, bound = wins / total, tied / total
+    if np.ndim(auc_) == 0:
+        return (float(auc_), float(bound)) if total > 0 else (float("nan"), float("nan"))
+    return np.where(total > 0, auc_, np.nan), np.where(total > 0, bound, np.nan)
+
+
+def slice_cutoff(levels: np.ndarray, samples: np.ndarray, fraction: float,
+                 most: bool = False) -> tuple[int, float]:
+    """`impression_slices` from the samples per impression level: (the level whose items cross
+    `fraction` of the samples, the samples still wanted from that level's items), counting from
+    the least displayed (`most`: the most)."""
+    levels, samples = np.asarray(levels), np.asarray(samples)
+    order = np.argsort(-levels if most else levels, kind="stable")
+    need = fraction * samples.sum()
+    cum = np.cumsum(samples[order])
+    at = int(np.searchsorted(cum, need))  # the first level whose running count reaches `need`
+    before = float(cum[at - 1]) if at else 0.0
+    return int(levels[order][at]), need - before
+
+
+def take_items(item_ids: np.ndarray, samples: np.ndarray, wanted: float) -> np.ndarray:
+    """The items of one impression level taken into a slice: by id, until their samples reach
+    `wanted` (the one that crosses it included), as `impression_slices` orders ties."""
+    order = np.argsort(item_ids, kind="stable")
+    taken = int(np.searchsorted(np.cumsum(np.asarray(samples)[order]), wanted)) + 1
+    return np.asarray(item_ids)[order][:taken]

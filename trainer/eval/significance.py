@@ -32,6 +32,7 @@ otherwise.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -383,3 +384,132 @@ def _parts(a: dict, metric: str) -> tuple[np.ndarray, np.ndarray]:
         have = sorted(k.split(":")[0] for k in a if k.endswith(":num"))
         raise ValueError(f"no per-query parts of '{metric}' (have {have})")
     return a[num], a[den]
+
+
+# --- At any size: the paired bootstrap from the evaluate job's sharded predictions ------------
+#
+# A multinomial draw of the pages needs them all in one place; the streaming form gives every page
+# a weight of its own instead, 0 or 2 with probability 1/2 per draw (the "double or nothing"
+# bootstrap, whose weights have the multinomial's mean and variance), from a hash of the page id:
+# any shard, any worker, any model sees the same page drawn the same way, so the two models stay
+# paired without joining their rows. AUC under weights is then a weighted histogram of the scores
+# per label, one per draw [2, bins, R], summed over the shards chunk by chunk; GAUC reweights the
+# per-page AUCs the job wrote. Memory is the histograms' (bins x R), not the rows'.
+
+PREDICTIONS, PAGES = "predictions", "pages"  # the evaluate job's directories of Parquet shards
+STREAM_MANTISSA_BITS = 7  # the draws' grid: 2^-7 relative bin width, 5,249 bins
+STREAM_ROWS = 1 << 16  # rows read at a time
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on uint64s: a well-spread hash of each."""
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def page_weights(groups: np.ndarray, resamples: int, seed: int = 0) -> np.ndarray:
+    """[pages, resamples] weights, each 0 or 2, a function of (page id, draw, seed) only."""
+    groups = np.asarray(groups).astype(np.uint64)
+    out = np.empty([len(groups), resamples], np.float64)
+    shifts = np.arange(64, dtype=np.uint64)
+    for word in range(0, resamples, 64):
+        with np.errstate(over="ignore"):
+            salt = np.uint64(seed * 1_000_003 + word // 64 + 1) * _GOLDEN
+        bits = (_mix(groups ^ salt)[:, None] >> shifts) & np.uint64(1)
+        out[:, word:word + 64] = 2.0 * bits[:, :min(64, resamples - word)]
+    return out
+
+
+def _read_parquet(directory: str, columns: list[str], rows: int):
+    import pyarrow.dataset as ds  # only the streaming path reads Parquet
+    dataset = ds.dataset(directory, format="parquet")
+    for batch in dataset.to_batches(columns=columns, batch_size=rows):
+        yield {c: batch.column(c).to_numpy(zero_copy_only=False) for c in columns}
+
+
+_STREAM_SLICES = {"AUC": None, "AUC_bottom10": "bottom10", "AUC_top10": "top10"}
+
+
+def _stream_auc(directory: str, metric: str, resamples: int, seed: int, bits: int,
+                rows: int) -> tuple[float, np.ndarray, tuple]:
+    """(the AUC on the job's grid, the draws' AUCs [R] on the coarse grid shifted to it, the
+    rows' fingerprint)."""
+    from scipy import sparse  # sparse x dense: a chunk's pages' histograms times their weights
+    mask = _STREAM_SLICES[metric]
+    fine_bins = ctr_metrics.num_score_bins()
+    bins = ctr_metrics.num_score_bins(bits)
+    fine = np.zeros(2 * fine_bins)
+    drawn = np.zeros([2 * bins, resamples + 1])  # the last column: unit weights
+    fingerprint = np.zeros(3, np.uint64)
+    columns = ["group", "item", "label", "score"] + ([mask] if mask else [])
+    for chunk in _read_parquet(directory, columns, rows):
+        with np.errstate(over="ignore"):
+            fingerprint += np.array([len(chunk["group"]),
+                                     _mix(chunk["group"].astype(np.uint64)).sum(),
+                                     _mix(chunk["item"].astype(np.uint64)).sum()], np.uint64)
+        keep = chunk[mask].astype(bool) if mask else slice(None)
+        group, label = chunk["group"][keep], chunk["label"][keep].astype(np.int64)
+        score = chunk["score"][keep]
+        fine += np.bincount(label * fine_bins + ctr_metrics.score_bins(score),
+                            minlength=2 * fine_bins)
+        pages, page_of = np.unique(group, return_inverse=True)
+        counts = sparse.csr_matrix((np.ones(len(group)), (page_of, label * bins
+                                                          + ctr_metrics.score_bins(score, bits))),
+                                   shape=(len(pages), 2 * bins))
+        weights = np.hstack([page_weights(pages, resamples, seed), np.ones([len(pages), 1])])
+        drawn += np.asarray(counts.T @ weights)
+    value, _ = ctr_metrics.histogram_auc(fine[fine_bins:], fine[:fine_bins])
+    values, _ = ctr_metrics.histogram_auc(drawn[bins:].T, drawn[:bins].T)
+    return value, values[:-1] + (value - values[-1]), tuple(fingerprint.tolist())
+
+
+def _stream_gauc(evaluated: str, resamples: int, seed: int, rows: int
+                 ) -> tuple[float, np.ndarray, tuple]:
+    num, den = np.zeros(resamples + 1), np.zeros(resamples + 1)
+    fingerprint = np.zeros(2, np.uint64)
+    for chunk in _read_parquet(os.path.join(evaluated, PAGES), ["group", "samples", "auc"],
+                               rows):
+        with np.errstate(over="ignore"):
+            fingerprint += np.array([chunk["samples"].sum(),
+                                     _mix(chunk["group"].astype(np.uint64)).sum()], np.uint64)
+        valid = np.isfinite(chunk["auc"])
+        weights = np.hstack([page_weights(chunk["group"][valid], resamples, seed),
+                             np.ones([int(valid.sum()), 1])])
+        size = chunk["samples"][valid].astype(np.float64)
+        num += (size * chunk["auc"][valid]) @ weights
+        den += size @ weights
+    values = num / den
+    return float(values[-1]), values[:-1], tuple(fingerprint.tolist())
+
+
+def stream_interval_ctr(evaluated: str, metric: str, resamples: int = 1000, seed: int = 0,
+                        bits: int = STREAM_MANTISSA_BITS, rows: int = STREAM_ROWS
+                        ) -> tuple[Interval, np.ndarray, tuple]:
+    """One model's `metric` (AUC, GAUC, AUC_bottom10, AUC_top10) with its 95% interval over
+    pages, from the evaluate job's output dir `evaluated` in bounded memory; also its draws [R]
+    and the test rows' fingerprint (to check that two models saw the same rows)."""
+    if metric == "GAUC":
+        value, values, fingerprint = _stream_gauc(evaluated, resamples, seed, rows)
+    elif metric in _STREAM_SLICES:
+        value, values, fingerprint = _stream_auc(os.path.join(evaluated, PREDICTIONS), metric,
+                                                 resamples, seed, bits, rows)
+    else:
+        raise ValueError(f"metric '{metric}' is not one of {CTR_METRICS}")
+    return _interval(value, values, 0.95), values, fingerprint
+
+
+def stream_compare_ctr(a: str, b: str, metric: str, resamples: int = 1000, seed: int = 0,
+                       bits: int = STREAM_MANTISSA_BITS, rows: int = STREAM_ROWS,
+                       level: float = 0.95) -> Comparison:
+    """`compare_ctr` from two evaluate-job output dirs of the same test records, streaming their
+    sharded predictions (any size; `page_weights` pairs the draws)."""
+    ia, va, fa = stream_interval_ctr(a, metric, resamples, seed, bits, rows)
+    ib, vb, fb = stream_interval_ctr(b, metric, resamples, seed, bits, rows)
+    if fa != fb:
+        raise ValueError(f"{a} and {b} are not predictions of the same test rows (their rows, "
+                         "pages or items differ)")
+    return Comparison(_interval(ia.value, va, level), _interval(ib.value, vb, level),
+                      _interval(ia.value - ib.value, va - vb, level))

@@ -1,0 +1,364 @@
+"""Beam evaluate: an exported CTR model judged on a day's records at any size, with no process
+holding the day's predictions (paper 000 Table 2's metrics, paper 002 §4.3's; the definitions are
+`trainer.eval.ctr_metrics`'s).
+
+1. the day's `ctr` records, named `<file>:<index>` and spread over the workers by file;
+2. RunInference with `CtrModelHandler`: the export's `predict_examples` signature (what TF
+   Serving runs) on batches of `batch_size` records, each record parsed and checked by the
+   export's feature spec first (a bad record fails the job naming its file, record and feature);
+3. each row joined with its item's 30-day impressions from the catalog records, by a shuffle
+   (`CoGroupByKey` on the item), so neither side is held whole; an item the catalog lacks fails
+   the job naming it;
+4. the impression slices, exactly as `ctr_metrics.impression_slices` cuts them: the samples per
+   impression level give the level that crosses `fraction` of the samples from each end, and
+   only that level's items are ordered by id (`ctr_metrics.slice_cutoff`, `take_items`);
+5. sufficient statistics, summed over the workers: per-label histograms of the scores on a
+   log-linear grid for all rows, the two slices and the low-impression items (AUC with an error
+   bound, `ctr_metrics.histogram_auc`), and each page's size, clicks and AUC (GAUC, grouped by
+   page);
+6. the rows as sharded Parquet, `predictions/predictions-SSSSS-of-NNNNN.parquet` (name, label,
+   score, group, item, impressions_30d, bottom10, top10), and the pages' statistics,
+   `pages/pages-*.parquet` (group, samples, clicks, auc): what the streaming paired bootstrap
+   reads (`trainer.eval.significance.stream_compare_ctr`).
+Then, in the launching process, `finish` writes metrics.json from the statistics (a few MB).
+
+  python -m trainer.pipelines.evaluate --records='DATA/ctr/test-*' \\
+      --catalog='DATA/catalog/*.tfrecord' --export_dir=models/ctr --out_dir=eval \\
+      [Beam options: --runner=dask --dask_workers=2 | --runner=DataflowRunner ...]
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
+
+# isort: split
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import tensorflow as tf
+from apache_beam.ml.inference.base import ModelHandler, RunInference
+
+from trainer import configs
+from trainer.ctr import spec as ctr_spec
+from trainer.data import npz, parse, pipeline, schema
+from trainer.eval import ctr_metrics, significance, write_metrics
+from trainer.features import versions
+from trainer.pipelines import common
+
+NAMESPACE = "evaluate"
+STATISTICS = "statistics.npz"
+PREDICTIONS_DIR, PAGES_DIR = significance.PREDICTIONS, significance.PAGES
+SLICES = ("all", "bottom10", "top10", "low_impression")
+PREDICTION_SCHEMA = pa.schema([
+    ("name", pa.string()), ("label", pa.int64()), ("score", pa.float32()),
+    ("group", pa.int64()), ("item", pa.int64()), ("impressions_30d", pa.int64()),
+    ("bottom10", pa.bool_()), ("top10", pa.bool_())])
+PAGE_SCHEMA = pa.schema([("group", pa.int64()), ("samples", pa.int64()),
+                         ("clicks", pa.int64()), ("auc", pa.float64())])
+
+
+def export_spec(version_dir: str) -> ctr_spec.CtrSpec:
+    """The feature spec a CTR export was trained with (its `assets.extra`)."""
+    path = os.path.join(version_dir, "assets.extra", ctr_spec.FILE)
+    if not tf.io.gfile.exists(path):
+        raise FileNotFoundError(f"{version_dir} has no assets.extra/{ctr_spec.FILE}: not a CTR "
+                                "model export (export.ctr)")
+    return ctr_spec.load(path)
+
+
+class CtrModelHandler(ModelHandler[tuple, dict, Any]):
+    """RunInference's handler for this project's CTR export: a batch of named `ctr` records ->
+    one row per record {name, label, group, item, score}, the score from the export's
+    `predict_examples` signature (the model as served)."""
+
+    def __init__(self, version_dir: str, spec: ctr_spec.CtrSpec, batch_size: int):
+        self.version_dir, self.spec, self.batch_size = version_dir, spec, batch_size
+        self._parser: common.BatchParser | None = None
+
+    def load_model(self) -> Any:
+        return tf.saved_model.load(self.version_dir)
+
+    def run_inference(self, batch: Sequence[tuple[str, bytes]], model: Any,
+                      inference_args: dict | None = None) -> Iterable[dict]:
+        if self._parser is None:  # every feature checked, so an error names its record
+            self._parser = common.BatchParser(parse.RecordParser(self.spec.record_kind(),
+                                                                 decode=False))
+        names, serialized = [n for n, _ in batch], [r for _, r in batch]
+        rows, _, _ = self._parser(names, serialized)
+        score = np.reshape(model.signatures["predict_examples"](
+            examples=tf.constant(serialized))["ctr"].numpy(), [-1])
+        spec = self.spec
+        return [{"name": n, "label": int(y), "group": int(g), "item": int(i), "score": float(s)}
+                for n, y, g, i, s in zip(names, rows[spec.label], rows[spec.group],
+                                         rows[spec.item], score, strict=True)]
+
+    def batch_elements_kwargs(self) -> dict:
+        return {"min_batch_size": self.batch_size, "max_batch_size": self.batch_size}
+
+    def get_metrics_namespace(self) -> str:
+        return NAMESPACE
+
+
+class _Impressions(beam.DoFn):
+    """Batches of named catalog records -> (item_id, impressions_30d)."""
+
+    def setup(self) -> None:
+        self.parser = common.BatchParser(parse.RecordParser(
+            schema.get("catalog"), features=("item_id", "impressions_30d"), decode=False))
+
+    def process(self, batch: Sequence[tuple[str, bytes]]) -> Iterator[tuple[int, int]]:
+        rows, _, _ = self.parser([n for n, _ in batch], [r for _, r in batch])
+        yield from zip(rows["item_id"].tolist(), rows["impressions_30d"].tolist(), strict=True)
+
+
+def _with_impressions(kv, item_name: str, catalog: str) -> Iterator[dict]:
+    item, grouped = kv
+    levels = sorted(set(grouped["catalog"]))
+    if len(levels) > 1:
+        raise ValueError(f"{catalog}: item_id {item} is listed with different impressions_30d "
+                         f"{levels}")
+    for row in grouped["rows"]:
+        if not levels:
+            raise ValueError(f"record {row['name']}: {item_name} {item} is not in the catalog "
+                             f"({catalog}), so its impressions are unknown")
+        yield {**row, "impressions_30d": levels[0]}
+
+
+def _cutoffs(level_samples: list, fraction: float) -> dict:
+    """{"bottom10" | "top10": (level, samples wanted from that level's items)}."""
+    levels = np.array([k for k, _ in level_samples], np.int64)
+    samples = np.array([n for _, n in level_samples], np.int64)
+    return {"bottom10": ctr_metrics.slice_cutoff(levels, samples, fraction),
+            "top10": ctr_metrics.slice_cutoff(levels, samples, fraction, most=True)}
+
+
+def _at_cutoff(row: dict, cutoffs: dict) -> Iterator[tuple[tuple[str, int], int]]:
+    for side, (level, _) in cutoffs.items():
+        if row["impressions_30d"] == level:
+            yield (side, row["item"]), 1
+
+
+def _taken(kv, cutoffs: dict) -> tuple[str, list[int]]:
+    side, counts = kv
+    counts = list(counts)
+    items = np.array([i for i, _ in counts], np.int64)
+    samples = np.array([n for _, n in counts], np.int64)
+    return side, ctr_metrics.take_items(items, samples, cutoffs[side][1]).tolist()
+
+
+class _Slices(beam.DoFn):
+    """Marks each row's slices: below (above) the cutoff level, or at it and taken."""
+
+    def __init__(self, low_impressions: int):
+        self.low_impressions = low_impressions
+        self._taken: dict | None = None
+
+    def process(self, row: dict, cutoffs: dict, taken: dict) -> Iterator[dict]:
+        if self._taken is None:  # side inputs are the same for the whole job
+            self._taken = {side: set(items) for side, items in taken.items()}
+        level = row["impressions_30d"]
+        (low, _), (high, _) = cutoffs["bottom10"], cutoffs["top10"]
+        bottom = level < low or (level == low and row["item"] in self._taken["bottom10"])
+        top = level > high or (level == high and row["item"] in self._taken["top10"])
+        yield {**row, "bottom10": bool(bottom), "top10": bool(top),
+               "low_impression": bool(level < self.low_impressions)}
+
+
+def _histogram_part(rows: list[dict], bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """A batch's (flat bins of [slice, label, bin], counts), non-zero only."""
+    bins = ctr_metrics.num_score_bins(bits)
+    score_bin = ctr_metrics.score_bins(np.array([r["score"] for r in rows], np.float32), bits)
+    label = np.array([r["label"] for r in rows], np.int64)
+    flat = []
+    for s, name in enumerate(SLICES):
+        keep = (np.ones(len(rows), bool) if name == "all"
+                else np.array([r[name] for r in rows], bool))
+        flat.append(((s * 2 + label) * bins + score_bin)[keep])
+    keys, counts = np.unique(np.concatenate(flat), return_counts=True)
+    return keys, counts
+
+
+class _SumHistograms(beam.CombineFn):
+    """Sparse parts -> the dense histograms [slices, 2 (non-click, click), bins]."""
+
+    def __init__(self, bits: int):
+        self.size = len(SLICES) * 2 * ctr_metrics.num_score_bins(bits)
+
+    def create_accumulator(self):
+        return None  # dense only once a part arrives
+
+    def add_input(self, acc, part):
+        acc = np.zeros(self.size, np.int64) if acc is None else acc
+        np.add.at(acc, part[0], part[1])
+        return acc
+
+    def merge_accumulators(self, accs):
+        out = None
+        for a in accs:
+            if a is not None:
+                out = a.copy() if out is None else out + a
+        return out
+
+    def extract_output(self, acc):
+        return np.zeros(self.size, np.int64) if acc is None else acc
+
+
+def _page(kv) -> dict:
+    group, rows = kv
+    rows = list(rows)
+    labels = np.array([y for y, _ in rows], np.int64)
+    scores = np.array([s for _, s in rows], np.float32)
+    return {"group": int(group), "samples": len(rows), "clicks": int(labels.sum()),
+            "auc": ctr_metrics.auc(labels, scores)}
+
+
+class _SumPages(beam.CombineFn):
+    """Pages -> [sum n_g AUC_g, sum n_g, groups] over pages with both classes (GAUC)."""
+
+    def create_accumulator(self):
+        return np.zeros(3)
+
+    def add_input(self, acc, page):
+        if not np.isnan(page["auc"]):
+            acc += (page["samples"] * page["auc"], page["samples"], 1)
+        return acc
+
+    def merge_accumulators(self, accs):
+        return np.sum(list(accs), axis=0)
+
+    def extract_output(self, acc):
+        return acc
+
+
+def _write_statistics(_, path: str, histograms, pages, cutoffs, bits: int) -> None:
+    npz.write(path, histograms=np.reshape(histograms, [len(SLICES), 2, -1]), pages=pages,
+              cutoffs=np.array([cutoffs["bottom10"][0], cutoffs["top10"][0]], np.int64),
+              mantissa_bits=np.int64(bits))
+
+
+def metrics_from(statistics: dict) -> dict:
+    """Table 2's metrics (`ctr_metrics.ctr_metrics`'s keys) from the job's statistics, with each
+    histogram AUC's error bound (`<metric>_bound`)."""
+    hist = statistics["histograms"]
+    out: dict = {}
+    names = {"all": "AUC", "bottom10": "AUC_bottom10", "top10": "AUC_top10",
+             "low_impression": "AUC_low_impression"}
+    for s, name in enumerate(SLICES):
+        value, bound = ctr_metrics.histogram_auc(hist[s, 1], hist[s, 0])
+        out[names[name]], out[names[name] + "_bound"] = value, bound
+    weighted, weight, groups = statistics["pages"]
+    samples = hist.sum(axis=(1, 2))
+    clicks = hist[:, 1].sum(-1)
+    out.update({"GAUC": float(weighted / weight) if weight else float("nan"),
+                "samples": int(samples[0]), "clicks": int(clicks[0]), "gauc_groups": int(groups),
+                "bottom10_samples": int(samples[1]), "bottom10_clicks": int(clicks[1]),
+                "bottom10_max_impressions": int(statistics["cutoffs"][0]),
+                "top10_samples": int(samples[2]),
+                "top10_min_impressions": int(statistics["cutoffs"][1]),
+                "low_impression_samples": int(samples[3])})
+    return out
+
+
+def run(cfg: configs.EvaluateConfig, beam_args: Sequence[str] = ()) -> dict:
+    """Runs the job; writes and returns the metrics (`metrics_from`) with the job's record."""
+    for what, value in (("records", cfg.records_pattern), ("catalog", cfg.catalog_pattern),
+                        ("model_export", cfg.model_export), ("out_dir", cfg.out_dir)):
+        if not value:
+            raise ValueError(f"evaluate: no {what} given")
+    version_dir = versions.version_dir(cfg.model_export)  # one version for every worker
+    spec = export_spec(version_dir)
+    spec.check_files(pipeline.list_files(cfg.records_pattern))  # before any work
+    for sub in (PREDICTIONS_DIR, PAGES_DIR):  # another model's or day's
+        if tf.io.gfile.exists(os.path.join(cfg.out_dir, sub)):
+            tf.io.gfile.rmtree(os.path.join(cfg.out_dir, sub))
+    tf.io.gfile.makedirs(cfg.out_dir)
+    stats_path = os.path.join(cfg.out_dir, STATISTICS)
+    bits, catalog = cfg.mantissa_bits, cfg.catalog_pattern
+
+    def build(p: beam.Pipeline) -> None:
+        scored = (p | "Read" >> common.ReadNamedRecords(cfg.records_pattern)
+                  | "Progress" >> beam.ParDo(common.Progress(NAMESPACE, "records scored"))
+                  | "Score" >> RunInference(CtrModelHandler(version_dir, spec, cfg.batch_size)))
+        items = (p | "ReadCatalog" >> common.ReadNamedRecords(catalog)
+                 | "CatalogBatches" >> beam.BatchElements(min_batch_size=1024,
+                                                          max_batch_size=1024)
+                 | "Impressions" >> beam.ParDo(_Impressions()))
+        rows = ({"rows": scored | "ByItem" >> beam.Map(lambda r: (r["item"], r)),
+                 "catalog": items}
+                | "JoinCatalog" >> beam.CoGroupByKey()
+                | "WithImpressions" >> beam.FlatMap(_with_impressions, spec.item, catalog))
+        cutoffs = beam.pvalue.AsSingleton(
+            rows | "Levels" >> beam.Map(lambda r: (r["impressions_30d"], 1))
+            | "PerLevel" >> beam.CombinePerKey(sum)
+            | "AllLevels" >> beam.combiners.ToList()
+            | "Cutoffs" >> beam.Map(_cutoffs, cfg.fraction))
+        taken = beam.pvalue.AsDict(
+            rows | "AtCutoff" >> beam.FlatMap(_at_cutoff, cutoffs)
+            | "PerItem" >> beam.CombinePerKey(sum)
+            | "BySide" >> beam.Map(lambda kv: (kv[0][0], (kv[0][1], kv[1])))
+            | "SideItems" >> beam.GroupByKey()
+            | "Taken" >> beam.Map(_taken, cutoffs))
+        marked = rows | "Slices" >> beam.ParDo(_Slices(cfg.low_impressions), cutoffs, taken)
+        histograms = (marked | "Batches" >> beam.BatchElements(min_batch_size=1024,
+                                                                max_batch_size=1024)
+                      | "HistogramParts" >> beam.Map(_histogram_part, bits)
+                      | "Histograms" >> beam.CombineGlobally(_SumHistograms(bits)))
+        pages = (marked | "ByPage" >> beam.Map(lambda r: (r["group"], (r["label"], r["score"])))
+                 | "Pages" >> beam.GroupByKey() | "PageAUC" >> beam.Map(_page))
+        page_sums = pages | "GAUC" >> beam.CombineGlobally(_SumPages())
+        _ = (marked | "PredictionRows" >> beam.Map(
+                lambda r: {k: r[k] for k in PREDICTION_SCHEMA.names})
+             | "WritePredictions" >> beam.io.WriteToParquet(
+                 os.path.join(cfg.out_dir, PREDICTIONS_DIR, "predictions"), PREDICTION_SCHEMA,
+                 file_name_suffix=".parquet", num_shards=cfg.num_shards,
+                 shard_name_template="-SSSSS-of-NNNNN"))
+        _ = pages | "WritePages" >> beam.io.WriteToParquet(
+            os.path.join(cfg.out_dir, PAGES_DIR, "pages"), PAGE_SCHEMA,
+            file_name_suffix=".parquet", num_shards=cfg.num_shards,
+            shard_name_template="-SSSSS-of-NNNNN")
+        _ = (p | "One" >> beam.Create([None])
+             | "WriteStatistics" >> beam.Map(
+                 _write_statistics, stats_path, beam.pvalue.AsSingleton(histograms),
+                 beam.pvalue.AsSingleton(page_sums), cutoffs, bits))
+
+    t0 = time.time()
+    counters = common.run(NAMESPACE, build, beam_args)
+    metrics = metrics_from(npz.read(stats_path))
+    metrics.update(seconds=round(time.time() - t0, 1), model_export=version_dir,
+                   records=cfg.records_pattern, counters=counters)
+    write_metrics(cfg.out_dir, metrics)
+    return metrics
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    defaults = configs.EvaluateConfig()
+    p = common.command_line(__doc__)
+    p.add_argument("--records", required=True, help="The day's `ctr` TFRecords (glob, "
+                   "comma-separated globs).")
+    p.add_argument("--catalog", required=True, help="The catalog TFRecords (the items' "
+                   "impressions_30d).")
+    p.add_argument("--export_dir", required=True, help="The CTR export (base or version).")
+    p.add_argument("--out_dir", required=True)
+    p.add_argument("--batch_size", type=int, default=defaults.batch_size)
+    p.add_argument("--num_shards", type=int, default=defaults.num_shards,
+                   help=common.NUM_SHARDS_HELP)
+    args, beam_args = p.parse_known_args(argv)
+    cfg = configs.EvaluateConfig(records_pattern=args.records, catalog_pattern=args.catalog,
+                                 model_export=args.export_dir, out_dir=args.out_dir,
+                                 batch_size=args.batch_size, num_shards=args.num_shards)
+    try:
+        metrics = run(cfg, beam_args)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v
+                      for k, v in metrics.items() if k != "counters"}))
+
+
+if __name__ == "__main__":
+    main()
