@@ -1,7 +1,8 @@
 """The Beam pipelines on a real multi-process engine: a dask.distributed cluster of 2 worker
-processes on 127.0.0.1 (`trainer.pipelines.dask_runner`). Each pipeline's outputs equal the
-in-process runner's (records as sets, vocabularies and tables exactly, dead letters, counters); a
-worker killed during the embed job is replaced and the job completes with the whole table."""
+processes on 127.0.0.1 (`trainer.pipelines.dask_runner`). Each pipeline's outputs (convert, vocab,
+join, embed, evaluate) equal the in-process runner's (records as sets, vocabularies and tables
+exactly, dead letters, counters, metrics); a worker killed during the embed job is replaced and
+the job completes with the whole table."""
 from __future__ import annotations
 
 import glob
@@ -19,6 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 from dask import distributed
 from tensorflow.core.example import example_pb2
+from test_evaluate import assert_matches_in_process
 from test_pipelines import _assert_vocabularies_equal
 
 from conftest import REPO, raw_records, read_all, write_records
@@ -184,6 +186,19 @@ def test_embed_stage_on_dask_equals_in_process(trained, exports, tiny_world, tmp
         np.testing.assert_array_equal(got[k], want[k], err_msg=k)
     assert manifests["dask"]["counters"] == manifests["direct"]["counters"]
     assert manifests["dask"]["items"] == len(trained["table"].item_id)
+
+
+def test_evaluate_on_dask_equals_in_process(trained, exports, tiny_world, tmp_path, dask_args):
+    """The evaluate job through `--stage=evaluate` with `evaluate.beam_options` naming the
+    cluster: the in-process evaluation's metrics and rows (`assert_matches_in_process`), each
+    page once."""
+    out_dir = str(tmp_path / "dask")
+    registry.run(configs.EvaluateStage(
+        data_dir=tiny_world, model_dir=out_dir, evaluate=configs.EvaluateConfig(
+            model_export=exports["cluster"], batch_size=256, beam_options=" ".join(dask_args))))
+    assert_matches_in_process(out_dir, trained["cluster"][0])
+    pages = pq.read_table(os.path.join(out_dir, "pages")).column("group").to_pylist()
+    assert len(pages) == len(set(pages))
 
 
 # A second local cluster's scheduler serves its HTTP endpoints (health, metrics) on another port.

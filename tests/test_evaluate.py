@@ -1,7 +1,8 @@
 """The CTR model judged by the Beam evaluate job (`trainer.pipelines.evaluate`): its metrics equal
-the in-process evaluation's (GAUC and the slices exactly, each AUC within its stated bound), its
-per-row predictions equal the model's to 1e-5, the streaming paired bootstrap from its sharded
-predictions agrees with the in-memory one, and bad input fails naming the record."""
+those of its rows computed in one process (GAUC and the slices exactly, each AUC within its stated
+bound) and the in-process evaluation's to 1e-3, its per-row predictions equal the model's to
+1e-5, the streaming paired bootstrap from its sharded predictions agrees with the in-memory one,
+and bad input fails naming the record."""
 from __future__ import annotations
 
 import dataclasses
@@ -34,13 +35,23 @@ def assert_matches_in_process(out_dir: str, model_dir: str) -> None:
     got, want = read_metrics(out_dir), read_metrics(model_dir)
     for k in COUNTS:
         assert got[k] == want[k], k
-    assert got["GAUC"] == pytest.approx(want["GAUC"], abs=1e-12)
+    # The aggregation is exact: against the metrics of the job's own rows, GAUC to rounding and
+    # each AUC within its bound.
+    rows = job_rows(out_dir)
+    own = ctr_metrics.ctr_metrics(rows["label"], rows["score"], rows["group"], rows["item"],
+                                  rows["impressions_30d"])
+    assert got["GAUC"] == pytest.approx(own["GAUC"], abs=1e-12)
     for k in ("AUC", "AUC_bottom10", "AUC_top10", "AUC_low_impression"):
-        assert abs(got[k] - want[k]) <= got[f"{k}_bound"] + 1e-12, (k, got[k], want[k])
+        assert abs(got[k] - own[k]) <= got[f"{k}_bound"] + 1e-12, (k, got[k], own[k])
         assert got[f"{k}_bound"] < 1e-3
+        # Against the in-process model's: the export's scores differ from it by float noise
+        # (below 1e-7), which breaks the exact ties of the cluster_id model's scores one way or
+        # the other (0.5496 in process, 0.5495 by the job, for GAUC); the metrics agree to 1e-3.
+        assert got[k] == pytest.approx(want[k], abs=1e-3 + got[f"{k}_bound"])
+    assert got["GAUC"] == pytest.approx(want["GAUC"], abs=1e-3)
     # The rows: the in-process pass has no record names, so both are put in one order by their
     # columns (ties within a page and item broken by the score, which agrees to 1e-5).
-    rows, pred = job_rows(out_dir), npz.read(os.path.join(model_dir, "predictions.npz"))
+    pred = npz.read(os.path.join(model_dir, "predictions.npz"))
     mine = np.lexsort((rows["score"], rows["item"], rows["group"]))
     theirs = np.lexsort((pred["score"], pred["item"], pred["group"]))
     for k in ("group", "item", "label", "impressions_30d"):
@@ -144,5 +155,5 @@ def test_a_bad_record_fails_naming_its_file_record_and_feature(tiny_world, expor
     recs[7] = example.SerializeToString()
     test = write_records(str(tmp_path / "test-00000-of-00001.tfrecord"), recs)
     cfg = job_config(tiny_world, exports["debias"], str(tmp_path / "out"))
-    with pytest.raises(Exception, match=r"test-00000-of-00001.tfrecord:7.*label"):
+    with pytest.raises(Exception, match=r"test-00000-of-00001.tfrecord: record 7: feature 'label'"):
         evaluate_job.run(dataclasses.replace(cfg, records_pattern=test))

@@ -133,19 +133,22 @@ def score_bins(scores: np.ndarray, mantissa_bits: int = SCORE_MANTISSA_BITS) -> 
 
 
 def histogram_auc(positives: np.ndarray, negatives: np.ndarray) -> tuple[float, float]:
-    """(AUC, bound) from the click and non-click counts per score bin [..., bins] (ordered by
-    score): pairs in one bin count 1/2, as ties do, so the exact AUC lies within `bound` = 1/2
-    x the share of click / non-click pairs that share a bin (NaN, NaN with one class only)."""
+    """(AUC, bound) from the click and non-click counts per score bin (ordered by score): pairs
+    in one bin count 1/2, as ties do, so the exact AUC lies within `bound` = 1/2 x the share of
+    click / non-click pairs that share a bin (NaN, NaN with one class only)."""
+    value, bound = histogram_aucs(positives, negatives)
+    return float(value), float(bound)
+
+
+def histogram_aucs(positives: np.ndarray, negatives: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`histogram_auc` of each row of counts [..., bins] -> (AUCs [...], bounds [...])."""
     pos, neg = np.asarray(positives, np.float64), np.asarray(negatives, np.float64)
     total = pos.sum(-1) * neg.sum(-1)
     below = np.cumsum(neg, -1) - neg
     wins = (pos * (below + 0.5 * neg)).sum(-1)
     tied = 0.5 * (pos * neg).sum(-1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        auc_, bound = wins / total, tied / total
-    if np.ndim(auc_) == 0:
-        return (float(auc_), float(bound)) if total > 0 else (float("nan"), float("nan"))
-    return np.where(total > 0, auc_, np.nan), np.where(total > 0, bound, np.nan)
+    safe = np.where(total > 0, total, 1.0)
+    return np.where(total > 0, wins / safe, np.nan), np.where(total > 0, tied / safe, np.nan)
 
 
 def slice_cutoff(levels: np.ndarray, samples: np.ndarray, fraction: float,

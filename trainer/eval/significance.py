@@ -462,7 +462,7 @@ def _stream_auc(directory: str, metric: str, resamples: int, seed: int, bits: in
         weights = np.hstack([page_weights(pages, resamples, seed), np.ones([len(pages), 1])])
         drawn += np.asarray(counts.T @ weights)
     value, _ = ctr_metrics.histogram_auc(fine[fine_bins:], fine[:fine_bins])
-    values, _ = ctr_metrics.histogram_auc(drawn[bins:].T, drawn[:bins].T)
+    values, _ = ctr_metrics.histogram_aucs(drawn[bins:].T, drawn[:bins].T)
     return value, values[:-1] + (value - values[-1]), tuple(fingerprint.tolist())
 
 
