@@ -69,7 +69,8 @@ def main() -> None:
           f"{versions.version_dir(args.export_dir)}")
     print(f"  {'loop (in-process tf.data + encode_images)':44s} {s_loop:7.1f}s  {r_loop:7.1f} "
           "images/s")
-    runs = [("beam, in-process runner (RunInference)", [], None)]
+    runs: list[tuple[str, list[str], int | None]] = [
+        ("beam, in-process runner (RunInference)", [], None)]
     runs += [(f"beam, Dask runner, {n} worker process{'es' if n > 1 else ''}", ["--runner=dask"],
               n) for n in args.dask_workers]
     for label, beam_args, workers in runs:
