@@ -14,7 +14,9 @@ at any point reruns to the same result; with `train.deterministic` the same weig
 4. weights: today's model built on them and warm-started from yesterday's by id
    (`trainer.ctr.daily.warm_start`), saved as today's step-0 checkpoint;
 5. training on today's records only, resumable (the training loop);
-6. the gate: today's and the serving model's AUC on today's held-out pages, paired bootstrap;
+6. the gate: today's model (its checkpoint) and the serving version (its export) scored on
+   today's held-out pages by the Beam evaluate job, judged by the streaming paired bootstrap
+   over pages from the two jobs' sharded predictions;
 7. the export of the next version (its `export_info.json` records the parent version, the data
    day and the gate's figures), unless the gate refuses it (`daily.force` exports anyway); with
    `daily.search_export_dir`, the visual search request (`export.search`) over today's grown
@@ -28,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shlex
 import tempfile
 
 import numpy as np
@@ -47,10 +50,14 @@ from trainer.data import jsonfile, npz, pipeline
 from trainer.features import clusters as clusters_lib
 from trainer.features import embeddings as embeddings_lib
 from trainer.features import versions
+from trainer.pipelines import evaluate as evaluate_pipeline
 from trainer.stages import common as stage_common
 from trainer.train import loop
 
 RECORD = "daily.json"  # a cycle's record in today's model dir: what it did and decided
+IMPRESSIONS = "impressions.npz"  # the items' impressions the held-out slices rank by
+# The evaluate job's outputs in today's model dir: today's model's, the serving version's.
+CANDIDATE_EVALUATION, SERVING_EVALUATION = "evaluation", "evaluation_serving"
 
 
 @stage_common.releases_lock
@@ -116,8 +123,16 @@ def run_daily(cfg: configs.DailyStage) -> None:
     metrics = ctr_task.train_and_evaluate(
         today_cfg.ctr, spec, cfg.train, cfg.model_dir, table.item_id, impressions, table,
         features.positives, features.clusters, cfg.skip_bad_records, strategy, cfg.seed,
-        features.image_statistics)
-    decision, version = _gate_and_export(cfg, day, patterns["holdout"])
+        features.image_statistics, evaluate_here=False)
+    # The held-out pages scored by the Beam evaluate job, the slices ranked by the impressions
+    # the model learned from.
+    impressions_path = os.path.join(cfg.model_dir, IMPRESSIONS)
+    npz.write(impressions_path, item_id=table.item_id, impressions_30d=impressions)
+    candidate = _evaluate(cfg, patterns["holdout"], impressions_path, CANDIDATE_EVALUATION,
+                          checkpoint_dir=cfg.model_dir)
+    metrics.update({k: v for k, v in candidate.items() if k not in ("counters", "model",
+                                                                     "records")})
+    decision, version = _gate_and_export(cfg, day, patterns["holdout"], impressions_path)
     out = {"day": day, "previous": os.path.abspath(d.previous),
            "data_dir": os.path.abspath(cfg.data_dir),
            "statistics": dataclasses.asdict(stats), "warnings": warnings,
@@ -354,7 +369,17 @@ def _impressions(table: embeddings_lib.EmbeddingTable, vocabularies: Vocabularie
     return np.where(known, counts[pos] if len(ids) else 0, 0).astype(np.int64)
 
 
-def _gate_and_export(cfg: configs.DailyStage, day: int, holdout: str
+def _evaluate(cfg: configs.DailyStage, holdout: str, impressions: str, out: str,
+              checkpoint_dir: str = "", model_export: str = "") -> dict:
+    """The evaluate job on the held-out pages (on `daily.beam_options`' runner), into
+    `model_dir/out`."""
+    ev = configs.EvaluateConfig(records_pattern=holdout, catalog_pattern=impressions,
+                                checkpoint_dir=checkpoint_dir, model_export=model_export,
+                                out_dir=os.path.join(cfg.model_dir, out))
+    return evaluate_pipeline.run(ev, shlex.split(cfg.daily.beam_options))
+
+
+def _gate_and_export(cfg: configs.DailyStage, day: int, holdout: str, impressions: str
                      ) -> tuple[daily.GateDecision | None, int | None]:
     """The gate against the serving version (none on the first export) and, if it passes or is
     forced, the export of the next version; a rerun after the export finds it."""
@@ -368,15 +393,12 @@ def _gate_and_export(cfg: configs.DailyStage, day: int, holdout: str
             return (daily.GateDecision(**saved) if saved else None), v
     decision = None
     if served:
-        serving_dir = common.export_info(os.path.join(d.export_dir, str(served[-1])))[
-            "model_dir"]
-        candidate = npz.read(os.path.join(cfg.model_dir, "predictions.npz"))
-        serving = ctr_task.predict(ctr_task.load_trained(serving_dir), holdout,
-                                   skip_bad_records=cfg.skip_bad_records)
-        # The same samples in the same order (the gate checks): the impressions the candidate's
-        # evaluation looked up for them serve both.
-        serving["impressions_30d"] = candidate["impressions_30d"]
-        decision = daily.gate(candidate, serving, d.margin, d.metric, d.force, cfg.seed)
+        # The serving model as it serves (its export), on the same pages and impressions.
+        _evaluate(cfg, holdout, impressions, SERVING_EVALUATION,
+                  model_export=os.path.join(d.export_dir, str(served[-1])))
+        decision = daily.gate(os.path.join(cfg.model_dir, CANDIDATE_EVALUATION),
+                              os.path.join(cfg.model_dir, SERVING_EVALUATION), d.margin,
+                              d.metric, d.force, cfg.seed)
         with tf.io.gfile.GFile(os.path.join(cfg.model_dir, "gate.json"), "w") as f:
             json.dump(dataclasses.asdict(decision), f, indent=2)
         if not (decision.passed or decision.forced):

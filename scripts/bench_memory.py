@@ -7,10 +7,12 @@ dimension 64) with the same number of CTR samples is generated, then the CTR mod
 - table: one process, `one_device`, the image tables in the model (the layout before issue 19);
 - joined + parameter servers: the train records joined with their image vectors by the Beam join
   pipeline (`--table_in_memory`), the spec's image features `layout: joined`, and a cluster of
-  local processes from TF_CONFIG: a chief (the coordinator, which also evaluates, rebuilding the
-  tables as serving does), one worker and one parameter server.
-Prints the peak resident memory (VmHWM) of each process per size, and the worker's growth over
-the range (goal: under 1.5x).
+  local processes from TF_CONFIG: a chief (the coordinator), one worker and one parameter server;
+  then the chief evaluates as the `ctr` stage does under parameter servers, by the Beam evaluate
+  job over the checkpoint on a local Dask worker process (which rebuilds the model, tables
+  included, as a serving replica holds it).
+Prints the peak resident memory (VmHWM) of each process per size, and each one's growth over the
+range (goal: under 1.5x).
 
   python scripts/bench_memory.py --sizes 10000 100000 1000000
 """
@@ -30,11 +32,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, BATCH, SAMPLES = 30, 256, 20_000
 
 
-def _train(world: str, model_dir: str, spec_path: str, train_pattern: str, strategy) -> None:
+def _train(world: str, model_dir: str, spec_path: str, train_pattern: str, strategy,
+           by_job: bool = False) -> None:
     from trainer import configs
     from trainer.ctr import spec as ctr_spec
     from trainer.ctr import task as ctr_task
-    from trainer.data import records
+    from trainer.data import npz, records
     from trainer.features import embeddings
 
     table = embeddings.load(os.path.join(world, embeddings.FILE))
@@ -44,7 +47,32 @@ def _train(world: str, model_dir: str, spec_path: str, train_pattern: str, strat
                                 checkpoint_interval=STEPS)
     metrics = ctr_task.train_and_evaluate(cfg, ctr_spec.load(spec_path), train, model_dir,
                                           table.item_id, table.impressions_30d, table,
-                                          strategy=strategy)
+                                          strategy=strategy, evaluate_here=not by_job)
+    if by_job:
+        # As the `ctr` stage does under parameter servers: the model dir records what rebuilds
+        # the model, and the evaluate job scores its checkpoint in a worker process of its own.
+        from dask import distributed
+
+        from trainer.pipelines import dask_runner
+        from trainer.pipelines import evaluate as evaluate_job
+
+        embeddings.save(table, os.path.join(model_dir, embeddings.FILE))
+        configs.save(model_dir, configs.CtrStage(
+            model_dir=model_dir, ctr=cfg, images=configs.ImageSourceConfig(encoder="scale")))
+        impressions = os.path.join(model_dir, "impressions.npz")
+        npz.write(impressions, item_id=table.item_id, impressions_30d=table.impressions_30d)
+        del table
+        cluster = dask_runner.local_cluster(1)
+        try:
+            metrics = evaluate_job.run(configs.EvaluateConfig(
+                records_pattern=cfg.test_pattern, catalog_pattern=impressions,
+                checkpoint_dir=model_dir, out_dir=os.path.join(model_dir, "evaluation")),
+                ["--runner=dask", f"--dask_client_address={cluster.scheduler_address}"])
+            with distributed.Client(cluster) as client:
+                peaks = client.run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+            print("EVAL_WORKER_MB", max(peaks.values()) / 1024, flush=True)
+        finally:
+            cluster.close()
     print(f"trained and evaluated: AUC {metrics.get('AUC', float('nan')):.4f}")
 
 
@@ -67,7 +95,11 @@ def _finish(proc: subprocess.Popen) -> tuple[float, str]:
     out, _ = proc.communicate()
     if proc.returncode:
         raise RuntimeError(out[-3000:])
-    return float(out.rsplit("PEAK_MB ", 1)[1].split()[0]), out
+    return _reported(out, "PEAK_MB"), out
+
+
+def _reported(out: str, key: str) -> float:
+    return float(out.rsplit(f"{key} ", 1)[1].split()[0])
 
 
 def measure(size: int, root: str) -> dict:
@@ -108,9 +140,10 @@ def measure(size: int, root: str) -> dict:
     joined = records.default_pattern(os.path.join(root, f"joined-{size}"), "ctr", "train")
     servers = {k: _child("--role=server", env=tf_config(k)) for k in ("ps", "worker")}
     try:
-        chief_mb, _ = _finish(_child(
+        chief_mb, out = _finish(_child(
             "--role=chief", f"--world={world}", f"--model_dir={root}/ps-{size}",
             f"--spec={spec_path}", f"--train_pattern={joined}", env=tf_config("chief")))
+        row["eval_worker_mb"] = round(_reported(out, "EVAL_WORKER_MB"))
         row.update({f"{k}_mb": round(_peak_mb(p.pid)) for k, p in servers.items()})
     finally:
         for p in servers.values():
@@ -141,7 +174,7 @@ def main() -> None:
                     else loop.make_strategy("one_device"))
         _train(args.world, args.model_dir, args.spec,
                args.train_pattern or records.default_pattern(args.world, "ctr", "train"),
-               strategy)
+               strategy, by_job=args.role == "chief")
         print("PEAK_MB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, flush=True)
         return
     import trainer  # noqa: F401
@@ -149,20 +182,22 @@ def main() -> None:
     print(f"CTR training, {SAMPLES:,} samples, {STEPS} steps of {BATCH}, image dimension 64; "
           "peak resident memory (VmHWM) per process, MB")
     print("| items = users | table layout (one process) | joined + ps: worker | ps | chief "
-          "(coordinator + evaluation) | join s |\n| ---: | ---: | ---: | ---: | ---: | ---: |")
+          "(coordinator) | evaluate job: worker | join s |\n"
+          "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     rows = []
     with tempfile.TemporaryDirectory() as root:
         for size in args.sizes:
             r = measure(size, root)
             rows.append(r)
             print(f"| {size:,} | {r['table_mb']} | {r['worker_mb']} | {r['ps_mb']} | "
-                  f"{r['chief_mb']} | {r['join_s']} |", flush=True)
+                  f"{r['chief_mb']} | {r['eval_worker_mb']} | {r['join_s']} |", flush=True)
     first, last = rows[0], rows[-1]
     print(f"growth {first['items']:,} -> {last['items']:,} items: table layout "
           f"{last['table_mb'] / first['table_mb']:.2f}x, joined + ps worker "
           f"{last['worker_mb'] / first['worker_mb']:.2f}x (goal < 1.5x), ps "
           f"{last['ps_mb'] / first['ps_mb']:.2f}x, chief "
-          f"{last['chief_mb'] / first['chief_mb']:.2f}x")
+          f"{last['chief_mb'] / first['chief_mb']:.2f}x, evaluate job worker "
+          f"{last['eval_worker_mb'] / first['eval_worker_mb']:.2f}x")
 
 
 if __name__ == "__main__":

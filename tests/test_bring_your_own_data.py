@@ -73,7 +73,7 @@ def test_the_beam_section_shows_commands_that_this_test_runs():
     section = open(os.path.join(REPO, "docs", "beam.md")).read()
     shown = re.findall(r"^python -m trainer\.pipelines\.\w+ .*$", section, re.M)
     assert {re.match(r"python -m trainer\.pipelines\.(\w+)", c).group(1) for c in shown} == {
-        "convert", "embed", "join", "vocab"}
+        "convert", "embed", "join", "vocab", "evaluate"}
     block = doc_block("COMMANDS").splitlines()
     for command in shown:
         assert command in block, command
@@ -93,7 +93,7 @@ def test_the_bring_your_own_data_section_runs_as_written(tiny_world, tmp_path):
            "PATH": f"{venv_bin}{os.pathsep}{os.environ['PATH']}"}
     setup, *commands = [line for line in doc_block("COMMANDS").splitlines()
                         if line.strip() and not line.startswith("#")]
-    assert setup.startswith("DATA=") and len(commands) == 14
+    assert setup.startswith("DATA=") and len(commands) == 15
     for line in commands:
         stage = re.search(r"trainer\.task --stage=(\w+)", line)
         budget = BUDGETS.get(stage.group(1), []) if stage else []
@@ -112,6 +112,9 @@ def test_the_bring_your_own_data_section_runs_as_written(tiny_world, tmp_path):
     metrics = json.load(open(runs / "ctr" / "metrics.json"))
     assert metrics["feature_spec"] == "my_marketplace" and 0 <= metrics["AUC"] <= 1
     assert metrics["samples"] == 4000 and metrics["image_feature_mode"] == "cluster_id"
+    # The evaluate job on the export: the same test day, GAUC within the export's float noise.
+    judged = json.load(open(runs / "ctr_eval" / "metrics.json"))
+    assert judged["samples"] == 4000 and abs(judged["GAUC"] - metrics["GAUC"]) < 1e-3
     version = str(tmp_path / "models" / "mine" / "ctr" / "1")
     inputs = tf.saved_model.load(version).signatures["serving_default"] \
         .structured_input_signature[1]

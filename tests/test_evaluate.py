@@ -157,3 +157,10 @@ def test_a_bad_record_fails_naming_its_file_record_and_feature(tiny_world, expor
     cfg = job_config(tiny_world, exports["debias"], str(tmp_path / "out"))
     with pytest.raises(Exception, match=r"test-00000-of-00001.tfrecord: record 7: feature 'label'"):
         evaluate_job.run(dataclasses.replace(cfg, records_pattern=test))
+
+
+def test_a_day_without_records_fails_saying_so(tiny_world, exports, tmp_path):
+    empty = write_records(str(tmp_path / "test-00000-of-00001.tfrecord"), [])
+    cfg = job_config(tiny_world, exports["debias"], str(tmp_path / "out"))
+    with pytest.raises(Exception, match="no records to evaluate"):
+        evaluate_job.run(dataclasses.replace(cfg, records_pattern=empty))

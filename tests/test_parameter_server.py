@@ -90,6 +90,12 @@ def test_worker_ps_and_chief_processes_from_tf_config_train(tiny_world, tmp_path
     assert loop.restored_step(model_dir) == 10
     metrics = json.load(open(os.path.join(model_dir, "metrics.json")))
     assert 0 <= metrics["AUC"] <= 1
+    # The chief evaluated through the Beam evaluate job (a Dask worker process rebuilt the
+    # model), not in its own process: its outputs, each AUC with its bound.
+    assert metrics["evaluation"] == os.path.join(model_dir, "evaluation")
+    assert metrics["AUC_bound"] < 1e-3 and metrics["samples"] == 4000
+    assert os.listdir(os.path.join(model_dir, "evaluation", "predictions"))
+    assert not os.path.exists(os.path.join(model_dir, "predictions.npz"))
     assert "worker 1: serving" in served[3] and "ps 0: serving" in served[0]
     # Only the chief writes: no worker scratch dirs.
     assert not os.path.exists(os.path.join(model_dir, "workers"))

@@ -524,8 +524,10 @@ class EvaluateConfig:
     Attributes:
       records_pattern: The day's `ctr` records (empty: DATA_DIR/ctr/test-*).
       catalog_pattern: The catalog records, for the items' 30-day impressions (empty: the data
-        dir's).
+        dir's), or an .npz of `item_id` and `impressions_30d`.
       model_export: The CTR export judged: its base path (the latest version) or a version dir.
+      checkpoint_dir: Or a trained `ctr`/`debias` model dir, judged from its latest checkpoint
+        (the model rebuilt in the workers that score).
       out_dir: Where metrics.json, the statistics and the sharded predictions go (empty: the
         stage's model dir).
       batch_size: Records per call of the SavedModel (RunInference's batch).
@@ -541,6 +543,7 @@ class EvaluateConfig:
     records_pattern: str = ""
     catalog_pattern: str = ""
     model_export: str = ""
+    checkpoint_dir: str = ""
     out_dir: str = ""
     batch_size: int = setting(1024, low=1)
     num_shards: int = setting(0, low=0)
@@ -731,13 +734,26 @@ def _ctr_train() -> TrainConfig:
 
 @dataclasses.dataclass
 class CtrStage(TrainingStage):
-    """`ctr`: the CTR predictor, trained on the train days and evaluated on the test day."""
+    """`ctr`: the CTR predictor, trained on the train days and evaluated on the test day.
+
+    Attributes:
+      evaluation: Where the test day is scored: 'in_process' (the trainer's process rebuilds the
+        model from its checkpoint), 'job' (the Beam evaluate job over the checkpoint, with
+        `evaluate`'s settings: the rows sharded, no process holding them, the model rebuilt in
+        the job's workers), 'auto' (the job under the parameter-server strategy, whose chief
+        then never holds the model's tables; else in process).
+      evaluate: The evaluate job's settings; its default runner is a local Dask worker process,
+        out of the trainer's.
+    """
 
     stage: str = "ctr"
     train: TrainConfig = dataclasses.field(default_factory=_ctr_train)
     ctr: CtrConfig = dataclasses.field(default_factory=CtrConfig)
     images: ImageSourceConfig = dataclasses.field(default_factory=ImageSourceConfig)
     cluster: ClusterConfig = dataclasses.field(default_factory=ClusterConfig)
+    evaluation: str = setting("auto", choices=("auto", "in_process", "job"))
+    evaluate: EvaluateConfig = dataclasses.field(default_factory=lambda: EvaluateConfig(
+        beam_options="--runner=dask --dask_workers=1"))
 
 
 @dataclasses.dataclass

@@ -34,6 +34,7 @@ comparable, so rows cannot be carried across.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import numpy as np
 import tensorflow as tf
@@ -43,6 +44,7 @@ from trainer.configs import DebiasConfig
 from trainer.ctr import debias
 from trainer.ctr.model import CtrModel
 from trainer.ctr.tables import Vocabularies
+from trainer.data import jsonfile
 from trainer.eval import significance
 from trainer.features import embeddings as embeddings_lib
 
@@ -185,16 +187,19 @@ class GateDecision:
         return text
 
 
-def gate(candidate: dict, serving: dict, margin: float, metric: str = "AUC",
+def gate(candidate: str, serving: str, margin: float, metric: str = "AUC",
          force: bool = False, seed: int = 0) -> GateDecision:
-    """Whether `candidate`'s predictions of the held-out samples are not worse than `serving`'s
-    beyond `margin` (the paired bootstrap's 95% interval of the difference over pages lies
-    above -margin). `force` exports anyway (the decision records that it was forced)."""
-    c = significance.compare_ctr(candidate, serving, metric, seed=seed)
+    """Whether the candidate's predictions of the held-out samples are not worse than the
+    serving model's beyond `margin` (the paired bootstrap's 95% interval of the difference over
+    pages lies above -margin), from the two evaluate jobs' output dirs, streamed
+    (`significance.stream_compare_ctr`: any size). `force` exports anyway (the decision records
+    that it was forced)."""
+    c = significance.stream_compare_ctr(candidate, serving, metric, seed=seed)
     d = c.difference
     passed = d.low > -margin
+    samples = jsonfile.read(os.path.join(candidate, "metrics.json")) or {}
     return GateDecision(passed, force and not passed, metric, margin, c.a.value, c.b.value,
-                        d.value, d.low, d.high, len(candidate["label"]))
+                        d.value, d.low, d.high, int(samples.get("samples", 0)))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -161,10 +161,12 @@ def train_and_evaluate(cfg: CtrConfig, spec: ctr_spec.CtrSpec, train_cfg: TrainC
                        clusters: clusters_lib.Clusters | None = None,
                        skip_bad_records: bool = False,
                        strategy: tf.distribute.Strategy | None = None,
-                       seed: int = 0, image_stats: dict | None = None) -> dict:
+                       seed: int = 0, image_stats: dict | None = None,
+                       evaluate_here: bool = True) -> dict:
     """Trains the CTR model into `model_dir` (resuming from its checkpoint; the spec and the
-    vocabularies are written there first) and evaluates its latest checkpoint on the test
-    records (`cfg.test_pattern`): `evaluate`'s metrics plus `train_seconds`."""
+    vocabularies are written there first) and, with `evaluate_here`, evaluates its latest
+    checkpoint on the test records (`cfg.test_pattern`) in this process: `evaluate`'s metrics
+    plus `train_seconds` (without: `train_seconds`; the caller runs the evaluate job)."""
     strategy = strategy or loop.make_strategy(train_cfg.strategy, train_cfg.shard_bytes)
     spec = spec_for(model_dir, spec)
     vocabularies = vocabularies_for(model_dir, cfg, spec, skip_bad_records)
@@ -175,7 +177,7 @@ def train_and_evaluate(cfg: CtrConfig, spec: ctr_spec.CtrSpec, train_cfg: TrainC
     seconds = time.time() - t0
     print(f"{task.name}: trained to step {train_cfg.steps} in {model_dir} ({seconds:.0f}s); "
           "last: " + ", ".join(f"{k}={v:.4g}" for k, v in last.items()))
-    if not loop.is_chief(strategy):  # the chief evaluates
+    if not (evaluate_here and loop.is_chief(strategy)):  # the chief evaluates
         return {"train_seconds": seconds}
     model = restore(model_dir, CtrModel(cfg, spec, vocabularies, images, positives,
                                         clusters, image_stats).build_variables()).look_up_joined()

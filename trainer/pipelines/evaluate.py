@@ -4,8 +4,9 @@ holding the day's predictions (paper 000 Table 2's metrics, paper 002 §4.3's; t
 
 1. the day's `ctr` records, named `<file>:<index>` and spread over the workers by file;
 2. RunInference with `CtrModelHandler`: the export's `predict_examples` signature (what TF
-   Serving runs) on batches of `batch_size` records, each record parsed and checked by the
-   export's feature spec first (a bad record fails the job naming its file, record and feature);
+   Serving runs), or with `CheckpointModelHandler`: a trained model dir's latest checkpoint, on
+   batches of `batch_size` records, each record parsed and checked by the model's feature spec
+   first (a bad record fails the job naming its file, record and feature);
 3. each row joined with its item's 30-day impressions from the catalog records, by a shuffle
    (`CoGroupByKey` on the item), so neither side is held whole; an item the catalog lacks fails
    the job naming it;
@@ -20,10 +21,11 @@ holding the day's predictions (paper 000 Table 2's metrics, paper 002 §4.3's; t
    score, group, item, impressions_30d, bottom10, top10), and the pages' statistics,
    `pages/pages-*.parquet` (group, samples, clicks, auc): what the streaming paired bootstrap
    reads (`trainer.eval.significance.stream_compare_ctr`).
-Then, in the launching process, `finish` writes metrics.json from the statistics (a few MB).
+Then the launching process writes metrics.json from the statistics (`metrics_from`; a few MB).
 
   python -m trainer.pipelines.evaluate --records='DATA/ctr/test-*' \\
-      --catalog='DATA/catalog/*.tfrecord' --export_dir=models/ctr --out_dir=eval \\
+      --catalog='DATA/catalog/*.tfrecord' --export_dir=models/ctr|--checkpoint_dir=runs/ctr \\
+      --out_dir=eval \\
       [Beam options: --runner=dask --dask_workers=2 | --runner=DataflowRunner ...]
 """
 from __future__ import annotations
@@ -93,16 +95,56 @@ class CtrModelHandler(ModelHandler[tuple, dict, Any]):
         rows, _, _ = self._parser(names, serialized)
         score = np.reshape(model.signatures["predict_examples"](
             examples=tf.constant(serialized))["ctr"].numpy(), [-1])
-        spec = self.spec
-        return [{"name": n, "label": int(y), "group": int(g), "item": int(i), "score": float(s)}
-                for n, y, g, i, s in zip(names, rows[spec.label], rows[spec.group],
-                                         rows[spec.item], score, strict=True)]
+        return _rows(self.spec, names, rows, score)
 
     def batch_elements_kwargs(self) -> dict:
         return {"min_batch_size": self.batch_size, "max_batch_size": self.batch_size}
 
     def get_metrics_namespace(self) -> str:
         return NAMESPACE
+
+
+class CheckpointModelHandler(ModelHandler[tuple, dict, Any]):
+    """RunInference's handler for a trained `ctr`/`debias` model dir: the model rebuilt from what
+    the dir records and its latest checkpoint (`ctr.task.load_trained`, as the in-process
+    evaluation and the export do), in the worker that scores, so the process that trained it
+    (the parameter-server chief) never holds it. Rows as `CtrModelHandler`'s."""
+
+    def __init__(self, model_dir: str, spec: ctr_spec.CtrSpec, batch_size: int):
+        self.model_dir, self.spec, self.batch_size = model_dir, spec, batch_size
+        self._parser: common.BatchParser | None = None
+
+    def load_model(self) -> Any:
+        from trainer.ctr import task as ctr_task  # the model's code, only where it scores
+        model = ctr_task.load_trained(self.model_dir)
+
+        def score(batch: dict) -> tf.Tensor:
+            return tf.sigmoid(model(batch, training=False))
+
+        return tf.function(score)
+
+    def run_inference(self, batch: Sequence[tuple[str, bytes]], model: Any,
+                      inference_args: dict | None = None) -> Iterable[dict]:
+        if self._parser is None:
+            self._parser = common.BatchParser(parse.RecordParser(self.spec.record_kind(),
+                                                                 decode=False))
+        names = [n for n, _ in batch]
+        rows, _, _ = self._parser(names, [r for _, r in batch])
+        score = np.reshape(model({k: tf.constant(v) for k, v in rows.items()}).numpy(), [-1])
+        return _rows(self.spec, names, rows, score)
+
+    def batch_elements_kwargs(self) -> dict:
+        return {"min_batch_size": self.batch_size, "max_batch_size": self.batch_size}
+
+    def get_metrics_namespace(self) -> str:
+        return NAMESPACE
+
+
+def _rows(spec: ctr_spec.CtrSpec, names: Sequence[str], rows: dict, score: np.ndarray
+          ) -> list[dict]:
+    return [{"name": n, "label": int(y), "group": int(g), "item": int(i), "score": float(s)}
+            for n, y, g, i, s in zip(names, rows[spec.label], rows[spec.group], rows[spec.item],
+                                     score, strict=True)]
 
 
 class _Impressions(beam.DoFn):
@@ -115,6 +157,19 @@ class _Impressions(beam.DoFn):
     def process(self, batch: Sequence[tuple[str, bytes]]) -> Iterator[tuple[int, int]]:
         rows, _, _ = self.parser([n for n, _ in batch], [r for _, r in batch])
         yield from zip(rows["item_id"].tolist(), rows["impressions_30d"].tolist(), strict=True)
+
+
+class _NpzImpressions(beam.DoFn):
+    """An .npz of `item_id` and `impressions_30d` -> (item_id, impressions_30d): impressions
+    counted elsewhere (the daily cycle's, from the logs its model learned from)."""
+
+    def process(self, path: str) -> Iterator[tuple[int, int]]:
+        data = npz.read(path)
+        for key in ("item_id", "impressions_30d"):
+            if key not in data:
+                raise ValueError(f"{path}: no '{key}' array")
+        yield from zip(np.asarray(data["item_id"]).tolist(),
+                       np.asarray(data["impressions_30d"]).tolist(), strict=True)
 
 
 def _with_impressions(kv, item_name: str, catalog: str) -> Iterator[dict]:
@@ -130,8 +185,10 @@ def _with_impressions(kv, item_name: str, catalog: str) -> Iterator[dict]:
         yield {**row, "impressions_30d": levels[0]}
 
 
-def _cutoffs(level_samples: list, fraction: float) -> dict:
+def _cutoffs(level_samples: list, fraction: float, records: str) -> dict:
     """{"bottom10" | "top10": (level, samples wanted from that level's items)}."""
+    if not level_samples:
+        raise ValueError(f"{records}: no records to evaluate")
     levels = np.array([k for k, _ in level_samples], np.int64)
     samples = np.array([n for _, n in level_samples], np.int64)
     return {"bottom10": ctr_metrics.slice_cutoff(levels, samples, fraction),
@@ -268,11 +325,21 @@ def metrics_from(statistics: dict) -> dict:
 def run(cfg: configs.EvaluateConfig, beam_args: Sequence[str] = ()) -> dict:
     """Runs the job; writes and returns the metrics (`metrics_from`) with the job's record."""
     for what, value in (("records", cfg.records_pattern), ("catalog", cfg.catalog_pattern),
-                        ("model_export", cfg.model_export), ("out_dir", cfg.out_dir)):
+                        ("out_dir", cfg.out_dir)):
         if not value:
             raise ValueError(f"evaluate: no {what} given")
-    version_dir = versions.version_dir(cfg.model_export)  # one version for every worker
-    spec = export_spec(version_dir)
+    if bool(cfg.model_export) == bool(cfg.checkpoint_dir):
+        raise ValueError("evaluate: give one model: an export (model_export) or a trained model "
+                         "dir (checkpoint_dir)")
+    handler: ModelHandler
+    if cfg.model_export:
+        judged = versions.version_dir(cfg.model_export)  # one version for every worker
+        spec = export_spec(judged)
+        handler = CtrModelHandler(judged, spec, cfg.batch_size)
+    else:
+        judged = cfg.checkpoint_dir
+        spec = ctr_spec.load(os.path.join(judged, ctr_spec.FILE))
+        handler = CheckpointModelHandler(judged, spec, cfg.batch_size)
     spec.check_files(pipeline.list_files(cfg.records_pattern))  # before any work
     for sub in (PREDICTIONS_DIR, PAGES_DIR):  # another model's or day's
         if tf.io.gfile.exists(os.path.join(cfg.out_dir, sub)):
@@ -284,11 +351,15 @@ def run(cfg: configs.EvaluateConfig, beam_args: Sequence[str] = ()) -> dict:
     def build(p: beam.Pipeline) -> None:
         scored = (p | "Read" >> common.ReadNamedRecords(cfg.records_pattern)
                   | "Progress" >> beam.ParDo(common.Progress(NAMESPACE, "records scored"))
-                  | "Score" >> RunInference(CtrModelHandler(version_dir, spec, cfg.batch_size)))
-        items = (p | "ReadCatalog" >> common.ReadNamedRecords(catalog)
-                 | "CatalogBatches" >> beam.BatchElements(min_batch_size=1024,
-                                                          max_batch_size=1024)
-                 | "Impressions" >> beam.ParDo(_Impressions()))
+                  | "Score" >> RunInference(handler))
+        if catalog.endswith(".npz"):
+            items = (p | "ImpressionsFile" >> beam.Create([catalog])
+                     | "Impressions" >> beam.ParDo(_NpzImpressions()))
+        else:
+            items = (p | "ReadCatalog" >> common.ReadNamedRecords(catalog)
+                     | "CatalogBatches" >> beam.BatchElements(min_batch_size=1024,
+                                                              max_batch_size=1024)
+                     | "Impressions" >> beam.ParDo(_Impressions()))
         rows = ({"rows": scored | "ByItem" >> beam.Map(lambda r: (r["item"], r)),
                  "catalog": items}
                 | "JoinCatalog" >> beam.CoGroupByKey()
@@ -297,7 +368,7 @@ def run(cfg: configs.EvaluateConfig, beam_args: Sequence[str] = ()) -> dict:
             rows | "Levels" >> beam.Map(lambda r: (r["impressions_30d"], 1))
             | "PerLevel" >> beam.CombinePerKey(sum)
             | "AllLevels" >> beam.combiners.ToList()
-            | "Cutoffs" >> beam.Map(_cutoffs, cfg.fraction))
+            | "Cutoffs" >> beam.Map(_cutoffs, cfg.fraction, cfg.records_pattern))
         taken = beam.pvalue.AsDict(
             rows | "AtCutoff" >> beam.FlatMap(_at_cutoff, cutoffs)
             | "PerItem" >> beam.CombinePerKey(sum)
@@ -330,7 +401,7 @@ def run(cfg: configs.EvaluateConfig, beam_args: Sequence[str] = ()) -> dict:
     t0 = time.time()
     counters = common.run(NAMESPACE, build, beam_args)
     metrics = metrics_from(npz.read(stats_path))
-    metrics.update(seconds=round(time.time() - t0, 1), model_export=version_dir,
+    metrics.update(seconds=round(time.time() - t0, 1), model=judged,
                    records=cfg.records_pattern, counters=counters)
     write_metrics(cfg.out_dir, metrics)
     return metrics
@@ -343,14 +414,17 @@ def main(argv: Sequence[str] | None = None) -> None:
                    "comma-separated globs).")
     p.add_argument("--catalog", required=True, help="The catalog TFRecords (the items' "
                    "impressions_30d).")
-    p.add_argument("--export_dir", required=True, help="The CTR export (base or version).")
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("--export_dir", help="The CTR export (base or version).")
+    model.add_argument("--checkpoint_dir", help="Or a trained ctr/debias model dir.")
     p.add_argument("--out_dir", required=True)
     p.add_argument("--batch_size", type=int, default=defaults.batch_size)
     p.add_argument("--num_shards", type=int, default=defaults.num_shards,
                    help=common.NUM_SHARDS_HELP)
     args, beam_args = p.parse_known_args(argv)
     cfg = configs.EvaluateConfig(records_pattern=args.records, catalog_pattern=args.catalog,
-                                 model_export=args.export_dir, out_dir=args.out_dir,
+                                 model_export=args.export_dir or "",
+                                 checkpoint_dir=args.checkpoint_dir or "", out_dir=args.out_dir,
                                  batch_size=args.batch_size, num_shards=args.num_shards)
     try:
         metrics = run(cfg, beam_args)

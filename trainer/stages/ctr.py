@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shlex
 import time
 
 import numpy as np
@@ -18,6 +19,7 @@ from trainer.ctr import task as ctr_task
 from trainer.data import npz, pipeline
 from trainer.eval import write_metrics
 from trainer.features import clusters, embeddings
+from trainer.pipelines import evaluate as evaluate_pipeline
 from trainer.stages import common
 from trainer.stages.encoders import queries_pattern
 from trainer.train import loop
@@ -106,12 +108,20 @@ def run_ctr(cfg: configs.CtrStage) -> None:
     if images is not None and cfg.ctr.image_feature_mode == "cluster_id":
         centroids = clusters.load_or_fit(os.path.join(cfg.model_dir, ctr_task.CLUSTERS),
                                          images.item_vector, cfg.cluster, cfg.seed)
+    by_job = cfg.evaluation == "job" or (cfg.evaluation == "auto"
+                                         and cfg.train.strategy == "parameter_server")
+    if by_job and cfg.skip_bad_records:
+        raise common.UsageError("the evaluate job stops at a bad record rather than skipping it: "
+                                "with --skip_bad_records, --set evaluation=in_process")
     common.start(cfg, strategy)
     metrics = ctr_task.train_and_evaluate(cfg.ctr, spec, cfg.train, cfg.model_dir, item_id,
                                           impressions, images, positives, centroids,
-                                          cfg.skip_bad_records, strategy, cfg.seed)
+                                          cfg.skip_bad_records, strategy, cfg.seed,
+                                          evaluate_here=not by_job)
     if not loop.is_chief(strategy):
         return
+    if by_job:
+        metrics.update(evaluate_checkpoint(cfg))
     metrics.update(image_features=cfg.images.encoder, debias=cfg.ctr.debias is not None,
                    image_feature_mode=cfg.ctr.image_feature_mode, feature_spec=spec.name)
     write_metrics(cfg.model_dir, metrics)
@@ -120,6 +130,22 @@ def run_ctr(cfg: configs.CtrStage) -> None:
             if isinstance(v, float):
                 tf.summary.scalar(f"ctr/{k}", v, step=cfg.train.steps)
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}))
+
+
+EVALUATION = "evaluation"  # the evaluate job's outputs in a model dir
+
+
+def evaluate_checkpoint(cfg: configs.CtrStage) -> dict:
+    """The test day scored by the Beam evaluate job over the model dir's latest checkpoint, into
+    `model_dir/evaluation` (metrics.json, predictions/, pages/): its metrics, without the job's
+    record."""
+    ev = dataclasses.replace(
+        cfg.evaluate, records_pattern=cfg.ctr.test_pattern,
+        catalog_pattern=cfg.images.catalog_pattern, model_export="",
+        checkpoint_dir=cfg.model_dir, out_dir=os.path.join(cfg.model_dir, EVALUATION))
+    metrics = evaluate_pipeline.run(ev, shlex.split(ev.beam_options))
+    return {**{k: v for k, v in metrics.items() if k not in ("counters", "model", "records")},
+            "evaluation": ev.out_dir}
 
 
 def run_cluster(cfg: configs.ClusterStage) -> None:

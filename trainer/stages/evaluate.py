@@ -16,9 +16,10 @@ def run_evaluate(cfg: configs.EvaluateStage) -> None:
     """AUC, GAUC and the slice AUCs of a CTR export on a day's records, the per-row predictions
     and per-page statistics as sharded Parquet."""
     ev = cfg.evaluate
-    if not ev.model_export:
-        raise common.UsageError("--stage=evaluate needs the CTR export: --export_dir "
-                                "(evaluate.model_export)")
+    if bool(ev.model_export) == bool(ev.checkpoint_dir):
+        raise common.UsageError("--stage=evaluate needs one model: the CTR export (--export_dir, "
+                                "evaluate.model_export) or a trained ctr/debias model dir "
+                                "(--set evaluate.checkpoint_dir=DIR)")
     out_dir = ev.out_dir or cfg.model_dir
     if not out_dir:
         raise common.UsageError("--stage=evaluate needs --model_dir (or evaluate.out_dir) for "
