@@ -14,7 +14,7 @@ RUNS ?= runs
 # Test processes: a test file runs whole on one of them (its module fixtures are built once).
 TEST_WORKERS ?= 2
 
-.PHONY: demo test test-slow lint probe daily search-page browser repro-visual repro-ctr repro-courier repro-batch repro-unseen repro-dose sweep-tau bench-input bench-convert bench-crc bench-serving bench-embed bench-kmeans bench-export-vocab bench-train export validate docs lock clean
+.PHONY: demo test test-slow lint probe daily search-page browser repro-visual repro-ctr repro-courier repro-batch repro-unseen repro-dose sweep-tau bench-input bench-convert bench-bootstrap bench-crc bench-serving bench-embed bench-kmeans bench-export-vocab bench-train export validate docs lock clean
 
 $(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -187,6 +187,10 @@ lint: $(VENV)/.installed
 # times several installs side by side.
 bench-crc: $(VENV)/.installed $(DATA)/$(WORLD)/manifest.json
 	$(PY) scripts/bench_crc.py --data_dir=$(DATA)/$(WORLD) $(foreach i,$(INSTALLS),--install=$(i))
+
+# Peak memory of the streaming paired bootstrap on 10^6 and 10^7 predictions (their ratio).
+bench-bootstrap: $(VENV)/.installed
+	$(PY) scripts/bench_bootstrap.py --sizes 1000000 10000000
 
 # Peak memory of the Parquet converter on N and 4N rows (their ratio: 1.0 = it does not grow).
 bench-convert: $(VENV)/.installed
