@@ -57,7 +57,8 @@ from trainer.train import loop
 RECORD = "daily.json"  # a cycle's record in today's model dir: what it did and decided
 IMPRESSIONS = "impressions.npz"  # the items' impressions the held-out slices rank by
 # The evaluate job's outputs in today's model dir: today's model's, the serving version's.
-CANDIDATE_EVALUATION, SERVING_EVALUATION = "evaluation", "evaluation_serving"
+CANDIDATE_EVALUATION = evaluate_pipeline.EVALUATION
+SERVING_EVALUATION = evaluate_pipeline.EVALUATION + "_serving"
 
 
 @stage_common.releases_lock
@@ -130,8 +131,7 @@ def run_daily(cfg: configs.DailyStage) -> None:
     npz.write(impressions_path, item_id=table.item_id, impressions_30d=impressions)
     candidate = _evaluate(cfg, patterns["holdout"], impressions_path, CANDIDATE_EVALUATION,
                           checkpoint_dir=cfg.model_dir)
-    metrics.update({k: v for k, v in candidate.items() if k not in ("counters", "model",
-                                                                     "records")})
+    metrics.update(evaluate_pipeline.metrics_only(candidate))
     decision, version = _gate_and_export(cfg, day, patterns["holdout"], impressions_path)
     out = {"day": day, "previous": os.path.abspath(d.previous),
            "data_dir": os.path.abspath(cfg.data_dir),

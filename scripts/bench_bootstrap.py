@@ -5,7 +5,8 @@ For each size N, two models' predictions of the same N rows, in pages of 10, are
 evaluate job's layout (`predictions/` and `pages/` as Parquet shards of 10^6 rows; labels with a
 5% click rate, model a's scores a little better than b's), a shard at a time. Then, in a child
 process per size, the paired bootstrap of AUC and of GAUC (1,000 draws) streams them; the child
-reports its peak resident memory (ru_maxrss) and seconds. The goal: the peak does not grow with N
+reports its peak resident memory (VmHWM: its own, not the launcher's, as `ru_maxrss` would be
+after the fork) and seconds. The goal: the peak does not grow with N
 (bounded by the draws' histograms and one chunk of rows).
 
   python scripts/bench_bootstrap.py --sizes 1000000 10000000
@@ -13,7 +14,6 @@ reports its peak resident memory (ru_maxrss) and seconds. The goal: the peak doe
 from __future__ import annotations
 
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -72,7 +72,9 @@ def child(root: str) -> None:
         c = significance.stream_compare_ctr(os.path.join(root, "a"), os.path.join(root, "b"),
                                             metric)
         print(f"RESULT {metric} {time.time() - t0:.1f} {c.difference}", flush=True)
-    print("PEAK_MB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, flush=True)
+    with open("/proc/self/status") as f:
+        peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    print("PEAK_MB", peak / 1024, flush=True)
 
 
 def main() -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -69,14 +68,17 @@ def _train(world: str, model_dir: str, spec_path: str, train_pattern: str, strat
                 checkpoint_dir=model_dir, out_dir=os.path.join(model_dir, "evaluation")),
                 ["--runner=dask", f"--dask_client_address={cluster.scheduler_address}"])
             with distributed.Client(cluster) as client:
-                peaks = client.run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-            print("EVAL_WORKER_MB", max(peaks.values()) / 1024, flush=True)
+                peaks = client.run(_peak_mb)
+            print("EVAL_WORKER_MB", max(peaks.values()), flush=True)
         finally:
             cluster.close()
     print(f"trained and evaluated: AUC {metrics.get('AUC', float('nan')):.4f}")
 
 
-def _peak_mb(pid: int) -> float:
+def _peak_mb(pid: int | str = "self") -> float:
+    """A process's own peak resident memory (VmHWM), MB. Not `ru_maxrss`: Linux carries that
+    across `execve`, so a child started by this script would report the script's own peak at the
+    fork (6 GB after the in-process join of 10^6 items) if it had not reached more itself."""
     with open(f"/proc/{pid}/status") as f:
         for line in f:
             if line.startswith("VmHWM:"):
@@ -175,7 +177,7 @@ def main() -> None:
         _train(args.world, args.model_dir, args.spec,
                args.train_pattern or records.default_pattern(args.world, "ctr", "train"),
                strategy, by_job=args.role == "chief")
-        print("PEAK_MB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, flush=True)
+        print("PEAK_MB", _peak_mb(), flush=True)
         return
     import trainer  # noqa: F401
 

@@ -56,6 +56,8 @@ from trainer.pipelines import common
 NAMESPACE = "evaluate"
 STATISTICS = "statistics.npz"
 PREDICTIONS_DIR, PAGES_DIR = significance.PREDICTIONS, significance.PAGES
+EVALUATION = "evaluation"  # the job's outputs in a trained model dir (the ctr stage, the daily)
+RECORD_KEYS = ("counters", "model", "records", "seconds")  # what `run` adds to the metrics
 SLICES = ("all", "bottom10", "top10", "low_impression")
 PREDICTION_SCHEMA = pa.schema([
     ("name", pa.string()), ("label", pa.int64()), ("score", pa.float32()),
@@ -320,6 +322,11 @@ def metrics_from(statistics: dict) -> dict:
                 "top10_min_impressions": int(statistics["cutoffs"][1]),
                 "low_impression_samples": int(samples[3])})
     return out
+
+
+def metrics_only(result: dict) -> dict:
+    """`run`'s result without the job's record (`RECORD_KEYS`)."""
+    return {k: v for k, v in result.items() if k not in RECORD_KEYS}
 
 
 def run(cfg: configs.EvaluateConfig, beam_args: Sequence[str] = ()) -> dict:

@@ -132,9 +132,6 @@ def run_ctr(cfg: configs.CtrStage) -> None:
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}))
 
 
-EVALUATION = "evaluation"  # the evaluate job's outputs in a model dir
-
-
 def evaluate_checkpoint(cfg: configs.CtrStage) -> dict:
     """The test day scored by the Beam evaluate job over the model dir's latest checkpoint, into
     `model_dir/evaluation` (metrics.json, predictions/, pages/): its metrics, without the job's
@@ -142,10 +139,10 @@ def evaluate_checkpoint(cfg: configs.CtrStage) -> dict:
     ev = dataclasses.replace(
         cfg.evaluate, records_pattern=cfg.ctr.test_pattern,
         catalog_pattern=cfg.images.catalog_pattern, model_export="",
-        checkpoint_dir=cfg.model_dir, out_dir=os.path.join(cfg.model_dir, EVALUATION))
+        checkpoint_dir=cfg.model_dir,
+        out_dir=os.path.join(cfg.model_dir, evaluate_pipeline.EVALUATION))
     metrics = evaluate_pipeline.run(ev, shlex.split(ev.beam_options))
-    return {**{k: v for k, v in metrics.items() if k not in ("counters", "model", "records")},
-            "evaluation": ev.out_dir}
+    return {**evaluate_pipeline.metrics_only(metrics), "evaluation": ev.out_dir}
 
 
 def run_cluster(cfg: configs.ClusterStage) -> None:
