@@ -144,6 +144,19 @@ def raw_records(pattern: str) -> list[bytes]:
     return [r.numpy() for r in tf.data.TFRecordDataset(pipeline.list_files(pattern))]
 
 
+def with_bad_value(pattern: str, path: str, feature: str, value, n: int = 20,
+                   index: int = 7) -> str:
+    """The first `n` records of `pattern` written to `path`, record `index`'s `feature` (a float
+    or int64 list, kept so) set to [value]: a bad record for the errors that name it."""
+    from tensorflow.core.example import example_pb2
+    recs = raw_records(pattern)[:n]
+    example = example_pb2.Example.FromString(recs[index])
+    f = example.features.feature[feature]
+    (f.float_list if f.HasField("float_list") else f.int64_list).value[:] = [value]
+    recs[index] = example.SerializeToString()
+    return write_records(path, recs)
+
+
 @pytest.fixture(scope="session")
 def trained(tiny_world, tmp_path_factory) -> dict:
     """A briefly trained encoder and two CTR models on its features, through the stages' own

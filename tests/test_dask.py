@@ -19,11 +19,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from dask import distributed
-from tensorflow.core.example import example_pb2
 from test_evaluate import assert_matches_in_process
 from test_pipelines import _assert_vocabularies_equal
 
-from conftest import REPO, raw_records, read_all, write_records
+from conftest import REPO, raw_records, read_all, with_bad_value, write_records
 from trainer import configs, registry
 from trainer.ctr import spec as ctr_spec
 from trainer.data import records, validate
@@ -147,11 +146,8 @@ def test_join_on_dask_equals_in_process_both_ways(tiny_world, tmp_path, dask_arg
 def test_a_bad_record_fails_the_dask_job_naming_it(tiny_world, tmp_path, dask_args):
     """A record that breaks a rule, read by a worker process: the job fails on the launching side
     with the error that names its file, index and feature."""
-    recs = raw_records(records.default_pattern(tiny_world, "ctr", "test"))[:20]
-    example = example_pb2.Example.FromString(recs[7])
-    example.features.feature["price"].float_list.value[:] = [-1.0]
-    recs[7] = example.SerializeToString()
-    path = write_records(str(tmp_path / "ctr" / "bad-00000-of-00001.tfrecord"), recs)
+    path = with_bad_value(records.default_pattern(tiny_world, "ctr", "test"),
+                          str(tmp_path / "ctr" / "bad-00000-of-00001.tfrecord"), "price", -1.0)
     with pytest.raises(validate.BadRecordError,
                        match=rf"{path}: record 7: feature 'price': must be >= 0"):
         vocab_pipeline.run(path, ctr_spec.load("synthetic"), str(tmp_path / "vocab.npz"),

@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import raw_records, write_records
+from conftest import raw_records, with_bad_value, write_records
 from trainer import configs, registry
 from trainer.data import npz, records
 from trainer.eval import ctr_metrics, read_metrics, significance
@@ -148,12 +148,8 @@ def test_an_item_missing_from_the_catalog_fails_naming_the_record(tiny_world, ex
 
 
 def test_a_bad_record_fails_naming_its_file_record_and_feature(tiny_world, exports, tmp_path):
-    from tensorflow.core.example import example_pb2
-    recs = raw_records(records.default_pattern(tiny_world, "ctr", "test"))[:40]
-    example = example_pb2.Example.FromString(recs[7])
-    example.features.feature["label"].int64_list.value[:] = [3]
-    recs[7] = example.SerializeToString()
-    test = write_records(str(tmp_path / "test-00000-of-00001.tfrecord"), recs)
+    test = with_bad_value(records.default_pattern(tiny_world, "ctr", "test"),
+                          str(tmp_path / "test-00000-of-00001.tfrecord"), "label", 3, n=40)
     cfg = job_config(tiny_world, exports["debias"], str(tmp_path / "out"))
     with pytest.raises(Exception, match=r"test-00000-of-00001.tfrecord: record 7: feature 'label'"):
         evaluate_job.run(dataclasses.replace(cfg, records_pattern=test))

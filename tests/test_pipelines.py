@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 from tensorflow.core.example import example_pb2
 
-from conftest import REPO, raw_records, read_all, write_records
+from conftest import REPO, raw_records, read_all, with_bad_value, write_records
 from trainer import configs
 from trainer.ctr import model as ctr_model
 from trainer.ctr import spec as ctr_spec
@@ -221,11 +221,8 @@ def test_join_carries_exactly_what_the_in_model_tables_look_up(tiny_world, tmp_p
 def test_a_bad_record_fails_a_pipeline_naming_it(tiny_world, tmp_path):
     """Whichever worker reads it, a bad record stops the job with its file, index and feature."""
     spec = ctr_spec.load("synthetic")
-    recs = raw_records(records.default_pattern(tiny_world, "ctr", "test"))[:20]
-    example = example_pb2.Example.FromString(recs[7])
-    example.features.feature["price"].float_list.value[:] = [-1.0]
-    recs[7] = example.SerializeToString()
-    path = write_records(str(tmp_path / "ctr" / "bad-00000-of-00001.tfrecord"), recs)
+    path = with_bad_value(records.default_pattern(tiny_world, "ctr", "test"),
+                          str(tmp_path / "ctr" / "bad-00000-of-00001.tfrecord"), "price", -1.0)
     with pytest.raises(validate.BadRecordError,
                        match=rf"{path}: record 7: feature 'price': must be >= 0"):
         vocab_pipeline.run(path, spec, str(tmp_path / "vocab.npz"))

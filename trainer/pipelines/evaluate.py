@@ -76,64 +76,30 @@ def export_spec(version_dir: str) -> ctr_spec.CtrSpec:
     return ctr_spec.load(path)
 
 
-class CtrModelHandler(ModelHandler[tuple, dict, Any]):
-    """RunInference's handler for this project's CTR export: a batch of named `ctr` records ->
-    one row per record {name, label, group, item, score}, the score from the export's
-    `predict_examples` signature (the model as served)."""
+class _CtrHandler(ModelHandler[tuple, dict, Any]):
+    """RunInference's handler for a CTR model: a batch of named `ctr` records, each checked by
+    the model's feature spec (so an error names its record) -> one row per record {name, label,
+    group, item, score}. Subclasses load the model and score a batch (`_score`)."""
 
-    def __init__(self, version_dir: str, spec: ctr_spec.CtrSpec, batch_size: int):
-        self.version_dir, self.spec, self.batch_size = version_dir, spec, batch_size
+    def __init__(self, source: str, spec: ctr_spec.CtrSpec, batch_size: int):
+        self.source, self.spec, self.batch_size = source, spec, batch_size
         self._parser: common.BatchParser | None = None
 
-    def load_model(self) -> Any:
-        return tf.saved_model.load(self.version_dir)
-
-    def run_inference(self, batch: Sequence[tuple[str, bytes]], model: Any,
-                      inference_args: dict | None = None) -> Iterable[dict]:
-        if self._parser is None:  # every feature checked, so an error names its record
-            self._parser = common.BatchParser(parse.RecordParser(self.spec.record_kind(),
-                                                                 decode=False))
-        names, serialized = [n for n, _ in batch], [r for _, r in batch]
-        rows, _, _ = self._parser(names, serialized)
-        score = np.reshape(model.signatures["predict_examples"](
-            examples=tf.constant(serialized))["ctr"].numpy(), [-1])
-        return _rows(self.spec, names, rows, score)
-
-    def batch_elements_kwargs(self) -> dict:
-        return {"min_batch_size": self.batch_size, "max_batch_size": self.batch_size}
-
-    def get_metrics_namespace(self) -> str:
-        return NAMESPACE
-
-
-class CheckpointModelHandler(ModelHandler[tuple, dict, Any]):
-    """RunInference's handler for a trained `ctr`/`debias` model dir: the model rebuilt from what
-    the dir records and its latest checkpoint (`ctr.task.load_trained`, as the in-process
-    evaluation and the export do), in the worker that scores, so the process that trained it
-    (the parameter-server chief) never holds it. Rows as `CtrModelHandler`'s."""
-
-    def __init__(self, model_dir: str, spec: ctr_spec.CtrSpec, batch_size: int):
-        self.model_dir, self.spec, self.batch_size = model_dir, spec, batch_size
-        self._parser: common.BatchParser | None = None
-
-    def load_model(self) -> Any:
-        from trainer.ctr import task as ctr_task  # the model's code, only where it scores
-        model = ctr_task.load_trained(self.model_dir)
-
-        def score(batch: dict) -> tf.Tensor:
-            return tf.sigmoid(model(batch, training=False))
-
-        return tf.function(score)
+    def _score(self, model: Any, serialized: list[bytes], rows: dict) -> np.ndarray:
+        raise NotImplementedError
 
     def run_inference(self, batch: Sequence[tuple[str, bytes]], model: Any,
                       inference_args: dict | None = None) -> Iterable[dict]:
         if self._parser is None:
             self._parser = common.BatchParser(parse.RecordParser(self.spec.record_kind(),
                                                                  decode=False))
-        names = [n for n, _ in batch]
-        rows, _, _ = self._parser(names, [r for _, r in batch])
-        score = np.reshape(model({k: tf.constant(v) for k, v in rows.items()}).numpy(), [-1])
-        return _rows(self.spec, names, rows, score)
+        names, serialized = [n for n, _ in batch], [r for _, r in batch]
+        rows, _, _ = self._parser(names, serialized)
+        score = np.reshape(self._score(model, serialized, rows), [-1])
+        spec = self.spec
+        return [{"name": n, "label": int(y), "group": int(g), "item": int(i), "score": float(s)}
+                for n, y, g, i, s in zip(names, rows[spec.label], rows[spec.group],
+                                         rows[spec.item], score, strict=True)]
 
     def batch_elements_kwargs(self) -> dict:
         return {"min_batch_size": self.batch_size, "max_batch_size": self.batch_size}
@@ -142,11 +108,35 @@ class CheckpointModelHandler(ModelHandler[tuple, dict, Any]):
         return NAMESPACE
 
 
-def _rows(spec: ctr_spec.CtrSpec, names: Sequence[str], rows: dict, score: np.ndarray
-          ) -> list[dict]:
-    return [{"name": n, "label": int(y), "group": int(g), "item": int(i), "score": float(s)}
-            for n, y, g, i, s in zip(names, rows[spec.label], rows[spec.group], rows[spec.item],
-                                     score, strict=True)]
+class CtrModelHandler(_CtrHandler):
+    """A CTR export (its version dir): the score from its `predict_examples` signature (the
+    model as served)."""
+
+    def load_model(self) -> Any:
+        return tf.saved_model.load(self.source)
+
+    def _score(self, model: Any, serialized: list[bytes], rows: dict) -> np.ndarray:
+        return model.signatures["predict_examples"](
+            examples=tf.constant(serialized))["ctr"].numpy()
+
+
+class CheckpointModelHandler(_CtrHandler):
+    """A trained `ctr`/`debias` model dir: the model rebuilt from what the dir records and its
+    latest checkpoint (`ctr.task.load_trained`, as the in-process evaluation and the export do),
+    in the worker that scores, so the process that trained it (the parameter-server chief) never
+    holds it."""
+
+    def load_model(self) -> Any:
+        from trainer.ctr import task as ctr_task  # the model's code, only where it scores
+        model = ctr_task.load_trained(self.source)
+
+        def score(batch: dict) -> tf.Tensor:
+            return tf.sigmoid(model(batch, training=False))
+
+        return tf.function(score)
+
+    def _score(self, model: Any, serialized: list[bytes], rows: dict) -> np.ndarray:
+        return model({k: tf.constant(v) for k, v in rows.items()}).numpy()
 
 
 class _Impressions(beam.DoFn):
