@@ -8,9 +8,10 @@ dimension 64) with the same number of CTR samples is generated, then the CTR mod
 - joined + parameter servers: the train records joined with their image vectors by the Beam join
   pipeline (`--table_in_memory`), the spec's image features `layout: joined`, and a cluster of
   local processes from TF_CONFIG: a chief (the coordinator), one worker and one parameter server;
-  then the chief evaluates as the `ctr` stage does under parameter servers, by the Beam evaluate
-  job over the checkpoint on a local Dask worker process (which rebuilds the model, tables
-  included, as a serving replica holds it).
+  the chief keeps the image table as the `ctr` stage does (a file copy and streamed statistics,
+  `ctr.task.keep_image_table`), and the Beam evaluate job scores the joined test day with the
+  checkpoint on a local Dask worker process (the model reads the joined vectors as in training,
+  without an image table).
 Prints the peak resident memory (VmHWM) of each process per size, and each one's growth over the
 range (goal: under 1.5x).
 
@@ -25,6 +26,8 @@ import sys
 import tempfile
 import time
 
+import numpy as np
+
 from trainer import console
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,47 +35,56 @@ STEPS, BATCH, SAMPLES = 30, 256, 20_000
 
 
 def _train(world: str, model_dir: str, spec_path: str, train_pattern: str, strategy,
-           by_job: bool = False) -> None:
+           test_pattern: str = "", by_job: bool = False) -> None:
     from trainer import configs
     from trainer.ctr import spec as ctr_spec
     from trainer.ctr import task as ctr_task
     from trainer.data import npz, records
     from trainer.features import embeddings
 
-    table = embeddings.load(os.path.join(world, embeddings.FILE))
-    cfg = configs.CtrConfig(train_pattern=train_pattern,
-                            test_pattern=records.default_pattern(world, "ctr", "test"))
+    cfg = configs.CtrConfig(train_pattern=train_pattern, test_pattern=test_pattern
+                            or records.default_pattern(world, "ctr", "test"))
     train = configs.TrainConfig(steps=STEPS, global_batch_size=BATCH, log_interval=10,
                                 checkpoint_interval=STEPS)
-    metrics = ctr_task.train_and_evaluate(cfg, ctr_spec.load(spec_path), train, model_dir,
-                                          table.item_id, table.impressions_30d, table,
-                                          strategy=strategy, evaluate_here=not by_job)
-    if by_job:
-        # As the `ctr` stage does under parameter servers: the model dir records what rebuilds
-        # the model, and the evaluate job scores its checkpoint in a worker process of its own.
-        from dask import distributed
+    if not by_job:
+        table = embeddings.load(os.path.join(world, embeddings.FILE))
+        metrics = ctr_task.train_and_evaluate(cfg, ctr_spec.load(spec_path), train, model_dir,
+                                              table.item_id, table.impressions_30d, table,
+                                              strategy=strategy)
+        print(f"trained and evaluated: AUC {metrics['AUC']:.4f}")
+        return
+    # As the `ctr` stage does under parameter servers: the model dir holds a copy of the table
+    # and the image statistics, streamed (the chief never reads the vectors); the model reads
+    # its image features from the joined records; the evaluate job scores the joined test day
+    # with the checkpoint in a worker process of its own.
+    from dask import distributed
 
-        from trainer.pipelines import dask_runner
-        from trainer.pipelines import evaluate as evaluate_job
+    from trainer.pipelines import dask_runner
+    from trainer.pipelines import evaluate as evaluate_job
 
-        embeddings.save(table, os.path.join(model_dir, embeddings.FILE))
-        configs.save(model_dir, configs.CtrStage(
-            model_dir=model_dir, ctr=cfg, images=configs.ImageSourceConfig(encoder="scale")))
-        impressions = os.path.join(model_dir, "impressions.npz")
-        npz.write(impressions, item_id=table.item_id, impressions_30d=table.impressions_30d)
-        del table
-        cluster = dask_runner.local_cluster(1)
-        try:
-            metrics = evaluate_job.run(configs.EvaluateConfig(
-                records_pattern=cfg.test_pattern, catalog_pattern=impressions,
-                checkpoint_dir=model_dir, out_dir=os.path.join(model_dir, "evaluation")),
-                ["--runner=dask", f"--dask_client_address={cluster.scheduler_address}"])
-            with distributed.Client(cluster) as client:
-                peaks = client.run(_peak_mb)
-            print("EVAL_WORKER_MB", max(peaks.values()), flush=True)
-        finally:
-            cluster.close()
-    print(f"trained and evaluated: AUC {metrics.get('AUC', float('nan')):.4f}")
+    images, stats = ctr_task.keep_image_table(
+        embeddings.describe(os.path.join(world, embeddings.FILE)), model_dir,
+        cfg.image_feature_mode)
+    configs.save(model_dir, configs.CtrStage(
+        model_dir=model_dir, ctr=cfg, images=configs.ImageSourceConfig(encoder="scale")))
+    no_items = np.zeros([0], np.int64)
+    ctr_task.train_and_evaluate(cfg, ctr_spec.load(spec_path), train, model_dir, no_items,
+                                no_items, images, strategy=strategy, image_stats=stats,
+                                evaluate_here=False)
+    impressions = os.path.join(model_dir, "impressions.npz")
+    npz.write(impressions, **npz.read(images.path, ["item_id", "impressions_30d"]))
+    cluster = dask_runner.local_cluster(1)
+    try:
+        metrics = evaluate_job.run(configs.EvaluateConfig(
+            records_pattern=cfg.test_pattern, catalog_pattern=impressions,
+            checkpoint_dir=model_dir, out_dir=os.path.join(model_dir, "evaluation")),
+            ["--runner=dask", f"--dask_client_address={cluster.scheduler_address}"])
+        with distributed.Client(cluster) as client:
+            peaks = client.run(_peak_mb)
+        print("EVAL_WORKER_MB", max(peaks.values()), flush=True)
+    finally:
+        cluster.close()
+    print(f"trained and evaluated by the job: AUC {metrics['AUC']:.4f}")
 
 
 def _peak_mb(pid: int | str = "self") -> float:
@@ -128,9 +140,10 @@ def measure(size: int, root: str) -> dict:
     ctr_spec.parse(d, "joined").save(spec_path)
     t0 = time.time()
     table = os.path.join(world, embeddings.FILE)
-    join.run(records.default_pattern(world, "ctr", "train"), ctr_spec.load(spec_path), "vector",
-             table, os.path.join(root, f"joined-{size}"), "train", query_embeddings=table,
-             table_in_memory=True)
+    for split in ("train", "test"):
+        join.run(records.default_pattern(world, "ctr", split), ctr_spec.load(spec_path),
+                 "vector", table, os.path.join(root, f"joined-{size}"), split,
+                 query_embeddings=table, table_in_memory=True)
     row["join_s"] = round(time.time() - t0, 1)
     ports = loop.local_ports(3)
     cluster = {"chief": [f"127.0.0.1:{ports[0]}"], "worker": [f"127.0.0.1:{ports[1]}"],
@@ -139,12 +152,15 @@ def measure(size: int, root: str) -> dict:
     def tf_config(kind: str) -> dict:
         return {"TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": kind, "index": 0}})}
 
-    joined = records.default_pattern(os.path.join(root, f"joined-{size}"), "ctr", "train")
+    joined = os.path.join(root, f"joined-{size}")
     servers = {k: _child("--role=server", env=tf_config(k)) for k in ("ps", "worker")}
     try:
         chief_mb, out = _finish(_child(
             "--role=chief", f"--world={world}", f"--model_dir={root}/ps-{size}",
-            f"--spec={spec_path}", f"--train_pattern={joined}", env=tf_config("chief")))
+            f"--spec={spec_path}",
+            "--train_pattern=" + records.default_pattern(joined, "ctr", "train"),
+            "--test_pattern=" + records.default_pattern(joined, "ctr", "test"),
+            env=tf_config("chief")))
         row["eval_worker_mb"] = round(_reported(out, "EVAL_WORKER_MB"))
         row.update({f"{k}_mb": round(_peak_mb(p.pid)) for k, p in servers.items()})
     finally:
@@ -163,6 +179,7 @@ def main() -> None:
     p.add_argument("--model_dir", default="")
     p.add_argument("--spec", default="synthetic")
     p.add_argument("--train_pattern", default="")
+    p.add_argument("--test_pattern", default="")
     args = p.parse_args()
     if args.role != "main":
         import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
@@ -176,7 +193,7 @@ def main() -> None:
                     else loop.make_strategy("one_device"))
         _train(args.world, args.model_dir, args.spec,
                args.train_pattern or records.default_pattern(args.world, "ctr", "train"),
-               strategy, by_job=args.role == "chief")
+               strategy, args.test_pattern, by_job=args.role == "chief")
         print("PEAK_MB", _peak_mb(), flush=True)
         return
     import trainer  # noqa: F401

@@ -160,3 +160,49 @@ def test_a_day_without_records_fails_saying_so(tiny_world, exports, tmp_path):
     cfg = job_config(tiny_world, exports["debias"], str(tmp_path / "out"))
     with pytest.raises(Exception, match="no records to evaluate"):
         evaluate_job.run(dataclasses.replace(cfg, records_pattern=empty))
+
+
+def test_a_joined_layout_model_is_trained_and_judged_without_the_catalogs_vectors(
+        tiny_world, trained, tmp_path, monkeypatch):
+    """The `ctr` stage on the join pipeline's records (every image feature `layout: joined`, the
+    test day joined too), evaluated by the job: neither the trainer nor the job's worker reads the
+    image table's rows (reading them fails this test), and the job's rows equal those of the
+    model looking the ids up in the table, as serving does, to 1e-5."""
+    from export_helpers import ctr_config
+    from trainer.ctr import spec as ctr_spec
+    from trainer.ctr import task as ctr_task
+    from trainer.features import embeddings
+    from trainer.pipelines import join as join_job
+
+    d = ctr_spec.load("synthetic").to_dict()
+    d["features"] = [{**f, "layout": "joined"} if f["kind"] == "image" else f
+                     for f in d["features"]]
+    spec_path = str(tmp_path / "joined.yaml")
+    ctr_spec.parse(d, "joined").save(spec_path)
+    table = os.path.join(trained["encoder"], embeddings.FILE)
+    for split in ("train", "test"):
+        join_job.run(records.default_pattern(tiny_world, "ctr", split), ctr_spec.load(spec_path),
+                     "vector", table, str(tmp_path / "joined"), split, query_embeddings=table,
+                     table_in_memory=True)
+
+    def no_rows(self):
+        raise AssertionError(f"{self.path}'s rows were read")
+
+    monkeypatch.setattr(embeddings.TableFile, "load", no_rows)
+    model_dir = str(tmp_path / "ctr")
+    registry.run(ctr_config(
+        tiny_world, model_dir, images__encoder="s1", images__model_dir=trained["encoder"],
+        ctr__spec=spec_path, evaluation="job", evaluate__beam_options="",
+        ctr__train_pattern=records.default_pattern(str(tmp_path / "joined"), "ctr", "train"),
+        ctr__test_pattern=records.default_pattern(str(tmp_path / "joined"), "ctr", "test")))
+    monkeypatch.undo()
+    rows = job_rows(os.path.join(model_dir, evaluate_job.EVALUATION))
+    assert read_metrics(model_dir)["samples"] == len(rows["name"]) == 4000
+    by_id = ctr_task.predict(ctr_task.load_trained(model_dir),
+                             records.default_pattern(tiny_world, "ctr", "test"))
+    assert by_id["score"].std() > 1e-3  # a model that tells records apart
+    mine = np.lexsort((rows["score"], rows["item"], rows["group"]))
+    theirs = np.lexsort((by_id["score"], by_id["item"], by_id["group"]))
+    for k in ("group", "item", "label"):
+        np.testing.assert_array_equal(rows[k][mine], by_id[k][theirs], err_msg=k)
+    np.testing.assert_allclose(rows["score"][mine], by_id["score"][theirs], atol=1e-5)

@@ -58,19 +58,24 @@ from trainer.features import embeddings as embeddings_lib
 from trainer.models import contrastive
 
 
-def image_statistics(images: embeddings_lib.EmbeddingTable, mode: str) -> dict:
+def image_statistics(images: embeddings_lib.EmbeddingTable | embeddings_lib.TableFile,
+                     mode: str) -> dict:
     """How a model normalises its image vectors, from the catalog it is trained on: Vector
     mode centres every table on the catalog's mean vector; SimScore standardises the cosines by
     their mean and spread over random catalog pairs (App. B: input normalisation matters: an
     encoder whose vectors fill a narrow cone gives cosines in a narrow band that the tower would
-    otherwise barely see)."""
+    otherwise barely see). A table in memory or a saved one, streamed: the same values."""
     if mode == "vector":
-        return {"center": images.item_vector.mean(axis=0)}
+        total, n = np.zeros([images.dim], np.float64), 0
+        for chunk in images.item_vectors():
+            total += chunk.sum(axis=0, dtype=np.float64)
+            n += len(chunk)
+        return {"center": (total / max(n, 1)).astype(np.float32)}
     if mode == "simscore":
         rng = np.random.default_rng(0)
-        v = images.item_vector
-        i, j = rng.integers(0, len(v), [2, 20000])
-        cos = np.sum(v[i] * v[j], axis=1)
+        i, j = rng.integers(0, images.items, [2, 20000])
+        pairs = embeddings_lib.take_rows(images.item_vectors(), np.concatenate([i, j]))
+        cos = np.sum(pairs[:len(i)] * pairs[len(i):], axis=1)
         return {"score_shift": np.float64(cos.mean()), "score_scale": np.float64(cos.std() + 1e-6)}
     return {}
 
@@ -79,11 +84,14 @@ class CtrModel(tfrs.Model):
     """The CTR predictor; `call` returns logits [B]."""
 
     def __init__(self, cfg: CtrConfig, spec: ctr_spec.CtrSpec, vocabularies: Vocabularies,
-                 images: embeddings_lib.EmbeddingTable | None = None,
+                 images: embeddings_lib.EmbeddingTable | embeddings_lib.TableFile | None = None,
                  positives: tuple[np.ndarray, np.ndarray] | None = None,
                  clusters: clusters_lib.Clusters | None = None,
                  image_stats: dict | None = None):
-        """images: the encoder's table (None: no image features, whatever the spec declares).
+        """images: the encoder's table (None: no image features, whatever the spec declares),
+        or its saved file (`embeddings.TableFile`), read only if a table must be built (a
+        feature of `layout: table`, D, `look_up_joined`): a model that reads joined records
+        never holds the catalog's vectors.
         positives: D's (neighbour rows, weights) over `images.item_id` rows
         (`debias.mine_positives`), needed to train with D. clusters: the k-means centroids,
         needed in the 'cluster_id' mode. image_stats: how image vectors are normalised
@@ -185,7 +193,7 @@ class CtrModel(tfrs.Model):
                 from_logits=True, reduction=tf_keras.losses.Reduction.NONE),
             metrics=[tf_keras.metrics.AUC(from_logits=True, name="auc")])
 
-    def _build_images(self, images: embeddings_lib.EmbeddingTable,
+    def _build_images(self, images: embeddings_lib.EmbeddingTable | embeddings_lib.TableFile,
                       clusters: clusters_lib.Clusters | None) -> None:
         mode = self.cfg.image_feature_mode
         self.image_dim = images.dim
@@ -208,6 +216,8 @@ class CtrModel(tfrs.Model):
             self.score_scale = float(self.image_stats["score_scale"])
 
     def _image_table(self, table: str) -> ImageTable | ClusterTable:
+        if isinstance(self._images, embeddings_lib.TableFile):
+            self._images = self._images.load()  # the rows, now that a table needs them
         images, clusters = self._images, self._clusters
         assert images is not None
         ids, vectors = ((images.item_id, images.item_vector) if table == "items"
@@ -327,7 +337,8 @@ class CtrModel(tfrs.Model):
             # holds the same history, attend over it once (the same values, an 8th of the time
             # of a page of 100 on 2 cores).
             same = tf.reduce_all(tf.equal(ids, ids[:1])) & tf.reduce_all(tf.equal(mask, mask[:1]))
-            once = {f.name: ids[:1], f.name + "_mask": mask[:1]}
+            # The first row of every input (the ids', and their joined or request-time vectors).
+            once = {k: v[:1] for k, v in batch.items() if v.shape.rank}
             h = tf.cond(
                 same & (tf.shape(ids)[0] > 1),
                 lambda: tf.repeat(self._self_attention(f, once, training), tf.shape(ids)[0], 0),
@@ -438,7 +449,8 @@ class CtrModel(tfrs.Model):
 
 
 def training_records(cfg: CtrConfig, spec: ctr_spec.CtrSpec,
-                     images: embeddings_lib.EmbeddingTable | None) -> schema.RecordKind:
+                     images: embeddings_lib.EmbeddingTable | embeddings_lib.TableFile | None
+                     ) -> schema.RecordKind:
     """The `ctr` records training reads: the spec's, with the joined columns of its `layout:
     joined` image features when the model has image features."""
     if images is None or not spec.joined:

@@ -345,18 +345,7 @@ class CtrSpec:
         were written for another spec."""
         kind = self.record_kind()
         for path in files[:1]:
-            seen: set = set()
-            compression = "GZIP" if path.endswith(".gz") else ""
-            try:
-                for raw in tf.data.TFRecordDataset(path, compression).take(records):
-                    example = example_pb2.Example()
-                    try:
-                        example.ParseFromString(raw.numpy())
-                    except Exception:  # noqa: BLE001  (protobuf's DecodeError) named later
-                        return
-                    seen |= set(example.features.feature)
-            except tf.errors.OpError:  # a corrupt frame: the input pipeline names it
-                pass
+            seen = _columns(path, records)
             if not seen:
                 return
             missing = [f.name for f in kind.features if f.required and f.name not in seen]
@@ -366,6 +355,37 @@ class CtrSpec:
                     f"feature spec {self.source or self.name} requires (their columns: "
                     f"{sorted(seen)}); use the spec the records were written for, or declare "
                     "those features `required: false`")
+
+    def carries_joined(self, files: list[str], mode: str, records: int = 64) -> bool:
+        """Whether records hold the `joined` image features' columns for `mode` (the join
+        pipeline's output) or none of them (raw records); raises `SpecError` naming the file
+        when they hold some only."""
+        columns = [joined_column(f.name, mode) for f in self.joined]
+        seen = _columns(files[0], records) if files and columns else set()
+        held = [c for c in columns if c in seen]
+        if held and len(held) < len(columns):
+            raise SpecError(f"{files[0]}: the records hold the joined columns {held} but not "
+                            f"{sorted(set(columns) - set(held))}: join them with the spec "
+                            f"{self.source or self.name} (trainer.pipelines.join)")
+        return bool(held)
+
+
+def _columns(path: str, records: int) -> set:
+    """The columns of the first `records` records of a TFRecord file (empty when it has none or
+    cannot be read: the input pipeline names that)."""
+    seen: set = set()
+    compression = "GZIP" if path.endswith(".gz") else ""
+    try:
+        for raw in tf.data.TFRecordDataset(path, compression).take(records):
+            example = example_pb2.Example()
+            try:
+                example.ParseFromString(raw.numpy())
+            except Exception:  # noqa: BLE001  (protobuf's DecodeError) named later
+                return seen
+            seen |= set(example.features.feature)
+    except tf.errors.OpError:  # a corrupt frame
+        pass
+    return seen
 
 
 def load(name_or_path: str) -> CtrSpec:

@@ -18,7 +18,7 @@ import tensorflow as tf
 from trainer import configs
 from trainer.configs import CtrConfig, TrainConfig
 from trainer.ctr import spec as ctr_spec
-from trainer.ctr.model import CtrModel, training_records
+from trainer.ctr.model import CtrModel, image_statistics, training_records
 from trainer.ctr.tables import ClusterTable, ImageTable, Vocabularies
 from trainer.data import npz, pipeline
 from trainer.eval import ctr_metrics
@@ -39,7 +39,7 @@ class CtrTask(loop.Task):
 
     def __init__(self, cfg: CtrConfig, spec: ctr_spec.CtrSpec, vocabularies: Vocabularies,
                  train_cfg: TrainConfig,
-                 images: embeddings_lib.EmbeddingTable | None = None,
+                 images: embeddings_lib.EmbeddingTable | embeddings_lib.TableFile | None = None,
                  positives: tuple[np.ndarray, np.ndarray] | None = None,
                  skip_bad_records: bool = False,
                  clusters: clusters_lib.Clusters | None = None,
@@ -156,7 +156,8 @@ def restore(model_dir: str, model: CtrModel) -> CtrModel:
 def train_and_evaluate(cfg: CtrConfig, spec: ctr_spec.CtrSpec, train_cfg: TrainConfig,
                        model_dir: str, catalog_item_id: np.ndarray,
                        catalog_impressions: np.ndarray,
-                       images: embeddings_lib.EmbeddingTable | None = None,
+                       images: embeddings_lib.EmbeddingTable | embeddings_lib.TableFile
+                       | None = None,
                        positives: tuple[np.ndarray, np.ndarray] | None = None,
                        clusters: clusters_lib.Clusters | None = None,
                        skip_bad_records: bool = False,
@@ -251,10 +252,29 @@ def image_table_of(model_dir: str) -> embeddings_lib.EmbeddingTable:
     """The image table a trained CTR model looks its ids up in: the model dir's own
     (`embeddings.npz`: the `ctr` stage keeps a copy, the daily cycle grows it), else (a model dir
     written before) its encoder's (`images.model_dir`)."""
+    return image_file_of(model_dir).load()
+
+
+def image_file_of(model_dir: str) -> embeddings_lib.TableFile:
+    """`image_table_of`'s table, unread (`embeddings.TableFile`)."""
     own = os.path.join(model_dir, embeddings_lib.FILE)
     if tf.io.gfile.exists(own):
-        return embeddings_lib.load(own)
-    return embeddings_lib.load(os.path.join(encoder_dir(model_dir), embeddings_lib.FILE))
+        return embeddings_lib.describe(own)
+    return embeddings_lib.describe(os.path.join(encoder_dir(model_dir), embeddings_lib.FILE))
+
+
+def keep_image_table(table: embeddings_lib.TableFile, model_dir: str, mode: str
+                     ) -> tuple[embeddings_lib.TableFile, dict]:
+    """The model dir's own copy of the image table (the encoder's cache follows the last catalog
+    it embedded; the daily cycle grows this one) and how the model normalises its vectors
+    (`image_statistics`, written as IMAGE_STATISTICS for whatever rebuilds the model), neither
+    reading the vectors into memory: the file is copied, the statistics are streamed."""
+    own = os.path.join(model_dir, embeddings_lib.FILE)
+    tf.io.gfile.makedirs(model_dir)
+    tf.io.gfile.copy(table.path, own, overwrite=True)
+    stats = image_statistics(embeddings_lib.describe(own), mode)
+    npz.write(os.path.join(model_dir, IMAGE_STATISTICS), **stats)
+    return embeddings_lib.describe(own), stats
 
 
 def image_statistics_of(model_dir: str) -> dict | None:
@@ -264,10 +284,13 @@ def image_statistics_of(model_dir: str) -> dict | None:
     return npz.read(path) if tf.io.gfile.exists(path) else None
 
 
-def load_trained(model_dir: str) -> CtrModel:
+def load_trained(model_dir: str, joined_records: bool = False) -> CtrModel:
     """The trained CTR model of a `ctr`/`debias` stage's model dir, rebuilt from what the dir
     records: config.json, the feature spec, vocabularies.npz, clusters.npz (Cluster-ID) and the
-    image table (`image_table_of`), then its latest checkpoint.
+    image table (`image_file_of`), then its latest checkpoint. It looks its `layout: joined`
+    image features up by id (`CtrModel.look_up_joined`), or with `joined_records` reads them
+    from joined records as in training: it then reads the image table's rows only for features
+    of `layout: table` (or D).
 
     The checkpoint holds the image and cluster tables the model was trained with; they must equal
     the ones rebuilt from the image table, or that table has changed since (a retrained encoder,
@@ -282,7 +305,7 @@ def load_trained(model_dir: str) -> CtrModel:
                                      os.path.join(model_dir, LOOKUP_FILES))
     images = clusters = images_from = None
     if config.images.encoder != "none":
-        images = image_table_of(model_dir)
+        images = image_file_of(model_dir)
         images_from = images.source[:200]
         if config.ctr.image_feature_mode == "cluster_id":
             clusters = clusters_lib.Clusters.load(os.path.join(model_dir, CLUSTERS))
@@ -296,4 +319,4 @@ def load_trained(model_dir: str) -> CtrModel:
             raise ValueError(f"{model_dir}: the '{t.name}' table in the checkpoint differs from "
                              f"the one rebuilt from its image table ({images_from}): those "
                              "embeddings changed after this model was trained")
-    return model.look_up_joined()
+    return model if joined_records else model.look_up_joined()

@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -46,6 +46,14 @@ class EmbeddingTable:
     @property
     def dim(self) -> int:
         return int(self.item_vector.shape[1])
+
+    @property
+    def items(self) -> int:
+        return len(self.item_id)
+
+    def item_vectors(self, rows: int = 0) -> Iterator[np.ndarray]:
+        """The item vectors as `TableFile.item_vectors` gives them (here: one chunk)."""
+        yield self.item_vector
 
     def catalog(self) -> dict:
         """The catalog part in the layout `visual_search` takes."""
@@ -99,6 +107,46 @@ def compute(encoder: encoder_lib.Encoder, catalog_pattern: str, queries_pattern:
                           cat["embedding"], q["query_id"], q["embedding"], source)
 
 
+@dataclasses.dataclass(frozen=True)
+class TableFile:
+    """A saved embedding table known by its file's headers alone: what a process needs that only
+    sizes a model by the table or normalises vectors by it (a CTR model whose image features all
+    arrive joined with the records, `layout: joined`), without holding its [N, D] vectors.
+    `load` reads the rows, for whoever looks ids up in them; `item_vectors` streams them."""
+
+    path: str
+    items: int
+    dim: int
+    source: str
+
+    def load(self) -> EmbeddingTable:
+        return load(self.path)
+
+    def item_vectors(self, rows: int = 65536) -> Iterator[np.ndarray]:
+        return npz.chunks(self.path, "item_vector", rows)
+
+
+def take_rows(chunks: Iterable[np.ndarray], rows: np.ndarray) -> np.ndarray:
+    """The given rows (any order, repeats allowed) of an array streamed in chunks."""
+    out: np.ndarray | None = None
+    start = 0
+    for chunk in chunks:
+        if out is None:
+            out = np.zeros((len(rows), *chunk.shape[1:]), chunk.dtype)
+        here = (rows >= start) & (rows < start + len(chunk))
+        out[here] = chunk[rows[here] - start]
+        start += len(chunk)
+    if out is None or len(rows) and rows.max() >= start:
+        raise IndexError(f"rows up to {rows.max() if len(rows) else 0} of {start}")
+    return out
+
+
+def describe(path: str) -> TableFile:
+    """The `TableFile` of a saved table (reads its headers and `source`, not its vectors)."""
+    items, dim = npz.shape(path, "item_vector")
+    return TableFile(path, int(items), int(dim), str(npz.read(path, ["source"])["source"]))
+
+
 def save(table: EmbeddingTable, path: str) -> None:
     npz.write(path, **{f.name: np.array(getattr(table, f.name))
                        for f in dataclasses.fields(table)})
@@ -118,20 +166,27 @@ def _source(model_dir: str, catalog_pattern: str, queries_pattern: str | None) -
                        "files": files}, sort_keys=True)
 
 
-def for_encoder(model_dir: str, catalog_pattern: str, queries_pattern: str | None,
-                batch_size: int = 256, skip_bad_records: bool = False) -> EmbeddingTable:
-    """The embedding table of the trained encoder in `model_dir`: from its cache when that was
-    computed from the same checkpoint and files, else computed (and cached)."""
+def file_for_encoder(model_dir: str, catalog_pattern: str, queries_pattern: str | None,
+                     batch_size: int = 256, skip_bad_records: bool = False) -> TableFile:
+    """The saved embedding table of the trained encoder in `model_dir`, unread: its cache when
+    that was computed from the same checkpoint and files, else computed and cached first."""
     path = os.path.join(model_dir, FILE)
     source = _source(model_dir, catalog_pattern, queries_pattern)
     if tf.io.gfile.exists(path):
-        table = load(path)
-        if table.source == source:
-            return table
+        cached = describe(path)
+        if cached.source == source:
+            return cached
         log.info("%s is stale (other checkpoint or files); recomputing", path)
     table = compute(encoder_lib.restore(model_dir), catalog_pattern, queries_pattern, batch_size,
                     source, skip_bad_records)
     save(table, path)
     print(f"embedded {len(table.item_id)} catalog images and {len(table.query_id)} queries with "
           f"the encoder of {model_dir} -> {path}")
-    return table
+    return describe(path)
+
+
+def for_encoder(model_dir: str, catalog_pattern: str, queries_pattern: str | None,
+                batch_size: int = 256, skip_bad_records: bool = False) -> EmbeddingTable:
+    """The embedding table of the trained encoder in `model_dir` (`file_for_encoder`), read."""
+    return file_for_encoder(model_dir, catalog_pattern, queries_pattern, batch_size,
+                            skip_bad_records).load()

@@ -6,10 +6,13 @@ holding the day's predictions (paper 000 Table 2's metrics, paper 002 §4.3's; t
 2. RunInference with `CtrModelHandler`: the export's `predict_examples` signature (what TF
    Serving runs), or with `CheckpointModelHandler`: a trained model dir's latest checkpoint, on
    batches of `batch_size` records, each record parsed and checked by the model's feature spec
-   first (a bad record fails the job naming its file, record and feature);
+   first (a bad record fails the job naming its file, record and feature). On the join
+   pipeline's records (`layout: joined` image features joined in) the checkpoint's model reads
+   the image features from them, as in training, and holds no image table;
 3. each row joined with its item's 30-day impressions from the catalog records, by a shuffle
-   (`CoGroupByKey` on the item), so neither side is held whole; an item the catalog lacks fails
-   the job naming it;
+   (`CoGroupByKey` on the item), so neither side is held whole, of only the catalog items the
+   day shows (its distinct items, a side input); an item the catalog lacks fails the job naming
+   it;
 4. the impression slices, exactly as `ctr_metrics.impression_slices` cuts them: the samples per
    impression level give the level that crosses `fraction` of the samples from each end, and
    only that level's items are ordered by id (`ctr_metrics.slice_cutoff`, `take_items`);
@@ -81,8 +84,13 @@ class _CtrHandler(ModelHandler[tuple, dict, Any]):
     the model's feature spec (so an error names its record) -> one row per record {name, label,
     group, item, score}. Subclasses load the model and score a batch (`_score`)."""
 
-    def __init__(self, source: str, spec: ctr_spec.CtrSpec, batch_size: int):
+    def __init__(self, source: str, spec: ctr_spec.CtrSpec, batch_size: int,
+                 joined: tuple[str, int] | None = None):
+        """joined: (image_feature_mode, image dimension) when the records carry the spec's
+        `layout: joined` image features (the join pipeline's output) and the model reads them
+        there."""
         self.source, self.spec, self.batch_size = source, spec, batch_size
+        self.joined = joined
         self._parser: common.BatchParser | None = None
 
     def _score(self, model: Any, serialized: list[bytes], rows: dict) -> np.ndarray:
@@ -91,8 +99,8 @@ class _CtrHandler(ModelHandler[tuple, dict, Any]):
     def run_inference(self, batch: Sequence[tuple[str, bytes]], model: Any,
                       inference_args: dict | None = None) -> Iterable[dict]:
         if self._parser is None:
-            self._parser = common.BatchParser(parse.RecordParser(self.spec.record_kind(),
-                                                                 decode=False))
+            self._parser = common.BatchParser(parse.RecordParser(
+                self.spec.record_kind(joined=self.joined), decode=False))
         names, serialized = [n for n, _ in batch], [r for _, r in batch]
         rows, _, _ = self._parser(names, serialized)
         score = np.reshape(self._score(model, serialized, rows), [-1])
@@ -124,11 +132,12 @@ class CheckpointModelHandler(_CtrHandler):
     """A trained `ctr`/`debias` model dir: the model rebuilt from what the dir records and its
     latest checkpoint (`ctr.task.load_trained`, as the in-process evaluation and the export do),
     in the worker that scores, so the process that trained it (the parameter-server chief) never
-    holds it."""
+    holds it. On joined records it reads the image features from them, as in training, and holds
+    no image table (nor the catalog's vectors)."""
 
     def load_model(self) -> Any:
         from trainer.ctr import task as ctr_task  # the model's code, only where it scores
-        model = ctr_task.load_trained(self.source)
+        model = ctr_task.load_trained(self.source, joined_records=self.joined is not None)
 
         def score(batch: dict) -> tf.Tensor:
             return tf.sigmoid(model(batch, training=False))
@@ -139,29 +148,57 @@ class CheckpointModelHandler(_CtrHandler):
         return model({k: tf.constant(v) for k, v in rows.items()}).numpy()
 
 
+def joined_records(model_dir: str, spec: ctr_spec.CtrSpec, pattern: str
+                   ) -> tuple[str, int] | None:
+    """(image_feature_mode, image dimension) when the records of `pattern` carry the `layout:
+    joined` image features of the model trained in `model_dir` (the join pipeline's output, as
+    it trained on), else None: the model looks the ids up in its image table."""
+    config = configs.load(model_dir)
+    if (not isinstance(config, configs.CtrStage) or config.images.encoder == "none"
+            or not spec.joined):
+        return None
+    mode = config.ctr.image_feature_mode
+    if not spec.carries_joined(pipeline.list_files(pattern), mode):
+        return None
+    from trainer.ctr import task as ctr_task
+    return mode, ctr_task.image_file_of(model_dir).dim
+
+
 class _Impressions(beam.DoFn):
-    """Batches of named catalog records -> (item_id, impressions_30d)."""
+    """Batches of named catalog records -> (item_id, impressions_30d) of the items the day shows
+    (the side input): the shuffle that joins them with the rows moves the day's items, not the
+    catalog."""
 
     def setup(self) -> None:
         self.parser = common.BatchParser(parse.RecordParser(
             schema.get("catalog"), features=("item_id", "impressions_30d"), decode=False))
+        self.shown: np.ndarray | None = None
 
-    def process(self, batch: Sequence[tuple[str, bytes]]) -> Iterator[tuple[int, int]]:
+    def process(self, batch: Sequence[tuple[str, bytes]], shown: list[int]
+                ) -> Iterator[tuple[int, int]]:
+        if self.shown is None:  # the same side input for the whole job
+            self.shown = np.unique(np.asarray(shown, np.int64))
         rows, _, _ = self.parser([n for n, _ in batch], [r for _, r in batch])
-        yield from zip(rows["item_id"].tolist(), rows["impressions_30d"].tolist(), strict=True)
+        yield from _shown(self.shown, rows["item_id"], rows["impressions_30d"])
 
 
 class _NpzImpressions(beam.DoFn):
-    """An .npz of `item_id` and `impressions_30d` -> (item_id, impressions_30d): impressions
-    counted elsewhere (the daily cycle's, from the logs its model learned from)."""
+    """An .npz of `item_id` and `impressions_30d` -> (item_id, impressions_30d) of the items the
+    day shows: impressions counted elsewhere (the daily cycle's, from the logs its model learned
+    from), read a chunk at a time."""
 
-    def process(self, path: str) -> Iterator[tuple[int, int]]:
-        data = npz.read(path)
-        for key in ("item_id", "impressions_30d"):
-            if key not in data:
-                raise ValueError(f"{path}: no '{key}' array")
-        yield from zip(np.asarray(data["item_id"]).tolist(),
-                       np.asarray(data["impressions_30d"]).tolist(), strict=True)
+    def process(self, path: str, shown: list[int]) -> Iterator[tuple[int, int]]:
+        day = np.unique(np.asarray(shown, np.int64))
+        for ids, levels in zip(npz.chunks(path, "item_id"), npz.chunks(path, "impressions_30d"),
+                               strict=True):
+            if len(ids) != len(levels):
+                raise ValueError(f"{path}: 'item_id' and 'impressions_30d' differ in length")
+            yield from _shown(day, ids, levels)
+
+
+def _shown(day: np.ndarray, ids: np.ndarray, levels: np.ndarray) -> Iterator[tuple[int, int]]:
+    keep = np.isin(np.asarray(ids, np.int64), day)
+    yield from zip(np.asarray(ids)[keep].tolist(), np.asarray(levels)[keep].tolist(), strict=True)
 
 
 def _with_impressions(kv, item_name: str, catalog: str) -> Iterator[dict]:
@@ -336,7 +373,8 @@ def run(cfg: configs.EvaluateConfig, beam_args: Sequence[str] = ()) -> dict:
     else:
         judged = cfg.checkpoint_dir
         spec = ctr_spec.load(os.path.join(judged, ctr_spec.FILE))
-        handler = CheckpointModelHandler(judged, spec, cfg.batch_size)
+        handler = CheckpointModelHandler(judged, spec, cfg.batch_size,
+                                         joined_records(judged, spec, cfg.records_pattern))
     spec.check_files(pipeline.list_files(cfg.records_pattern))  # before any work
     for sub in (PREDICTIONS_DIR, PAGES_DIR):  # another model's or day's
         if tf.io.gfile.exists(os.path.join(cfg.out_dir, sub)):
@@ -349,14 +387,16 @@ def run(cfg: configs.EvaluateConfig, beam_args: Sequence[str] = ()) -> dict:
         scored = (p | "Read" >> common.ReadNamedRecords(cfg.records_pattern)
                   | "Progress" >> beam.ParDo(common.Progress(NAMESPACE, "records scored"))
                   | "Score" >> RunInference(handler))
+        shown = beam.pvalue.AsList(scored | "Items" >> beam.Map(lambda r: r["item"])
+                                   | "DayItems" >> beam.Distinct())
         if catalog.endswith(".npz"):
             items = (p | "ImpressionsFile" >> beam.Create([catalog])
-                     | "Impressions" >> beam.ParDo(_NpzImpressions()))
+                     | "Impressions" >> beam.ParDo(_NpzImpressions(), shown))
         else:
             items = (p | "ReadCatalog" >> common.ReadNamedRecords(catalog)
                      | "CatalogBatches" >> beam.BatchElements(min_batch_size=1024,
                                                               max_batch_size=1024)
-                     | "Impressions" >> beam.ParDo(_Impressions()))
+                     | "Impressions" >> beam.ParDo(_Impressions(), shown))
         rows = ({"rows": scored | "ByItem" >> beam.Map(lambda r: (r["item"], r)),
                  "catalog": items}
                 | "JoinCatalog" >> beam.CoGroupByKey()

@@ -16,6 +16,7 @@ from trainer import configs
 from trainer.ctr import debias
 from trainer.ctr import spec as ctr_spec
 from trainer.ctr import task as ctr_task
+from trainer.ctr.model import image_statistics
 from trainer.data import npz, pipeline
 from trainer.eval import write_metrics
 from trainer.features import clusters, embeddings
@@ -43,9 +44,15 @@ def resolve_images(cfg: configs.CtrStage | configs.ClusterStage) -> configs.Imag
 def image_table(images: configs.ImageSourceConfig, model_dir: str,
                 skip_bad_records: bool = False) -> embeddings.EmbeddingTable:
     """The embedding table of the encoder in `model_dir` over the source's images (cached)."""
-    return embeddings.for_encoder(model_dir, images.catalog_pattern,
-                                  images.queries_pattern or None,
-                                  skip_bad_records=skip_bad_records)
+    return image_file(images, model_dir, skip_bad_records).load()
+
+
+def image_file(images: configs.ImageSourceConfig, model_dir: str,
+               skip_bad_records: bool = False) -> embeddings.TableFile:
+    """`image_table`'s saved table, unread."""
+    return embeddings.file_for_encoder(model_dir, images.catalog_pattern,
+                                       images.queries_pattern or None,
+                                       skip_bad_records=skip_bad_records)
 
 
 @common.releases_lock
@@ -63,21 +70,36 @@ def run_ctr(cfg: configs.CtrStage) -> None:
         spec = spec.with_hash_bins(cfg.ctr.hash_bins)
     for file_pattern in (cfg.ctr.train_pattern, cfg.ctr.test_pattern):  # before any work
         spec.check_files(pipeline.list_files(file_pattern))
-    images = positives = centroids = None
+    by_job = cfg.evaluation == "job" or (cfg.evaluation == "auto"
+                                         and cfg.train.strategy == "parameter_server")
+    if by_job and cfg.skip_bad_records:
+        raise common.UsageError("the evaluate job stops at a bad record rather than skipping it: "
+                                "with --skip_bad_records, --set evaluation=in_process")
+    images: embeddings.EmbeddingTable | embeddings.TableFile | None = None
+    positives = centroids = image_stats = None
     if cfg.images.encoder != "none":
-        images = image_table(cfg.images, cfg.images.model_dir, cfg.skip_bad_records)
-        item_id, impressions = images.item_id, images.impressions_30d
+        found = image_file(cfg.images, cfg.images.model_dir, cfg.skip_bad_records)
         if loop.is_chief(strategy):
-            # The model's own copy: the encoder's cache follows the last catalog it embedded,
-            # and the daily cycle grows this one.
-            embeddings.save(images, os.path.join(cfg.model_dir, embeddings.FILE))
+            found, image_stats = ctr_task.keep_image_table(found, cfg.model_dir,
+                                                           cfg.ctr.image_feature_mode)
+        else:
+            image_stats = image_statistics(found, cfg.ctr.image_feature_mode)
+        # The rows only where something here reads them: a model whose image features all
+        # arrive joined never holds the catalog's vectors (the model reads them if it builds a
+        # table), nor does this process when the job evaluates.
+        images = (found.load() if cfg.ctr.debias is not None
+                  or cfg.ctr.image_feature_mode == "cluster_id" else found)
+        catalog = (npz.read(found.path, ["item_id", "impressions_30d"]) if not by_job
+                   else {"item_id": np.zeros([0], np.int64),
+                         "impressions_30d": np.zeros([0], np.int64)})
+        item_id, impressions = catalog["item_id"], catalog["impressions_30d"]
     else:
         cols = pipeline.unique_rows(pipeline.read_columns(
             cfg.images.catalog_pattern, "catalog", ("item_id", "impressions_30d"),
             cfg.skip_bad_records), cfg.images.catalog_pattern, "item_id", cfg.skip_bad_records)
         item_id, impressions = cols["item_id"], cols["impressions_30d"]
     if cfg.ctr.debias is not None:
-        assert images is not None
+        assert isinstance(images, embeddings.EmbeddingTable)
         d = cfg.ctr.debias
         s1 = image_table(cfg.images, cfg.images.s1_model_dir, cfg.skip_bad_records)
         if not np.array_equal(s1.item_id, images.item_id):
@@ -105,19 +127,14 @@ def run_ctr(cfg: configs.CtrStage) -> None:
             npz.write(os.path.join(cfg.model_dir, ctr_task.POSITIVES), rows=positives[0],
                       weights=positives[1])
             embeddings.save(s1, os.path.join(cfg.model_dir, ctr_task.S1_TABLE))
-    if images is not None and cfg.ctr.image_feature_mode == "cluster_id":
+    if isinstance(images, embeddings.EmbeddingTable) and cfg.ctr.image_feature_mode == "cluster_id":
         centroids = clusters.load_or_fit(os.path.join(cfg.model_dir, ctr_task.CLUSTERS),
                                          images.item_vector, cfg.cluster, cfg.seed)
-    by_job = cfg.evaluation == "job" or (cfg.evaluation == "auto"
-                                         and cfg.train.strategy == "parameter_server")
-    if by_job and cfg.skip_bad_records:
-        raise common.UsageError("the evaluate job stops at a bad record rather than skipping it: "
-                                "with --skip_bad_records, --set evaluation=in_process")
     common.start(cfg, strategy)
     metrics = ctr_task.train_and_evaluate(cfg.ctr, spec, cfg.train, cfg.model_dir, item_id,
                                           impressions, images, positives, centroids,
                                           cfg.skip_bad_records, strategy, cfg.seed,
-                                          evaluate_here=not by_job)
+                                          image_stats, evaluate_here=not by_job)
     if not loop.is_chief(strategy):
         return
     if by_job:
