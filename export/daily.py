@@ -376,7 +376,7 @@ def _evaluate(cfg: configs.DailyStage, holdout: str, impressions: str, out: str,
     ev = configs.EvaluateConfig(records_pattern=holdout, catalog_pattern=impressions,
                                 checkpoint_dir=checkpoint_dir, model_export=model_export,
                                 out_dir=os.path.join(cfg.model_dir, out))
-    return evaluate_pipeline.run(ev, shlex.split(cfg.daily.beam_options))
+    return evaluate_pipeline.run(ev, shlex.split(cfg.daily.beam_options), cfg.skip_bad_records)
 
 
 def _gate_and_export(cfg: configs.DailyStage, day: int, holdout: str, impressions: str

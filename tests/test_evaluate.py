@@ -155,6 +155,18 @@ def test_a_bad_record_fails_naming_its_file_record_and_feature(tiny_world, expor
         evaluate_job.run(dataclasses.replace(cfg, records_pattern=test))
 
 
+def test_with_skip_bad_records_a_bad_record_is_left_out_and_counted(tiny_world, exports,
+                                                                    tmp_path):
+    test = with_bad_value(records.default_pattern(tiny_world, "ctr", "test"),
+                          str(tmp_path / "test-00000-of-00001.tfrecord"), "label", 3, n=40)
+    cfg = dataclasses.replace(job_config(tiny_world, exports["debias"], str(tmp_path / "out")),
+                              records_pattern=test)
+    metrics = evaluate_job.run(cfg, skip_bad_records=True)
+    assert metrics["samples"] == 39
+    assert metrics["counters"]["bad records skipped"] == 1
+    assert "test-00000-of-00001.tfrecord:7" not in set(job_rows(str(tmp_path / "out"))["name"])
+
+
 def test_a_day_without_records_fails_saying_so(tiny_world, exports, tmp_path):
     empty = write_records(str(tmp_path / "test-00000-of-00001.tfrecord"), [])
     cfg = job_config(tiny_world, exports["debias"], str(tmp_path / "out"))

@@ -85,12 +85,13 @@ class _CtrHandler(ModelHandler[tuple, dict, Any]):
     group, item, score}. Subclasses load the model and score a batch (`_score`)."""
 
     def __init__(self, source: str, spec: ctr_spec.CtrSpec, batch_size: int,
-                 joined: tuple[str, int] | None = None):
+                 joined: tuple[str, int] | None = None, skip_bad_records: bool = False):
         """joined: (image_feature_mode, image dimension) when the records carry the spec's
         `layout: joined` image features (the join pipeline's output) and the model reads them
-        there."""
+        there. skip_bad_records: a bad record is left out (counted as `bad records skipped`,
+        as the in-process evaluation skips it) instead of failing the job."""
         self.source, self.spec, self.batch_size = source, spec, batch_size
-        self.joined = joined
+        self.joined, self.skip = joined, skip_bad_records
         self._parser: common.BatchParser | None = None
 
     def _score(self, model: Any, serialized: list[bytes], rows: dict) -> np.ndarray:
@@ -100,9 +101,16 @@ class _CtrHandler(ModelHandler[tuple, dict, Any]):
                       inference_args: dict | None = None) -> Iterable[dict]:
         if self._parser is None:
             self._parser = common.BatchParser(parse.RecordParser(
-                self.spec.record_kind(joined=self.joined), decode=False))
+                self.spec.record_kind(joined=self.joined), decode=False), skip=self.skip)
         names, serialized = [n for n, _ in batch], [r for _, r in batch]
-        rows, _, _ = self._parser(names, serialized)
+        rows, keep, bad = self._parser(names, serialized)
+        if bad:
+            beam.metrics.Metrics.counter(NAMESPACE, "bad records skipped").inc(len(bad))
+            for b in bad[:3]:
+                print(f"evaluate: skipped {b}", flush=True)
+            names, serialized = [names[i] for i in keep], [serialized[i] for i in keep]
+            if not names:
+                return []
         score = np.reshape(self._score(model, serialized, rows), [-1])
         spec = self.spec
         return [{"name": n, "label": int(y), "group": int(g), "item": int(i), "score": float(s)}
@@ -167,11 +175,15 @@ def joined_records(model_dir: str, spec: ctr_spec.CtrSpec, pattern: str
 class _Impressions(beam.DoFn):
     """Batches of named catalog records -> (item_id, impressions_30d) of the items the day shows
     (the side input): the shuffle that joins them with the rows moves the day's items, not the
-    catalog."""
+    catalog. With `skip`, a bad catalog record is left out (its item then counts as missing)."""
+
+    def __init__(self, skip: bool = False):
+        self.skip = skip
 
     def setup(self) -> None:
         self.parser = common.BatchParser(parse.RecordParser(
-            schema.get("catalog"), features=("item_id", "impressions_30d"), decode=False))
+            schema.get("catalog"), features=("item_id", "impressions_30d"), decode=False),
+            skip=self.skip)
         self.shown: np.ndarray | None = None
 
     def process(self, batch: Sequence[tuple[str, bytes]], shown: list[int]
@@ -356,8 +368,11 @@ def metrics_only(result: dict) -> dict:
     return {k: v for k, v in result.items() if k not in RECORD_KEYS}
 
 
-def run(cfg: configs.EvaluateConfig, beam_args: Sequence[str] = ()) -> dict:
-    """Runs the job; writes and returns the metrics (`metrics_from`) with the job's record."""
+def run(cfg: configs.EvaluateConfig, beam_args: Sequence[str] = (),
+        skip_bad_records: bool = False) -> dict:
+    """Runs the job; writes and returns the metrics (`metrics_from`) with the job's record.
+    With `skip_bad_records`, bad records of the day and of the catalog are left out and counted
+    (`counters["bad records skipped"]`) instead of failing the job."""
     for what, value in (("records", cfg.records_pattern), ("catalog", cfg.catalog_pattern),
                         ("out_dir", cfg.out_dir)):
         if not value:
@@ -369,12 +384,14 @@ def run(cfg: configs.EvaluateConfig, beam_args: Sequence[str] = ()) -> dict:
     if cfg.model_export:
         judged = versions.version_dir(cfg.model_export)  # one version for every worker
         spec = export_spec(judged)
-        handler = CtrModelHandler(judged, spec, cfg.batch_size)
+        handler = CtrModelHandler(judged, spec, cfg.batch_size,
+                                  skip_bad_records=skip_bad_records)
     else:
         judged = cfg.checkpoint_dir
         spec = ctr_spec.load(os.path.join(judged, ctr_spec.FILE))
         handler = CheckpointModelHandler(judged, spec, cfg.batch_size,
-                                         joined_records(judged, spec, cfg.records_pattern))
+                                         joined_records(judged, spec, cfg.records_pattern),
+                                         skip_bad_records)
     spec.check_files(pipeline.list_files(cfg.records_pattern))  # before any work
     for sub in (PREDICTIONS_DIR, PAGES_DIR):  # another model's or day's
         if tf.io.gfile.exists(os.path.join(cfg.out_dir, sub)):
@@ -396,7 +413,7 @@ def run(cfg: configs.EvaluateConfig, beam_args: Sequence[str] = ()) -> dict:
             items = (p | "ReadCatalog" >> common.ReadNamedRecords(catalog)
                      | "CatalogBatches" >> beam.BatchElements(min_batch_size=1024,
                                                               max_batch_size=1024)
-                     | "Impressions" >> beam.ParDo(_Impressions(), shown))
+                     | "Impressions" >> beam.ParDo(_Impressions(skip_bad_records), shown))
         rows = ({"rows": scored | "ByItem" >> beam.Map(lambda r: (r["item"], r)),
                  "catalog": items}
                 | "JoinCatalog" >> beam.CoGroupByKey()

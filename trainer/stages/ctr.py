@@ -72,9 +72,6 @@ def run_ctr(cfg: configs.CtrStage) -> None:
         spec.check_files(pipeline.list_files(file_pattern))
     by_job = cfg.evaluation == "job" or (cfg.evaluation == "auto"
                                          and cfg.train.strategy == "parameter_server")
-    if by_job and cfg.skip_bad_records:
-        raise common.UsageError("the evaluate job stops at a bad record rather than skipping it: "
-                                "with --skip_bad_records, --set evaluation=in_process")
     images: embeddings.EmbeddingTable | embeddings.TableFile | None = None
     positives = centroids = image_stats = None
     if cfg.images.encoder != "none":
@@ -158,7 +155,7 @@ def evaluate_checkpoint(cfg: configs.CtrStage) -> dict:
         catalog_pattern=cfg.images.catalog_pattern, model_export="",
         checkpoint_dir=cfg.model_dir,
         out_dir=os.path.join(cfg.model_dir, evaluate_pipeline.EVALUATION))
-    metrics = evaluate_pipeline.run(ev, shlex.split(ev.beam_options))
+    metrics = evaluate_pipeline.run(ev, shlex.split(ev.beam_options), cfg.skip_bad_records)
     return {**evaluate_pipeline.metrics_only(metrics), "evaluation": ev.out_dir}
 
 

@@ -27,7 +27,7 @@ def run_evaluate(cfg: configs.EvaluateStage) -> None:
     ev = dataclasses.replace(
         ev, records_pattern=common.pattern(cfg, ev.records_pattern, "ctr", "test"),
         catalog_pattern=common.pattern(cfg, ev.catalog_pattern, "catalog"), out_dir=out_dir)
-    metrics = evaluate_pipeline.run(ev, shlex.split(ev.beam_options))
+    metrics = evaluate_pipeline.run(ev, shlex.split(ev.beam_options), cfg.skip_bad_records)
     configs.save(out_dir, dataclasses.replace(cfg, model_dir=out_dir, evaluate=ev))
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v
                       for k, v in metrics.items() if k != "counters"}))
