@@ -270,8 +270,9 @@ def keep_image_table(table: embeddings_lib.TableFile, model_dir: str, mode: str
     (`image_statistics`, written as IMAGE_STATISTICS for whatever rebuilds the model), neither
     reading the vectors into memory: the file is copied, the statistics are streamed."""
     own = os.path.join(model_dir, embeddings_lib.FILE)
-    tf.io.gfile.makedirs(model_dir)
-    tf.io.gfile.copy(table.path, own, overwrite=True)
+    if os.path.abspath(table.path) != os.path.abspath(own):  # not the encoder's own dir
+        tf.io.gfile.makedirs(model_dir)
+        tf.io.gfile.copy(table.path, own, overwrite=True)
     stats = image_statistics(embeddings_lib.describe(own), mode)
     npz.write(os.path.join(model_dir, IMAGE_STATISTICS), **stats)
     return embeddings_lib.describe(own), stats

@@ -93,6 +93,7 @@ class _CtrHandler(ModelHandler[tuple, dict, Any]):
         self.source, self.spec, self.batch_size = source, spec, batch_size
         self.joined, self.skip = joined, skip_bad_records
         self._parser: common.BatchParser | None = None
+        self._reported = 0  # skipped records named on this worker (the rest only counted)
 
     def _score(self, model: Any, serialized: list[bytes], rows: dict) -> np.ndarray:
         raise NotImplementedError
@@ -106,8 +107,9 @@ class _CtrHandler(ModelHandler[tuple, dict, Any]):
         rows, keep, bad = self._parser(names, serialized)
         if bad:
             beam.metrics.Metrics.counter(NAMESPACE, "bad records skipped").inc(len(bad))
-            for b in bad[:3]:
+            for b in bad[:max(10 - self._reported, 0)]:
                 print(f"evaluate: skipped {b}", flush=True)
+            self._reported += len(bad)
             names, serialized = [names[i] for i in keep], [serialized[i] for i in keep]
             if not names:
                 return []
