@@ -740,8 +740,10 @@ class CtrStage(TrainingStage):
       evaluation: Where the test day is scored: 'in_process' (the trainer's process rebuilds the
         model from its checkpoint), 'job' (the Beam evaluate job over the checkpoint, with
         `evaluate`'s settings: the rows sharded, no process holding them, the model rebuilt in
-        the job's workers), 'auto' (the job under the parameter-server strategy, whose chief
-        then never holds the model's tables; else in process).
+        the job's workers; on a joined test day, `ctr.test_pattern` from the join pipeline, a
+        joined spec's model holds no image table there either), 'auto' (the job under the
+        parameter-server strategy, whose chief then never holds the model's tables; else in
+        process).
       evaluate: The evaluate job's settings; its default runner is a local Dask worker process,
         out of the trainer's.
     """
