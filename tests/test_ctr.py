@@ -243,3 +243,36 @@ def test_embedding_table_cache_follows_the_checkpoint(tiny_world, encoder_dir):
     # Another data set (here: the catalog without its queries) is not served from the cache.
     c = embeddings.for_encoder(encoder_dir, catalog, None)
     assert len(c.query_id) == 0
+
+
+@pytest.mark.parametrize("mode", ["vector", "simscore"])
+def test_image_statistics_streamed_from_the_saved_table_equal_the_tables_own(tmp_path, mode):
+    """A saved table is read a chunk at a time (chunks smaller than the table, the last one
+    short), never whole: the normalisation a model gets from it equals the one from the table in
+    memory, and only the asked-for arrays are read."""
+    from trainer.ctr.model import image_statistics
+    from trainer.data import npz
+
+    rng = np.random.default_rng(0)
+    v = rng.normal(size=[1003, 8]).astype(np.float32)
+    table = embeddings.EmbeddingTable(
+        np.arange(1003), np.zeros(1003, np.int64), np.arange(1003) % 7,
+        v / np.linalg.norm(v, axis=1, keepdims=True), np.arange(5),
+        np.ones([5, 8], np.float32) / np.sqrt(8), "a source")
+    path = str(tmp_path / embeddings.FILE)
+    embeddings.save(table, path)
+    saved = embeddings.describe(path)
+    assert (saved.items, saved.dim, saved.source) == (1003, 8, "a source")
+    chunks = list(npz.chunks(path, "item_vector", rows=100))
+    assert [len(c) for c in chunks] == [100] * 10 + [3]
+    np.testing.assert_array_equal(np.concatenate(chunks), table.item_vector)
+    rows = np.array([1002, 0, 517, 517, 99, 100])
+    np.testing.assert_array_equal(embeddings.take_rows(iter(chunks), rows),
+                                  table.item_vector[rows])
+    streamed, in_memory = image_statistics(saved, mode), image_statistics(table, mode)
+    assert streamed.keys() == in_memory.keys()
+    for k in streamed:
+        np.testing.assert_allclose(streamed[k], in_memory[k], rtol=1e-6)
+    assert set(npz.read(path, ["item_id", "source"])) == {"item_id", "source"}
+    with pytest.raises(ValueError, match="no \\['vectors'\\] array"):
+        npz.read(path, ["vectors"])
