@@ -273,9 +273,10 @@ def keep_image_table(table: embeddings_lib.TableFile, model_dir: str, mode: str
     if os.path.abspath(table.path) != os.path.abspath(own):  # not the encoder's own dir
         tf.io.gfile.makedirs(model_dir)
         tf.io.gfile.copy(table.path, own, overwrite=True)
-    stats = image_statistics(embeddings_lib.describe(own), mode)
+    kept = embeddings_lib.describe(own)
+    stats = image_statistics(kept, mode)
     npz.write(os.path.join(model_dir, IMAGE_STATISTICS), **stats)
-    return embeddings_lib.describe(own), stats
+    return kept, stats
 
 
 def image_statistics_of(model_dir: str) -> dict | None:

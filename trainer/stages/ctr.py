@@ -81,15 +81,18 @@ def run_ctr(cfg: configs.CtrStage) -> None:
                                                            cfg.ctr.image_feature_mode)
         else:
             image_stats = image_statistics(found, cfg.ctr.image_feature_mode)
-        # The rows only where something here reads them: a model whose image features all
-        # arrive joined never holds the catalog's vectors (the model reads them if it builds a
-        # table), nor does this process when the job evaluates.
-        images = (found.load() if cfg.ctr.debias is not None
-                  or cfg.ctr.image_feature_mode == "cluster_id" else found)
-        catalog = (npz.read(found.path, ["item_id", "impressions_30d"]) if not by_job
-                   else {"item_id": np.zeros([0], np.int64),
-                         "impressions_30d": np.zeros([0], np.int64)})
-        item_id, impressions = catalog["item_id"], catalog["impressions_30d"]
+        # The rows are read once, here, when anything in this process needs them (a feature of
+        # `layout: table`, D's mining, k-means, the in-process evaluation's lookups); else
+        # nothing does: a joined spec evaluated by the job never holds the catalog's vectors.
+        rows_here = (not by_job or cfg.ctr.debias is not None
+                     or cfg.ctr.image_feature_mode == "cluster_id"
+                     or len(spec.joined) < len(spec.of_kind("image")))
+        images = found.load() if rows_here else found
+        if by_job:  # the job reads the impressions itself
+            item_id = impressions = np.zeros([0], np.int64)
+        else:
+            assert isinstance(images, embeddings.EmbeddingTable)
+            item_id, impressions = images.item_id, images.impressions_30d
     else:
         cols = pipeline.unique_rows(pipeline.read_columns(
             cfg.images.catalog_pattern, "catalog", ("item_id", "impressions_30d"),
