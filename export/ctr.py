@@ -44,6 +44,7 @@ import tensorflow as tf
 from export import client, common
 from export import encoder as export_encoder
 from export.encoder import request_names
+from trainer import tracing
 from trainer.ctr import spec as ctr_spec
 from trainer.ctr import task as ctr_task
 from trainer.ctr.model import CtrModel, fresh_vectors
@@ -119,9 +120,9 @@ class CtrServing(tf.Module):
         kind = model.spec.record_kind(serving=True)
         self._parser = parse.RecordParser(kind, decode=False)
         self._lists = {f.name: f for f in kind.features if f.is_list}
-        self.serve = tf.function(self._serve)
-        self.rank = tf.function(self._rank)
-        self.predict_examples = tf.function(self._predict_examples, input_signature=[
+        self.serve = tracing.function(self._serve)
+        self.rank = tracing.function(self._rank)
+        self.predict_examples = tracing.function(self._predict_examples, input_signature=[
             tf.TensorSpec([None], tf.string, name="examples")])
 
     def _predict(self, batch: dict) -> dict:

@@ -22,6 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from export import common
+from trainer import tracing
 from trainer.data import parse
 from trainer.models import encoder as encoder_lib
 
@@ -45,9 +46,9 @@ class EncoderServing(tf.Module):
         self.encoder = encoder
         self.max_image_pixels = max_image_pixels
         size = encoder.cfg.image_size
-        self.encode_images = tf.function(self._encode_images, input_signature=[
+        self.encode_images = tracing.function(self._encode_images, input_signature=[
             tf.TensorSpec([None], tf.string, name="images")])
-        self.encode_pixels = tf.function(self._encode_pixels, input_signature=[
+        self.encode_pixels = tracing.function(self._encode_pixels, input_signature=[
             tf.TensorSpec([None, size, size, 3], tf.float32, name="pixels")])
 
     def _encode_images(self, images):

@@ -48,7 +48,7 @@ from export import common
 from export import ctr as export_ctr
 from export import encoder as export_encoder
 from export.encoder import request_names
-from trainer import configs
+from trainer import configs, tracing
 from trainer.ctr import spec as ctr_spec
 from trainer.ctr import task as ctr_task
 from trainer.data import npz, parse, pipeline, records, schema
@@ -151,7 +151,7 @@ class SearchServing(tf.Module):
         self.images = export_encoder.EncoderServing(encoder, max_image_pixels)
         self.index = index
         self.max_k = max_k
-        self.search = tf.function(self._search, input_signature=[
+        self.search = tracing.function(self._search, input_signature=[
             tf.TensorSpec([None], tf.string, name="images"),
             tf.TensorSpec([None], tf.int64, name="category"),
             tf.TensorSpec([None], tf.int32, name="k")])
@@ -164,7 +164,7 @@ class SearchServing(tf.Module):
             # Aligned with the index's rows: the spec's candidate columns and the bid.
             self.item_features = {name: tf.Variable(values, trainable=False, name=name)
                                   for name, values in (item_features or {}).items()}
-            self.request = tf.function(self._request)
+            self.request = tracing.function(self._request)
 
     def _checked(self, images: tf.Tensor, category: tf.Tensor, k: tf.Tensor,
                  photo: str) -> tuple:

@@ -15,7 +15,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from trainer import configs
+from trainer import configs, tracing
 from trainer.configs import CtrConfig, TrainConfig
 from trainer.ctr import spec as ctr_spec
 from trainer.ctr.model import CtrModel, image_statistics, training_records
@@ -81,7 +81,7 @@ def predict(model: CtrModel, pattern: str, batch_size: int = 2048,
                                drop_remainder=False, deterministic=True,
                                skip_bad_records=skip_bad_records)
     pipe = pipeline.InputPipeline(cfg)
-    fn = tf.function(lambda b: tf.sigmoid(model(b, training=False)))
+    fn = tracing.function(lambda b: tf.sigmoid(model(b, training=False)))
     columns = {"label": spec.label, "group": spec.group, "item": spec.item}
     out: dict = {k: [] for k in ("score", *columns)}
     with pipe.errors_named():

@@ -20,6 +20,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
+from trainer import tracing
 from trainer.data import parse, schema, validate
 
 log = logging.getLogger(__name__)
@@ -237,9 +238,9 @@ class InputPipeline:
             ds = tf.data.TFRecordDataset(path, compression_type=compression, buffer_size=1 << 20)
             if readable is not None:  # stop before a corrupt frame
                 ds = ds.take(readable.lookup(path))
-            ds = ds.enumerate().map(lambda i, r: (parse.record_names(path, i), r))
+            ds = ds.enumerate().map(tracing.plain(lambda i, r: (parse.record_names(path, i), r)))
             if exclude is not None:
-                ds = ds.filter(lambda name, r: exclude.lookup(name) == 0)
+                ds = ds.filter(tracing.plain(lambda name, r: exclude.lookup(name) == 0))
             return ds
 
         ds = tf.data.Dataset.from_tensor_slices((files, [validate.compression_of(f) for f in files]))
@@ -248,7 +249,7 @@ class InputPipeline:
             ds = ds.shard(*worker_shard)
         if cfg.shuffle:
             ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
-        ds = ds.interleave(read_file, cycle_length=min(cfg.cycle_length, len(files)),
+        ds = ds.interleave(tracing.plain(read_file), cycle_length=min(cfg.cycle_length, len(files)),
                            block_length=1, num_parallel_calls=AUTOTUNE,
                            deterministic=ordered)
         if worker_shard is not None and not by_file:
@@ -279,7 +280,7 @@ class InputPipeline:
 
             whole = batch_size * replicas
             ds = ds.group_by_window(
-                key_func=key_of, window_size=whole,
+                key_func=tracing.plain(key_of), window_size=whole,
                 reduce_func=lambda _, w: w.batch(
                     whole, drop_remainder=cfg.drop_remainder or replicas > 1))
             ds = ds.enumerate()  # global step t: seeds the transform of all its replicas' parts
@@ -294,7 +295,7 @@ class InputPipeline:
                 return tf.data.Dataset.from_tensor_slices((
                     tf.fill([local], t), tf.range(first, first + local, dtype=tf.int64), mine))
 
-            ds = ds.flat_map(parts)
+            ds = ds.flat_map(tracing.plain(parts))
         else:
             ds = ds.batch(batch_size, drop_remainder=cfg.drop_remainder)
             # Index of the per-replica batch in the global stream: seeds its transform.
@@ -316,7 +317,7 @@ class InputPipeline:
             return transform(batch_seed, batch)
 
         # In order when grouped: each replica takes its consecutive element of the stream.
-        ds = ds.map(parse_batch, num_parallel_calls=AUTOTUNE, deterministic=ordered)
+        ds = ds.map(tracing.plain(parse_batch), num_parallel_calls=AUTOTUNE, deterministic=ordered)
         ds = ds.prefetch(AUTOTUNE)
         options = tf.data.Options()
         options.deterministic = ordered

@@ -27,6 +27,7 @@ import tensorflow as tf
 from google.protobuf.message import DecodeError
 from tensorflow.core.example import example_pb2
 
+from trainer import tracing
 from trainer.data import parse
 
 log = logging.getLogger(__name__)
@@ -171,7 +172,7 @@ class Diagnoser:
                 p.kind, p.image_size, p.image_store, subset, decode=p.decode)
             spec = tf.TensorSpec([None], tf.string)
             # Graph mode, as in the pipeline: assertion messages have the same form there.
-            self._fns[subset] = tf.function(sub, input_signature=[spec, spec])
+            self._fns[subset] = tracing.function(sub, input_signature=[spec, spec])
         try:
             self._fns[subset](tf.constant(list(names)), tf.constant(list(serialized)))
             return None

@@ -24,7 +24,7 @@ import tensorflow as tf
 import tf_keras
 from official.vision.modeling.backbones import resnet, vit, vit_specs
 
-from trainer import configs
+from trainer import configs, tracing
 from trainer.configs import EncoderConfig
 
 log = logging.getLogger(__name__)
@@ -259,7 +259,7 @@ def restore(model_dir: str, cfg: EncoderConfig | None = None) -> Encoder:
 def embed(encoder: Encoder, images: tf.data.Dataset) -> np.ndarray:
     """Embeddings of a dataset of image batches, in order: [N, D] float32."""
     size = encoder.cfg.image_size
-    fn = tf.function(lambda x: encoder(x, training=False),
+    fn = tracing.function(lambda x: encoder(x, training=False),
                      input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])
     out = [fn(batch).numpy() for batch in images]
     return np.concatenate(out) if out else np.zeros([0, encoder.cfg.feature_dim], np.float32)

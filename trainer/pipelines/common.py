@@ -17,7 +17,7 @@ from apache_beam.metrics.metric import Metrics, MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.runners.portability.fn_api_runner import fn_runner
 
-from trainer import console
+from trainer import console, tracing
 from trainer.data import parse, pipeline, validate
 from trainer.features import clusters as clusters_lib
 
@@ -154,7 +154,7 @@ class BatchParser:
 
     def __init__(self, parser: parse.RecordParser, skip: bool = False):
         spec = tf.TensorSpec([None], tf.string)
-        self.fn = tf.function(parser, input_signature=[spec, spec])
+        self.fn = tracing.function(parser, input_signature=[spec, spec])
         self.diagnoser = validate.Diagnoser(parser)
         self.skip = skip
 

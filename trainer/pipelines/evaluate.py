@@ -49,7 +49,7 @@ import pyarrow as pa
 import tensorflow as tf
 from apache_beam.ml.inference.base import ModelHandler, RunInference
 
-from trainer import configs
+from trainer import configs, tracing
 from trainer.ctr import spec as ctr_spec
 from trainer.data import npz, parse, pipeline, schema
 from trainer.eval import ctr_metrics, significance, write_metrics
@@ -152,7 +152,7 @@ class CheckpointModelHandler(_CtrHandler):
         def score(batch: dict) -> tf.Tensor:
             return tf.sigmoid(model(batch, training=False))
 
-        return tf.function(score)
+        return tracing.function(score)
 
     def _score(self, model: Any, serialized: list[bytes], rows: dict) -> np.ndarray:
         return model({k: tf.constant(v) for k, v in rows.items()}).numpy()

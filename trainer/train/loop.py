@@ -27,7 +27,7 @@ from official.modeling.optimization import optimizer_factory
 from official.modeling.optimization.configs import optimization_config
 from tensorflow.core.util import event_pb2
 
-from trainer import configs, console
+from trainer import configs, console, tracing
 from trainer.configs import TrainConfig
 from trainer.data import pipeline
 
@@ -240,7 +240,7 @@ def one_step(task: Task, cfg: TrainConfig, strategy: tf.distribute.Strategy, bat
     if is_parameter_server(strategy):
         coordinator = tf.distribute.coordinator.ClusterCoordinator(strategy)
 
-        @tf.function
+        @tracing.function
         def scheduled():
             return strategy.run(lambda x: train_step(task, model, optimizer, x)[0],
                                 args=(batch,))
@@ -249,7 +249,7 @@ def one_step(task: Task, cfg: TrainConfig, strategy: tf.distribute.Strategy, bat
     else:
         dist = strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors(batch))
 
-        @tf.function
+        @tracing.function
         def step(b):
             loss, _ = strategy.run(lambda x: train_step(task, model, optimizer, x), args=(b,))
             return strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None)
@@ -287,6 +287,7 @@ class _Trainer(orbit.StandardTrainer):
             for m in self.metrics.values():
                 m.reset_state()
 
+    @tracing.plain  # Orbit's loop is AutoGraph's (a loop over tf.range); the step is not
     def train_step(self, iterator):
         self.strategy.run(self.replica_step, args=(next(iterator),))
 
@@ -443,7 +444,7 @@ def _run_coordinated(task: Task, cfg: TrainConfig, model_dir: str,
     iterator = iter(coordinator.create_per_worker_dataset(
         lambda: strategy.distribute_datasets_from_function(dataset_fn)))
 
-    @tf.function
+    @tracing.function
     def step(it):
         def replica_step(batch):
             loss, values = train_step(task, model, optimizer, batch)
