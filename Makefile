@@ -14,7 +14,7 @@ RUNS ?= runs
 # Test processes: a test file runs whole on one of them (its module fixtures are built once).
 TEST_WORKERS ?= 2
 
-.PHONY: demo test test-slow lint probe daily search-page browser repro-visual repro-ctr repro-courier repro-batch repro-unseen repro-dose sweep-tau bench-input bench-convert bench-bootstrap bench-crc bench-serving bench-embed bench-kmeans bench-export-vocab bench-train export validate docs lock clean
+.PHONY: demo test test-e2e test-slow lint probe daily search-page browser repro-visual repro-ctr repro-courier repro-batch repro-unseen repro-dose sweep-tau bench-input bench-convert bench-bootstrap bench-crc bench-serving bench-embed bench-kmeans bench-export-vocab bench-train export validate docs lock clean
 
 $(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -160,15 +160,24 @@ sweep-tau: $(VENV)/.installed $(DATA)/$(WORLD)/manifest.json
 	$(PY) scripts/sweep_tau.py --data_dir=$(DATA)/$(WORLD) --visual_dir=$(RUNS)/visual \
 	  --out_dir=$(RUNS)/courier --seeds=$(shell echo $(SEEDS) | tr ' ' ',')
 
+# Two tiers, both run by CI (.ci/run). `make test`: every test but the slow reproductions and
+# the end-to-end runs (about 15 minutes on 2 cores). `make test-e2e`: the runs of whole command
+# chains and clusters of processes (tests marked `e2e`: docs/data.md's section as written, the
+# daily cycles beyond the first, parameter-server, multi-worker and Dask clusters).
 # The longest files first, so the two processes finish together (pytest collects a file once).
 # The trained tiny-world models that several files use are built once per run, by whichever
 # worker asks first (tests/conftest.py: shared_dir).
-LONG_TESTS := tests/test_visual_stages.py tests/test_export_ctr.py tests/test_daily.py tests/test_search.py \
-  tests/test_distributed.py tests/test_backbones.py tests/test_export_encoder.py tests/test_baselines.py \
-  tests/test_bring_your_own_data.py
+LONG_TESTS := tests/test_export_ctr.py tests/test_daily.py tests/test_evaluate.py \
+  tests/test_visual_stages.py tests/test_search.py tests/test_backbones.py tests/test_ctr.py \
+  tests/test_reliability.py tests/test_task.py tests/test_export_encoder.py
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow" --durations=10 \
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow and not e2e" --durations=10 \
 	  $(LONG_TESTS) tests
+
+E2E_TESTS := tests/test_daily.py tests/test_bring_your_own_data.py tests/test_dask.py \
+  tests/test_parameter_server.py tests/test_distributed.py
+test-e2e: $(VENV)/.installed
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m e2e --durations=10 $(E2E_TESTS) tests
 
 # The learning-quality reproductions among the tests (S1 and S1+S2 beat a random encoder on the
 # tiny world's visual search: about 3 minutes).

@@ -14,6 +14,7 @@ import sys
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 import tensorflow as tf
 import yaml
 
@@ -79,6 +80,7 @@ def test_the_beam_section_shows_commands_that_this_test_runs():
         assert command in block, command
 
 
+@pytest.mark.e2e
 def test_the_bring_your_own_data_section_runs_as_written(tiny_world, tmp_path):
     raw = str(tmp_path / "raw")
     _tables(tiny_world, raw)

@@ -276,6 +276,7 @@ def inverted_day(moving: dict, day: int, out: str) -> str:
     return out
 
 
+@pytest.mark.e2e
 def test_the_gate_keeps_the_serving_version_against_a_worse_model(moving, tmp_path):
     data = inverted_day(moving, 1, str(tmp_path / "day=01"))
     serving = serving_copy(moving, str(tmp_path / "serving"))
@@ -300,6 +301,7 @@ def test_the_gate_keeps_the_serving_version_against_a_worse_model(moving, tmp_pa
     assert common.export_info(os.path.join(serving, "2"))["gate"]["forced"]
 
 
+@pytest.mark.e2e
 def test_a_model_with_d_keeps_its_positives_and_mines_the_new_items(moving, tmp_path):
     day0_data = os.path.join(moving["world"], "day=00")
     enc = os.path.join(moving["root"], "s1")
@@ -346,6 +348,7 @@ def test_a_missing_day_stops_the_cycle_and_the_serving_version_stays(moving, tmp
     assert versions.versions(serving) == [1]
 
 
+@pytest.mark.e2e
 def test_a_killed_cycle_reruns_to_the_same_weights_and_a_second_is_refused(moving, day1,
                                                                            tmp_path):
     serving = serving_copy(moving, str(tmp_path / "serving"))
@@ -392,6 +395,7 @@ def test_a_killed_cycle_reruns_to_the_same_weights_and_a_second_is_refused(movin
     assert "daily: exported version 2" in out and versions.versions(serving) == [1, 2]
 
 
+@pytest.mark.e2e
 def test_the_cycle_with_two_workers_and_two_parameter_servers(moving, day1, tmp_path):
     serving = serving_copy(moving, str(tmp_path / "serving"))
     model_dir = str(tmp_path / "model")

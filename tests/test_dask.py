@@ -37,6 +37,9 @@ from trainer.pipelines import vocab as vocab_pipeline
 sys.path.insert(0, os.path.join(REPO, "scripts"))
 from test_convert_parquet import catalog_table  # noqa: E402
 
+# Dask clusters of worker processes: `make test-e2e`.
+pytestmark = pytest.mark.e2e
+
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
 
 

@@ -89,6 +89,7 @@ def _weights(model_dir: str) -> dict:
             for name, _ in tf.train.list_variables(prefix) if name.startswith("model/")}
 
 
+@pytest.mark.e2e
 def test_multi_worker_courier_matches_one_process(tiny_world, tmp_path):
     args = [sys.executable, "-m", "trainer.task", "--stage=courier", f"--data_dir={tiny_world}",
             "--train_steps=3", "--batch_size=8", "--log_interval=1", "--checkpoint_interval=3",
@@ -139,6 +140,7 @@ def test_multi_worker_courier_matches_one_process(tiny_world, tmp_path):
         np.testing.assert_allclose(w1[name], w2[name], atol=1e-4, err_msg=name)
 
 
+@pytest.mark.e2e
 def test_killed_worker_resumes_to_the_weights_of_an_uninterrupted_run(tiny_world, tmp_path):
     interval = 10
     args = [sys.executable, "-m", "trainer.task", "--stage=pretrain", f"--data_dir={tiny_world}",

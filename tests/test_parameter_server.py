@@ -27,6 +27,7 @@ from trainer.train import loop
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
 
 
+@pytest.mark.e2e
 def test_ctr_with_d_learns_resumes_and_exports_on_an_in_process_cluster(
         tiny_world, encoder_dir, tmp_path):
     model_dir = str(tmp_path / "ps")
@@ -79,6 +80,7 @@ def test_ctr_with_d_learns_resumes_and_exports_on_an_in_process_cluster(
     served.close()
 
 
+@pytest.mark.e2e
 def test_worker_ps_and_chief_processes_from_tf_config_train(tiny_world, tmp_path):
     model_dir = str(tmp_path / "tf_config")
     args = [sys.executable, "-m", "trainer.task", "--stage=ctr", f"--data_dir={tiny_world}",
