@@ -57,6 +57,7 @@ from trainer.features import versions
 from trainer.pipelines import common
 
 NAMESPACE = "evaluate"
+NAMED_SKIPS = 10  # skipped records a worker names; the rest are only counted
 STATISTICS = "statistics.npz"
 PREDICTIONS_DIR, PAGES_DIR = significance.PREDICTIONS, significance.PAGES
 EVALUATION = "evaluation"  # the job's outputs in a trained model dir (the ctr stage, the daily)
@@ -93,7 +94,7 @@ class _CtrHandler(ModelHandler[tuple, dict, Any]):
         self.source, self.spec, self.batch_size = source, spec, batch_size
         self.joined, self.skip = joined, skip_bad_records
         self._parser: common.BatchParser | None = None
-        self._reported = 0  # skipped records named on this worker (the rest only counted)
+        self._reported = 0  # skipped records seen by this worker
 
     def _score(self, model: Any, serialized: list[bytes], rows: dict) -> np.ndarray:
         raise NotImplementedError
@@ -107,7 +108,7 @@ class _CtrHandler(ModelHandler[tuple, dict, Any]):
         rows, keep, bad = self._parser(names, serialized)
         if bad:
             beam.metrics.Metrics.counter(NAMESPACE, "bad records skipped").inc(len(bad))
-            for b in bad[:max(10 - self._reported, 0)]:
+            for b in bad[:max(NAMED_SKIPS - self._reported, 0)]:
                 print(f"evaluate: skipped {b}", flush=True)
             self._reported += len(bad)
             names, serialized = [names[i] for i in keep], [serialized[i] for i in keep]
