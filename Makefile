@@ -11,6 +11,8 @@ export TF_USE_LEGACY_KERAS := 1
 # (trainer/eval/significance.py: compare_seeds).
 SEEDS ?= 0 1 2
 RUNS ?= runs
+# Seeds that train paper 002's Table 6 variants in repro-courier (empty: every seed of SEEDS).
+ABLATION_SEEDS ?=
 # Test processes: a test file runs whole on one of them (its module fixtures are built once).
 TEST_WORKERS ?= 2
 
@@ -134,7 +136,8 @@ repro-ctr: $(VENV)/.installed $(DATA)/$(WORLD)/manifest.json
 # the late ones).
 repro-courier: $(VENV)/.installed $(DATA)/$(WORLD)/manifest.json
 	$(PY) scripts/repro_courier.py --data_dir=$(DATA)/$(WORLD) --visual_dir=$(RUNS)/visual \
-	  --out_dir=$(RUNS)/courier --seeds=$(shell echo $(SEEDS) | tr ' ' ',')
+	  --out_dir=$(RUNS)/courier --seeds=$(shell echo $(SEEDS) | tr ' ' ',') \
+	  --ablation_seeds=$(shell echo $(ABLATION_SEEDS) | tr ' ' ',')
 
 # Paper 002 Table 7: COURIER at global batch sizes 64 up (over 2 replicas, negatives gathered
 # across them) until one does not fit, each size's Cluster-ID features in the CTR model.
