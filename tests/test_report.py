@@ -18,6 +18,19 @@ def test_a_claim_prints_the_reproductions_verdict_across_seeds_or_says_none_hold
     assert "no reproduction" in report._across_seeds(experiments.VISUAL_CLAIMS[1], repro)
 
 
+def test_a_demo_table_5_claim_prints_the_same_ordering_as_the_reproduction_ran_it(tmp_path):
+    demo = experiments.TABLE_5_CLAIMS[0]  # COURIER above Supervised, the demo's protocol
+    repro_key, _ = experiments.REPRO_EQUIVALENT[demo.key]
+    assert repro_key == "table5/ctr/courier_cluster_id > table5/ctr/supervised_s1_cluster_id: AUC"
+    record = {"key": repro_key, "verdict": "within noise", "difference": 0.001, "low": -0.004,
+              "high": 0.006, "seed_sd": 0.002, "by_seed": {"0": 0.0, "1": 0.001, "2": 0.002}}
+    path = tmp_path / experiments.CLAIMS_FILE
+    path.write_text(json.dumps([record]))
+    text = report._across_seeds(demo, experiments.read_claims([str(path)]))
+    assert "across 3 training seeds" in text and "S1's backbone" in text
+    assert "**within noise**" in text
+
+
 def test_a_run_that_predates_its_experiments_settings_is_described_as_it_ran(tmp_path):
     exp = experiments.get("supervised")  # ctr.train_split=early since the equal-protocol Table 5
     run = tmp_path / "supervised"

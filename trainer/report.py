@@ -205,12 +205,17 @@ def _not_as_registered(exp: experiments.Experiment, model_dir: str) -> str:
 
 def _across_seeds(claim: experiments.Claim, repro: dict) -> str:
     """'; across N seeds (the repros): verdict, difference d, seed sd s' for a claim the
-    reproductions judged, else a note that none did."""
-    r = repro.get(claim.key)
+    reproductions judged (a Table 5 claim as they ran it, `experiments.REPRO_EQUIVALENT`, and
+    saying so), else a note that none did."""
+    r, protocol = repro.get(claim.key), ""
+    if r is None and claim.key in experiments.REPRO_EQUIVALENT:
+        key, how = experiments.REPRO_EQUIVALENT[claim.key]
+        r, protocol = repro.get(key), f", {how}"
     if r is None:
         return "; no reproduction's claims.json (docs/repro/) holds this claim"
     seeds = len(r["by_seed"])
-    return (f"; across {seeds} training seeds (longer runs, `make repro-*`): **{r['verdict']}**, "
+    return (f"; across {seeds} training seeds (longer runs, `make repro-*`{protocol}): "
+            f"**{r['verdict']}**, "
             f"difference {r['difference']:+.4f} [{r['low']:+.4f}, {r['high']:+.4f}], "
             f"run-to-run sd {r['seed_sd']:.4f}")
 
