@@ -486,8 +486,9 @@ impressions, and GAUC (per page view). "+ D" is the same features with the debia
 
 Table 5's layout: every pre-training method's features as Cluster-IDs (the paper's mode), ΔAUC
 and ΔGAUC (percentage points) against the CTR model without image features. The baselines train
-{steps.get('simsiam', '?')} steps here (S1 {steps.get('pretrain', '?')}); `make repro-courier`
-gives them S1's full budget.
+{steps.get('simsiam', '?')} steps here from random weights (S1 {steps.get('pretrain', '?')});
+`make repro-courier` runs Table 5 twice, longer: every method from S1's backbone on the same
+number of images (paper 002 App. E), and every method from random weights.
 
 {table5_baselines(demo)}
 
