@@ -2,10 +2,11 @@
 downstream image features) on a synthetic world.
 
 For each seed: takes the S1 encoder of `repro_visual.py` from <visual_dir>/seed<N>/s1 (training
-it if missing), trains COURIER from its backbone, each Table 6 / Appendix D variant and COURIER +
-CLIP (Table 8); then the CTR predictor without image features (the baseline), with S1 and
-COURIER features in the vector, simscore and cluster_id modes, with each Table 6 variant's in
-`--ablation_mode` (cluster_id) and with COURIER + CLIP's as cluster_id.
+it if missing), trains COURIER from its backbone, each Table 6 / Appendix D variant (on the
+seeds of `--ablation_seeds`, default all) and COURIER + CLIP (Table 8); then the CTR predictor
+without image features (the baseline), with S1 and COURIER features in the vector, simscore and
+cluster_id modes, with each Table 6 variant's in `--ablation_mode` (cluster_id) and with
+COURIER + CLIP's as cluster_id.
 
 Table 5 is run twice (`experiments.TABLE_5_PROTOCOLS`): as App. E runs it, every method from the
 same pre-trained weights (S1's backbone standing in for ImageNet's) on the same number of images
@@ -25,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -133,8 +135,8 @@ def _with(per_seed: dict, keys: list) -> dict:
     return {s: r for s, r in per_seed.items() if all(k in r["ctr"] for k in keys)}
 
 
-def _over(seeds) -> str:
-    seeds = sorted(seeds)
+def _over(held: Iterable[int]) -> str:
+    seeds = sorted(held)
     return (f"seed {seeds[0]} only: one training run, its intervals are over test pages alone"
             if len(seeds) == 1 else f"seeds {', '.join(map(str, seeds))}")
 
