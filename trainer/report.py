@@ -220,6 +220,18 @@ def _across_seeds(claim: experiments.Claim, repro: dict) -> str:
             f"run-to-run sd {r['seed_sd']:.4f}")
 
 
+def _save(fig: Any, path: str, dpi: int) -> None:
+    """Writes a figure as a 256-colour PNG (a third of an RGBA one's bytes; the report is
+    committed, docs/demo_report) and closes it."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=dpi)
+    plt.close(fig)
+    buf.seek(0)
+    Image.open(buf).convert("RGB").quantize(256).save(path, optimize=True)
+
+
 def plot_deciles(demo: str, path: str, resamples: int = 200) -> list:
     """AUC per impression decile of every vector-mode run (and no image features), each point
     with its 95% interval over the test pages (`significance`'s page bootstrap)."""
@@ -251,8 +263,7 @@ def plot_deciles(demo: str, path: str, resamples: int = 200) -> list:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, dpi=110)
     return table
 
 
@@ -283,8 +294,7 @@ def plot_projection(demo: str, data_dir: str, path: str) -> str:
             ax.set_xticks([])
             ax.set_yticks([])
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path, dpi=100)
     return ", ".join(NAMES[n] for n in encoders)
 
 
@@ -308,8 +318,7 @@ def plot_losses(demo: str, path: str) -> None:
     for ax in list(axes.flat)[len(panels):]:
         ax.set_axis_off()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path, dpi=100)
 
 
 def plot_search_rows(demo: str, data_dir: str, path: str, queries: int = 4, k: int = 10
@@ -362,8 +371,7 @@ def plot_search_rows(demo: str, data_dir: str, path: str, queries: int = 4, k: i
             if e == 0:
                 line[0].set_title(f"query {j + 1}", fontsize=8)
     fig.tight_layout(h_pad=0.2, w_pad=0.2)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    _save(fig, path, dpi=80)
     return [NAMES[n] for n in encoders]
 
 
