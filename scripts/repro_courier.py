@@ -39,6 +39,7 @@ from trainer.synth import truth  # evaluation only
 MODES = experiments.MODES
 ABLATIONS = experiments.COURIER_ABLATIONS  # (Table 6 row, config flag)
 TABLE_5_MODE = experiments.TABLE_5_MODE
+SECONDS_FILE = "encoder_seconds.json"  # {encoder: training seconds} of one seed's run
 PROTOCOLS = experiments.TABLE_5_PROTOCOLS  # {protocol: Table 5's rows in the paper's order}
 # Every encoder of the two Table 5s (COURIER from S1 is in both).
 TABLE_5_ROWS = tuple(dict.fromkeys(e for rows in PROTOCOLS.values() for e in rows))
@@ -76,6 +77,19 @@ def table_5_runs() -> list:
         (e, experiments.ctr_experiment(e, TABLE_5_MODE)) for e in TABLE_5_ROWS]
 
 
+def encoder_seconds(out: str) -> dict[str, float]:
+    """{encoder: training seconds} of the seed run in `out`. Written as each encoder finishes
+    (SECONDS_FILE), so a run stopped part-way through a seed (the session ends, a machine is
+    preempted) keeps the times of what it trained; results.json holds those of earlier runs."""
+    seconds: dict[str, float] = {}
+    for path, key in ((os.path.join(out, "results.json"), "courier_seconds"),
+                      (os.path.join(out, SECONDS_FILE), None)):
+        if os.path.exists(path):
+            with open(path) as f:
+                seconds.update(json.load(f) if key is None else json.load(f).get(key, {}))
+    return seconds
+
+
 def run_seed(data_dir: str, s1: str, out: str, seed: int, a) -> dict:
     os.makedirs(out, exist_ok=True)
     log = os.path.join(out, "log.txt")
@@ -84,11 +98,7 @@ def run_seed(data_dir: str, s1: str, out: str, seed: int, a) -> dict:
                               if seed in ablation_seeds(a) else [])
     table_5 = [] if a.skip_baselines else [e for e in TABLE_5_ROWS if e != "courier"]
     variants += [] if a.skip_baselines else ["courier_clip"]
-    previous = os.path.join(out, "results.json")
-    seconds = {}  # training times, kept from an earlier run of the seed for encoders it trained
-    if os.path.exists(previous):
-        with open(previous) as f:
-            seconds = json.load(f).get("courier_seconds", {})
+    seconds = encoder_seconds(out)
     for name in variants + table_5:
         exp = experiments.get(name)
         dirs[name] = os.path.join(out, name)
@@ -102,6 +112,8 @@ def run_seed(data_dir: str, s1: str, out: str, seed: int, a) -> dict:
         t = experiments.run(experiments.command(exp, data_dir, dirs[name], dirs, seed,
                                                 flags=steps), log)
         seconds[name] = t
+        with open(os.path.join(out, SECONDS_FILE), "w") as f:
+            json.dump(seconds, f, indent=2)
         print(f"  seed {seed}: trained {name} ({t:.0f}s)", flush=True)
 
     def ctr(runs: list, root: str, sets: tuple = ()) -> dict:
@@ -295,10 +307,18 @@ def report(a, per_seed: dict) -> str:
                      f"| {m} | {(r['AUC'] - base['AUC']) * 100:+.2f} ({r['AUC']:.4f}) | "
                      f"{(r['GAUC'] - base['GAUC']) * 100:+.2f} ({r['GAUC']:.4f}) |"
                      for m, r in perfect.items()))
-    times = {k: np.mean([r["courier_seconds"].get(k, np.nan) for r in per_seed.values()])
-             for k in per_seed[first]["courier_seconds"]}
-    text += ("\n\nCOURIER training time per run (s): " +
-             ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
+    order = (["courier"] + [f"courier_{flag}" for _, flag in ABLATIONS] + ["courier_clip"]
+             + [e for e in TABLE_5_ROWS if e != "courier"])  # the order run_seed trains them in
+    timed: dict[str, list[float]] = {}  # an encoder trained by an earlier version may lack one
+    for seed in per_seed:
+        for k, t in encoder_seconds(os.path.join(a.out_dir, f"seed{seed}")).items():
+            timed.setdefault(k, []).append(t)
+    text += ("\n\nTraining time per encoder (s, mean over seeds "
+             f"{', '.join(map(str, sorted(per_seed)))}; in brackets how many seeds have a time "
+             "where fewer do): " + ", ".join(
+                 f"{k} {np.mean(v):.0f}" + ("" if len(v) == len(per_seed) else f" ({len(v)})")
+                 for k, v in sorted(timed.items(), key=lambda kv: order.index(kv[0])
+                                    if kv[0] in order else len(order))))
     return text
 
 
