@@ -39,6 +39,9 @@ from trainer.synth import truth  # evaluation only
 MODES = experiments.MODES
 ABLATIONS = experiments.COURIER_ABLATIONS  # (Table 6 row, config flag)
 TABLE_5_MODE = experiments.TABLE_5_MODE
+VARIANTS = tuple(f"courier_{flag}" for _, flag in ABLATIONS)  # Table 6's encoders
+# The encoders trained from S1 besides Table 5's, in the order run_seed trains them.
+COURIER_RUNS = ("courier", *VARIANTS, "courier_clip")
 SECONDS_FILE = "encoder_seconds.json"  # {encoder: training seconds} of one seed's run
 PROTOCOLS = experiments.TABLE_5_PROTOCOLS  # {protocol: Table 5's rows in the paper's order}
 # Every encoder of the two Table 5s (COURIER from S1 is in both).
@@ -94,8 +97,7 @@ def run_seed(data_dir: str, s1: str, out: str, seed: int, a) -> dict:
     os.makedirs(out, exist_ok=True)
     log = os.path.join(out, "log.txt")
     dirs = {"s1": s1}
-    variants = ["courier"] + ([f"courier_{flag}" for _, flag in ABLATIONS]
-                              if seed in ablation_seeds(a) else [])
+    variants = ["courier"] + (list(VARIANTS) if seed in ablation_seeds(a) else [])
     table_5 = [] if a.skip_baselines else [e for e in TABLE_5_ROWS if e != "courier"]
     variants += [] if a.skip_baselines else ["courier_clip"]
     seconds = encoder_seconds(out)
@@ -227,7 +229,7 @@ def tables(per_seed: dict, ablation_mode: str) -> str:
 def predictions(out_dir: str, seeds: list, ablation_mode: str) -> dict:
     """{seed: {run: predictions.npz}} of every CTR run the seeds hold, by CTR experiment name
     (the Table 5 runs as 'table5/' + it)."""
-    every = [f"courier_{flag}" for _, flag in ABLATIONS] + ["courier_clip"]
+    every = [*VARIANTS, "courier_clip"]
     runs = [exp.name for _, exp in ctr_runs(every, ablation_mode)]
     runs += [f"{TABLE_5_DIR}/{exp.name}" for _, exp in table_5_runs()]
     out: dict = {}
@@ -281,8 +283,7 @@ def report(a, per_seed: dict) -> str:
              "pages alone):\n" + "\n".join(checks(a.out_dir, preds, a.ablation_mode)))
     first = min(per_seed)
     seed_dir = os.path.join(a.out_dir, f"seed{first}")
-    main = [e for e in ("courier", *(f"courier_{flag}" for _, flag in ABLATIONS),
-                        "courier_clip") if os.path.isdir(os.path.join(seed_dir, e, "ckpt"))]
+    main = [e for e in COURIER_RUNS if os.path.isdir(os.path.join(seed_dir, e, "ckpt"))]
     five = [e for e in TABLE_5_ROWS
             if e != "courier" and os.path.isdir(os.path.join(seed_dir, e, "ckpt"))]
 
@@ -307,8 +308,7 @@ def report(a, per_seed: dict) -> str:
                      f"| {m} | {(r['AUC'] - base['AUC']) * 100:+.2f} ({r['AUC']:.4f}) | "
                      f"{(r['GAUC'] - base['GAUC']) * 100:+.2f} ({r['GAUC']:.4f}) |"
                      for m, r in perfect.items()))
-    order = (["courier"] + [f"courier_{flag}" for _, flag in ABLATIONS] + ["courier_clip"]
-             + [e for e in TABLE_5_ROWS if e != "courier"])  # the order run_seed trains them in
+    order = [*COURIER_RUNS, *TABLE_5_ROWS]  # the order run_seed trains them in
     timed: dict[str, list[float]] = {}  # an encoder trained by an earlier version may lack one
     for seed in per_seed:
         for k, t in encoder_seconds(os.path.join(a.out_dir, f"seed{seed}")).items():
